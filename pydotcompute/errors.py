@@ -1,0 +1,70 @@
+"""The error hierarchy: every error the runtime raises derives from PyDotComputeError."""
+
+from __future__ import annotations
+
+import asyncio
+
+__all__ = [
+    "PyDotComputeError",
+    "KernelNotFoundError",
+    "KernelAlreadyExistsError",
+    "KernelStateError",
+    "KernelFailedError",
+    "QueueFullError",
+    "QueueTimeoutError",
+    "MessageSerializationError",
+    "MessageDeserializationError",
+    "InvalidConfigurationError",
+    "BackendNotAvailableError",
+]
+
+
+class PyDotComputeError(Exception):
+    """Base class of every pydotcompute error."""
+
+
+class KernelNotFoundError(PyDotComputeError, LookupError):
+    """No kernel with that id is registered or launched."""
+
+
+class KernelAlreadyExistsError(PyDotComputeError):
+    """A kernel with that id is already launched in this runtime."""
+
+
+class KernelStateError(PyDotComputeError):
+    """The operation is not allowed in the kernel's current lifecycle state."""
+
+
+class KernelFailedError(PyDotComputeError):
+    """The kernel's loop raised; the original exception is chained as ``__cause__``."""
+
+
+class QueueFullError(PyDotComputeError):
+    """A queue or ring had no room (REJECT strategy, or a BLOCK send that timed out)."""
+
+
+# asyncio.TimeoutError is the built-in TimeoutError from Python 3.11 on; on 3.10 it is a
+# separate class, and code may catch either, so derive from both there.
+_timeout_bases: tuple[type[BaseException], ...] = (asyncio.TimeoutError,)
+if asyncio.TimeoutError is not TimeoutError:  # pragma: no cover - Python 3.10 only
+    _timeout_bases += (TimeoutError,)
+
+
+class QueueTimeoutError(PyDotComputeError, *_timeout_bases):  # type: ignore[misc]
+    """A receive found nothing before its timeout. Catchable as ``asyncio.TimeoutError``."""
+
+
+class MessageSerializationError(PyDotComputeError):
+    """A message could not be encoded."""
+
+
+class MessageDeserializationError(PyDotComputeError):
+    """Bytes could not be decoded into a message; the text says what was wrong."""
+
+
+class InvalidConfigurationError(PyDotComputeError, ValueError):
+    """A configuration value is out of range or inconsistent."""
+
+
+class BackendNotAvailableError(PyDotComputeError):
+    """The requested backend cannot run here; the text gives the reason."""

@@ -1,0 +1,95 @@
+"""Per-kernel telemetry as plain Python objects, and the latency recorder behind it."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+__all__ = ["KernelTelemetry", "LatencyRecorder", "LATENCY_BUCKETS_NS"]
+
+# Upper bounds (ns) of the latency histogram: powers of two from 1 µs to ~17 s.
+# A sample's bucket is found from its bit length, so recording stays O(1) and cheap.
+LATENCY_BUCKETS_NS: tuple[int, ...] = tuple(1 << b for b in range(10, 35))
+_FIRST_BIT = 10
+_N_BUCKETS = len(LATENCY_BUCKETS_NS) + 1  # the last one is +Inf
+
+
+class LatencyRecorder:
+    """Keeps the last ``window`` latency samples (for percentiles) and a log2 histogram.
+
+    Recording is two list stores and an add; percentiles are computed only when asked.
+    """
+
+    __slots__ = ("_samples", "_mask", "_n", "buckets", "sum_ns")
+
+    def __init__(self, window: int = 4096) -> None:
+        if window < 1 or window & (window - 1):
+            raise ValueError("window must be a power of two")
+        self._samples: list[int] = [0] * window
+        self._mask = window - 1
+        self._n = 0
+        self.buckets: list[int] = [0] * _N_BUCKETS
+        self.sum_ns = 0
+
+    def record(self, latency_ns: int) -> None:
+        """Add one sample, in nanoseconds."""
+        self._samples[self._n & self._mask] = latency_ns
+        self._n += 1
+        self.sum_ns += latency_ns
+        b = latency_ns.bit_length() - _FIRST_BIT
+        self.buckets[b if 0 <= b < _N_BUCKETS else (0 if b < 0 else _N_BUCKETS - 1)] += 1
+
+    @property
+    def count(self) -> int:
+        """Samples recorded since creation."""
+        return self._n
+
+    def percentiles(self, *qs: float) -> tuple[float | None, ...]:
+        """Percentiles (0–100) over the recent window, in microseconds; None when empty."""
+        n = min(self._n, self._mask + 1)
+        if n == 0:
+            return tuple(None for _ in qs)
+        recent = sorted(self._samples[:n])
+        return tuple(recent[min(n - 1, int(q / 100.0 * n))] / 1000.0 for q in qs)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTelemetry:
+    """A snapshot of one kernel's counters, read on demand.
+
+    Counters are totals since launch. ``throughput`` is messages processed per second
+    over the kernel's active life. Latency is time in queue plus handling, in µs;
+    None where the backend cannot measure it or nothing was processed yet.
+    """
+
+    kernel_id: str
+    backend: str
+    state: str
+    messages_processed: int = 0
+    messages_sent: int = 0
+    messages_dropped: int = 0
+    messages_rejected: int = 0
+    errors: int = 0
+    queue_depth: int = 0
+    queue_capacity: int = 0
+    output_queue_depth: int = 0
+    throughput: float = 0.0
+    latency_p50_us: float | None = None
+    latency_p99_us: float | None = None
+    restarts: int = 0
+    idle_polls: int = 0
+    uptime_s: float = 0.0
+    latency_buckets: tuple[int, ...] = ()
+    """Non-cumulative counts per bucket of ``LATENCY_BUCKETS_NS`` plus a final +Inf bucket."""
+    latency_sum_s: float = 0.0
+    timestamp: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def queue_fill(self) -> float:
+        """Input queue depth as a fraction of its capacity."""
+        return self.queue_depth / self.queue_capacity if self.queue_capacity else 0.0
+
+    @property
+    def messages_failed(self) -> int:
+        """Alias of ``errors``: messages whose handling raised."""
+        return self.errors
