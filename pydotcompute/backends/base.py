@@ -1,0 +1,83 @@
+"""The contract between the runtime and a backend: one ``KernelLoop`` per launched kernel."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pydotcompute.runtime.config import RingKernelConfig
+from pydotcompute.telemetry.snapshot import KernelTelemetry
+
+__all__ = ["KernelLoop", "FailureCallback"]
+
+FailureCallback = Callable[[BaseException], None]
+"""Called once, on the event loop's thread, when a kernel's loop crashes."""
+
+
+class KernelLoop(abc.ABC):
+    """A launched kernel's running loop.
+
+    The runtime owns the lifecycle state machine and calls these methods only in legal
+    states; a loop never changes the kernel's state itself, it reports a crash through
+    ``on_failure`` (scheduled onto the event loop's thread when the crash happens
+    elsewhere) and keeps the exception in ``failure``.
+    """
+
+    backend: str = "?"
+
+    def __init__(
+        self,
+        kernel_id: str,
+        func: Callable[..., Any],
+        config: RingKernelConfig,
+        input_type: type | None,
+        output_type: type | None,
+        on_failure: FailureCallback,
+    ) -> None:
+        self.kernel_id = kernel_id
+        self.func = func
+        self.config = config
+        self.input_type = input_type
+        self.output_type = output_type
+        self.on_failure = on_failure
+        self.failure: BaseException | None = None
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Allocate queues/rings and start the loop, inactive (``launch``)."""
+
+    @abc.abstractmethod
+    def set_active(self, active: bool) -> None:
+        """Start or pause delivery of input (``activate``/``deactivate``)."""
+
+    @abc.abstractmethod
+    async def stop(self, timeout: float) -> None:
+        """Ask the loop to exit and wait for it; force it after ``timeout`` seconds.
+        Returns only when nothing of the loop runs any more."""
+
+    @abc.abstractmethod
+    async def put(self, msg: Any, timeout: float | None) -> None:
+        """Enqueue one input message under the kernel's backpressure strategy."""
+
+    @abc.abstractmethod
+    async def get(self, timeout: float | None) -> Any:
+        """Dequeue one output message; ``QueueTimeoutError`` when none came in time."""
+
+    async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
+        """Enqueue a numpy record array; returns how many were accepted."""
+        raise TypeError(f"{self.backend} kernels take message objects, not record batches")
+
+    async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
+        """Dequeue up to ``max_items`` output records (at least one, or time out)."""
+        raise TypeError(f"{self.backend} kernels return message objects, not record batches")
+
+    def read_state(self) -> np.ndarray:
+        """A copy of the kernel's persistent state array."""
+        raise TypeError(f"{self.backend} kernels have no state array")
+
+    @abc.abstractmethod
+    def telemetry(self, state: str) -> KernelTelemetry:
+        """Read the loop's counters into a snapshot (never on the per-message path)."""
