@@ -203,7 +203,7 @@ class TelemetryCollector(Collector):
                     f"expected {len(_LE_LABELS)}"
                 )
             cumulative, buckets = 0, []
-            for le, count in zip(_LE_LABELS, t.latency_buckets):
+            for le, count in zip(_LE_LABELS, t.latency_buckets, strict=True):
                 cumulative += count
                 buckets.append((le, float(cumulative)))
             families[LATENCY_METRIC].add_metric(labels, buckets, sum_value=t.latency_sum_s)  # type: ignore[attr-defined]

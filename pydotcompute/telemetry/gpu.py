@@ -119,7 +119,7 @@ class GpuMonitor:
         available, *gauges = self.families()
         available.add_metric([], 1.0 if readings else 0.0)  # type: ignore[attr-defined]
         yield available
-        for family, (_, (attr, _)) in zip(gauges, GPU_GAUGES.items()):
+        for family, (_, (attr, _)) in zip(gauges, GPU_GAUGES.items(), strict=True):
             for r in readings:
                 value = getattr(r, attr)
                 if value is not None:

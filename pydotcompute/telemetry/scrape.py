@@ -208,7 +208,7 @@ def bucket_delta(
     """
     if [b for b, _ in previous] != [b for b, _ in current]:
         return current
-    delta = [(b, c - p) for (b, c), (_, p) in zip(current, previous)]
+    delta = [(b, c - p) for (b, c), (_, p) in zip(current, previous, strict=True)]
     if any(c < 0 for _, c in delta):
         return current
     return delta

@@ -1,0 +1,132 @@
+"""The dashboard page, loaded in headless Chromium, plots a running kernel's throughput."""
+
+from __future__ import annotations
+
+import argparse
+import html.parser
+import io
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+from rich.console import Console
+
+from pydotcompute.cli.dashboard import add_dashboard_arguments, run_dashboard
+from pydotcompute.telemetry.server import serve_metrics
+from pydotcompute.telemetry.snapshot import KernelTelemetry
+
+CHROMIUM = next(
+    (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p),
+    None,
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="headless Chromium is not installed (Debian: apt-get install -y chromium)",
+)
+
+
+class DomReader(html.parser.HTMLParser):
+    """Collects the chart canvas' and the kernel rows' data attributes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.canvas: dict[str, str] = {}
+        self.rows: dict[str, dict[str, str]] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "canvas" and a.get("id") == "throughput":
+            self.canvas = a
+        elif tag == "tr" and "data-kernel" in a:
+            self.rows[a["data-kernel"]] = a
+
+
+def load_page(url: str, virtual_ms: int = 4000) -> DomReader:
+    """Load ``url`` in headless Chromium, let the page run ``virtual_ms`` of virtual time
+    (timers jump ahead, network waits are real), and read the resulting DOM."""
+    assert CHROMIUM is not None
+    with tempfile.TemporaryDirectory() as profile:
+        done = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                f"--virtual-time-budget={virtual_ms}",
+                "--dump-dom",
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+    reader = DomReader()
+    reader.feed(done.stdout)
+    return reader
+
+
+class RunningKernel:
+    """A source whose kernel processes about 1000 messages/s of wall time."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def get_all_telemetry(self) -> dict[str, KernelTelemetry]:
+        n = int((time.monotonic() - self.start) * 1000)
+        return {
+            "echo": KernelTelemetry(
+                "echo", "host", "active", messages_processed=n, queue_depth=2, queue_capacity=8
+            ),
+            "idle": KernelTelemetry("idle", "host", "deactivated", queue_capacity=8),
+        }
+
+
+@needs_chromium
+def test_chart_shows_throughput_of_the_running_kernel() -> None:
+    with serve_metrics(RunningKernel(), gpu=False) as server:
+        dom = load_page(server.dashboard_url + "?interval=200")
+    rates = json.loads(dom.canvas["data-last-rates"])
+    assert int(dom.canvas["data-points"]) >= 2
+    assert rates["echo"] > 0
+    assert rates["idle"] == 0
+    assert float(dom.rows["echo"]["data-rate"]) > 0
+    assert dom.rows["echo"]["data-state"] == "active"
+    assert dom.rows["idle"]["data-state"] == "deactivated"
+
+
+@needs_chromium
+def test_dashboard_command_proxies_another_runtime() -> None:
+    parser = argparse.ArgumentParser()
+    add_dashboard_arguments(parser)
+    stop = threading.Event()
+    out = io.StringIO()
+    with serve_metrics(RunningKernel(), gpu=False) as upstream:
+        args = parser.parse_args([upstream.url])
+        console = Console(file=out, width=200, color_system=None)
+        status: list[int] = []
+        runner = threading.Thread(
+            target=lambda: status.append(run_dashboard(args, console=console, stop=stop))
+        )
+        runner.start()
+        try:
+            deadline = time.monotonic() + 10
+            while " at http" not in out.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            page_url = out.getvalue().split(" at ")[1].split()[0]
+            dom = load_page(page_url + "?interval=200")
+        finally:
+            stop.set()
+            runner.join(10)
+    assert status == [0]
+    assert json.loads(dom.canvas["data-last-rates"])["echo"] > 0
