@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import html.parser
 import io
 import json
@@ -15,6 +16,7 @@ import time
 import pytest
 from rich.console import Console
 
+from pydotcompute import RingKernelRuntime
 from pydotcompute.cli.dashboard import add_dashboard_arguments, run_dashboard
 from pydotcompute.telemetry.server import serve_metrics
 from pydotcompute.telemetry.snapshot import KernelTelemetry
@@ -130,3 +132,44 @@ def test_dashboard_command_proxies_another_runtime() -> None:
             runner.join(10)
     assert status == [0]
     assert json.loads(dom.canvas["data-last-rates"])["echo"] > 0
+
+
+async def echo(ctx):
+    while not ctx.should_terminate:
+        await ctx.send(await ctx.receive())
+
+
+async def load_page_async(url: str) -> DomReader:
+    # Chromium runs in a worker thread so the runtime's traffic keeps flowing meanwhile.
+    return await asyncio.to_thread(load_page, url)
+
+
+@needs_chromium
+async def test_chart_shows_throughput_of_a_running_runtime() -> None:
+    async with RingKernelRuntime() as rt:
+        await rt.launch("echo", echo, queue_size=256)
+        await rt.activate("echo")
+        await rt.launch("parked", echo)
+        server = serve_metrics(rt, gpu=False)
+        rt.add_closer(server.stop)
+        stop = asyncio.Event()
+
+        async def traffic() -> None:
+            i = 0
+            while not stop.is_set():
+                await rt.send("echo", i)
+                await rt.receive("echo", timeout=5)
+                i += 1
+
+        driver = asyncio.create_task(traffic())
+        try:
+            dom = await load_page_async(server.dashboard_url + "?interval=200")
+        finally:
+            stop.set()
+            await driver
+    rates = json.loads(dom.canvas["data-last-rates"])
+    assert rates["echo"] > 0, rates
+    assert rates["parked"] == 0
+    assert float(dom.rows["echo"]["data-rate"]) > 0
+    assert dom.rows["echo"]["data-state"] == "active"
+    assert dom.rows["parked"]["data-state"] == "launched"

@@ -80,7 +80,7 @@ KERNEL_GAUGES: dict[str, tuple[str, str]] = {
         "output_queue_depth",
         "Messages waiting in the output queue.",
     ),
-    "pydotcompute_kernel_uptime_seconds": ("uptime_s", "Seconds the kernel has been active."),
+    "pydotcompute_kernel_uptime_seconds": ("uptime_s", "Seconds since the kernel was launched."),
 }
 
 STATE_METRIC = "pydotcompute_kernel_state"

@@ -1,0 +1,159 @@
+"""Metrics of a real runtime with host actors: exact counts, and scrapes under traffic."""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from pydotcompute import QueueFullError, RingKernelRuntime
+from pydotcompute.telemetry.scrape import parse_metrics
+from pydotcompute.telemetry.server import serve_metrics
+
+
+async def echo(ctx):
+    while not ctx.should_terminate:
+        await ctx.send(await ctx.receive())
+
+
+async def explodes_on_three(ctx):
+    while True:
+        msg = await ctx.receive()
+        if msg == 3:
+            raise ValueError("three")
+        await ctx.send(msg)
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+
+
+def lab(kernel: str, **extra: str) -> frozenset:
+    return frozenset({"kernel": kernel, "backend": "host", **extra}.items())
+
+
+async def test_exact_values_after_known_traffic() -> None:
+    async with RingKernelRuntime() as rt:
+        await rt.launch("echo", echo, queue_size=256)
+        await rt.activate("echo")
+        for i in range(250):
+            await rt.send("echo", i)
+        for _ in range(250):
+            await rt.receive("echo", timeout=5)
+
+        await rt.launch("dropper", echo, queue_size=4, backpressure="drop_newest")
+        for i in range(10):
+            await rt.send("dropper", i)  # LAUNCHED, not active: nothing is consumed
+
+        await rt.launch("picky", echo, queue_size=2, backpressure="reject")
+        rejected = 0
+        for i in range(5):
+            try:
+                await rt.send("picky", i)
+            except QueueFullError:
+                rejected += 1
+        assert rejected == 3
+
+        server = serve_metrics(rt, gpu=False)
+        rt.add_closer(server.stop)
+        text = await asyncio.to_thread(fetch, server.url)
+
+    s = samples(text)
+    assert s[("pydotcompute_kernel_messages_processed_total", lab("echo"))] == 250
+    assert s[("pydotcompute_kernel_messages_sent_total", lab("echo"))] == 250
+    assert s[("pydotcompute_kernel_messages_failed_total", lab("echo"))] == 0
+    assert s[("pydotcompute_kernel_queue_depth", lab("echo"))] == 0
+    assert s[("pydotcompute_kernel_queue_capacity", lab("echo"))] == 256
+    assert s[("pydotcompute_kernel_state", lab("echo", state="active"))] == 1
+    assert s[("pydotcompute_kernel_state", lab("echo", state="launched"))] == 0
+    assert s[("pydotcompute_kernel_latency_seconds_count", lab("echo"))] == 250
+    assert s[("pydotcompute_kernel_latency_seconds_bucket", lab("echo", le="+Inf"))] == 250
+    assert s[("pydotcompute_kernel_latency_seconds_sum", lab("echo"))] > 0
+
+    assert s[("pydotcompute_kernel_messages_dropped_total", lab("dropper"))] == 6
+    assert s[("pydotcompute_kernel_queue_depth", lab("dropper"))] == 4
+    assert s[("pydotcompute_kernel_messages_processed_total", lab("dropper"))] == 0
+    assert s[("pydotcompute_kernel_state", lab("dropper", state="launched"))] == 1
+
+    assert s[("pydotcompute_kernel_messages_rejected_total", lab("picky"))] == 3
+    assert s[("pydotcompute_kernel_queue_depth", lab("picky"))] == 2
+
+
+async def test_failed_kernel_and_restart_are_visible() -> None:
+    async with RingKernelRuntime() as rt:
+        await rt.launch("x", explodes_on_three)
+        await rt.activate("x")
+        for i in (1, 2, 3):
+            await rt.send("x", i)
+        for _ in range(100):
+            if rt.get_kernel_state("x").name == "FAILED":
+                break
+            await asyncio.sleep(0.01)
+        with serve_metrics(rt, gpu=False) as server:
+            s = samples(await asyncio.to_thread(fetch, server.url))
+            assert s[("pydotcompute_kernel_state", lab("x", state="failed"))] == 1
+            assert s[("pydotcompute_kernel_messages_failed_total", lab("x"))] == 1
+            await rt.launch("x", explodes_on_three)  # relaunch after failure
+            s = samples(await asyncio.to_thread(fetch, server.url))
+            assert s[("pydotcompute_kernel_restarts_total", lab("x"))] == 1
+            assert s[("pydotcompute_kernel_state", lab("x", state="launched"))] == 1
+
+
+async def test_scrape_under_concurrent_traffic() -> None:
+    total = 20_000
+    async with RingKernelRuntime() as rt:
+        await rt.launch("echo", echo, queue_size=256)
+        await rt.activate("echo")
+        server = serve_metrics(rt, registry=CollectorRegistry(), gpu=False)
+        rt.add_closer(server.stop)
+
+        async def traffic() -> None:
+            async def consume() -> None:
+                for _ in range(total):
+                    await rt.receive("echo", timeout=10)
+
+            consumer = asyncio.create_task(consume())
+            for i in range(total):
+                await rt.send("echo", i)
+            await consumer
+
+        driver = asyncio.create_task(traffic())
+        seen: list[tuple[float, float]] = []
+        while not driver.done():
+            k = parse_metrics(await asyncio.to_thread(fetch, server.url)).kernels["echo"]
+            seen.append((k.messages_processed, k.messages_sent))
+        await driver
+        final = parse_metrics(await asyncio.to_thread(fetch, server.url)).kernels["echo"]
+
+    assert len(seen) >= 2, "no scrape overlapped the traffic"
+    processed = [p for p, _ in seen]
+    assert processed == sorted(processed)
+    assert any(0 < p < total for p in processed), f"scrapes saw only {set(processed)}"
+    assert (final.messages_processed, final.messages_sent) == (total, total)
+    assert final.latency_buckets[-1][1] == total
+
+
+async def test_server_stops_with_the_runtime() -> None:
+    import threading
+
+    rt = RingKernelRuntime()
+    server = serve_metrics(rt, gpu=False)
+    rt.add_closer(server.stop)
+    await rt.shutdown()
+    assert not server.running
+    assert not [t for t in threading.enumerate() if t.name.startswith("pydotcompute-metrics")]
+    with pytest.raises(OSError):
+        await asyncio.to_thread(fetch, server.url)
