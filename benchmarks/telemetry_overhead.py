@@ -1,0 +1,225 @@
+"""What watching a runtime costs: busy kernels with telemetry on and scraped, vs off.
+
+For each kernel shape, rounds rotate between three settings:
+
+* ``off``: ``RingKernelRuntime(enable_telemetry=False)``, no metrics server;
+* ``on``: ``RingKernelRuntime(enable_telemetry=True)``, nothing scraping (what the
+  backends themselves spend per message on telemetry);
+* ``on+scraped``: the same, with ``serve_metrics`` running and another process
+  reading ``/metrics`` over HTTP every 100 ms (as Prometheus, ``top`` or
+  the dashboard would, only faster),
+
+and the median throughput of each is compared (rounds rotate the order). Shapes:
+
+* ``host``: an ``async def`` echo actor kept busy with 256 messages in flight;
+* ``cpu``: a compiled ``cpu`` kernel fed record batches (where the cpu backend exists).
+
+    python benchmarks/telemetry_overhead.py [--messages N] [--rounds R]
+
+Goal: on+scraped / off >= 0.95x for every shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+
+from pydotcompute import RingKernelRuntime
+from pydotcompute.telemetry.server import serve_metrics
+
+WINDOW = 256
+SCRAPE_EVERY_S = 0.1
+
+
+async def host_echo(ctx):  # type: ignore[no-untyped-def]
+    while True:
+        await ctx.send(await ctx.receive())
+
+
+# The scraper is a separate process, as Prometheus, ``top`` or a browser would be: the
+# runtime's process pays only for answering the scrapes.
+_SCRAPER = """
+import select, sys, time, urllib.request
+url, every = sys.argv[1], float(sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()  # "go"
+count, next_at = 0, time.monotonic() + every
+while not select.select([sys.stdin], [], [], max(0.0, next_at - time.monotonic()))[0]:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        r.read()
+    count += 1
+    next_at += every
+print(count, flush=True)
+"""
+
+
+class Scraper:
+    """A child process that GETs ``/metrics`` every ``SCRAPE_EVERY_S`` while running."""
+
+    def __init__(self, url: str) -> None:
+        self.count = 0
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _SCRAPER, url, str(SCRAPE_EVERY_S)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def __enter__(self) -> Scraper:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdout.readline()  # started: its start-up is not timed
+        self._proc.stdin.write("go\n")
+        self._proc.stdin.flush()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        out, _ = self._proc.communicate("stop\n", timeout=30)
+        if self._proc.returncode != 0:
+            raise RuntimeError(f"scraper failed with status {self._proc.returncode}")
+        self.count = int(out.split()[-1])
+
+
+async def host_round(n: int, setting: str) -> tuple[float, int]:
+    """Messages/s of a busy echo actor; and how many scrapes happened meanwhile."""
+    async with RingKernelRuntime(enable_telemetry=setting != "off") as rt:
+        await rt.launch("echo", host_echo, queue_size=WINDOW * 2)
+        await rt.activate("echo")
+        return await _timed(rt, setting, lambda: _drive_host(rt, n), n)
+
+
+async def _drive_host(rt: RingKernelRuntime, n: int) -> None:
+    for i in range(WINDOW):
+        await rt.send("echo", i)
+    for i in range(WINDOW, n):
+        await rt.receive("echo")
+        await rt.send("echo", i)
+    for _ in range(WINDOW):
+        await rt.receive("echo")
+
+
+async def _timed(
+    rt: RingKernelRuntime, setting: str, drive: Callable[[], Awaitable[None]], n: int
+) -> tuple[float, int]:
+    if setting != "scraped":
+        t0 = time.perf_counter()
+        await drive()
+        return n / (time.perf_counter() - t0), 0
+    server = serve_metrics(rt)
+    rt.add_closer(server.stop)
+    with Scraper(server.url) as scraper:
+        t0 = time.perf_counter()
+        await drive()
+        elapsed = time.perf_counter() - t0
+    return n / elapsed, scraper.count
+
+
+Round = Callable[[int, str], Awaitable[tuple[float, int]]]
+
+
+def cpu_round_factory() -> tuple[Round | None, str]:
+    """The cpu-kernel round, or None and the reason it cannot run in this build."""
+    try:
+        import numpy as np
+
+        from pydotcompute import message, ring_kernel
+    except ImportError as exc:
+        return None, f"no record messages in this build ({exc})"
+
+    try:
+
+        @message
+        class Sample:
+            x: float
+            y: float
+
+        @ring_kernel(
+            kernel_id="bench_scale",
+            input_type=Sample,
+            output_type=Sample,
+            backend="cpu",
+            auto_register=False,
+        )
+        def scale(msg, out, state):  # type: ignore[no-untyped-def]
+            out.x = msg.x * 2.0
+            out.y = msg.y + 1.0
+            return True
+
+        dtype = Sample.__record_dtype__
+    except Exception as exc:  # the cpu backend's API is not in this build
+        return None, f"cpu kernels are not available in this build ({type(exc).__name__}: {exc})"
+
+    batch = 4096
+
+    async def cpu_round(n: int, setting: str) -> tuple[float, int]:
+        records = np.zeros(batch, dtype=dtype)
+        records["x"] = np.arange(batch)
+        async with RingKernelRuntime(enable_telemetry=setting != "off") as rt:
+            await rt.launch("scale", scale, queue_size=4 * batch, backend="cpu")
+            await rt.activate("scale")
+
+            async def drive() -> None:
+                sent = received = 0
+                while received < n:
+                    if sent < n and sent - received < 2 * batch:
+                        sent += await rt.send_batch("scale", records, timeout=10)
+                    got = await rt.receive_batch("scale", batch, timeout=10)
+                    received += len(got)
+
+            return await _timed(rt, setting, drive, n)
+
+    return cpu_round, ""
+
+
+SETTINGS = ("off", "on", "scraped")
+
+
+async def compare(name: str, round_fn: Round, n: int, rounds: int) -> float:
+    await round_fn(min(n, 20_000), "scraped")  # warm up (compilation, first server start)
+    rates: dict[str, list[float]] = {s: [] for s in SETTINGS}
+    scrapes = 0
+    for i in range(rounds):
+        # Rotate which setting goes first, so a drift in machine load hits all alike.
+        for setting in SETTINGS[i % 3 :] + SETTINGS[: i % 3]:
+            rate, count = await round_fn(n, setting)
+            rates[setting].append(rate)
+            scrapes += count
+    off, on, scraped = (statistics.median(rates[s]) for s in SETTINGS)
+    ratio = scraped / off
+    print(
+        f"{name:5} off {off:>11,.0f} msg/s | on {on:>11,.0f} ({on / off:.3f}x) | "
+        f"on+scraped {scraped:>11,.0f} ({ratio:.3f}x) | scraping alone {scraped / on:.3f}x | "
+        f"{scrapes} scrapes | {'OK' if ratio >= 0.95 else 'BELOW GOAL'}"
+    )
+    return ratio
+
+
+async def main_async(n: int, rounds: int) -> None:
+    print(f"telemetry overhead: {n:,} messages per round, {rounds} rounds per setting")
+    print(
+        "off: enable_telemetry=False | on: enable_telemetry=True, nothing scraping | "
+        f"on+scraped: on, and /metrics read over HTTP every {SCRAPE_EVERY_S * 1000:.0f} ms "
+        "by another process.\nmedians; goal: on+scraped >= 0.95x off\n"
+    )
+    await compare("host", host_round, n, rounds)
+    cpu_round, why = cpu_round_factory()
+    if cpu_round is None:
+        print(f"cpu    skipped: {why}")
+    else:
+        await compare("cpu", cpu_round, n * 20, rounds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, default=300_000, help="messages per host round")
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per setting")
+    args = parser.parse_args()
+    asyncio.run(main_async(args.messages, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
