@@ -14,6 +14,7 @@ import numpy as np
 from pydotcompute.backends.base import KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.mailbox import Mailbox
+from pydotcompute.backends.select import resolve_backend
 from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
@@ -487,8 +488,10 @@ class RingKernelRuntime:
         input_type = overrides.pop("input_type", spec.input_type)
         output_type = overrides.pop("output_type", spec.output_type)
         config = spec.config.replace(**overrides) if overrides else spec.config
-        if config.backend == "auto" and self.backend != "auto":
-            config = config.replace(backend=self.backend)
+        if config.backend == "auto":
+            chosen = resolve_backend(self.backend)
+            log.info("kernel %r: backend 'auto' resolved to %r", kernel_id, chosen)
+            config = config.replace(backend=chosen)
         check_backend_fits(kernel_id, spec.func, config.backend)
         return RingKernelSpec(kernel_id, spec.func, input_type, output_type, config)
 
@@ -521,9 +524,7 @@ class RingKernelRuntime:
 
 
 def _compiled_loop_class(backend: str) -> type[KernelLoop]:
-    """The loop class of a compiled backend; ``auto`` picks cuda when usable."""
-    if backend == "auto":
-        backend = "cpu"
+    """The loop class of a compiled backend (``cpu`` or ``cuda``)."""
     try:
         if backend == "cpu":
             from pydotcompute.backends.cpu import CpuKernelLoop
