@@ -217,3 +217,29 @@ def test_messages_pickle() -> None:
 def test_message_rejects_non_classes() -> None:
     with pytest.raises(TypeError, match="@message decorates a class"):
         message(lambda: None)  # type: ignore[arg-type]
+
+
+def test_frozen_dataclasses_are_refused_clearly() -> None:
+    with pytest.raises(TypeError, match="cannot make frozen dataclass .*Frozen a message"):
+
+        @message
+        @dataclass(frozen=True)
+        class Frozen:
+            x: int = 0
+
+
+class Base:
+    def describe(self) -> str:
+        return "base"
+
+
+def test_inherited_methods_and_zero_argument_super_work() -> None:
+    @message
+    class Derived(Base):
+        x: int = 1
+
+        def describe(self) -> str:
+            return "derived+" + super().describe()
+
+    assert Derived().describe() == "derived+base"
+    assert isinstance(Derived(), Base)

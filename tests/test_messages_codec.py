@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from pydotcompute.errors import MessageDeserializationError, MessageSerializationError
 from pydotcompute.messages import RingKernelMessage, decode, encode, message
@@ -350,3 +351,26 @@ def test_base_class_messages_roundtrip() -> None:
     m = RingKernelMessage(priority=9)
     back = RingKernelMessage.deserialize(m.serialize())
     assert back == m
+
+
+ARRAY_DTYPES = st.one_of(
+    hnp.boolean_dtypes(),
+    hnp.integer_dtypes(endianness="="),
+    hnp.unsigned_integer_dtypes(endianness="="),
+    hnp.floating_dtypes(endianness="="),
+    hnp.complex_number_dtypes(endianness="="),
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    a=hnp.arrays(ARRAY_DTYPES, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)),
+    fortran=st.booleans(),
+)
+def test_property_arrays_roundtrip(a: np.ndarray, fortran: bool) -> None:
+    if fortran:
+        a = np.asfortranarray(a)
+    back = roundtrip(a)
+    assert back.dtype == a.dtype and back.shape == a.shape
+    assert back.tobytes(order="A") == a.tobytes(order="A")
+    assert back.flags.f_contiguous == a.flags.f_contiguous

@@ -141,6 +141,7 @@ def _default(obj: Any) -> Any:
         return msgpack.ExtType(EXT_TUPLE, _packb(list(obj)))
     # Subclasses of msgpack's own types (IntEnum, OrderedDict, str enums...) travel as
     # their base type.
+    base: Any
     for base in (int, float, str, bytes, list, dict):
         if isinstance(obj, base):
             return base(obj)
@@ -276,7 +277,7 @@ def _ext_hook(code: int, data: bytes) -> Any:
     raise MessageDeserializationError(f"unknown msgpack extension type {code}")
 
 
-def _unpackb(data: bytes) -> Any:
+def _unpackb(data: bytes | bytearray | memoryview) -> Any:
     return msgpack.unpackb(data, ext_hook=_ext_hook, raw=False, strict_map_key=False)
 
 
@@ -301,8 +302,9 @@ def _build(obj: Any, expected: type | None) -> Any:
             f"not a message: expected [type name, fields], got {_shape_of(obj)}"
         )
     name, fields = obj
+    cls: Any
     if expected is not None and expected.__dict__.get("__message_type__") == name:
-        cls: type | None = expected
+        cls = expected
     else:
         cls = message_type(name)
         if cls is None:

@@ -113,7 +113,7 @@ class RingKernelMessage:
 
     __record_dtype__ = _RecordDtype()
 
-    __post_init__ = _validating(None)
+    __post_init__ = _validating(None)  # type: ignore[misc]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -165,6 +165,12 @@ def _messagify(cls: type, name: str | None) -> type:
     elif isinstance(cls, type):
         if "__dataclass_fields__" not in cls.__dict__:
             dataclasses.dataclass(cls, eq=False)
+        elif cls.__dataclass_params__.frozen:  # type: ignore[attr-defined]
+            # The header is part of a mutable base; a frozen subclass of it cannot exist.
+            raise TypeError(
+                f"@message cannot make frozen dataclass {cls.__qualname__} a message; "
+                "drop frozen=True"
+            )
         # The message class is a subclass of the user's class and of RingKernelMessage:
         # methods (zero-argument super() included) keep working, isinstance checks hold,
         # and the header comes from the base.
@@ -186,7 +192,8 @@ def _messagify(cls: type, name: str | None) -> type:
                     compare=f.compare,
                     kw_only=True,
                 )
-        target = type(cls)(cls.__name__, (cls, RingKernelMessage), namespace)
+        meta: Any = type(cls)
+        target = meta(cls.__name__, (cls, RingKernelMessage), namespace)
     else:
         raise TypeError(f"@message decorates a class, got {type(cls).__name__}")
     if name is not None:

@@ -240,6 +240,7 @@ class RecordLayout:
         self._slots = tuple(slots)
         self.pack: Callable[[Any], bytes]
         self.build: Callable[[tuple[Any, ...]], Any]
+        self._field_encoders: list[Callable[[Any], Any]]
         self._compile(wraps)
 
     def _compile(self, wraps: dict[str, Any]) -> None:
@@ -262,8 +263,12 @@ class RecordLayout:
                 late.append(f"    _set(m, {s.name!r}, {value})")
         # Generated once per class, like dataclasses' own __init__: a message becomes a
         # record in one struct.pack call and comes back in one constructor call.
+        # One encoder per field as well, so a failure can be pinned on its field.
+        fields_src = "".join(
+            f"def _field{i}(m):\n    return {expr}\n" for i, expr in enumerate(packed)
+        )
         src = (
-            f"def pack(m):\n    return _pack({', '.join(packed)})\n"
+            fields_src + f"def pack(m):\n    return _pack({', '.join(packed)})\n"
             f"def build(v):\n    m = _cls({', '.join(kwargs)})\n"
             + "".join(line + "\n" for line in late)
             + "    return m\n"
@@ -271,16 +276,14 @@ class RecordLayout:
         exec(compile(src, f"<record layout of {self.cls.__qualname__}>", "exec"), env)
         self.pack = env["pack"]
         self.build = env["build"]
+        self._field_encoders = [env[f"_field{i}"] for i in range(len(self._slots))]
 
     def explain(self, msg: Any, exc: BaseException) -> MessageSerializationError:
         """Name the field that could not be stored (only runs after a failure)."""
         name = _label(type(msg))
-        for s in self._slots:
-            env = dict(_HELPERS, m=msg, _dt=np.dtype(self.dtype[s.name].base))
-            expr = s.encoder.format(v=f"m.{s.name}", dt="_dt", wrap="")
+        for s, encoder in zip(self._slots, self._field_encoders, strict=True):
             try:
-                value = eval(expr, env)  # noqa: S307 - our own template, not user text
-                struct.pack("=" + s.code, value)
+                struct.pack("=" + s.code, encoder(msg))
             except Exception as field_exc:  # noqa: BLE001 - becomes the error we raise
                 return MessageSerializationError(
                     f"cannot store field {s.name!r} of {name} in its record "
@@ -300,14 +303,15 @@ class RecordLayout:
 
 
 def _struct_for(dtype: np.dtype, slots: Sequence[_Slot]) -> struct.Struct:
+    fields: Any = dtype.fields
     parts = ["="]
     at = 0
     for s in slots:
-        offset = dtype.fields[s.name][1]
+        offset = fields[s.name][1]
         if offset > at:
             parts.append(f"{offset - at}x")
         parts.append(s.code)
-        at = offset + dtype.fields[s.name][0].itemsize
+        at = offset + fields[s.name][0].itemsize
     if dtype.itemsize > at:
         parts.append(f"{dtype.itemsize - at}x")
     st = struct.Struct("".join(parts))
