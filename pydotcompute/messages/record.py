@@ -72,12 +72,20 @@ class _Slot:
     code: str  # struct code
     encoder: str  # expression template turning ``{v}`` into what struct packs
     decoder: str  # expression template turning ``{v}`` back into the field value
+    fast: str | None = None  # an unchecked encoder for the hot path, if cheaper
 
 
-def _uuid_from(data: bytes) -> uuid.UUID:
-    u = object.__new__(uuid.UUID)
-    object.__setattr__(u, "int", int.from_bytes(data, "big"))
-    object.__setattr__(u, "is_safe", _SAFE_UNKNOWN)
+def _uuid_from(
+    data: bytes,
+    _new: Any = object.__new__,
+    _set: Any = object.__setattr__,
+    _int: Any = int.from_bytes,
+    _cls: type = uuid.UUID,
+) -> uuid.UUID:
+    # What uuid.UUID(bytes=...) ends with, without re-validating 16 known-good bytes.
+    u = _new(_cls)
+    _set(u, "int", _int(data, "big"))
+    _set(u, "is_safe", _SAFE_UNKNOWN)
     return u
 
 
@@ -89,10 +97,6 @@ def _uuid_bytes(value: Any) -> bytes:
 
 def _optional_uuid_bytes(value: Any) -> bytes:
     return _NO_UUID if value is None else _uuid_bytes(value)
-
-
-def _optional_uuid_from(data: bytes) -> uuid.UUID | None:
-    return None if data == _NO_UUID else _uuid_from(data)
 
 
 def _raw_bytes(value: Any, dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
@@ -117,7 +121,7 @@ _HELPERS: dict[str, Any] = {
     "_uuid_bytes": _uuid_bytes,
     "_uuid_from": _uuid_from,
     "_optional_uuid_bytes": _optional_uuid_bytes,
-    "_optional_uuid_from": _optional_uuid_from,
+    "_NO_UUID": _NO_UUID,
     "_raw_bytes": _raw_bytes,
     "_raw_array": _raw_array,
     "_raw_scalar": _raw_scalar,
@@ -193,7 +197,7 @@ def _slot(name: str, tp: Any) -> _Slot:
     if tp is float:
         return _Slot(name, np.dtype(np.float64), "d", "{v}", "{v}")
     if tp is uuid.UUID:
-        return _Slot(name, ("u1", 16), "16s", "_uuid_bytes({v})", "_uuid_from({v})")
+        return _Slot(name, ("u1", 16), "16s", "_uuid_bytes({v})", "_uuid_from({v})", _FAST_UUID)
     if isinstance(tp, type) and issubclass(tp, np.generic):
         dt = np.dtype(tp)
         _check_dtype(dt)
@@ -215,15 +219,20 @@ def _slot(name: str, tp: Any) -> _Slot:
     raise _NotFixedSize(f"{tp!r} has no fixed-size record representation")
 
 
+# A UUID's bytes without the property call and type check; a value that is not a UUID
+# fails here and the checked encoder then names the field.
+_FAST_UUID = "{v}.int.to_bytes(16, 'big')"
+
 _HEADER_SLOTS = (
-    _Slot("message_id", ("u1", 16), "16s", "_uuid_bytes({v})", "_uuid_from({v})"),
+    _Slot("message_id", ("u1", 16), "16s", "_uuid_bytes({v})", "_uuid_from({v})", _FAST_UUID),
     _Slot("priority", np.dtype(np.uint8), "B", "{v}", "{v}"),
     _Slot(
         "correlation_id",
         ("u1", 16),
         "16s",
         "_optional_uuid_bytes({v})",
-        "_optional_uuid_from({v})",
+        "(None if {v} == _NO_UUID else _uuid_from({v}))",
+        f"(_NO_UUID if {{v}} is None else {_FAST_UUID})",
     ),
 )
 
@@ -237,6 +246,7 @@ class RecordLayout:
             {"names": [s.name for s in slots], "formats": [s.format for s in slots]}, align=True
         )
         self.struct = _struct_for(self.dtype, slots)
+        self.unpack_from = self.struct.unpack_from
         self._slots = tuple(slots)
         self.pack: Callable[[Any], bytes]
         self.build: Callable[[tuple[Any, ...]], Any]
@@ -249,13 +259,14 @@ class RecordLayout:
         env["_cls"] = self.cls
         env["_set"] = object.__setattr__
         init = {f.name: f.init for f in dataclasses.fields(self.cls)}
-        packed, kwargs, late = [], [], []
+        packed, checked, kwargs, late = [], [], [], []
         for i, s in enumerate(self._slots):
             env[f"_dt{i}"] = np.dtype(s.format[0] if isinstance(s.format, tuple) else s.format)
             if s.name in wraps:
                 env[f"_wrap{i}"] = wraps[s.name]
             fill = {"dt": f"_dt{i}", "wrap": f"_wrap{i}"}
-            packed.append(s.encoder.format(v=f"m.{s.name}", **fill))
+            checked.append(s.encoder.format(v=f"m.{s.name}", **fill))
+            packed.append((s.fast or s.encoder).format(v=f"m.{s.name}", **fill))
             value = s.decoder.format(v=f"v[{i}]", **fill)
             if init[s.name]:
                 kwargs.append(f"{s.name}={value}")
@@ -265,7 +276,7 @@ class RecordLayout:
         # record in one struct.pack call and comes back in one constructor call.
         # One encoder per field as well, so a failure can be pinned on its field.
         fields_src = "".join(
-            f"def _field{i}(m):\n    return {expr}\n" for i, expr in enumerate(packed)
+            f"def _field{i}(m):\n    return {expr}\n" for i, expr in enumerate(checked)
         )
         src = (
             fields_src + f"def pack(m):\n    return _pack({', '.join(packed)})\n"
@@ -362,6 +373,8 @@ def _build_layout(cls: type) -> RecordLayout:
 def record_layout(cls: type) -> RecordLayout:
     """The record layout of ``cls``; ``InvalidConfigurationError`` if it has none."""
     layout = cls.__dict__.get(_LAYOUT)
+    if type(layout) is RecordLayout:
+        return layout
     if layout is None:
         try:
             layout = _build_layout(cls)
@@ -396,13 +409,14 @@ def to_record(msg: Any) -> np.void:
 def from_record(cls: type[M], rec: Any) -> M:
     """Build a message of class ``cls`` from one record (``arr[i]`` or a 0-d array)."""
     layout = record_layout(cls)
-    dtype = getattr(rec, "dtype", None)
-    if dtype is None:
-        raise TypeError(f"expected a numpy record of {_label(cls)}, got {type(rec).__name__}")
-    layout.check(dtype)
-    if getattr(rec, "size", 1) != 1:
-        raise TypeError(f"expected one record, got an array of {rec.size}")
-    return layout.build(layout.struct.unpack(rec.tobytes()))
+    if type(rec) is not np.void:
+        if not isinstance(rec, np.ndarray):
+            raise TypeError(f"expected a numpy record of {_label(cls)}, got {type(rec).__name__}")
+        if rec.size != 1:
+            raise TypeError(f"expected one record, got an array of {rec.size}")
+    if rec.dtype != layout.dtype:
+        layout.check(rec.dtype)
+    return layout.build(layout.unpack_from(rec))  # reads the record's own buffer
 
 
 def records_from_messages(msgs: Iterable[Any], cls: type | None = None) -> np.ndarray:
