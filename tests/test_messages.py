@@ -243,3 +243,25 @@ def test_inherited_methods_and_zero_argument_super_work() -> None:
 
     assert Derived().describe() == "derived+base"
     assert isinstance(Derived(), Base)
+
+
+def test_dataclass_above_message_keeps_array_aware_equality() -> None:
+    @dataclass
+    @message
+    class Outer:
+        data: np.ndarray
+
+    mid = uuid.uuid4()
+    assert Outer(np.arange(3), message_id=mid) == Outer(np.arange(3), message_id=mid)
+
+
+def test_a_class_defined_equality_is_kept() -> None:
+    @message
+    class ById:
+        x: int = 0
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, ById) and other.message_id == self.message_id
+
+    a = ById(1)
+    assert a == ById(2, message_id=a.message_id)

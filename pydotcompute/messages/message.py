@@ -120,6 +120,9 @@ class RingKernelMessage:
         post_init = cls.__post_init__
         if not getattr(post_init, _VALIDATES, False):
             cls.__post_init__ = _validating(post_init)  # type: ignore[method-assign]
+        if cls.__eq__ is RingKernelMessage.__eq__:
+            # Pinned so that a @dataclass written above @message keeps this equality.
+            cls.__eq__ = RingKernelMessage.__eq__  # type: ignore[method-assign]
         _keyword_only_header(cls)
         _as_dataclass(cls)
         register_message_type(cls, message_type_name(cls))
