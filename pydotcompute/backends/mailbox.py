@@ -170,15 +170,25 @@ class Mailbox:
                 return False
             handle = loop.call_later(remaining, _expire, fut)
         waiters.append(fut)
+        # A waker pops the future before setting its result; a timeout or a
+        # cancellation leaves it queued, so only those paths remove it.
         try:
             await fut
             return True
         except _TimeoutSignal:
+            waiters.remove(fut)
             return False
+        except BaseException:
+            if fut.cancelled() or not fut.done():
+                waiters.remove(fut)
+            else:
+                # Woken, then cancelled before taking anything: pass the wake-up on
+                # so no other waiter starves while items (or room) are available.
+                self._pass_wakeup(waiters)
+            raise
         finally:
             if handle is not None:
                 handle.cancel()
-            self._discard(waiters, fut)
 
     # -- control ---------------------------------------------------------------------
 
@@ -212,6 +222,14 @@ class Mailbox:
         self._wake_all(self.putters)
         return discarded
 
+    def wake_getter(self) -> None:
+        """Wake one waiting getter (after an inline append)."""
+        self._wake(self.getters)
+
+    def wake_putter(self) -> None:
+        """Wake one waiting putter (after an inline pop)."""
+        self._wake(self.putters)
+
     @staticmethod
     def _wake(waiters: deque[asyncio.Future[None]]) -> None:
         while waiters:
@@ -227,18 +245,13 @@ class Mailbox:
             if not fut.done():
                 fut.set_result(None)
 
-    def _discard(self, waiters: deque[asyncio.Future[None]], fut: asyncio.Future[None]) -> None:
-        try:
-            waiters.remove(fut)
-        except ValueError:
-            # Already popped by a waker. If we were woken but will not consume, pass
-            # the wake-up on so no other waiter starves while items wait.
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                if waiters is self.getters and self.items and self.deliver:
-                    self._wake(waiters)
-                elif waiters is self.putters and len(self.items) < self.capacity:
-                    self._wake(waiters)
+    def _pass_wakeup(self, waiters: deque[asyncio.Future[None]]) -> None:
+        if waiters is self.getters:
+            if self.items and self.deliver:
+                self._wake(waiters)
+        elif len(self.items) < self.capacity:
+            self._wake(waiters)
 
 
 class _TimeoutSignal(Exception):
-    """Set on a getter's future by its timer; never escapes ``Mailbox.get``."""
+    """Set on a waiter's future by its timer; never escapes the mailbox."""

@@ -10,9 +10,9 @@ from typing import Any, TypeVar, overload
 
 import numpy as np
 
+from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.errors import InvalidConfigurationError, KernelNotFoundError
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.backends.config import RingKernelConfig
 
 __all__ = ["RingKernelSpec", "ring_kernel", "registered_kernels", "lookup_kernel"]
 
