@@ -7,11 +7,16 @@ import asyncio
 import html.parser
 import io
 import json
+import os
+import pathlib
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 import pytest
 from rich.console import Console
@@ -173,3 +178,30 @@ async def test_chart_shows_throughput_of_a_running_runtime() -> None:
     assert float(dom.rows["echo"]["data-rate"]) > 0
     assert dom.rows["echo"]["data-state"] == "active"
     assert dom.rows["parked"]["data-state"] == "launched"
+
+
+def test_dashboard_command_serves_until_ctrl_c() -> None:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    with serve_metrics(RunningKernel(), gpu=False) as upstream:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pydotcompute", "dashboard", upstream.url],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root), "COLUMNS": "200"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            page_url = line.split(" at ")[1].split()[0]
+            with urllib.request.urlopen(page_url + "api/scrape", timeout=10) as r:
+                data = json.loads(r.read())
+            assert data["kernels"]["echo"]["state"] == "active"
+            with urllib.request.urlopen(page_url, timeout=10) as r:
+                assert b'<canvas id="throughput"' in r.read()
+        finally:
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err

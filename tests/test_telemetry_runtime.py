@@ -79,8 +79,10 @@ async def test_exact_values_after_known_traffic() -> None:
     assert s[("pydotcompute_kernel_queue_capacity", lab("echo"))] == 256
     assert s[("pydotcompute_kernel_state", lab("echo", state="active"))] == 1
     assert s[("pydotcompute_kernel_state", lab("echo", state="launched"))] == 0
-    assert s[("pydotcompute_kernel_latency_seconds_count", lab("echo"))] == 250
-    assert s[("pydotcompute_kernel_latency_seconds_bucket", lab("echo", le="+Inf"))] == 250
+    # The host backend times a sample of the messages, so the histogram holds fewer.
+    timed = s[("pydotcompute_kernel_latency_seconds_count", lab("echo"))]
+    assert 1 <= timed <= 250
+    assert s[("pydotcompute_kernel_latency_seconds_bucket", lab("echo", le="+Inf"))] == timed
     assert s[("pydotcompute_kernel_latency_seconds_sum", lab("echo"))] > 0
 
     assert s[("pydotcompute_kernel_messages_dropped_total", lab("dropper"))] == 6
@@ -113,37 +115,38 @@ async def test_failed_kernel_and_restart_are_visible() -> None:
 
 
 async def test_scrape_under_concurrent_traffic() -> None:
-    total = 20_000
     async with RingKernelRuntime() as rt:
         await rt.launch("echo", echo, queue_size=256)
         await rt.activate("echo")
         server = serve_metrics(rt, registry=CollectorRegistry(), gpu=False)
         rt.add_closer(server.stop)
+        stop = asyncio.Event()
+        sent = 0
 
         async def traffic() -> None:
-            async def consume() -> None:
-                for _ in range(total):
+            nonlocal sent
+            while not stop.is_set():
+                for _ in range(64):
+                    await rt.send("echo", sent)
+                    sent += 1
+                for _ in range(64):
                     await rt.receive("echo", timeout=10)
-
-            consumer = asyncio.create_task(consume())
-            for i in range(total):
-                await rt.send("echo", i)
-            await consumer
+                await asyncio.sleep(0)
 
         driver = asyncio.create_task(traffic())
-        seen: list[tuple[float, float]] = []
-        while not driver.done():
+        seen: list[float] = []
+        while len(seen) < 8:  # scrapes taken while the kernel is busy
             k = parse_metrics(await asyncio.to_thread(fetch, server.url)).kernels["echo"]
-            seen.append((k.messages_processed, k.messages_sent))
+            seen.append(k.messages_processed)
+        stop.set()
         await driver
         final = parse_metrics(await asyncio.to_thread(fetch, server.url)).kernels["echo"]
 
-    assert len(seen) >= 2, "no scrape overlapped the traffic"
-    processed = [p for p, _ in seen]
-    assert processed == sorted(processed)
-    assert any(0 < p < total for p in processed), f"scrapes saw only {set(processed)}"
-    assert (final.messages_processed, final.messages_sent) == (total, total)
-    assert final.latency_buckets[-1][1] == total
+    assert seen == sorted(seen)  # counters never go backwards between scrapes
+    assert len(set(seen)) > 1, f"traffic did not move between scrapes: {seen}"
+    assert 0 < seen[-1] <= sent
+    assert (final.messages_processed, final.messages_sent) == (sent, sent)
+    assert 1 <= final.latency_buckets[-1][1] <= sent
 
 
 async def test_server_stops_with_the_runtime() -> None:

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
+import pathlib
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -225,3 +231,35 @@ def test_histogram_quantile_edges() -> None:
     # Everything beyond the last finite bound reports that bound.
     assert histogram_quantile(0.99, [(1.0, 0.0), (float("inf"), 5.0)]) == 1.0
     assert histogram_quantile(0.5, [(2.0, 4.0), (float("inf"), 4.0)]) == 1.0
+
+
+def _command(*argv: str) -> subprocess.Popen[str]:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    return subprocess.Popen(
+        [sys.executable, "-m", "pydotcompute", *argv],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root), "COLUMNS": "160"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_command_once(endpoint: Fixture) -> None:
+    proc = _command("top", endpoint.url, "--once", "--interval", "0.05")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert cells(out, "scale")[:3] == ["scale", "active", "cpu"]
+
+
+def test_command_exits_cleanly_on_ctrl_c(endpoint: Fixture) -> None:
+    proc = _command("top", endpoint.url, "--interval", "0.05")
+    deadline = time.monotonic() + 30
+    while endpoint.hits < 3 and time.monotonic() < deadline:  # it is refreshing
+        time.sleep(0.02)
+    assert endpoint.hits >= 3
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert "scale" in out

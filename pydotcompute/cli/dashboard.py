@@ -10,6 +10,7 @@ import argparse
 import sys
 import threading
 import webbrowser
+from typing import Any
 
 from rich.console import Console
 
@@ -17,7 +18,14 @@ from pydotcompute.cli.top import DEFAULT_METRICS_URL
 from pydotcompute.telemetry.scrape import normalize_metrics_url
 from pydotcompute.telemetry.server import serve_dashboard_proxy
 
-__all__ = ["add_dashboard_arguments", "run_dashboard"]
+__all__ = ["register", "add_dashboard_arguments", "run_dashboard"]
+
+
+def register(sub: Any) -> None:
+    """Add the ``dashboard`` subcommand to the ``pydotcompute`` command's subparsers."""
+    p = sub.add_parser("dashboard", help="web dashboard for a runtime's /metrics")
+    add_dashboard_arguments(p)
+    p.set_defaults(run=run_dashboard)
 
 
 def add_dashboard_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -28,7 +29,7 @@ from pydotcompute.telemetry.scrape import (
     parse_metrics,
 )
 
-__all__ = ["add_top_arguments", "run_top", "render_top", "DEFAULT_METRICS_URL"]
+__all__ = ["register", "add_top_arguments", "run_top", "render_top", "DEFAULT_METRICS_URL"]
 
 DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
 
@@ -39,6 +40,13 @@ _STATE_STYLE = {
     "terminating": "yellow",
     "terminated": "dim",
 }
+
+
+def register(sub: Any) -> None:
+    """Add the ``top`` subcommand to the ``pydotcompute`` command's subparsers."""
+    p = sub.add_parser("top", help="live table of a runtime's kernels, read from its /metrics")
+    add_top_arguments(p)
+    p.set_defaults(run=run_top)
 
 
 def add_top_arguments(parser: argparse.ArgumentParser) -> None:
