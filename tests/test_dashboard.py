@@ -112,6 +112,27 @@ def test_chart_shows_throughput_of_the_running_kernel() -> None:
     assert dom.rows["idle"]["data-state"] == "deactivated"
 
 
+class SteppingKernel:
+    """A kernel whose counter moves in steps every 50 ms, as a batch-processing kernel's does."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def get_all_telemetry(self) -> dict[str, KernelTelemetry]:
+        steps = int((time.monotonic() - self.start) / 0.05)
+        return {"batch": KernelTelemetry("batch", "cpu", "active", messages_processed=4096 * steps)}
+
+
+@needs_chromium
+def test_polls_close_together_do_not_read_a_busy_kernel_as_idle() -> None:
+    # Under virtual time the page polls as fast as the server answers, much faster than
+    # the counter steps; the plotted rate must still be the kernel's, not 0.
+    with serve_metrics(SteppingKernel(), gpu=False) as server:
+        dom = load_page(server.dashboard_url + "?interval=100", virtual_ms=6000)
+    assert int(dom.canvas["data-points"]) >= 10
+    assert json.loads(dom.canvas["data-last-rates"])["batch"] > 0
+
+
 @needs_chromium
 def test_dashboard_command_proxies_another_runtime() -> None:
     parser = argparse.ArgumentParser()
