@@ -159,6 +159,7 @@ def test_flow_counters_when_the_source_has_flows() -> None:
             "retried": 2,
             "dead_lettered": 1,
             "in_flight": 2,
+            "lost_leases": 4,
         }
     }
     samples = scrape(FlowSource({}, flows))
@@ -168,6 +169,7 @@ def test_flow_counters_when_the_source_has_flows() -> None:
     assert samples[("pydotcompute_flow_items_retried_total", lab)] == 2
     assert samples[("pydotcompute_flow_items_dead_lettered_total", lab)] == 1
     assert samples[("pydotcompute_flow_items_in_flight", lab)] == 2
+    assert samples[("pydotcompute_flow_leases_lost_total", lab)] == 4
 
 
 def test_no_flow_samples_without_a_coordinator() -> None:
@@ -227,3 +229,13 @@ def test_importing_telemetry_starts_nothing() -> None:
     )
     root = TELEMETRY_DIR.parent.parent
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root, timeout=60)
+
+
+def test_package_exports_load_lazily() -> None:
+    import pydotcompute.telemetry as telemetry
+
+    assert sorted(telemetry.__all__) == sorted(telemetry._WHERE)
+    for name in telemetry.__all__:
+        assert getattr(telemetry, name).__name__ == name
+    with pytest.raises(AttributeError):
+        telemetry.nonexistent  # noqa: B018

@@ -34,7 +34,19 @@ _WHERE = {
     "serve_dashboard_proxy": "server",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "GpuMonitor",
+    "GpuReading",
+    "KernelTelemetry",
+    "LatencyRecorder",
+    "MetricsServer",
+    "Scrape",
+    "TelemetryCollector",
+    "TelemetrySource",
+    "parse_metrics",
+    "serve_dashboard_proxy",
+    "serve_metrics",
+]
 
 
 def __getattr__(name: str) -> Any:

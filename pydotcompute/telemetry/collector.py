@@ -95,6 +95,10 @@ FLOW_COUNTERS: dict[str, tuple[str, str]] = {
         "dead_lettered",
         "Items that exhausted their retries and went to the dead-letter table.",
     ),
+    "pydotcompute_flow_leases_lost": (
+        "lost_leases",
+        "Item leases this process lost to another worker (it stalled past its lease).",
+    ),
 }
 FLOW_GAUGES: dict[str, tuple[str, str]] = {
     "pydotcompute_flow_items_in_flight": ("in_flight", "Items inside the flow right now."),

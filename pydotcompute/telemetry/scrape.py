@@ -99,6 +99,7 @@ class FlowSample:
     retried: float = 0.0
     dead_lettered: float = 0.0
     in_flight: float = 0.0
+    lost_leases: float = 0.0
 
 
 @dataclasses.dataclass
