@@ -181,8 +181,8 @@ class TelemetryCollector(Collector):
         return families
 
     @staticmethod
-    def _flow_families() -> dict[str, Metric]:
-        families: dict[str, Metric] = {}
+    def _flow_families() -> dict[str, CounterMetricFamily | GaugeMetricFamily]:
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for name, (_, doc) in FLOW_COUNTERS.items():
             families[name] = CounterMetricFamily(name, doc, labels=("flow",))
         for name, (_, doc) in FLOW_GAUGES.items():
