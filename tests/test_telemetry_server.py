@@ -175,3 +175,14 @@ def test_dashboard_proxy_reads_another_endpoint() -> None:
     with serve_dashboard_proxy(upstream.url) as proxy:  # upstream is gone now
         status, _, body = get(proxy.dashboard_url + "api/scrape")
         assert status == 502 and "unreachable" in body
+
+
+def test_ipv6_loopback() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    with serve_metrics(CountingSource(), addr="::1", gpu=False) as server:
+        assert server.url.startswith("http://[::1]:")
+        assert get(server.url)[0] == 200

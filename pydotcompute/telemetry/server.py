@@ -12,6 +12,7 @@ import importlib.resources
 import json
 import logging
 import math
+import socket
 import threading
 import urllib.error
 from collections.abc import Callable
@@ -86,6 +87,8 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, addr: tuple[str, int], render: MetricsRenderer) -> None:
+        if ":" in addr[0]:  # an IPv6 address such as "::1"
+            self.address_family = socket.AF_INET6
         super().__init__(addr, _Handler)
         self.render = render
         self.page = dashboard_html()
