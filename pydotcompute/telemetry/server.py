@@ -44,7 +44,7 @@ def dashboard_html() -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     # A client that stalls cannot hold a request thread (and so ``stop()``) for long.
-    timeout = 10.0
+    timeout = 5.0
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
         path = self.path.split("?", 1)[0]
