@@ -196,7 +196,18 @@ def test_unreachable_endpoint(endpoint: Fixture) -> None:
     endpoint.close()
     console = recording_console()
     assert run_top(args(endpoint.url, "--once"), console=console) == 1
-    assert "cannot read" in console.export_text()
+    out = console.export_text()
+    assert "cannot read it" in out and "retrying" not in out
+
+
+def test_endpoint_that_is_not_prometheus() -> None:
+    fx = Fixture(["<html>this is a web page</html>\n"])
+    try:
+        console = recording_console()
+        assert run_top(args(fx.url, "--once"), console=console) == 1
+        assert "not Prometheus text" in console.export_text()
+    finally:
+        fx.close()
 
 
 def test_live_keeps_trying_an_unreachable_endpoint(endpoint: Fixture) -> None:

@@ -91,8 +91,8 @@ def run_top(
             while True:
                 try:
                     current = parse_metrics(fetch_metrics(url, timeout=max(interval, 2.0)))
-                except OSError as exc:
-                    live.update(_unreachable(url, exc), refresh=True)
+                except (OSError, ValueError) as exc:
+                    live.update(_unreadable(url, exc, "retrying"), refresh=True)
                 else:
                     live.update(render_top(previous, current, url), refresh=True)
                     previous = current
@@ -106,8 +106,8 @@ def _run_once(url: str, interval: float, console: Console, sleep: Callable[[floa
         first = parse_metrics(fetch_metrics(url))
         sleep(interval)
         second = parse_metrics(fetch_metrics(url))
-    except OSError as exc:
-        console.print(_unreachable(url, exc))
+    except (OSError, ValueError) as exc:
+        console.print(_unreadable(url, exc))
         return 1
     except KeyboardInterrupt:
         return 0
@@ -115,8 +115,10 @@ def _run_once(url: str, interval: float, console: Console, sleep: Callable[[floa
     return 0
 
 
-def _unreachable(url: str, exc: BaseException) -> Text:
-    return Text(f"cannot read {url}: {exc} (retrying)", style="red")
+def _unreadable(url: str, exc: BaseException, then: str = "") -> Text:
+    # OSError: unreachable or an HTTP error; ValueError: the body is not Prometheus text.
+    what = "not Prometheus text" if isinstance(exc, ValueError) else "cannot read it"
+    return Text(f"{url}: {what}: {exc}" + (f" ({then})" if then else ""), style="red")
 
 
 def render_top(previous: Scrape | None, current: Scrape, url: str = "") -> RenderableType:
