@@ -35,7 +35,7 @@ def fake_nvml(devices: list[dict], init_error: str | None = None) -> types.Modul
     m.NVML_TEMPERATURE_GPU = 0
     m.NVML_PCIE_UTIL_TX_BYTES = 0
     m.NVML_PCIE_UTIL_RX_BYTES = 1
-    m.calls = {"init": 0, "shutdown": 0}
+    m.calls = {"init": 0, "shutdown": 0, "util": 0}
 
     def init():
         m.calls["init"] += 1
@@ -56,9 +56,12 @@ def fake_nvml(devices: list[dict], init_error: str | None = None) -> types.Modul
     m.nvmlDeviceGetCount = lambda: len(devices)
     m.nvmlDeviceGetHandleByIndex = lambda i: i
     m.nvmlDeviceGetName = lambda h: field(h, "name")
-    m.nvmlDeviceGetUtilizationRates = lambda h: types.SimpleNamespace(
-        gpu=field(h, "util"), memory=0
-    )
+
+    def utilization(h):
+        m.calls["util"] += 1
+        return types.SimpleNamespace(gpu=field(h, "util"), memory=0)
+
+    m.nvmlDeviceGetUtilizationRates = utilization
     m.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
         used=field(h, "used"), total=field(h, "total"), free=0
     )
@@ -105,7 +108,7 @@ def scrape_gpu(monitor: GpuMonitor) -> dict[tuple[str, tuple], float]:
 def test_nvml_present_readings_in_base_units(monkeypatch, caplog) -> None:
     nvml = fake_nvml(DEVICES)
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
-    monitor = GpuMonitor()
+    monitor = GpuMonitor(max_age=0.0)
     assert nvml.calls["init"] == 0  # nothing happens before the first reading
     with caplog.at_level(logging.INFO, logger="pydotcompute.telemetry"):
         samples = scrape_gpu(monitor)
@@ -133,8 +136,21 @@ def test_nvml_present_readings_in_base_units(monkeypatch, caplog) -> None:
     readings = monitor.read()
     assert [r.name for r in readings] == ["Fake H100", "Fake L4"]
     monitor.close()
-    assert nvml.calls == {"init": 1, "shutdown": 1}
+    assert (nvml.calls["init"], nvml.calls["shutdown"]) == (1, 1)
     assert monitor.read() == []
+
+
+def test_readings_are_reused_for_max_age(monkeypatch) -> None:
+    nvml = fake_nvml(DEVICES)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    monitor = GpuMonitor(max_age=60.0)
+    first = monitor.read()
+    assert monitor.read() == first
+    assert nvml.calls["util"] == len(DEVICES)  # one NVML round for both reads
+    monitor.max_age = 0.0
+    monitor.read()
+    assert nvml.calls["util"] == 2 * len(DEVICES)
+    monitor.close()
 
 
 def test_nvml_module_absent_is_reported_once(monkeypatch, caplog) -> None:
@@ -172,4 +188,4 @@ def test_nvml_with_no_device_releases_nvml(monkeypatch) -> None:
     monitor = GpuMonitor()
     assert monitor.read() == []
     assert monitor.unavailable_reason == "NVML sees no GPU"
-    assert nvml.calls == {"init": 1, "shutdown": 1}
+    assert (nvml.calls["init"], nvml.calls["shutdown"]) == (1, 1)

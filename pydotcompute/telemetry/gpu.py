@@ -12,6 +12,7 @@ import dataclasses
 import importlib
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -62,9 +63,16 @@ class GpuReading:
 
 
 class GpuMonitor:
-    """Reads every visible GPU through NVML on demand. Close it to release NVML."""
+    """Reads every visible GPU through NVML on demand. Close it to release NVML.
 
-    def __init__(self) -> None:
+    Readings younger than ``max_age`` seconds are reused: NVML samples PCIe throughput
+    over 20 ms per device and direction, so several scrapers at once would otherwise
+    each wait for it.
+    """
+
+    def __init__(self, max_age: float = 1.0) -> None:
+        self.max_age = max_age
+        self._cached: tuple[float, list[GpuReading]] | None = None
         self._lock = threading.Lock()
         self._nvml: ModuleType | None = None
         self._handles: list[Any] = []
@@ -88,11 +96,16 @@ class GpuMonitor:
             if not self._open():
                 return []
             assert self._nvml is not None
-            return [self._read_one(self._nvml, i, h) for i, h in enumerate(self._handles)]
+            now = time.monotonic()
+            if self._cached is None or now - self._cached[0] >= self.max_age:
+                readings = [self._read_one(self._nvml, i, h) for i, h in enumerate(self._handles)]
+                self._cached = (now, readings)
+            return list(self._cached[1])
 
     def close(self) -> None:
         """Release NVML if this monitor opened it."""
         with self._lock:
+            self._cached = None
             if self._nvml is not None:
                 nvml, self._nvml, self._handles = self._nvml, None, []
                 try:
