@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from pydotcompute import QueueFullError, RingKernelRuntime
+from pydotcompute import (
+    BackendNotAvailableError,
+    QueueFullError,
+    RingKernelRuntime,
+    message,
+)
 from pydotcompute.telemetry.scrape import parse_metrics
 from pydotcompute.telemetry.server import serve_metrics
 
@@ -160,3 +166,67 @@ async def test_server_stops_with_the_runtime() -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("pydotcompute-metrics")]
     with pytest.raises(OSError):
         await asyncio.to_thread(fetch, server.url)
+
+
+@message
+class Reading:
+    value: float
+    seq: int
+
+
+def keep_even(msg, out, state):  # compiled once by the cpu backend
+    out.value = msg.value * 2.0
+    out.seq = msg.seq
+    return msg.seq % 2 == 0
+
+
+async def launch_cpu(rt: RingKernelRuntime, kernel_id: str, **options) -> None:
+    try:
+        await rt.launch(
+            kernel_id,
+            keep_even,
+            input_type=Reading,
+            output_type=Reading,
+            backend="cpu",
+            **options,
+        )
+    except BackendNotAvailableError as exc:
+        pytest.skip(f"no cpu backend here: {exc}")
+
+
+def readings(n: int) -> np.ndarray:
+    records = np.zeros(n, dtype=Reading.__record_dtype__)
+    records["seq"] = np.arange(n)
+    return records
+
+
+async def test_cpu_kernel_exact_values() -> None:
+    async with RingKernelRuntime() as rt:
+        await launch_cpu(rt, "even", queue_size=1024)
+        await rt.activate("even")
+        assert await rt.send_batch("even", readings(1000), timeout=10) == 1000
+        got = 0
+        while got < 500:
+            got += len(await rt.receive_batch("even", 1000, timeout=10))
+        await launch_cpu(rt, "parked", queue_size=4, backpressure="drop_newest")
+        await rt.send_batch("parked", readings(10), timeout=10)
+        for _ in range(200):  # an active kernel with nothing to do polls idly
+            if rt.get_telemetry("even").idle_polls > 0:
+                break
+            await asyncio.sleep(0.005)
+        with serve_metrics(rt, gpu=False) as server:
+            s = samples(await asyncio.to_thread(fetch, server.url))
+
+    def cpu(kernel: str, **extra: str) -> frozenset:
+        return frozenset({"kernel": kernel, "backend": "cpu", **extra}.items())
+
+    assert got == 500
+    assert s[("pydotcompute_kernel_messages_processed_total", cpu("even"))] == 1000
+    assert s[("pydotcompute_kernel_messages_sent_total", cpu("even"))] == 500
+    assert s[("pydotcompute_kernel_queue_depth", cpu("even"))] == 0
+    assert s[("pydotcompute_kernel_queue_capacity", cpu("even"))] == 1024
+    assert s[("pydotcompute_kernel_idle_polls_total", cpu("even"))] > 0
+    assert s[("pydotcompute_kernel_state", cpu("even", state="active"))] == 1
+    assert s[("pydotcompute_kernel_messages_dropped_total", cpu("parked"))] == 6
+    assert s[("pydotcompute_kernel_queue_depth", cpu("parked"))] == 4
+    assert s[("pydotcompute_kernel_state", cpu("parked", state="launched"))] == 1
