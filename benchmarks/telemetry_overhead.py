@@ -225,8 +225,8 @@ async def main_async(n: int, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=300_000, help="messages per host round")
-    parser.add_argument("--rounds", type=int, default=8, help="rounds per setting")
+    parser.add_argument("--messages", type=int, default=200_000, help="messages per host round")
+    parser.add_argument("--rounds", type=int, default=12, help="rounds per setting")
     args = parser.parse_args()
     asyncio.run(main_async(args.messages, args.rounds))
 
