@@ -43,6 +43,7 @@ class DomReader(html.parser.HTMLParser):
         super().__init__()
         self.canvas: dict[str, str] = {}
         self.rows: dict[str, dict[str, str]] = {}
+        self.gpus: dict[str, dict[str, str]] = {}
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         a = {k: v or "" for k, v in attrs}
@@ -50,6 +51,8 @@ class DomReader(html.parser.HTMLParser):
             self.canvas = a
         elif tag == "tr" and "data-kernel" in a:
             self.rows[a["data-kernel"]] = a
+        elif tag == "tr" and "data-gpu" in a:
+            self.gpus[a["data-gpu"]] = a
 
 
 def load_page(url: str, virtual_ms: int = 4000) -> DomReader:
@@ -131,6 +134,17 @@ def test_polls_close_together_do_not_read_a_busy_kernel_as_idle() -> None:
         dom = load_page(server.dashboard_url + "?interval=100", virtual_ms=6000)
     assert int(dom.canvas["data-points"]) >= 10
     assert json.loads(dom.canvas["data-last-rates"])["batch"] > 0
+
+
+@needs_chromium
+def test_page_shows_gpu_readings(monkeypatch) -> None:
+    from test_telemetry_gpu import DEVICES, fake_nvml
+
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(DEVICES))
+    with serve_metrics(RunningKernel()) as server:
+        dom = load_page(server.dashboard_url + "?interval=200", virtual_ms=1000)
+    assert sorted(dom.gpus) == ["0", "1"]
+    assert float(dom.gpus["0"]["data-utilization"]) == pytest.approx(0.37)
 
 
 @needs_chromium
