@@ -1,0 +1,404 @@
+"""kernels/ring.cuh built for the CPU, driven against the Numba host ring on one buffer.
+
+The C++ side is ``kernels/ring_host.cpp`` compiled with the system C++20 compiler
+into a shared library and called through ctypes (which releases the GIL, so a C++
+thread and a Numba caller really run at the same time).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+
+from pydotcompute.backends.kernel_sources import kernels_dir
+from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.rings.host_ring import HostRing
+from pydotcompute.rings.layout import (
+    HEADER_SIZE,
+    OFF_CLAIM,
+    OFF_DROP_BEFORE,
+    OFF_PUBLISHED,
+    OFF_RELEASED,
+    OFF_RESERVE,
+    RingSide,
+    init_ring,
+    ring_nbytes,
+)
+
+HOST, DEVICE = int(RingSide.HOST), int(RingSide.DEVICE)
+BLOCK, REJECT, DROP_OLDEST, DROP_NEWEST = (int(s) for s in BackpressureStrategy)
+NOT_THIS_ROLE = -100
+
+# A record with padding inside the slot (12 bytes in a 16-byte slot), as in the
+# protocol's worked example.
+RECORD = np.dtype([("id", "<u4"), ("x", "<f8")])
+# The streaming helpers put a u64 sequence number first.
+SEQ_RECORD = np.dtype([("seq", "<u8"), ("payload", "<u4")])
+
+_CXX20_PROBE = """
+#include <atomic>
+int main() { unsigned long long v = 0; std::atomic_ref<unsigned long long> r(v);
+             r.store(1, std::memory_order_release); return int(r.load()) - 1; }
+"""
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    cxx = _compiler()
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++ or clang++) found; set CXX")
+    work = tmp_path_factory.mktemp("ring_cxx")
+    probe = work / "probe.cpp"
+    probe.write_text(_CXX20_PROBE)
+    check = subprocess.run(
+        [cxx, "-std=c++20", str(probe), "-o", str(work / "probe")],
+        capture_output=True,
+        text=True,
+    )
+    if check.returncode != 0:
+        pytest.skip(f"{cxx} cannot build C++20 std::atomic_ref: {check.stderr.strip()[:300]}")
+    target = work / "libpdcring.so"
+    build = subprocess.run(
+        [cxx, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+         str(kernels_dir() / "ring_host.cpp"), "-o", str(target)],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    return _bind(ctypes.CDLL(str(target)))
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    u64, ptr, i64 = ctypes.c_uint64, ctypes.c_void_p, ctypes.c_longlong
+    lib.pdc_ring_init.argtypes = [ptr, u64, u64, u64, u64, u64, u64]
+    lib.pdc_ring_init.restype = ctypes.c_int
+    lib.pdc_ring_check.argtypes = [ptr, u64]
+    lib.pdc_ring_check.restype = ctypes.c_int
+    lib.pdc_ring_init_side_counters.argtypes = [ptr, u64, u64, ptr]
+    lib.pdc_ring_init_side_counters.restype = None
+    lib.pdc_ring_try_push.argtypes = [ptr, u64, u64, ptr, ptr, u64]
+    lib.pdc_ring_try_push.restype = i64
+    lib.pdc_ring_push.argtypes = [ptr, u64, u64, ptr, ptr, u64, u64]
+    lib.pdc_ring_push.restype = i64
+    lib.pdc_ring_pop.argtypes = [ptr, u64, u64, ptr, ptr, u64]
+    lib.pdc_ring_pop.restype = i64
+    lib.pdc_ring_depth.argtypes = [ptr, u64]
+    lib.pdc_ring_depth.restype = i64
+    lib.pdc_ring_produce_sequence.argtypes = [ptr, u64, u64, ptr, u64, u64, u64]
+    lib.pdc_ring_produce_sequence.restype = i64
+    lib.pdc_ring_consume_sequence.argtypes = [ptr, u64, u64, ptr, u64, u64]
+    lib.pdc_ring_consume_sequence.restype = i64
+    return lib
+
+
+class CxxParty:
+    """One party (host or device side) driving a ring buffer through ring.cuh."""
+
+    def __init__(self, lib: ctypes.CDLL, buf: np.ndarray, dtype: np.dtype, side: int = HOST):
+        self.lib, self.buf, self.dtype, self.side = lib, buf, np.dtype(dtype), side
+        # A device party's reserve/claim counters (device memory on a GPU).
+        self.side_counters = np.zeros(2, dtype=np.uint64)
+        counters = self.side_counters.ctypes.data if side == DEVICE else None
+        self.args = (buf.ctypes.data, buf.nbytes, side, counters)
+        if side == DEVICE:
+            lib.pdc_ring_init_side_counters(*self.args)
+
+    def try_push(self, records: np.ndarray) -> int:
+        records = np.ascontiguousarray(records, dtype=self.dtype)
+        return self.lib.pdc_ring_try_push(*self.args, records.ctypes.data, records.size)
+
+    def push(self, records: np.ndarray, max_polls: int = 0) -> int:
+        records = np.ascontiguousarray(records, dtype=self.dtype)
+        return self.lib.pdc_ring_push(*self.args, records.ctypes.data, records.size, max_polls)
+
+    def pop(self, max_n: int) -> np.ndarray:
+        out = np.zeros(max_n, dtype=self.dtype)
+        got = self.lib.pdc_ring_pop(*self.args, out.ctypes.data, max_n)
+        assert got >= 0, f"pop failed with {got}"
+        return out[:got]
+
+
+def _aligned(nbytes: int) -> np.ndarray:
+    raw = np.zeros(nbytes + 128, dtype=np.uint8)
+    start = -raw.ctypes.data % 128
+    return raw[start : start + nbytes]
+
+
+def _words(buf: np.ndarray) -> np.ndarray:
+    return buf[:HEADER_SIZE].view("<u8")
+
+
+def _records(ids: list[int] | range) -> np.ndarray:
+    out = np.zeros(len(ids), dtype=RECORD)
+    out["id"] = list(ids)
+    out["x"] = [i + 0.5 for i in ids]
+    return out
+
+
+def _cxx_ring(lib: ctypes.CDLL, capacity: int, dtype: np.dtype, strategy: int,
+              producer: int = HOST, consumer: int = HOST) -> np.ndarray:  # fmt: skip
+    buf = _aligned(ring_nbytes(capacity, np.dtype(dtype).itemsize))
+    status = lib.pdc_ring_init(buf.ctypes.data, buf.nbytes, capacity, np.dtype(dtype).itemsize,
+                               strategy, producer, consumer)  # fmt: skip
+    assert status == 0
+    return buf
+
+
+# --- layout ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("strategy", list(BackpressureStrategy))
+@pytest.mark.parametrize("sides", [(HOST, HOST), (HOST, DEVICE), (DEVICE, HOST)])
+def test_cxx_and_python_write_the_same_header(lib, strategy, sides) -> None:
+    cxx = _cxx_ring(lib, 8, RECORD, int(strategy), *sides)
+    py = _aligned(ring_nbytes(8, RECORD.itemsize))
+    init_ring(py, 8, RECORD.itemsize, strategy, RingSide(sides[0]), RingSide(sides[1]))
+    assert bytes(cxx[:HEADER_SIZE]) == bytes(py[:HEADER_SIZE])
+    assert bytes(cxx[:8]) == b"PDCRING1"
+    assert lib.pdc_ring_check(py.ctypes.data, py.nbytes) == 0
+    HostRing.attach(cxx, RECORD)  # the Python side accepts the C++ header
+
+
+def test_cxx_rejects_bad_headers(lib) -> None:
+    good = _cxx_ring(lib, 4, RECORD, BLOCK)
+    assert lib.pdc_ring_check(good.ctypes.data, good.nbytes - 1) == 6  # too short
+
+    def broken(offset: int, value: int) -> int:
+        buf = good.copy()
+        _words(buf)[offset // 8] = value
+        return lib.pdc_ring_check(buf.ctypes.data, buf.nbytes)
+
+    assert broken(0, 0) == 1  # magic
+    assert broken(8, 2) == 2  # version
+    assert broken(16, 512) == 3  # header size
+    assert broken(24, 3) == 4  # capacity not a power of two
+    assert broken(32, 12) == 5  # slot size not a multiple of 8
+    assert broken(48, 4) == 7  # backpressure out of range
+    assert lib.pdc_ring_init(good.ctypes.data, good.nbytes, 6, 12, 0, 0, 0) == 4
+    assert lib.pdc_ring_init(good.ctypes.data + 4, good.nbytes - 4, 4, 12, 0, 0, 0) == 9
+    exact = ring_nbytes(4, RECORD.itemsize)
+    assert lib.pdc_ring_init(good.ctypes.data, exact - 1, 4, 12, 0, 0, 0) == 6
+    assert lib.pdc_ring_init(good.ctypes.data, exact, 4, 12, 0, 0, 0) == 0
+
+
+def test_roles_are_enforced(lib) -> None:
+    buf = _cxx_ring(lib, 4, RECORD, BLOCK, HOST, DEVICE)
+    host, device = CxxParty(lib, buf, RECORD, HOST), CxxParty(lib, buf, RECORD, DEVICE)
+    assert host.try_push(_records([1])) == 1
+    assert device.try_push(_records([2])) == NOT_THIS_ROLE
+    assert lib.pdc_ring_pop(*host.args, host.side_counters.ctypes.data, 1) == NOT_THIS_ROLE
+    no_counters = (buf.ctypes.data, buf.nbytes, DEVICE, None)
+    assert lib.pdc_ring_pop(*no_counters, host.side_counters.ctypes.data, 1) == -8
+    assert device.pop(4)["id"].tolist() == [1]
+
+
+# --- the worked example of the protocol document, both ways --------------------------
+
+
+def _indices(buf: np.ndarray) -> tuple[int, int, int, int]:
+    w = _words(buf)
+    return tuple(int(w[o // 8]) for o in (OFF_RESERVE, OFF_PUBLISHED, OFF_CLAIM, OFF_RELEASED))
+
+
+def test_worked_example_cxx_produces_numba_consumes(lib) -> None:
+    buf = _cxx_ring(lib, 4, RECORD, DROP_NEWEST)
+    cxx, numba_ring = CxxParty(lib, buf, RECORD), HostRing.attach(buf, RECORD)
+    assert cxx.push(_records([1, 2, 3])) == 3  # A B C
+    assert _indices(buf) == (3, 3, 0, 0)
+    assert numba_ring.pop_batch(2)["id"].tolist() == [1, 2]
+    assert _indices(buf) == (3, 3, 2, 2)
+    assert cxx.push(_records([4, 5, 6, 7])) == 3  # D E F fit, G is dropped
+    assert _indices(buf) == (6, 6, 2, 2)
+    got = numba_ring.pop_batch(8)  # C D E F: wraps from slot 3 to slot 0
+    assert got["id"].tolist() == [3, 4, 5, 6] and got["x"].tolist() == [3.5, 4.5, 5.5, 6.5]
+    c = numba_ring.counters()
+    assert (c.enqueued, c.dequeued, c.dropped_newest, c.high_water) == (6, 6, 1, 4)
+    assert _indices(buf) == (6, 6, 6, 6)
+
+
+def test_worked_example_numba_produces_cxx_consumes(lib) -> None:
+    numba_ring = HostRing(4, RECORD, backpressure=BackpressureStrategy.DROP_NEWEST)
+    buf = numba_ring.buffer
+    cxx = CxxParty(lib, buf, RECORD)
+    assert numba_ring.try_push_batch(_records([1, 2, 3])) == 3
+    assert cxx.pop(2)["id"].tolist() == [1, 2]
+    assert numba_ring.try_push_batch(_records([4, 5, 6, 7])) == 3
+    assert _indices(buf) == (6, 6, 2, 2)
+    assert cxx.pop(8)["id"].tolist() == [3, 4, 5, 6]
+    c = numba_ring.counters()
+    assert (c.enqueued, c.dequeued, c.dropped_newest, c.high_water) == (6, 6, 1, 4)
+
+
+# --- full ring, wrap-around, alternating implementations ----------------------------
+
+
+def test_full_ring_both_ways_on_one_buffer(lib) -> None:
+    buf = _cxx_ring(lib, 8, RECORD, REJECT)
+    cxx, numba_ring = CxxParty(lib, buf, RECORD), HostRing.attach(buf, RECORD)
+    assert cxx.push(_records(range(8))) == 8
+    assert lib.pdc_ring_depth(buf.ctypes.data, buf.nbytes) == 8
+    assert cxx.push(_records([100])) == 0  # full: REJECT counts it
+    assert numba_ring.try_push_batch(_records([101, 102])) == 0  # full for Numba too
+    assert numba_ring.counters().rejected == 3
+    assert numba_ring.pop_batch(8)["id"].tolist() == list(range(8))
+    # The other direction on the same buffer, continuing the positions.
+    assert numba_ring.try_push_batch(_records(range(10, 18))) == 8
+    assert cxx.try_push(_records([99])) == 0
+    assert cxx.pop(16)["id"].tolist() == list(range(10, 18))
+    c = numba_ring.counters()
+    assert (c.published, c.released, c.enqueued, c.dequeued, c.high_water) == (16, 16, 16, 16, 8)
+
+
+@pytest.mark.parametrize("direction", ["cxx->numba", "numba->cxx"])
+def test_random_batches_wrap_many_times(lib, direction: str) -> None:
+    rng = np.random.default_rng(7)
+    buf = _cxx_ring(lib, 16, RECORD, REJECT)
+    cxx, numba_ring = CxxParty(lib, buf, RECORD), HostRing.attach(buf, RECORD)
+    if direction == "cxx->numba":
+        push, pop = cxx.try_push, lambda n: numba_ring.pop_batch(n)
+    else:
+        push, pop = numba_ring.try_push_batch, cxx.pop
+    sent: list[int] = []
+    received: list[int] = []
+    next_id = 0
+    for _ in range(400):
+        n = int(rng.integers(1, 24))
+        placed = push(_records(range(next_id, next_id + n)))
+        assert 0 <= placed <= n
+        sent.extend(range(next_id, next_id + placed))
+        next_id += placed
+        received.extend(pop(int(rng.integers(1, 24)))["id"].tolist())
+    received.extend(pop(16)["id"].tolist())
+    assert received == sent and len(sent) > 16 * 50  # dozens of wrap-arounds
+    c = numba_ring.counters()
+    assert c.enqueued == c.dequeued == len(sent) and c.depth == 0
+
+
+def test_producers_of_both_implementations_share_a_ring(lib) -> None:
+    buf = _cxx_ring(lib, 8, RECORD, BLOCK)
+    cxx, numba_ring = CxxParty(lib, buf, RECORD), HostRing.attach(buf, RECORD)
+    for i in range(0, 60, 3):
+        assert cxx.try_push(_records([i])) == 1
+        assert numba_ring.try_push_batch(_records([i + 1])) == 1
+        assert cxx.try_push(_records([i + 2])) == 1
+        half = cxx.pop(2)["id"].tolist() + numba_ring.pop_batch(1)["id"].tolist()
+        assert half == [i, i + 1, i + 2]
+
+
+# --- backpressure across implementations -------------------------------------------
+
+
+def test_drop_oldest_same_side_cxx_evicts(lib) -> None:
+    buf = _cxx_ring(lib, 4, RECORD, DROP_OLDEST)
+    cxx, numba_ring = CxxParty(lib, buf, RECORD), HostRing.attach(buf, RECORD)
+    assert numba_ring.try_push_batch(_records([1, 2, 3, 4])) == 4
+    assert cxx.push(_records([5, 6])) == 2  # evicts 1 and 2
+    assert cxx.push(_records(range(10, 16))) == 4  # larger than the ring: keeps the last 4
+    assert numba_ring.pop_batch(8)["id"].tolist() == [12, 13, 14, 15]
+    c = numba_ring.counters()
+    assert c.dropped_oldest == 2 + 4 + 2 and c.enqueued == 10 and c.dequeued == 4
+
+
+def test_block_gives_up_after_max_polls_and_counts(lib) -> None:
+    buf = _cxx_ring(lib, 4, RECORD, BLOCK)
+    cxx, numba_ring = CxxParty(lib, buf, RECORD), HostRing.attach(buf, RECORD)
+    assert cxx.push(_records(range(6)), max_polls=50) == 4
+    c = numba_ring.counters()
+    assert c.rejected == 2 and c.enqueued == 4
+
+
+def test_drop_oldest_across_sides_watermark(lib) -> None:
+    """Host producer (Numba) raises drop_before; the device-side consumer (C++, with
+    its claim counter apart from the header) discards the stale records."""
+    numba_ring = HostRing(
+        4,
+        RECORD,
+        backpressure=BackpressureStrategy.DROP_OLDEST,
+        consumer_side=RingSide.DEVICE,
+    )
+    buf = numba_ring.buffer
+    device = CxxParty(lib, buf, RECORD, DEVICE)
+    assert numba_ring.try_push_batch(_records([1, 2, 3])) == 3
+    assert device.pop(2)["id"].tolist() == [1, 2]
+    assert numba_ring.try_push_batch(_records([4, 5, 6, 7])) == 3  # G waits
+    assert int(_words(buf)[OFF_DROP_BEFORE // 8]) == 3  # 6 + 1 - 4, as in the example
+    # Claims position 2 (C), finds it stale, skips it and goes on to deliver D.
+    assert device.pop(1)["id"].tolist() == [4]
+    assert numba_ring.counters().dropped_oldest == 1
+    assert numba_ring.try_push_batch(_records([7])) == 1
+    assert device.pop(8)["id"].tolist() == [5, 6, 7]
+    assert int(_words(buf)[OFF_CLAIM // 8]) == 0, "a device consumer never writes line 4"
+    assert int(device.side_counters[1]) == int(_words(buf)[OFF_RELEASED // 8]) == 7
+
+
+def test_drop_oldest_across_sides_cxx_producer_degrades_to_drop_newest(lib) -> None:
+    """With nobody consuming, a cross-side DROP_OLDEST producer gives up after its
+    polls and counts the records it could not place as dropped_newest."""
+    buf = _cxx_ring(lib, 4, RECORD, DROP_OLDEST, HOST, DEVICE)
+    cxx = CxxParty(lib, buf, RECORD)
+    assert cxx.push(_records(range(6)), max_polls=20) == 4
+    numba_view = HostRing.attach(buf, RECORD)
+    c = numba_view.counters()
+    assert c.dropped_newest == 2 and c.drop_before == 2  # reserve 4 + 2 - 4
+    device = CxxParty(lib, buf, RECORD, DEVICE)
+    assert device.pop(8)["id"].tolist() == [2, 3]
+    assert numba_view.counters().dropped_oldest == 2
+
+
+# --- both implementations running at the same time ---------------------------------
+
+
+def _run_thread(target, *args) -> tuple[threading.Thread, list[int]]:  # type: ignore[no-untyped-def]
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(target(*args)), daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_concurrent_cxx_producer_numba_consumer(lib) -> None:
+    count = 50_000
+    numba_ring = HostRing(16, SEQ_RECORD)
+    buf = numba_ring.buffer
+    thread, result = _run_thread(
+        lib.pdc_ring_produce_sequence, buf.ctypes.data, buf.nbytes, HOST, None, 0, count, 5
+    )
+    received = np.empty(count, dtype=np.uint64)
+    got = 0
+    while got < count:
+        batch = numba_ring.pop_batch(64, timeout=10.0)
+        assert batch.size, "the C++ producer stalled"
+        received[got : got + batch.size] = batch["seq"]
+        got += batch.size
+    thread.join(10)
+    assert result == [count]
+    np.testing.assert_array_equal(received, np.arange(count, dtype=np.uint64))
+    assert numba_ring.counters().enqueued == count
+
+
+def test_concurrent_numba_producer_cxx_consumer(lib) -> None:
+    count = 50_000
+    numba_ring = HostRing(16, SEQ_RECORD)
+    buf = numba_ring.buffer
+    thread, result = _run_thread(
+        lib.pdc_ring_consume_sequence, buf.ctypes.data, buf.nbytes, HOST, None, 0, count
+    )
+    records = np.zeros(count, dtype=SEQ_RECORD)
+    records["seq"] = np.arange(count)
+    sent = 0
+    while sent < count:
+        sent += numba_ring.push_batch(records[sent : sent + 7], timeout=10.0)
+    thread.join(10)
+    assert not thread.is_alive()
+    assert result == [0], f"{result} records arrived out of order"
+    c = numba_ring.counters()
+    assert c.dequeued == count and c.high_water <= 16
