@@ -31,7 +31,8 @@
 //     0    command      0 = paused, 1 = active (consume), 2 = terminate.
 //                       Start with 0 or 1; write 2 and wait for status 2 or 3.
 //   line 1, written by the kernel
-//     128  status       0 = not started, 1 = running, 2 = exited, 3 = failed
+//     128  status       0 = not started, 1 = running (line 3 is valid from here on),
+//                       2 = exited, 3 = failed
 //     136  error        0, or why it failed: 1..9 = ring.cuh Status of ring_attach
 //                       (bad buffer), 100 = wrong ring sides or record size,
 //                       101 = block size not a power of two in [32, 512]
@@ -99,8 +100,9 @@ __device__ Moments merge(const Moments& a, const Moments& b) {
   if (a.count == 0.0) return b;
   const double n = a.count + b.count;
   const double delta = b.mean - a.mean;
-  return Moments{n, a.mean + delta * (b.count / n), a.m2 + b.m2 + delta * delta * (a.count * b.count / n),
-                 fmin(a.min, b.min), fmax(a.max, b.max)};
+  return Moments{n, a.mean + delta * (b.count / n),
+                 a.m2 + b.m2 + delta * delta * (a.count * b.count / n), fmin(a.min, b.min),
+                 fmax(a.max, b.max)};
 }
 
 __device__ void store_word(u64* control, u64 index, u64 value) {
@@ -109,16 +111,14 @@ __device__ void store_word(u64* control, u64 index, u64 value) {
 
 __device__ void publish_stats(u64* control, u64 seq, u64 count, const Moments& m) {
   // Sequence lock: odd while writing; the host retries a read that straddles it.
+  // Every store is a release store, so no field can become visible before the odd
+  // sequence number, nor the even one before the fields.
   store_word(control, kSeq, seq + 1);
-  cuda::atomic_ref<u64, cuda::thread_scope_system>(control[kCount]).store(count, cuda::std::memory_order_relaxed);
-  cuda::atomic_ref<u64, cuda::thread_scope_system>(control[kMean])
-      .store(__double_as_longlong(m.mean), cuda::std::memory_order_relaxed);
-  cuda::atomic_ref<u64, cuda::thread_scope_system>(control[kM2])
-      .store(__double_as_longlong(m.m2), cuda::std::memory_order_relaxed);
-  cuda::atomic_ref<u64, cuda::thread_scope_system>(control[kMin])
-      .store(__double_as_longlong(m.min), cuda::std::memory_order_relaxed);
-  cuda::atomic_ref<u64, cuda::thread_scope_system>(control[kMax])
-      .store(__double_as_longlong(m.max), cuda::std::memory_order_relaxed);
+  store_word(control, kCount, count);
+  store_word(control, kMean, static_cast<u64>(__double_as_longlong(m.mean)));
+  store_word(control, kM2, static_cast<u64>(__double_as_longlong(m.m2)));
+  store_word(control, kMin, static_cast<u64>(__double_as_longlong(m.min)));
+  store_word(control, kMax, static_cast<u64>(__double_as_longlong(m.max)));
   store_word(control, kSeq, seq + 2);
 }
 
@@ -134,6 +134,9 @@ extern "C" __global__ void pdc_stream_stats(unsigned char* input, unsigned long 
 
   const unsigned tid = threadIdx.x;
   const unsigned threads = blockDim.x;
+  // Running totals live in thread 0's registers; the host sees them through line 3.
+  Moments total{0.0, 0.0, 0.0, __longlong_as_double(0x7FF0000000000000LL),
+                __longlong_as_double(static_cast<long long>(0xFFF0000000000000ULL))};
 
   if (tid == 0) {
     u64 error = 0;
@@ -156,6 +159,7 @@ extern "C" __global__ void pdc_stream_stats(unsigned char* input, unsigned long 
       store_word(control, kStatus, kStatusFailed);
       action = -1;
     } else {
+      publish_stats(control, 0, 0, total);  // valid statistics before "running"
       store_word(control, kStatus, kStatusRunning);
       action = 0;
     }
@@ -163,15 +167,8 @@ extern "C" __global__ void pdc_stream_stats(unsigned char* input, unsigned long 
   __syncthreads();
   if (action < 0) return;
 
-  // Running totals live in thread 0's registers; the host sees them through line 3.
-  Moments total{0.0, 0.0, 0.0, __longlong_as_double(0x7FF0000000000000LL),
-                __longlong_as_double(static_cast<long long>(0xFFF0000000000000ULL))};
-  u64 processed = 0, idle_polls = 0, batches = 0, heartbeat = 0, seq = 0;
+  u64 processed = 0, idle_polls = 0, batches = 0, heartbeat = 0, seq = 2;
   pdc::ring::Backoff idle;
-  if (tid == 0) {
-    publish_stats(control, seq, 0, total);
-    seq += 2;
-  }
 
   for (;;) {
     if (tid == 0) {

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -402,3 +403,232 @@ def test_concurrent_numba_producer_cxx_consumer(lib) -> None:
     assert result == [0], f"{result} records arrived out of order"
     c = numba_ring.counters()
     assert c.dequeued == count and c.high_water <= 16
+
+
+def test_concurrent_producers_of_both_implementations(lib) -> None:
+    """Two C++ producer threads and a Numba producer thread feed one small ring at
+    once; every record arrives exactly once and each producer's in its order."""
+    count = 20_000
+    starts = (0, 1 << 40, 2 << 40)
+    numba_ring = HostRing(8, SEQ_RECORD)
+    buf = numba_ring.buffer
+    threads = [
+        _run_thread(
+            lib.pdc_ring_produce_sequence, buf.ctypes.data, buf.nbytes, HOST, None, s, count, 3
+        )
+        for s in starts[:2]
+    ]
+    records = np.zeros(count, dtype=SEQ_RECORD)
+    records["seq"] = np.arange(count) + starts[2]
+
+    def numba_producer() -> int:
+        sent = 0
+        while sent < count:
+            sent += numba_ring.push_batch(records[sent : sent + 5], timeout=10.0)
+        return sent
+
+    threads.append(_run_thread(numba_producer))
+    received = []
+    got = 0
+    while got < 3 * count:
+        batch = numba_ring.pop_batch(64, timeout=10.0)
+        assert batch.size, "a producer stalled"
+        received.append(batch["seq"].copy())
+        got += batch.size
+    for thread, result in threads:
+        thread.join(10)
+        assert result == [count]
+    seq = np.concatenate(received)
+    for start in starts:
+        mine = seq[(seq >= start) & (seq < start + count)]
+        np.testing.assert_array_equal(mine, np.arange(count, dtype=np.uint64) + start)
+    c = numba_ring.counters()
+    assert c.enqueued == c.dequeued == 3 * count and c.high_water <= 8
+
+
+# --- stream_stats.cu run on the CPU: one emulated thread block ------------------------
+
+# Just enough of CUDA's execution model to run a single-block kernel on CPU threads:
+# `__shared__` becomes a function-local static (one copy, shared by all threads, as
+# in a block), `threadIdx` is per thread, `__syncthreads` is a barrier. The kernel
+# source is compiled unchanged; ring.cuh takes its host (std::atomic_ref) path.
+_BLOCK_EMULATION = """
+#include <barrier>
+#include <bit>
+#include <cmath>
+#include <thread>
+#include <vector>
+struct EmulatedDim3 { unsigned x, y, z; };
+inline thread_local EmulatedDim3 threadIdx{0, 0, 0};
+inline EmulatedDim3 blockDim{1, 1, 1};
+inline std::barrier<>* emulated_block_barrier = nullptr;
+#define __global__
+#define __device__
+#define __shared__ static
+inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
+inline long long __double_as_longlong(double d) { return std::bit_cast<long long>(d); }
+inline double __longlong_as_double(long long v) { return std::bit_cast<double>(v); }
+using std::fmax;
+using std::fmin;
+#include "stream_stats.cu"
+extern "C" void run_block(unsigned threads, unsigned char* input, unsigned long long nbytes,
+                          unsigned long long* control, void* side_counters) {
+  blockDim.x = threads;
+  std::barrier<> barrier(threads);
+  emulated_block_barrier = &barrier;
+  std::vector<std::thread> block;
+  for (unsigned t = 0; t < threads; ++t)
+    block.emplace_back([=] {
+      threadIdx.x = t;
+      pdc_stream_stats(input, nbytes, control,
+                       static_cast<pdc::ring::SideCounters*>(side_counters));
+    });
+  for (auto& thread : block) thread.join();
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def block(lib, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    # `lib` first: it skips where no C++20 compiler exists.
+    work = tmp_path_factory.mktemp("stream_stats_cpu")
+    source = work / "stream_stats_cpu.cpp"
+    source.write_text(_BLOCK_EMULATION)
+    target = work / "libstreamstats.so"
+    build = subprocess.run(
+        [_compiler(), "-std=c++20", "-O2", "-shared", "-fPIC", f"-I{kernels_dir()}",
+         str(source), "-o", str(target), "-pthread"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    emulated = ctypes.CDLL(str(target))
+    u64, ptr = ctypes.c_uint64, ctypes.c_void_p
+    emulated.run_block.argtypes = [ctypes.c_uint, ptr, u64, ptr, ptr]
+    emulated.run_block.restype = None
+    return emulated
+
+
+class StreamStats:
+    """The host side of a stream_stats launch (control block layout: top of the .cu)."""
+
+    def __init__(self, block: ctypes.CDLL, ring_buffer: np.ndarray, threads: int = 32):
+        self.control = np.zeros(64, dtype=np.uint64)
+        self.side_counters = np.zeros(2, dtype=np.uint64)
+        self.thread, _ = _run_thread(
+            block.run_block,
+            threads,
+            ring_buffer.ctypes.data,
+            ring_buffer.nbytes,
+            self.control.ctypes.data,
+            self.side_counters.ctypes.data,
+        )
+
+    def command(self, value: int) -> None:
+        self.control[0] = value
+
+    def status(self) -> tuple[int, int]:
+        return int(self.control[16]), int(self.control[17])
+
+    def counters(self) -> tuple[int, int, int]:
+        return int(self.control[32]), int(self.control[33]), int(self.control[34])
+
+    def snapshot(self) -> tuple[int, float, float, float, float]:
+        while True:
+            seq = int(self.control[48])
+            fields = self.control[49:54].copy()
+            if seq % 2 == 0 and int(self.control[48]) == seq:
+                mean, m2, lo, hi = fields[1:].view(np.float64).tolist()
+                return int(fields[0]), mean, m2, lo, hi
+
+    def wait(self, predicate, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, "the kernel did not get there in time"
+            time.sleep(0.001)
+
+    def terminate(self) -> None:
+        self.command(2)
+        self.thread.join(20)
+        assert not self.thread.is_alive(), "the kernel did not exit on terminate"
+
+
+@pytest.fixture
+def launch(block):  # type: ignore[no-untyped-def]
+    """Start emulated kernels; whatever a test does, they are told to exit after it."""
+    started: list[StreamStats] = []
+
+    def start(ring_buffer: np.ndarray, threads: int = 32) -> StreamStats:
+        started.append(StreamStats(block, ring_buffer, threads))
+        return started[-1]
+
+    yield start
+    for kernel in started:
+        kernel.terminate()
+
+
+def test_stream_stats_kernel_on_cpu(launch) -> None:
+    ring = HostRing(64, np.float64, consumer_side=RingSide.DEVICE)
+    kernel = launch(ring.buffer)
+    kernel.wait(lambda: kernel.status() == (1, 0))
+    assert kernel.snapshot() == (0, 0.0, 0.0, float("inf"), float("-inf"))
+    values = np.random.default_rng(5).normal(3.0, 1.5, 3000)
+    values[17] = -40.0
+    values[2500] = 55.5
+    kernel.command(1)
+    sent = 0
+    while sent < values.size:
+        sent += ring.push_batch(values[sent : sent + 50], timeout=10.0)
+    kernel.wait(lambda: kernel.snapshot()[0] == values.size)
+    count, mean, m2, lo, hi = kernel.snapshot()
+    assert mean == pytest.approx(values.mean(), rel=1e-12)
+    assert m2 / count == pytest.approx(values.var(), rel=1e-10)
+    assert (lo, hi) == (-40.0, 55.5)
+    processed, idle_polls, batches = kernel.counters()
+    assert processed == values.size and 1 <= batches <= values.size and idle_polls > 0
+    assert int(kernel.control[18]) > batches  # the heartbeat beats on every poll
+    kernel.terminate()
+    assert kernel.status() == (2, 0)  # exited cleanly
+    c = ring.counters()
+    assert c.dequeued == values.size and c.released == values.size
+    assert int(kernel.side_counters[1]) == values.size  # the claim counter: device side
+    assert int(_words(ring.buffer)[OFF_CLAIM // 8]) == 0
+
+
+def test_stream_stats_paused_kernel_still_skips_stale_records(launch) -> None:
+    ring = HostRing(
+        8, np.float64, backpressure=BackpressureStrategy.DROP_OLDEST, consumer_side=RingSide.DEVICE
+    )
+    kernel = launch(ring.buffer)  # starts paused (command 0)
+    kernel.wait(lambda: kernel.status()[0] == 1)
+    assert ring.try_push_batch(np.arange(8.0)) == 8
+    assert ring.try_push_batch(np.array([100.0, 101.0])) == 0  # raises drop_before to 2
+    kernel.wait(lambda: ring.counters().dropped_oldest == 2)
+    assert ring.try_push_batch(np.array([100.0, 101.0])) == 2
+    assert kernel.snapshot()[0] == 0, "a paused kernel must not consume"
+    kernel.command(1)
+    kernel.wait(lambda: kernel.snapshot()[0] == 8)
+    count, mean, _, lo, hi = kernel.snapshot()
+    assert (lo, hi) == (2.0, 101.0) and mean == pytest.approx(np.mean([*range(2, 8), 100, 101]))
+    kernel.terminate()
+
+
+@pytest.mark.parametrize(
+    "threads, record, sides, error",
+    [
+        (48, np.float64, (HOST, DEVICE), 101),  # not a power of two
+        (32, np.float32, (HOST, DEVICE), 100),  # 4-byte records
+        (32, np.float64, (HOST, HOST), 100),  # the kernel is not the consumer side
+    ],
+)
+def test_stream_stats_refuses_what_it_cannot_run(launch, threads, record, sides, error) -> None:
+    ring = HostRing(8, record, producer_side=RingSide(sides[0]), consumer_side=RingSide(sides[1]))
+    kernel = launch(ring.buffer, threads)
+    kernel.thread.join(20)
+    assert kernel.status() == (3, error)
+
+
+def test_stream_stats_refuses_a_buffer_that_is_not_a_ring(launch) -> None:
+    kernel = launch(_aligned(2048))
+    kernel.thread.join(20)
+    assert kernel.status() == (3, 1)  # ring.cuh kBadMagic
