@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.abc
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -228,3 +229,18 @@ def test_usable_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (new.index, new.name, new.compute_capability) == (1, "New GPU", (9, 0))
     assert new.total_memory == 80 << 30 and new.multiprocessor_count == 132
     assert new.can_map_host_memory and new.max_threads_per_multiprocessor == 2048
+
+
+def test_reports_every_cupy_wheel_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cupy.install(monkeypatch)
+    wheels = {"cupy-cuda12x": "14.2.0", "cupy-cuda13x": "13.6.0"}
+
+    def version(name: str) -> str:
+        if name not in wheels:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return wheels[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert probe_cuda().cupy_distribution == "cupy-cuda13x 13.6.0, cupy-cuda12x 14.2.0"
+    wheels.clear()
+    assert probe_cuda().cupy_distribution == "cupy from an unknown distribution"
