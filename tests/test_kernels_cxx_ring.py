@@ -50,14 +50,16 @@ int main() { unsigned long long v = 0; std::atomic_ref<unsigned long long> r(v);
 
 
 def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("clang++")
+    if os.environ.get("CXX"):
+        return shutil.which(os.environ["CXX"])
+    return shutil.which("g++") or shutil.which("clang++")
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
-        pytest.skip("no C++ compiler (g++ or clang++) found; set CXX")
+        pytest.skip("no C++ compiler found (g++, clang++ or $CXX); C++20 is needed")
     work = tmp_path_factory.mktemp("ring_cxx")
     probe = work / "probe.cpp"
     probe.write_text(_CXX20_PROBE)

@@ -49,12 +49,10 @@ def read_kernel_source(name: str, *, inline_includes: bool = True) -> str:
 
 
 def nvrtc_options() -> tuple[str, ...]:
-    """Compiler options for sources read with ``inline_includes=False``.
-
-    CuPy adds the CUDA C++ standard library (``cuda/atomic``) to NVRTC's include
-    path itself; this adds our headers and the language level they need.
-    """
-    return (f"-I{kernels_dir()}", "--std=c++17")
+    """Compiler options for sources read with ``inline_includes=False``: our include
+    folder. (CuPy adds the CUDA C++ standard library, ``cuda/atomic``, itself; the
+    sources need C++17, NVRTC's default.)"""
+    return (f"-I{kernels_dir()}",)
 
 
 def _read(name: str, inline: bool, seen: set[str]) -> str:
