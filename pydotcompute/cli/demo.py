@@ -22,6 +22,7 @@ from rich.table import Table
 from pydotcompute import RingKernelRuntime, message, ring_kernel
 
 N_SENSORS = 8
+WARMUP = 30
 
 
 @message
@@ -63,7 +64,8 @@ async def zscore(ctx: Any) -> None:
         d = r.value - mean[s]
         mean[s] += d / n[s]
         m2[s] += d * (r.value - mean[s])
-        std = math.sqrt(m2[s] / (n[s] - 1)) if n[s] > 1 else 0.0
+        # z stays 0 until a sensor has history enough for its variance to mean something
+        std = math.sqrt(m2[s] / (n[s] - 1)) if n[s] > WARMUP else 0.0
         z = (r.value - mean[s]) / std if std > 0 else 0.0
         await ctx.send(Score(sensor=s, value=r.value, z=z, correlation_id=r.message_id))
 
