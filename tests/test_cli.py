@@ -33,6 +33,9 @@ def test_demo_streams_and_prints_table_and_summary():
     line = next(ln for ln in out.stdout.splitlines() if "readings in" in ln)
     sent = int(line.split("summary:")[1].split("readings")[0].replace(",", ""))
     assert sent > 1000
+    planted = int(line.split("s);")[1].split("anomalies")[0].strip().replace(",", ""))
+    raised = int(line.split("planted,")[1].split("alerts")[0].strip().replace(",", ""))
+    assert abs(raised - planted) <= 1, line  # every planted spike found, noise not flagged
 
 
 def test_doctor_reports_backends():
