@@ -244,3 +244,10 @@ def test_reports_every_cupy_wheel_installed(monkeypatch: pytest.MonkeyPatch) -> 
     assert probe_cuda().cupy_distribution == "cupy-cuda13x 13.6.0, cupy-cuda12x 14.2.0"
     wheels.clear()
     assert probe_cuda().cupy_distribution == "cupy from an unknown distribution"
+
+
+def test_numba_cuda_not_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "numba.cuda", None)
+    found = probe_cuda()
+    assert not found.usable and not found.simulator
+    assert found.reason.startswith("numba-cuda cannot be imported: ")

@@ -91,7 +91,10 @@ class CudaAvailability:
 
 def probe_cuda() -> CudaAvailability:
     """Check, now, whether a CUDA GPU is usable. Never raises for a missing GPU."""
-    numba_cuda = importlib.import_module("numba.cuda")
+    try:
+        numba_cuda = importlib.import_module("numba.cuda")
+    except ImportError as exc:  # e.g. numba-cuda without its CUDA Python bindings
+        return CudaAvailability(False, f"numba-cuda cannot be imported: {exc}")
     if _simulator_enabled():
         return _simulator_availability(numba_cuda)
 
