@@ -47,7 +47,7 @@ class UnifiedBuffer:
 
     Without a usable GPU it works host-only; ``.device`` then raises
     ``BackendNotAvailableError`` with the reason. ``pool`` (optional) supplies
-    the device memory; ``device`` picks the GPU.
+    the device memory, on the pool's device; otherwise ``device`` picks the GPU.
     """
 
     def __init__(
