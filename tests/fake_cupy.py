@@ -204,12 +204,22 @@ class FakeGpu:
         return cupy
 
 
+def no_simulator(monkeypatch: Any) -> None:
+    """Let the probe go past its simulator check in a NUMBA_ENABLE_CUDASIM=1 run."""
+    from numba.cuda.core import config
+
+    monkeypatch.setattr(config, "ENABLE_CUDASIM", 0)
+
+
 def install(monkeypatch: Any) -> FakeGpu:
     """Make CuPy, the driver and numba-cuda see one fake GPU for this test."""
+    # The probe's numba-cuda questions are answered here; the module itself may be
+    # the simulator's when the suite runs under NUMBA_ENABLE_CUDASIM=1.
     import numba.cuda
     from numba.cuda.cudadrv import nvvm
 
     gpu = FakeGpu()
+    no_simulator(monkeypatch)  # a real GPU, even in a simulator run
     monkeypatch.setitem(sys.modules, "cupy", gpu.module)
     monkeypatch.setattr(numba.cuda, "cuda_error", lambda: None, raising=False)
     monkeypatch.setattr(numba.cuda, "gpus", [object()], raising=False)

@@ -68,6 +68,7 @@ class TestWithoutGpu:
 
 
 def test_device_without_cupy_names_the_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cupy.no_simulator(monkeypatch)
     monkeypatch.setitem(sys.modules, "cupy", None)
     with pytest.raises(BackendNotAvailableError, match=r"CuPy is not installed \(pip install"):
         UnifiedBuffer(3).device  # noqa: B018

@@ -64,15 +64,18 @@ def test_real_probe_is_consistent() -> None:
             require_cuda()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("cupy") is not None or REAL.simulator,
+    reason="CuPy is installed, or the simulator is on",
+)
 def test_real_probe_without_cupy() -> None:
     assert not REAL.usable
     assert REAL.reason == "CuPy is not installed (pip install pydotcompute[cuda12] or [cuda13])"
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("cupy") is None or _libcuda_loads(),
-    reason="needs CuPy installed on a machine without a CUDA driver",
+    importlib.util.find_spec("cupy") is None or _libcuda_loads() or REAL.simulator,
+    reason="needs CuPy installed on a machine without a CUDA driver, simulator off",
 )
 def test_real_probe_with_cupy_but_no_driver() -> None:
     assert not REAL.usable
@@ -114,6 +117,7 @@ def test_simulator_is_reported_as_simulator() -> None:
 
 
 def test_cupy_not_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cupy.no_simulator(monkeypatch)
     monkeypatch.setitem(sys.modules, "cupy", None)
     found = probe_cuda()
     assert not found.usable and not found.simulator
@@ -134,6 +138,7 @@ class _BrokenCupyFinder(importlib.abc.MetaPathFinder):
 
 
 def test_cupy_fails_to_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_cupy.no_simulator(monkeypatch)
     monkeypatch.delitem(sys.modules, "cupy", raising=False)
     monkeypatch.setattr(sys, "meta_path", [_BrokenCupyFinder(), *sys.meta_path])
     found = probe_cuda()
