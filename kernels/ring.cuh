@@ -301,8 +301,10 @@ PDC_RING_HD inline void publish(const Ring& r, u64 pos, u64 k) {
   while (load_shared(published) != pos) wait.pause();
   store_shared(published, pos + k);
   add_counter(ring_field(r, kOffEnqueued), k);
-  const u64 released = load_shared(ring_field(r, kOffReleased));
-  raise_to(ring_field(r, kOffHighWater), pos + k - released);
+  // Signed: by the time `released` is read, other producers may have published and
+  // consumers released past pos + k; that depth is someone else's observation.
+  const i64 depth = static_cast<i64>(pos + k - load_shared(ring_field(r, kOffReleased)));
+  if (depth > 0) raise_to(ring_field(r, kOffHighWater), static_cast<u64>(depth));
 }
 
 // Consumers release in claim order.
