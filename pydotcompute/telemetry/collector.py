@@ -117,6 +117,10 @@ class TelemetrySource(Protocol):
 
     A source may also offer ``get_flow_telemetry() -> dict[str, dict[str, int]]``
     (coordinator counters per flow); the collector uses it when present.
+
+    Both are called on the metrics server's thread, while the runtime keeps working on
+    its own: they must not need the event loop, and must copy any container the runtime
+    may change meanwhile before iterating it.
     """
 
     def get_all_telemetry(self) -> Mapping[str, KernelTelemetry]: ...
