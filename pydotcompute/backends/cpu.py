@@ -116,6 +116,7 @@ _SPIN_POLLS = 4096  # empty polls spent spinning (about 0.2 ms) before yielding 
 _YIELD_POLLS = 8192  # then yielding to other threads, then sleeping between polls
 _IDLE_SLEEP_US = 200
 _PAUSED_SLEEP_US = 500
+_GET_SPIN_S = 100e-6
 
 
 def _compose(handler: CPUDispatcher, boundscheck: bool) -> CPUDispatcher:
@@ -282,7 +283,8 @@ class CpuKernelLoop(KernelLoop):
         self._launched_at = time.monotonic()
         self._active_since = 0.0
         self._active_total = 0.0
-        self._one_in = np.zeros(1, self.in_dtype)
+        self._in_buf = self.inbox.buffer
+        self._out_buf = self.outbox.buffer
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -390,7 +392,8 @@ class CpuKernelLoop(KernelLoop):
         if self._stopped:
             raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
 
-    def _check_batch(self, records: Any) -> np.ndarray:
+    def _records(self, records: Any) -> np.ndarray:
+        """``records`` as a contiguous 1-d array of the input dtype, or ``TypeError``."""
         if not isinstance(records, np.ndarray):
             raise TypeError(
                 f"kernel {self.kernel_id!r} takes record arrays of dtype {self.in_dtype}, "
@@ -401,25 +404,27 @@ class CpuKernelLoop(KernelLoop):
                 f"kernel {self.kernel_id!r} takes records of dtype {self.in_dtype}, "
                 f"got dtype {records.dtype}"
             )
+        if records.ndim != 1 or not records.flags.c_contiguous:
+            records = np.ascontiguousarray(records.reshape(-1))
         return records
 
     def _record_of(self, msg: Any) -> np.ndarray:
         if isinstance(msg, (np.void, np.ndarray)):
-            return self._check_batch(np.asarray(msg).reshape(-1))
-        if self.input_type is not None and not isinstance(self.input_type, np.dtype):
-            if not isinstance(msg, self.input_type):
-                raise TypeError(
-                    f"kernel {self.kernel_id!r} takes {self.input_type.__name__}, "
-                    f"got {type(msg).__name__}"
-                )
-        one = self._one_in
+            return self._records(np.asarray(msg).reshape(-1))
+        t = self.input_type
+        if t is not None and not isinstance(t, np.dtype) and not isinstance(msg, t):
+            raise TypeError(
+                f"kernel {self.kernel_id!r} takes {t.__name__}, got {type(msg).__name__}"
+            )
+        one = np.empty(1, self.in_dtype)
         one[0] = msg.to_record()
         return one
 
     def try_put(self, msg: Any) -> bool:
-        self._check_open()
+        if self.failure is not None or self._stopped:
+            self._check_open()
         rec = self._record_of(msg)
-        if self.inbox.try_push_batch(rec) == len(rec):
+        if ring_push(self._in_buf, rec, 0, len(rec)) == len(rec):
             return True
         strategy = self.config.backpressure
         if strategy is BackpressureStrategy.REJECT:
@@ -433,39 +438,39 @@ class CpuKernelLoop(KernelLoop):
             await self._push_rest(self._record_of(msg), 0, timeout)
 
     async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
-        self._check_open()
-        self._check_batch(records)
-        records = np.ascontiguousarray(records.reshape(-1))
-        placed = self.inbox.try_push_batch(records)
-        if placed == len(records) or self.config.backpressure is not BackpressureStrategy.BLOCK:
+        if self.failure is not None or self._stopped:
+            self._check_open()
+        records = self._records(records)
+        n = len(records)
+        placed = int(ring_push(self._in_buf, records, 0, n))
+        if placed == n or self.config.backpressure is not BackpressureStrategy.BLOCK:
             return placed
         return await self._push_rest(records, placed, timeout)
 
     async def _push_rest(self, records: np.ndarray, placed: int, timeout: float | None) -> int:
         """BLOCK: wait for room without blocking the event loop."""
-        raw = records.view(np.uint8)
         rs = records.dtype.itemsize
         n = len(records)
         wait = Backoff(timeout)
         while placed < n:
             self._check_open()
             if wait.expired():
-                ring_add_counter(self.inbox.buffer, OFF_REJECTED, n - placed)
+                ring_add_counter(self._in_buf, OFF_REJECTED, n - placed)
                 raise QueueFullError(
                     f"input ring of {self.kernel_id!r} stayed full for {timeout} s: "
                     f"{placed} of {n} record(s) accepted"
                 )
             await asyncio.sleep(wait.pause())
-            placed += int(ring_push(self.inbox.buffer, raw, placed * rs, n - placed))
+            placed += int(ring_push(self._in_buf, records, placed * rs, n - placed))
         return placed
 
     # -- output ----------------------------------------------------------------------
 
     def try_get(self, default: Any) -> Any:
-        got = self.outbox.pop_batch(1, timeout=0)
-        if not len(got):
+        out = np.empty(1, self.out_dtype)
+        if not ring_pop(self._out_buf, out, 0, 1):
             return default
-        return self._message_of(got[0])
+        return self._message_of(out[0])
 
     def _message_of(self, rec: np.void) -> Any:
         t = self.output_type
@@ -478,19 +483,18 @@ class CpuKernelLoop(KernelLoop):
         return self._message_of(got[0])
 
     async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
+        out = np.empty(max_items, self.out_dtype)
+        buf = self._out_buf
+        got = ring_pop(buf, out, 0, max_items)
+        if got:
+            return out if got == max_items else out[:got]
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
-        out = np.empty(max_items, self.out_dtype)
-        raw = out.view(np.uint8)
-        buf = self.outbox.buffer
-        got = int(ring_pop(buf, raw, 0, max_items))
-        if got:
-            return out[:got]
         # The kernel usually answers within microseconds: poll briefly before giving
-        # the event loop back, then back off.
-        spin_until = time.perf_counter() + 50e-6
+        # the event loop back (its timers are only millisecond-precise).
+        spin_until = time.perf_counter() + _GET_SPIN_S
         while time.perf_counter() < spin_until:
-            got = int(ring_pop(buf, raw, 0, max_items))
+            got = ring_pop(buf, out, 0, max_items)
             if got:
                 return out[:got]
         wait = Backoff(timeout)
@@ -502,7 +506,7 @@ class CpuKernelLoop(KernelLoop):
                     f"no output from kernel {self.kernel_id!r} within {timeout} s"
                 )
             await asyncio.sleep(wait.pause())
-            got = int(ring_pop(buf, raw, 0, max_items))
+            got = ring_pop(buf, out, 0, max_items)
             if got:
                 return out[:got]
 

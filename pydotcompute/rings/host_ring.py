@@ -157,7 +157,12 @@ class HostRing:
 
     # -- records ---------------------------------------------------------------------
 
-    def _bytes_of(self, records: np.ndarray) -> np.ndarray:
+    def _arg(self, records: np.ndarray) -> tuple[np.ndarray, int]:
+        """``records`` as the compiled operations take them, and their count.
+
+        Typed rings pass the record array itself (Numba compiles once per dtype and
+        dispatches faster than it takes numpy to make a byte view); untyped rings pass
+        a uint8 view."""
         if not isinstance(records, np.ndarray):
             raise TypeError(f"expected a numpy record array, got {type(records).__name__}")
         if self.dtype is not None:
@@ -168,8 +173,10 @@ class HostRing:
                 f"ring carries {self.record_size}-byte records, got dtype {records.dtype} "
                 f"of {records.dtype.itemsize} bytes"
             )
-        records = np.ascontiguousarray(records.reshape(-1))
-        return records.view(np.uint8)
+        if records.ndim != 1 or not records.flags.c_contiguous:
+            records = np.ascontiguousarray(records.reshape(-1))
+        n = len(records)
+        return (records if self.dtype is not None else records.view(np.uint8)), n
 
     def _empty(self, n: int) -> np.ndarray:
         if self.dtype is not None:
@@ -190,8 +197,8 @@ class HostRing:
         """One non-waiting attempt under the ring's strategy; returns how many of
         ``records`` went into the ring (BLOCK: those that fitted now)."""
         self._check_producer()
-        raw = self._bytes_of(records)
-        return int(ring_push(self.buffer, raw, 0, raw.size // self.record_size))
+        arr, n = self._arg(records)
+        return int(ring_push(self.buffer, arr, 0, n))
 
     def push_batch(self, records: np.ndarray, timeout: float | None = None) -> int:
         """Produce a record array under the ring's strategy; returns how many went in.
@@ -203,10 +210,9 @@ class HostRing:
         the consumer to skip stale records, then drops the rest as newest.
         """
         self._check_producer()
-        raw = self._bytes_of(records)
+        arr, n = self._arg(records)
         rs = self.record_size
-        n = raw.size // rs
-        placed = int(ring_push(self.buffer, raw, 0, n))
+        placed = int(ring_push(self.buffer, arr, 0, n))
         strategy = self.backpressure
         waits = strategy is BackpressureStrategy.BLOCK or (
             strategy is BackpressureStrategy.DROP_OLDEST
@@ -220,7 +226,7 @@ class HostRing:
         while placed < n:
             if not backoff.wait():
                 break
-            placed += int(ring_push(self.buffer, raw, placed * rs, n - placed))
+            placed += int(ring_push(self.buffer, arr, placed * rs, n - placed))
         if placed < n:
             if strategy is BackpressureStrategy.BLOCK:
                 ring_add_counter(self.buffer, OFF_REJECTED, n - placed)
@@ -246,20 +252,20 @@ class HostRing:
         self._check_consumer()
         if out.ndim != 1 or not out.flags.c_contiguous:
             raise ValueError("out must be a 1-d contiguous record array")
-        raw = self._bytes_of(out)
-        return int(ring_pop(self.buffer, raw, 0, raw.size // self.record_size))
+        arr, n = self._arg(out)
+        return int(ring_pop(self.buffer, arr, 0, n))
 
     def pop_batch(self, max_items: int, timeout: float | None = 0.0) -> np.ndarray:
         """Up to ``max_items`` records, waiting up to ``timeout`` s (None: forever) for
         the first; an empty array when none came."""
         self._check_consumer()
-        out = self._empty(max_items)
-        raw = out.view(np.uint8)
-        got = int(ring_pop(self.buffer, raw, 0, max_items))
+        arr, _ = self._arg(self._empty(max_items))
+        got = int(ring_pop(self.buffer, arr, 0, max_items))
         if got == 0 and timeout != 0:
             backoff = Backoff(timeout)
             while got == 0 and backoff.wait():
-                got = int(ring_pop(self.buffer, raw, 0, max_items))
+                got = int(ring_pop(self.buffer, arr, 0, max_items))
+        out = arr if self.dtype is not None else arr.view(self._empty(0).dtype)
         return out[:got]
 
     def pop(self, timeout: float | None = 0.0) -> np.void | None:
