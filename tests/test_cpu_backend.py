@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.cpu import ControlBlock, CpuKernelLoop, compile_kernel_loop
 from pydotcompute.errors import (
     InvalidConfigurationError,
@@ -15,7 +16,6 @@ from pydotcompute.errors import (
     QueueFullError,
     QueueTimeoutError,
 )
-from pydotcompute.runtime.config import RingKernelConfig
 
 IN = np.dtype([("a", "<i8"), ("b", "<f8")])
 OUT = np.dtype([("a", "<i8"), ("s", "<f8")])
@@ -165,7 +165,7 @@ async def test_deactivate_pauses_and_activate_resumes(loops):
     await loop.put_batch(batch(np.arange(10)), None)
     await asyncio.sleep(0.02)
     assert loop.control[ControlBlock.PROCESSED] == 0
-    assert loop.inbox.depth == 10
+    assert loop.in_ring.depth == 10
     loop.set_active(True)
     assert list((await drain(loop, 10))["a"]) == list(range(10))
     loop.set_active(False)
@@ -180,7 +180,7 @@ async def test_deactivate_pauses_and_activate_resumes(loops):
 async def test_terminate_with_a_full_output_ring_does_not_hang(loops):
     loop = await loops.start(echo, queue_size=8, output_queue_size=2)
     await loop.put_batch(batch(np.arange(8)), None)
-    await wait_for(lambda: loop.outbox.depth == 2)
+    await wait_for(lambda: loop.out_ring.depth == 2)
     await loop.stop(2.0)
     assert not any(t.is_alive() for t in loop._threads)
     assert loop.control[ControlBlock.DROPPED] > 0

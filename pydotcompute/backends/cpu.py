@@ -27,6 +27,7 @@ from numba import njit, typeof
 from numba.core.registry import CPUDispatcher
 
 from pydotcompute.backends.base import FailureCallback, KernelLoop
+from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelFailedError,
@@ -46,7 +47,6 @@ from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ops import backoff, ring_add_counter, ring_pop, ring_push
 from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
 from pydotcompute.rings.layout import OFF_BACKPRESSURE, OFF_REJECTED
-from pydotcompute.runtime.config import RingKernelConfig
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __all__ = ["CpuKernelLoop", "ControlBlock", "compile_kernel_loop"]
@@ -264,10 +264,10 @@ class CpuKernelLoop(KernelLoop):
             if config.backpressure is BackpressureStrategy.REJECT
             else config.backpressure
         )
-        self.inbox = HostRing(
+        self.in_ring = HostRing(
             ring_capacity_for(config.queue_size), self.in_dtype, backpressure=config.backpressure
         )
-        self.outbox = HostRing(
+        self.out_ring = HostRing(
             ring_capacity_for(config.effective_output_queue_size),
             self.out_dtype,
             backpressure=out_strategy,
@@ -283,8 +283,8 @@ class CpuKernelLoop(KernelLoop):
         self._launched_at = time.monotonic()
         self._active_since = 0.0
         self._active_total = 0.0
-        self._in_buf = self.inbox.buffer
-        self._out_buf = self.outbox.buffer
+        self._in_buf = self.in_ring.buffer
+        self._out_buf = self.out_ring.buffer
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -310,7 +310,7 @@ class CpuKernelLoop(KernelLoop):
             err.__cause__ = exc
             self.failure = err
             raise err from exc
-        width = min(self.batch, self.inbox.capacity)
+        width = min(self.batch, self.in_ring.capacity)
         for w in range(self.config.workers):
             t = threading.Thread(
                 target=self._work,
@@ -326,8 +326,8 @@ class CpuKernelLoop(KernelLoop):
     ) -> None:
         try:
             loop_fn(
-                self.inbox.buffer,
-                self.outbox.buffer,
+                self.in_ring.buffer,
+                self.out_ring.buffer,
                 self.control.words,
                 self.state,
                 in_batch,
@@ -429,7 +429,7 @@ class CpuKernelLoop(KernelLoop):
         strategy = self.config.backpressure
         if strategy is BackpressureStrategy.REJECT:
             raise QueueFullError(
-                f"input ring of {self.kernel_id!r} is full ({self.inbox.capacity}): rejected"
+                f"input ring of {self.kernel_id!r} is full ({self.in_ring.capacity}): rejected"
             )
         return strategy is BackpressureStrategy.DROP_NEWEST  # dropped and counted
 
@@ -517,8 +517,8 @@ class CpuKernelLoop(KernelLoop):
 
     def telemetry(self, state: str) -> KernelTelemetry:
         cb = self.control.snapshot()
-        inc = self.inbox.counters()
-        outc = self.outbox.counters()
+        inc = self.in_ring.counters()
+        outc = self.out_ring.counters()
         active = self._active_total + (
             time.monotonic() - self._active_since if self._active_since else 0.0
         )
@@ -532,7 +532,7 @@ class CpuKernelLoop(KernelLoop):
             messages_rejected=inc.rejected,
             errors=cb["errors"],
             queue_depth=inc.depth,
-            queue_capacity=self.inbox.capacity,
+            queue_capacity=self.in_ring.capacity,
             output_queue_depth=outc.depth,
             throughput=cb["processed"] / active if active > 0 else 0.0,
             idle_polls=cb["idle_polls"],
