@@ -345,8 +345,13 @@ class CpuKernelLoop(KernelLoop):
             words[ControlBlock.ERRORS // 8] += 1
             words[ControlBlock.ERROR_CODE // 8] = ControlBlock.ERR_HANDLER
             self.control.set_state(ControlBlock.TERMINATE)  # the other workers stop too
-        if first and self._event_loop is not None and not self._event_loop.is_closed():
-            self._event_loop.call_soon_threadsafe(self._report, exc)
+        if first and self._event_loop is not None:
+            try:
+                self._event_loop.call_soon_threadsafe(self._report, exc)
+            except RuntimeError:
+                # The event loop is closed: nobody is left to tell. The failure stays
+                # in ``self.failure`` and the control block.
+                return
 
     def _report(self, exc: BaseException) -> None:
         self._pause_clock()
@@ -492,7 +497,8 @@ class CpuKernelLoop(KernelLoop):
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         # The kernel usually answers within microseconds: poll briefly before giving
         # the event loop back (its timers are only millisecond-precise).
-        spin_until = time.perf_counter() + _GET_SPIN_S
+        spin_s = _GET_SPIN_S if timeout is None else min(_GET_SPIN_S, timeout)
+        spin_until = time.perf_counter() + spin_s
         while time.perf_counter() < spin_until:
             got = ring_pop(buf, out, 0, max_items)
             if got:

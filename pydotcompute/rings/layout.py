@@ -140,9 +140,9 @@ def init_ring(
     words[OFF_BACKPRESSURE // 8] = int(strategy)
     words[OFF_PRODUCER_SIDE // 8] = int(RingSide(producer_side))
     words[OFF_CONSUMER_SIDE // 8] = int(RingSide(consumer_side))
-    # The magic goes in last: whoever sees it sees a complete header. A numpy store
-    # of an aligned word is a single store on every platform we run on, and the
-    # GIL hand-off to another thread is a full barrier.
+    # The magic goes in last, so a header with a valid magic is complete. Other
+    # threads and devices are only handed the buffer after this returns (a thread
+    # start or kernel launch orders these stores before their first load).
     words[OFF_MAGIC // 8] = RING_MAGIC
 
 
