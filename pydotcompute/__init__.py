@@ -14,6 +14,7 @@ from pydotcompute.errors import (
     QueueFullError,
     QueueTimeoutError,
 )
+from pydotcompute.messages import RingKernelMessage, message
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.runtime import (
     KernelState,
@@ -32,6 +33,8 @@ __all__ = [
     "KernelContext",
     "KernelState",
     "KernelTelemetry",
+    "RingKernelMessage",
+    "message",
     "RingKernelConfig",
     "RingKernelRuntime",
     "RingKernelSpec",
