@@ -5,7 +5,8 @@
    ``nogil`` threads and for ``HostRing`` driven from Python. Baseline: one thread
    copying the same bytes twice with numpy (into and out of a buffer).
 2. End to end: ``rt.send_batch`` → ``cpu`` kernel (``y = 2x + 1``) →
-   ``rt.receive_batch``, batches of 4096 with 16 batches in flight. Baseline: the
+   ``rt.receive_batch``, batches of 4096 records of an ``@message`` class (its
+   record includes the 33-byte message header) with 16 batches in flight. Baseline: the
    same arithmetic as an ``async def`` host actor fed one message at a time
    (``rt.send``/``rt.receive``, 256 in flight).
 3. Ping-pong: one record at a time through a ``cpu`` kernel (``send_batch``/
@@ -21,13 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import threading
 import time
 
 import numpy as np
 from numba import njit
 
+from pydotcompute.messages import message
 from pydotcompute.rings import HostRing
 from pydotcompute.rings.atomics import cpu_pause
 from pydotcompute.rings.host_ops import ring_pop, ring_try_push
@@ -37,21 +38,12 @@ BATCH = 4096
 REC = np.dtype([("x", "<f8"), ("seq", "<i8")])  # 16 bytes
 
 
-@dataclasses.dataclass
+@message
 class Sample:
-    """A message object with a record layout (the record protocol the backend uses)."""
+    """The end-to-end message: its record carries the message header too."""
 
     x: float
     seq: int
-
-    __record_dtype__ = REC
-
-    def to_record(self) -> np.void:
-        return np.array((self.x, self.seq), REC)[()]
-
-    @classmethod
-    def from_record(cls, rec: np.void) -> Sample:
-        return cls(float(rec["x"]), int(rec["seq"]))
 
 
 def affine(msg, out, state):  # type: ignore[no-untyped-def]
@@ -63,7 +55,7 @@ def affine(msg, out, state):  # type: ignore[no-untyped-def]
 async def affine_actor(ctx):  # type: ignore[no-untyped-def]
     while True:
         m = await ctx.receive()
-        await ctx.send(Sample(2.0 * m.x + 1.0, m.seq))
+        await ctx.send(Sample(x=2.0 * m.x + 1.0, seq=m.seq))
 
 
 # -- 1. raw ring ------------------------------------------------------------------------
@@ -157,7 +149,7 @@ def raw_ring(seconds: float) -> dict[str, float]:
 
 async def cpu_throughput(rt: RingKernelRuntime, seconds: float) -> float:
     window = 16 * BATCH
-    batch = np.zeros(BATCH, REC)
+    batch = np.zeros(BATCH, Sample.__record_dtype__)
     batch["x"] = np.arange(BATCH)
     sent = received = 0
     t0 = time.perf_counter()
@@ -179,11 +171,11 @@ async def actor_throughput(rt: RingKernelRuntime, seconds: float) -> float:
     t0 = time.perf_counter()
     deadline = t0 + seconds
     for i in range(window):
-        await rt.send("actor", Sample(float(i), i))
+        await rt.send("actor", Sample(x=float(i), seq=i))
     while time.perf_counter() < deadline:
         for _ in range(1000):
             await rt.receive("actor")
-            await rt.send("actor", Sample(1.0, n))
+            await rt.send("actor", Sample(x=1.0, seq=n))
             n += 1
     for _ in range(window):
         await rt.receive("actor")
@@ -223,8 +215,8 @@ async def run(seconds: float) -> None:
         cpu_tp = await cpu_throughput(rt, seconds)
         actor_tp = await actor_throughput(rt, seconds)
 
-        one = np.zeros(1, REC)
-        msg = Sample(1.0, 1)
+        one = np.zeros(1, Sample.__record_dtype__)
+        msg = Sample(x=1.0, seq=1)
         n = 20_000
         rec_pp = await ping_pong(
             lambda: rt.send_batch("cpu", one), lambda: rt.receive_batch("cpu", 1, None), n
@@ -234,8 +226,8 @@ async def run(seconds: float) -> None:
         tele = rt.get_telemetry("cpu")
 
     gb = REC.itemsize / 1e9
-    print(f"record: {REC.itemsize} bytes, batch {BATCH}, ~{seconds} s per measurement")
-    print("1. raw ring, two threads")
+    print(f"batch {BATCH}, ~{seconds} s per measurement")
+    print(f"1. raw ring, two threads, {REC.itemsize}-byte records")
     labels = (("compiled", "compiled ops, nogil threads"), ("python", "HostRing from Python"))
     for name, label in labels:
         v = raw[name]
@@ -243,7 +235,8 @@ async def run(seconds: float) -> None:
             f"   {label:30}{v / 1e6:9.1f} M msg/s {v * gb:7.2f} GB/s"
             f"   {v / raw['memcpy']:5.2f}x numpy copy in+out ({raw['memcpy'] * gb:.2f} GB/s)"
         )
-    print("2. end to end, send_batch -> cpu kernel -> receive_batch")
+    rs = Sample.__record_dtype__.itemsize
+    print(f"2. end to end, send_batch -> cpu kernel -> receive_batch, {rs}-byte records")
     print(f"   cpu kernel                    {cpu_tp / 1e6:9.2f} M msg/s   (goal >= 20)")
     print(f"   async def host actor          {actor_tp / 1e6:9.3f} M msg/s")
     print(f"   ratio                         {cpu_tp / actor_tp:9.0f}x         (goal >= 100)")

@@ -244,3 +244,39 @@ async def test_relaunching_a_kernel_does_not_recompile(monkeypatch):
         await launch(rt, kid="a")
         assert calls == []
         assert isinstance(rt._kernels["b"].loop, CpuKernelLoop)
+
+
+async def test_message_classes_with_record_layouts():
+    from pydotcompute import message
+
+    @message
+    class Reading:
+        sensor: int
+        value: float
+
+    @message
+    class Doubled:
+        sensor: int
+        value: float
+
+    def double(msg, out, state):
+        out.sensor = msg.sensor
+        out.value = 2.0 * msg.value
+        out.correlation_id[:] = msg.message_id
+        return msg.value >= 0.0
+
+    async with RingKernelRuntime() as rt:
+        await launch(rt, func=double, input_type=Reading, output_type=Doubled, state=None)
+        r = Reading(sensor=3, value=1.5)
+        out = await rt.send_and_receive("k", r, timeout=5.0)
+        assert isinstance(out, Doubled)
+        assert (out.sensor, out.value, out.correlation_id) == (3, 3.0, r.message_id)
+        recs = np.zeros(3, Reading.__record_dtype__)
+        recs["sensor"] = [1, 2, 3]
+        recs["value"] = [1.0, -1.0, 2.0]
+        assert await rt.send_batch("k", recs) == 3
+        got = await rt.receive_batch("k", 8, timeout=5.0)
+        while len(got) < 2:
+            got = np.concatenate([got, await rt.receive_batch("k", 8, timeout=5.0)])
+        assert got.dtype == Doubled.__record_dtype__
+        assert list(got["sensor"]) == [1, 3] and list(got["value"]) == [2.0, 4.0]
