@@ -44,7 +44,13 @@ from pydotcompute.rings.atomics import (
     zero_bytes,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.rings.host_ops import backoff, ring_add_counter, ring_pop, ring_push
+from pydotcompute.rings.host_ops import (
+    backoff,
+    ring_add_counter,
+    ring_depth,
+    ring_pop,
+    ring_push,
+)
 from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
 from pydotcompute.rings.layout import OFF_BACKPRESSURE, OFF_REJECTED
 from pydotcompute.telemetry.snapshot import KernelTelemetry
@@ -487,22 +493,32 @@ class CpuKernelLoop(KernelLoop):
         got = await self.get_batch(1, timeout)
         return self._message_of(got[0])
 
+    def _take(self, max_items: int) -> np.ndarray | None:
+        """Up to ``max_items`` ready outputs, or None. The array is sized by what is
+        queued, not by ``max_items``: a large ``max_items`` costs no allocation."""
+        n = min(max_items, ring_depth(self._out_buf))
+        if n <= 0:
+            return None
+        out = np.empty(n, self.out_dtype)
+        got = ring_pop(self._out_buf, out, 0, n)
+        if got == 0:  # another receiver took them
+            return None
+        return out if got == n else out[:got]
+
     async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
-        out = np.empty(max_items, self.out_dtype)
-        buf = self._out_buf
-        got = ring_pop(buf, out, 0, max_items)
-        if got:
-            return out if got == max_items else out[:got]
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
+        out = self._take(max_items)
+        if out is not None:
+            return out
         # The kernel usually answers within microseconds: poll briefly before giving
         # the event loop back (its timers are only millisecond-precise).
         spin_s = _GET_SPIN_S if timeout is None else min(_GET_SPIN_S, timeout)
         spin_until = time.perf_counter() + spin_s
         while time.perf_counter() < spin_until:
-            got = ring_pop(buf, out, 0, max_items)
-            if got:
-                return out[:got]
+            out = self._take(max_items)
+            if out is not None:
+                return out
         wait = Backoff(timeout)
         while True:
             if self.failure is not None:
@@ -512,9 +528,9 @@ class CpuKernelLoop(KernelLoop):
                     f"no output from kernel {self.kernel_id!r} within {timeout} s"
                 )
             await asyncio.sleep(wait.pause())
-            got = ring_pop(buf, out, 0, max_items)
-            if got:
-                return out[:got]
+            out = self._take(max_items)
+            if out is not None:
+                return out
 
     # -- state and telemetry ---------------------------------------------------------
 
