@@ -325,3 +325,13 @@ async def test_message_objects_in_and_out(loops):
     assert loop.try_get(None) is None
     with pytest.raises(TypeError, match="takes Point"):
         await loop.put(("not", "a point"), None)
+
+
+async def test_get_batch_sizes_its_result_by_what_is_queued(loops):
+    loop = await loops.start(echo)
+    await loop.put_batch(batch([1, 2, 3]), None)
+    got = []
+    while len(got) < 3:
+        # 2**40 records of 16 bytes could never be allocated: only what is queued is
+        got.extend((await loop.get_batch(1 << 40, 5.0))["a"])
+    assert got == [1, 2, 3]
