@@ -6,9 +6,9 @@
    copying the same bytes twice with numpy (into and out of a buffer).
 2. End to end: ``rt.send_batch`` → ``cpu`` kernel (``y = 2x + 1``) →
    ``rt.receive_batch``, batches of 4096 records of an ``@message`` class (its
-   record includes the 33-byte message header) with ``--window`` (16) batches in flight. Baseline: the
-   same arithmetic as an ``async def`` host actor fed one message at a time
-   (``rt.send``/``rt.receive``, 256 in flight).
+   record includes the message header) with ``--window`` (16) batches in flight.
+   Baseline: the same arithmetic as an ``async def`` host actor fed one message at
+   a time (``rt.send``/``rt.receive``, 256 in flight).
 3. Ping-pong: one record at a time through a ``cpu`` kernel (``send_batch``/
    ``receive_batch`` of one record, and ``send``/``receive`` with message objects);
    the host actor's ping-pong is the baseline.
