@@ -280,3 +280,29 @@ async def test_message_classes_with_record_layouts():
             got = np.concatenate([got, await rt.receive_batch("k", 8, timeout=5.0)])
         assert got.dtype == Doubled.__record_dtype__
         assert list(got["sensor"]) == [1, 3] and list(got["value"]) == [2.0, 4.0]
+
+
+async def test_blocked_message_sends_keep_their_own_records():
+    from pydotcompute import message
+
+    @message
+    class Num:
+        n: int
+
+    def passthrough(msg, out, state):
+        out.n = msg.n
+        return True
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "p", passthrough, input_type=Num, output_type=Num, backend="cpu", queue_size=2
+        )
+        await rt.send("p", Num(n=1))
+        await rt.send("p", Num(n=2))
+        waiting = [asyncio.create_task(rt.send("p", Num(n=i), timeout=5.0)) for i in (3, 4)]
+        await asyncio.sleep(0.01)  # both are now waiting for room
+        assert not any(t.done() for t in waiting)
+        await rt.activate("p")
+        await asyncio.gather(*waiting)
+        got = sorted([(await rt.receive("p", timeout=5.0)).n for _ in range(4)])
+        assert got == [1, 2, 3, 4]

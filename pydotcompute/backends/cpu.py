@@ -35,6 +35,8 @@ from pydotcompute.errors import (
     QueueFullError,
     QueueTimeoutError,
 )
+from pydotcompute.messages.message import RingKernelMessage
+from pydotcompute.messages.record import record_layout
 from pydotcompute.rings.atomics import (
     cpu_pause,
     cpu_yield,
@@ -237,6 +239,14 @@ def _record_dtype(t: Any, role: str, kernel_id: str) -> np.dtype:
     return dt
 
 
+def _message_layout(t: Any, dtype: np.dtype) -> Any:
+    """The record layout of an ``@message`` class (None for other types)."""
+    if not isinstance(t, type) or not issubclass(t, RingKernelMessage):
+        return None
+    layout = record_layout(t)
+    return layout if layout.dtype == dtype else None
+
+
 class CpuKernelLoop(KernelLoop):
     """A ``cpu`` ring kernel: ``workers`` threads running the compiled loop.
 
@@ -291,6 +301,12 @@ class CpuKernelLoop(KernelLoop):
         self._active_total = 0.0
         self._in_buf = self.in_ring.buffer
         self._out_buf = self.out_ring.buffer
+        # @message classes: pack and unpack record bytes directly (what to_record and
+        # from_record do, without the intermediate numpy scalar).
+        self._in_layout = _message_layout(input_type, self.in_dtype)
+        self._out_layout = _message_layout(output_type, self.out_dtype)
+        self._one_in = np.zeros(1, self.in_dtype)
+        self._one_in_bytes = memoryview(self._one_in.view(np.uint8))
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -420,6 +436,9 @@ class CpuKernelLoop(KernelLoop):
         return records
 
     def _record_of(self, msg: Any) -> np.ndarray:
+        """One input message as a 1-record array. For ``@message`` classes the bytes
+        are packed straight into a reused scratch record: callers copy it into the
+        ring before they yield, or take a copy."""
         if isinstance(msg, (np.void, np.ndarray)):
             return self._records(np.asarray(msg).reshape(-1))
         t = self.input_type
@@ -427,6 +446,9 @@ class CpuKernelLoop(KernelLoop):
             raise TypeError(
                 f"kernel {self.kernel_id!r} takes {t.__name__}, got {type(msg).__name__}"
             )
+        if self._in_layout is not None:
+            self._one_in_bytes[:] = self._in_layout.to_bytes(msg)
+            return self._one_in
         one = np.empty(1, self.in_dtype)
         one[0] = msg.to_record()
         return one
@@ -446,7 +468,7 @@ class CpuKernelLoop(KernelLoop):
 
     async def put(self, msg: Any, timeout: float | None) -> None:
         if not self.try_put(msg):
-            await self._push_rest(self._record_of(msg), 0, timeout)
+            await self._push_rest(self._record_of(msg).copy(), 0, timeout)
 
     async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
         if self.failure is not None or self._stopped:
@@ -481,17 +503,20 @@ class CpuKernelLoop(KernelLoop):
         out = np.empty(1, self.out_dtype)
         if not ring_pop(self._out_buf, out, 0, 1):
             return default
-        return self._message_of(out[0])
+        return self._message_of(out)
 
-    def _message_of(self, rec: np.void) -> Any:
+    def _message_of(self, one: np.ndarray) -> Any:
+        """The output message in a 1-record array (the record itself for dtypes)."""
         t = self.output_type
+        if self._out_layout is not None:
+            layout = self._out_layout
+            return layout.build(layout.struct.unpack(one.tobytes()))
         if t is None or isinstance(t, np.dtype):
-            return rec
-        return t.from_record(rec)  # type: ignore[attr-defined]
+            return one[0]
+        return t.from_record(one[0])  # type: ignore[attr-defined]
 
     async def get(self, timeout: float | None) -> Any:
-        got = await self.get_batch(1, timeout)
-        return self._message_of(got[0])
+        return self._message_of(await self.get_batch(1, timeout))
 
     def _take(self, max_items: int) -> np.ndarray | None:
         """Up to ``max_items`` ready outputs, or None. The array is sized by what is
