@@ -54,7 +54,7 @@ from pydotcompute.rings.host_ops import (
     ring_push,
 )
 from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
-from pydotcompute.rings.layout import OFF_BACKPRESSURE, OFF_REJECTED
+from pydotcompute.rings.layout import OFF_BACKPRESSURE, OFF_REJECTED, aligned_buffer
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __all__ = ["CpuKernelLoop", "ControlBlock", "compile_kernel_loop"]
@@ -87,7 +87,7 @@ class ControlBlock:
     """The handler (or the loop) raised; the exception is kept by the host side."""
 
     def __init__(self) -> None:
-        self.words = np.zeros(self.NBYTES // 8, np.int64)
+        self.words = aligned_buffer(self.NBYTES).view(np.int64)
 
     def __getitem__(self, offset: int) -> int:
         return int(self.words[offset // 8])

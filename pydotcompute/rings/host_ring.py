@@ -12,7 +12,6 @@ from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ops import ring_add_counter, ring_pop, ring_push
 from pydotcompute.rings.layout import (
     HEADER_SIZE,
-    LINE,
     OFF_CLAIM,
     OFF_DEQUEUED,
     OFF_DROP_BEFORE,
@@ -25,6 +24,7 @@ from pydotcompute.rings.layout import (
     OFF_RELEASED,
     OFF_RESERVE,
     RingSide,
+    aligned_buffer,
     init_ring,
     ring_nbytes,
     validate_ring,
@@ -128,7 +128,7 @@ class HostRing:
                 f"of {self.dtype.itemsize} bytes"
             )
         if buffer is None:
-            buffer = _aligned_zeros(ring_nbytes(capacity, record_size))
+            buffer = aligned_buffer(ring_nbytes(capacity, record_size))
         init_ring(buffer, capacity, record_size, backpressure, producer_side, consumer_side)
         self._attach(buffer)
 
@@ -316,10 +316,3 @@ class HostRing:
             f"HostRing(capacity={self.capacity}, record_size={self.record_size}, "
             f"backpressure={self.backpressure.name}, depth={self.depth})"
         )
-
-
-def _aligned_zeros(nbytes: int) -> np.ndarray:
-    """A zeroed uint8 buffer whose first byte is 128-byte aligned."""
-    raw = np.zeros(nbytes + LINE, np.uint8)
-    start = (-raw.ctypes.data) % LINE
-    return raw[start : start + nbytes]

@@ -39,6 +39,7 @@ __all__ = [
     "OFF_DEQUEUED",
     "OFF_DROPPED_OLDEST",
     "OFF_DROP_BEFORE",
+    "aligned_buffer",
     "slot_size_for",
     "ring_nbytes",
     "init_ring",
@@ -93,6 +94,13 @@ def slot_size_for(record_size: int) -> int:
 def ring_nbytes(capacity: int, record_size: int) -> int:
     """Total buffer size of a ring."""
     return HEADER_SIZE + capacity * slot_size_for(record_size)
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A zeroed uint8 array whose first byte is 128-byte aligned (one line)."""
+    raw = np.zeros(nbytes + LINE, np.uint8)
+    start = (-raw.ctypes.data) % LINE
+    return raw[start : start + nbytes]
 
 
 def _words(buf: np.ndarray) -> np.ndarray:
