@@ -300,6 +300,7 @@ class CpuKernelLoop(KernelLoop):
         self._active_since = 0.0
         self._active_total = 0.0
         self._in_buf = self.in_ring.buffer
+        self._in_blocks = config.backpressure is BackpressureStrategy.BLOCK
         self._out_buf = self.out_ring.buffer
         # @message classes: pack and unpack record bytes directly (what to_record and
         # from_record do, without the intermediate numpy scalar).
@@ -473,10 +474,13 @@ class CpuKernelLoop(KernelLoop):
     async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
         if self.failure is not None or self._stopped:
             self._check_open()
-        records = self._records(records)
+        if type(records) is not np.ndarray or records.dtype != self.in_dtype or records.ndim != 1:
+            records = self._records(records)
+        elif not records.flags.c_contiguous:
+            records = np.ascontiguousarray(records)
         n = len(records)
-        placed = int(ring_push(self._in_buf, records, 0, n))
-        if placed == n or self.config.backpressure is not BackpressureStrategy.BLOCK:
+        placed = ring_push(self._in_buf, records, 0, n)
+        if placed == n or not self._in_blocks:
             return placed
         return await self._push_rest(records, placed, timeout)
 
@@ -521,7 +525,8 @@ class CpuKernelLoop(KernelLoop):
     def _take(self, max_items: int) -> np.ndarray | None:
         """Up to ``max_items`` ready outputs, or None. The array is sized by what is
         queued, not by ``max_items``: a large ``max_items`` costs no allocation."""
-        n = min(max_items, ring_depth(self._out_buf))
+        # Small requests skip the depth read: allocating a few records is cheaper.
+        n = max_items if max_items <= 64 else min(max_items, ring_depth(self._out_buf))
         if n <= 0:
             return None
         out = np.empty(n, self.out_dtype)
