@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numba
 import numpy as np
 
 from pydotcompute.errors import InvalidConfigurationError, QueueFullError
@@ -154,6 +155,7 @@ class HostRing:
         self.producer_side = RingSide(meta["producer_side"])
         self.consumer_side = RingSide(meta["consumer_side"])
         self._words = buffer[:HEADER_SIZE].view("<u8")
+        self._typed = self.dtype is not None and _compiles_for(self.dtype)
 
     # -- records ---------------------------------------------------------------------
 
@@ -161,8 +163,8 @@ class HostRing:
         """``records`` as the compiled operations take them, and their count.
 
         Typed rings pass the record array itself (Numba compiles once per dtype and
-        dispatches faster than it takes numpy to make a byte view); untyped rings pass
-        a uint8 view."""
+        dispatches faster than it takes numpy to make a byte view); untyped rings, and
+        dtypes Numba cannot type, pass a uint8 view."""
         if not isinstance(records, np.ndarray):
             raise TypeError(f"expected a numpy record array, got {type(records).__name__}")
         if self.dtype is not None:
@@ -176,7 +178,7 @@ class HostRing:
         if records.ndim != 1 or not records.flags.c_contiguous:
             records = np.ascontiguousarray(records.reshape(-1))
         n = len(records)
-        return (records if self.dtype is not None else records.view(np.uint8)), n
+        return (records if self._typed else records.view(np.uint8)), n
 
     def _empty(self, n: int) -> np.ndarray:
         if self.dtype is not None:
@@ -265,7 +267,7 @@ class HostRing:
             backoff = Backoff(timeout)
             while got == 0 and backoff.wait():
                 got = int(ring_pop(self.buffer, arr, 0, max_items))
-        out = arr if self.dtype is not None else arr.view(self._empty(0).dtype)
+        out = arr if self._typed else arr.view(self._empty(0).dtype)
         return out[:got]
 
     def pop(self, timeout: float | None = 0.0) -> np.void | None:
@@ -316,3 +318,12 @@ class HostRing:
             f"HostRing(capacity={self.capacity}, record_size={self.record_size}, "
             f"backpressure={self.backpressure.name}, depth={self.depth})"
         )
+
+
+def _compiles_for(dtype: np.dtype) -> bool:
+    """Whether Numba can type arrays of ``dtype`` (then they are passed as they are)."""
+    try:
+        numba.typeof(np.empty(0, dtype))
+    except Exception:  # any typing refusal means: use byte views instead
+        return False
+    return True
