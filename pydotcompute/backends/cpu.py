@@ -308,6 +308,7 @@ class CpuKernelLoop(KernelLoop):
         self._out_layout = _message_layout(output_type, self.out_dtype)
         self._one_in = np.zeros(1, self.in_dtype)
         self._one_in_bytes = memoryview(self._one_in.view(np.uint8))
+        self._one_out = np.zeros(1, self.out_dtype)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -504,7 +505,7 @@ class CpuKernelLoop(KernelLoop):
     # -- output ----------------------------------------------------------------------
 
     def try_get(self, default: Any) -> Any:
-        out = np.empty(1, self.out_dtype)
+        out = self._one_out if self._out_layout is not None else np.empty(1, self.out_dtype)
         if not ring_pop(self._out_buf, out, 0, 1):
             return default
         return self._message_of(out)
@@ -520,6 +521,11 @@ class CpuKernelLoop(KernelLoop):
         return t.from_record(one[0])  # type: ignore[attr-defined]
 
     async def get(self, timeout: float | None) -> Any:
+        if self._out_layout is not None:
+            # Unpacked at once, so a reused scratch record is enough.
+            one = self._one_out
+            if ring_pop(self._out_buf, one, 0, 1):
+                return self._message_of(one)
         return self._message_of(await self.get_batch(1, timeout))
 
     def _take(self, max_items: int) -> np.ndarray | None:
