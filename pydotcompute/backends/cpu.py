@@ -127,7 +127,7 @@ _PAUSED_SLEEP_US = 500
 _GET_SPIN_S = 100e-6
 
 
-def _compose(handler: CPUDispatcher, boundscheck: bool) -> CPUDispatcher:
+def _compose(handler: Any, boundscheck: bool) -> Any:
     """The persistent loop around one compiled handler."""
 
     def kernel_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch):  # type: ignore[no-untyped-def]
@@ -208,8 +208,7 @@ def compile_kernel_loop(
     out_batch = np.zeros(1, out_dtype)
     buf = np.zeros(8, np.uint8)
     ctrl = np.zeros(1, np.int64)
-    sig = (typeof(buf), typeof(buf), typeof(ctrl), typeof(state))
-    sig += (typeof(in_batch), typeof(out_batch))
+    sig = tuple(typeof(a) for a in (buf, buf, ctrl, state, in_batch, out_batch))
     key = (sig, bool(boundscheck))
     with _LOOPS_LOCK:
         per_func = _LOOPS.setdefault(func, {})
@@ -307,7 +306,7 @@ class CpuKernelLoop(KernelLoop):
         self._in_layout = _message_layout(input_type, self.in_dtype)
         self._out_layout = _message_layout(output_type, self.out_dtype)
         self._one_in = np.zeros(1, self.in_dtype)
-        self._one_in_bytes = memoryview(self._one_in.view(np.uint8))
+        self._one_in_bytes = memoryview(self._one_in.view(np.uint8))  # type: ignore[arg-type]
         self._one_out = np.zeros(1, self.out_dtype)
 
     # -- lifecycle -------------------------------------------------------------------
