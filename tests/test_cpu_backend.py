@@ -335,3 +335,30 @@ async def test_get_batch_sizes_its_result_by_what_is_queued(loops):
         # 2**40 records of 16 bytes could never be allocated: only what is queued is
         got.extend((await loop.get_batch(1 << 40, 5.0))["a"])
     assert got == [1, 2, 3]
+
+
+@pytest.mark.parametrize("strategy", ["drop_newest", "drop_oldest"])
+async def test_lossy_input_with_several_workers_accounts_for_every_record(loops, strategy):
+    loop = await loops.start(echo, workers=2, queue_size=8, backpressure=strategy)
+    n = 5000
+    outputs = []
+    for start in range(0, n, 50):
+        await loop.put_batch(batch(np.arange(start, start + 50)), None)
+        try:
+            outputs.append(await loop.get_batch(1 << 20, 0))
+        except QueueTimeoutError:
+            pass
+    await wait_for(lambda: loop.in_ring.depth == 0)
+    await wait_for(
+        lambda: loop.control[ControlBlock.EMITTED] == loop.control[ControlBlock.PROCESSED]
+    )
+    processed = loop.control[ControlBlock.PROCESSED]
+    in_c, out_c = loop.in_ring.counters(), loop.out_ring.counters()
+    assert processed + in_c.dropped == n and in_c.dropped > 0
+    delivered = processed - out_c.dropped  # the output ring has the same strategy
+    assert loop.telemetry("active").messages_dropped == in_c.dropped + out_c.dropped
+    rest = delivered - sum(map(len, outputs))
+    if rest:
+        outputs.append(await drain(loop, rest))
+    got = np.concatenate(outputs)["a"]
+    assert len(got) == len(set(got.tolist())) == delivered
