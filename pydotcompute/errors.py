@@ -16,6 +16,9 @@ __all__ = [
     "MessageDeserializationError",
     "InvalidConfigurationError",
     "BackendNotAvailableError",
+    "ItemFailedError",
+    "FlowClosedError",
+    "JournalError",
 ]
 
 
@@ -68,3 +71,22 @@ class InvalidConfigurationError(PyDotComputeError, ValueError):
 
 class BackendNotAvailableError(PyDotComputeError):
     """The requested backend cannot run here; the text gives the reason."""
+
+
+class ItemFailedError(PyDotComputeError):
+    """A flow item ran out of attempts; ``record`` is its dead-letter record."""
+
+    def __init__(self, record: object) -> None:
+        key = getattr(record, "key", "?")
+        stage = getattr(record, "stage", "?")
+        error = getattr(record, "error", "")
+        super().__init__(f"item {key!r} failed at stage {stage!r}: {error}")
+        self.record = record
+
+
+class FlowClosedError(PyDotComputeError):
+    """The flow was closed or cancelled; it takes no more work."""
+
+
+class JournalError(PyDotComputeError):
+    """A journal cannot be used: unreadable, corrupt, or written by a different graph."""
