@@ -1,5 +1,6 @@
 """pydotcompute: a GPU actor runtime for Python."""
 
+from pydotcompute.backends.host import KernelContext
 from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
@@ -13,10 +14,32 @@ from pydotcompute.errors import (
     QueueFullError,
     QueueTimeoutError,
 )
+from pydotcompute.messages import RingKernelMessage, message
+from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.runtime import (
+    KernelState,
+    RingKernelConfig,
+    RingKernelRuntime,
+    RingKernelSpec,
+    registered_kernels,
+    ring_kernel,
+)
+from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackpressureStrategy",
+    "KernelContext",
+    "KernelState",
+    "KernelTelemetry",
+    "RingKernelMessage",
+    "message",
+    "RingKernelConfig",
+    "RingKernelRuntime",
+    "RingKernelSpec",
+    "registered_kernels",
+    "ring_kernel",
     "BackendNotAvailableError",
     "InvalidConfigurationError",
     "KernelAlreadyExistsError",

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.runtime.config import RingKernelConfig
+from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __all__ = ["KernelLoop", "FailureCallback"]
@@ -61,6 +61,15 @@ class KernelLoop(abc.ABC):
     @abc.abstractmethod
     async def put(self, msg: Any, timeout: float | None) -> None:
         """Enqueue one input message under the kernel's backpressure strategy."""
+
+    def try_put(self, msg: Any) -> bool:
+        """Enqueue without waiting if that is possible now; False means call ``put``.
+        May raise ``QueueFullError`` (REJECT). The default always defers to ``put``."""
+        return False
+
+    def try_get(self, default: Any) -> Any:
+        """Dequeue an output without waiting, or return ``default``."""
+        return default
 
     @abc.abstractmethod
     async def get(self, timeout: float | None) -> Any:

@@ -1,0 +1,330 @@
+"""The ``host`` backend: an ``async def kernel(ctx)`` actor run as an asyncio task."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydotcompute.backends.base import FailureCallback, KernelLoop
+from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.mailbox import Mailbox
+from pydotcompute.errors import KernelStateError
+from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.telemetry.snapshot import KernelTelemetry, LatencyRecorder
+
+__all__ = ["KernelContext", "HostKernelLoop"]
+
+log = logging.getLogger("pydotcompute.runtime")
+
+_perf_ns = time.perf_counter_ns
+SendTo = Callable[[str, Any, "float | None"], Awaitable[None]]
+
+
+class KernelContext:
+    """What an ``async def`` ring kernel sees: its queues and its lifecycle flags.
+
+    ``receive()`` yields only while the kernel is ACTIVE: a deactivated kernel is
+    simply not given messages. When the kernel is terminated, a ``receive()`` that
+    is waiting (or called afterwards) raises ``asyncio.CancelledError`` so the actor
+    unwinds through its ``finally`` blocks.
+    """
+
+    __slots__ = (
+        "_loop",
+        "_inbox",
+        "_outbox",
+        "_output_type",
+        "_pending_t",
+        "_send_to",
+        "kernel_id",
+        "processed",
+        "sent",
+    )
+
+    def __init__(self, loop: HostKernelLoop, send_to: SendTo) -> None:
+        self._loop = loop
+        self._inbox = loop.inbox
+        self._outbox = loop.outbox
+        self._output_type = loop.output_type
+        self._pending_t = 0
+        self._send_to = send_to
+        self.kernel_id: str = loop.kernel_id
+        # Counted here, on the actor's side, where the per-message work happens.
+        self.processed = 0
+        self.sent = 0
+
+    @property
+    def should_terminate(self) -> bool:
+        """True once the runtime asked this kernel to stop."""
+        return self._loop.stopping
+
+    @property
+    def is_active(self) -> bool:
+        """True while the kernel is ACTIVE (not launched-only, deactivated or stopping)."""
+        return self._loop.active and not self._loop.stopping
+
+    async def wait_active(self) -> None:
+        """Wait until the kernel is ACTIVE, or until it is asked to terminate."""
+        await self._loop.active_event.wait()
+
+    async def receive(self, timeout: float | None = None) -> Any:
+        """The next input message; ``QueueTimeoutError`` if none within ``timeout`` s."""
+        t = self._pending_t
+        if t:  # the previous message is done (inline: this runs once per message)
+            self._pending_t = 0
+            self.processed += 1
+            if t != 1:
+                self._loop.latency.record(_perf_ns() - t)
+        inbox = self._inbox
+        items = inbox.items
+        if items and inbox.deliver:  # no-wait path inline: this runs once per message
+            t, msg = items.popleft()
+            if inbox.putters:
+                inbox.wake_putter()
+        else:
+            t, msg = await inbox.get(timeout)
+        self._pending_t = t
+        return msg
+
+    async def send(self, msg: Any, timeout: float | None = None) -> None:
+        """Emit an output message (read by ``runtime.receive``)."""
+        t = self._pending_t
+        if t:
+            self._pending_t = 0
+            self.processed += 1
+            if t != 1:
+                self._loop.latency.record(_perf_ns() - t)
+        otype = self._output_type
+        if otype is not None and not isinstance(msg, otype):
+            raise TypeError(
+                f"kernel {self.kernel_id!r} sends {otype.__name__}, got {type(msg).__name__}"
+            )
+        outbox = self._outbox
+        items = outbox.items
+        if len(items) < outbox.capacity and outbox.error is None:  # no-wait path inline
+            items.append(msg)
+            outbox.enqueued += 1
+            if outbox.getters:
+                outbox.wake_getter()
+        elif not outbox.try_put(msg):
+            await outbox.put(msg, timeout)
+        self.sent += 1
+
+    def _finish(self, t_enqueued: int) -> None:
+        self._pending_t = 0
+        self.processed += 1
+        if t_enqueued != 1:
+            self._loop.latency.record(_perf_ns() - t_enqueued)
+
+    async def send_to(self, kernel_id: str, msg: Any, timeout: float | None = None) -> None:
+        """Send ``msg`` to another kernel's input queue (its backpressure applies)."""
+        await self._send_to(kernel_id, msg, timeout)
+
+    def finished(self) -> None:
+        """Count the message in hand as processed (called when the actor exits)."""
+        if self._pending_t:
+            self._finish(self._pending_t)
+
+
+class HostKernelLoop(KernelLoop):
+    """Runs one ``async def`` actor as a task between an input and an output mailbox.
+
+    Latency of a message is measured from its enqueue to the moment the actor is done
+    with it: its next ``send`` or ``receive`` (or its exit). It is sampled on one
+    message in 16.
+
+    The runtime and the context take the no-wait paths of the two mailboxes inline
+    (see ``RingKernelRuntime.send``); everything that may wait, drop, reject or fail
+    goes through ``Mailbox``.
+    """
+
+    backend = "host"
+
+    def __init__(
+        self,
+        kernel_id: str,
+        func: Callable[..., Any],
+        config: RingKernelConfig,
+        input_type: type | None,
+        output_type: type | None,
+        on_failure: FailureCallback,
+        *,
+        send_to: SendTo,
+        on_exit: Callable[[], None],
+        telemetry: bool = True,
+    ) -> None:
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        self.inbox = Mailbox(config.queue_size, config.backpressure, f"input of {kernel_id!r}")
+        # REJECT protects senders into the kernel; the kernel's own output waits instead
+        # of failing the actor. DROP strategies apply to both directions.
+        out_strategy = (
+            BackpressureStrategy.BLOCK
+            if config.backpressure is BackpressureStrategy.REJECT
+            else config.backpressure
+        )
+        self.outbox = Mailbox(
+            config.effective_output_queue_size, out_strategy, f"output of {kernel_id!r}"
+        )
+        self.inbox.deliver = False  # nothing is delivered before activate()
+        self.active = False
+        self.active_event = asyncio.Event()
+        self.stopping = False
+        self.task: asyncio.Task[None] | None = None
+        self.ctx = KernelContext(self, send_to)
+        self.try_get = self.outbox.try_get  # type: ignore[method-assign]  # one call less
+        self.on_exit = on_exit
+        self.timed = telemetry
+        self.errors = 0
+        self.dropped_at_stop = 0
+        self.latency = LatencyRecorder()
+        self.launched_at = time.monotonic()
+        self.active_since = 0.0
+        self.active_total = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"pydotcompute-kernel-{self.kernel_id}"
+        )
+
+    async def _run(self) -> None:
+        try:
+            await self.func(self.ctx)
+        except asyncio.CancelledError:
+            if not self.stopping:
+                # Cancelled from outside the runtime (event loop shutting down).
+                raise
+        except BaseException as exc:  # the actor crashed: keep it, report it
+            self.errors += 1
+            self.failure = exc
+            self._close_queues_on_failure()
+            self.on_failure(exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        finally:
+            self._pause_clock()
+        self.ctx.finished()
+        if not self.stopping:
+            # The actor returned on its own: the kernel is over.
+            self.stopping = True
+            self.dropped_at_stop += self.inbox.close(self._exited_error)
+            self.outbox.close(self._exited_error, drain=True)
+            self.active_event.set()
+            self.on_exit()
+
+    def _exited_error(self) -> BaseException:
+        return KernelStateError(f"kernel {self.kernel_id!r} has exited")
+
+    def _close_queues_on_failure(self) -> None:
+        # The runtime raises KernelFailedError itself; waiters only need to wake up.
+        err = self._failed_error
+        self.dropped_at_stop += self.inbox.close(err)
+        self.outbox.close(err)
+        self.active_event.set()
+
+    def _failed_error(self) -> BaseException:
+        from pydotcompute.errors import KernelFailedError
+
+        exc = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
+        exc.__cause__ = self.failure
+        return exc
+
+    def set_active(self, active: bool) -> None:
+        if active and not self.active:
+            self.active_since = time.monotonic()
+        elif not active:
+            self._pause_clock()
+        self.active = active
+        self.inbox.set_deliver(active)
+        if active:
+            self.active_event.set()
+        else:
+            self.active_event.clear()
+
+    def _pause_clock(self) -> None:
+        if self.active_since:
+            self.active_total += time.monotonic() - self.active_since
+            self.active_since = 0.0
+
+    async def stop(self, timeout: float) -> None:
+        self.stopping = True
+        self.active = False
+        self._pause_clock()
+        # Wake the actor wherever it waits on us: receive() raises CancelledError,
+        # wait_active() returns and should_terminate is True.
+        self.dropped_at_stop += self.inbox.close(
+            asyncio.CancelledError, put_error=self._stopped_error
+        )
+        self.outbox.close(self._stopped_error, drain=True)
+        self.active_event.set()
+        if self.dropped_at_stop:
+            log.warning(
+                "kernel %r terminated with %d queued message(s) unprocessed",
+                self.kernel_id,
+                self.dropped_at_stop,
+            )
+        task = self.task
+        if task is None or task.done():
+            return
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if done:
+            return
+        # The actor did not return in time (busy, or waiting on something else).
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=max(0.1, min(1.0, timeout)))
+        if not done:
+            raise KernelStateError(
+                f"kernel {self.kernel_id!r} ignored cancellation and is still running"
+            )
+
+    def _stopped_error(self) -> BaseException:
+        return KernelStateError(f"kernel {self.kernel_id!r} is terminated")
+
+    # -- messages --------------------------------------------------------------------
+
+    def _stamp(self) -> int:
+        # Latency is sampled on one message in 16: enough for stable percentiles,
+        # and it keeps two clock reads off most messages. 1 marks "not timed".
+        return _perf_ns() if self.timed and not self.inbox.enqueued & 15 else 1
+
+    def try_put(self, msg: Any) -> bool:
+        inbox = self.inbox
+        return inbox.try_put((_perf_ns() if self.timed and not inbox.enqueued & 15 else 1, msg))
+
+    async def put(self, msg: Any, timeout: float | None) -> None:
+        await self.inbox.put((self._stamp(), msg), timeout)
+
+    async def get(self, timeout: float | None) -> Any:
+        return await self.outbox.get(timeout)
+
+    # -- telemetry -------------------------------------------------------------------
+
+    def telemetry(self, state: str) -> KernelTelemetry:
+        active = self.active_total + (
+            time.monotonic() - self.active_since if self.active_since else 0.0
+        )
+        p50, p99 = self.latency.percentiles(50, 99)
+        return KernelTelemetry(
+            kernel_id=self.kernel_id,
+            backend=self.backend,
+            state=state,
+            messages_processed=self.ctx.processed,
+            messages_sent=self.ctx.sent,
+            messages_dropped=self.inbox.dropped + self.outbox.dropped + self.dropped_at_stop,
+            messages_rejected=self.inbox.rejected,
+            errors=self.errors,
+            queue_depth=len(self.inbox),
+            queue_capacity=self.inbox.capacity,
+            output_queue_depth=len(self.outbox),
+            throughput=self.ctx.processed / active if active > 0 else 0.0,
+            latency_p50_us=p50,
+            latency_p99_us=p99,
+            uptime_s=time.monotonic() - self.launched_at,
+            latency_buckets=tuple(self.latency.buckets),
+            latency_sum_s=self.latency.sum_ns / 1e9,
+        )

@@ -1,0 +1,179 @@
+"""LLVM atomics, raw copies and CPU back-off for Numba ``nopython`` code.
+
+Every function takes an array and a *byte* offset into it, so the ring code can
+address header fields of any buffer (a plain numpy array, pinned or mapped memory)
+without creating views. The loads and stores are real LLVM atomic instructions:
+the compiler may neither tear them nor hoist them out of a polling loop.
+"""
+
+from __future__ import annotations
+
+import platform
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.extending import intrinsic
+
+__all__ = [
+    "load_acquire",
+    "store_release",
+    "cas",
+    "fetch_add",
+    "copy_bytes",
+    "zero_bytes",
+    "cpu_pause",
+    "cpu_yield",
+    "sleep_us",
+]
+
+_I64 = ir.IntType(64)
+_I8P = ir.IntType(8).as_pointer()
+
+
+def _check_array(arr: types.Type) -> None:
+    if not isinstance(arr, types.Array):
+        raise TypeError(f"expected a numpy array, got {arr}")
+
+
+def _addr(context, builder, arrty, arr, offset):  # type: ignore[no-untyped-def]
+    """Address of byte ``offset`` inside ``arr`` as an ``i64*``."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    base = builder.ptrtoint(data, _I64)
+    return builder.inttoptr(builder.add(base, offset), _I64.as_pointer())
+
+
+def _byte_ptr(context, builder, arrty, arr, offset):  # type: ignore[no-untyped-def]
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.gep(builder.bitcast(data, _I8P), [offset])
+
+
+@intrinsic
+def load_acquire(typingctx, arr, offset):  # type: ignore[no-untyped-def]
+    """Atomic 64-bit load with acquire order of the word at byte ``offset``."""
+    _check_array(arr)
+    sig = types.int64(arr, types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ptr = _addr(context, builder, signature.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def store_release(typingctx, arr, offset, value):  # type: ignore[no-untyped-def]
+    """Atomic 64-bit store with release order."""
+    _check_array(arr)
+    sig = types.void(arr, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ptr = _addr(context, builder, signature.args[0], args[0], args[1])
+        builder.store_atomic(args[2], ptr, "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def cas(typingctx, arr, offset, expected, desired):  # type: ignore[no-untyped-def]
+    """Compare-and-swap (acq_rel on success, acquire on failure); True when it swapped."""
+    _check_array(arr)
+    sig = types.boolean(arr, types.int64, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ptr = _addr(context, builder, signature.args[0], args[0], args[1])
+        pair = builder.cmpxchg(ptr, args[2], args[3], "acq_rel", "acquire")
+        return builder.extract_value(pair, 1)
+
+    return sig, codegen
+
+
+@intrinsic
+def fetch_add(typingctx, arr, offset, value):  # type: ignore[no-untyped-def]
+    """Atomic add (monotonic order: counters only); returns the previous value."""
+    _check_array(arr)
+    sig = types.int64(arr, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ptr = _addr(context, builder, signature.args[0], args[0], args[1])
+        return builder.atomic_rmw("add", ptr, args[2], "monotonic")
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_bytes(typingctx, dst, dst_offset, src, src_offset, nbytes):  # type: ignore[no-untyped-def]
+    """memcpy ``nbytes`` from byte ``src_offset`` of ``src`` to ``dst_offset`` of ``dst``.
+    Bounds are the caller's job."""
+    _check_array(dst)
+    _check_array(src)
+    sig = types.void(dst, types.int64, src, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        d = _byte_ptr(context, builder, signature.args[0], args[0], args[1])
+        s = _byte_ptr(context, builder, signature.args[2], args[2], args[3])
+        cgutils.raw_memcpy(builder, d, s, args[4], 1)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def zero_bytes(typingctx, dst, dst_offset, nbytes):  # type: ignore[no-untyped-def]
+    """memset ``nbytes`` of ``dst`` from byte ``dst_offset`` to zero."""
+    _check_array(dst)
+    sig = types.void(dst, types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        d = _byte_ptr(context, builder, signature.args[0], args[0], args[1])
+        cgutils.memset(builder, d, args[2], 0)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def cpu_pause(typingctx):  # type: ignore[no-untyped-def]
+    """A spin-wait hint (``pause`` on x86) that frees the core's pipeline for a moment."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+            fnty = ir.FunctionType(ir.VoidType(), [])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _libc_call(builder, name, args, argtys):  # type: ignore[no-untyped-def]
+    fnty = ir.FunctionType(ir.IntType(32), argtys)
+    fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+    return builder.call(fn, args)
+
+
+@intrinsic
+def cpu_yield(typingctx):  # type: ignore[no-untyped-def]
+    """Give the CPU to another runnable thread (``sched_yield``)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        _libc_call(builder, "sched_yield", [], [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def sleep_us(typingctx, micros):  # type: ignore[no-untyped-def]
+    """Sleep for about ``micros`` microseconds (``usleep``); call it without the GIL."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        i32 = ir.IntType(32)
+        _libc_call(builder, "usleep", [builder.trunc(args[0], i32)], [i32])
+        return context.get_dummy_value()
+
+    return sig, codegen

@@ -1,0 +1,262 @@
+"""Host-side ring operations (``docs/ring-protocol.md``), compiled with Numba.
+
+All functions are ``nopython``, ``nogil`` and cached. They take the ring buffer (a
+1-d uint8 array) and an array holding packed records (any dtype: only its bytes
+are used) with a byte offset, so the same code serves Python callers and the
+compiled ``cpu`` kernel loop. None of them waits for room or for data: they do as
+much as is possible now and return a count; waiting policy belongs to the caller.
+The only waits inside are the protocol's short ordering waits (publish and release
+in position order), which back off to ``sched_yield``/``usleep`` when a peer thread
+was descheduled mid-operation.
+"""
+
+from __future__ import annotations
+
+from numba import njit
+
+from pydotcompute.rings.atomics import (
+    cas,
+    copy_bytes,
+    cpu_pause,
+    cpu_yield,
+    fetch_add,
+    load_acquire,
+    sleep_us,
+    store_release,
+)
+from pydotcompute.rings.layout import (
+    HEADER_SIZE,
+    OFF_BACKPRESSURE,
+    OFF_CAPACITY,
+    OFF_CLAIM,
+    OFF_CONSUMER_SIDE,
+    OFF_DEQUEUED,
+    OFF_DROP_BEFORE,
+    OFF_DROPPED_NEWEST,
+    OFF_DROPPED_OLDEST,
+    OFF_ENQUEUED,
+    OFF_HIGH_WATER,
+    OFF_PRODUCER_SIDE,
+    OFF_PUBLISHED,
+    OFF_RECORD_SIZE,
+    OFF_REJECTED,
+    OFF_RELEASED,
+    OFF_RESERVE,
+    OFF_SLOT_SIZE,
+)
+
+__all__ = [
+    "backoff",
+    "ring_try_push",
+    "ring_push",
+    "ring_pop",
+    "ring_evict",
+    "ring_add_counter",
+    "ring_depth",
+]
+
+_BLOCK = 0
+_REJECT = 1
+_DROP_OLDEST = 2
+_DROP_NEWEST = 3
+
+_jit = njit(nogil=True, cache=True)
+
+
+@_jit
+def backoff(spins: int) -> int:
+    """One step of a spin-wait: pause, then yield the CPU, then sleep 20 µs.
+    Returns the next step count."""
+    if spins < 64:
+        cpu_pause()
+    elif spins < 256:
+        cpu_yield()
+    else:
+        sleep_us(20)
+    return spins + 1
+
+
+@_jit
+def _write_slots(buf, pos, k, src, src_off, rs, ss, cap):  # type: ignore[no-untyped-def]
+    mask = cap - 1
+    if rs == ss:  # packed: at most two copies, split where the slots wrap
+        first = pos & mask
+        run = min(k, cap - first)
+        copy_bytes(buf, HEADER_SIZE + first * ss, src, src_off, run * rs)
+        if k > run:
+            copy_bytes(buf, HEADER_SIZE, src, src_off + run * rs, (k - run) * rs)
+    else:
+        for i in range(k):
+            copy_bytes(buf, HEADER_SIZE + ((pos + i) & mask) * ss, src, src_off + i * rs, rs)
+
+
+@_jit
+def _read_slots(buf, pos, k, dst, dst_off, rs, ss, cap):  # type: ignore[no-untyped-def]
+    mask = cap - 1
+    if rs == ss:
+        first = pos & mask
+        run = min(k, cap - first)
+        copy_bytes(dst, dst_off, buf, HEADER_SIZE + first * ss, run * rs)
+        if k > run:
+            copy_bytes(dst, dst_off + run * rs, buf, HEADER_SIZE, (k - run) * rs)
+    else:
+        for i in range(k):
+            copy_bytes(dst, dst_off + i * rs, buf, HEADER_SIZE + ((pos + i) & mask) * ss, rs)
+
+
+@_jit
+def _raise_max(buf, off, value):  # type: ignore[no-untyped-def]
+    cur = load_acquire(buf, off)
+    while value > cur:
+        if cas(buf, off, cur, value):
+            return
+        cur = load_acquire(buf, off)
+
+
+@_jit
+def _publish(buf, r, k):  # type: ignore[no-untyped-def]
+    # Producers publish in reservation order: wait for the ones before us.
+    spins = 0
+    while load_acquire(buf, OFF_PUBLISHED) != r:
+        spins = backoff(spins)
+    store_release(buf, OFF_PUBLISHED, r + k)
+    fetch_add(buf, OFF_ENQUEUED, k)
+    _raise_max(buf, OFF_HIGH_WATER, r + k - load_acquire(buf, OFF_RELEASED))
+
+
+@_jit
+def _release(buf, c, k):  # type: ignore[no-untyped-def]
+    spins = 0
+    while load_acquire(buf, OFF_RELEASED) != c:
+        spins = backoff(spins)
+    store_release(buf, OFF_RELEASED, c + k)
+
+
+@_jit
+def _claim(buf, n):  # type: ignore[no-untyped-def]
+    while True:
+        c = load_acquire(buf, OFF_CLAIM)
+        avail = load_acquire(buf, OFF_PUBLISHED) - c
+        if avail <= 0:
+            return c, 0
+        k = min(n, avail)
+        if cas(buf, OFF_CLAIM, c, c + k):
+            return c, k
+
+
+@_jit
+def ring_try_push(buf, src, src_off, n):  # type: ignore[no-untyped-def]
+    """Place up to ``n`` records (packed in ``src`` from byte ``src_off``) while there is
+    room; no backpressure action. Returns how many were placed."""
+    cap = load_acquire(buf, OFF_CAPACITY)
+    rs = load_acquire(buf, OFF_RECORD_SIZE)
+    ss = load_acquire(buf, OFF_SLOT_SIZE)
+    placed = 0
+    while placed < n:
+        r = load_acquire(buf, OFF_RESERVE)
+        room = cap - (r - load_acquire(buf, OFF_RELEASED))
+        if room <= 0:
+            break
+        k = min(n - placed, room)
+        if not cas(buf, OFF_RESERVE, r, r + k):
+            continue
+        _write_slots(buf, r, k, src, src_off + placed * rs, rs, ss, cap)
+        _publish(buf, r, k)
+        placed += k
+    return placed
+
+
+@_jit
+def ring_evict(buf, n):  # type: ignore[no-untyped-def]
+    """Discard up to ``n`` of the oldest published records as a consumer-side thread
+    would (claim, skip, release in order), counting them in ``dropped_oldest``."""
+    c, k = _claim(buf, n)
+    if k > 0:
+        _release(buf, c, k)
+        fetch_add(buf, OFF_DROPPED_OLDEST, k)
+    return k
+
+
+@_jit
+def ring_push(buf, src, src_off, n):  # type: ignore[no-untyped-def]
+    """Produce ``n`` records under the ring's backpressure strategy, without waiting
+    for room. Returns how many of them were written into the ring.
+
+    BLOCK: returns the count placed so far (the caller waits and retries).
+    REJECT / DROP_NEWEST: the rest are counted in ``rejected`` / ``dropped_newest``.
+    DROP_OLDEST, consumer on this side: evicts the oldest records until all fit
+    (a batch larger than the ring keeps its last ``capacity`` records).
+    DROP_OLDEST, consumer on the other side: raises the ``drop_before`` watermark and
+    returns the count placed so far (the caller waits for the consumer to skip).
+    """
+    cap = load_acquire(buf, OFF_CAPACITY)
+    rs = load_acquire(buf, OFF_RECORD_SIZE)
+    strategy = load_acquire(buf, OFF_BACKPRESSURE)
+    if strategy == _DROP_OLDEST:
+        same_side = load_acquire(buf, OFF_PRODUCER_SIDE) == load_acquire(buf, OFF_CONSUMER_SIDE)
+        skipped = 0
+        if same_side and n > cap:
+            skipped = n - cap
+            fetch_add(buf, OFF_DROPPED_OLDEST, skipped)
+        placed = ring_try_push(buf, src, src_off + skipped * rs, n - skipped)
+        left = n - skipped - placed
+        if left == 0:
+            return placed
+        if same_side:
+            spins = 0
+            while left > 0:
+                if ring_evict(buf, left) == 0:
+                    spins = backoff(spins)  # the full slots are still in flight
+                got = ring_try_push(buf, src, src_off + (n - left) * rs, left)
+                placed += got
+                left -= got
+            return placed
+        want = min(left, cap)
+        _raise_max(buf, OFF_DROP_BEFORE, load_acquire(buf, OFF_RESERVE) + want - cap)
+        return placed
+    placed = ring_try_push(buf, src, src_off, n)
+    if placed < n:
+        if strategy == _REJECT:
+            fetch_add(buf, OFF_REJECTED, n - placed)
+        elif strategy == _DROP_NEWEST:
+            fetch_add(buf, OFF_DROPPED_NEWEST, n - placed)
+    return placed
+
+
+@_jit
+def ring_pop(buf, dst, dst_off, max_n):  # type: ignore[no-untyped-def]
+    """Consume up to ``max_n`` records into ``dst`` (packed from byte ``dst_off``).
+    Records below the ``drop_before`` watermark are skipped and counted in
+    ``dropped_oldest``. Returns how many were delivered; 0 means the ring was empty."""
+    cap = load_acquire(buf, OFF_CAPACITY)
+    rs = load_acquire(buf, OFF_RECORD_SIZE)
+    ss = load_acquire(buf, OFF_SLOT_SIZE)
+    delivered = 0
+    while delivered < max_n:
+        c, k = _claim(buf, max_n - delivered)
+        if k == 0:
+            break
+        stale = min(max(load_acquire(buf, OFF_DROP_BEFORE) - c, 0), k)
+        _read_slots(buf, c + stale, k - stale, dst, dst_off + delivered * rs, rs, ss, cap)
+        _release(buf, c, k)
+        if stale:
+            fetch_add(buf, OFF_DROPPED_OLDEST, stale)
+        if k > stale:
+            fetch_add(buf, OFF_DEQUEUED, k - stale)
+        delivered += k - stale
+    return delivered
+
+
+@_jit
+def ring_add_counter(buf, off, k):  # type: ignore[no-untyped-def]
+    """Atomically add ``k`` to the counter at byte ``off`` (a caller-side refusal)."""
+    fetch_add(buf, off, k)
+
+
+@_jit
+def ring_depth(buf):  # type: ignore[no-untyped-def]
+    """Published but not yet released records, clamped to ``[0, capacity]``."""
+    cap = load_acquire(buf, OFF_CAPACITY)
+    released = load_acquire(buf, OFF_RELEASED)
+    d = load_acquire(buf, OFF_PUBLISHED) - released
+    return min(max(d, 0), cap)

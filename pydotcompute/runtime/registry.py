@@ -1,0 +1,159 @@
+"""``@ring_kernel``: turn a function into a ring kernel definition."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar, overload
+
+import numpy as np
+
+from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.errors import InvalidConfigurationError, KernelNotFoundError
+from pydotcompute.rings.backpressure import BackpressureStrategy
+
+__all__ = ["RingKernelSpec", "ring_kernel", "registered_kernels", "lookup_kernel"]
+
+log = logging.getLogger("pydotcompute.runtime")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Kernel *definitions* by id, as module-level functions are: immutable specs that any
+# runtime may launch. Runtime state (queues, tasks, counters) never lives here.
+_DEFINITIONS: dict[str, RingKernelSpec] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class RingKernelSpec:
+    """What ``@ring_kernel`` recorded about a kernel: its function, types and config."""
+
+    kernel_id: str
+    func: Callable[..., Any]
+    input_type: type | None
+    output_type: type | None
+    config: RingKernelConfig
+
+    @property
+    def is_async(self) -> bool:
+        """True for ``async def`` actors (the host backend)."""
+        return inspect.iscoroutinefunction(self.func)
+
+
+def default_backend(func: Callable[..., Any]) -> str:
+    """``host`` for ``async def`` actors, ``auto`` (cuda if usable, else cpu) otherwise."""
+    return "host" if inspect.iscoroutinefunction(func) else "auto"
+
+
+def check_backend_fits(kernel_id: str, func: Callable[..., Any], backend: str) -> None:
+    """An ``async def`` runs only on the host; a compiled handler never does."""
+    is_async = inspect.iscoroutinefunction(func)
+    if is_async and backend != "host":
+        raise InvalidConfigurationError(
+            f"kernel {kernel_id!r} is an async def actor, which runs on the 'host' "
+            f"backend only (got backend={backend!r})"
+        )
+    if not is_async and backend == "host":
+        raise InvalidConfigurationError(
+            f"kernel {kernel_id!r}: the 'host' backend runs 'async def kernel(ctx)' "
+            "actors; a plain 'def handler(msg, out, state)' runs on 'cpu', 'cuda' or 'auto'"
+        )
+
+
+@overload
+def ring_kernel(func: F) -> F: ...
+@overload
+def ring_kernel(
+    func: None = None,
+    *,
+    kernel_id: str | None = None,
+    input_type: type | None = None,
+    output_type: type | None = None,
+    queue_size: int = 4096,
+    backpressure: BackpressureStrategy | str = BackpressureStrategy.BLOCK,
+    output_queue_size: int | None = None,
+    backend: str | None = None,
+    workers: int = 1,
+    state: np.ndarray | None = None,
+    auto_register: bool = True,
+    **extra: Any,
+) -> Callable[[F], F]: ...
+
+
+def ring_kernel(
+    func: Callable[..., Any] | None = None,
+    *,
+    kernel_id: str | None = None,
+    input_type: type | None = None,
+    output_type: type | None = None,
+    queue_size: int = 4096,
+    backpressure: BackpressureStrategy | str = BackpressureStrategy.BLOCK,
+    output_queue_size: int | None = None,
+    backend: str | None = None,
+    workers: int = 1,
+    state: np.ndarray | None = None,
+    auto_register: bool = True,
+    **extra: Any,
+) -> Any:
+    """Declare a ring kernel.
+
+    On ``async def kernel(ctx)`` it is a host actor; on ``def handler(msg, out, state)``
+    a compiled kernel for the ``cpu``/``cuda`` backends (``backend`` defaults to
+    ``"auto"``). The configuration is validated here, so a bad strategy or queue size
+    fails at decoration time with ``InvalidConfigurationError``. The function is
+    returned unchanged, carrying its spec as ``__ring_kernel__``; with
+    ``auto_register`` it can be launched by id alone.
+    """
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not callable(fn):
+            raise InvalidConfigurationError(f"@ring_kernel needs a function, got {fn!r}")
+        kid = kernel_id if kernel_id is not None else fn.__name__
+        if not isinstance(kid, str) or not kid:
+            raise InvalidConfigurationError(f"kernel_id must be a non-empty str, got {kid!r}")
+        chosen = backend if backend is not None else default_backend(fn)
+        config = RingKernelConfig(
+            queue_size=queue_size,
+            backpressure=backpressure,  # type: ignore[arg-type]
+            output_queue_size=output_queue_size,
+            backend=chosen,
+            workers=workers,
+            state=state,
+            extra=dict(extra),
+        )
+        check_backend_fits(kid, fn, chosen)
+        spec = RingKernelSpec(kid, fn, input_type, output_type, config)
+        fn.__ring_kernel__ = spec  # type: ignore[attr-defined]
+        if auto_register:
+            old = _DEFINITIONS.get(kid)
+            if old is not None and old.func.__qualname__ != fn.__qualname__:
+                log.warning(
+                    "ring kernel id %r now names %s (was %s)",
+                    kid,
+                    fn.__qualname__,
+                    old.func.__qualname__,
+                )
+            _DEFINITIONS[kid] = spec
+        return fn
+
+    if func is not None:
+        return decorate(func)
+    return decorate
+
+
+def registered_kernels() -> list[str]:
+    """Ids of the kernels declared with ``auto_register=True``."""
+    return sorted(_DEFINITIONS)
+
+
+def lookup_kernel(kernel_id: str) -> RingKernelSpec:
+    """The registered spec of ``kernel_id``; ``KernelNotFoundError`` lists known ids."""
+    try:
+        return _DEFINITIONS[kernel_id]
+    except KeyError:
+        known = ", ".join(repr(k) for k in sorted(_DEFINITIONS)) or "none"
+        raise KernelNotFoundError(
+            f"no ring kernel {kernel_id!r} is registered (known: {known}); "
+            "pass kernel_func to launch() or declare it with @ring_kernel"
+        ) from None

@@ -1,0 +1,537 @@
+"""``RingKernelRuntime``: launches ring kernels, moves their messages, owns their lives."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pydotcompute.backends.base import KernelLoop
+from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.mailbox import Mailbox
+from pydotcompute.backends.select import resolve_backend
+from pydotcompute.errors import (
+    BackendNotAvailableError,
+    InvalidConfigurationError,
+    KernelAlreadyExistsError,
+    KernelFailedError,
+    KernelNotFoundError,
+    KernelStateError,
+)
+from pydotcompute.runtime.lifecycle import KernelState, check_transition
+from pydotcompute.runtime.registry import (
+    RingKernelSpec,
+    check_backend_fits,
+    default_backend,
+    lookup_kernel,
+)
+from pydotcompute.telemetry.snapshot import KernelTelemetry
+
+__all__ = ["RingKernelRuntime"]
+
+log = logging.getLogger("pydotcompute.runtime")
+_perf_ns = time.perf_counter_ns
+
+_SENDABLE = frozenset({KernelState.LAUNCHED, KernelState.ACTIVE, KernelState.DEACTIVATED})
+_MISSING = object()
+
+
+class _Kernel:
+    """The runtime's record of one launched kernel."""
+
+    __slots__ = (
+        "kernel_id",
+        "spec",
+        "_state",
+        "sendable",
+        "failed",
+        "input_type",
+        "loop",
+        "inbox",
+        "outbox",
+        "stamped",
+        "restarts",
+        "error",
+        "pair_lock",
+    )
+
+    def __init__(self, spec: RingKernelSpec, loop: KernelLoop, restarts: int) -> None:
+        self.kernel_id = spec.kernel_id
+        self.spec = spec
+        self.input_type = spec.input_type
+        self.state = KernelState.CREATED
+        self.loop = loop
+        # Host actors' mailboxes, for the inline no-wait paths of send/receive.
+        self.inbox: Mailbox | None = getattr(loop, "inbox", None)
+        self.outbox: Mailbox | None = getattr(loop, "outbox", None)
+        self.stamped: bool = bool(getattr(loop, "timed", False))
+        self.restarts = restarts
+        self.error: BaseException | None = None
+        self.pair_lock: asyncio.Lock | None = None
+
+    @property
+    def state(self) -> KernelState:
+        return self._state
+
+    @state.setter
+    def state(self, state: KernelState) -> None:
+        # Plain flags for the per-message checks: cheaper than hashing an enum member.
+        self._state = state
+        self.sendable = state in _SENDABLE
+        self.failed = state is KernelState.FAILED
+
+
+class RingKernelRuntime:
+    """Runs ring kernels and carries their messages.
+
+    Use it as ``async with RingKernelRuntime() as rt:``; leaving the block (or
+    ``await rt.shutdown()``) terminates every kernel within the timeout and leaves no
+    task or thread behind. Two runtimes share nothing.
+
+    ``backend`` is where compiled handlers declared with ``backend="auto"`` run
+    (``"auto"``: cuda when a GPU is usable, else cpu); ``async def`` actors always run
+    on the host. ``default_queue_size`` applies to kernels launched from a plain
+    function with no ``@ring_kernel`` configuration. With ``enable_telemetry=False``
+    counters are still kept but per-message latency is not measured.
+    """
+
+    def __init__(
+        self,
+        *,
+        enable_telemetry: bool = True,
+        default_queue_size: int = 4096,
+        backend: str = "auto",
+        journal: Any = None,
+    ) -> None:
+        if backend not in ("auto", "cpu", "cuda"):
+            raise InvalidConfigurationError(
+                f"runtime backend must be 'auto', 'cpu' or 'cuda', got {backend!r}"
+            )
+        RingKernelConfig(queue_size=default_queue_size)  # validates
+        self.enable_telemetry = enable_telemetry
+        self.default_queue_size = default_queue_size
+        self.backend = backend
+        self.journal = journal
+        self._kernels: dict[str, _Kernel] = {}
+        self._closers: list[Callable[[], Any]] = []
+        self._closed = False
+
+    # -- context manager -------------------------------------------------------------
+
+    async def __aenter__(self) -> RingKernelRuntime:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def launch(
+        self,
+        kernel_id: str,
+        kernel_func: Callable[..., Any] | None = None,
+        **overrides: Any,
+    ) -> None:
+        """Allocate a kernel's queues and start its loop, inactive (state LAUNCHED).
+
+        Without ``kernel_func`` the kernel is looked up among ``@ring_kernel``
+        definitions. The decorator's configuration applies either way; ``overrides``
+        (``queue_size=``, ``backpressure=``, ``backend=``, ``workers=``, ``state=``,
+        ``input_type=``, ``output_type=`` ...) replace single options for this launch.
+        A kernel that fails to start (e.g. its handler does not compile) is kept in
+        state FAILED and ``KernelFailedError`` is raised with the cause chained.
+        """
+        self._check_open()
+        old = self._kernels.get(kernel_id)
+        if old is not None and not old.state.is_final:
+            raise KernelAlreadyExistsError(
+                f"kernel {kernel_id!r} is already launched (state {old.state.name})"
+            )
+        spec = self._resolve_spec(kernel_id, kernel_func, overrides)
+        restarts = old.restarts + (1 if old.state is KernelState.FAILED else 0) if old else 0
+        loop = self._make_loop(spec)
+        k = _Kernel(spec, loop, restarts)
+        self._kernels[kernel_id] = k
+        loop.on_failure = lambda exc, k=k: self._on_failure(k, exc)  # type: ignore[misc]
+        try:
+            await loop.start()
+        except BaseException as exc:
+            self._on_failure(k, exc)
+            if not isinstance(exc, Exception):
+                raise
+            raise KernelFailedError(f"kernel {kernel_id!r} failed to launch: {exc}") from exc
+        if k.state is KernelState.CREATED:
+            k.state = KernelState.LAUNCHED
+        log.info("launched kernel %r on the %s backend", kernel_id, loop.backend)
+
+    async def activate(self, kernel_id: str) -> None:
+        """Start delivering messages to a LAUNCHED kernel (state ACTIVE)."""
+        self._transition(kernel_id, KernelState.ACTIVE, from_states=(KernelState.LAUNCHED,))
+
+    async def deactivate(self, kernel_id: str) -> None:
+        """Stop delivering messages (state DEACTIVATED); sends keep queueing."""
+        self._transition(kernel_id, KernelState.DEACTIVATED, from_states=(KernelState.ACTIVE,))
+
+    async def reactivate(self, kernel_id: str) -> None:
+        """Resume delivery to a DEACTIVATED kernel; queued messages arrive in order."""
+        self._transition(kernel_id, KernelState.ACTIVE, from_states=(KernelState.DEACTIVATED,))
+
+    def _transition(
+        self, kernel_id: str, target: KernelState, from_states: tuple[KernelState, ...]
+    ) -> None:
+        k = self._get(kernel_id)
+        if k.state is KernelState.FAILED:
+            raise self._failed_error(k)
+        if k.state not in from_states:
+            raise KernelStateError(
+                f"kernel {kernel_id!r} cannot go from {k.state.name} to {target.name} "
+                f"(allowed from {', '.join(s.name for s in from_states)})"
+            )
+        check_transition(kernel_id, k.state, target)
+        k.loop.set_active(target is KernelState.ACTIVE)
+        k.state = target
+
+    async def terminate(self, kernel_id: str, timeout: float = 5.0) -> None:
+        """Ask a kernel to exit and wait for it (state TERMINATED).
+
+        Messages still queued are discarded and counted as dropped. A kernel that does
+        not exit within ``timeout`` s is cancelled. Terminating a TERMINATED kernel
+        does nothing; a FAILED kernel keeps its state and has its resources released.
+        """
+        k = self._get(kernel_id)
+        if k.state is KernelState.TERMINATED:
+            return
+        if k.state is KernelState.FAILED:
+            await k.loop.stop(timeout)
+            return
+        if k.state is KernelState.TERMINATING:
+            raise KernelStateError(f"kernel {kernel_id!r} is already terminating")
+        check_transition(kernel_id, k.state, KernelState.TERMINATING)
+        k.state = KernelState.TERMINATING
+        try:
+            await k.loop.stop(timeout)
+        except BaseException as exc:
+            self._on_failure(k, exc)
+            raise
+        if k.state is KernelState.TERMINATING:
+            k.state = KernelState.TERMINATED
+        log.info("terminated kernel %r", kernel_id)
+
+    async def terminate_all(self, timeout: float = 10.0) -> None:
+        """Terminate every kernel concurrently within ``timeout`` seconds."""
+        ids = [kid for kid, k in self._kernels.items() if k.state is not KernelState.TERMINATED]
+        results = await asyncio.gather(
+            *(self.terminate(kid, timeout=timeout) for kid in ids), return_exceptions=True
+        )
+        for kid, res in zip(ids, results, strict=True):
+            if isinstance(res, BaseException):
+                log.error("kernel %r did not terminate cleanly: %r", kid, res)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Terminate all kernels and close everything the runtime started.
+
+        Returns within about ``timeout`` seconds even when actors wait in ``receive()``
+        without a timeout. Idempotent.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        for close in reversed(self._closers):
+            try:
+                res = close()
+                if inspect.isawaitable(res):
+                    await asyncio.wait_for(res, max(0.1, deadline - time.monotonic()))
+            except Exception:
+                log.exception("error while closing %r during shutdown", close)
+        self._closers.clear()
+        await self.terminate_all(timeout=max(0.1, deadline - time.monotonic()))
+
+    def add_closer(self, close: Callable[[], Any]) -> None:
+        """Register something to close at shutdown (before kernels terminate)."""
+        self._closers.append(close)
+
+    # -- messages --------------------------------------------------------------------
+
+    async def send(self, kernel_id: str, message: Any, timeout: float | None = None) -> None:
+        """Queue ``message`` for a kernel under its backpressure strategy.
+
+        BLOCK waits for room (``QueueFullError`` after ``timeout``), REJECT raises
+        ``QueueFullError`` at once, DROP_* never wait and count what they drop.
+        Allowed while LAUNCHED, ACTIVE or DEACTIVATED.
+        """
+        k = self._kernels.get(kernel_id)
+        if k is None or not k.sendable:
+            raise self._refusal(kernel_id, k, "send to")
+        itype = k.input_type
+        if itype is not None and not isinstance(message, itype):
+            raise TypeError(
+                f"kernel {kernel_id!r} takes {itype.__name__}, got {type(message).__name__}"
+            )
+        inbox = k.inbox
+        if inbox is not None:
+            # Host actor, no-wait path inline (this runs once per message). Latency is
+            # sampled on one message in 16; 1 marks an untimed message.
+            items = inbox.items
+            if len(items) < inbox.capacity and inbox.error is None:
+                items.append((_perf_ns() if k.stamped and not inbox.enqueued & 15 else 1, message))
+                inbox.enqueued += 1
+                if inbox.getters:
+                    inbox.wake_getter()
+                return
+        loop = k.loop
+        if not loop.try_put(message):
+            await loop.put(message, timeout)
+
+    async def receive(self, kernel_id: str, timeout: float | None = None) -> Any:
+        """The kernel's next output message; ``QueueTimeoutError`` after ``timeout``."""
+        k = self._kernels.get(kernel_id)
+        if k is None or k.failed:
+            raise self._refusal(kernel_id, k, "receive from")
+        outbox = k.outbox
+        if outbox is not None and outbox.items and outbox.deliver:  # host, no wait
+            msg = outbox.items.popleft()
+            if outbox.putters:
+                outbox.wake_putter()
+            return msg
+        return await k.loop.get(timeout)
+
+    async def send_and_receive(
+        self, kernel_id: str, message: Any, timeout: float | None = None
+    ) -> Any:
+        """Send one message and return the kernel's next output.
+
+        Request/response pairs on one kernel are serialised so each caller gets the
+        output that followed its own request; do not mix with concurrent ``receive``
+        calls on the same kernel.
+        """
+        k = self._get(kernel_id)
+        if k.pair_lock is None:
+            k.pair_lock = asyncio.Lock()
+        async with k.pair_lock:
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
+            await self.send(kernel_id, message, timeout)
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            return await self.receive(kernel_id, remaining)
+
+    async def send_batch(
+        self, kernel_id: str, messages: np.ndarray | list[Any], timeout: float | None = None
+    ) -> int:
+        """Send many messages; returns how many were queued.
+
+        A numpy record array goes to a ``cpu``/``cuda`` kernel's ring in one operation;
+        a list is sent message by message.
+        """
+        if isinstance(messages, np.ndarray):
+            k = self._kernels.get(kernel_id)
+            if k is None or k.state not in _SENDABLE:
+                raise self._refusal(kernel_id, k, "send to")
+            return await k.loop.put_batch(messages, timeout)
+        for m in messages:
+            await self.send(kernel_id, m, timeout)
+        return len(messages)
+
+    async def receive_batch(
+        self, kernel_id: str, max_items: int, timeout: float | None = None
+    ) -> Any:
+        """Up to ``max_items`` outputs: waits (up to ``timeout``) for the first, then
+        takes what is ready. A record array from ring kernels, a list from host actors."""
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        k = self._kernels.get(kernel_id)
+        if k is None or k.state is KernelState.FAILED:
+            raise self._refusal(kernel_id, k, "receive from")
+        if k.loop.backend != "host":
+            return await k.loop.get_batch(max_items, timeout)
+        out = [await self.receive(kernel_id, timeout)]
+        while len(out) < max_items:
+            msg = k.loop.try_get(_MISSING)
+            if msg is _MISSING:
+                break
+            out.append(msg)
+        return out
+
+    def read_state(self, kernel_id: str) -> np.ndarray:
+        """A copy of a compiled kernel's ``state`` array, read while it runs."""
+        k = self._get(kernel_id)
+        return k.loop.read_state()
+
+    # -- queries ---------------------------------------------------------------------
+
+    def get_kernel_state(self, kernel_id: str) -> KernelState:
+        """The kernel's lifecycle state."""
+        return self._get(kernel_id).state
+
+    get_state = get_kernel_state
+
+    @property
+    def kernel_ids(self) -> list[str]:
+        """Ids of the kernels this runtime holds that are not TERMINATED."""
+        return [kid for kid, k in self._kernels.items() if k.state is not KernelState.TERMINATED]
+
+    @property
+    def active_kernels(self) -> list[str]:
+        """Ids of ACTIVE kernels."""
+        return [kid for kid, k in self._kernels.items() if k.state is KernelState.ACTIVE]
+
+    def is_active(self, kernel_id: str) -> bool:
+        """True when the kernel is ACTIVE."""
+        return self._get(kernel_id).state is KernelState.ACTIVE
+
+    def get_error(self, kernel_id: str) -> BaseException | None:
+        """The exception that made the kernel FAILED, if any."""
+        return self._get(kernel_id).error
+
+    def get_telemetry(self, kernel_id: str) -> KernelTelemetry:
+        """A snapshot of the kernel's counters, throughput and latency."""
+        k = self._get(kernel_id)
+        snap = k.loop.telemetry(k.state.name)
+        if k.restarts:
+            import dataclasses
+
+            snap = dataclasses.replace(snap, restarts=k.restarts)
+        return snap
+
+    def get_all_telemetry(self) -> dict[str, KernelTelemetry]:
+        """Snapshots of every kernel the runtime holds, by id."""
+        return {kid: self.get_telemetry(kid) for kid in list(self._kernels)}
+
+    def get_summary(self) -> dict[str, Any]:
+        """Counts of kernels per state and message totals."""
+        tele = self.get_all_telemetry().values()
+        states: dict[str, int] = {}
+        for t in tele:
+            states[t.state] = states.get(t.state, 0) + 1
+        return {
+            "kernels": len(self._kernels),
+            "states": states,
+            "messages_processed": sum(t.messages_processed for t in tele),
+            "messages_dropped": sum(t.messages_dropped for t in tele),
+            "messages_rejected": sum(t.messages_rejected for t in tele),
+            "errors": sum(t.errors for t in tele),
+        }
+
+    # -- internals -------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KernelStateError("the runtime is shut down")
+
+    def _get(self, kernel_id: str) -> _Kernel:
+        k = self._kernels.get(kernel_id)
+        if k is None:
+            known = ", ".join(repr(x) for x in self._kernels) or "none"
+            raise KernelNotFoundError(
+                f"no kernel {kernel_id!r} in this runtime (launched: {known})"
+            )
+        return k
+
+    def _refusal(self, kernel_id: str, k: _Kernel | None, what: str) -> Exception:
+        if k is None:
+            try:
+                self._get(kernel_id)
+            except KernelNotFoundError as exc:
+                return exc
+        assert k is not None
+        if k.state is KernelState.FAILED:
+            return self._failed_error(k)
+        return KernelStateError(f"cannot {what} kernel {kernel_id!r} in state {k.state.name}")
+
+    @staticmethod
+    def _failed_error(k: _Kernel) -> KernelFailedError:
+        exc = KernelFailedError(f"kernel {k.kernel_id!r} failed: {k.error!r}")
+        exc.__cause__ = k.error
+        return exc
+
+    def _on_failure(self, k: _Kernel, exc: BaseException) -> None:
+        if k.state.is_final:
+            return
+        k.error = exc
+        k.state = KernelState.FAILED
+        log.error("kernel %r failed: %r", k.kernel_id, exc, exc_info=exc)
+
+    def _on_exit(self, k: _Kernel) -> None:
+        if k.state in (KernelState.LAUNCHED, KernelState.ACTIVE, KernelState.DEACTIVATED):
+            k.state = KernelState.TERMINATING
+            k.state = KernelState.TERMINATED
+            log.info("kernel %r returned; it is terminated", k.kernel_id)
+
+    def _resolve_spec(
+        self,
+        kernel_id: str,
+        func: Callable[..., Any] | None,
+        overrides: dict[str, Any],
+    ) -> RingKernelSpec:
+        if func is None:
+            spec = lookup_kernel(kernel_id)
+        else:
+            declared = getattr(func, "__ring_kernel__", None)
+            if isinstance(declared, RingKernelSpec):
+                spec = declared
+            else:
+                spec = RingKernelSpec(
+                    kernel_id,
+                    func,
+                    None,
+                    None,
+                    RingKernelConfig(
+                        queue_size=self.default_queue_size, backend=default_backend(func)
+                    ),
+                )
+        overrides = dict(overrides)
+        input_type = overrides.pop("input_type", spec.input_type)
+        output_type = overrides.pop("output_type", spec.output_type)
+        config = spec.config.replace(**overrides) if overrides else spec.config
+        if config.backend == "auto":
+            chosen = resolve_backend(self.backend)
+            log.info("kernel %r: backend 'auto' resolved to %r", kernel_id, chosen)
+            config = config.replace(backend=chosen)
+        check_backend_fits(kernel_id, spec.func, config.backend)
+        return RingKernelSpec(kernel_id, spec.func, input_type, output_type, config)
+
+    def _make_loop(self, spec: RingKernelSpec) -> KernelLoop:
+        backend = spec.config.backend
+        if backend == "host":
+            from pydotcompute.backends.host import HostKernelLoop
+
+            loop: KernelLoop = HostKernelLoop(
+                spec.kernel_id,
+                spec.func,
+                spec.config,
+                spec.input_type,
+                spec.output_type,
+                on_failure=lambda exc: None,  # replaced by launch() once the record exists
+                send_to=self.send,
+                on_exit=lambda: self._on_exit(self._kernels[spec.kernel_id]),
+                telemetry=self.enable_telemetry,
+            )
+            return loop
+        cls = _compiled_loop_class(backend)
+        return cls(
+            spec.kernel_id,
+            spec.func,
+            spec.config,
+            spec.input_type,
+            spec.output_type,
+            lambda exc: None,
+        )
+
+
+def _compiled_loop_class(backend: str) -> type[KernelLoop]:
+    """The loop class of a compiled backend (``cpu`` or ``cuda``)."""
+    try:
+        if backend == "cpu":
+            from pydotcompute.backends.cpu import CpuKernelLoop
+
+            return CpuKernelLoop
+        from pydotcompute.backends.cuda import CudaKernelLoop
+
+        return CudaKernelLoop
+    except ImportError as exc:
+        raise BackendNotAvailableError(f"the {backend!r} backend cannot be loaded: {exc}") from exc

@@ -1,0 +1,300 @@
+"""Messaging through host actors: backpressure, deactivation, failure, shutdown, telemetry."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pydotcompute import (
+    BackpressureStrategy,
+    InvalidConfigurationError,
+    KernelFailedError,
+    KernelState,
+    QueueFullError,
+    QueueTimeoutError,
+    RingKernelRuntime,
+    ring_kernel,
+)
+
+
+async def echo(ctx):
+    while not ctx.should_terminate:
+        await ctx.send(await ctx.receive())
+
+
+async def never_reads(ctx):
+    await asyncio.Event().wait()
+
+
+async def test_deactivated_kernel_receives_nothing_and_resumes_in_order():
+    got = []
+
+    async def recorder(ctx):  # never looks at is_active: the runtime must hold delivery
+        while True:
+            got.append(await ctx.receive())
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("r", recorder)
+        await rt.activate("r")
+        await rt.send("r", 0)
+        await asyncio.sleep(0.01)
+        await rt.deactivate("r")
+        for i in range(1, 6):
+            await rt.send("r", i)
+        await asyncio.sleep(0.05)
+        assert got == [0]
+        assert rt.get_telemetry("r").queue_depth == 5
+        await rt.reactivate("r")
+        await asyncio.sleep(0.01)
+        assert got == [0, 1, 2, 3, 4, 5]
+
+
+async def test_block_waits_for_room_and_times_out_with_queue_full():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("b", echo, queue_size=2, backpressure="block")
+        await rt.send("b", 1)
+        await rt.send("b", 2)
+        t0 = time.monotonic()
+        with pytest.raises(QueueFullError):
+            await rt.send("b", 3, timeout=0.05)
+        assert time.monotonic() - t0 >= 0.04
+        # a blocked sender proceeds once the kernel drains its queue
+        sender = asyncio.ensure_future(rt.send("b", 3))
+        await asyncio.sleep(0.01)
+        assert not sender.done()
+        await rt.activate("b")
+        await asyncio.wait_for(sender, 1)
+        assert [await rt.receive("b", timeout=1) for _ in range(3)] == [1, 2, 3]
+        assert rt.get_telemetry("b").messages_dropped == 0
+
+
+async def test_reject_raises_at_once_and_counts():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("r", never_reads, queue_size=2, backpressure=BackpressureStrategy.REJECT)
+        await rt.send("r", 1)
+        await rt.send("r", 2)
+        for _ in range(3):
+            with pytest.raises(QueueFullError):
+                await rt.send("r", 3, timeout=10)  # no waiting, whatever the timeout
+        t = rt.get_telemetry("r")
+        assert (t.messages_rejected, t.queue_depth) == (3, 2)
+
+
+async def test_drop_oldest_keeps_the_newest():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("d", echo, queue_size=3, backpressure="drop_oldest")
+        for i in range(10):
+            await rt.send("d", i)
+        assert rt.get_telemetry("d").messages_dropped == 7
+        await rt.activate("d")
+        assert [await rt.receive("d", timeout=1) for _ in range(3)] == [7, 8, 9]
+
+
+async def test_drop_newest_keeps_the_oldest():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("d", echo, queue_size=3, backpressure="DROP_NEWEST")
+        for i in range(10):
+            await rt.send("d", i)
+        assert rt.get_telemetry("d").messages_dropped == 7
+        await rt.activate("d")
+        assert [await rt.receive("d", timeout=1) for _ in range(3)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("bad", [dict(backpressure="sometimes"), dict(queue_size=0)])
+def test_bad_configuration_fails_at_decoration_time(bad):
+    with pytest.raises(InvalidConfigurationError):
+
+        @ring_kernel(kernel_id="bad", auto_register=False, **bad)
+        async def k(ctx):
+            pass
+
+
+async def test_receive_timeout_is_catchable_as_asyncio_and_builtin_timeout():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("e", echo)
+        await rt.activate("e")
+        for exc_type in (QueueTimeoutError, asyncio.TimeoutError, TimeoutError):
+            with pytest.raises(exc_type):
+                await rt.receive("e", timeout=0.01)
+
+
+async def test_ctx_receive_timeout_raises_queue_timeout():
+    caught = asyncio.get_running_loop().create_future()
+
+    async def waiter(ctx):
+        try:
+            await ctx.receive(timeout=0.01)
+        except asyncio.TimeoutError as exc:
+            caught.set_result(exc)
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("w", waiter)
+        await rt.activate("w")
+        assert isinstance(await asyncio.wait_for(caught, 1), QueueTimeoutError)
+
+
+async def test_crash_goes_failed_and_is_chained_into_later_calls():
+    class Boom(RuntimeError):
+        pass
+
+    async def crasher(ctx):
+        msg = await ctx.receive()
+        raise Boom(f"bad message {msg}")
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("c", crasher)
+        await rt.activate("c")
+        waiting = asyncio.ensure_future(rt.receive("c"))  # must not hang
+        await rt.send("c", 7)
+        with pytest.raises(KernelFailedError) as err:
+            await asyncio.wait_for(waiting, 1)
+        assert isinstance(err.value.__cause__, Boom)
+        assert rt.get_kernel_state("c") is KernelState.FAILED
+        assert isinstance(rt.get_error("c"), Boom)
+        for call in (rt.send("c", 1), rt.receive("c"), rt.activate("c")):
+            with pytest.raises(KernelFailedError) as err:
+                await call
+            assert "bad message 7" in str(err.value.__cause__)
+        assert rt.get_telemetry("c").errors == 1
+        # relaunching a failed kernel counts as a restart
+        await rt.launch("c", echo)
+        assert rt.get_telemetry("c").restarts == 1
+
+
+async def test_blocked_sender_is_released_when_kernel_fails():
+    async def crash_later(ctx):
+        await asyncio.sleep(0.02)
+        raise ValueError("late crash")
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("c", crash_later, queue_size=1)
+        await rt.send("c", 1)
+        with pytest.raises(KernelFailedError):
+            await asyncio.wait_for(rt.send("c", 2), 1)
+
+
+async def test_shutdown_with_actors_blocked_in_receive_finishes_in_time():
+    cleaned = []
+
+    async def stuck(ctx):
+        try:
+            await ctx.receive()  # no timeout, nothing ever arrives
+        finally:
+            cleaned.append(ctx.kernel_id)
+
+    rt = RingKernelRuntime()
+    for i in range(5):
+        await rt.launch(f"s{i}", stuck)
+        if i % 2:
+            await rt.activate(f"s{i}")
+    t0 = time.monotonic()
+    await rt.shutdown(timeout=2)
+    assert time.monotonic() - t0 < 1.0
+    assert sorted(cleaned) == [f"s{i}" for i in range(5)]
+    leftover = [t for t in asyncio.all_tasks() if t.get_name().startswith("pydotcompute")]
+    assert leftover == []
+
+
+async def test_shutdown_cancels_an_actor_that_ignores_termination():
+    async def busy(ctx):
+        while True:  # never checks should_terminate, never receives
+            await asyncio.sleep(0.01)
+
+    rt = RingKernelRuntime()
+    await rt.launch("busy", busy)
+    await rt.activate("busy")
+    t0 = time.monotonic()
+    await rt.shutdown(timeout=0.2)
+    assert time.monotonic() - t0 < 1.5
+    assert rt.get_kernel_state("busy") is KernelState.TERMINATED
+
+
+async def test_send_to_routes_kernel_to_kernel():
+    async def forward(ctx):
+        while True:
+            await ctx.send_to("sink", (await ctx.receive()) + 1)
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("fwd", forward)
+        await rt.launch("sink", echo)
+        await rt.activate("fwd")
+        await rt.activate("sink")
+        await rt.send("fwd", 1)
+        assert await rt.receive("sink", timeout=1) == 2
+
+
+async def test_typed_kernels_check_message_types():
+    @ring_kernel(kernel_id="typed", input_type=int, output_type=str, auto_register=False)
+    async def typed(ctx):
+        while True:
+            msg = await ctx.receive()
+            await ctx.send(msg if msg < 0 else str(msg))
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("typed", typed)
+        await rt.activate("typed")
+        with pytest.raises(TypeError, match="takes int, got str"):
+            await rt.send("typed", "x")
+        assert await rt.send_and_receive("typed", 3, timeout=1) == "3"
+        await rt.send("typed", -1)  # the actor sends an int: its own TypeError fails it
+        with pytest.raises(KernelFailedError):
+            await rt.receive("typed", timeout=1)
+
+
+async def test_telemetry_counts_are_exact():
+    async with RingKernelRuntime(enable_telemetry=True) as rt:
+        await rt.launch("e", echo, queue_size=64)
+        await rt.activate("e")
+        for i in range(320):
+            assert await rt.send_and_receive("e", i, timeout=1) == i
+        t = rt.get_telemetry("e")
+        assert t.messages_processed >= 319  # the last one completes at the next receive
+        assert t.messages_sent == 320
+        assert (t.messages_dropped, t.messages_rejected, t.errors, t.queue_depth) == (0, 0, 0, 0)
+        assert t.throughput > 0
+        assert t.latency_p50_us is not None and 0 < t.latency_p50_us <= t.latency_p99_us
+        assert sum(t.latency_buckets) == 20  # one message in 16 is timed
+        assert t.backend == "host" and t.state == "ACTIVE"
+        assert set(rt.get_all_telemetry()) == {"e"}
+
+
+async def test_telemetry_off_still_counts_but_does_not_time():
+    async with RingKernelRuntime(enable_telemetry=False) as rt:
+        await rt.launch("e", echo)
+        await rt.activate("e")
+        for i in range(50):
+            await rt.send_and_receive("e", i, timeout=1)
+        t = rt.get_telemetry("e")
+        assert t.messages_sent == 50 and t.latency_p50_us is None
+
+
+async def test_two_runtimes_share_nothing():
+    async with RingKernelRuntime() as a, RingKernelRuntime() as b:
+        await a.launch("x", echo)
+        await b.launch("x", echo)  # same id, separate runtime: no conflict
+        await a.activate("x")
+        await a.send("x", "for a")
+        assert b.get_telemetry("x").queue_depth == 0
+        assert await a.receive("x", timeout=1) == "for a"
+        await b.terminate("x")
+        assert a.get_kernel_state("x") is KernelState.ACTIVE
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import asyncio, threading, sys\n"
+        "policy = asyncio.get_event_loop_policy()\n"
+        "n = threading.active_count()\n"
+        "import pydotcompute\n"
+        "assert asyncio.get_event_loop_policy() is policy\n"
+        "assert threading.active_count() == n, threading.enumerate()\n"
+        "assert 'cupy' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=".")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
