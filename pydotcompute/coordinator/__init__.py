@@ -62,7 +62,6 @@ async def deploy(runtime: Any, graph: Any, *, name: str, journal: Any = DEFAULT_
         journal = getattr(runtime, "journal", None) if runtime is not None else None
     flow = Flow(plan, name=name, runtime=runtime, journal=open_journal(journal))
     await flow.start()
-    track = getattr(runtime, "_track_flow", None)
-    if track is not None:
-        track(flow)
+    if runtime is not None:
+        runtime.add_closer(flow.close)  # no worker or process outlives the runtime
     return flow
