@@ -74,6 +74,15 @@ class Channel:
         self._items.append(item)
         self._wake(self._getters)
 
+    def try_put(self, item: Any) -> bool:
+        """Add ``item`` if there is room now; False otherwise."""
+        if len(self._items) + self.reserved >= self.capacity:
+            return False
+        self._items.append(item)
+        if self._getters:
+            self._wake(self._getters)
+        return True
+
     def put_nowait(self, item: Any) -> None:
         """Add without waiting: for room reserved earlier or for items already counted."""
         self._items.append(item)

@@ -9,6 +9,7 @@ completed by the writer and retries whose back-off has passed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import time
 import traceback
@@ -43,6 +44,40 @@ NO_RETRY = RetryPolicy()
 class _SplitFailed(Exception):
     def __init__(self, node: Node, value: Any, exc: Exception) -> None:
         self.node, self.value, self.exc = node, value, exc
+
+
+class Admission:
+    """How many more items may enter an in-memory flow: the sum of its bounds."""
+
+    def __init__(self, limit: int) -> None:
+        self.free = limit
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def acquire(self) -> None:
+        while self.free <= 0:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+                elif self.free > 0 and self._waiters:
+                    self._wake()
+                raise
+        self.free -= 1
+
+    def release(self) -> None:
+        self.free += 1
+        if self._waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
 
 
 class _Item:
@@ -99,7 +134,7 @@ class Flow:
         self._parts: dict[tuple[str, int], dict[int, Any]] = {}
         self._done_order: list[str] = []
         self._active = 0
-        self._admission: asyncio.Semaphore | None = None
+        self._admission = Admission(0)
         self._local_waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     # ---- lifetime -------------------------------------------------------------------
@@ -113,7 +148,16 @@ class Flow:
         limit = sum(ch.capacity for ch in self._channels.values()) + sum(
             self._take_size(n) * self._workers(n) for n in self.plan.calls
         )
-        self._admission = asyncio.Semaphore(limit)
+        self._admission = Admission(limit)
+        # Edges that lead straight to a call node's input: the common hop, sent without
+        # looking at the plan again.
+        self._direct = {
+            (n.index, 0): self._channels[n.index]
+            for n in self.plan.calls
+            if n.index in self._channels
+        }
+        self._key_prefix = uuid.uuid4().hex[:16]
+        self._key_count = itertools.count()
         try:
             if self._journal_cfg is not None:
                 self.journal = JournalSession(self._journal_cfg, self.name, self.plan, self.owner)
@@ -213,7 +257,12 @@ class Flow:
         """Add many items at once (one journal commit for all of them); returns their keys."""
         self._check_open()
         values = list(values)
-        ks = [uuid.uuid4().hex for _ in values] if keys is None else [check_key(k) for k in keys]
+        if keys is None:
+            # Random per flow instance, then counted: unique across processes and restarts.
+            p = self._key_prefix
+            ks = [f"{p}-{next(self._key_count)}" for _ in values]
+        else:
+            ks = [check_key(k) for k in keys]
         if len(ks) != len(values):
             raise ValueError("submit_many got a different number of keys and values")
         if self.journal is None:
@@ -235,7 +284,6 @@ class Flow:
     async def _submit_memory(self, key: str, value: Any) -> None:
         if key in self._items:
             return
-        assert self._admission is not None
         await self._admission.acquire()
         self._check_open()
         if key in self._items:  # submitted by someone else while we waited
@@ -269,6 +317,11 @@ class Flow:
 
     async def _send(self, key: str, edge: Edge, value: Any) -> None:
         """In memory: deliver ``value`` along ``edge``."""
+        ch = self._direct.get(edge)
+        if ch is not None:
+            if not ch.try_put(Token(key, edge[0], value)):
+                await ch.put(Token(key, edge[0], value))
+            return
         try:
             dests = self._resolve(key, edge, value)
         except _SplitFailed as f:
@@ -326,6 +379,12 @@ class Flow:
         take = self._take_size(node)
         busy = self._busy
         i = node.index
+        call = runner.call
+        # In memory, the usual hop (to the next stage's input, or out of the flow) is
+        # done inline: this loop is the whole per-item cost of a stage.
+        nxt = self._direct.get(node.edges[0]) if self.journal is None else None
+        nxt_node = node.edges[0][0]
+        to_sink = self.journal is None and node.edges[0] == (self.plan.sink, 0)
         while True:
             toks = await ch.take(take, node.batch_timeout)
             if i in self._hungry:
@@ -341,11 +400,18 @@ class Flow:
             try:
                 for tok in toks:
                     try:
-                        out = await runner.call(tok.value)
+                        out = await call(tok.value)
                     except Exception as exc:
                         self._failed(node, tok, exc)
                     else:
-                        await self._forward(node, tok, out)
+                        if nxt is not None:
+                            nt = Token(tok.key, nxt_node, out)
+                            if not nxt.try_put(nt):
+                                await nxt.put(nt)
+                        elif to_sink:
+                            self._finish_memory(tok.key, out)
+                        else:
+                            await self._forward(node, tok, out)
                     busy[i] -= 1
                     left -= 1
             finally:
@@ -437,7 +503,6 @@ class Flow:
 
     def _settle(self, key: str, item: _Item) -> None:
         self._active -= 1
-        assert self._admission is not None
         self._admission.release()
         self._wake(key, item)
 
@@ -557,7 +622,6 @@ class Flow:
                 return False
             records = list(item.dead.values())
             item.dead.clear()
-            assert self._admission is not None
             await self._admission.acquire()
             item.state = ACTIVE
             self._active += 1

@@ -67,6 +67,8 @@ class FunctionRunner(Runner):
             )
         self._factory = stage.state or dict
         self._state: Any = None
+        if self._is_async and not self._with_state:
+            self.call = fn  # type: ignore[method-assign]  # an async fn(item) is its own call
 
     async def start(self) -> None:
         if self._with_state:
@@ -75,8 +77,10 @@ class FunctionRunner(Runner):
 
     async def call(self, value: Any) -> Any:
         out = self._fn(value, self._state) if self._with_state else self._fn(value)
+        # A sync function may still return an awaitable (e.g. functools.partial of an
+        # async def): await whatever can be awaited.
         if self._is_async or inspect.isawaitable(out):
-            out = await out
+            return await out
         return out
 
 
