@@ -332,3 +332,16 @@ async def test_finished_stage_is_not_rerun_after_restart(tmp_path):
         await flow.drain(timeout=10)
         assert [await flow.result(str(i)) for i in range(10)] == [(i + 1) * 2 for i in range(10)]
     assert set(first_runs.values()) == {1}
+
+
+async def test_tiny_buffers_do_not_stall_a_durable_flow(tmp_path):
+    # Room the claimer reserves and then gives back must wake a worker waiting to put.
+    graph = (
+        stage(lambda x: x + 1, buffer=1)
+        >> stage(lambda x: x, buffer=1)
+        >> stage(lambda x: x, buffer=2)
+    )
+    async with await deploy(None, graph, name="tiny", journal=tmp_path / "j.db") as flow:
+        await flow.submit_many(range(300))
+        await flow.drain(timeout=30)
+        assert flow.status() == {"done": 300}
