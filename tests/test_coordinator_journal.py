@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pydotcompute.coordinator import FanIn, FanOut, SQLiteJournal, deploy, stage
-from pydotcompute.errors import ItemFailedError, JournalError
+from pydotcompute.errors import ItemFailedError, JournalError, MessageSerializationError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -345,3 +345,18 @@ async def test_tiny_buffers_do_not_stall_a_durable_flow(tmp_path):
         await flow.submit_many(range(300))
         await flow.drain(timeout=30)
         assert flow.status() == {"done": 300}
+
+
+async def test_an_output_the_journal_cannot_store_fails_only_that_item(tmp_path):
+    def make(x):
+        return (lambda: x) if x == 2 else x  # a lambda cannot be pickled
+
+    async with await deploy(
+        None, stage(make) >> (lambda v: v), name="p", journal=tmp_path / "j.db"
+    ) as flow:
+        await flow.submit_many([1, 2, 3], keys=["1", "2", "3"])
+        await flow.drain(timeout=10)
+        assert [r.key for r in flow.dead_letters()] == ["2"]
+        assert await flow.result("3") == 3
+        with pytest.raises(MessageSerializationError):
+            await flow.submit(lambda: 0, key="bad")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import pickle
 import time
 import traceback
 import uuid
@@ -33,7 +34,12 @@ from pydotcompute.coordinator.records import (
 )
 from pydotcompute.coordinator.retry import RetryPolicy
 from pydotcompute.coordinator.runners import Runner, make_runner
-from pydotcompute.errors import FlowClosedError, ItemFailedError, JournalError
+from pydotcompute.errors import (
+    FlowClosedError,
+    ItemFailedError,
+    JournalError,
+    MessageSerializationError,
+)
 
 __all__ = ["Flow"]
 
@@ -274,6 +280,10 @@ class Flow:
             try:
                 dests = self._resolve(key, self.plan.entry, value)
                 batch.append((key, [(n, p, encode(v)) for n, p, v in dests]))
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                raise MessageSerializationError(
+                    f"item {key!r} cannot be stored in the journal: {exc}"
+                ) from exc
             except _SplitFailed as f:
                 batch.append((key, self._record(key, f.node, f.value, f.exc, 1)))
         fresh = await self.journal.call(self.journal.op_submit, batch)
@@ -354,10 +364,13 @@ class Flow:
             await self.journal.room()
             self.journal.post(self.journal.op_dead, node.index, rec)
             return
+        try:
+            encoded = [(n, p, encode(v)) for n, p, v in dests]
+        except Exception as exc:  # an output the journal cannot store fails the item
+            self._failed(node, tok, exc)
+            return
         await self.journal.room()
-        self.journal.post(
-            self.journal.op_hop, tok.key, node.index, [(n, p, encode(v)) for n, p, v in dests]
-        )
+        self.journal.post(self.journal.op_hop, tok.key, node.index, encoded)
         # Write-behind: the next stage may start before the commit. The writer commits in
         # order, so the next hop can never be durable without this one.
         for n, p, v in dests:
