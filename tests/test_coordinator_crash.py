@@ -18,8 +18,8 @@ SCRIPT = ROOT / "tests" / "crash" / "coordinator_flow.py"
 N = 2000
 
 
-def child(path: Path, log: Path | None = None) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def child(path: Path, log: Path | None = None, start_at: float = 0.0) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COORD_START_AT": str(start_at)}
     args = [sys.executable, str(SCRIPT), str(path)] + ([str(log)] if log else [])
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
@@ -59,7 +59,8 @@ async def test_two_processes_share_one_journal_and_run_each_stage_once(tmp_path)
     async with await deploy(None, GRAPH, name="crash", journal=journal(path)) as flow:
         await flow.submit_many(range(300), keys=[str(i) for i in range(300)])
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
-    procs = [child(path, log) for log in logs]
+    start_at = time.time() + 2.0  # both are imported and waiting by then
+    procs = [child(path, log, start_at) for log in logs]
     for p in procs:
         out, _ = p.communicate(timeout=120)
         assert p.returncode == 0, out

@@ -753,9 +753,11 @@ class Flow:
                     await self._changed.wait()
                 key = self._done_order[i]
                 yield key, self._items[key].value
+        journal = self.journal
+        assert journal is not None  # the in-memory branch above always returns
         seq = 0
         while True:
-            rows = self.journal.read(
+            rows = journal.read(
                 "SELECT seq, key, value FROM results WHERE flow=? AND seq>? ORDER BY seq LIMIT 1000",
                 self.name,
                 seq,
@@ -767,7 +769,7 @@ class Flow:
                 continue
             if self._pending() == 0:
                 # One more look: the last items may have committed between the two reads.
-                if not self.journal.read(
+                if not journal.read(
                     "SELECT 1 FROM results WHERE flow=? AND seq>? LIMIT 1", self.name, seq
                 ):
                     return
@@ -775,6 +777,6 @@ class Flow:
             self._check_open()
             self._changed.clear()
             try:
-                await asyncio.wait_for(self._changed.wait(), self.journal.journal.poll * 4)
+                await asyncio.wait_for(self._changed.wait(), journal.journal.poll * 4)
             except asyncio.TimeoutError:
                 pass

@@ -440,13 +440,13 @@ class JournalSession:
             )
             self._pending.clear()
         if self._finished:
-            keys = [k for k, _ in self._finished]
-            for i in range(0, len(keys), CHUNK):
-                chunk = keys[i : i + CHUNK]
+            done = [k for k, _ in self._finished]
+            for i in range(0, len(done), CHUNK):
+                part = done[i : i + CHUNK]
                 conn.execute(
                     "UPDATE items SET state='done', finished=? WHERE flow=? AND state='active' "
-                    f"AND key IN ({marks(len(chunk))})",
-                    [now, flow, *chunk],
+                    f"AND key IN ({marks(len(part))})",
+                    [now, flow, *part],
                 )
             write_rows(
                 conn,

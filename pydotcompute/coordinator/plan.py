@@ -46,6 +46,7 @@ class Node:
     part_names: tuple[str, ...] | None = None  # join: dict keys, else a list
     batch_count: int | None = None
     batch_timeout: float | None = None
+    turns: int = 0  # round robin: items sent so far (per deployed flow: plans are not shared)
 
     @property
     def is_batch(self) -> bool:
@@ -89,8 +90,8 @@ class Plan:
             return [node.edges[zlib.crc32(key.encode()) % len(node.edges)]]
         if node.mode == "least_loaded":
             return [min(node.edges, key=load)]
-        node.mode_counter = getattr(node, "mode_counter", -1) + 1  # round robin
-        return [node.edges[node.mode_counter % len(node.edges)]]
+        node.turns += 1  # round robin
+        return [node.edges[(node.turns - 1) % len(node.edges)]]
 
 
 class _Builder:

@@ -72,8 +72,8 @@ class FunctionRunner(Runner):
 
     async def start(self) -> None:
         if self._with_state:
-            state = self._factory()
-            self._state = await state if inspect.isawaitable(state) else state
+            made: Any = self._factory()
+            self._state = await made if inspect.isawaitable(made) else made
 
     async def call(self, value: Any) -> Any:
         out = self._fn(value, self._state) if self._with_state else self._fn(value)
@@ -160,7 +160,12 @@ class ProcessRunner(Runner):
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
         fd = self._conn.fileno()
-        loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(fd, ready)
         try:
             await fut
         finally:

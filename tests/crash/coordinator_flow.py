@@ -1,7 +1,8 @@
 """A durable fan-out/join flow run in a child process by the crash and sharing tests.
 
 ``python coordinator_flow.py JOURNAL [LOG]`` resumes the flow on JOURNAL and runs it
-until no item is active. Each stage run appends "stage value pid" to LOG.
+until no item is active. Each stage run appends "stage value pid" to LOG. With
+COORD_START_AT (a time.time() value) it waits until then before deploying.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 
 from pydotcompute.coordinator import FanIn, FanOut, SQLiteJournal, deploy, stage
 
@@ -53,6 +55,8 @@ def journal(path: str) -> SQLiteJournal:
 
 
 async def main(path: str) -> None:
+    start_at = float(os.environ.get("COORD_START_AT", "0"))  # lets two processes start together
+    await asyncio.sleep(max(0.0, start_at - time.time()))
     flow = await deploy(None, GRAPH, name="crash", journal=journal(path))
     async with flow:
         await flow.drain()
