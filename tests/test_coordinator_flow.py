@@ -6,6 +6,8 @@ import asyncio
 import collections
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pydotcompute.coordinator import DAG, FanIn, FanOut, Pipeline, deploy, route, stage
 from pydotcompute.errors import FlowClosedError, InvalidConfigurationError, ItemFailedError
@@ -331,3 +333,38 @@ async def test_cancel_is_bounded_and_marks_unfinished_items_cancelled():
 async def test_kernel_stage_without_runtime_is_rejected():
     with pytest.raises(InvalidConfigurationError, match="runtime"):
         await deploy(None, stage("zscore"), name="t")
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    fails=st.lists(st.sampled_from(["a", "b", None]), min_size=1, max_size=25),
+    delays=st.lists(st.integers(0, 3), min_size=25, max_size=25),
+)
+def test_property_joins_match_by_key_whatever_fails_and_however_late(fails, delays):
+    async def branch_a(x):
+        await asyncio.sleep(delays[x] / 1000)
+        if fails[x] == "a":
+            raise RuntimeError("a")
+        return ("a", x)
+
+    async def branch_b(x):
+        await asyncio.sleep(delays[-1 - x] / 1000)
+        if fails[x] == "b":
+            raise RuntimeError("b")
+        return ("b", x)
+
+    async def run():
+        g = FanOut(stage(branch_a, workers=3), stage(branch_b, workers=2), mode="broadcast")
+        async with await deploy(None, g >> FanIn(tuple), name="p") as flow:
+            await flow.submit_many(range(len(fails)), keys=[str(i) for i in range(len(fails))])
+            await flow.drain(timeout=30)
+            for i, f in enumerate(fails):
+                if f is None:
+                    assert await flow.result(str(i)) == (("a", i), ("b", i))
+                else:
+                    with pytest.raises(ItemFailedError) as err:
+                        await flow.result(str(i))
+                    assert err.value.record.stage == f"branch_{f}"
+            assert flow.status().get("dead", 0) == sum(f is not None for f in fails)
+
+    asyncio.run(run())

@@ -360,3 +360,23 @@ async def test_an_output_the_journal_cannot_store_fails_only_that_item(tmp_path)
         assert await flow.result("3") == 3
         with pytest.raises(MessageSerializationError):
             await flow.submit(lambda: 0, key="bad")
+
+
+async def test_durable_flow_takes_from_the_journal_only_what_its_buffers_hold(tmp_path):
+    release = asyncio.Event()
+
+    async def blocked(x):
+        await release.wait()
+        return x
+
+    graph = stage(blocked, buffer=4) >> stage(lambda x: x, buffer=2)
+    async with await deploy(None, graph, name="b", journal=tmp_path / "j.db") as flow:
+        await flow.submit_many(range(200))
+        await asyncio.sleep(0.3)
+        held = flow.journal.read("SELECT count(*) FROM tokens WHERE owner=?", flow.owner)[0][0]
+        # buffers (4 + 2) plus what the workers hold (one take each: 4 and 2)
+        assert 0 < held <= 4 + 2 + 4 + 2
+        assert flow.counters()["in_flight"] <= 12
+        release.set()
+        await flow.drain(timeout=20)
+        assert flow.status() == {"done": 200}

@@ -64,3 +64,19 @@ async def test_close_stops_the_worker_processes():
     assert all(p.is_alive() for p in procs)
     await flow.close()
     assert not any(p.is_alive() for p in procs)
+
+
+def dies_on_two(x: int) -> int:
+    if x == 2:
+        os._exit(1)  # the worker process dies holding the item
+    return x * 10
+
+
+async def test_a_dead_worker_process_fails_its_item_and_is_replaced():
+    g = stage(dies_on_two, processes=True, retries=2, backoff=0.001)
+    async with await deploy(None, g, name="p") as flow:
+        await flow.submit_many([1, 2, 3], keys=["1", "2", "3"])
+        await flow.drain(timeout=60)
+        [rec] = flow.dead_letters()
+        assert rec.key == "2" and rec.attempts == 2 and "died" in rec.error
+        assert await flow.result("1") == 10 and await flow.result("3") == 30
