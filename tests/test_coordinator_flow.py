@@ -368,3 +368,15 @@ def test_property_joins_match_by_key_whatever_fails_and_however_late(fails, dela
             assert flow.status().get("dead", 0) == sum(f is not None for f in fails)
 
     asyncio.run(run())
+
+
+async def test_result_times_out_without_leaving_waiters_behind():
+    async def forever(x):
+        await asyncio.Event().wait()
+
+    async with await deploy(None, forever, name="t") as flow:
+        await flow.submit(1, key="a")
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                await flow.result("a", timeout=0.02)
+        assert flow._items["a"].waiters == []

@@ -697,20 +697,22 @@ class Flow:
                 self._check_open()
             fut = loop.create_future()
             if self.journal is None:
-                self._items[key].waiters.append(fut)
+                waiters = self._items[key].waiters
                 wait = None
             else:
-                self._local_waiters.setdefault(key, []).append(fut)
+                waiters = self._local_waiters.setdefault(key, [])
                 wait = self.journal.journal.poll * 4  # another process may finish it
             if deadline is not None:
                 left = deadline - loop.time()
                 if left <= 0:
                     raise TimeoutError(f"item {key!r} not finished within {timeout} s")
                 wait = left if wait is None else min(wait, left)
+            waiters.append(fut)
             try:
                 await asyncio.wait_for(fut, wait)
             except asyncio.TimeoutError:
-                pass
+                if fut in waiters:  # a long wait must not pile up futures
+                    waiters.remove(fut)
 
     def _pending(self) -> int:
         if self.journal is None:
