@@ -380,3 +380,19 @@ async def test_durable_flow_takes_from_the_journal_only_what_its_buffers_hold(tm
         release.set()
         await flow.drain(timeout=20)
         assert flow.status() == {"done": 200}
+
+
+async def test_an_interrupted_schema_creation_leaves_a_journal_that_opens(tmp_path, monkeypatch):
+    from pydotcompute.coordinator import journal as journal_module
+
+    path = tmp_path / "j.db"
+    broken = journal_module.SCHEMA.replace(
+        "CREATE TABLE IF NOT EXISTS results(", "CREATE TABLE (", 1
+    )
+    monkeypatch.setattr(journal_module, "SCHEMA", broken)
+    with pytest.raises(JournalError):  # as if the process died half-way through
+        await deploy(None, stage(lambda x: x), name="t", journal=path)
+    monkeypatch.undo()
+    async with await deploy(None, stage(lambda x: x + 1), name="t", journal=path) as flow:
+        await flow.submit(1, key="a")
+        assert await flow.result("a", timeout=5) == 2

@@ -131,9 +131,12 @@ def connect(path: str) -> sqlite3.Connection:
         # drop the last commits, never corrupt the file.
         conn.execute("PRAGMA synchronous=NORMAL")
         if not tables:
-            conn.executescript(SCHEMA)
-            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            # One transaction: a process killed half-way leaves an empty file, never
+            # some tables without the mark that says the file is a journal.
+            conn.executescript(
+                f"BEGIN IMMEDIATE;{SCHEMA}PRAGMA application_id={APPLICATION_ID};"
+                f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;"
+            )
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise JournalError(
