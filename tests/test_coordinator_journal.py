@@ -396,3 +396,25 @@ async def test_an_interrupted_schema_creation_leaves_a_journal_that_opens(tmp_pa
     async with await deploy(None, stage(lambda x: x + 1), name="t", journal=path) as flow:
         await flow.submit(1, key="a")
         assert await flow.result("a", timeout=5) == 2
+
+
+async def test_a_process_dying_while_creating_a_journal_leaves_no_half_made_file(
+    tmp_path, monkeypatch
+):
+    from pydotcompute.coordinator import journal as journal_module
+
+    real_connect = journal_module.connect
+
+    def dies_after_creating_the_file(path):
+        sqlite3.connect(path).close()  # SQLite has created the (empty) file...
+        raise JournalError("process killed")  # ...and then the process dies
+
+    path = tmp_path / "j.db"
+    monkeypatch.setattr(journal_module, "connect", dies_after_creating_the_file)
+    with pytest.raises(JournalError, match="killed"):
+        await deploy(None, stage(lambda x: x), name="t", journal=path)
+    monkeypatch.setattr(journal_module, "connect", real_connect)
+    assert not path.exists() and list(tmp_path.iterdir()) == []
+    async with await deploy(None, stage(lambda x: x + 1), name="t", journal=path) as flow:
+        await flow.submit(1, key="a")
+        assert await flow.result("a", timeout=5) == 2

@@ -15,6 +15,7 @@ import os
 import socket
 import sqlite3
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -83,6 +84,27 @@ def open_journal(journal: Any) -> SQLiteJournal | None:
     if isinstance(journal, (str, os.PathLike)):
         return SQLiteJournal(os.fspath(journal))
     raise JournalError(f"journal must be None, a path or an SQLiteJournal, got {journal!r}")
+
+
+def create_file(path: str) -> None:
+    """Make a new, complete journal at ``path`` unless one is there: built under another
+    name and linked into place, so a process killed meanwhile never leaves a half-made
+    (say, empty) file that later opens would have to refuse as truncated."""
+    if os.path.exists(path):
+        return
+    tmp = f"{path}.new-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        conn = connect(tmp)
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        conn.close()
+        try:
+            os.link(tmp, path)  # never replaces a file another process created meanwhile
+        except FileExistsError:
+            pass
+    finally:
+        for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
 
 
 def check_file(path: str) -> None:
@@ -234,6 +256,7 @@ class JournalSession:
 
     def _open_sync(self) -> sqlite3.Connection:
         path = self.journal.path
+        create_file(path)
         check_file(path)
         conn = connect(path)
         try:
