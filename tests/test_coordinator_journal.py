@@ -255,7 +255,8 @@ async def slow(x):
     return x
 
 async def main():
-    flow = await deploy(None, stage(slow), name="g", journal=SQLiteJournal(sys.argv[1], lease=0.5))
+    lease = float(sys.argv[2]) if len(sys.argv) > 2 else 0.5
+    flow = await deploy(None, stage(slow), name="g", journal=SQLiteJournal(sys.argv[1], lease=lease))
     await flow.submit(5, key="five")
     await asyncio.sleep(60)
 
@@ -267,14 +268,20 @@ async def slow(x):
     return x * 2  # same stage name as the child's, so the graphs match
 
 
-def run_and_kill(path: Path) -> None:
+def start_holder(path: Path, lease: float = 0.5) -> subprocess.Popen[str]:
+    """A child process that submits item "five" and holds it in a stage forever."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", SLOW_CHILD, str(path)],
+        [sys.executable, "-c", SLOW_CHILD, str(path), str(lease)],
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert proc.stdout.readline().strip() == "started"
+    return proc
+
+
+def run_and_kill(path: Path) -> None:
+    proc = start_holder(path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
@@ -418,3 +425,14 @@ async def test_a_process_dying_while_creating_a_journal_leaves_no_half_made_file
     async with await deploy(None, stage(lambda x: x + 1), name="t", journal=path) as flow:
         await flow.submit(1, key="a")
         assert await flow.result("a", timeout=5) == 2
+
+
+async def test_a_running_flow_frees_the_items_of_a_process_that_dies_beside_it(tmp_path):
+    path = tmp_path / "j.db"
+    holder = start_holder(path, lease=3600)  # its lease alone would never run out here
+    journal = SQLiteJournal(path, lease=0.6, poll=0.02)  # heartbeat every 0.2 s
+    async with await deploy(None, stage(slow), name="g", journal=journal) as flow:
+        await asyncio.sleep(0.3)
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        assert await flow.result("five", timeout=10) == 10

@@ -277,13 +277,7 @@ class JournalSession:
                     "deploy it under a new name or use a new journal"
                 )
             host = socket.gethostname()
-            # Owners on this host whose process is gone cannot renew their leases: free
-            # their items now instead of waiting for the leases to run out.
-            for owner, pid in conn.execute(
-                "SELECT owner, pid FROM owners WHERE flow=? AND host=?", (self.flow, host)
-            ).fetchall():
-                if pid != os.getpid() and not pid_alive(pid):
-                    self._release(conn, owner)
+            self._reap(conn)
             conn.execute(
                 "INSERT OR REPLACE INTO owners VALUES(?,?,?,?,?)",
                 (self.owner, self.flow, host, os.getpid(), time.time()),
@@ -488,6 +482,17 @@ class JournalSession:
             (now + self.journal.lease, self.flow, self.owner),
         )
         conn.execute("UPDATE owners SET seen=? WHERE owner=?", (now, self.owner))
+        self._reap(conn)
+
+    def _reap(self, conn: sqlite3.Connection) -> None:
+        """Owners on this host whose process is gone cannot renew their leases: free
+        their items now instead of waiting for the leases to run out."""
+        for owner, pid in conn.execute(
+            "SELECT owner, pid FROM owners WHERE flow=? AND host=?",
+            (self.flow, socket.gethostname()),
+        ).fetchall():
+            if pid != os.getpid() and not pid_alive(pid):
+                self._release(conn, owner)
 
     def _release(self, conn: sqlite3.Connection, owner: str) -> None:
         conn.execute(
