@@ -380,3 +380,21 @@ async def test_result_times_out_without_leaving_waiters_behind():
             with pytest.raises(TimeoutError):
                 await flow.result("a", timeout=0.02)
         assert flow._items["a"].waiters == []
+
+
+async def test_close_releases_a_submit_waiting_for_room():
+    async def forever(x):
+        await asyncio.Event().wait()
+
+    flow = await deploy(None, stage(forever, buffer=1), name="t")
+
+    async def fill():
+        for i in range(1000):
+            await flow.submit(i)
+
+    filler = asyncio.create_task(fill())
+    await asyncio.sleep(0.05)
+    assert not filler.done()  # the flow is full: submit waits for room
+    await flow.close()
+    with pytest.raises(FlowClosedError):
+        await asyncio.wait_for(filler, 2)

@@ -57,10 +57,19 @@ class Admission:
 
     def __init__(self, limit: int) -> None:
         self.free = limit
+        self.closed = False
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
+    def close(self) -> None:
+        """Wake every waiting submit: each then finds the flow closed."""
+        self.closed = True
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+
     async def acquire(self) -> None:
-        while self.free <= 0:
+        while self.free <= 0 and not self.closed:
             fut = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
             try:
@@ -224,6 +233,7 @@ class Flow:
         if self._closed:
             return
         self._closed = True
+        self._admission.close()
         for h in self._timers:
             h.cancel()
         self._timers.clear()
