@@ -1,8 +1,8 @@
 """The opt-in metrics server: ``/metrics``, the dashboard page and its JSON feed.
 
-One stdlib HTTP server on a daemon thread, started only by ``serve_metrics`` (or
+One stdlib HTTP server on one daemon thread, started only by ``serve_metrics`` (or
 ``serve_dashboard_proxy``) and stopped by ``MetricsServer.stop()``, which returns only
-when no thread of the server runs any more.
+when that thread has ended.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import socket
 import threading
 import urllib.error
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -43,7 +43,7 @@ def dashboard_html() -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    # A client that stalls cannot hold a request thread (and so ``stop()``) for long.
+    # A client that stalls cannot hold the server (and so ``stop()``) for long.
     timeout = 5.0
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
@@ -80,10 +80,11 @@ class _Handler(BaseHTTPRequestHandler):
         logger.debug("metrics server: " + format, *args)
 
 
-class _Server(ThreadingHTTPServer):
-    # Request threads are joined by server_close(), so none outlives stop().
-    daemon_threads = False
-    block_on_close = True
+class _Server(HTTPServer):
+    # Requests are answered one at a time on the server's own thread. A thread per
+    # request would cost more than the answer: a busy event loop holds the GIL, and
+    # every hand-over to a newly started thread waits out the interpreter's switch
+    # interval (a scrape took ~100 ms that way, against ~4 ms here).
     allow_reuse_address = True
 
     def __init__(self, addr: tuple[str, int], render: MetricsRenderer) -> None:
@@ -149,7 +150,7 @@ class MetricsServer:
         return not self._stopped
 
     def stop(self) -> None:
-        """Stop serving, join the server's threads and release the port. Idempotent."""
+        """Stop serving, join the server's thread and release the port. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
