@@ -229,6 +229,7 @@ def test_dashboard_command_serves_until_ctrl_c() -> None:
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()
+            assert " at http" in line, (line, proc.poll())
             page_url = line.split(" at ")[1].split()[0]
             with urllib.request.urlopen(page_url + "api/scrape", timeout=10) as r:
                 data = json.loads(r.read())
@@ -238,5 +239,5 @@ def test_dashboard_command_serves_until_ctrl_c() -> None:
         finally:
             proc.send_signal(signal.SIGINT)
             out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
+    assert proc.returncode == 0, (out, err)
     assert "Traceback" not in err

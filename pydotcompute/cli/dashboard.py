@@ -60,15 +60,17 @@ def run_dashboard(
         console.print(f"[red]cannot serve on {args.addr}:{args.port}: {exc}[/red]")
         return 1
     stop = stop or threading.Event()
-    with server:
-        console.print(f"dashboard for {url} at [bold]{server.dashboard_url}[/bold] (Ctrl-C stops)")
-        if args.open:
-            webbrowser.open(server.dashboard_url)
-        try:
+    try:  # Ctrl-C at any moment from here on is the normal way out
+        with server:
+            console.print(
+                f"dashboard for {url} at [bold]{server.dashboard_url}[/bold] (Ctrl-C stops)"
+            )
+            if args.open:
+                webbrowser.open(server.dashboard_url)
             while not stop.wait(0.5):
                 pass
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
