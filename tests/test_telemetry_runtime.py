@@ -230,3 +230,44 @@ async def test_cpu_kernel_exact_values() -> None:
     assert s[("pydotcompute_kernel_messages_dropped_total", cpu("parked"))] == 6
     assert s[("pydotcompute_kernel_queue_depth", cpu("parked"))] == 4
     assert s[("pydotcompute_kernel_state", cpu("parked", state="launched"))] == 1
+
+
+async def test_flow_counters_of_a_real_flow() -> None:
+    from pydotcompute.coordinator import deploy, stage
+
+    attempts: dict[int, int] = {}
+
+    def double(x: int) -> int:
+        attempts[x] = attempts.get(x, 0) + 1
+        if x == 3 and attempts[x] == 1:
+            raise ValueError("fails once")
+        if x == 4:
+            raise ValueError("always fails")
+        return 2 * x
+
+    class FlowSource:
+        """How a runtime exposes the flows deployed on it."""
+
+        def __init__(self, flow) -> None:
+            self.flow = flow
+
+        def get_all_telemetry(self):
+            return {}
+
+        def get_flow_telemetry(self):
+            return {self.flow.name: self.flow.counters()}
+
+    async with await deploy(None, stage(double, retries=2, backoff=0.001), name="d") as flow:
+        for i in range(10):
+            await flow.submit(i)
+        await flow.drain()
+        with serve_metrics(FlowSource(flow), gpu=False) as server:
+            s = samples(await asyncio.to_thread(fetch, server.url))
+
+    d = frozenset({"flow": "d"}.items())
+    assert s[("pydotcompute_flow_items_submitted_total", d)] == 10
+    assert s[("pydotcompute_flow_items_completed_total", d)] == 9
+    assert s[("pydotcompute_flow_items_retried_total", d)] == 2  # item 3 once, item 4 once
+    assert s[("pydotcompute_flow_items_dead_lettered_total", d)] == 1
+    assert s[("pydotcompute_flow_items_in_flight", d)] == 0
+    assert s[("pydotcompute_flow_leases_lost_total", d)] == 0
