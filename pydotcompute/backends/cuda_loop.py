@@ -1,0 +1,374 @@
+"""The persistent device loop of the ``cuda`` backend, composed around a user handler.
+
+``compose_loop`` turns ``def handler(msg, out, state) -> bool`` (the same source the
+``cpu`` backend runs) into a numba-cuda device function and wraps it in a kernel
+that is launched once and then, until the host writes TERMINATE into the control
+block:
+
+1. thread 0 of each block reads the command word; when ACTIVE it claims up to
+   ``threads`` input positions with a device-scope compare-and-swap on a claim
+   counter in device memory (never on the shared ring header);
+2. every thread copies one claimed record out of the mapped input ring into its
+   local memory and calls the handler on it, with a zeroed local output record;
+3. thread 0 waits for its *turn* (the input ring's ``released`` index, shadowed in
+   device memory, equals its first claimed position), reserves room in the output
+   ring, the emitting threads write their outputs, and thread 0 publishes them and
+   then releases the input positions, which passes the turn to the next claim.
+
+Because outputs are published in claim order, **the output ring is FIFO with respect
+to the input ring**, whatever the number of blocks and threads: the handlers of one
+batch run in parallel, only the copy-out is ordered. A record for which the handler
+returns False produces nothing.
+
+Idle blocks back off with ``nanosleep`` (32 ns doubling up to ``idle_sleep_ns``).
+Counters live in device memory (``side``, device-scope atomics) and are mirrored
+into the mapped control block by single writers: the turn holder for the message
+counters, block 0 for heartbeat and idle polls, the last block to exit for all.
+
+``max_iterations`` > 0 bounds the number of loop iterations of each block; it exists
+for the simulator, which launches synchronously. Zero means run until TERMINATE.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numba import cuda, from_dtype
+
+from pydotcompute.rings.device import (
+    RING_OK,
+    SIMULATOR,
+    W_BACKPRESSURE,
+    W_DROP_BEFORE,
+    load_gpu,
+    load_sys,
+    pause,
+    publish_sys,
+    ring_check,
+    ring_claim,
+    ring_publish,
+    ring_release,
+    ring_room,
+    ring_stale,
+    store_sys,
+)
+
+__all__ = [
+    "ControlWords",
+    "SideWords",
+    "compose_loop",
+    "compile_loop",
+    "slot_dtype",
+    "ERROR_TEXT",
+]
+
+
+class ControlWords:
+    """Word indices of the control block: the same 1024-byte layout as the ``cpu``
+    backend's (one field per 128-byte line, byte offset = 8 x index). The host writes
+    ``STATE``; the device writes the rest."""
+
+    STATE = 0
+    PROCESSED = 16
+    EMITTED = 32
+    DROPPED = 48
+    IDLE_POLLS = 64
+    ERRORS = 80
+    HEARTBEAT = 96
+    ERROR_CODE = 112
+    NWORDS = 128
+
+    INACTIVE = 0
+    ACTIVE = 1
+    TERMINATE = 2
+
+    ERR_NONE = 0
+    ERR_HANDLER = 1
+    """The handler faulted (a CUDA error on the stream, or an exception in the simulator)."""
+    ERR_INPUT_RING = 20
+    """Plus a ``RING_BAD_*`` code: the input ring's header is not what was compiled for."""
+    ERR_OUTPUT_RING = 30
+    """Plus a ``RING_BAD_*`` code: the same for the output ring."""
+    ERR_BLOCK_SIZE = 40
+    """Launched with a block size other than the one the loop was compiled for."""
+
+
+ERROR_TEXT = {
+    ControlWords.ERR_HANDLER: "the handler faulted",
+    ControlWords.ERR_INPUT_RING + 1: "the input ring's header is not a version-1 ring",
+    ControlWords.ERR_INPUT_RING + 2: "the input ring's capacity or record size is not "
+    "the one the loop was compiled for",
+    ControlWords.ERR_INPUT_RING + 3: "the input ring is not host-to-device",
+    ControlWords.ERR_OUTPUT_RING + 1: "the output ring's header is not a version-1 ring",
+    ControlWords.ERR_OUTPUT_RING + 2: "the output ring's capacity or record size is not "
+    "the one the loop was compiled for",
+    ControlWords.ERR_OUTPUT_RING + 3: "the output ring is not device-to-host",
+    ControlWords.ERR_BLOCK_SIZE: "launched with a block size the loop was not compiled for",
+}
+
+
+class SideWords:
+    """Word indices of the device-side words (device memory, owned by the kernel)."""
+
+    IN_CLAIM = 0
+    IN_RELEASED = 1  # then dequeued, dropped_oldest (see ring_release)
+    OUT_PUBLISHED = 4  # then enqueued, dropped_newest, high_water (see ring_publish)
+    PROCESSED = 8
+    EMITTED = 9
+    DROPPED = 10
+    IDLE_POLLS = 11
+    EXITED = 12
+    ERROR_CODE = 13
+    NWORDS = 16
+
+
+_C = ControlWords
+_S = SideWords
+_BLOCK = 0
+_DROP_OLDEST = 2
+_DROP_NEWEST = 3
+_FIRST_SLEEP_NS = 32
+_OUT_WAIT_POLLS = 4096  # DROP_OLDEST output: polls waiting for the host to skip stale
+
+
+def slot_dtype(dtype: np.dtype) -> np.dtype:
+    """The record dtype widened to the ring's slot size (a multiple of 8 bytes), so the
+    slots of a ring can be viewed as one record array; fields are unchanged."""
+    size = (dtype.itemsize + 7) & ~7
+    if size == dtype.itemsize:
+        return dtype
+    fields = dtype.fields or {}
+    names = list(dtype.names or ())
+    return np.dtype(
+        {
+            "names": names,
+            "formats": [fields[n][0] for n in names],
+            "offsets": [fields[n][1] for n in names],
+            "itemsize": size,
+        }
+    )
+
+
+def compose_loop(
+    handler: Callable[..., Any],
+    in_dtype: np.dtype,
+    out_dtype: np.dtype,
+    threads: int,
+    idle_sleep_ns: int,
+) -> Any:
+    """The persistent kernel around ``handler`` (a Python function), not yet compiled.
+
+    Arguments of the kernel: ``in_hdr``/``out_hdr`` (int64 views of the ring headers),
+    ``in_slots``/``out_slots`` (record views of the slots), ``ctrl`` (int64 control
+    block), ``side`` (int64 device words), ``state`` (the handler's state array),
+    ``out_zero`` (one zeroed output record) and ``max_iterations``. Rings, ``ctrl``
+    in mapped host memory; ``side``, ``state`` and ``out_zero`` in device memory.
+    """
+    device_handler = cuda.jit(device=True)(handler)
+    in_slot, out_slot = slot_dtype(in_dtype), slot_dtype(out_dtype)
+    in_rec: Any = in_slot if SIMULATOR else from_dtype(in_slot)
+    out_rec: Any = out_slot if SIMULATOR else from_dtype(out_slot)
+    in_rs, in_ss = in_dtype.itemsize, in_slot.itemsize
+    out_rs, out_ss = out_dtype.itemsize, out_slot.itemsize
+    nthreads = threads
+    max_sleep = idle_sleep_ns
+
+    def ring_loop(
+        in_hdr, in_slots, out_hdr, out_slots, ctrl, side, state, out_zero, max_iterations
+    ):  # type: ignore[no-untyped-def]
+        tid = cuda.threadIdx.x
+        lead = tid == 0
+        # shared: 0 action (<0 exit, 0 nothing, >0 claimed count), 1 first position,
+        # 2 stale count, 3 output start, 4 outputs that fit, 5 outputs emitted
+        sh = cuda.shared.array(6, np.int64)
+        slot_of = cuda.shared.array(nthreads, np.int32)
+        msg = cuda.local.array(1, in_rec)
+        out = cuda.local.array(1, out_rec)
+        in_cap = in_slots.shape[0]
+        out_cap = out_slots.shape[0]
+        if lead:
+            code = 0
+            if cuda.blockDim.x != nthreads:
+                code = _C.ERR_BLOCK_SIZE
+            else:
+                chk = ring_check(in_hdr, in_cap, in_rs, in_ss, 0, 1)
+                if chk != RING_OK:
+                    code = _C.ERR_INPUT_RING + chk
+                else:
+                    chk = ring_check(out_hdr, out_cap, out_rs, out_ss, 1, 0)
+                    if chk != RING_OK:
+                        code = _C.ERR_OUTPUT_RING + chk
+            sh[0] = 0
+            if code != 0:
+                side[_S.ERROR_CODE] = code
+                publish_sys(ctrl, _C.ERROR_CODE, code)
+                sh[0] = -1
+        cuda.syncthreads()
+        out_strategy = out_hdr[W_BACKPRESSURE]
+        idle_sleep = 0
+        iteration = 0
+        while sh[0] >= 0:
+            # -- 1. the leader decides what this block does this round
+            if lead:
+                command = load_sys(ctrl, _C.STATE)
+                k = 0
+                c = 0
+                stale = 0
+                if (
+                    command == _C.TERMINATE
+                    or (max_iterations > 0 and iteration >= max_iterations)
+                    or load_gpu(side, _S.ERROR_CODE) != 0
+                ):
+                    k = -1
+                else:
+                    c, k = ring_claim(in_hdr, side, _S.IN_CLAIM, nthreads, command != _C.ACTIVE)
+                    if k > 0:
+                        stale = ring_stale(in_hdr, c, k)
+                if k == 0:
+                    if command == _C.ACTIVE:
+                        cuda.atomic.add(side, _S.IDLE_POLLS, 1)
+                    idle_sleep = _FIRST_SLEEP_NS if idle_sleep == 0 else idle_sleep * 2
+                    if idle_sleep > max_sleep:
+                        idle_sleep = max_sleep
+                else:
+                    idle_sleep = 0
+                if cuda.blockIdx.x == 0:
+                    store_sys(ctrl, _C.HEARTBEAT, iteration + 1)
+                    store_sys(ctrl, _C.IDLE_POLLS, cuda.atomic.add(side, _S.IDLE_POLLS, 0))
+                sh[0] = k
+                sh[1] = c
+                sh[2] = stale
+                if idle_sleep > 0:
+                    pause(idle_sleep)
+            cuda.syncthreads()
+            k = sh[0]
+            if k > 0:
+                c = sh[1]
+                stale = sh[2]
+                # -- 2. every thread runs the handler on one record
+                emit = False
+                if tid >= stale and tid < k:
+                    msg[0] = in_slots[(c + tid) % in_cap]
+                    out[0] = out_zero[0]
+                    emit = device_handler(msg[0], out[0], state)
+                slot_of[tid] = 1 if emit else 0
+                cuda.syncthreads()
+                # -- 3. in claim order: reserve output, write it, publish, release input
+                if lead:
+                    m = 0
+                    for i in range(nthreads):
+                        e = slot_of[i]
+                        slot_of[i] = m
+                        m += e
+                    wait = 0
+                    while load_gpu(side, _S.IN_RELEASED) != c:
+                        wait = 1024 if wait >= 512 else wait * 2 + 32
+                        pause(wait)
+                    r = load_gpu(side, _S.OUT_PUBLISHED)
+                    fit = m
+                    room = ring_room(out_hdr, r, out_cap)
+                    polls = 0
+                    while room < fit:
+                        if out_strategy == _DROP_NEWEST:
+                            fit = room
+                        elif load_sys(ctrl, _C.STATE) == _C.TERMINATE or (
+                            out_strategy == _DROP_OLDEST and polls >= _OUT_WAIT_POLLS
+                        ):
+                            fit = room if room > 0 else 0
+                        else:
+                            if out_strategy == _DROP_OLDEST:
+                                # Ask the host to skip what it has not read yet (6.3.2).
+                                want = r + fit - out_cap
+                                if want > out_hdr[W_DROP_BEFORE]:
+                                    publish_sys(out_hdr, W_DROP_BEFORE, want)
+                            polls += 1
+                            pause(1024)
+                            room = ring_room(out_hdr, r, out_cap)
+                    sh[3] = r
+                    sh[4] = fit
+                    sh[5] = m
+                cuda.syncthreads()
+                r = sh[3]
+                fit = sh[4]
+                if emit and slot_of[tid] < fit:
+                    out_slots[(r + slot_of[tid]) % out_cap] = out[0]
+                cuda.syncthreads()
+                if lead:
+                    lost = sh[5] - fit
+                    if lost > 0 and out_strategy == _BLOCK:
+                        # Only a terminating kernel gives up on a blocking output.
+                        dropped = side[_S.DROPPED] + lost
+                        side[_S.DROPPED] = dropped
+                        store_sys(ctrl, _C.DROPPED, dropped)
+                        lost = 0
+                    ring_publish(out_hdr, side, _S.OUT_PUBLISHED, r, fit, lost)
+                    processed = side[_S.PROCESSED] + (k - stale)
+                    side[_S.PROCESSED] = processed
+                    emitted = side[_S.EMITTED] + fit
+                    side[_S.EMITTED] = emitted
+                    store_sys(ctrl, _C.PROCESSED, processed)
+                    store_sys(ctrl, _C.EMITTED, emitted)
+                    ring_release(in_hdr, side, _S.IN_RELEASED, c, k, stale)
+            iteration += 1
+        # -- exit: the last block out mirrors every counter once more
+        if lead:
+            gone = cuda.atomic.add(side, _S.EXITED, 1) + 1
+            if gone == cuda.gridDim.x:
+                store_sys(ctrl, _C.PROCESSED, side[_S.PROCESSED])
+                store_sys(ctrl, _C.EMITTED, side[_S.EMITTED])
+                store_sys(ctrl, _C.DROPPED, side[_S.DROPPED])
+                store_sys(ctrl, _C.IDLE_POLLS, side[_S.IDLE_POLLS])
+                cuda.threadfence_system()
+
+    return ring_loop
+
+
+# One compiled loop per kernel type: (handler, record dtypes, state type, block size,
+# back-off). A kernel type launched many times compiles once. Weak keys: a handler
+# that goes away takes its compiled code with it.
+_LOOPS: weakref.WeakKeyDictionary[Callable[..., Any], dict[tuple[Any, ...], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_LOOPS_LOCK = threading.Lock()
+
+
+def compile_loop(
+    handler: Callable[..., Any],
+    in_dtype: np.dtype,
+    out_dtype: np.dtype,
+    state: np.ndarray,
+    threads: int,
+    idle_sleep_ns: int,
+) -> Any:
+    """The persistent kernel for this handler and these types, compiled once (cached).
+
+    On a GPU the kernel is compiled here for its one signature; under the simulator
+    there is nothing to compile. Raises numba's typing error when the handler does
+    not compile for these record dtypes."""
+    py = getattr(handler, "py_func", handler)
+    key = (in_dtype, out_dtype, state.dtype, state.ndim, threads, idle_sleep_ns)
+    with _LOOPS_LOCK:
+        per_handler = _LOOPS.setdefault(py, {})
+        kernel = per_handler.get(key)
+        if kernel is None:
+            kernel = cuda.jit(compose_loop(py, in_dtype, out_dtype, threads, idle_sleep_ns))
+            if not SIMULATOR:
+                kernel.compile(loop_signature(in_dtype, out_dtype, state))
+            per_handler[key] = kernel
+    return kernel
+
+
+def loop_signature(in_dtype: np.dtype, out_dtype: np.dtype, state: np.ndarray) -> tuple[Any, ...]:
+    """Argument types of the composed kernel (see ``compose_loop``)."""
+    from numba import typeof, types
+
+    in_slot, out_slot = slot_dtype(in_dtype), slot_dtype(out_dtype)
+    words = types.int64[::1]
+    in_recs = types.Array(from_dtype(in_slot), 1, "C")
+    out_recs = types.Array(from_dtype(out_slot), 1, "C")
+    state_t = types.Array(typeof(state).dtype, state.ndim, "C")
+    return (words, in_recs, words, out_recs, words, words, state_t, out_recs, types.int64)
