@@ -73,8 +73,11 @@ class KernelContext:
     async def receive(self, timeout: float | None = None) -> Any:
         """The next input message; ``QueueTimeoutError`` if none within ``timeout`` s."""
         t = self._pending_t
-        if t:
-            self._finish(t)
+        if t:  # the previous message is done (inline: this runs once per message)
+            self._pending_t = 0
+            self.processed += 1
+            if t != 1:
+                self._loop.latency.record(_perf_ns() - t)
         inbox = self._inbox
         items = inbox.items
         if items and inbox.deliver:  # no-wait path inline: this runs once per message
@@ -90,7 +93,10 @@ class KernelContext:
         """Emit an output message (read by ``runtime.receive``)."""
         t = self._pending_t
         if t:
-            self._finish(t)
+            self._pending_t = 0
+            self.processed += 1
+            if t != 1:
+                self._loop.latency.record(_perf_ns() - t)
         otype = self._output_type
         if otype is not None and not isinstance(msg, otype):
             raise TypeError(
