@@ -56,8 +56,16 @@ def require_cuda_backend() -> bool:
     Raises ``BackendNotAvailableError`` with the reason otherwise."""
     try:
         from pydotcompute.backends.probe import require_cuda
-    except ImportError as exc:  # pragma: no cover - the probe ships with the package
-        raise BackendNotAvailableError(f"the CUDA probe is unavailable: {exc}") from exc
+    except ImportError:
+        # Without the full probe, ask numba-cuda alone (it knows the driver and devices).
+        if _simulator():
+            return True
+        cuda = _cuda()
+        if not cuda.is_available():
+            raise BackendNotAvailableError(
+                f"CUDA is not usable: {cuda.cuda_error() or 'no CUDA device visible'}"
+            ) from None
+        return False
     found = require_cuda(allow_simulator=True)
     return bool(found.simulator)
 
@@ -189,11 +197,13 @@ class CudaKernelLoop(KernelLoop):
             np.zeros(1, np.float64) if config.state is None else np.array(config.state, copy=True)
         )
         if self.state.ndim == 0 or self.state.size == 0:
-            self.state = self.state.reshape(-1) if self.state.size else np.zeros(1, self.state.dtype)
+            self.state = (
+                self.state.reshape(-1) if self.state.size else np.zeros(1, self.state.dtype)
+            )
         self.blocks = 0
         self.kernel: Any = None
-        self.inbox: MappedRing | None = None
-        self.outbox: MappedRing | None = None
+        self.in_ring: MappedRing | None = None
+        self.out_ring: MappedRing | None = None
         self.control: MappedControl | None = None
         self._side: Any = None
         self._d_state: Any = None
@@ -221,14 +231,14 @@ class CudaKernelLoop(KernelLoop):
             if cfg.backpressure is BackpressureStrategy.REJECT
             else cfg.backpressure
         )
-        self.inbox = MappedRing(
+        self.in_ring = MappedRing(
             ring_capacity_for(cfg.queue_size),
             self.in_dtype,
             cfg.backpressure,
             RingSide.HOST,
             RingSide.DEVICE,
         )
-        self.outbox = MappedRing(
+        self.out_ring = MappedRing(
             ring_capacity_for(cfg.effective_output_queue_size),
             self.out_dtype,
             out_strategy,
@@ -258,10 +268,10 @@ class CudaKernelLoop(KernelLoop):
         cuda = _cuda()
         side = np.zeros(SideWords.NWORDS, np.int64)
         # Device-side counters start from the shared indices they shadow (3.1).
-        in_c = self.inbox.host.counters()
+        in_c = self.in_ring.host.counters()
         side[SideWords.IN_CLAIM] = side[SideWords.IN_RELEASED] = in_c.released
-        side[SideWords.OUT_PUBLISHED] = self.outbox.host.counters().published
-        out_zero = np.zeros(1, self.outbox.slots.dtype)
+        side[SideWords.OUT_PUBLISHED] = self.out_ring.host.counters().published
+        out_zero = np.zeros(1, self.out_ring.slots.dtype)
         args_host = (side, self.state, out_zero)
         if self.simulator:
             self._side, self._d_state, d_zero = (cuda.to_device(a) for a in args_host)
@@ -297,12 +307,12 @@ class CudaKernelLoop(KernelLoop):
         return min(fits, wanted)
 
     def _args(self, d_zero: Any, max_iterations: int) -> tuple[Any, ...]:
-        assert self.inbox and self.outbox and self.control
+        assert self.in_ring and self.out_ring and self.control
         return (
-            self.inbox.hdr,
-            self.inbox.slots,
-            self.outbox.hdr,
-            self.outbox.slots,
+            self.in_ring.hdr,
+            self.in_ring.slots,
+            self.out_ring.hdr,
+            self.out_ring.slots,
             self.control.device,
             self._side,
             self._d_state,
@@ -455,18 +465,18 @@ class CudaKernelLoop(KernelLoop):
 
     def try_put(self, msg: Any) -> bool:
         self._check_open()
-        assert self.inbox is not None
+        assert self.in_ring is not None
         rec = self._record_of(msg)
-        if self.inbox.host.try_push_batch(rec) == len(rec):
+        if self.in_ring.host.try_push_batch(rec) == len(rec):
             return True
         strategy = self.config.backpressure
         if strategy is BackpressureStrategy.REJECT:
-            self.inbox.host.push_batch(rec)  # counts the rejection
+            self.in_ring.host.push_batch(rec)  # counts the rejection
             raise QueueFullError(
-                f"input ring of {self.kernel_id!r} is full ({self.inbox.host.capacity}): rejected"
+                f"input ring of {self.kernel_id!r} is full ({self.in_ring.host.capacity}): rejected"
             )
         if strategy is BackpressureStrategy.DROP_NEWEST:
-            self.inbox.host.push_batch(rec)  # counts the drop
+            self.in_ring.host.push_batch(rec)  # counts the drop
             return True
         return False
 
@@ -476,17 +486,17 @@ class CudaKernelLoop(KernelLoop):
 
     async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
         self._check_open()
-        assert self.inbox is not None
+        assert self.in_ring is not None
         records = self._check_batch(records)
         strategy = self.config.backpressure
         if strategy is BackpressureStrategy.BLOCK:
-            placed = self.inbox.host.try_push_batch(records)
+            placed = self.in_ring.host.try_push_batch(records)
             if placed == len(records):
                 return placed
             return await self._push_rest(records, placed, timeout)
         if strategy is BackpressureStrategy.DROP_OLDEST:
             return await self._push_rest(records, 0, timeout)
-        return self.inbox.host.push_batch(records)
+        return self.in_ring.host.push_batch(records)
 
     async def _push_rest(self, records: np.ndarray, placed: int, timeout: float | None) -> int:
         """Wait for room without blocking the event loop (BLOCK; DROP_OLDEST waits for
@@ -494,8 +504,8 @@ class CudaKernelLoop(KernelLoop):
         from pydotcompute.rings.host_ops import ring_add_counter, ring_push
         from pydotcompute.rings.layout import OFF_DROPPED_NEWEST
 
-        assert self.inbox is not None
-        buf = self.inbox.host.buffer
+        assert self.in_ring is not None
+        buf = self.in_ring.host.buffer
         raw = records.view(np.uint8)
         rs = records.dtype.itemsize
         n = len(records)
@@ -522,8 +532,8 @@ class CudaKernelLoop(KernelLoop):
     # -- output ----------------------------------------------------------------------
 
     def try_get(self, default: Any) -> Any:
-        assert self.outbox is not None
-        got = self.outbox.host.pop_batch(1, timeout=0)
+        assert self.out_ring is not None
+        got = self.out_ring.host.pop_batch(1, timeout=0)
         return self._message_of(got[0]) if len(got) else default
 
     def _message_of(self, rec: np.void) -> Any:
@@ -539,8 +549,8 @@ class CudaKernelLoop(KernelLoop):
     async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
-        assert self.outbox is not None
-        ring = self.outbox.host
+        assert self.out_ring is not None
+        ring = self.out_ring.host
         got = ring.pop_batch(max_items, timeout=0)
         if len(got):
             return got
@@ -579,11 +589,11 @@ class CudaKernelLoop(KernelLoop):
     def telemetry(self, state: str) -> KernelTelemetry:
         from pydotcompute.backends.cuda_loop import ControlWords as W
 
-        if self.control is None or self.inbox is None or self.outbox is None:
+        if self.control is None or self.in_ring is None or self.out_ring is None:
             return KernelTelemetry(kernel_id=self.kernel_id, backend=self.backend, state=state)
         cb = self.control
-        inc = self.inbox.host.counters()
-        outc = self.outbox.host.counters()
+        inc = self.in_ring.host.counters()
+        outc = self.out_ring.host.counters()
         active = self._active_total + (
             time.monotonic() - self._active_since if self._active_since else 0.0
         )
@@ -598,7 +608,7 @@ class CudaKernelLoop(KernelLoop):
             messages_rejected=inc.rejected,
             errors=1 if self.failure is not None else 0,
             queue_depth=inc.depth,
-            queue_capacity=self.inbox.host.capacity,
+            queue_capacity=self.in_ring.host.capacity,
             output_queue_depth=outc.depth,
             throughput=processed / active if active > 0 else 0.0,
             idle_polls=cb[W.IDLE_POLLS],

@@ -126,13 +126,61 @@ class SideWords:
     NWORDS = 16
 
 
-_C = ControlWords
-_S = SideWords
+# Plain ints for device code (numba cannot read class attributes there).
+_C_ACTIVE = ControlWords.ACTIVE
+_C_DROPPED = ControlWords.DROPPED
+_C_EMITTED = ControlWords.EMITTED
+_C_ERROR_CODE = ControlWords.ERROR_CODE
+_C_ERR_BLOCK_SIZE = ControlWords.ERR_BLOCK_SIZE
+_C_ERR_INPUT_RING = ControlWords.ERR_INPUT_RING
+_C_ERR_OUTPUT_RING = ControlWords.ERR_OUTPUT_RING
+_C_HEARTBEAT = ControlWords.HEARTBEAT
+_C_IDLE_POLLS = ControlWords.IDLE_POLLS
+_C_PROCESSED = ControlWords.PROCESSED
+_C_STATE = ControlWords.STATE
+_C_TERMINATE = ControlWords.TERMINATE
+_S_DROPPED = SideWords.DROPPED
+_S_EMITTED = SideWords.EMITTED
+_S_ERROR_CODE = SideWords.ERROR_CODE
+_S_EXITED = SideWords.EXITED
+_S_IDLE_POLLS = SideWords.IDLE_POLLS
+_S_IN_CLAIM = SideWords.IN_CLAIM
+_S_IN_RELEASED = SideWords.IN_RELEASED
+_S_OUT_PUBLISHED = SideWords.OUT_PUBLISHED
+_S_PROCESSED = SideWords.PROCESSED
 _BLOCK = 0
 _DROP_OLDEST = 2
 _DROP_NEWEST = 3
 _FIRST_SLEEP_NS = 32
 _OUT_WAIT_POLLS = 4096  # DROP_OLDEST output: polls waiting for the host to skip stale
+
+
+@cuda.jit(device=True)
+def output_fit(out_hdr, ctrl, r, remaining, cap, strategy):  # type: ignore[no-untyped-def]
+    """How many of ``remaining`` outputs to place at position ``r`` now, and how many
+    to give up: ``(fit, lost)``. BLOCK waits for room (gives up only on TERMINATE);
+    DROP_NEWEST drops what does not fit; DROP_OLDEST raises the ``drop_before``
+    watermark so the host skips stale outputs (6.3.2), waits a bounded number of
+    polls, then drops the rest as newest. Places what fits when some room is free."""
+    polls = 0
+    while True:
+        room = ring_room(out_hdr, r, cap)
+        if room >= remaining:
+            return remaining, 0
+        if strategy == _DROP_NEWEST:
+            return room, remaining - room
+        if room > 0:
+            return room, 0
+        if load_sys(ctrl, _C_STATE) == _C_TERMINATE or (
+            strategy == _DROP_OLDEST and polls >= _OUT_WAIT_POLLS
+        ):
+            return 0, remaining
+        if strategy == _DROP_OLDEST:
+            want = r + (remaining if remaining < cap else cap) - cap
+            if want > out_hdr[W_DROP_BEFORE]:
+                publish_sys(out_hdr, W_DROP_BEFORE, want)
+        polls += 1
+        pause(1024)
 
 
 def slot_dtype(dtype: np.dtype) -> np.dtype:
@@ -176,6 +224,7 @@ def compose_loop(
     out_rs, out_ss = out_dtype.itemsize, out_slot.itemsize
     nthreads = threads
     max_sleep = idle_sleep_ns
+    on_gpu = not SIMULATOR
 
     def ring_loop(
         in_hdr, in_slots, out_hdr, out_slots, ctrl, side, state, out_zero, max_iterations
@@ -183,7 +232,7 @@ def compose_loop(
         tid = cuda.threadIdx.x
         lead = tid == 0
         # shared: 0 action (<0 exit, 0 nothing, >0 claimed count), 1 first position,
-        # 2 stale count, 3 output start, 4 outputs that fit, 5 outputs emitted
+        # 2 stale count, 3 output start, 4 outputs placed now, 5 last chunk
         sh = cuda.shared.array(6, np.int64)
         slot_of = cuda.shared.array(nthreads, np.int32)
         msg = cuda.local.array(1, in_rec)
@@ -193,19 +242,19 @@ def compose_loop(
         if lead:
             code = 0
             if cuda.blockDim.x != nthreads:
-                code = _C.ERR_BLOCK_SIZE
+                code = _C_ERR_BLOCK_SIZE
             else:
                 chk = ring_check(in_hdr, in_cap, in_rs, in_ss, 0, 1)
                 if chk != RING_OK:
-                    code = _C.ERR_INPUT_RING + chk
+                    code = _C_ERR_INPUT_RING + chk
                 else:
                     chk = ring_check(out_hdr, out_cap, out_rs, out_ss, 1, 0)
                     if chk != RING_OK:
-                        code = _C.ERR_OUTPUT_RING + chk
+                        code = _C_ERR_OUTPUT_RING + chk
             sh[0] = 0
             if code != 0:
-                side[_S.ERROR_CODE] = code
-                publish_sys(ctrl, _C.ERROR_CODE, code)
+                side[_S_ERROR_CODE] = code
+                publish_sys(ctrl, _C_ERROR_CODE, code)
                 sh[0] = -1
         cuda.syncthreads()
         out_strategy = out_hdr[W_BACKPRESSURE]
@@ -214,31 +263,31 @@ def compose_loop(
         while sh[0] >= 0:
             # -- 1. the leader decides what this block does this round
             if lead:
-                command = load_sys(ctrl, _C.STATE)
+                command = load_sys(ctrl, _C_STATE)
                 k = 0
                 c = 0
                 stale = 0
                 if (
-                    command == _C.TERMINATE
+                    command == _C_TERMINATE
                     or (max_iterations > 0 and iteration >= max_iterations)
-                    or load_gpu(side, _S.ERROR_CODE) != 0
+                    or load_gpu(side, _S_ERROR_CODE) != 0
                 ):
                     k = -1
                 else:
-                    c, k = ring_claim(in_hdr, side, _S.IN_CLAIM, nthreads, command != _C.ACTIVE)
+                    c, k = ring_claim(in_hdr, side, _S_IN_CLAIM, nthreads, command != _C_ACTIVE)
                     if k > 0:
                         stale = ring_stale(in_hdr, c, k)
                 if k == 0:
-                    if command == _C.ACTIVE:
-                        cuda.atomic.add(side, _S.IDLE_POLLS, 1)
+                    if command == _C_ACTIVE:
+                        cuda.atomic.add(side, _S_IDLE_POLLS, 1)
                     idle_sleep = _FIRST_SLEEP_NS if idle_sleep == 0 else idle_sleep * 2
                     if idle_sleep > max_sleep:
                         idle_sleep = max_sleep
                 else:
                     idle_sleep = 0
                 if cuda.blockIdx.x == 0:
-                    store_sys(ctrl, _C.HEARTBEAT, iteration + 1)
-                    store_sys(ctrl, _C.IDLE_POLLS, cuda.atomic.add(side, _S.IDLE_POLLS, 0))
+                    store_sys(ctrl, _C_HEARTBEAT, iteration + 1)
+                    store_sys(ctrl, _C_IDLE_POLLS, cuda.atomic.add(side, _S_IDLE_POLLS, 0))
                 sh[0] = k
                 sh[1] = c
                 sh[2] = stale
@@ -252,76 +301,77 @@ def compose_loop(
                 # -- 2. every thread runs the handler on one record
                 emit = False
                 if tid >= stale and tid < k:
-                    msg[0] = in_slots[(c + tid) % in_cap]
-                    out[0] = out_zero[0]
-                    emit = device_handler(msg[0], out[0], state)
+                    if on_gpu:
+                        # One pass of loads over PCIe; the handler then reads local memory.
+                        msg[0] = in_slots[(c + tid) & (in_cap - 1)]
+                        out[0] = out_zero[0]
+                        emit = device_handler(msg[0], out[0], state)
+                    else:
+                        # The simulator hands out records of kernel arguments wrapped,
+                        # so it reads the slot in place and clears with numpy.
+                        out[:] = 0
+                        rec = out.view(np.recarray)[0]  # numpy records take attribute writes
+                        emit = device_handler(in_slots[(c + tid) & (in_cap - 1)], rec, state)
                 slot_of[tid] = 1 if emit else 0
                 cuda.syncthreads()
                 # -- 3. in claim order: reserve output, write it, publish, release input
+                m = 0
                 if lead:
-                    m = 0
                     for i in range(nthreads):
                         e = slot_of[i]
-                        slot_of[i] = m
+                        slot_of[i] = m  # exclusive prefix sum: the output's place
                         m += e
                     wait = 0
-                    while load_gpu(side, _S.IN_RELEASED) != c:
+                    while load_gpu(side, _S_IN_RELEASED) != c:
                         wait = 1024 if wait >= 512 else wait * 2 + 32
                         pause(wait)
-                    r = load_gpu(side, _S.OUT_PUBLISHED)
-                    fit = m
-                    room = ring_room(out_hdr, r, out_cap)
-                    polls = 0
-                    while room < fit:
-                        if out_strategy == _DROP_NEWEST:
-                            fit = room
-                        elif load_sys(ctrl, _C.STATE) == _C.TERMINATE or (
-                            out_strategy == _DROP_OLDEST and polls >= _OUT_WAIT_POLLS
-                        ):
-                            fit = room if room > 0 else 0
-                        else:
-                            if out_strategy == _DROP_OLDEST:
-                                # Ask the host to skip what it has not read yet (6.3.2).
-                                want = r + fit - out_cap
-                                if want > out_hdr[W_DROP_BEFORE]:
-                                    publish_sys(out_hdr, W_DROP_BEFORE, want)
-                            polls += 1
-                            pause(1024)
-                            room = ring_room(out_hdr, r, out_cap)
-                    sh[3] = r
-                    sh[4] = fit
-                    sh[5] = m
-                cuda.syncthreads()
-                r = sh[3]
-                fit = sh[4]
-                if emit and slot_of[tid] < fit:
-                    out_slots[(r + slot_of[tid]) % out_cap] = out[0]
-                cuda.syncthreads()
+                # Outputs go out in chunks as room appears (a batch may exceed the ring).
+                done = 0
+                while True:
+                    fit = 0
+                    lost = 0
+                    if lead:
+                        r = load_gpu(side, _S_OUT_PUBLISHED)
+                        fit, lost = output_fit(out_hdr, ctrl, r, m - done, out_cap, out_strategy)
+                        sh[3] = r
+                        sh[4] = fit
+                        sh[5] = 1 if done + fit + lost >= m else 0
+                    cuda.syncthreads()
+                    r = sh[3]
+                    chunk = sh[4]
+                    final = sh[5]
+                    j = slot_of[tid] - done
+                    if emit and j >= 0 and j < chunk:
+                        out_slots[(r + j) & (out_cap - 1)] = out[0]
+                    cuda.syncthreads()
+                    if lead:
+                        if lost > 0 and out_strategy == _BLOCK:
+                            # Only a terminating kernel gives up on a blocking output.
+                            dropped = side[_S_DROPPED] + lost
+                            side[_S_DROPPED] = dropped
+                            store_sys(ctrl, _C_DROPPED, dropped)
+                            lost = 0
+                        ring_publish(out_hdr, side, _S_OUT_PUBLISHED, r, fit, lost)
+                    done += chunk
+                    if final:
+                        break
                 if lead:
-                    lost = sh[5] - fit
-                    if lost > 0 and out_strategy == _BLOCK:
-                        # Only a terminating kernel gives up on a blocking output.
-                        dropped = side[_S.DROPPED] + lost
-                        side[_S.DROPPED] = dropped
-                        store_sys(ctrl, _C.DROPPED, dropped)
-                        lost = 0
-                    ring_publish(out_hdr, side, _S.OUT_PUBLISHED, r, fit, lost)
-                    processed = side[_S.PROCESSED] + (k - stale)
-                    side[_S.PROCESSED] = processed
-                    emitted = side[_S.EMITTED] + fit
-                    side[_S.EMITTED] = emitted
-                    store_sys(ctrl, _C.PROCESSED, processed)
-                    store_sys(ctrl, _C.EMITTED, emitted)
-                    ring_release(in_hdr, side, _S.IN_RELEASED, c, k, stale)
+                    processed = side[_S_PROCESSED] + (k - stale)
+                    side[_S_PROCESSED] = processed
+                    emitted = side[_S_EMITTED] + done
+                    side[_S_EMITTED] = emitted
+                    store_sys(ctrl, _C_PROCESSED, processed)
+                    store_sys(ctrl, _C_EMITTED, emitted)
+                    ring_release(in_hdr, side, _S_IN_RELEASED, c, k, stale)
             iteration += 1
         # -- exit: the last block out mirrors every counter once more
         if lead:
-            gone = cuda.atomic.add(side, _S.EXITED, 1) + 1
+            gone = cuda.atomic.add(side, _S_EXITED, 1) + 1
             if gone == cuda.gridDim.x:
-                store_sys(ctrl, _C.PROCESSED, side[_S.PROCESSED])
-                store_sys(ctrl, _C.EMITTED, side[_S.EMITTED])
-                store_sys(ctrl, _C.DROPPED, side[_S.DROPPED])
-                store_sys(ctrl, _C.IDLE_POLLS, side[_S.IDLE_POLLS])
+                store_sys(ctrl, _C_PROCESSED, side[_S_PROCESSED])
+                store_sys(ctrl, _C_EMITTED, side[_S_EMITTED])
+                store_sys(ctrl, _C_DROPPED, side[_S_DROPPED])
+                store_sys(ctrl, _C_IDLE_POLLS, side[_S_IDLE_POLLS])
                 cuda.threadfence_system()
 
     return ring_loop

@@ -33,7 +33,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-
 from numba import cuda, types
 
 from pydotcompute.rings.layout import (
