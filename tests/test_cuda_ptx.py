@@ -53,7 +53,7 @@ def _ptx(fn) -> str:  # type: ignore[no-untyped-def]
     from pydotcompute.backends.cuda_loop import compose_loop, loop_signature
 
     with mock.patch.object(dispatcher, "get_current_device", _Device):
-        loop = compose_loop(fn, IN, OUT, 64, 4000)
+        loop = compose_loop(fn, IN, OUT, 64, 8, 4000)
         ptx, _ = cuda.compile_ptx(loop, loop_signature(IN, OUT, np.zeros(1)), cc=CC)
     return str(ptx)
 

@@ -73,6 +73,7 @@ if SIM:
             in_cap: int = 8,
             out_cap: int = 16,
             threads: int = 4,
+            items: int = 2,
             in_bp: B = B.BLOCK,
             out_bp: B = B.BLOCK,
             handler=add_fields,  # type: ignore[no-untyped-def]
@@ -84,11 +85,17 @@ if SIM:
             self.state = cuda.to_device(np.zeros(2))
             self.side = cuda.to_device(np.zeros(S.NWORDS, np.int64))
             self.zero = cuda.to_device(np.zeros(1, self.out.slots.dtype))
-            self.kernel = compile_loop(handler, IN, OUT, np.zeros(2), threads, 1000)
+            self.kernel = compile_loop(handler, IN, OUT, np.zeros(2), threads, items, 1000)
 
-        def run(self, iterations: int, command: int = W.ACTIVE, threads: int | None = None) -> None:
+        def run(
+            self,
+            iterations: int,
+            command: int = W.ACTIVE,
+            threads: int | None = None,
+            blocks: int = 1,
+        ) -> None:
             self.ctl.set_state(command)
-            self.kernel[1, threads or self.threads](
+            self.kernel[blocks, threads or self.threads](
                 self.inp.hdr,
                 self.inp.slots,
                 self.out.hdr,
@@ -195,6 +202,18 @@ if SIM:
         assert rig.ctl[W.IDLE_POLLS] >= 2 and rig.ctl[W.HEARTBEAT] >= 3
         assert rig.ctl[W.ERROR_CODE] == 0
         assert rig.inp.host.counters().dequeued == 14
+
+    @sim
+    def test_blocks_share_one_input_ring_through_the_device_claim_counter() -> None:
+        # The simulator runs blocks one after another: block 0 takes two rounds of
+        # 8 records, block 1 the rest; the last block out mirrors the counters.
+        rig = Rig(in_cap=32, out_cap=32, threads=4, items=2)
+        ids = list(range(20))
+        rig.inp.host.push_batch(records(ids))
+        rig.run(2, blocks=2)
+        assert rig.outputs() == rig.expected(ids)
+        assert rig.side.copy_to_host()[S.EXITED] == 2
+        assert rig.ctl[W.PROCESSED] == 20 and rig.inp.host.counters().released == 20
 
     @sim
     def test_paused_loop_leaves_records_queued() -> None:

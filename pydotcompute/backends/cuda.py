@@ -12,7 +12,9 @@ launched per message or per batch.
 Output order: FIFO with respect to the input ring (see ``cuda_loop``).
 
 Options read from ``config.extra``: ``threads`` (block size, default 128; 4 under
-the simulator), ``blocks`` (upper bound on the grid, default one block per SM; the
+the simulator), ``items_per_thread`` (records one thread handles per round, default
+8; 2 under the simulator: a block claims up to ``threads * items_per_thread``
+records at once), ``blocks`` (upper bound on the grid, default one block per SM; the
 grid is the smaller of this and what the occupancy calculator says fits at once)
 and ``idle_sleep_ns`` (longest ``nanosleep`` of an idle block, default 4000).
 
@@ -189,6 +191,7 @@ class CudaKernelLoop(KernelLoop):
         self.out_dtype = _record_dtype(output_type, "output", kernel_id)
         extra = config.extra
         self.threads = _positive(extra, "threads", 4 if self.simulator else 128)
+        self.items = _positive(extra, "items_per_thread", 2 if self.simulator else 8)
         self.max_blocks = extra.get("blocks")
         if self.max_blocks is not None:
             self.max_blocks = _positive(extra, "blocks", 1)
@@ -254,6 +257,7 @@ class CudaKernelLoop(KernelLoop):
                 self.out_dtype,
                 self.state,
                 self.threads,
+                self.items,
                 self.idle_sleep_ns,
             )
         except Exception as exc:

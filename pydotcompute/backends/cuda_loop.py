@@ -206,6 +206,7 @@ def compose_loop(
     in_dtype: np.dtype,
     out_dtype: np.dtype,
     threads: int,
+    items: int,
     idle_sleep_ns: int,
 ) -> Any:
     """The persistent kernel around ``handler`` (a Python function), not yet compiled.
@@ -223,6 +224,7 @@ def compose_loop(
     in_rs, in_ss = in_dtype.itemsize, in_slot.itemsize
     out_rs, out_ss = out_dtype.itemsize, out_slot.itemsize
     nthreads = threads
+    per_round = threads * items
     max_sleep = idle_sleep_ns
     on_gpu = not SIMULATOR
 
@@ -234,9 +236,10 @@ def compose_loop(
         # shared: 0 action (<0 exit, 0 nothing, >0 claimed count), 1 first position,
         # 2 stale count, 3 output start, 4 outputs placed now, 5 last chunk
         sh = cuda.shared.array(6, np.int64)
-        slot_of = cuda.shared.array(nthreads, np.int32)
+        scan = cuda.shared.array(nthreads, np.int32)
         msg = cuda.local.array(1, in_rec)
-        out = cuda.local.array(1, out_rec)
+        out = cuda.local.array(items, out_rec)
+        flags = cuda.local.array(items, np.int32)
         in_cap = in_slots.shape[0]
         out_cap = out_slots.shape[0]
         if lead:
@@ -274,7 +277,7 @@ def compose_loop(
                 ):
                     k = -1
                 else:
-                    c, k = ring_claim(in_hdr, side, _S_IN_CLAIM, nthreads, command != _C_ACTIVE)
+                    c, k = ring_claim(in_hdr, side, _S_IN_CLAIM, per_round, command != _C_ACTIVE)
                     if k > 0:
                         stale = ring_stale(in_hdr, c, k)
                 if k == 0:
@@ -298,29 +301,40 @@ def compose_loop(
             if k > 0:
                 c = sh[1]
                 stale = sh[2]
-                # -- 2. every thread runs the handler on one record
-                emit = False
-                if tid >= stale and tid < k:
-                    if on_gpu:
-                        # One pass of loads over PCIe; the handler then reads local memory.
-                        msg[0] = in_slots[(c + tid) & (in_cap - 1)]
-                        out[0] = out_zero[0]
-                        emit = device_handler(msg[0], out[0], state)
-                    else:
-                        # The simulator hands out records of kernel arguments wrapped,
-                        # so it reads the slot in place and clears with numpy.
-                        out[:] = 0
-                        rec = out.view(np.recarray)[0]  # numpy records take attribute writes
-                        emit = device_handler(in_slots[(c + tid) & (in_cap - 1)], rec, state)
-                slot_of[tid] = 1 if emit else 0
+                # -- 2. every thread runs the handler on its `items` consecutive records
+                count = 0
+                for j in range(items):
+                    i = tid * items + j
+                    emit = False
+                    if i >= stale and i < k:
+                        if on_gpu:
+                            # One pass of loads over PCIe; the handler reads local memory.
+                            msg[0] = in_slots[(c + i) & (in_cap - 1)]
+                            out[j] = out_zero[0]
+                            emit = device_handler(msg[0], out[j], state)
+                        else:
+                            # The simulator hands out records of kernel arguments
+                            # wrapped: read the slot in place, clear with numpy.
+                            out[j : j + 1] = 0
+                            rec = out.view(np.recarray)[j]  # takes attribute writes
+                            emit = device_handler(in_slots[(c + i) & (in_cap - 1)], rec, state)
+                    flags[j] = 1 if emit else 0
+                    count += flags[j]
+                # Block-wide inclusive prefix sum of the counts (Hillis-Steele): thread
+                # tid's outputs go to places scan[tid] - count .. scan[tid] - 1.
+                scan[tid] = count
                 cuda.syncthreads()
+                d = 1
+                while d < nthreads:
+                    v = scan[tid - d] if tid >= d else 0
+                    cuda.syncthreads()
+                    scan[tid] += v
+                    cuda.syncthreads()
+                    d *= 2
+                base = scan[tid] - count
+                m = scan[nthreads - 1]
                 # -- 3. in claim order: reserve output, write it, publish, release input
-                m = 0
                 if lead:
-                    for i in range(nthreads):
-                        e = slot_of[i]
-                        slot_of[i] = m  # exclusive prefix sum: the output's place
-                        m += e
                     wait = 0
                     while load_gpu(side, _S_IN_RELEASED) != c:
                         wait = 1024 if wait >= 512 else wait * 2 + 32
@@ -340,9 +354,12 @@ def compose_loop(
                     r = sh[3]
                     chunk = sh[4]
                     final = sh[5]
-                    j = slot_of[tid] - done
-                    if emit and j >= 0 and j < chunk:
-                        out_slots[(r + j) & (out_cap - 1)] = out[0]
+                    place = base - done
+                    for j in range(items):
+                        if flags[j]:
+                            if place >= 0 and place < chunk:
+                                out_slots[(r + place) & (out_cap - 1)] = out[j]
+                            place += 1
                     cuda.syncthreads()
                     if lead:
                         if lost > 0 and out_strategy == _BLOCK:
@@ -392,6 +409,7 @@ def compile_loop(
     out_dtype: np.dtype,
     state: np.ndarray,
     threads: int,
+    items: int,
     idle_sleep_ns: int,
 ) -> Any:
     """The persistent kernel for this handler and these types, compiled once (cached).
@@ -400,12 +418,12 @@ def compile_loop(
     there is nothing to compile. Raises numba's typing error when the handler does
     not compile for these record dtypes."""
     py = getattr(handler, "py_func", handler)
-    key = (in_dtype, out_dtype, state.dtype, state.ndim, threads, idle_sleep_ns)
+    key = (in_dtype, out_dtype, state.dtype, state.ndim, threads, items, idle_sleep_ns)
     with _LOOPS_LOCK:
         per_handler = _LOOPS.setdefault(py, {})
         kernel = per_handler.get(key)
         if kernel is None:
-            kernel = cuda.jit(compose_loop(py, in_dtype, out_dtype, threads, idle_sleep_ns))
+            kernel = cuda.jit(compose_loop(py, in_dtype, out_dtype, threads, items, idle_sleep_ns))
             if not SIMULATOR:
                 kernel.compile(loop_signature(in_dtype, out_dtype, state))
             per_handler[key] = kernel
