@@ -216,6 +216,27 @@ if SIM:
         assert rig.ctl[W.PROCESSED] == 20 and rig.inp.host.counters().released == 20
 
     @sim
+    def test_running_loop_answers_messages_sent_one_at_a_time() -> None:
+        # Idle rounds between messages: a thread slow to read a round's orders must
+        # not see the next round's (every thread reads, then the block syncs).
+        rig = Rig(threads=4)
+        worker = threading.Thread(target=rig.run, args=(0,))  # unbounded, as on a GPU
+        worker.start()
+        try:
+            for i in (1, 2, 4, 5, 7):
+                rig.inp.host.push_batch(records([i]))
+                deadline = time.monotonic() + 10
+                got: list[tuple[int, float]] = []
+                while not got and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    got = rig.outputs()
+                assert got == rig.expected([i])
+        finally:
+            rig.ctl.set_state(W.TERMINATE)
+            worker.join(20)
+        assert not worker.is_alive()
+
+    @sim
     def test_paused_loop_leaves_records_queued() -> None:
         rig = Rig()
         rig.inp.host.push_batch(records(range(5)))

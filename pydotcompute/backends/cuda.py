@@ -84,6 +84,20 @@ def _simulator() -> bool:
     return SIMULATOR
 
 
+def _non_blocking_stream() -> Any:
+    """A stream that does not synchronise with the legacy default stream.
+
+    A persistent kernel never finishes while it runs, so anything issued on the
+    legacy default stream (CuPy's and numba's default) after it would wait for it
+    forever if the kernel's stream were an ordinary, blocking one."""
+    from numba.cuda.cudadrv import driver as drv
+
+    ctx = _cuda().current_context()
+    flags = drv.binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value
+    handle = drv.driver.cuStreamCreate(flags)
+    return drv.Stream(handle, finalizer=drv._stream_finalizer(ctx.deallocations, handle))
+
+
 def _mapped_bytes(nbytes: int) -> tuple[Any, np.ndarray]:
     """Zeroed mapped pinned host memory: (the allocation, a plain host uint8 view)."""
     mem = _cuda().mapped_array(nbytes, dtype=np.uint8)
@@ -288,8 +302,8 @@ class CudaKernelLoop(KernelLoop):
             )
             self._thread.start()
         else:
-            self._stream = cuda.stream()
-            self._copy_stream = cuda.stream()
+            self._stream = _non_blocking_stream()
+            self._copy_stream = _non_blocking_stream()
             self._side, self._d_state, d_zero = (
                 cuda.to_device(a, stream=self._stream) for a in args_host
             )

@@ -254,16 +254,17 @@ def compose_loop(
                     chk = ring_check(out_hdr, out_cap, out_rs, out_ss, 1, 0)
                     if chk != RING_OK:
                         code = _C_ERR_OUTPUT_RING + chk
-            sh[0] = 0
+            sh[0] = code
             if code != 0:
                 side[_S_ERROR_CODE] = code
                 publish_sys(ctrl, _C_ERROR_CODE, code)
-                sh[0] = -1
+        cuda.syncthreads()
+        k = -1 if sh[0] != 0 else 0
         cuda.syncthreads()
         out_strategy = out_hdr[W_BACKPRESSURE]
         idle_sleep = 0
         iteration = 0
-        while sh[0] >= 0:
+        while k >= 0:
             # -- 1. the leader decides what this block does this round
             if lead:
                 command = load_sys(ctrl, _C_STATE)
@@ -298,9 +299,11 @@ def compose_loop(
                     pause(idle_sleep)
             cuda.syncthreads()
             k = sh[0]
+            c = sh[1]
+            stale = sh[2]
+            # Everyone has read this round's orders before the leader writes the next.
+            cuda.syncthreads()
             if k > 0:
-                c = sh[1]
-                stale = sh[2]
                 # -- 2. every thread runs the handler on its `items` consecutive records
                 count = 0
                 for j in range(items):
