@@ -355,6 +355,26 @@ if SIM:
             assert not loop._thread.is_alive()
 
     @sim
+    async def test_a_kernel_asked_to_stop_is_not_reported_as_failed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        from pydotcompute.backends import cuda as cuda_backend
+        from pydotcompute.backends.config import RingKernelConfig
+        from pydotcompute.backends.cuda import CudaKernelLoop
+
+        # The monitor polls on every event-loop turn, so it sees the kernel exit
+        # before stop() does.
+        monkeypatch.setattr(cuda_backend, "_MONITOR_PERIOD_S", 0)
+        failures: list[BaseException] = []
+        config = RingKernelConfig(queue_size=4, backend="cuda", extra={"threads": 1})
+        for _ in range(3):
+            loop = CudaKernelLoop("k", count_and_scale, config, IN, OUT, failures.append)
+            await loop.start()
+            loop.set_active(True)
+            await asyncio.sleep(0.02)  # the monitor is polling
+            await loop.stop(10.0)
+            assert not loop._thread.is_alive()
+        assert failures == []
+
+    @sim
     async def test_runtime_marks_a_faulting_kernel_failed() -> None:
         from pydotcompute.errors import KernelFailedError
         from pydotcompute.runtime.lifecycle import KernelState

@@ -378,7 +378,7 @@ class CudaKernelLoop(KernelLoop):
                 err = self._device_error()
             except Exception as exc:  # a CUDA error on the kernel's stream
                 done, err = True, exc
-            if err is None and done and not self._stopping:
+            if err is None and done and not self._stopped:  # not asked to stop
                 err = KernelFailedError(f"cuda kernel {self.kernel_id!r} exited on its own")
             if err is not None:
                 self._fail(err)
