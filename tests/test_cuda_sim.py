@@ -375,6 +375,19 @@ if SIM:
         assert failures == []
 
     @sim
+    async def test_simulator_refuses_a_second_running_kernel_clearly() -> None:
+        from pydotcompute.errors import BackendNotAvailableError, KernelFailedError
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            opts = dict(backend="cuda", input_type=IN, output_type=OUT, queue_size=4)
+            await rt.launch("first", count_and_scale, **opts)
+            with pytest.raises(KernelFailedError) as info:
+                await rt.launch("second", count_and_scale, **opts)
+            assert isinstance(info.value.__cause__, BackendNotAvailableError)
+            assert "one kernel at a time" in str(info.value)
+
+    @sim
     async def test_runtime_marks_a_faulting_kernel_failed() -> None:
         from pydotcompute.errors import KernelFailedError
         from pydotcompute.runtime.lifecycle import KernelState
@@ -406,11 +419,12 @@ if SIM:
         real = cuda_loop.compose_loop
         monkeypatch.setattr(cuda_loop, "compose_loop", lambda *a: calls.append(a) or real(*a))
         async with RingKernelRuntime() as rt:
-            for name in ("a", "b"):
+            for name in ("a", "b"):  # one after the other: the simulator runs one at a time
                 await rt.launch(
                     name, fresh, backend="cuda", input_type=IN, output_type=OUT,
                     queue_size=4, extra={"threads": 1},
                 )  # fmt: skip
+                await rt.terminate(name)
             assert len(calls) == 1
             assert rt._kernels["a"].loop.kernel is rt._kernels["b"].loop.kernel
             assert rt._kernels["a"].loop.blocks == 1  # one block under the simulator

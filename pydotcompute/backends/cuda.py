@@ -292,6 +292,13 @@ class CudaKernelLoop(KernelLoop):
         out_zero = np.zeros(1, self.out_ring.slots.dtype)
         args_host = (side, self.state, out_zero)
         if self.simulator:
+            from numba.cuda.simulator.kernel import _get_kernel_context
+
+            if _get_kernel_context() is not None:
+                raise BackendNotAvailableError(
+                    "the numba-cuda simulator runs one kernel at a time in a process; "
+                    "terminate the running cuda kernel first (a GPU has no such limit)"
+                )
             self._side, self._d_state, d_zero = (cuda.to_device(a) for a in args_host)
             self.blocks = 1
             self._thread = threading.Thread(
