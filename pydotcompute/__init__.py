@@ -1,8 +1,10 @@
 """pydotcompute: a GPU actor runtime for Python."""
 
 from pydotcompute.backends.host import KernelContext
+from pydotcompute.backends.probe import CudaAvailability, DeviceInfo, probe_cuda, require_cuda
 from pydotcompute.errors import (
     BackendNotAvailableError,
+    BufferSyncError,
     InvalidConfigurationError,
     KernelAlreadyExistsError,
     KernelFailedError,
@@ -14,6 +16,14 @@ from pydotcompute.errors import (
     QueueFullError,
     QueueTimeoutError,
 )
+from pydotcompute.memory import (
+    Accelerator,
+    MemoryPool,
+    MemoryPoolStats,
+    SyncState,
+    UnifiedBuffer,
+)
+from pydotcompute.messages import RingKernelMessage, message
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.runtime import (
     KernelState,
@@ -28,10 +38,22 @@ from pydotcompute.telemetry.snapshot import KernelTelemetry
 __version__ = "0.1.0"
 
 __all__ = [
+    "Accelerator",
+    "BufferSyncError",
+    "CudaAvailability",
+    "DeviceInfo",
+    "MemoryPool",
+    "MemoryPoolStats",
+    "SyncState",
+    "UnifiedBuffer",
+    "probe_cuda",
+    "require_cuda",
     "BackpressureStrategy",
     "KernelContext",
     "KernelState",
     "KernelTelemetry",
+    "RingKernelMessage",
+    "message",
     "RingKernelConfig",
     "RingKernelRuntime",
     "RingKernelSpec",

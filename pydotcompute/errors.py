@@ -16,6 +16,7 @@ __all__ = [
     "MessageDeserializationError",
     "InvalidConfigurationError",
     "BackendNotAvailableError",
+    "BufferSyncError",
 ]
 
 
@@ -68,3 +69,7 @@ class InvalidConfigurationError(PyDotComputeError, ValueError):
 
 class BackendNotAvailableError(PyDotComputeError):
     """The requested backend cannot run here; the text gives the reason."""
+
+
+class BufferSyncError(PyDotComputeError):
+    """Both copies of a ``UnifiedBuffer`` were marked written since their last sync."""

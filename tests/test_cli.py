@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -30,9 +31,12 @@ def test_demo_streams_and_prints_table_and_summary():
     assert "summary" in out.stdout
     assert "errors 0" in out.stdout
     # the summary reports what flowed: readings streamed and alerts raised for planted spikes
-    line = next(ln for ln in out.stdout.splitlines() if "readings in" in ln)
-    sent = int(line.split("summary:")[1].split("readings")[0].replace(",", ""))
+    text = " ".join(out.stdout.split())
+    m = re.search(r"([\d,]+) readings in .*?(\d+) anomalies planted, (\d+) alerts raised", text)
+    assert m, text
+    sent, planted, raised = (int(g.replace(",", "")) for g in m.groups())
     assert sent > 1000
+    assert abs(raised - planted) <= 1, text  # every planted spike found, noise not flagged
 
 
 def test_doctor_reports_backends():

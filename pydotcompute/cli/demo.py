@@ -2,7 +2,7 @@
 
 Sensor readings flow ``sensors → zscore → detect → alerts``: ``zscore`` normalises
 each reading against its sensor's running mean and variance, ``detect`` flags
-readings more than 3 standard deviations out, ``alerts`` counts them. The demo
+readings more than 5 standard deviations out, ``alerts`` counts them. The demo
 prints a live per-kernel table while it runs and a summary at the end.
 """
 
@@ -22,6 +22,8 @@ from rich.table import Table
 from pydotcompute import RingKernelRuntime, message, ring_kernel
 
 N_SENSORS = 8
+WARMUP = 30
+THRESHOLD = 5.0  # sigmas; planted spikes are 12 sigma out, noise passes 5 once in 2 million
 
 
 @message
@@ -63,17 +65,18 @@ async def zscore(ctx: Any) -> None:
         d = r.value - mean[s]
         mean[s] += d / n[s]
         m2[s] += d * (r.value - mean[s])
-        std = math.sqrt(m2[s] / (n[s] - 1)) if n[s] > 1 else 0.0
+        # z stays 0 until a sensor has history enough for its variance to mean something
+        std = math.sqrt(m2[s] / (n[s] - 1)) if n[s] > WARMUP else 0.0
         z = (r.value - mean[s]) / std if std > 0 else 0.0
         await ctx.send(Score(sensor=s, value=r.value, z=z, correlation_id=r.message_id))
 
 
 @ring_kernel(kernel_id="detect", input_type=Score, auto_register=False)
 async def detect(ctx: Any) -> None:
-    """Forward readings beyond 3 sigma to the ``alerts`` kernel."""
+    """Forward readings beyond THRESHOLD sigmas to the ``alerts`` kernel."""
     while not ctx.should_terminate:
         s = await ctx.receive()
-        if abs(s.z) > 3.0:
+        if abs(s.z) > THRESHOLD:
             await ctx.send_to("alerts", Alert(sensor=s.sensor, value=s.value, z=s.z))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from pydotcompute.backends.base import KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.host import HostKernelLoop
 from pydotcompute.backends.mailbox import Mailbox
 from pydotcompute.backends.select import resolve_backend
 from pydotcompute.errors import (
@@ -67,9 +68,10 @@ class _Kernel:
         self.state = KernelState.CREATED
         self.loop = loop
         # Host actors' mailboxes, for the inline no-wait paths of send/receive.
-        self.inbox: Mailbox | None = getattr(loop, "inbox", None)
-        self.outbox: Mailbox | None = getattr(loop, "outbox", None)
-        self.stamped: bool = bool(getattr(loop, "timed", False))
+        host = loop if isinstance(loop, HostKernelLoop) else None
+        self.inbox: Mailbox | None = host.inbox if host else None
+        self.outbox: Mailbox | None = host.outbox if host else None
+        self.stamped: bool = host.timed if host else False
         self.restarts = restarts
         self.error: BaseException | None = None
         self.pair_lock: asyncio.Lock | None = None
@@ -498,8 +500,6 @@ class RingKernelRuntime:
     def _make_loop(self, spec: RingKernelSpec) -> KernelLoop:
         backend = spec.config.backend
         if backend == "host":
-            from pydotcompute.backends.host import HostKernelLoop
-
             loop: KernelLoop = HostKernelLoop(
                 spec.kernel_id,
                 spec.func,
