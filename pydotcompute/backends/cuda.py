@@ -56,18 +56,8 @@ def require_cuda_backend() -> bool:
     """Check that the ``cuda`` backend can run here; True under the simulator.
 
     Raises ``BackendNotAvailableError`` with the reason otherwise."""
-    try:
-        from pydotcompute.backends.probe import require_cuda
-    except ImportError:
-        # Without the full probe, ask numba-cuda alone (it knows the driver and devices).
-        if _simulator():
-            return True
-        cuda = _cuda()
-        if not cuda.is_available():
-            raise BackendNotAvailableError(
-                f"CUDA is not usable: {cuda.cuda_error() or 'no CUDA device visible'}"
-            ) from None
-        return False
+    from pydotcompute.backends.probe import require_cuda
+
     found = require_cuda(allow_simulator=True)
     return bool(found.simulator)
 
