@@ -50,3 +50,37 @@ def test_control_block_layout_is_the_cpu_backends() -> None:
     assert ControlWords.NWORDS * 8 == block.NBYTES
     for name in ("INACTIVE", "ACTIVE", "TERMINATE", "ERR_NONE", "ERR_HANDLER"):
         assert getattr(ControlWords, name) == getattr(block, name), name
+
+
+def stream_stats(msg, out, state):  # type: ignore[no-untyped-def]
+    """Running statistics of float64 values, in CUDA C++ (kernels/stream_stats.cu)."""
+    return False
+
+
+STATS = {"cuda_source": "stream_stats.cu", "cuda_function": "pdc_stream_stats"}
+
+
+async def test_a_cuda_cxx_kernel_is_routed_to_the_source_loop_and_refused_without_a_gpu() -> None:
+    from pydotcompute.backends.config import RingKernelConfig
+    from pydotcompute.backends.cuda import CudaKernelLoop
+    from pydotcompute.backends.probe import probe_cuda
+
+    found = probe_cuda()
+    if found.usable:
+        pytest.skip("a GPU is usable here: the launch is tested in test_cuda_gpu.py")
+    config = RingKernelConfig(backend="cuda", extra=STATS)
+    with pytest.raises(BackendNotAvailableError) as info:
+        CudaKernelLoop("stats", stream_stats, config, np.dtype(np.float64), None, print)
+    assert "CUDA C++" in str(info.value)
+    expected = "simulator" if found.simulator else found.reason
+    assert expected in str(info.value)
+
+
+def test_a_cuda_cxx_kernel_needs_its_function_name() -> None:
+    from pydotcompute.backends.config import RingKernelConfig
+    from pydotcompute.backends.cuda_source import CudaSourceKernelLoop
+    from pydotcompute.errors import InvalidConfigurationError
+
+    config = RingKernelConfig(backend="cuda", extra={"cuda_source": "stream_stats.cu"})
+    with pytest.raises(InvalidConfigurationError, match="cuda_function"):
+        CudaSourceKernelLoop("stats", stream_stats, config, np.dtype(np.float64), None, print)

@@ -238,3 +238,33 @@ async def test_terminate_returns_with_the_stream_idle_even_when_outputs_are_not_
         assert time.monotonic() - t0 < 10
         assert loop._done_event.query() is True
         assert rt.get_telemetry("full").messages_dropped > 0
+
+
+def stream_stats(msg, out, state):  # type: ignore[no-untyped-def]
+    """Running statistics of float64 values, in CUDA C++ (kernels/stream_stats.cu)."""
+    return False
+
+
+async def test_cuda_cxx_stream_stats_kernel_through_the_runtime() -> None:
+    pytest.importorskip("cupy")
+    from pydotcompute.runtime.runtime import RingKernelRuntime
+
+    values = np.random.default_rng(1).normal(3.0, 2.0, 10000)
+    extra = {"cuda_source": "stream_stats.cu", "cuda_function": "pdc_stream_stats",
+             "threads": 128}  # fmt: skip
+    async with RingKernelRuntime() as rt:
+        await rt.launch("stats", stream_stats, backend="cuda",
+                        input_type=np.dtype(np.float64), queue_size=4096, extra=extra)  # fmt: skip
+        await rt.activate("stats")
+        assert await rt.send_batch("stats", values, timeout=20) == len(values)
+        deadline = time.monotonic() + 20
+        while rt.get_telemetry("stats").messages_processed < len(values):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        words = rt.read_state("stats")
+        mean, m2, lo, hi = words[1:5].view(np.float64)
+        assert int(words[0]) == len(values)
+        assert np.isclose(mean, values.mean()) and np.isclose(m2 / len(values), values.var())
+        assert lo == values.min() and hi == values.max()
+        await rt.terminate("stats")
+        assert rt.get_state("stats").name == "TERMINATED"

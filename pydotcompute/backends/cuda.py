@@ -1,5 +1,7 @@
 """The ``cuda`` backend, host side: a compiled handler run by one persistent GPU kernel.
 
+(A kernel declared with ``cuda_source=`` runs CUDA C++ instead: see ``cuda_source``.)
+
 ``launch()`` allocates the input ring (host → device) and the output ring (device →
 host) in mapped pinned host memory, the control block beside them, the handler's
 ``state`` and the kernel's own words in device memory, compiles the loop of
@@ -179,6 +181,16 @@ class CudaKernelLoop(KernelLoop):
     """A ``cuda`` ring kernel: one persistent kernel launched at ``start()``."""
 
     backend = "cuda"
+
+    def __new__(
+        cls, kernel_id: str, func: Callable[..., Any], config: RingKernelConfig, *args: Any
+    ) -> Any:  # type: ignore[misc]
+        # A kernel declared with ``cuda_source=`` is CUDA C++, not a numba-cuda loop.
+        if cls is CudaKernelLoop and config.extra.get("cuda_source") is not None:
+            from pydotcompute.backends.cuda_source import CudaSourceKernelLoop
+
+            return CudaSourceKernelLoop(kernel_id, func, config, *args)
+        return super().__new__(cls)
 
     def __init__(
         self,
