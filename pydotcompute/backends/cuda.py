@@ -93,7 +93,7 @@ def _non_blocking_stream() -> Any:
 def _mapped_bytes(nbytes: int) -> tuple[Any, np.ndarray]:
     """Zeroed mapped pinned host memory: (the allocation, a plain host uint8 view)."""
     mem = _cuda().mapped_array(nbytes, dtype=np.uint8)
-    host = mem._ary if _simulator() else np.ndarray.view(mem, np.ndarray)
+    host = mem._ary if _simulator() else np.ndarray.view(mem, type=np.ndarray)
     host[:] = 0
     return mem, host
 

@@ -20,7 +20,8 @@ to the input ring**, whatever the number of blocks and threads: the handlers of 
 batch run in parallel, only the copy-out is ordered. A record for which the handler
 returns False produces nothing.
 
-Idle blocks back off with ``nanosleep`` (32 ns doubling up to ``idle_sleep_ns``).
+Idle blocks back off with ``nanosleep`` (32 ns doubling up to ``idle_sleep_ns``;
+paused blocks up to 100 us).
 Counters live in device memory (``side``, device-scope atomics) and are mirrored
 into the mapped control block by single writers: the turn holder for the message
 counters, block 0 for heartbeat and idle polls, the last block to exit for all.
@@ -152,6 +153,7 @@ _BLOCK = 0
 _DROP_OLDEST = 2
 _DROP_NEWEST = 3
 _FIRST_SLEEP_NS = 32
+_PAUSED_SLEEP_NS = 100_000  # a paused block polls rarely: reactivation may take 0.1 ms
 _OUT_WAIT_POLLS = 4096  # DROP_OLDEST output: polls waiting for the host to skip stale
 
 
@@ -285,8 +287,9 @@ def compose_loop(
                     if command == _C_ACTIVE:
                         cuda.atomic.add(side, _S_IDLE_POLLS, 1)
                     idle_sleep = _FIRST_SLEEP_NS if idle_sleep == 0 else idle_sleep * 2
-                    if idle_sleep > max_sleep:
-                        idle_sleep = max_sleep
+                    limit = max_sleep if command == _C_ACTIVE else _PAUSED_SLEEP_NS
+                    if idle_sleep > limit:
+                        idle_sleep = limit
                 else:
                     idle_sleep = 0
                 if cuda.blockIdx.x == 0:
