@@ -388,6 +388,42 @@ if SIM:
             assert "one kernel at a time" in str(info.value)
 
     @sim
+    async def test_single_sends_under_reject_and_drop_newest_are_counted_once() -> None:
+        from pydotcompute.errors import QueueFullError
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            for kid, bp in (("rej", "reject"), ("dn", "drop_newest")):
+                await rt.launch(kid, count_and_scale, backend="cuda", input_type=IN,
+                                output_type=OUT, queue_size=2, backpressure=bp)  # fmt: skip
+                recs = records(range(3))
+                loop = rt._kernels[kid].loop
+                assert loop.try_put(recs[0]) and loop.try_put(recs[1])
+                if bp == "reject":
+                    with pytest.raises(QueueFullError):
+                        loop.try_put(recs[2])
+                else:
+                    assert loop.try_put(recs[2])  # dropped, counted
+                c = rt._kernels[kid].loop.in_ring.host.counters()
+                assert c.enqueued == 2 and c.rejected + c.dropped_newest == 1
+                await rt.terminate(kid)
+
+    @sim
+    async def test_a_reject_send_that_finds_room_late_is_queued_not_refused() -> None:
+        # Room may appear between two attempts: one attempt must decide alone.
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            await rt.launch("rej", count_and_scale, backend="cuda", input_type=IN,
+                            output_type=OUT, queue_size=2, backpressure="reject")  # fmt: skip
+            host = rt._kernels["rej"].loop.in_ring.host
+            host.try_push_batch = lambda recs: 0  # "full" at a first look
+            assert rt._kernels["rej"].loop.try_put(records([1])[0])
+            c = host.counters()
+            assert (c.enqueued, c.rejected) == (1, 0)
+            await rt.terminate("rej")
+
+    @sim
     async def test_runtime_marks_a_faulting_kernel_failed() -> None:
         from pydotcompute.errors import KernelFailedError
         from pydotcompute.runtime.lifecycle import KernelState

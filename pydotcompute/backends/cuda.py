@@ -215,6 +215,7 @@ class CudaKernelLoop(KernelLoop):
         self.state = (
             np.zeros(1, np.float64) if config.state is None else np.array(config.state, copy=True)
         )
+        # The device needs a 1-d array with at least one element to point at.
         if self.state.ndim == 0 or self.state.size == 0:
             self.state = (
                 self.state.reshape(-1) if self.state.size else np.zeros(1, self.state.dtype)
@@ -494,18 +495,18 @@ class CudaKernelLoop(KernelLoop):
         self._check_open()
         assert self.in_ring is not None
         rec = self._record_of(msg)
-        if self.in_ring.host.try_push_batch(rec) == len(rec):
-            return True
         strategy = self.config.backpressure
-        if strategy is BackpressureStrategy.REJECT:
-            self.in_ring.host.push_batch(rec)  # counts the rejection
-            raise QueueFullError(
-                f"input ring of {self.kernel_id!r} is full ({self.in_ring.host.capacity}): rejected"
-            )
-        if strategy is BackpressureStrategy.DROP_NEWEST:
-            self.in_ring.host.push_batch(rec)  # counts the drop
-            return True
-        return False
+        if strategy in (BackpressureStrategy.REJECT, BackpressureStrategy.DROP_NEWEST):
+            # One attempt that also counts a refusal: never both queued and refused.
+            if self.in_ring.host.push_batch(rec) == len(rec):
+                return True
+            if strategy is BackpressureStrategy.REJECT:
+                raise QueueFullError(
+                    f"input ring of {self.kernel_id!r} is full "
+                    f"({self.in_ring.host.capacity}): rejected"
+                )
+            return True  # dropped and counted
+        return self.in_ring.host.try_push_batch(rec) == len(rec)
 
     async def put(self, msg: Any, timeout: float | None) -> None:
         if not self.try_put(msg):
