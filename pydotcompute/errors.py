@@ -17,6 +17,9 @@ __all__ = [
     "InvalidConfigurationError",
     "BackendNotAvailableError",
     "BufferSyncError",
+    "ItemFailedError",
+    "FlowClosedError",
+    "JournalError",
 ]
 
 
@@ -73,3 +76,22 @@ class BackendNotAvailableError(PyDotComputeError):
 
 class BufferSyncError(PyDotComputeError):
     """Both copies of a ``UnifiedBuffer`` were marked written since their last sync."""
+
+
+class ItemFailedError(PyDotComputeError):
+    """A flow item ran out of attempts; ``record`` is its dead-letter record."""
+
+    def __init__(self, record: object) -> None:
+        key = getattr(record, "key", "?")
+        stage = getattr(record, "stage", "?")
+        error = getattr(record, "error", "")
+        super().__init__(f"item {key!r} failed at stage {stage!r}: {error}")
+        self.record = record
+
+
+class FlowClosedError(PyDotComputeError):
+    """The flow was closed or cancelled; it takes no more work."""
+
+
+class JournalError(PyDotComputeError):
+    """A journal cannot be used: unreadable, corrupt, or written by a different graph."""

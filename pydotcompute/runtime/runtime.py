@@ -254,6 +254,15 @@ class RingKernelRuntime:
         self._closers.clear()
         await self.terminate_all(timeout=max(0.1, deadline - time.monotonic()))
 
+    async def deploy(self, graph: Any, *, name: str, **options: Any) -> Any:
+        """Run a coordinator graph on this runtime; see ``pydotcompute.coordinator.deploy``.
+
+        ``journal=`` defaults to the runtime's journal; the flow closes at shutdown.
+        """
+        from pydotcompute.coordinator import deploy  # the layer above: imported on use
+
+        return await deploy(self, graph, name=name, **options)
+
     def add_closer(self, close: Callable[[], Any]) -> None:
         """Register something to close at shutdown (before kernels terminate)."""
         self._closers.append(close)

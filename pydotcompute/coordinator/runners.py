@@ -1,0 +1,230 @@
+"""What runs one stage for one worker: a function, a child process, or a kernel."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import multiprocessing
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from pydotcompute.coordinator.graph import Stage
+from pydotcompute.errors import InvalidConfigurationError
+
+__all__ = ["FunctionRunner", "KernelRunner", "PassRunner", "ProcessRunner", "Runner", "make_runner"]
+
+
+class Runner:
+    """One worker's way of running a stage: ``await call(value)`` returns the output."""
+
+    async def start(self) -> None:
+        """Prepare (create per-worker state, start a process)."""
+
+    async def call(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Release what ``start`` took."""
+
+
+class PassRunner(Runner):
+    """A join without a merge function: the joined parts are the output."""
+
+    async def call(self, value: Any) -> Any:
+        return value
+
+
+def wants_state(fn: Callable[..., Any]) -> bool:
+    """True if ``fn`` takes a second positional argument (the per-worker state)."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = [
+        p
+        for p in params
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+    ]
+    return len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+
+
+class FunctionRunner(Runner):
+    """Calls a sync or async function on the event loop, with per-worker state."""
+
+    def __init__(self, stage: Stage) -> None:
+        fn = stage.target
+        assert callable(fn)
+        self._fn = fn
+        self._is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - async callable objects
+        )
+        self._with_state = wants_state(fn)
+        if stage.state is not None and not self._with_state:
+            raise InvalidConfigurationError(
+                f"stage {stage.name!r} has a state factory but its function takes one argument"
+            )
+        self._factory = stage.state or dict
+        self._state: Any = None
+        if self._is_async and not self._with_state:
+            self.call = fn  # type: ignore[method-assign]  # an async fn(item) is its own call
+
+    async def start(self) -> None:
+        if self._with_state:
+            made: Any = self._factory()
+            self._state = await made if inspect.isawaitable(made) else made
+
+    async def call(self, value: Any) -> Any:
+        out = self._fn(value, self._state) if self._with_state else self._fn(value)
+        # A sync function may still return an awaitable (e.g. functools.partial of an
+        # async def): await whatever can be awaited.
+        if self._is_async or inspect.isawaitable(out):
+            return await out
+        return out
+
+
+def reference(obj: Callable[..., Any], what: str, stage: Stage) -> tuple[str, str]:
+    """(module, qualified name) of a module-level callable, for a child process to import."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", "")
+    if module is None or "<" in qualname:
+        raise InvalidConfigurationError(
+            f"stage {stage.name!r}: processes=True needs a module-level {what}, got {obj!r}"
+        )
+    return module, qualname
+
+
+def resolve(ref: tuple[str, str]) -> Any:
+    """Import what ``reference`` named; a Stage found there stands for its function."""
+    module, qualname = ref
+    try:
+        obj: Any = importlib.import_module(module)
+    except ImportError:
+        if module != "__main__":
+            raise
+        obj = importlib.import_module("__mp_main__")
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj.target if isinstance(obj, Stage) else obj
+
+
+def serve(conn: Any, fn_ref: tuple[str, str], state_ref: tuple[str, str] | None) -> None:
+    """Child process main: answer each value with (True, output) or (False, exc, text)."""
+    fn = resolve(fn_ref)
+    with_state = wants_state(fn)
+    state = resolve(state_ref)() if state_ref else ({} if with_state else None)
+    while True:
+        try:
+            value = conn.recv()
+        except EOFError:
+            return
+        try:
+            out = fn(value, state) if with_state else fn(value)
+            conn.send((True, out, ""))
+        except Exception as exc:
+            text = traceback.format_exc()
+            try:
+                conn.send((False, exc, text))
+            except Exception:
+                conn.send((False, RuntimeError(f"{type(exc).__name__}: {exc}"), text))
+
+
+class ChildProcessDied(RuntimeError):
+    """The worker process exited while it held an item."""
+
+
+class ProcessRunner(Runner):
+    """Runs a sync module-level function in one child process owned by this worker."""
+
+    def __init__(self, stage: Stage) -> None:
+        assert callable(stage.target)
+        self._stage = stage
+        self._fn_ref = reference(stage.target, "function", stage)
+        self._state_ref = reference(stage.state, "state factory", stage) if stage.state else None
+        # spawn, not fork: the parent has threads (journal writer) that fork would copy half-way.
+        self._ctx = multiprocessing.get_context("spawn")
+        self._proc: Any = None
+        self._conn: Any = None
+
+    async def start(self) -> None:
+        parent, child = self._ctx.Pipe(duplex=True)
+        self._proc = self._ctx.Process(
+            target=serve, args=(child, self._fn_ref, self._state_ref), daemon=True
+        )
+        self._proc.start()
+        child.close()
+        self._conn = parent
+
+    async def _readable(self) -> None:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        fd = self._conn.fileno()
+
+        def ready() -> None:
+            if not fut.done():
+                fut.set_result(None)
+
+        loop.add_reader(fd, ready)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(fd)
+
+    async def call(self, value: Any) -> Any:
+        if self._proc is None or not self._proc.is_alive():
+            await self.close()
+            await self.start()
+        try:
+            self._conn.send(value)
+            await self._readable()
+            ok, out, text = self._conn.recv()
+        except (EOFError, OSError, BrokenPipeError) as exc:
+            await self.close()
+            raise ChildProcessDied(f"worker process of stage {self._stage.name!r} died") from exc
+        if ok:
+            return out
+        out.__notes__ = [*getattr(out, "__notes__", []), f"in worker process:\n{text}"]
+        raise out
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.join(0.5)
+            if proc.is_alive():
+                proc.kill()
+                await asyncio.to_thread(proc.join, 2.0)
+
+
+class KernelRunner(Runner):
+    """Sends the value to a launched kernel and waits for its reply."""
+
+    def __init__(self, stage: Stage, runtime: Any) -> None:
+        if runtime is None:
+            raise InvalidConfigurationError(
+                f"stage {stage.name!r} is a kernel id; deploy the graph through a runtime"
+            )
+        self._id = stage.target
+        self._rt = runtime
+        self._timeout = stage.timeout
+
+    async def call(self, value: Any) -> Any:
+        reply = await self._rt.send_and_receive(self._id, value, timeout=self._timeout)
+        sent = getattr(value, "message_id", None)
+        # A reply to an earlier request that timed out may still arrive first: skip it.
+        while sent is not None and getattr(reply, "correlation_id", None) not in (None, sent):
+            reply = await self._rt.receive(self._id, timeout=self._timeout)
+        return reply
+
+
+def make_runner(stage: Stage | None, runtime: Any) -> Runner:
+    if stage is None:
+        return PassRunner()
+    if isinstance(stage.target, str):
+        return KernelRunner(stage, runtime)
+    if stage.processes:
+        return ProcessRunner(stage)
+    return FunctionRunner(stage)

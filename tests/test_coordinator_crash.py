@@ -1,0 +1,79 @@
+"""kill -9 at random moments: the durable flow resumes and finishes every item once."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydotcompute.coordinator import deploy
+from tests.crash.coordinator_flow import GRAPH, expected, journal
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "tests" / "crash" / "coordinator_flow.py"
+N = 2000
+
+
+def child(path: Path, log: Path | None = None, start_at: float = 0.0) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COORD_START_AT": str(start_at)}
+    args = [sys.executable, str(SCRIPT), str(path)] + ([str(log)] if log else [])
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+async def test_sigkill_at_five_random_moments_then_every_key_exactly_once(tmp_path):
+    path = tmp_path / "crash.db"
+    async with await deploy(None, GRAPH, name="crash", journal=journal(path)) as flow:
+        await flow.submit_many(range(N), keys=[str(i) for i in range(N)])
+
+    rng = random.Random(os.environ.get("CRASH_SEED", time.time_ns()))
+    kills = 0
+    for _ in range(5):
+        proc = child(path)
+        time.sleep(rng.uniform(0.4, 1.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    proc = child(path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "drained" in out
+    assert kills == 5  # every kill landed while the flow still ran
+
+    async with await deploy(None, GRAPH, name="crash", journal=journal(path)) as flow:
+        seen = [kv async for kv in flow.results()]
+        assert len(seen) == N
+        assert sorted(int(k) for k, _ in seen) == list(range(N))  # every key exactly once
+        assert all(v == expected(int(k)) for k, v in seen)
+        assert flow.dead_letters() == []
+        assert flow.status() == {"done": N}
+        tokens = flow.journal.read("SELECT count(*) FROM tokens")[0][0]
+        assert tokens == 0
+
+
+async def test_two_processes_share_one_journal_and_run_each_stage_once(tmp_path):
+    path = tmp_path / "shared.db"
+    async with await deploy(None, GRAPH, name="crash", journal=journal(path)) as flow:
+        await flow.submit_many(range(300), keys=[str(i) for i in range(300)])
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    start_at = time.time() + 2.0  # both are imported and waiting by then
+    procs = [child(path, log, start_at) for log in logs]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0, out
+    runs: dict[tuple[str, str], int] = {}
+    pids_per_stage: dict[str, set[str]] = {}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            name, x, pid = line.split()
+            runs[(name, x)] = runs.get((name, x), 0) + 1
+            pids_per_stage.setdefault(name, set()).add(pid)
+    assert len(runs) == 4 * 300
+    assert set(runs.values()) == {1}  # no stage ran twice for an item
+    assert len(set().union(*pids_per_stage.values())) == 2  # both processes did work
+    async with await deploy(None, GRAPH, name="crash", journal=journal(path)) as flow:
+        assert flow.status() == {"done": 300}
+        assert await flow.result("7") == expected(7)

@@ -1,0 +1,70 @@
+"""Kernel-id stages: the coordinator moves items through launched kernels."""
+
+from __future__ import annotations
+
+import collections
+
+from pydotcompute import RingKernelRuntime
+from pydotcompute.coordinator import FanIn, FanOut, stage
+
+
+async def doubler(ctx):
+    while not ctx.should_terminate:
+        msg = await ctx.receive()
+        await ctx.send(msg * 2)
+
+
+async def adder(ctx):
+    while not ctx.should_terminate:
+        msg = await ctx.receive()
+        await ctx.send(msg + 1)
+
+
+async def breaks_on_13(ctx):
+    while not ctx.should_terminate:
+        msg = await ctx.receive()
+        if msg == 13:
+            raise RuntimeError("kernel fails on 13")
+        await ctx.send(msg)
+
+
+async def launched(rt, **kernels):
+    for kid, fn in kernels.items():
+        await rt.launch(kid, fn)
+        await rt.activate(kid)
+
+
+async def test_kernel_stages_mixed_with_functions_and_a_broadcast_join(tmp_path):
+    async with RingKernelRuntime() as rt:
+        await launched(rt, double=doubler, inc=adder)
+        g = stage(lambda x: x + 100) >> FanOut("double", "inc", mode="broadcast") >> FanIn(tuple)
+        flow = await rt.deploy(g, name="k")
+        keys = await flow.submit_many(range(20))
+        await flow.drain(timeout=20)
+        assert [await flow.result(k) for k in keys] == [((i + 100) * 2, i + 101) for i in range(20)]
+    assert all(t.done() for t in flow._tasks)  # runtime shutdown closed the flow
+
+
+async def test_durable_kernel_stage(tmp_path):
+    async with RingKernelRuntime(journal=str(tmp_path / "k.db")) as rt:
+        await launched(rt, double=doubler)
+        flow = await rt.deploy(stage("double") >> (lambda x: x - 1), name="k")
+        await flow.submit_many(range(50), keys=[str(i) for i in range(50)])
+        await flow.drain(timeout=20)
+        assert await flow.result("7") == 13
+        assert flow.status() == {"done": 50}
+
+
+async def test_a_kernel_that_fails_an_item_sends_it_to_the_dead_letters():
+    async with RingKernelRuntime() as rt:
+        await launched(rt, brittle=breaks_on_13)
+        flow = await rt.deploy(stage("brittle", retries=2, backoff=0.001, timeout=2), name="k")
+        await flow.submit(1, key="a")
+        assert await flow.result("a", timeout=5) == 1
+        await flow.submit(13, key="b")
+        await flow.drain(timeout=10)
+        [rec] = flow.dead_letters()
+        assert rec.key == "b" and rec.attempts == 2
+        assert "KernelFailedError" in rec.error or "brittle" in rec.error
+        counts = collections.Counter(flow.status())
+        assert counts == {"done": 1, "dead": 1}
