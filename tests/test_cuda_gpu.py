@@ -268,3 +268,20 @@ async def test_cuda_cxx_stream_stats_kernel_through_the_runtime() -> None:
         assert lo == values.min() and hi == values.max()
         await rt.terminate("stats")
         assert rt.get_state("stats").name == "TERMINATED"
+
+
+def does_not_type(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x + "one"
+    return True
+
+
+async def test_a_handler_that_does_not_compile_fails_the_launch_and_shuts_down() -> None:
+    from pydotcompute.errors import KernelFailedError
+    from pydotcompute.runtime.runtime import RingKernelRuntime
+
+    async with RingKernelRuntime() as rt:
+        with pytest.raises(KernelFailedError, match="does not compile"):
+            await rt.launch("bad", does_not_type, backend="cuda", input_type=REC,
+                            output_type=REC)  # fmt: skip
+        assert rt.get_state("bad").name == "FAILED"
+    # leaving the runtime terminated the failed kernel without waiting on a launch

@@ -78,3 +78,29 @@ def test_a_handler_that_does_not_type_is_refused_at_compile_time() -> None:
         _ptx(bad)
     assert type(info.value).__name__ == "TypingError"
     assert "one" in str(info.value)
+
+
+def test_message_records_with_uuid_fields_compile() -> None:
+    from numba import cuda
+    from numba.cuda import dispatcher
+
+    from pydotcompute.backends.cuda_loop import compose_loop, loop_signature
+    from pydotcompute.messages import message
+
+    @message
+    class Reading:
+        value: float
+        sensor: int
+
+    def reply(msg, out, state):  # type: ignore[no-untyped-def]
+        for i in range(16):
+            out.correlation_id[i] = msg.message_id[i]
+        out.value = msg.value * 2.0
+        out.sensor = msg.sensor
+        return True
+
+    dt = Reading.__record_dtype__
+    with mock.patch.object(dispatcher, "get_current_device", _Device):
+        loop = compose_loop(reply, dt, dt, 32, 4, 4000)
+        ptx, _ = cuda.compile_ptx(loop, loop_signature(dt, dt, np.zeros(1)), cc=CC)
+    assert ".entry" in ptx

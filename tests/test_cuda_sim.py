@@ -424,6 +424,36 @@ if SIM:
             await rt.terminate("rej")
 
     @sim
+    async def test_message_objects_go_through_send_and_receive() -> None:
+        from pydotcompute.messages import message
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        @message
+        class Reading:
+            value: float
+            sensor: int
+
+        def reply(msg, out, state):  # type: ignore[no-untyped-def]
+            for i in range(16):
+                out.correlation_id[i] = msg.message_id[i]
+            out.value = msg.value * 2.0
+            out.sensor = msg.sensor
+            return True
+
+        async with RingKernelRuntime() as rt:
+            await rt.launch("reply", reply, backend="cuda", input_type=Reading,
+                            output_type=Reading, queue_size=8)  # fmt: skip
+            await rt.activate("reply")
+            sent = [Reading(value=1.5 * i, sensor=i) for i in range(3)]
+            for m in sent:
+                await rt.send("reply", m, timeout=5)
+            got = [await rt.receive("reply", timeout=10) for _ in sent]
+            assert [g.sensor for g in got] == [0, 1, 2]
+            assert [g.value for g in got] == [0.0, 3.0, 6.0]
+            assert [g.correlation_id for g in got] == [m.message_id for m in sent]
+            await rt.terminate("reply")
+
+    @sim
     async def test_runtime_marks_a_faulting_kernel_failed() -> None:
         from pydotcompute.errors import KernelFailedError
         from pydotcompute.runtime.lifecycle import KernelState

@@ -364,7 +364,7 @@ class CudaKernelLoop(KernelLoop):
         """Whether the kernel has exited; raises the CUDA error of a faulted stream."""
         if self.simulator:
             return self._thread is None or not self._thread.is_alive()
-        return bool(self._done_event.query())
+        return self._done_event is None or bool(self._done_event.query())  # None: never ran
 
     def _device_error(self) -> BaseException | None:
         from pydotcompute.backends.cuda_loop import ERROR_TEXT, ControlWords
