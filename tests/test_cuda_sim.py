@@ -123,7 +123,7 @@ if SIM:
         for i in range(stale, k):
             rec = slots[(c + i) & (slots.shape[0] - 1)]
             dst[i - stale] = rec.id
-        ring_release(hdr, side, 1, c, k, stale)
+        ring_release(hdr, side, 1, c, k, stale, False)
         count[0] = k - stale
         count[1] = stale
 

@@ -264,6 +264,7 @@ def compose_loop(
         k = -1 if sh[0] != 0 else 0
         cuda.syncthreads()
         out_strategy = out_hdr[W_BACKPRESSURE]
+        in_drop_oldest = in_hdr[W_BACKPRESSURE] == _DROP_OLDEST
         idle_sleep = 0
         iteration = 0
         while k >= 0:
@@ -281,7 +282,7 @@ def compose_loop(
                     k = -1
                 else:
                     c, k = ring_claim(in_hdr, side, _S_IN_CLAIM, per_round, command != _C_ACTIVE)
-                    if k > 0:
+                    if k > 0 and in_drop_oldest:  # only then can records be stale
                         stale = ring_stale(in_hdr, c, k)
                 if k == 0:
                     if command == _C_ACTIVE:
@@ -385,7 +386,8 @@ def compose_loop(
                     side[_S_EMITTED] = emitted
                     store_sys(ctrl, _C_PROCESSED, processed)
                     store_sys(ctrl, _C_EMITTED, emitted)
-                    ring_release(in_hdr, side, _S_IN_RELEASED, c, k, stale)
+                    # A publish of this round (done > 0) fenced after all its reads.
+                    ring_release(in_hdr, side, _S_IN_RELEASED, c, k, stale, done > 0)
             iteration += 1
         # -- exit: the last block out mirrors every counter once more
         if lead:

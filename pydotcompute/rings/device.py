@@ -266,19 +266,24 @@ def ring_claim(hdr, side, w_claim, n, stale_only):  # type: ignore[no-untyped-de
 
 
 @_device
-def ring_release(hdr, side, w_released, c, k, stale):  # type: ignore[no-untyped-def]
+def ring_release(hdr, side, w_released, c, k, stale, fenced):  # type: ignore[no-untyped-def]
     """Release ``c .. c+k-1`` after their reads (§4.2); the caller holds the turn.
 
     ``side[w_released]`` shadows ``released`` in device memory and ``side[w_released
     + 1]``, ``side[w_released + 2]`` the consumer counters, so no word of host memory
-    is ever read back or read-modify-written."""
+    is ever read back or read-modify-written. ``fenced``: the caller has executed a
+    system fence after the reads already (e.g. ``ring_publish`` of the outputs), so
+    the release needs none of its own."""
     dequeued = side[w_released + 1] + (k - stale)
     dropped = side[w_released + 2] + stale
     side[w_released + 1] = dequeued
     side[w_released + 2] = dropped
     store_sys(hdr, W_DEQUEUED, dequeued)
     store_sys(hdr, W_DROPPED_OLDEST, dropped)
-    publish_sys(hdr, W_RELEASED, c + k)
+    if fenced:
+        store_sys(hdr, W_RELEASED, c + k)
+    else:
+        publish_sys(hdr, W_RELEASED, c + k)
     # Pass the turn: device-scope release, after the host-visible release above.
     cuda.threadfence()
     store_gpu(side, w_released, c + k)
