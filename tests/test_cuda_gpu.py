@@ -285,3 +285,27 @@ async def test_a_handler_that_does_not_compile_fails_the_launch_and_shuts_down()
                             output_type=REC)  # fmt: skip
         assert rt.get_state("bad").name == "FAILED"
     # leaving the runtime terminated the failed kernel without waiting on a launch
+
+
+def only_x(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x  # seq stays as the zeroed output record has it
+    return True
+
+
+async def test_device_buffers_live_as_long_as_the_kernel() -> None:
+    import gc
+
+    from numba import cuda
+
+    from pydotcompute.runtime.runtime import RingKernelRuntime
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("x", only_x, backend="cuda", input_type=REC, output_type=REC)
+        await rt.activate("x")
+        gc.collect()
+        cuda.current_context().deallocations.clear()  # free whatever was released
+        junk = [cuda.to_device(np.full(4096, -1, np.int64)) for _ in range(64)]
+        await rt.send_batch("x", records(256), timeout=10)
+        out = await collect(rt, "x", 256)
+        assert np.all(out["seq"] == 0) and np.array_equal(out["x"], np.arange(256.0))
+        del junk

@@ -87,7 +87,8 @@ def _non_blocking_stream() -> Any:
     ctx = _cuda().current_context()
     flags = drv.binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value
     handle = drv.driver.cuStreamCreate(flags)
-    return drv.Stream(handle, finalizer=drv._stream_finalizer(ctx.deallocations, handle))
+    finalizer = drv._stream_finalizer(ctx.deallocations, handle)
+    return drv.Stream(handle, finalizer=finalizer)  # type: ignore[call-arg]
 
 
 def _mapped_bytes(nbytes: int) -> tuple[Any, np.ndarray]:
@@ -227,6 +228,7 @@ class CudaKernelLoop(KernelLoop):
         self.control: MappedControl | None = None
         self._side: Any = None
         self._d_state: Any = None
+        self._d_zero: Any = None
         self._stream: Any = None
         self._copy_stream: Any = None
         self._done_event: Any = None
@@ -302,11 +304,11 @@ class CudaKernelLoop(KernelLoop):
                     "the numba-cuda simulator runs one kernel at a time in a process; "
                     "terminate the running cuda kernel first (a GPU has no such limit)"
                 )
-            self._side, self._d_state, d_zero = (cuda.to_device(a) for a in args_host)
+            self._side, self._d_state, self._d_zero = (cuda.to_device(a) for a in args_host)
             self.blocks = 1
             self._thread = threading.Thread(
                 target=self._run_simulated,
-                args=(d_zero,),
+                args=(self._d_zero,),
                 name=f"pydotcompute-cuda-sim-{self.kernel_id}",
                 daemon=True,
             )
@@ -314,11 +316,13 @@ class CudaKernelLoop(KernelLoop):
         else:
             self._stream = _non_blocking_stream()
             self._copy_stream = _non_blocking_stream()
-            self._side, self._d_state, d_zero = (
+            # Every device buffer the kernel uses is held here for its whole life: a
+            # buffer freed while the persistent kernel runs would be used after free.
+            self._side, self._d_state, self._d_zero = (
                 cuda.to_device(a, stream=self._stream) for a in args_host
             )
             self.blocks = self._grid_size()
-            self._launch(d_zero)
+            self._launch(self._d_zero)
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
 
     def _grid_size(self) -> int:

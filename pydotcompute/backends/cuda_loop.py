@@ -191,7 +191,7 @@ def slot_dtype(dtype: np.dtype) -> np.dtype:
     size = (dtype.itemsize + 7) & ~7
     if size == dtype.itemsize:
         return dtype
-    fields = dtype.fields or {}
+    fields: dict[str, Any] = dict(dtype.fields or {})
     names = list(dtype.names or ())
     return np.dtype(
         {
