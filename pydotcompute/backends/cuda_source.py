@@ -159,6 +159,9 @@ class CudaSourceKernelLoop(KernelLoop):
                 lambda: cp.RawModule(code=self.source, options=("--std=c++17",))
             )
             kernel = module.get_function(self.function)
+            # Held for the kernel's life: unloading a module under a running kernel
+            # would pull its code away.
+            self._module, self._kernel = module, kernel
         except Exception as exc:
             err = KernelFailedError(
                 f"CUDA C++ kernel {self.function!r} of {self.kernel_id!r} does not build: {exc}"
