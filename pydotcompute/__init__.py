@@ -2,10 +2,26 @@
 
 from pydotcompute.backends.host import KernelContext
 from pydotcompute.backends.probe import CudaAvailability, DeviceInfo, probe_cuda, require_cuda
+from pydotcompute.coordinator import (
+    DAG,
+    DeadLetter,
+    FanIn,
+    FanOut,
+    Flow,
+    Pipeline,
+    RetryPolicy,
+    SQLiteJournal,
+    Stage,
+    route,
+    stage,
+)
 from pydotcompute.errors import (
     BackendNotAvailableError,
     BufferSyncError,
+    FlowClosedError,
     InvalidConfigurationError,
+    ItemFailedError,
+    JournalError,
     KernelAlreadyExistsError,
     KernelFailedError,
     KernelNotFoundError,
@@ -38,6 +54,20 @@ from pydotcompute.telemetry.snapshot import KernelTelemetry
 __version__ = "0.1.0"
 
 __all__ = [
+    "DAG",
+    "DeadLetter",
+    "FanIn",
+    "FanOut",
+    "Flow",
+    "FlowClosedError",
+    "ItemFailedError",
+    "JournalError",
+    "Pipeline",
+    "RetryPolicy",
+    "SQLiteJournal",
+    "Stage",
+    "route",
+    "stage",
     "Accelerator",
     "BufferSyncError",
     "CudaAvailability",
