@@ -39,19 +39,6 @@ def test_slots_are_records_widened_to_a_multiple_of_8_bytes() -> None:
     assert slot_dtype(REC) == REC
 
 
-def test_control_block_layout_is_the_cpu_backends() -> None:
-    cpu = pytest.importorskip("pydotcompute.backends.cpu")
-    from pydotcompute.backends.cuda_loop import ControlWords
-
-    block = cpu.ControlBlock
-    for name in ("STATE", "PROCESSED", "EMITTED", "DROPPED", "IDLE_POLLS", "ERRORS",
-                 "HEARTBEAT", "ERROR_CODE"):  # fmt: skip
-        assert getattr(ControlWords, name) * 8 == getattr(block, name), name
-    assert ControlWords.NWORDS * 8 == block.NBYTES
-    for name in ("INACTIVE", "ACTIVE", "TERMINATE", "ERR_NONE", "ERR_HANDLER"):
-        assert getattr(ControlWords, name) == getattr(block, name), name
-
-
 def stream_stats(msg, out, state):  # type: ignore[no-untyped-def]
     """Running statistics of float64 values, in CUDA C++ (kernels/stream_stats.cu)."""
     return False

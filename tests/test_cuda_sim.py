@@ -468,6 +468,7 @@ if SIM:
             await rt.send_batch("oob", records([1]), timeout=5)
             await _wait_for(lambda: rt.get_state("oob") is KernelState.FAILED)
             assert isinstance(rt.get_error("oob"), IndexError)
+            assert rt.get_telemetry("oob").errors == 1
             with pytest.raises(KernelFailedError):
                 await rt.send_batch("oob", records([2]), timeout=1)
             await rt.terminate("oob")  # releases it; nothing hangs

@@ -404,9 +404,13 @@ class CudaKernelLoop(KernelLoop):
             return
         self.failure = exc
         if self.control is not None:
-            from pydotcompute.backends.cuda_loop import ControlWords
+            from pydotcompute.backends.cuda_loop import ControlWords as W
 
-            self.control.set_state(ControlWords.TERMINATE)  # the other blocks stop too
+            words = self.control.words  # the device has stopped writing these two
+            words[W.ERRORS] += 1
+            if words[W.ERROR_CODE] == W.ERR_NONE:
+                words[W.ERROR_CODE] = W.ERR_HANDLER
+            self.control.set_state(W.TERMINATE)  # the other blocks stop too
         self._pause_clock()
         self.on_failure(exc)
 
@@ -638,7 +642,7 @@ class CudaKernelLoop(KernelLoop):
             messages_sent=cb[W.EMITTED],
             messages_dropped=inc.dropped + outc.dropped + cb[W.DROPPED],
             messages_rejected=inc.rejected,
-            errors=1 if self.failure is not None else 0,
+            errors=cb[W.ERRORS],
             queue_depth=inc.depth,
             queue_capacity=self.in_ring.host.capacity,
             output_queue_depth=outc.depth,

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from numba import cuda, from_dtype
 
+from pydotcompute.backends.cpu import ControlBlock as _Layout
 from pydotcompute.rings.device import (
     RING_OK,
     SIMULATOR,
@@ -69,26 +70,26 @@ __all__ = [
 
 
 class ControlWords:
-    """Word indices of the control block: the same 1024-byte layout as the ``cpu``
-    backend's (one field per 128-byte line, byte offset = 8 x index). The host writes
+    """Word indices of the control block: the ``cpu`` backend's ``ControlBlock`` layout
+    (one field per 128-byte line), as word indices for device code. The host writes
     ``STATE``; the device writes the rest."""
 
-    STATE = 0
-    PROCESSED = 16
-    EMITTED = 32
-    DROPPED = 48
-    IDLE_POLLS = 64
-    ERRORS = 80
-    HEARTBEAT = 96
-    ERROR_CODE = 112
-    NWORDS = 128
+    STATE = _Layout.STATE // 8
+    PROCESSED = _Layout.PROCESSED // 8
+    EMITTED = _Layout.EMITTED // 8
+    DROPPED = _Layout.DROPPED // 8
+    IDLE_POLLS = _Layout.IDLE_POLLS // 8
+    ERRORS = _Layout.ERRORS // 8
+    HEARTBEAT = _Layout.HEARTBEAT // 8
+    ERROR_CODE = _Layout.ERROR_CODE // 8
+    NWORDS = _Layout.NBYTES // 8
 
-    INACTIVE = 0
-    ACTIVE = 1
-    TERMINATE = 2
+    INACTIVE = _Layout.INACTIVE
+    ACTIVE = _Layout.ACTIVE
+    TERMINATE = _Layout.TERMINATE
 
-    ERR_NONE = 0
-    ERR_HANDLER = 1
+    ERR_NONE = _Layout.ERR_NONE
+    ERR_HANDLER = _Layout.ERR_HANDLER
     """The handler faulted (a CUDA error on the stream, or an exception in the simulator)."""
     ERR_INPUT_RING = 20
     """Plus a ``RING_BAD_*`` code: the input ring's header is not what was compiled for."""
