@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--simulator", action="store_true", help="tiny run on the simulator")
     args = ap.parse_args()
     sim = gc.SIMULATOR
-    n = args.size or (8 if sim else 8192)
+    n = args.size or (8 if sim else 8192 if gc.cupy_or_none() is not None else 2048)
     repeats = args.repeats or (2 if sim else 30)
     kind, run = matmul_runner(n)
     print(f"device: {gc.device_name()}; {kind}, {n}x{n} float32, median of {repeats}")
