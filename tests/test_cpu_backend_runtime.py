@@ -306,3 +306,21 @@ async def test_blocked_message_sends_keep_their_own_records():
         await asyncio.gather(*waiting)
         got = sorted([(await rt.receive("p", timeout=5.0)).n for _ in range(4)])
         assert got == [1, 2, 3, 4]
+
+
+async def test_kernel_typed_by_a_plain_dtype_takes_single_records():
+    dt = np.dtype([("a", "<i8"), ("b", "<f8")], align=True)
+
+    def double(msg, out, state):
+        out.a = msg.a * 2
+        out.b = msg.b
+        return True
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("dt", double, backend="cpu", input_type=dt, output_type=dt)
+        await rt.activate("dt")
+        await rt.send("dt", np.array((3, 1.5), dt)[()])
+        out = await rt.receive("dt", timeout=5)
+        assert (int(out["a"]), float(out["b"])) == (6, 1.5)
+        with pytest.raises(TypeError):  # the ring names both dtypes
+            await rt.send("dt", np.array((1,), [("x", "<i8")])[()])
