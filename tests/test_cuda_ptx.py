@@ -18,16 +18,29 @@ if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
     pytest.skip("needs numba-cuda's compiler, not the simulator", allow_module_level=True)
 
 
-def _nvvm_available() -> bool:
+def _missing_toolchain() -> str | None:
+    """Why numba-cuda cannot compile to PTX here, or None when it can.
+
+    It needs libNVVM (a CUDA toolkit) and NVRTC (the ``nvidia-cuda-nvrtc`` wheel of the
+    dev extra, or a toolkit), looked up the way numba-cuda itself loads them.
+    """
     try:
         from numba.cuda.cudadrv import nvvm
 
-        return bool(nvvm.is_available())
-    except Exception:  # no CUDA toolkit pieces at all
-        return False
+        if not nvvm.is_available():
+            return "libNVVM is not installed (no CUDA toolkit)"
+    except Exception as exc:  # numba-cuda's compiler cannot even be imported
+        return f"numba-cuda's compiler is unavailable: {exc}"
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+
+        load_nvidia_dynamic_lib("nvrtc")
+    except Exception as exc:
+        return f"NVRTC is not installed: {exc}"
+    return None
 
 
-pytestmark = pytest.mark.skipif(not _nvvm_available(), reason="libNVVM is not installed")
+pytestmark = pytest.mark.skipif(_missing_toolchain() is not None, reason=str(_missing_toolchain()))
 
 IN = np.dtype([("id", "<u4"), ("x", "<f4"), ("y", "<f4")])  # padded to 16-byte slots
 OUT = np.dtype([("id", "<u4"), ("s", "<f8")], align=True)

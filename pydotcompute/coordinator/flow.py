@@ -594,13 +594,14 @@ class Flow:
     def counters(self) -> dict[str, int]:
         """submitted, completed, retried, dead_lettered (by this process), in_flight
         (items this process holds or, in memory, has not finished) and lost_leases."""
+        # Also read from the metrics server's thread: take each container in one
+        # C-level copy, never iterate one the event loop may change meanwhile.
         out = dict(self._counters)
         if self.journal is None:
             out["in_flight"] = self._active
         else:
-            out["in_flight"] = sum(len(c) for c in self._channels.values()) + sum(
-                self._busy.values()
-            )
+            channels = list(self._channels.values())
+            out["in_flight"] = sum(len(c) for c in channels) + sum(list(self._busy.values()))
         return out
 
     def status(self) -> dict[str, int]:

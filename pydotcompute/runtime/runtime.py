@@ -124,6 +124,8 @@ class RingKernelRuntime:
         self.journal = journal
         self._kernels: dict[str, _Kernel] = {}
         self._closers: list[Callable[[], Any]] = []
+        self._flows: dict[str, Any] = {}
+        self._metrics_server: Any = None
         self._closed = False
 
     # -- context manager -------------------------------------------------------------
@@ -264,7 +266,34 @@ class RingKernelRuntime:
         """
         from pydotcompute.coordinator import deploy  # the layer above: imported on use
 
-        return await deploy(self, graph, name=name, **options)
+        flow = await deploy(self, graph, name=name, **options)
+        self._flows[name] = flow
+        return flow
+
+    def get_flow_telemetry(self) -> dict[str, dict[str, int]]:
+        """Counters of every flow deployed on this runtime, by flow name."""
+        return {name: flow.counters() for name, flow in list(self._flows.items())}
+
+    def serve_metrics(
+        self, port: int = 0, addr: str = "127.0.0.1", registry: Any = None
+    ) -> tuple[str, int]:
+        """Serve Prometheus metrics on ``/metrics`` (and the dashboard on ``/``) from a
+        thread of this runtime; returns the bound ``(host, port)``. Nothing listens
+        unless this is called; the server stops at shutdown. A second call returns the
+        running server's address. ``registry`` may be your own ``CollectorRegistry``.
+        """
+        self._check_open()
+        if self._metrics_server is None:
+            from pydotcompute.telemetry.server import serve_metrics
+
+            self._metrics_server = serve_metrics(self, port=port, addr=addr, registry=registry)
+            self.add_closer(self._metrics_server.stop)
+        return self._metrics_server.address  # type: ignore[no-any-return]
+
+    def serve_dashboard(self, port: int = 0, addr: str = "127.0.0.1") -> str:
+        """Serve the live dashboard (with ``/metrics``); returns the page's URL."""
+        self.serve_metrics(port=port, addr=addr)
+        return self._metrics_server.dashboard_url  # type: ignore[no-any-return]
 
     def add_closer(self, close: Callable[[], Any]) -> None:
         """Register something to close at shutdown (before kernels terminate)."""

@@ -1,0 +1,59 @@
+"""Metrics served by the runtime itself: rt.serve_metrics / serve_dashboard."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from pydotcompute import RingKernelRuntime, stage
+
+
+async def echo(ctx):
+    while not ctx.should_terminate:
+        await ctx.send(await ctx.receive())
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()
+
+
+async def test_nothing_listens_unless_asked():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("echo", echo)
+        assert rt._metrics_server is None
+
+
+async def test_served_metrics_count_traffic_and_flows_and_stop_at_shutdown():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("echo", echo)
+        await rt.activate("echo")
+        for i in range(25):
+            await rt.send_and_receive("echo", i, timeout=5)
+        flow = await rt.deploy(stage(lambda x: x + 1), name="inc")
+        keys = [await flow.submit(i) for i in range(7)]
+        await flow.drain()
+        assert [await flow.result(k) for k in keys] == list(range(1, 8))
+        host, port = rt.serve_metrics()
+        assert rt.serve_metrics() == (host, port)  # one server per runtime
+        text = await asyncio.to_thread(_get, f"http://{host}:{port}/metrics")
+        assert 'pydotcompute_kernel_messages_sent_total{backend="host",kernel="echo"} 25.0' in text
+        assert 'pydotcompute_flow_items_completed_total{flow="inc"} 7.0' in text
+        page = await asyncio.to_thread(_get, rt.serve_dashboard())
+        assert "<canvas" in page
+    with socket.socket() as s:  # the port is free again: the server stopped with the runtime
+        # SO_REUSEADDR passes over connections in TIME_WAIT, never over a live listener
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, port))
+        s.listen()
+
+
+async def test_metrics_into_a_callers_registry():
+    registry = CollectorRegistry()
+    async with RingKernelRuntime() as rt:
+        await rt.launch("echo", echo)
+        rt.serve_metrics(registry=registry)
+        assert b"pydotcompute_kernel_queue_capacity" in generate_latest(registry)
