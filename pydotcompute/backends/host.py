@@ -15,11 +15,16 @@ from pydotcompute.errors import KernelStateError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.telemetry.snapshot import KernelTelemetry, LatencyRecorder
 
-__all__ = ["KernelContext", "HostKernelLoop"]
+__all__ = ["KernelContext", "HostKernelLoop", "LATENCY_SAMPLE_EVERY"]
 
 log = logging.getLogger("pydotcompute.runtime")
 
 _perf_ns = time.perf_counter_ns
+
+LATENCY_SAMPLE_EVERY = 64
+"""Host actors time one message in this many (a power of two) for latency percentiles:
+the recorder's 4096-sample window then spans the last 262 144 messages."""
+_SAMPLE_MASK = LATENCY_SAMPLE_EVERY - 1
 SendTo = Callable[[str, Any, "float | None"], Awaitable[None]]
 
 
@@ -134,7 +139,7 @@ class HostKernelLoop(KernelLoop):
 
     Latency of a message is measured from its enqueue to the moment the actor is done
     with it: its next ``send`` or ``receive`` (or its exit). It is sampled on one
-    message in 16.
+    message in ``LATENCY_SAMPLE_EVERY``.
 
     The runtime and the context take the no-wait paths of the two mailboxes inline
     (see ``RingKernelRuntime.send``); everything that may wait, drop, reject or fail
@@ -288,13 +293,15 @@ class HostKernelLoop(KernelLoop):
     # -- messages --------------------------------------------------------------------
 
     def _stamp(self) -> int:
-        # Latency is sampled on one message in 16: enough for stable percentiles,
+        # Latency is sampled on one message in LATENCY_SAMPLE_EVERY: enough for stable percentiles,
         # and it keeps two clock reads off most messages. 1 marks "not timed".
-        return _perf_ns() if self.timed and not self.inbox.enqueued & 15 else 1
+        return _perf_ns() if self.timed and not self.inbox.enqueued & _SAMPLE_MASK else 1
 
     def try_put(self, msg: Any) -> bool:
         inbox = self.inbox
-        return inbox.try_put((_perf_ns() if self.timed and not inbox.enqueued & 15 else 1, msg))
+        return inbox.try_put(
+            (_perf_ns() if self.timed and not inbox.enqueued & _SAMPLE_MASK else 1, msg)
+        )
 
     async def put(self, msg: Any, timeout: float | None) -> None:
         await self.inbox.put((self._stamp(), msg), timeout)

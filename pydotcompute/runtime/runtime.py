@@ -13,7 +13,7 @@ import numpy as np
 
 from pydotcompute.backends.base import KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.backends.host import HostKernelLoop
+from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY, HostKernelLoop
 from pydotcompute.backends.mailbox import Mailbox
 from pydotcompute.backends.select import resolve_backend
 from pydotcompute.errors import (
@@ -37,6 +37,7 @@ __all__ = ["RingKernelRuntime"]
 
 log = logging.getLogger("pydotcompute.runtime")
 _perf_ns = time.perf_counter_ns
+_SAMPLE_MASK = LATENCY_SAMPLE_EVERY - 1
 
 _SENDABLE = frozenset({KernelState.LAUNCHED, KernelState.ACTIVE, KernelState.DEACTIVATED})
 _MISSING = object()
@@ -319,10 +320,12 @@ class RingKernelRuntime:
         inbox = k.inbox
         if inbox is not None:
             # Host actor, no-wait path inline (this runs once per message). Latency is
-            # sampled on one message in 16; 1 marks an untimed message.
+            # sampled on one message in LATENCY_SAMPLE_EVERY; 1 marks an untimed message.
             items = inbox.items
             if len(items) < inbox.capacity and inbox.error is None:
-                items.append((_perf_ns() if k.stamped and not inbox.enqueued & 15 else 1, message))
+                items.append(
+                    (_perf_ns() if k.stamped and not inbox.enqueued & _SAMPLE_MASK else 1, message)
+                )
                 inbox.enqueued += 1
                 if inbox.getters:
                     inbox.wake_getter()
