@@ -324,3 +324,30 @@ async def test_kernel_typed_by_a_plain_dtype_takes_single_records():
         assert (int(out["a"]), float(out["b"])) == (6, 1.5)
         with pytest.raises(TypeError):  # the ring names both dtypes
             await rt.send("dt", np.array((1,), [("x", "<i8")])[()])
+
+
+async def test_launch_compiles_everything_the_first_batch_needs():
+    # A dtype no other test uses, so its ring operations were never compiled before.
+    dt = np.dtype([("first_batch_a", "<i4"), ("first_batch_b", "<f4")], align=True)
+    from pydotcompute.rings import host_ops
+
+    def copy(msg, out, state):
+        out.first_batch_a = msg.first_batch_a
+        out.first_batch_b = msg.first_batch_b
+        return True
+
+    def compiled() -> dict[str, int]:
+        names = ("ring_push", "ring_try_push", "ring_pop", "ring_depth")
+        return {name: len(getattr(host_ops, name).signatures) for name in names}
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("warm", copy, backend="cpu", input_type=dt, output_type=dt)
+        await rt.activate("warm")
+        after_launch = compiled()
+        recs = np.zeros(8, dt)
+        recs["first_batch_a"] = np.arange(8)
+        await rt.send_batch("warm", recs)
+        got = await rt.receive_batch("warm", 100, timeout=5)
+        assert list(got["first_batch_a"]) == list(range(8))
+        # nothing was compiled on the first batch: launch did it
+        assert compiled() == after_launch

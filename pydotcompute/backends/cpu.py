@@ -323,6 +323,8 @@ class CpuKernelLoop(KernelLoop):
                 self.state,
                 boundscheck=self.boundscheck,
             )
+            for ring in (self.in_ring, self.out_ring):
+                await asyncio.to_thread(ring.prepare)
         except Exception as exc:
             name = getattr(self.func, "__name__", repr(self.func))
             err = KernelFailedError(

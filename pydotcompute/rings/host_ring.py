@@ -10,7 +10,13 @@ import numpy as np
 
 from pydotcompute.errors import InvalidConfigurationError, QueueFullError
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.rings.host_ops import ring_add_counter, ring_pop, ring_push
+from pydotcompute.rings.host_ops import (
+    ring_add_counter,
+    ring_depth,
+    ring_pop,
+    ring_push,
+    ring_try_push,
+)
 from pydotcompute.rings.layout import (
     HEADER_SIZE,
     OFF_CLAIM,
@@ -192,6 +198,19 @@ class HostRing:
     def _check_consumer(self) -> None:
         if self.consumer_side is not RingSide.HOST:
             raise InvalidConfigurationError("this ring's consumer side is the device")
+
+    def prepare(self) -> None:
+        """Compile this ring's host operations for its records now.
+
+        Numba compiles them per record type on first use; a kernel calls this at
+        launch so its first batch does not wait for the compiler.
+        """
+        arr, _ = self._arg(self._empty(0))
+        buf = numba.typeof(self.buffer)
+        sig = (buf, numba.typeof(arr), numba.int64, numba.int64)
+        for op in (ring_push, ring_try_push, ring_pop):
+            op.compile(sig)
+        ring_depth.compile((buf,))
 
     # -- produce ---------------------------------------------------------------------
 
