@@ -292,9 +292,9 @@ class RingKernelRuntime:
         """Cancel a running workflow and its child workflows."""
         return await self.workflows().cancel(key, reason)
 
-    async def restart_workflow(self, key: Any) -> None:
+    async def restart_workflow(self, key: Any, wf: Any = None) -> None:
         """Forget what the workflow did (child records included) and run it again."""
-        await self.workflows().restart(key)
+        await self.workflows().restart(key, wf)
 
     async def delete_workflow(self, key: Any) -> bool:
         """Remove the workflow and its child records from the journal."""

@@ -566,10 +566,13 @@ class WorkflowEngine:
         await self._stop(keys)
         return bool(keys)
 
-    async def restart(self, key: Any) -> None:
+    async def restart(self, key: Any, wf: Workflow | None = None) -> None:
         """Run the workflow again from the top with its input, whatever its state; its
-        recorded calls, child workflows and graph items are deleted first."""
+        recorded calls, child workflows and graph items are deleted first. ``wf`` names
+        the workflow function when this engine has not started one of its kind yet."""
         self._check_open()
+        if wf is not None:
+            self._known[wf.name] = wf
         key = check_key(key)
         await self._stop([k for k in self._runs if k == key or k.startswith(key + "/")])
         try:
@@ -622,7 +625,7 @@ class WorkflowEngine:
                 obj = getattr(obj, part)
         except (ImportError, AttributeError) as exc:
             raise InvalidConfigurationError(
-                f"workflow {name!r} is not known here: pass it to resume() or start_workflow()"
+                f"workflow {name!r} is not known here: pass it to start, resume or restart"
             ) from exc
         if not isinstance(obj, Workflow):
             raise InvalidConfigurationError(f"{name!r} is not a @workflow")
