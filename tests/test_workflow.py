@@ -19,6 +19,7 @@ from pydotcompute.errors import (
     WorkflowFailedError,
     WorkflowNotFoundError,
 )
+from pydotcompute.messages import message
 from pydotcompute.workflows import (
     Activity,
     PendingTask,
@@ -454,3 +455,34 @@ def test_decorators() -> None:
 
     assert approval.accept({"what": "w"}, "no") == "w: no"
     assert plain_task.accept(1, 2) == 2 and plain_task.name == "plain"
+
+
+@message
+class Order:
+    qty: int = 0
+
+
+@activity
+async def count_order(order: Order) -> int:
+    RUNS["order"] += 1
+    return order.qty
+
+
+@workflow(name="orders")
+async def orders(x: int, ctx: Any) -> int:
+    n = await ctx.call(count_order, Order(qty=x))  # a fresh message_id on every run
+    await ctx.call(gate, "orders")
+    return n
+
+
+async def test_messages_with_fresh_ids_replay(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "app.db"
+    async with RingKernelRuntime(journal=path) as rt:
+        await rt.start_workflow(orders, 5, key="o")
+        await until(lambda: RUNS["gate orders"] == 1)
+    GATES["orders"] = asyncio.Event()
+    GATES["orders"].set()
+    async with RingKernelRuntime(journal=path) as rt:
+        await rt.start_workflow(orders, 5, key="o")
+        assert await rt.workflow_result("o", timeout=5) == 5
+    assert RUNS["order"] == 1
