@@ -40,6 +40,7 @@ from pydotcompute.memory import (
     UnifiedBuffer,
 )
 from pydotcompute.messages import RingKernelMessage, message
+from pydotcompute.rings import HostRing, RingCounters, RingSide
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.runtime import (
     KernelState,
@@ -54,6 +55,9 @@ from pydotcompute.telemetry.snapshot import KernelTelemetry
 __version__ = "0.1.0"
 
 __all__ = [
+    "HostRing",
+    "RingCounters",
+    "RingSide",
     "DAG",
     "DeadLetter",
     "FanIn",

@@ -246,3 +246,12 @@ def test_ring_matches_model_queue(capacity, strategy, program):
         released, claim, published, reserve = ring._indices()
         assert released == claim <= published == reserve <= released + capacity
         assert c.high_water <= capacity
+
+
+@pytest.mark.parametrize("dtype", ["V12", "<f8", [("s", "S5"), ("x", "<f4")]])
+def test_any_fixed_size_dtype_round_trips(dtype):
+    ring = HostRing(4, np.dtype(dtype))
+    src = np.frombuffer(bytes(range(3 * ring.record_size)), np.dtype(dtype)).copy()
+    assert ring.push_batch(src) == 3
+    out = ring.pop_batch(4)
+    assert out.dtype == src.dtype and out.tobytes() == src.tobytes()

@@ -67,12 +67,13 @@ _jit = njit(nogil=True, cache=True)
 def backoff(spins: int) -> int:
     """One step of a spin-wait: pause, then yield the CPU, then sleep 20 µs.
     Returns the next step count."""
+    # (mypy reads Numba intrinsics as typing hooks, hence the ignores)
     if spins < 64:
-        cpu_pause()
+        cpu_pause()  # type: ignore[call-arg]
     elif spins < 256:
-        cpu_yield()
+        cpu_yield()  # type: ignore[call-arg]
     else:
-        sleep_us(20)
+        sleep_us(20)  # type: ignore[call-arg]
     return spins + 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numba
 import numpy as np
 
 from pydotcompute.errors import InvalidConfigurationError, QueueFullError
@@ -12,7 +13,6 @@ from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ops import ring_add_counter, ring_pop, ring_push
 from pydotcompute.rings.layout import (
     HEADER_SIZE,
-    LINE,
     OFF_CLAIM,
     OFF_DEQUEUED,
     OFF_DROP_BEFORE,
@@ -25,6 +25,7 @@ from pydotcompute.rings.layout import (
     OFF_RELEASED,
     OFF_RESERVE,
     RingSide,
+    aligned_buffer,
     init_ring,
     ring_nbytes,
     validate_ring,
@@ -128,7 +129,7 @@ class HostRing:
                 f"of {self.dtype.itemsize} bytes"
             )
         if buffer is None:
-            buffer = _aligned_zeros(ring_nbytes(capacity, record_size))
+            buffer = aligned_buffer(ring_nbytes(capacity, record_size))
         init_ring(buffer, capacity, record_size, backpressure, producer_side, consumer_side)
         self._attach(buffer)
 
@@ -154,10 +155,16 @@ class HostRing:
         self.producer_side = RingSide(meta["producer_side"])
         self.consumer_side = RingSide(meta["consumer_side"])
         self._words = buffer[:HEADER_SIZE].view("<u8")
+        self._typed = self.dtype is not None and _compiles_for(self.dtype)
 
     # -- records ---------------------------------------------------------------------
 
-    def _bytes_of(self, records: np.ndarray) -> np.ndarray:
+    def _arg(self, records: np.ndarray) -> tuple[np.ndarray, int]:
+        """``records`` as the compiled operations take them, and their count.
+
+        Typed rings pass the record array itself (Numba compiles once per dtype and
+        dispatches faster than it takes numpy to make a byte view); untyped rings, and
+        dtypes Numba cannot type, pass a uint8 view."""
         if not isinstance(records, np.ndarray):
             raise TypeError(f"expected a numpy record array, got {type(records).__name__}")
         if self.dtype is not None:
@@ -168,8 +175,10 @@ class HostRing:
                 f"ring carries {self.record_size}-byte records, got dtype {records.dtype} "
                 f"of {records.dtype.itemsize} bytes"
             )
-        records = np.ascontiguousarray(records.reshape(-1))
-        return records.view(np.uint8)
+        if records.ndim != 1 or not records.flags.c_contiguous:
+            records = np.ascontiguousarray(records.reshape(-1))
+        n = len(records)
+        return (records if self._typed else records.view(np.uint8)), n
 
     def _empty(self, n: int) -> np.ndarray:
         if self.dtype is not None:
@@ -190,8 +199,8 @@ class HostRing:
         """One non-waiting attempt under the ring's strategy; returns how many of
         ``records`` went into the ring (BLOCK: those that fitted now)."""
         self._check_producer()
-        raw = self._bytes_of(records)
-        return int(ring_push(self.buffer, raw, 0, raw.size // self.record_size))
+        arr, n = self._arg(records)
+        return int(ring_push(self.buffer, arr, 0, n))
 
     def push_batch(self, records: np.ndarray, timeout: float | None = None) -> int:
         """Produce a record array under the ring's strategy; returns how many went in.
@@ -203,10 +212,9 @@ class HostRing:
         the consumer to skip stale records, then drops the rest as newest.
         """
         self._check_producer()
-        raw = self._bytes_of(records)
+        arr, n = self._arg(records)
         rs = self.record_size
-        n = raw.size // rs
-        placed = int(ring_push(self.buffer, raw, 0, n))
+        placed = int(ring_push(self.buffer, arr, 0, n))
         strategy = self.backpressure
         waits = strategy is BackpressureStrategy.BLOCK or (
             strategy is BackpressureStrategy.DROP_OLDEST
@@ -220,7 +228,7 @@ class HostRing:
         while placed < n:
             if not backoff.wait():
                 break
-            placed += int(ring_push(self.buffer, raw, placed * rs, n - placed))
+            placed += int(ring_push(self.buffer, arr, placed * rs, n - placed))
         if placed < n:
             if strategy is BackpressureStrategy.BLOCK:
                 ring_add_counter(self.buffer, OFF_REJECTED, n - placed)
@@ -246,20 +254,20 @@ class HostRing:
         self._check_consumer()
         if out.ndim != 1 or not out.flags.c_contiguous:
             raise ValueError("out must be a 1-d contiguous record array")
-        raw = self._bytes_of(out)
-        return int(ring_pop(self.buffer, raw, 0, raw.size // self.record_size))
+        arr, n = self._arg(out)
+        return int(ring_pop(self.buffer, arr, 0, n))
 
     def pop_batch(self, max_items: int, timeout: float | None = 0.0) -> np.ndarray:
         """Up to ``max_items`` records, waiting up to ``timeout`` s (None: forever) for
         the first; an empty array when none came."""
         self._check_consumer()
-        out = self._empty(max_items)
-        raw = out.view(np.uint8)
-        got = int(ring_pop(self.buffer, raw, 0, max_items))
+        arr, _ = self._arg(self._empty(max_items))
+        got = int(ring_pop(self.buffer, arr, 0, max_items))
         if got == 0 and timeout != 0:
             backoff = Backoff(timeout)
             while got == 0 and backoff.wait():
-                got = int(ring_pop(self.buffer, raw, 0, max_items))
+                got = int(ring_pop(self.buffer, arr, 0, max_items))
+        out = arr if self._typed else arr.view(self._empty(0).dtype)
         return out[:got]
 
     def pop(self, timeout: float | None = 0.0) -> np.void | None:
@@ -312,8 +320,10 @@ class HostRing:
         )
 
 
-def _aligned_zeros(nbytes: int) -> np.ndarray:
-    """A zeroed uint8 buffer whose first byte is 128-byte aligned."""
-    raw = np.zeros(nbytes + LINE, np.uint8)
-    start = (-raw.ctypes.data) % LINE
-    return raw[start : start + nbytes]
+def _compiles_for(dtype: np.dtype) -> bool:
+    """Whether Numba can type arrays of ``dtype`` (then they are passed as they are)."""
+    try:
+        numba.typeof(np.empty(0, dtype))
+    except Exception:  # any typing refusal means: use byte views instead
+        return False
+    return True

@@ -39,6 +39,7 @@ __all__ = [
     "OFF_DEQUEUED",
     "OFF_DROPPED_OLDEST",
     "OFF_DROP_BEFORE",
+    "aligned_buffer",
     "slot_size_for",
     "ring_nbytes",
     "init_ring",
@@ -95,6 +96,13 @@ def ring_nbytes(capacity: int, record_size: int) -> int:
     return HEADER_SIZE + capacity * slot_size_for(record_size)
 
 
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """A zeroed uint8 array whose first byte is 128-byte aligned (one line)."""
+    raw = np.zeros(nbytes + LINE, np.uint8)
+    start = (-raw.ctypes.data) % LINE
+    return raw[start : start + nbytes]
+
+
 def _words(buf: np.ndarray) -> np.ndarray:
     return buf[:HEADER_SIZE].view("<u8")
 
@@ -140,9 +148,9 @@ def init_ring(
     words[OFF_BACKPRESSURE // 8] = int(strategy)
     words[OFF_PRODUCER_SIDE // 8] = int(RingSide(producer_side))
     words[OFF_CONSUMER_SIDE // 8] = int(RingSide(consumer_side))
-    # The magic goes in last: whoever sees it sees a complete header. A numpy store
-    # of an aligned word is a single store on every platform we run on, and the
-    # GIL hand-off to another thread is a full barrier.
+    # The magic goes in last, so a header with a valid magic is complete. Other
+    # threads and devices are only handed the buffer after this returns (a thread
+    # start or kernel launch orders these stores before their first load).
     words[OFF_MAGIC // 8] = RING_MAGIC
 
 

@@ -64,7 +64,10 @@ class _Kernel:
     def __init__(self, spec: RingKernelSpec, loop: KernelLoop, restarts: int) -> None:
         self.kernel_id = spec.kernel_id
         self.spec = spec
-        self.input_type = spec.input_type
+        # Checked per send only when it is a class; a kernel typed by a numpy dtype
+        # has its records checked by its ring backend, which names both dtypes.
+        itype = spec.input_type
+        self.input_type = itype if isinstance(itype, type) else None
         self.state = KernelState.CREATED
         self.loop = loop
         # Host actors' mailboxes, for the inline no-wait paths of send/receive.

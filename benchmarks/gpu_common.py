@@ -1,0 +1,162 @@
+"""Shared pieces of the ``gpu_*`` benchmarks: the record, the handler, the baselines.
+
+Every script takes ``--simulator``: run the same code at tiny sizes under numba-cuda's
+simulator (``NUMBA_ENABLE_CUDASIM=1``) as a smoke test. Simulator numbers measure
+Python, not a GPU: they are printed but mean nothing.
+
+The launch baseline is a CuPy ``RawKernel`` when CuPy is usable; otherwise (and under
+the simulator) the same kernel written with numba-cuda, and the output says which.
+Both baselines read their input from and write their output to mapped pinned host
+memory, as the persistent kernel does, so they do the same work: the difference is
+one launch plus one synchronize per call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _use_simulator_if_asked() -> bool:
+    """Switch numba-cuda to its simulator when ``--simulator`` is on the command line
+    (it must happen before numba-cuda is first imported, so at this import)."""
+    if "--simulator" in sys.argv:
+        if "numba.cuda" in sys.modules and os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+            raise RuntimeError("numba.cuda was imported before --simulator was applied")
+        os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+        return True
+    return False
+
+
+SIMULATOR = _use_simulator_if_asked()
+
+from numba import cuda  # noqa: E402  (after the simulator switch)
+
+REC = np.dtype([("x", "<f8"), ("seq", "<i8")])  # 16 bytes
+
+
+def affine(msg, out, state):  # type: ignore[no-untyped-def]
+    """The work of every benchmark: y = 2x + 1, sequence number carried over."""
+    out.x = 2.0 * msg.x + 1.0
+    out.seq = msg.seq
+    return True
+
+
+def records(n: int, start: int = 0) -> np.ndarray:
+    r = np.zeros(n, REC)
+    r["x"] = np.arange(start, start + n, dtype=np.float64)
+    r["seq"] = np.arange(start, start + n)
+    return r
+
+
+def device_name() -> str:
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "numba-cuda simulator (numbers are not GPU numbers)"
+    name = cuda.get_current_device().name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def cupy_or_none() -> Any:
+    """CuPy when it can run kernels here, else None."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return None
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        return cupy
+    except Exception:  # CuPy missing or without a driver: the numba baseline is used
+        return None
+
+
+_AFFINE_CU = r"""
+struct Rec { double x; long long seq; };
+extern "C" __global__ void affine(unsigned long long src, unsigned long long dst, long long n) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const Rec* in = (const Rec*)src;
+        Rec* out = (Rec*)dst;
+        out[i].x = 2.0 * in[i].x + 1.0;
+        out[i].seq = in[i].seq;
+    }
+}
+"""
+
+
+class LaunchBaseline:
+    """One kernel launch plus one synchronize per call, on records in mapped pinned
+    memory: ``host_in``/``host_out`` are numpy views of it."""
+
+    def __init__(self, capacity: int) -> None:
+        self.cupy = cupy_or_none()
+        if self.cupy is not None:
+            cp = self.cupy
+            self.kind = "CuPy RawKernel launch + synchronize"
+            nbytes = capacity * REC.itemsize
+            self._mem_in = cp.cuda.alloc_pinned_memory(nbytes)
+            self._mem_out = cp.cuda.alloc_pinned_memory(nbytes)
+            self.host_in = np.frombuffer(self._mem_in, REC, capacity)
+            self.host_out = np.frombuffer(self._mem_out, REC, capacity)
+            self._kernel = cp.RawKernel(_AFFINE_CU, "affine")
+            self._stream = cp.cuda.Stream(non_blocking=True)
+            self._src = np.uint64(self._mem_in.ptr)  # UVA: the host address is valid
+            self._dst = np.uint64(self._mem_out.ptr)
+            self.run = self._run_cupy
+        else:
+            self.kind = "numba-cuda kernel launch + synchronize (CuPy not usable)"
+            self._in = cuda.mapped_array(capacity, REC)
+            self._out = cuda.mapped_array(capacity, REC)
+            sim = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+            self.host_in = self._in._ary if sim else self._in
+            self.host_out = self._out._ary if sim else self._out
+            self._kernel = _numba_affine
+            self._stream = cuda.stream()
+            self.run = self._run_numba
+
+    def _run_cupy(self, n: int) -> None:
+        threads = 256
+        blocks = (n + threads - 1) // threads
+        with self._stream:
+            self._kernel((blocks,), (threads,), (self._src, self._dst, np.int64(n)))
+        self._stream.synchronize()
+
+    def _run_numba(self, n: int) -> None:
+        threads = 256 if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1" else 4
+        blocks = (n + threads - 1) // threads
+        self._kernel[blocks, threads, self._stream](self._in, self._out, n)
+        self._stream.synchronize()
+
+
+@cuda.jit
+def _numba_affine(src, dst, n):  # type: ignore[no-untyped-def]
+    i = cuda.grid(1)
+    if i < n:
+        dst[i].x = 2.0 * src[i].x + 1.0
+        dst[i].seq = src[i].seq
+
+
+def percentiles_us(samples_ns: list[int]) -> tuple[float, float]:
+    s = sorted(samples_ns)
+    return s[len(s) // 2] / 1000.0, s[min(len(s) - 1, int(len(s) * 0.99))] / 1000.0
+
+
+async def launch_persistent(queue_size: int, **extra: Any) -> Any:
+    """A started, activated ``cuda`` kernel loop running ``affine`` (no runtime around
+    it, so the benchmark can drive its mapped rings directly)."""
+    from pydotcompute.backends.config import RingKernelConfig
+    from pydotcompute.backends.cuda import CudaKernelLoop
+
+    def failed(exc: BaseException) -> None:
+        raise SystemExit(f"the persistent kernel failed: {exc!r}")
+
+    config = RingKernelConfig(queue_size=queue_size, backend="cuda", extra=extra)
+    loop = CudaKernelLoop("bench", affine, config, REC, REC, failed)
+    t0 = time.perf_counter()
+    await loop.start()
+    loop.compile_s = time.perf_counter() - t0  # type: ignore[attr-defined]
+    loop.set_active(True)
+    return loop

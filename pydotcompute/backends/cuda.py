@@ -1,0 +1,652 @@
+"""The ``cuda`` backend, host side: a compiled handler run by one persistent GPU kernel.
+
+(A kernel declared with ``cuda_source=`` runs CUDA C++ instead: see ``cuda_source``.)
+
+``launch()`` allocates the input ring (host → device) and the output ring (device →
+host) in mapped pinned host memory, the control block beside them, the handler's
+``state`` and the kernel's own words in device memory, compiles the loop of
+``pydotcompute.backends.cuda_loop`` once per kernel type and launches it once, on a
+stream of its own. From then on the host only touches memory: it pushes and pops
+records with ``HostRing`` on the mapped rings, flips the state word of the control
+block to activate, pause or terminate, and reads counters from it. No kernel is
+launched per message or per batch.
+
+Output order: FIFO with respect to the input ring (see ``cuda_loop``).
+
+Options read from ``config.extra``: ``threads`` (block size, default 128; 4 under
+the simulator), ``items_per_thread`` (records one thread handles per round, default
+8; 2 under the simulator: a block claims up to ``threads * items_per_thread``
+records at once), ``blocks`` (upper bound on the grid, default one block per SM; the
+grid is the smaller of this and what the occupancy calculator says fits at once)
+and ``idle_sleep_ns`` (longest ``nanosleep`` of an idle block, default 4000).
+
+Under the numba-cuda simulator (``NUMBA_ENABLE_CUDASIM=1``) the same loop runs on a
+host thread (the simulator launches synchronously), with one block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pydotcompute.backends.base import FailureCallback, KernelLoop
+from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.errors import (
+    BackendNotAvailableError,
+    InvalidConfigurationError,
+    KernelFailedError,
+    KernelStateError,
+    QueueFullError,
+    QueueTimeoutError,
+)
+from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
+from pydotcompute.rings.layout import HEADER_SIZE, OFF_REJECTED, RingSide, ring_nbytes
+from pydotcompute.telemetry.snapshot import KernelTelemetry
+
+__all__ = ["CudaKernelLoop", "MappedRing", "MappedControl", "require_cuda_backend"]
+
+_MONITOR_PERIOD_S = 0.005
+
+
+def require_cuda_backend() -> bool:
+    """Check that the ``cuda`` backend can run here; True under the simulator.
+
+    Raises ``BackendNotAvailableError`` with the reason otherwise."""
+    from pydotcompute.backends.probe import require_cuda
+
+    found = require_cuda(allow_simulator=True)
+    return bool(found.simulator)
+
+
+def _cuda() -> Any:
+    from numba import cuda
+
+    return cuda
+
+
+def _simulator() -> bool:
+    from pydotcompute.rings.device import SIMULATOR
+
+    return SIMULATOR
+
+
+def _non_blocking_stream() -> Any:
+    """A stream that does not synchronise with the legacy default stream.
+
+    A persistent kernel never finishes while it runs, so anything issued on the
+    legacy default stream (CuPy's and numba's default) after it would wait for it
+    forever if the kernel's stream were an ordinary, blocking one."""
+    from numba.cuda.cudadrv import driver as drv
+
+    ctx = _cuda().current_context()
+    flags = drv.binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value
+    handle = drv.driver.cuStreamCreate(flags)
+    finalizer = drv._stream_finalizer(ctx.deallocations, handle)
+    return drv.Stream(handle, finalizer=finalizer)  # type: ignore[call-arg]
+
+
+def _mapped_bytes(nbytes: int) -> tuple[Any, np.ndarray]:
+    """Zeroed mapped pinned host memory: (the allocation, a plain host uint8 view)."""
+    mem = _cuda().mapped_array(nbytes, dtype=np.uint8)
+    host = mem._ary if _simulator() else np.ndarray.view(mem, type=np.ndarray)
+    host[:] = 0
+    return mem, host
+
+
+def _device_view(mem: Any, host: np.ndarray, offset: int, count: int, dtype: np.dtype) -> Any:
+    """A device array of ``count`` items of ``dtype`` at byte ``offset`` of ``mem``."""
+    nbytes = count * dtype.itemsize
+    if _simulator():
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+        return FakeCUDAArray(host[offset : offset + nbytes].view(dtype))
+    from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+    return DeviceNDArray(
+        (count,), (dtype.itemsize,), dtype, gpu_data=mem.gpu_data.view(offset, offset + nbytes)
+    )
+
+
+class MappedRing:
+    """A ring in mapped pinned host memory: ``host`` (a ``HostRing``) for the host's
+    side, ``hdr`` and ``slots`` (device arrays over the same bytes) for the kernel's."""
+
+    def __init__(
+        self,
+        capacity: int,
+        dtype: np.dtype,
+        backpressure: BackpressureStrategy,
+        producer_side: RingSide,
+        consumer_side: RingSide,
+    ) -> None:
+        from pydotcompute.backends.cuda_loop import slot_dtype
+
+        self.mem, buf = _mapped_bytes(ring_nbytes(capacity, dtype.itemsize))
+        self.host = HostRing(
+            capacity,
+            dtype,
+            backpressure=backpressure,
+            buffer=buf,
+            producer_side=producer_side,
+            consumer_side=consumer_side,
+        )
+        self.hdr = _device_view(self.mem, buf, 0, HEADER_SIZE // 8, np.dtype(np.int64))
+        self.slots = _device_view(self.mem, buf, HEADER_SIZE, capacity, slot_dtype(dtype))
+
+
+class MappedControl:
+    """A control block (``cuda_loop.ControlWords``) in mapped pinned host memory."""
+
+    def __init__(self) -> None:
+        from pydotcompute.backends.cuda_loop import ControlWords
+
+        n = ControlWords.NWORDS
+        self.mem, buf = _mapped_bytes(n * 8)
+        self.words = buf.view(np.int64)
+        self.device = _device_view(self.mem, buf, 0, n, np.dtype(np.int64))
+
+    def __getitem__(self, word: int) -> int:
+        return int(self.words[word])
+
+    def set_state(self, value: int) -> None:
+        # An aligned 8-byte store is one store; the device polls it with ld.acquire.sys.
+        self.words[0] = value
+
+
+def _record_dtype(t: Any, role: str, kernel_id: str) -> np.dtype:
+    if isinstance(t, np.dtype):
+        return t
+    dt = getattr(t, "__record_dtype__", None) if t is not None else None
+    if not isinstance(dt, np.dtype):
+        raise InvalidConfigurationError(
+            f"cuda kernel {kernel_id!r} needs an {role} type with a record layout "
+            f"(__record_dtype__ or a numpy dtype), got {t!r}"
+        )
+    return dt
+
+
+def _positive(extra: dict[str, Any], name: str, default: int) -> int:
+    value = extra.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidConfigurationError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class CudaKernelLoop(KernelLoop):
+    """A ``cuda`` ring kernel: one persistent kernel launched at ``start()``."""
+
+    backend = "cuda"
+
+    def __new__(
+        cls, kernel_id: str, func: Callable[..., Any], config: RingKernelConfig, *args: Any
+    ) -> Any:  # type: ignore[misc]
+        # A kernel declared with ``cuda_source=`` is CUDA C++, not a numba-cuda loop.
+        if cls is CudaKernelLoop and config.extra.get("cuda_source") is not None:
+            from pydotcompute.backends.cuda_source import CudaSourceKernelLoop
+
+            return CudaSourceKernelLoop(kernel_id, func, config, *args)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        kernel_id: str,
+        func: Callable[..., Any],
+        config: RingKernelConfig,
+        input_type: type | None,
+        output_type: type | None,
+        on_failure: FailureCallback,
+    ) -> None:
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        self.simulator = require_cuda_backend()
+        self.in_dtype = _record_dtype(input_type, "input", kernel_id)
+        self.out_dtype = _record_dtype(output_type, "output", kernel_id)
+        extra = config.extra
+        self.threads = _positive(extra, "threads", 4 if self.simulator else 128)
+        self.items = _positive(extra, "items_per_thread", 2 if self.simulator else 8)
+        self.max_blocks = extra.get("blocks")
+        if self.max_blocks is not None:
+            self.max_blocks = _positive(extra, "blocks", 1)
+        self.idle_sleep_ns = _positive(extra, "idle_sleep_ns", 4000)
+        self.state = (
+            np.zeros(1, np.float64) if config.state is None else np.array(config.state, copy=True)
+        )
+        # The device needs a 1-d array with at least one element to point at.
+        if self.state.ndim == 0 or self.state.size == 0:
+            self.state = (
+                self.state.reshape(-1) if self.state.size else np.zeros(1, self.state.dtype)
+            )
+        self.blocks = 0
+        self.kernel: Any = None
+        self.in_ring: MappedRing | None = None
+        self.out_ring: MappedRing | None = None
+        self.control: MappedControl | None = None
+        self._side: Any = None
+        self._d_state: Any = None
+        self._d_zero: Any = None
+        self._stream: Any = None
+        self._copy_stream: Any = None
+        self._done_event: Any = None
+        self._thread: threading.Thread | None = None
+        self._thread_error: BaseException | None = None
+        self._monitor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._stopped = False
+        self._launched_at = time.monotonic()
+        self._active_since = 0.0
+        self._active_total = 0.0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from pydotcompute.backends.cuda_loop import SideWords, compile_loop
+
+        cfg = self.config
+        # REJECT protects senders into the kernel; the kernel's own output waits.
+        out_strategy = (
+            BackpressureStrategy.BLOCK
+            if cfg.backpressure is BackpressureStrategy.REJECT
+            else cfg.backpressure
+        )
+        self.in_ring = MappedRing(
+            ring_capacity_for(cfg.queue_size),
+            self.in_dtype,
+            cfg.backpressure,
+            RingSide.HOST,
+            RingSide.DEVICE,
+        )
+        self.out_ring = MappedRing(
+            ring_capacity_for(cfg.effective_output_queue_size),
+            self.out_dtype,
+            out_strategy,
+            RingSide.DEVICE,
+            RingSide.HOST,
+        )
+        self.control = MappedControl()
+        try:
+            self.kernel = await asyncio.to_thread(
+                compile_loop,
+                self.func,
+                self.in_dtype,
+                self.out_dtype,
+                self.state,
+                self.threads,
+                self.items,
+                self.idle_sleep_ns,
+            )
+        except Exception as exc:
+            name = getattr(self.func, "__name__", repr(self.func))
+            err = KernelFailedError(
+                f"handler {name!r} of kernel {self.kernel_id!r} does not compile for the "
+                f"device with input records {self.in_dtype} and output records "
+                f"{self.out_dtype}: {type(exc).__name__}: {exc}"
+            )
+            self.failure = err
+            raise err from exc
+        cuda = _cuda()
+        side = np.zeros(SideWords.NWORDS, np.int64)
+        # Device-side counters start from the shared indices they shadow (3.1).
+        in_c = self.in_ring.host.counters()
+        side[SideWords.IN_CLAIM] = side[SideWords.IN_RELEASED] = in_c.released
+        side[SideWords.OUT_PUBLISHED] = self.out_ring.host.counters().published
+        out_zero = np.zeros(1, self.out_ring.slots.dtype)
+        args_host = (side, self.state, out_zero)
+        if self.simulator:
+            from numba.cuda.simulator.kernel import _get_kernel_context
+
+            if _get_kernel_context() is not None:
+                raise BackendNotAvailableError(
+                    "the numba-cuda simulator runs one kernel at a time in a process; "
+                    "terminate the running cuda kernel first (a GPU has no such limit)"
+                )
+            self._side, self._d_state, self._d_zero = (cuda.to_device(a) for a in args_host)
+            self.blocks = 1
+            self._thread = threading.Thread(
+                target=self._run_simulated,
+                args=(self._d_zero,),
+                name=f"pydotcompute-cuda-sim-{self.kernel_id}",
+                daemon=True,
+            )
+            self._thread.start()
+        else:
+            self._stream = _non_blocking_stream()
+            self._copy_stream = _non_blocking_stream()
+            # Every device buffer the kernel uses is held here for its whole life: a
+            # buffer freed while the persistent kernel runs would be used after free.
+            self._side, self._d_state, self._d_zero = (
+                cuda.to_device(a, stream=self._stream) for a in args_host
+            )
+            self.blocks = self._grid_size()
+            self._launch(self._d_zero)
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    def _grid_size(self) -> int:
+        """Blocks that are resident at once (occupancy), at most ``blocks``/one per SM."""
+        cuda = _cuda()
+        compiled = next(iter(self.kernel.overloads.values()))
+        fits = int(compiled.max_cooperative_grid_blocks(self.threads))
+        if fits < 1:
+            raise KernelFailedError(
+                f"kernel {self.kernel_id!r}: no block of {self.threads} threads fits on "
+                "the GPU (registers or shared memory); use fewer threads"
+            )
+        wanted = self.max_blocks or int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
+        return min(fits, wanted)
+
+    def _args(self, d_zero: Any, max_iterations: int) -> tuple[Any, ...]:
+        assert self.in_ring and self.out_ring and self.control
+        return (
+            self.in_ring.hdr,
+            self.in_ring.slots,
+            self.out_ring.hdr,
+            self.out_ring.slots,
+            self.control.device,
+            self._side,
+            self._d_state,
+            d_zero,
+            max_iterations,
+        )
+
+    def _launch(self, d_zero: Any) -> None:
+        cuda = _cuda()
+        self.kernel[self.blocks, self.threads, self._stream](*self._args(d_zero, 0))
+        self._done_event = cuda.event(timing=False)
+        self._done_event.record(self._stream)
+
+    def _run_simulated(self, d_zero: Any) -> None:
+        try:
+            self.kernel[1, self.threads](*self._args(d_zero, 0))
+        except BaseException as exc:  # kept and reported by the monitor: never swallowed
+            self._thread_error = exc
+
+    def _kernel_done(self) -> bool:
+        """Whether the kernel has exited; raises the CUDA error of a faulted stream."""
+        if self.simulator:
+            return self._thread is None or not self._thread.is_alive()
+        return self._done_event is None or bool(self._done_event.query())  # None: never ran
+
+    def _device_error(self) -> BaseException | None:
+        from pydotcompute.backends.cuda_loop import ERROR_TEXT, ControlWords
+
+        if self._thread_error is not None:
+            return self._thread_error
+        assert self.control is not None
+        code = self.control[ControlWords.ERROR_CODE]
+        if code:
+            text = ERROR_TEXT.get(code, "unknown device error")
+            return KernelFailedError(
+                f"cuda kernel {self.kernel_id!r} stopped with error code {code}: {text}"
+            )
+        return None
+
+    async def _watch(self) -> None:
+        """Turn a device-side fault or an unexpected exit into ``on_failure``."""
+        while not self._stopping:
+            try:
+                done = self._kernel_done()
+                err = self._device_error()
+            except Exception as exc:  # a CUDA error on the kernel's stream
+                done, err = True, exc
+            if err is None and done and not self._stopped:  # not asked to stop
+                err = KernelFailedError(f"cuda kernel {self.kernel_id!r} exited on its own")
+            if err is not None:
+                self._fail(err)
+                return
+            await asyncio.sleep(_MONITOR_PERIOD_S)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.failure is not None:
+            return
+        self.failure = exc
+        if self.control is not None:
+            from pydotcompute.backends.cuda_loop import ControlWords as W
+
+            words = self.control.words  # the device has stopped writing these two
+            words[W.ERRORS] += 1
+            if words[W.ERROR_CODE] == W.ERR_NONE:
+                words[W.ERROR_CODE] = W.ERR_HANDLER
+            self.control.set_state(W.TERMINATE)  # the other blocks stop too
+        self._pause_clock()
+        self.on_failure(exc)
+
+    def set_active(self, active: bool) -> None:
+        from pydotcompute.backends.cuda_loop import ControlWords
+
+        if self.failure is not None or self._stopped or self.control is None:
+            return
+        if active and not self._active_since:
+            self._active_since = time.monotonic()
+        elif not active:
+            self._pause_clock()
+        self.control.set_state(ControlWords.ACTIVE if active else ControlWords.INACTIVE)
+
+    def _pause_clock(self) -> None:
+        if self._active_since:
+            self._active_total += time.monotonic() - self._active_since
+            self._active_since = 0.0
+
+    async def stop(self, timeout: float) -> None:
+        from pydotcompute.backends.cuda_loop import ControlWords
+
+        self._stopped = True
+        self._pause_clock()
+        if self.control is None:
+            return
+        self.control.set_state(ControlWords.TERMINATE)
+        deadline = time.monotonic() + timeout
+        pause = 1e-4
+        fault: BaseException | None = None
+        while True:
+            try:
+                if self._kernel_done():
+                    break
+            except Exception as exc:  # the stream faulted: the kernel is gone
+                fault = exc
+                break
+            if time.monotonic() >= deadline:
+                raise KernelStateError(
+                    f"cuda kernel {self.kernel_id!r} did not exit within {timeout} s "
+                    "(a handler that never returns keeps a GPU kernel running)"
+                )
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.01)
+        self._stopping = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+        if self._thread is not None:
+            self._thread.join()
+        if self._stream is not None and fault is None:
+            try:
+                self._stream.synchronize()  # returns at once: the kernel has exited
+            except Exception as exc:
+                fault = exc
+        if fault is None:
+            fault = self._device_error()
+        if fault is not None and self.failure is None:
+            self._fail(fault)
+
+    # -- input -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.failure is not None:
+            exc = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
+            raise exc from self.failure
+        if self._stopped:
+            raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
+
+    def _check_batch(self, records: Any) -> np.ndarray:
+        if not isinstance(records, np.ndarray) or records.dtype != self.in_dtype:
+            got = records.dtype if isinstance(records, np.ndarray) else type(records).__name__
+            raise TypeError(
+                f"kernel {self.kernel_id!r} takes records of dtype {self.in_dtype}, got {got}"
+            )
+        return np.ascontiguousarray(records.reshape(-1))
+
+    def _record_of(self, msg: Any) -> np.ndarray:
+        if isinstance(msg, (np.void, np.ndarray)):
+            return self._check_batch(np.asarray(msg).reshape(-1))
+        t = self.input_type
+        if t is not None and not isinstance(t, np.dtype) and not isinstance(msg, t):
+            raise TypeError(
+                f"kernel {self.kernel_id!r} takes {t.__name__}, got {type(msg).__name__}"
+            )
+        one = np.zeros(1, self.in_dtype)
+        one[0] = msg.to_record()
+        return one
+
+    def try_put(self, msg: Any) -> bool:
+        self._check_open()
+        assert self.in_ring is not None
+        rec = self._record_of(msg)
+        strategy = self.config.backpressure
+        if strategy in (BackpressureStrategy.REJECT, BackpressureStrategy.DROP_NEWEST):
+            # One attempt that also counts a refusal: never both queued and refused.
+            if self.in_ring.host.push_batch(rec) == len(rec):
+                return True
+            if strategy is BackpressureStrategy.REJECT:
+                raise QueueFullError(
+                    f"input ring of {self.kernel_id!r} is full "
+                    f"({self.in_ring.host.capacity}): rejected"
+                )
+            return True  # dropped and counted
+        return self.in_ring.host.try_push_batch(rec) == len(rec)
+
+    async def put(self, msg: Any, timeout: float | None) -> None:
+        if not self.try_put(msg):
+            await self._push_rest(self._record_of(msg), 0, timeout)
+
+    async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
+        self._check_open()
+        assert self.in_ring is not None
+        records = self._check_batch(records)
+        strategy = self.config.backpressure
+        if strategy is BackpressureStrategy.BLOCK:
+            placed = self.in_ring.host.try_push_batch(records)
+            if placed == len(records):
+                return placed
+            return await self._push_rest(records, placed, timeout)
+        if strategy is BackpressureStrategy.DROP_OLDEST:
+            return await self._push_rest(records, 0, timeout)
+        return self.in_ring.host.push_batch(records)
+
+    async def _push_rest(self, records: np.ndarray, placed: int, timeout: float | None) -> int:
+        """Wait for room without blocking the event loop (BLOCK; DROP_OLDEST waits for
+        the device to skip stale records, then drops the rest as newest)."""
+        from pydotcompute.rings.host_ops import ring_add_counter, ring_push
+        from pydotcompute.rings.layout import OFF_DROPPED_NEWEST
+
+        assert self.in_ring is not None
+        buf = self.in_ring.host.buffer
+        raw = records.view(np.uint8)
+        rs = records.dtype.itemsize
+        n = len(records)
+        block = self.config.backpressure is BackpressureStrategy.BLOCK
+        if not block and timeout is None:
+            timeout = 1.0
+        wait = Backoff(timeout)
+        while True:
+            placed += int(ring_push(buf, raw, placed * rs, n - placed))
+            if placed >= n:
+                return placed
+            self._check_open()
+            if wait.expired():
+                if block:
+                    ring_add_counter(buf, OFF_REJECTED, n - placed)
+                    raise QueueFullError(
+                        f"input ring of {self.kernel_id!r} stayed full for {timeout} s: "
+                        f"{placed} of {n} record(s) accepted"
+                    )
+                ring_add_counter(buf, OFF_DROPPED_NEWEST, n - placed)
+                return placed
+            await asyncio.sleep(wait.pause())
+
+    # -- output ----------------------------------------------------------------------
+
+    def try_get(self, default: Any) -> Any:
+        assert self.out_ring is not None
+        got = self.out_ring.host.pop_batch(1, timeout=0)
+        return self._message_of(got[0]) if len(got) else default
+
+    def _message_of(self, rec: np.void) -> Any:
+        t = self.output_type
+        if t is None or isinstance(t, np.dtype):
+            return rec
+        return t.from_record(rec)  # type: ignore[attr-defined]
+
+    async def get(self, timeout: float | None) -> Any:
+        got = await self.get_batch(1, timeout)
+        return self._message_of(got[0])
+
+    async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        assert self.out_ring is not None
+        ring = self.out_ring.host
+        got = ring.pop_batch(max_items, timeout=0)
+        if len(got):
+            return got
+        # The kernel usually answers within microseconds: poll briefly first.
+        spin_until = time.perf_counter() + 50e-6
+        while time.perf_counter() < spin_until:
+            got = ring.pop_batch(max_items, timeout=0)
+            if len(got):
+                return got
+        wait = Backoff(timeout)
+        while True:
+            if self.failure is not None:
+                self._check_open()
+            if wait.expired():
+                raise QueueTimeoutError(
+                    f"no output from kernel {self.kernel_id!r} within {timeout} s"
+                )
+            await asyncio.sleep(wait.pause())
+            got = ring.pop_batch(max_items, timeout=0)
+            if len(got):
+                return got
+
+    # -- state and telemetry ---------------------------------------------------------
+
+    def read_state(self) -> np.ndarray:
+        """Copy ``state`` out of device memory while the kernel runs (on a stream of
+        its own, so the copy does not wait for the persistent kernel)."""
+        if self._d_state is None:
+            return self.state.copy()
+        if self._copy_stream is None:
+            return np.array(self._d_state.copy_to_host(), copy=True)
+        out = self._d_state.copy_to_host(stream=self._copy_stream)
+        self._copy_stream.synchronize()
+        return out
+
+    def telemetry(self, state: str) -> KernelTelemetry:
+        from pydotcompute.backends.cuda_loop import ControlWords as W
+
+        if self.control is None or self.in_ring is None or self.out_ring is None:
+            return KernelTelemetry(kernel_id=self.kernel_id, backend=self.backend, state=state)
+        cb = self.control
+        inc = self.in_ring.host.counters()
+        outc = self.out_ring.host.counters()
+        active = self._active_total + (
+            time.monotonic() - self._active_since if self._active_since else 0.0
+        )
+        processed = cb[W.PROCESSED]
+        return KernelTelemetry(
+            kernel_id=self.kernel_id,
+            backend=self.backend,
+            state=state,
+            messages_processed=processed,
+            messages_sent=cb[W.EMITTED],
+            messages_dropped=inc.dropped + outc.dropped + cb[W.DROPPED],
+            messages_rejected=inc.rejected,
+            errors=cb[W.ERRORS],
+            queue_depth=inc.depth,
+            queue_capacity=self.in_ring.host.capacity,
+            output_queue_depth=outc.depth,
+            throughput=processed / active if active > 0 else 0.0,
+            idle_polls=cb[W.IDLE_POLLS],
+            uptime_s=time.monotonic() - self._launched_at,
+        )

@@ -1,0 +1,73 @@
+"""The ``cuda`` backend's host-side pieces that need neither a GPU nor the simulator."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pydotcompute.backends.select import cuda_status
+from pydotcompute.errors import BackendNotAvailableError
+from pydotcompute.runtime.runtime import RingKernelRuntime
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+REC = np.dtype([("x", "<f8"), ("seq", "<i8")])
+
+
+def passthrough(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x
+    return True
+
+
+@pytest.mark.skipif(SIM or cuda_status()[0], reason="a usable GPU or the simulator is present")
+async def test_cuda_backend_without_a_gpu_says_why() -> None:
+    usable, reason = cuda_status()
+    async with RingKernelRuntime() as rt:
+        with pytest.raises(BackendNotAvailableError) as info:
+            await rt.launch("k", passthrough, backend="cuda", input_type=REC, output_type=REC)
+    assert reason and reason in str(info.value)
+
+
+def test_slots_are_records_widened_to_a_multiple_of_8_bytes() -> None:
+    from pydotcompute.backends.cuda_loop import slot_dtype
+
+    packed = np.dtype([("id", "<u4"), ("x", "<f4"), ("y", "<f4")])
+    slot = slot_dtype(packed)
+    assert slot.itemsize == 16 and slot.names == packed.names
+    assert [slot.fields[n][1] for n in slot.names] == [0, 4, 8]
+    assert slot_dtype(REC) == REC
+
+
+def stream_stats(msg, out, state):  # type: ignore[no-untyped-def]
+    """Running statistics of float64 values, in CUDA C++ (kernels/stream_stats.cu)."""
+    return False
+
+
+STATS = {"cuda_source": "stream_stats.cu", "cuda_function": "pdc_stream_stats"}
+
+
+async def test_a_cuda_cxx_kernel_is_routed_to_the_source_loop_and_refused_without_a_gpu() -> None:
+    from pydotcompute.backends.config import RingKernelConfig
+    from pydotcompute.backends.cuda import CudaKernelLoop
+    from pydotcompute.backends.probe import probe_cuda
+
+    found = probe_cuda()
+    if found.usable:
+        pytest.skip("a GPU is usable here: the launch is tested in test_cuda_gpu.py")
+    config = RingKernelConfig(backend="cuda", extra=STATS)
+    with pytest.raises(BackendNotAvailableError) as info:
+        CudaKernelLoop("stats", stream_stats, config, np.dtype(np.float64), None, print)
+    assert "CUDA C++" in str(info.value)
+    expected = "simulator" if found.simulator else found.reason
+    assert expected in str(info.value)
+
+
+def test_a_cuda_cxx_kernel_needs_its_function_name() -> None:
+    from pydotcompute.backends.config import RingKernelConfig
+    from pydotcompute.backends.cuda_source import CudaSourceKernelLoop
+    from pydotcompute.errors import InvalidConfigurationError
+
+    config = RingKernelConfig(backend="cuda", extra={"cuda_source": "stream_stats.cu"})
+    with pytest.raises(InvalidConfigurationError, match="cuda_function"):
+        CudaSourceKernelLoop("stats", stream_stats, config, np.dtype(np.float64), None, print)

@@ -1,0 +1,497 @@
+"""The ``cuda`` backend's device code under numba-cuda's simulator.
+
+numba-cuda picks the simulator when it is first imported, so these tests run in a
+child process started with ``NUMBA_ENABLE_CUDASIM=1`` (``test_simulator_suite``);
+in the parent process the others are skipped. Sizes are tiny: the simulator runs
+every device thread as a Python thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+sim = pytest.mark.skipif(not SIM, reason="runs in the simulator child process")
+
+
+@pytest.mark.skipif(SIM, reason="this is the parent of the simulator run")
+def test_simulator_suite() -> None:
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    cmd += ["-k", "not test_simulator_suite"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+if SIM:
+    from numba import cuda
+
+    from pydotcompute.backends.cuda import MappedControl, MappedRing
+    from pydotcompute.backends.cuda_loop import ControlWords as W
+    from pydotcompute.backends.cuda_loop import SideWords as S
+    from pydotcompute.backends.cuda_loop import compile_loop
+    from pydotcompute.rings.backpressure import BackpressureStrategy as B
+    from pydotcompute.rings.device import ring_claim, ring_publish, ring_release, ring_stale
+    from pydotcompute.rings.layout import RingSide
+
+    # 12-byte input records: slots are padded to 16 bytes.
+    IN = np.dtype([("id", "<u4"), ("x", "<f4"), ("y", "<f4")])
+    OUT = np.dtype([("id", "<u4"), ("s", "<f8")], align=True)
+
+    def add_fields(msg, out, state):  # type: ignore[no-untyped-def]
+        """Emits id and x + y for ids not divisible by 3; counts emitted in state[0]."""
+        if msg.id % 3 == 0:
+            return False
+        out.id = msg.id
+        out.s = msg.x + msg.y
+        state[0] += 1.0
+        return True
+
+    def records(ids: range | list[int]) -> np.ndarray:
+        r = np.zeros(len(ids), IN)
+        r["id"] = list(ids)
+        r["x"] = 0.5
+        r["y"] = np.asarray(list(ids), np.float32)
+        return r
+
+    class Rig:
+        """Mapped rings, control block and device words for one bounded launch."""
+
+        def __init__(
+            self,
+            in_cap: int = 8,
+            out_cap: int = 16,
+            threads: int = 4,
+            items: int = 2,
+            in_bp: B = B.BLOCK,
+            out_bp: B = B.BLOCK,
+            handler=add_fields,  # type: ignore[no-untyped-def]
+        ) -> None:
+            self.inp = MappedRing(in_cap, IN, in_bp, RingSide.HOST, RingSide.DEVICE)
+            self.out = MappedRing(out_cap, OUT, out_bp, RingSide.DEVICE, RingSide.HOST)
+            self.ctl = MappedControl()
+            self.threads = threads
+            self.state = cuda.to_device(np.zeros(2))
+            self.side = cuda.to_device(np.zeros(S.NWORDS, np.int64))
+            self.zero = cuda.to_device(np.zeros(1, self.out.slots.dtype))
+            self.kernel = compile_loop(handler, IN, OUT, np.zeros(2), threads, items, 1000)
+
+        def run(
+            self,
+            iterations: int,
+            command: int = W.ACTIVE,
+            threads: int | None = None,
+            blocks: int = 1,
+        ) -> None:
+            self.ctl.set_state(command)
+            self.kernel[blocks, threads or self.threads](
+                self.inp.hdr,
+                self.inp.slots,
+                self.out.hdr,
+                self.out.slots,
+                self.ctl.device,
+                self.side,
+                self.state,
+                self.zero,
+                iterations,
+            )
+
+        def expected(self, ids: list[int]) -> list[tuple[int, float]]:
+            return [(i, 0.5 + i) for i in ids if i % 3]
+
+        def outputs(self) -> list[tuple[int, float]]:
+            got = self.out.host.pop_batch(1024)
+            return [(int(r["id"]), float(r["s"])) for r in got]
+
+    # -- device ring operations against HostRing on the same mapped buffer -----------
+
+    @cuda.jit
+    def device_pop(hdr, slots, side, dst, count):  # type: ignore[no-untyped-def]
+        c, k = ring_claim(hdr, side, 0, dst.shape[0], False)
+        stale = ring_stale(hdr, c, k)
+        for i in range(stale, k):
+            rec = slots[(c + i) & (slots.shape[0] - 1)]
+            dst[i - stale] = rec.id
+        ring_release(hdr, side, 1, c, k, stale, False)
+        count[0] = k - stale
+        count[1] = stale
+
+    @cuda.jit
+    def device_push(hdr, slots, side, ids, n):  # type: ignore[no-untyped-def]
+        r = side[4]
+        cap = slots.shape[0]
+        room = cap - (r - hdr[48])  # released, word 384 / 8
+        k = n if n < room else room
+        for i in range(k):
+            slots[(r + i) & (cap - 1)].id = ids[i]
+            slots[(r + i) & (cap - 1)].s = ids[i] * 0.25
+        ring_publish(hdr, side, 4, r, k, n - k)
+
+    @sim
+    def test_device_consumes_what_the_host_ring_produced() -> None:
+        ring = MappedRing(8, IN, B.BLOCK, RingSide.HOST, RingSide.DEVICE)
+        side = cuda.to_device(np.zeros(S.NWORDS, np.int64))
+        got = cuda.to_device(np.zeros(8, np.int64))
+        count = cuda.to_device(np.zeros(2, np.int64))
+        seen: list[int] = []
+        for batch in (range(0, 5), range(5, 12), range(12, 20)):  # wraps around twice
+            assert ring.host.push_batch(records(batch)) == len(batch)
+            device_pop[1, 1](ring.hdr, ring.slots, side, got, count)
+            n = int(count.copy_to_host()[0])
+            seen += list(got.copy_to_host()[:n])
+        assert seen == list(range(20))
+        c = ring.host.counters()
+        assert (c.published, c.released, c.enqueued, c.dequeued) == (20, 20, 20, 20)
+        assert ring.host.depth == 0
+
+    @sim
+    def test_device_skips_records_below_the_host_watermark() -> None:
+        ring = MappedRing(4, IN, B.DROP_OLDEST, RingSide.HOST, RingSide.DEVICE)
+        side = cuda.to_device(np.zeros(S.NWORDS, np.int64))
+        got = cuda.to_device(np.zeros(8, np.int64))
+        count = cuda.to_device(np.zeros(2, np.int64))
+        assert ring.host.try_push_batch(records(range(4))) == 4
+        assert ring.host.try_push_batch(records([4, 5])) == 0  # full: raises drop_before
+        assert ring.host.counters().drop_before == 2
+        device_pop[1, 1](ring.hdr, ring.slots, side, got, count)
+        assert list(count.copy_to_host()) == [2, 2]
+        assert list(got.copy_to_host()[:2]) == [2, 3]
+        c = ring.host.counters()
+        assert (c.dequeued, c.dropped_oldest, c.released) == (2, 2, 4)
+
+    @sim
+    def test_host_ring_consumes_what_the_device_produced() -> None:
+        ring = MappedRing(4, OUT, B.DROP_NEWEST, RingSide.DEVICE, RingSide.HOST)
+        side = cuda.to_device(np.zeros(S.NWORDS, np.int64))
+        ids = cuda.to_device(np.arange(10, 16, dtype=np.int64))
+        device_push[1, 1](ring.hdr, ring.slots, side, ids, 3)
+        got = ring.host.pop_batch(8)
+        assert list(got["id"]) == [10, 11, 12] and list(got["s"]) == [2.5, 2.75, 3.0]
+        device_push[1, 1](ring.hdr, ring.slots, side, ids, 6)  # 4 fit, 2 dropped
+        got = ring.host.pop_batch(8)
+        assert list(got["id"]) == [10, 11, 12, 13]
+        c = ring.host.counters()
+        assert (c.published, c.enqueued, c.dropped_newest, c.high_water) == (7, 7, 2, 4)
+
+    # -- the persistent loop, bounded ------------------------------------------------
+
+    @sim
+    def test_loop_keeps_fifo_order_across_batches_and_wraps() -> None:
+        rig = Rig(in_cap=8, out_cap=16, threads=4)
+        ids = list(range(8))
+        rig.inp.host.push_batch(records(ids))
+        rig.run(3)  # two claims of 4, one idle poll
+        more = list(range(8, 14))
+        rig.inp.host.push_batch(records(more))
+        rig.run(3)
+        assert rig.outputs() == rig.expected(ids + more)
+        assert rig.state.copy_to_host()[0] == len(rig.expected(ids + more))
+        assert rig.ctl[W.PROCESSED] == 14
+        assert rig.ctl[W.EMITTED] == len(rig.expected(ids + more))
+        assert rig.ctl[W.IDLE_POLLS] >= 2 and rig.ctl[W.HEARTBEAT] >= 3
+        assert rig.ctl[W.ERROR_CODE] == 0
+        assert rig.inp.host.counters().dequeued == 14
+
+    @sim
+    def test_blocks_share_one_input_ring_through_the_device_claim_counter() -> None:
+        # The simulator runs blocks one after another: block 0 takes two rounds of
+        # 8 records, block 1 the rest; the last block out mirrors the counters.
+        rig = Rig(in_cap=32, out_cap=32, threads=4, items=2)
+        ids = list(range(20))
+        rig.inp.host.push_batch(records(ids))
+        rig.run(2, blocks=2)
+        assert rig.outputs() == rig.expected(ids)
+        assert rig.side.copy_to_host()[S.EXITED] == 2
+        assert rig.ctl[W.PROCESSED] == 20 and rig.inp.host.counters().released == 20
+
+    @sim
+    def test_running_loop_answers_messages_sent_one_at_a_time() -> None:
+        # Idle rounds between messages: a thread slow to read a round's orders must
+        # not see the next round's (every thread reads, then the block syncs).
+        rig = Rig(threads=4)
+        worker = threading.Thread(target=rig.run, args=(0,))  # unbounded, as on a GPU
+        worker.start()
+        try:
+            for i in (1, 2, 4, 5, 7):
+                rig.inp.host.push_batch(records([i]))
+                deadline = time.monotonic() + 10
+                got: list[tuple[int, float]] = []
+                while not got and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    got = rig.outputs()
+                assert got == rig.expected([i])
+        finally:
+            rig.ctl.set_state(W.TERMINATE)
+            worker.join(20)
+        assert not worker.is_alive()
+
+    @sim
+    def test_paused_loop_leaves_records_queued() -> None:
+        rig = Rig()
+        rig.inp.host.push_batch(records(range(5)))
+        rig.run(3, command=W.INACTIVE)
+        assert rig.inp.host.depth == 5 and rig.ctl[W.PROCESSED] == 0
+        assert rig.ctl[W.IDLE_POLLS] == 0  # paused polls are not idle polls
+        rig.run(3)
+        assert rig.outputs() == rig.expected(list(range(5)))
+
+    @sim
+    def test_terminate_exits_before_taking_anything() -> None:
+        rig = Rig()
+        rig.inp.host.push_batch(records(range(3)))
+        rig.run(100, command=W.TERMINATE)
+        assert rig.inp.host.depth == 3 and rig.ctl[W.HEARTBEAT] == 1  # one round, then out
+
+    @sim
+    def test_full_output_ring_drops_newest_and_counts() -> None:
+        rig = Rig(out_cap=2, out_bp=B.DROP_NEWEST)
+        rig.inp.host.push_batch(records([1, 2, 4, 5]))
+        rig.run(2)
+        assert rig.outputs() == [(1, 1.5), (2, 2.5)]
+        assert rig.out.host.counters().dropped_newest == 2
+        assert rig.ctl[W.PROCESSED] == 4 and rig.ctl[W.EMITTED] == 2
+
+    @sim
+    def test_blocked_output_gives_up_on_terminate_and_counts_drops() -> None:
+        rig = Rig(out_cap=2)
+        rig.inp.host.push_batch(records([1, 2, 4, 5]))
+        worker = threading.Thread(target=rig.run, args=(0,))  # unbounded, as on a GPU
+        worker.start()
+        deadline = time.monotonic() + 20
+        while rig.out.host.depth < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)  # the loop now waits for room in the output ring
+        rig.ctl.set_state(W.TERMINATE)
+        worker.join(20)
+        assert not worker.is_alive()
+        assert rig.ctl[W.DROPPED] == 2 and rig.ctl[W.PROCESSED] == 4
+        assert rig.inp.host.counters().released == 4
+
+    @sim
+    def test_paused_loop_still_discards_stale_input() -> None:
+        rig = Rig(in_cap=4, in_bp=B.DROP_OLDEST)
+        rig.inp.host.try_push_batch(records(range(4)))
+        rig.inp.host.try_push_batch(records([4]))  # raises drop_before to 1
+        rig.run(2, command=W.INACTIVE)
+        c = rig.inp.host.counters()
+        assert (c.dropped_oldest, c.released, rig.ctl[W.PROCESSED]) == (1, 1, 0)
+
+    @sim
+    def test_bad_ring_header_sets_the_error_code() -> None:
+        rig = Rig()
+        rig.inp.host.buffer[0] ^= 0xFF  # break the magic
+        rig.run(5)
+        assert rig.ctl[W.ERROR_CODE] == W.ERR_INPUT_RING + 1
+        assert rig.ctl[W.HEARTBEAT] == 0
+
+    @sim
+    def test_block_size_other_than_compiled_is_refused() -> None:
+        rig = Rig(threads=4)
+        rig.run(5, threads=2)
+        assert rig.ctl[W.ERROR_CODE] == W.ERR_BLOCK_SIZE
+
+    # -- through the runtime ---------------------------------------------------------
+
+    def count_and_scale(msg, out, state):  # type: ignore[no-untyped-def]
+        out.id = msg.id
+        out.s = msg.x * 2.0
+        state[0] += msg.x
+        return True
+
+    def out_of_bounds(msg, out, state):  # type: ignore[no-untyped-def]
+        state[7] = 1.0  # state has one element: IndexError in the simulator
+        return True
+
+    async def _wait_for(pred, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < deadline, "condition not reached"
+            await asyncio.sleep(0.01)
+
+    @sim
+    async def test_runtime_runs_a_cuda_kernel_end_to_end() -> None:
+        from pydotcompute.runtime.lifecycle import KernelState
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime(backend="cuda") as rt:
+            await rt.launch(
+                "scale",
+                count_and_scale,
+                backend="cuda",
+                input_type=IN,
+                output_type=OUT,
+                queue_size=8,
+                state=np.zeros(1),
+                extra={"threads": 1},
+            )
+            assert rt.get_state("scale") is KernelState.LAUNCHED
+            await rt.activate("scale")
+            recs = records(range(10))
+            assert await rt.send_batch("scale", recs, timeout=10) == 10
+            got: list[np.ndarray] = []
+            while sum(len(g) for g in got) < 10:
+                got.append(await rt.receive_batch("scale", 10, timeout=10))
+            out = np.concatenate(got)
+            assert list(out["id"]) == list(range(10))  # FIFO
+            assert list(out["s"]) == [1.0] * 10
+            await _wait_for(lambda: rt.read_state("scale")[0] == 5.0)
+            tele = rt.get_telemetry("scale")
+            assert tele.backend == "cuda" and tele.messages_processed == 10
+            await rt.deactivate("scale")
+            await rt.terminate("scale")
+            assert rt.get_state("scale") is KernelState.TERMINATED
+            loop = rt._kernels["scale"].loop
+            assert not loop._thread.is_alive()
+
+    @sim
+    async def test_a_kernel_asked_to_stop_is_not_reported_as_failed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        from pydotcompute.backends import cuda as cuda_backend
+        from pydotcompute.backends.config import RingKernelConfig
+        from pydotcompute.backends.cuda import CudaKernelLoop
+
+        # The monitor polls on every event-loop turn, so it sees the kernel exit
+        # before stop() does.
+        monkeypatch.setattr(cuda_backend, "_MONITOR_PERIOD_S", 0)
+        failures: list[BaseException] = []
+        config = RingKernelConfig(queue_size=4, backend="cuda", extra={"threads": 1})
+        for _ in range(3):
+            loop = CudaKernelLoop("k", count_and_scale, config, IN, OUT, failures.append)
+            await loop.start()
+            loop.set_active(True)
+            await asyncio.sleep(0.02)  # the monitor is polling
+            await loop.stop(10.0)
+            assert not loop._thread.is_alive()
+        assert failures == []
+
+    @sim
+    async def test_simulator_refuses_a_second_running_kernel_clearly() -> None:
+        from pydotcompute.errors import BackendNotAvailableError, KernelFailedError
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            opts = dict(backend="cuda", input_type=IN, output_type=OUT, queue_size=4)
+            await rt.launch("first", count_and_scale, **opts)
+            with pytest.raises(KernelFailedError) as info:
+                await rt.launch("second", count_and_scale, **opts)
+            assert isinstance(info.value.__cause__, BackendNotAvailableError)
+            assert "one kernel at a time" in str(info.value)
+
+    @sim
+    async def test_single_sends_under_reject_and_drop_newest_are_counted_once() -> None:
+        from pydotcompute.errors import QueueFullError
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            for kid, bp in (("rej", "reject"), ("dn", "drop_newest")):
+                await rt.launch(kid, count_and_scale, backend="cuda", input_type=IN,
+                                output_type=OUT, queue_size=2, backpressure=bp)  # fmt: skip
+                recs = records(range(3))
+                loop = rt._kernels[kid].loop
+                assert loop.try_put(recs[0]) and loop.try_put(recs[1])
+                if bp == "reject":
+                    with pytest.raises(QueueFullError):
+                        loop.try_put(recs[2])
+                else:
+                    assert loop.try_put(recs[2])  # dropped, counted
+                c = rt._kernels[kid].loop.in_ring.host.counters()
+                assert c.enqueued == 2 and c.rejected + c.dropped_newest == 1
+                await rt.terminate(kid)
+
+    @sim
+    async def test_a_reject_send_that_finds_room_late_is_queued_not_refused() -> None:
+        # Room may appear between two attempts: one attempt must decide alone.
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            await rt.launch("rej", count_and_scale, backend="cuda", input_type=IN,
+                            output_type=OUT, queue_size=2, backpressure="reject")  # fmt: skip
+            host = rt._kernels["rej"].loop.in_ring.host
+            host.try_push_batch = lambda recs: 0  # "full" at a first look
+            assert rt._kernels["rej"].loop.try_put(records([1])[0])
+            c = host.counters()
+            assert (c.enqueued, c.rejected) == (1, 0)
+            await rt.terminate("rej")
+
+    @sim
+    async def test_message_objects_go_through_send_and_receive() -> None:
+        from pydotcompute.messages import message
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        @message
+        class Reading:
+            value: float
+            sensor: int
+
+        def reply(msg, out, state):  # type: ignore[no-untyped-def]
+            for i in range(16):
+                out.correlation_id[i] = msg.message_id[i]
+            out.value = msg.value * 2.0
+            out.sensor = msg.sensor
+            return True
+
+        async with RingKernelRuntime() as rt:
+            await rt.launch("reply", reply, backend="cuda", input_type=Reading,
+                            output_type=Reading, queue_size=8)  # fmt: skip
+            await rt.activate("reply")
+            sent = [Reading(value=1.5 * i, sensor=i) for i in range(3)]
+            for m in sent:
+                await rt.send("reply", m, timeout=5)
+            got = [await rt.receive("reply", timeout=10) for _ in sent]
+            assert [g.sensor for g in got] == [0, 1, 2]
+            assert [g.value for g in got] == [0.0, 3.0, 6.0]
+            assert [g.correlation_id for g in got] == [m.message_id for m in sent]
+            await rt.terminate("reply")
+
+    @sim
+    async def test_runtime_marks_a_faulting_kernel_failed() -> None:
+        from pydotcompute.errors import KernelFailedError
+        from pydotcompute.runtime.lifecycle import KernelState
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            await rt.launch(
+                "oob", out_of_bounds, backend="cuda", input_type=IN, output_type=OUT,
+                queue_size=4, state=np.zeros(1), extra={"threads": 1},
+            )  # fmt: skip
+            await rt.activate("oob")
+            await rt.send_batch("oob", records([1]), timeout=5)
+            await _wait_for(lambda: rt.get_state("oob") is KernelState.FAILED)
+            assert isinstance(rt.get_error("oob"), IndexError)
+            assert rt.get_telemetry("oob").errors == 1
+            with pytest.raises(KernelFailedError):
+                await rt.send_batch("oob", records([2]), timeout=1)
+            await rt.terminate("oob")  # releases it; nothing hangs
+
+    @sim
+    async def test_second_launch_of_a_kernel_type_does_not_recompose(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        from pydotcompute.backends import cuda_loop
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        def fresh(msg, out, state):  # type: ignore[no-untyped-def]
+            out.id = msg.id
+            return True
+
+        calls = []
+        real = cuda_loop.compose_loop
+        monkeypatch.setattr(cuda_loop, "compose_loop", lambda *a: calls.append(a) or real(*a))
+        async with RingKernelRuntime() as rt:
+            for name in ("a", "b"):  # one after the other: the simulator runs one at a time
+                await rt.launch(
+                    name, fresh, backend="cuda", input_type=IN, output_type=OUT,
+                    queue_size=4, extra={"threads": 1},
+                )  # fmt: skip
+                await rt.terminate(name)
+            assert len(calls) == 1
+            assert rt._kernels["a"].loop.kernel is rt._kernels["b"].loop.kernel
+            assert rt._kernels["a"].loop.blocks == 1  # one block under the simulator
