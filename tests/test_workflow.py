@@ -486,3 +486,20 @@ async def test_messages_with_fresh_ids_replay(tmp_path: pathlib.Path) -> None:
         await rt.start_workflow(orders, 5, key="o")
         assert await rt.workflow_result("o", timeout=5) == 5
     assert RUNS["order"] == 1
+
+
+async def test_a_refused_write_does_not_undo_the_rest_of_its_commit(
+    tmp_path: pathlib.Path,
+) -> None:
+    GATES["chain"] = asyncio.Event()
+    async with WorkflowEngine(None, tmp_path / "app.db") as engine:
+        await engine.start(chain, 1, key="c")
+        await until(lambda: RUNS["gate chain"] == 1)
+        store = engine.store
+        # a second record at a recorded position, queued with a good one: one transaction
+        dup = store.post(store.op_call, "c", 0, "activity", "x", b"", "done", None, None, None)
+        ok = store.post(store.op_call, "c", 5, "activity", "x", b"", "done", None, None, None)
+        with pytest.raises(sqlite3.IntegrityError):
+            await dup
+        await ok
+        assert engine.status("c").calls == 3  # two real calls and the good record

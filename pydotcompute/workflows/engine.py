@@ -10,6 +10,7 @@ and its arguments. A replay that makes another call at a recorded position raise
 from __future__ import annotations
 
 import asyncio
+import builtins
 import dataclasses
 import importlib
 import logging
@@ -210,11 +211,11 @@ class WorkflowContext:
         """Sleep durably: the wake-up time is journaled, so a workflow resumed after a
         crash sleeps only what is left."""
         pos = self._next()
-        args = ((float(seconds),), {})
+        args: tuple[tuple[float], dict[str, Any]] = ((float(seconds),), {})
         blob = encode(args)
         row = self._replayed(pos, "sleep", "sleep", blob, args)
         if row is not None:
-            wake = decode(row[4])
+            wake = decode(row[4]) if row[4] is not None else 0.0
         else:
             wake = time.time() + seconds
             await self._engine.record(
@@ -226,7 +227,7 @@ class WorkflowContext:
         pos = self._next()
         row = self._replayed(pos, kind, kind, NO_ARGS, ((), {}))
         if row is not None:
-            return decode(row[4])
+            return decode(row[4]) if row[4] is not None else make()
         value = make()
         # Not awaited: commits are ordered, so any later call that depends on the value
         # is durable only after it.
@@ -588,7 +589,7 @@ class WorkflowEngine:
         await self._stop([k for k in self._runs if k == key or k.startswith(key + "/")])
         return bool(await self.store.call(self.store.op_delete, key))
 
-    async def resume(self, *workflows: Workflow) -> list[str]:
+    async def resume(self, *workflows: Workflow) -> builtins.list[str]:
         """Resume running top-level workflows nobody holds (their process died).
 
         Given workflows are matched by name; with none, every workflow found in the

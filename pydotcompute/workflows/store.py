@@ -171,7 +171,7 @@ class WorkflowStore:
                     try:
                         results.append(fn(conn, now, *args))
                         conn.execute("RELEASE op")
-                    except (LostOwnership, LookupError, ValueError) as exc:
+                    except (LostOwnership, LookupError, ValueError, sqlite3.IntegrityError) as exc:
                         # The op's own refusal: undo just this op, keep the batch.
                         conn.execute("ROLLBACK TO op")
                         conn.execute("RELEASE op")
