@@ -503,3 +503,34 @@ async def test_a_refused_write_does_not_undo_the_rest_of_its_commit(
             await dup
         await ok
         assert engine.status("c").calls == 3  # two real calls and the good record
+
+
+async def test_two_engines_on_one_journal(tmp_path: pathlib.Path) -> None:
+    """Like two processes: one runs the workflow, the other answers and waits on it."""
+    path = tmp_path / "app.db"
+    async with WorkflowEngine(None, path) as a, WorkflowEngine(None, path) as b:
+        await a.start(approve, "desk", key="d")
+        await until(lambda: b.pending(approval) != [])
+        assert await b.start(approve, "desk", key="d") == "d"  # held by a: not run twice
+        assert await b.complete(approval, "d/0", "no")  # a notices by polling the journal
+        await until(lambda: b.pending(plain_task) != [])
+        assert await b.complete(plain_task, "d/1", 0)
+        assert await b.result("d", timeout=5) == ("desk: no", 0)
+
+
+async def test_child_workflow_resumes_with_its_parent(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "app.db"
+    async with RingKernelRuntime(journal=path) as rt:
+        await rt.launch("double", doubler)
+        await rt.activate("double")
+        await rt.start_workflow(parent, 3, key="p")
+        await until(lambda: RUNS["gate child 212"] == 1)
+        assert rt.workflow_status("p/2").state == "running"
+    GATES["child 212"] = asyncio.Event()
+    GATES["child 212"].set()
+    async with RingKernelRuntime(journal=path) as rt:
+        await rt.launch("double", doubler)
+        await rt.activate("double")
+        await rt.start_workflow(parent, 3, key="p")
+        assert await rt.workflow_result("p", timeout=10) == 213
+    assert RUNS == {"gate child 212": 2, "inc 212": 1}

@@ -274,7 +274,6 @@ class WorkflowEngine:
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._known: dict[str, Workflow] = {}
         self._answers: dict[str, asyncio.Future[bytes]] = {}
-        self._graphs: dict[int, tuple[Graph, str]] = {}
         self._flows: dict[str, Flow] = {}
         self._flow_lock = asyncio.Lock()
         self._closed = False
@@ -382,11 +381,8 @@ class WorkflowEngine:
         if isinstance(step, str):
             return "kernel", step, step
         if isinstance(step, Graph):
-            known = self._graphs.get(id(step))
-            if known is None or known[0] is not step:
-                known = (step, compile_graph(step).fingerprint[:16])
-                self._graphs[id(step)] = known
-            return "graph", known[1], step
+            # Named by structure, not identity: a workflow may build its graph on each run.
+            return "graph", compile_graph(step).fingerprint[:16], step
         if callable(step):
             act = activity(step)
             return "activity", act.name, act
@@ -420,7 +416,7 @@ class WorkflowEngine:
     async def _flow(self, graph: Graph) -> Flow:
         from pydotcompute.coordinator import deploy  # the package imports this module
 
-        name = f"workflow-graph-{self._graphs[id(graph)][1]}"
+        name = f"workflow-graph-{compile_graph(graph).fingerprint[:16]}"
         async with self._flow_lock:
             flow = self._flows.get(name)
             if flow is None:
