@@ -534,3 +534,23 @@ async def test_child_workflow_resumes_with_its_parent(tmp_path: pathlib.Path) ->
         await rt.start_workflow(parent, 3, key="p")
         assert await rt.workflow_result("p", timeout=10) == 213
     assert RUNS == {"gate child 212": 2, "inc 212": 1}
+
+
+@workflow(name="two-graphs")
+async def two_graphs(x: int, ctx: Any) -> list[int]:
+    # the same shape and stage names ("<lambda>"), different code
+    a = await ctx.call(stage(lambda v: v + 1), x)
+    b = await ctx.call(stage(lambda v: v * 10), x)
+    return [a, b]
+
+
+async def test_graphs_of_one_shape_with_different_code_stay_apart(
+    tmp_path: pathlib.Path,
+) -> None:
+    async with RingKernelRuntime(journal=tmp_path / "app.db") as rt:
+        await rt.start_workflow(two_graphs, 4, key="g")
+        assert await rt.workflow_result("g", timeout=10) == [5, 40]
+        await rt.start_workflow(two_graphs, 5, key="h")  # built again: same flows
+        assert await rt.workflow_result("h", timeout=10) == [6, 50]
+    flows = db(tmp_path / "app.db", "SELECT count(*) FROM flows")
+    assert flows == [(2,)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import dataclasses
+import hashlib
 import importlib
 import logging
 import pickle
@@ -41,6 +42,7 @@ from pydotcompute.workflows.steps import (
     Workflow,
     WorkflowStatus,
     activity,
+    qualified_name,
 )
 from pydotcompute.workflows.store import (
     CANCELLED,
@@ -100,6 +102,29 @@ def comparable(value: Any) -> Any:
         }
         return type(value), comparable(fields)
     return value
+
+
+def code_identity(fn: Any) -> str:
+    """A function as the journal can recognise it in another process: its name, and
+    for functions without a unique name (lambdas, nested ones) the code it runs."""
+    if fn is None or isinstance(fn, str):
+        return repr(fn)
+    name = qualified_name(fn)
+    code = getattr(fn, "__code__", None)
+    if "<" in name and code is not None:
+        name += ":" + hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest()[:12]
+    return name
+
+
+def graph_identity(graph: Graph) -> str:
+    """A graph's journal name: its structure and what each stage runs, stable across
+    runs and processes (a workflow may build its graph again on every run)."""
+    plan = compile_graph(graph)
+    parts = [plan.fingerprint]
+    for node in plan.nodes:
+        parts.append(code_identity(node.stage.target if node.stage is not None else None))
+        parts.append(code_identity(node.predicate))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def describe_call(kind: str, step: str, args: Any) -> str:
@@ -381,8 +406,7 @@ class WorkflowEngine:
         if isinstance(step, str):
             return "kernel", step, step
         if isinstance(step, Graph):
-            # Named by structure, not identity: a workflow may build its graph on each run.
-            return "graph", compile_graph(step).fingerprint[:16], step
+            return "graph", graph_identity(step), step
         if callable(step):
             act = activity(step)
             return "activity", act.name, act
@@ -416,7 +440,7 @@ class WorkflowEngine:
     async def _flow(self, graph: Graph) -> Flow:
         from pydotcompute.coordinator import deploy  # the package imports this module
 
-        name = f"workflow-graph-{compile_graph(graph).fingerprint[:16]}"
+        name = f"workflow-graph-{graph_identity(graph)}"
         async with self._flow_lock:
             flow = self._flows.get(name)
             if flow is None:
