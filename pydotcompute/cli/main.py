@@ -16,10 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from pydotcompute.cli import demo, doctor
+    from pydotcompute.cli import dashboard, demo, doctor, top
 
     demo.register(sub)
     doctor.register(sub)
+    top.register(sub)
+    dashboard.register(sub)
     return parser
 
 

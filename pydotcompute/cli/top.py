@@ -1,0 +1,268 @@
+"""``pydotcompute top [URL]``: a live terminal table of a runtime's kernels.
+
+It reads any runtime's ``/metrics`` endpoint, so it watches a process it does not share
+memory with. msg/s comes from counter deltas between two scrapes; p50/p99 are estimated
+from the latency histogram buckets that changed between them (the lifetime buckets when
+nothing was handled in between).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from pydotcompute.telemetry.scrape import (
+    Scrape,
+    bucket_delta,
+    counter_rate,
+    fetch_metrics,
+    histogram_quantile,
+    normalize_metrics_url,
+    parse_metrics,
+)
+
+__all__ = ["register", "add_top_arguments", "run_top", "render_top", "DEFAULT_METRICS_URL"]
+
+DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
+
+_STATE_STYLE = {
+    "active": "green",
+    "failed": "bold red",
+    "deactivated": "yellow",
+    "terminating": "yellow",
+    "terminated": "dim",
+}
+
+
+def register(sub: Any) -> None:
+    """Add the ``top`` subcommand to the ``pydotcompute`` command's subparsers."""
+    p = sub.add_parser("top", help="live table of a runtime's kernels, read from its /metrics")
+    add_top_arguments(p)
+    p.set_defaults(run=run_top)
+
+
+def add_top_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``top``'s arguments to a (sub)parser."""
+    parser.add_argument(
+        "url",
+        nargs="?",
+        default=DEFAULT_METRICS_URL,
+        help=f"the runtime's /metrics URL, or host:port (default {DEFAULT_METRICS_URL})",
+    )
+    parser.add_argument(
+        "-n",
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between refreshes (default 1)",
+    )
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="scrape twice, one interval apart, print one table and exit",
+    )
+
+
+def run_top(
+    args: argparse.Namespace,
+    *,
+    console: Console | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Run ``top`` until Ctrl-C (or once with ``--once``); returns the exit status."""
+    console = console or Console()
+    url = normalize_metrics_url(args.url)
+    interval = max(0.05, float(args.interval))
+    if args.once:
+        return _run_once(url, interval, console, sleep)
+    previous: Scrape | None = None
+    try:
+        with Live(
+            Text(f"connecting to {url} …"), console=console, auto_refresh=False, transient=False
+        ) as live:
+            while True:
+                try:
+                    current = parse_metrics(fetch_metrics(url, timeout=max(interval, 2.0)))
+                except (OSError, ValueError) as exc:
+                    live.update(_unreadable(url, exc, "retrying"), refresh=True)
+                else:
+                    live.update(render_top(previous, current, url), refresh=True)
+                    previous = current
+                sleep(interval)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _run_once(url: str, interval: float, console: Console, sleep: Callable[[float], None]) -> int:
+    try:
+        first = parse_metrics(fetch_metrics(url))
+        sleep(interval)
+        second = parse_metrics(fetch_metrics(url))
+    except (OSError, ValueError) as exc:
+        console.print(_unreadable(url, exc))
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    console.print(render_top(first, second, url))
+    return 0
+
+
+def _unreadable(url: str, exc: BaseException, then: str = "") -> Text:
+    # OSError: unreachable or an HTTP error; ValueError: the body is not Prometheus text.
+    what = "not Prometheus text" if isinstance(exc, ValueError) else "cannot read it"
+    return Text(f"{url}: {what}: {exc}" + (f" ({then})" if then else ""), style="red")
+
+
+def render_top(previous: Scrape | None, current: Scrape, url: str = "") -> RenderableType:
+    """One frame of ``top``: the kernel table, then GPU lines and flows."""
+    dt = current.time - previous.time if previous is not None else 0.0
+    table = Table(
+        title=f"pydotcompute · {url}" if url else "pydotcompute",
+        title_justify="left",
+        expand=False,
+    )
+    for name, justify in (
+        ("kernel", "left"),
+        ("state", "left"),
+        ("backend", "left"),
+        ("msg/s", "right"),
+        ("queue", "right"),
+        ("fill", "right"),
+        ("dropped", "right"),
+        ("rejected", "right"),
+        ("failed", "right"),
+        ("p50", "right"),
+        ("p99", "right"),
+        ("restarts", "right"),
+        ("idle/s", "right"),
+    ):
+        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    for name in sorted(current.kernels):
+        k = current.kernels[name]
+        p = previous.kernels.get(name) if previous is not None else None
+        rate = counter_rate(p.messages_processed, k.messages_processed, dt) if p else None
+        idle = counter_rate(p.idle_polls, k.idle_polls, dt) if p else None
+        buckets = k.latency_buckets
+        if p is not None:
+            window = bucket_delta(p.latency_buckets, buckets)
+            if window and window[-1][1] > 0:
+                buckets = window
+        fill = k.queue_fill
+        table.add_row(
+            name,
+            Text(k.state, style=_STATE_STYLE.get(k.state, "")),
+            k.backend,
+            _si(rate),
+            f"{k.queue_depth:.0f}/{k.queue_capacity:.0f}",
+            Text(f"{fill:.0%}", style="red" if fill >= 1 else "yellow" if fill >= 0.8 else ""),
+            _count(k.messages_dropped),
+            _count(k.messages_rejected),
+            _count(k.errors),
+            _duration(histogram_quantile(0.5, buckets)),
+            _duration(histogram_quantile(0.99, buckets)),
+            _si(k.restarts),
+            _si(idle),
+        )
+    if not current.kernels:
+        table.caption = "no kernels"
+    parts: list[RenderableType] = [table, *_gpu_lines(current)]
+    if current.flows:
+        parts.append(_flow_table(previous, current, dt))
+    return Group(*parts)
+
+
+def _gpu_lines(scrape: Scrape) -> list[RenderableType]:
+    if not scrape.gpus:
+        if scrape.nvml_available is False:
+            return [Text("GPU: no readings here (NVML unavailable)", style="dim")]
+        return []
+    lines: list[RenderableType] = []
+    for gid in sorted(scrape.gpus, key=lambda g: (len(g), g)):
+        g = scrape.gpus[gid]
+        util = "–" if g.utilization is None else f"{g.utilization:.0%}"
+        temp = "–" if g.temperature_celsius is None else f"{g.temperature_celsius:.0f}°C"
+        power = "–" if g.power_watts is None else f"{g.power_watts:.0f} W"
+        lines.append(
+            Text(
+                f"GPU {gid}  util {util}  mem {_bytes(g.memory_used_bytes)}"
+                f"/{_bytes(g.memory_total_bytes)}  {temp}  {power}  "
+                f"PCIe tx {_per_second(g.pcie_tx_bytes_per_second)}"
+                f" rx {_per_second(g.pcie_rx_bytes_per_second)}"
+            )
+        )
+    return lines
+
+
+def _flow_table(previous: Scrape | None, current: Scrape, dt: float) -> Table:
+    table = Table(title="flows", title_justify="left")
+    for name in ("flow", "submitted", "completed", "items/s", "retried", "dead", "in flight"):
+        table.add_column(name, justify="left" if name == "flow" else "right", no_wrap=True)
+    for name in sorted(current.flows):
+        f = current.flows[name]
+        p = previous.flows.get(name) if previous is not None else None
+        rate = counter_rate(p.completed, f.completed, dt) if p else None
+        table.add_row(
+            name,
+            _si(f.submitted),
+            _si(f.completed),
+            _si(rate),
+            _si(f.retried),
+            _count(f.dead_lettered),
+            _si(f.in_flight),
+        )
+    return table
+
+
+def _count(v: float) -> Text:
+    return Text(_si(v), style="red" if v else "")
+
+
+def _si(v: float | None) -> str:
+    if v is None:
+        return "–"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(v) >= scale:
+            return f"{v / scale:.1f}{unit}"
+    return f"{v:.0f}" if v == int(v) or abs(v) >= 100 else f"{v:.1f}"
+
+
+def _bytes(v: float | None) -> str:
+    if v is None:
+        return "–"
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if v >= scale:
+            return f"{v / scale:.1f} {unit}"
+    return f"{v:.0f} B"
+
+
+def _per_second(v: float | None) -> str:
+    return "–" if v is None else f"{_bytes(v)}/s"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.1f}µs"
+    if seconds < 1:
+        return f"{seconds * 1e3:.1f}ms"
+    return f"{seconds:.2f}s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``top`` as its own program (``python -m pydotcompute.cli.top``)."""
+    parser = argparse.ArgumentParser(prog="pydotcompute top", description=__doc__)
+    add_top_arguments(parser)
+    return run_top(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

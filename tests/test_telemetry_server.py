@@ -1,0 +1,188 @@
+"""The opt-in metrics server: routes, registries, lifetime, and scrapes under traffic."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.parser import text_string_to_metric_families
+
+from pydotcompute.telemetry.scrape import parse_metrics
+from pydotcompute.telemetry.server import serve_dashboard_proxy, serve_metrics
+from pydotcompute.telemetry.snapshot import KernelTelemetry
+
+
+class CountingSource:
+    """A source whose counter a traffic thread bumps, as a kernel loop would."""
+
+    def __init__(self) -> None:
+        self.processed = 0
+
+    def get_all_telemetry(self) -> dict[str, KernelTelemetry]:
+        return {
+            "echo": KernelTelemetry(
+                "echo", "host", "active", messages_processed=self.processed, queue_capacity=8
+            )
+        }
+
+
+class BrokenSource:
+    def get_all_telemetry(self):
+        raise RuntimeError("counters unreadable")
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.headers["Content-Type"], r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers["Content-Type"], e.read().decode()
+
+
+def metrics_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("pydotcompute-metrics")]
+
+
+def test_routes() -> None:
+    source = CountingSource()
+    source.processed = 17
+    with serve_metrics(source, gpu=False) as server:
+        host, port = server.address
+        assert host == "127.0.0.1" and port > 0
+        status, ctype, text = get(server.url)
+        assert status == 200 and ctype.startswith("text/plain")
+        assert (
+            'pydotcompute_kernel_messages_processed_total{backend="host",kernel="echo"} 17.0'
+            in text
+        )
+        status, ctype, page = get(server.dashboard_url)
+        assert status == 200 and ctype.startswith("text/html")
+        assert '<canvas id="throughput"' in page
+        assert get(f"http://{host}:{port}/dashboard")[2] == page
+        status, ctype, body = get(f"http://{host}:{port}/api/scrape")
+        data = json.loads(body)
+        assert data["kernels"]["echo"]["messages_processed"] == 17
+        assert get(f"http://{host}:{port}/nope")[0] == 404
+
+
+def test_openmetrics_on_request() -> None:
+    with serve_metrics(CountingSource(), gpu=False) as server:
+        req = urllib.request.Request(
+            server.url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert r.read().decode().endswith("# EOF\n")
+
+
+def test_page_needs_no_network() -> None:
+    with serve_metrics(CountingSource(), gpu=False) as server:
+        page = get(server.dashboard_url)[2]
+    for marker in ("<script src", "<link", "@import", "https://", "http://", "url("):
+        assert marker not in page, marker
+
+
+def test_caller_registry_keeps_its_own_metrics_and_is_released_on_stop() -> None:
+    registry = CollectorRegistry()
+    mine = Counter("app_requests", "requests", registry=registry)
+    mine.inc(3)
+    server = serve_metrics(CountingSource(), registry=registry, gpu=False)
+    text = get(server.url)[2]
+    assert "app_requests_total 3.0" in text
+    assert "pydotcompute_kernel_messages_processed_total" in text
+    server.stop()
+    names = {f.name for f in registry.collect()}
+    assert "app_requests" in names
+    assert not [n for n in names if n.startswith("pydotcompute_")]
+    # A second runtime may register into the same registry afterwards.
+    serve_metrics(CountingSource(), registry=registry, gpu=False).stop()
+
+
+def test_stop_joins_threads_and_frees_the_port() -> None:
+    before = len(metrics_threads())
+    server = serve_metrics(CountingSource(), gpu=False)
+    assert len(metrics_threads()) == before + 1
+    get(server.url)
+    server.stop()
+    server.stop()  # idempotent
+    assert not server.running
+    assert len(metrics_threads()) == before
+    with pytest.raises(OSError):
+        urllib.request.urlopen(server.url, timeout=2)
+    # The port can be bound again at once.
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(server.address)
+
+
+def test_two_servers_share_nothing() -> None:
+    a, b = CountingSource(), CountingSource()
+    a.processed, b.processed = 1, 2
+    with serve_metrics(a, gpu=False) as sa, serve_metrics(b, gpu=False) as sb:
+        assert sa.address != sb.address
+        assert parse_metrics(get(sa.url)[2]).kernels["echo"].messages_processed == 1
+        assert parse_metrics(get(sb.url)[2]).kernels["echo"].messages_processed == 2
+
+
+def test_a_failing_source_is_a_500_with_the_reason(caplog) -> None:
+    with serve_metrics(BrokenSource(), gpu=False) as server:
+        status, _, body = get(server.url)
+    assert status == 500
+    assert "counters unreadable" in body
+    assert any("error serving /metrics" in r.getMessage() for r in caplog.records)
+
+
+def test_scrapes_under_concurrent_traffic() -> None:
+    source = CountingSource()
+    total = 200_000
+    go = threading.Event()
+
+    def traffic() -> None:
+        go.wait()
+        for _ in range(total):
+            source.processed += 1
+
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    seen: list[float] = []
+    with serve_metrics(source, gpu=False) as server:
+        go.set()
+        while worker.is_alive() or len(seen) < 3:
+            text = get(server.url)[2]
+            seen.append(parse_metrics(text).kernels["echo"].messages_processed)
+        worker.join()
+        final = parse_metrics(get(server.url)[2]).kernels["echo"].messages_processed
+    assert seen == sorted(seen)  # counters never go backwards between scrapes
+    assert final == total
+
+
+def test_dashboard_proxy_reads_another_endpoint() -> None:
+    source = CountingSource()
+    source.processed = 99
+    with serve_metrics(source, gpu=False) as upstream:
+        with serve_dashboard_proxy(f"127.0.0.1:{upstream.address[1]}") as proxy:
+            status, _, text = get(proxy.url)
+            assert status == 200
+            families = {f.name for f in text_string_to_metric_families(text)}
+            assert "pydotcompute_kernel_messages_processed" in families
+            data = json.loads(get(proxy.dashboard_url + "api/scrape")[2])
+            assert data["kernels"]["echo"]["messages_processed"] == 99
+    with serve_dashboard_proxy(upstream.url) as proxy:  # upstream is gone now
+        status, _, body = get(proxy.dashboard_url + "api/scrape")
+        assert status == 502 and "unreachable" in body
+
+
+def test_ipv6_loopback() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    with serve_metrics(CountingSource(), addr="::1", gpu=False) as server:
+        assert server.url.startswith("http://[::1]:")
+        assert get(server.url)[0] == 200
