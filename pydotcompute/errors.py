@@ -20,6 +20,9 @@ __all__ = [
     "ItemFailedError",
     "FlowClosedError",
     "JournalError",
+    "NonDeterminismError",
+    "WorkflowFailedError",
+    "WorkflowNotFoundError",
 ]
 
 
@@ -95,3 +98,16 @@ class FlowClosedError(PyDotComputeError):
 
 class JournalError(PyDotComputeError):
     """A journal cannot be used: unreadable, corrupt, or written by a different graph."""
+
+
+class NonDeterminismError(PyDotComputeError):
+    """A replayed workflow made a different call than the one its journal recorded at the
+    same position; the text names both."""
+
+
+class WorkflowFailedError(PyDotComputeError):
+    """A workflow was cancelled, or failed with an error that could not be stored as is."""
+
+
+class WorkflowNotFoundError(PyDotComputeError, LookupError):
+    """The journal has no workflow with that key."""

@@ -128,6 +128,7 @@ class RingKernelRuntime:
         self._flows: dict[str, Any] = {}
         self._metrics_server: Any = None
         self._closed = False
+        self._workflows: Any = None  # the WorkflowEngine, made on first use
 
     # -- context manager -------------------------------------------------------------
 
@@ -295,6 +296,54 @@ class RingKernelRuntime:
         """Serve the live dashboard (with ``/metrics``); returns the page's URL."""
         self.serve_metrics(port=port, addr=addr)
         return self._metrics_server.dashboard_url  # type: ignore[no-any-return]
+
+    # -- workflows (pydotcompute.workflows.engine, on the runtime's journal) --
+
+    def workflows(self) -> Any:
+        """The ``WorkflowEngine`` on the runtime's journal (made on first use)."""
+        from pydotcompute.workflows.engine import engine_for
+
+        return engine_for(self)
+
+    async def start_workflow(self, wf: Any, value: Any, *, key: Any = None) -> str:
+        """Start a ``@workflow`` durably; idempotent per ``key``. Returns the key."""
+        return await self.workflows().start(wf, value, key=key)
+
+    async def workflow_result(self, key: Any, timeout: float | None = None) -> Any:
+        """The workflow's return value once it ends (raises what it failed with)."""
+        return await self.workflows().result(key, timeout)
+
+    def workflow_status(self, key: Any) -> Any:
+        """``WorkflowStatus``: state, calls recorded, the last step reached."""
+        return self.workflows().status(key)
+
+    def list_workflows(self, state: str | None = None) -> list[Any]:
+        """Every workflow in the journal (only those in ``state`` if given)."""
+        return self.workflows().list(state)
+
+    async def cancel_workflow(self, key: Any, reason: str = "cancelled") -> bool:
+        """Cancel a running workflow and its child workflows."""
+        return await self.workflows().cancel(key, reason)
+
+    async def restart_workflow(self, key: Any, wf: Any = None) -> None:
+        """Forget what the workflow did (child records included) and run it again."""
+        await self.workflows().restart(key, wf)
+
+    async def delete_workflow(self, key: Any) -> bool:
+        """Remove the workflow and its child records from the journal."""
+        return await self.workflows().delete(key)
+
+    async def resume_workflows(self, *workflows: Any) -> list[str]:
+        """Resume running workflows left by a process that died; returns their keys."""
+        return await self.workflows().resume(*workflows)
+
+    def pending_tasks(self, task: Any) -> list[Any]:
+        """``PendingTask`` items of a ``@task`` waiting for an answer."""
+        return self.workflows().pending(task)
+
+    async def complete_task(self, task: Any, key: str, answer: Any) -> bool:
+        """Answer a pending task item; its workflow goes on. False if none is pending."""
+        return await self.workflows().complete(task, key, answer)
 
     def add_closer(self, close: Callable[[], Any]) -> None:
         """Register something to close at shutdown (before kernels terminate)."""

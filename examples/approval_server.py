@@ -1,0 +1,212 @@
+"""An approval page for durable workflows, on the standard library's HTTP server.
+
+Expense claims run as workflows; a claim over 100 waits for a person (a ``@task``).
+The page lists the waiting claims and approves or rejects them; the workflows go on
+from there. Stop the program at any time: the claims, waiting or not, are in the
+journal, and the next run resumes them.
+
+    python examples/approval_server.py [journal.db]     # then open the printed address
+
+The server listens on 127.0.0.1 only, answers one request at a time, reads at most
+4 KiB per request and gives up on a client after 5 seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import os
+import sys
+import tempfile
+import threading
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+from pydotcompute import RingKernelRuntime
+from pydotcompute.workflows import activity, task, workflow
+
+QUICK = os.environ.get("PYDOTCOMPUTE_EXAMPLE_QUICK") == "1"
+MAX_BODY = 4096
+
+
+@activity(retries=3)
+async def check(claim: dict) -> dict:
+    if claim["amount"] <= 0:
+        raise ValueError(f"claim {claim['id']}: the amount must be positive")
+    return {**claim, "needs_approval": claim["amount"] > 100}
+
+
+@task
+def approval(claim: dict, answer: dict) -> str:
+    """The person's answer, checked: {"decision": "approve"|"reject", "by": name}."""
+    if answer.get("decision") not in ("approve", "reject") or not answer.get("by"):
+        raise ValueError("an answer is a decision (approve or reject) and who gave it")
+    verdict = {"approve": "approved", "reject": "rejected"}[answer["decision"]]
+    return f"{verdict} by {answer['by']}"
+
+
+@activity
+async def pay(claim: dict) -> str:
+    return f"paid {claim['amount']:.2f} to {claim['who']}"
+
+
+@workflow(name="expense")
+async def expense(claim: dict, ctx: Any) -> str:
+    claim = await ctx.call(check, claim)
+    if claim["needs_approval"]:
+        verdict = await ctx.call(approval, claim)
+        if verdict.startswith("rejected"):
+            return f"claim {claim['id']} {verdict}"
+    return await ctx.call(pay, claim)
+
+
+class ApprovalServer:
+    """The page, served from a thread; every journal access hops onto the event loop."""
+
+    def __init__(self, rt: RingKernelRuntime, port: int = 0) -> None:
+        self.rt = rt
+        self.loop = asyncio.get_running_loop()
+        self.httpd = HTTPServer(("127.0.0.1", port), self._handler())
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> ApprovalServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()  # waits for the request being served
+        self.httpd.server_close()
+        self._thread.join()
+
+    def _on_loop(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    async def _pending(self) -> list[dict]:
+        return [
+            {"key": p.key, "workflow": p.workflow, "claim": p.request}
+            for p in self.rt.pending_tasks(approval)
+        ]
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            timeout = 5  # seconds a slow client may hold the only thread
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass  # keep the console for the workflows
+
+            def _send(self, status: int, body: str, kind: str = "application/json") -> None:
+                data = body.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", f"{kind}; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802 - the http.server interface
+                pending = server._on_loop(server._pending())
+                if self.path == "/pending":
+                    self._send(200, json.dumps(pending))
+                elif self.path == "/":
+                    self._send(200, page(pending), "text/html")
+                else:
+                    self._send(404, json.dumps({"error": "not found"}))
+
+            def do_POST(self) -> None:  # noqa: N802
+                if self.path != "/complete":
+                    self._send(404, json.dumps({"error": "not found"}))
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                if length > MAX_BODY:
+                    self._send(413, json.dumps({"error": f"at most {MAX_BODY} bytes"}))
+                    return
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                key = form.get("key", [""])[0]
+                answer = {"decision": form.get("decision", [""])[0], "by": form.get("by", [""])[0]}
+                try:
+                    done = server._on_loop(server.rt.complete_task(approval, key, answer))
+                except ValueError as exc:
+                    self._send(400, json.dumps({"error": str(exc)}))
+                    return
+                if not done:
+                    self._send(404, json.dumps({"error": f"no pending claim {key!r}"}))
+                elif "text/html" in (self.headers.get("Accept") or ""):
+                    self.send_response(303)
+                    self.send_header("Location", "/")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                else:
+                    self._send(200, json.dumps({"completed": key}))
+
+        return Handler
+
+
+def page(pending: list[dict]) -> str:
+    rows = "".join(
+        f"<tr><td>{html.escape(p['claim']['who'])}</td><td>{p['claim']['amount']:.2f}</td>"
+        f"<td><form method=post action=/complete>"
+        f"<input type=hidden name=key value='{html.escape(p['key'], quote=True)}'>"
+        "<input name=by placeholder='your name' required>"
+        "<button name=decision value=approve>approve</button>"
+        "<button name=decision value=reject>reject</button></form></td></tr>"
+        for p in pending
+    )
+    return (
+        "<!doctype html><title>Claims to approve</title><h1>Claims to approve</h1>"
+        f"<table><tr><th>who</th><th>amount</th><th></th></tr>{rows}</table>"
+        if pending
+        else "<!doctype html><title>Claims to approve</title><p>Nothing waits for you.</p>"
+    )
+
+
+def post(url: str, **fields: str) -> dict:
+    body = urllib.parse.urlencode(fields).encode()
+    with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=5) as r:
+        return json.loads(r.read())
+
+
+def get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+CLAIMS = [
+    {"id": "c1", "who": "ada", "amount": 42.0},
+    {"id": "c2", "who": "grace", "amount": 950.0},
+    {"id": "c3", "who": "alan", "amount": 180.0},
+]
+
+
+async def main(path: str) -> None:
+    async with RingKernelRuntime(journal=path) as rt:
+        for claim in CLAIMS:  # known keys are not started twice
+            await rt.start_workflow(expense, claim, key=claim["id"])
+        print("resumed:", await rt.resume_workflows(expense))
+        with ApprovalServer(rt, port=0 if QUICK else 8765) as server:
+            if not QUICK:
+                print(f"approve claims at {server.url} (Ctrl-C to stop)")
+                await asyncio.Event().wait()
+            # The short run plays the approver through the page's JSON side.
+            while len(await asyncio.to_thread(get, server.url + "/pending")) < 2:
+                await asyncio.sleep(0.02)
+            await asyncio.to_thread(
+                post, server.url + "/complete", key="c2/1", decision="approve", by="linus"
+            )
+            await asyncio.to_thread(
+                post, server.url + "/complete", key="c3/1", decision="reject", by="linus"
+            )
+        for claim in CLAIMS:
+            print(claim["id"], "->", await rt.workflow_result(claim["id"], timeout=10))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        asyncio.run(main(sys.argv[1]))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            asyncio.run(main(os.path.join(tmp, "claims.db")))

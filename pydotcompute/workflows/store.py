@@ -1,0 +1,408 @@
+"""Where workflows keep their history: two tables in the coordinator's SQLite journal.
+
+Writes are *ops* queued by workflow tasks and applied by one writer on the event loop,
+many per transaction (group commit), in the order they were queued: a call's record is
+never durable without the records queued before it. Every write of a running workflow
+checks that this engine still owns it (``owner``), so a workflow cancelled, restarted or
+taken over by another process cannot be written by the old run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from pydotcompute.coordinator.journal import (
+    SQLiteJournal,
+    check_file,
+    connect,
+    create_file,
+    pid_alive,
+)
+from pydotcompute.errors import JournalError
+
+__all__ = ["CallRow", "WorkflowStore"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS workflows(
+    key TEXT PRIMARY KEY, name TEXT NOT NULL, parent TEXT, state TEXT NOT NULL,
+    input BLOB NOT NULL, result BLOB, error TEXT, calls INTEGER NOT NULL DEFAULT 0, step TEXT,
+    owner TEXT, owner_host TEXT, owner_pid INTEGER, lease_until REAL NOT NULL DEFAULT 0,
+    created REAL NOT NULL, updated REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS workflows_state ON workflows(state, created);
+CREATE INDEX IF NOT EXISTS workflows_parent ON workflows(parent) WHERE parent IS NOT NULL;
+CREATE TABLE IF NOT EXISTS workflow_calls(
+    workflow TEXT NOT NULL, pos INTEGER NOT NULL, kind TEXT NOT NULL, step TEXT NOT NULL,
+    args BLOB NOT NULL, state TEXT NOT NULL, result BLOB, error TEXT, task_key TEXT,
+    created REAL NOT NULL, finished REAL, PRIMARY KEY(workflow, pos)) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS workflow_call_tasks
+    ON workflow_calls(task_key) WHERE task_key IS NOT NULL;
+"""
+
+# One call record: what was called at a position and how it ended.
+CallRow = tuple[str, str, bytes, str, bytes | None, str | None, str | None]
+# (kind, step, args, state, result, error, task_key)
+
+RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+STATES = (RUNNING, DONE, FAILED, CANCELLED)
+
+# The workflow and every workflow started from it, at any depth.
+DESCENDANTS = """WITH RECURSIVE d(k) AS (
+    SELECT ? UNION SELECT w.key FROM workflows w JOIN d ON w.parent = d.k) """
+
+
+class LostOwnership(Exception):
+    """This engine no longer runs the workflow (cancelled, restarted, taken over)."""
+
+
+class WorkflowStore:
+    """The workflow tables of one journal: a group-committing writer and a reader."""
+
+    def __init__(self, journal: SQLiteJournal, owner: str) -> None:
+        self.journal = journal
+        self.owner = owner
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self._ops: deque[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any] | None]]
+        self._ops = deque()
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self.on_error: Callable[[BaseException], None] = lambda exc: None
+        self.commits = 0
+
+    # ---- lifetime -------------------------------------------------------------------
+    async def open(self) -> None:
+        self._started(await asyncio.to_thread(self._open_sync))
+
+    def open_now(self) -> None:
+        """``open`` without leaving the event loop (it blocks while the file is checked)."""
+        self._started(self._open_sync())
+
+    def _started(self, writer: sqlite3.Connection) -> None:
+        self._writer = writer
+        writer.execute("PRAGMA busy_timeout=10")  # waited for in _run, off SQLite
+        self._reader = sqlite3.connect(self.journal.path, isolation_level=None, timeout=60.0)
+        self._task = asyncio.create_task(self._run())
+
+    def _open_sync(self) -> sqlite3.Connection:
+        path = self.journal.path
+        create_file(path)
+        check_file(path)
+        conn = connect(path)
+        try:
+            conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.close()
+            raise
+        return conn
+
+    async def close(self) -> None:
+        """Give back this engine's workflows (another process may resume them at once)."""
+        if self._task is None:
+            return
+        try:
+            await self.call(self.op_release)
+        except JournalError:
+            pass  # reported through on_error; the leases simply run out
+        self._stopping = True
+        self._wake.set()
+        try:
+            await self._task
+        finally:
+            self._task = None
+            for conn in (self._writer, self._reader):
+                if conn is not None:
+                    conn.close()
+            self._writer = self._reader = None
+
+    # ---- queueing ops ---------------------------------------------------------------
+    def post(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        if self._task is None or self._stopping:
+            raise JournalError("the workflow journal is closed")
+        fut = asyncio.get_running_loop().create_future()
+        self._ops.append((fn, args, fut))
+        self._wake.set()
+        return fut
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await self.post(fn, *args)
+
+    async def _run(self) -> None:
+        """Group commit on the event loop: all ops queued since the last commit go into the
+        next transaction, each ending with its own result or exception."""
+        conn = self._writer
+        assert conn is not None
+        beat = self.journal.lease / 3
+        next_beat = time.time() + beat
+        while True:
+            if not self._ops and not self._stopping:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), max(0.0, next_beat - time.time()))
+                except asyncio.TimeoutError:
+                    pass
+            while True:  # another process may hold the write lock: wait off the loop
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    break
+                except sqlite3.OperationalError as exc:
+                    if "locked" not in str(exc) and "busy" not in str(exc):
+                        raise
+                    await asyncio.sleep(0.005)
+            n = min(len(self._ops), self.journal.max_batch)
+            ops = [self._ops.popleft() for _ in range(n)]
+            stop = self._stopping and not self._ops
+            now = time.time()
+            results: list[Any] = []
+            try:
+                for fn, args, _ in ops:
+                    conn.execute("SAVEPOINT op")
+                    try:
+                        results.append(fn(conn, now, *args))
+                        conn.execute("RELEASE op")
+                    except (LostOwnership, LookupError, ValueError, sqlite3.IntegrityError) as exc:
+                        # The op's own refusal: undo just this op, keep the batch.
+                        conn.execute("ROLLBACK TO op")
+                        conn.execute("RELEASE op")
+                        results.append(exc)
+                if now >= next_beat:
+                    self.op_heartbeat(conn, now)
+                    next_beat = now + beat
+                conn.execute("COMMIT")
+            except Exception as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                err = (
+                    exc
+                    if isinstance(exc, JournalError)
+                    else JournalError(f"workflow journal write failed: {exc!r}")
+                )
+                err.__cause__ = exc
+                results = [err] * len(ops)
+                if not ops:
+                    self.on_error(err)
+            self.commits += 1
+            for (_, _, fut), res in zip(ops, results, strict=True):
+                if fut is not None and not fut.done():
+                    if isinstance(res, BaseException):
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
+            if stop:
+                break
+
+    # ---- ops: run by the writer inside a transaction -----------------------------------
+    def _own(self, conn: sqlite3.Connection, key: str, now: float, step: str | None) -> None:
+        cur = conn.execute(
+            "UPDATE workflows SET calls=calls+1, step=coalesce(?, step), updated=? "
+            "WHERE key=? AND owner=? AND state='running'",
+            (step, now, key, self.owner),
+        )
+        if cur.rowcount != 1:
+            raise LostOwnership(key)
+
+    def _claimable(self, row: tuple[Any, ...], now: float) -> bool:
+        owner, host, pid, until = row
+        if owner is None or owner == self.owner or until < now:
+            return True
+        # A process on this host that is gone cannot renew its lease: no need to wait.
+        return host == self.host and pid != self.pid and not pid_alive(pid)
+
+    def _claim(self, conn: sqlite3.Connection, key: str, now: float) -> None:
+        conn.execute(
+            "UPDATE workflows SET owner=?, owner_host=?, owner_pid=?, lease_until=? WHERE key=?",
+            (self.owner, self.host, self.pid, now + self.journal.lease, key),
+        )
+
+    def op_start(
+        self,
+        conn: sqlite3.Connection,
+        now: float,
+        key: str,
+        name: str,
+        parent: str | None,
+        blob: bytes,
+    ) -> tuple[str, bool, dict[int, CallRow], bytes | None]:
+        """Add the workflow, or find it: (state, claimed by us, history and stored input
+        if it was there already and we claimed it)."""
+        cur = conn.execute(
+            "INSERT OR IGNORE INTO workflows(key, name, parent, state, input, owner, owner_host, "
+            "owner_pid, lease_until, created, updated) VALUES(?,?,?,'running',?,?,?,?,?,?,?)",
+            (
+                key,
+                name,
+                parent,
+                blob,
+                self.owner,
+                self.host,
+                self.pid,
+                now + self.journal.lease,
+                now,
+                now,
+            ),
+        )
+        if cur.rowcount == 1:
+            return RUNNING, True, {}, None
+        row = conn.execute(
+            "SELECT name, state, owner, owner_host, owner_pid, lease_until, input FROM workflows "
+            "WHERE key=?",
+            (key,),
+        ).fetchone()
+        if row[0] != name:
+            raise ValueError(f"workflow key {key!r} is already used by workflow {row[0]!r}")
+        if row[1] != RUNNING or not self._claimable(row[2:6], now):
+            return row[1], False, {}, None
+        self._claim(conn, key, now)
+        return RUNNING, True, self.history(conn, key), row[6]
+
+    def history(self, conn: sqlite3.Connection, key: str) -> dict[int, CallRow]:
+        return {
+            r[0]: r[1:]
+            for r in conn.execute(
+                "SELECT pos, kind, step, args, state, result, error, task_key "
+                "FROM workflow_calls WHERE workflow=?",
+                (key,),
+            )
+        }
+
+    def op_call(
+        self,
+        conn: sqlite3.Connection,
+        now: float,
+        key: str,
+        pos: int,
+        kind: str,
+        step: str,
+        args: bytes,
+        state: str,
+        result: bytes | None,
+        error: str | None,
+        task_key: str | None,
+    ) -> None:
+        """Record one call at ``pos``: done, failed, or (a task) waiting."""
+        self._own(conn, key, now, step)
+        conn.execute(
+            "INSERT INTO workflow_calls VALUES(?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                key,
+                pos,
+                kind,
+                step,
+                args,
+                state,
+                result,
+                error,
+                task_key,
+                now,
+                None if state == "waiting" else now,
+            ),
+        )
+
+    def op_finish(
+        self,
+        conn: sqlite3.Connection,
+        now: float,
+        key: str,
+        state: str,
+        result: bytes | None,
+        error: str | None,
+    ) -> None:
+        cur = conn.execute(
+            "UPDATE workflows SET state=?, result=?, error=?, owner=NULL, lease_until=0, "
+            "updated=? WHERE key=? AND owner=? AND state='running'",
+            (state, result, error, now, key, self.owner),
+        )
+        if cur.rowcount != 1:
+            raise LostOwnership(key)
+
+    def op_complete(
+        self, conn: sqlite3.Connection, now: float, step: str, task_key: str, result: bytes
+    ) -> tuple[str, int] | None:
+        """Finish a waiting task item of a running workflow: (workflow, pos), or None."""
+        row = conn.execute(
+            "SELECT c.workflow, c.pos FROM workflow_calls c JOIN workflows w ON w.key=c.workflow "
+            "WHERE c.task_key=? AND c.step=? AND c.state='waiting' AND w.state='running'",
+            (task_key, step),
+        ).fetchone()
+        if row is None:
+            return None
+        conn.execute(
+            "UPDATE workflow_calls SET state='done', result=?, finished=? WHERE task_key=?",
+            (result, now, task_key),
+        )
+        return row[0], row[1]
+
+    def op_cancel(self, conn: sqlite3.Connection, now: float, key: str, reason: str) -> list[str]:
+        """Cancel a running workflow and its running descendants; returns their keys."""
+        keys = [
+            r[0]
+            for r in conn.execute(
+                DESCENDANTS + "SELECT key FROM workflows WHERE key IN d AND state='running'",
+                (key,),
+            )
+        ]
+        conn.execute(
+            DESCENDANTS + "UPDATE workflows SET state='cancelled', error=?, owner=NULL, "
+            "lease_until=0, updated=? WHERE key IN d AND state='running'",
+            (key, reason, now),
+        )
+        return keys
+
+    def _forget_children(self, conn: sqlite3.Connection, key: str) -> None:
+        """Delete every record a workflow's calls made: call rows, child workflows (at any
+        depth) and the items its graph calls put into flows (keyed ``<key>/<pos>``)."""
+        keys = [r[0] for r in conn.execute(DESCENDANTS + "SELECT k FROM d", (key,))]
+        for k in keys:
+            conn.execute("DELETE FROM workflow_calls WHERE workflow=?", (k,))
+            prefix = k + "/"
+            for table in ("items", "tokens", "results", "dead_letters"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE flow LIKE 'workflow-graph-%' "
+                    "AND substr(key, 1, ?)=?",
+                    (len(prefix), prefix),
+                )
+        conn.execute(DESCENDANTS + "DELETE FROM workflows WHERE key IN d AND key<>?", (key, key))
+
+    def op_restart(self, conn: sqlite3.Connection, now: float, key: str) -> tuple[str, bytes]:
+        """Forget everything the workflow did and run it again, owned by us: (name, input)."""
+        row = conn.execute("SELECT name, input FROM workflows WHERE key=?", (key,)).fetchone()
+        if row is None:
+            raise LookupError(key)
+        self._forget_children(conn, key)
+        conn.execute(
+            "UPDATE workflows SET state='running', result=NULL, error=NULL, calls=0, step=NULL, "
+            "updated=? WHERE key=?",
+            (now, key),
+        )
+        self._claim(conn, key, now)
+        return row[0], row[1]
+
+    def op_delete(self, conn: sqlite3.Connection, now: float, key: str) -> bool:
+        self._forget_children(conn, key)
+        return conn.execute("DELETE FROM workflows WHERE key=?", (key,)).rowcount == 1
+
+    def op_heartbeat(self, conn: sqlite3.Connection, now: float) -> None:
+        conn.execute(
+            "UPDATE workflows SET lease_until=? WHERE owner=? AND state='running'",
+            (now + self.journal.lease, self.owner),
+        )
+
+    def op_release(self, conn: sqlite3.Connection, now: float) -> None:
+        conn.execute("UPDATE workflows SET owner=NULL, lease_until=0 WHERE owner=?", (self.owner,))
+
+    # ---- reads (committed state) --------------------------------------------------------
+    def read(self, sql: str, *args: Any) -> list[Any]:
+        if self._reader is None:
+            raise JournalError("the workflow journal is closed")
+        return self._reader.execute(sql, args).fetchall()
