@@ -28,9 +28,12 @@ from pydotcompute.errors import (
     KernelStateError,
     MessageDeserializationError,
     MessageSerializationError,
+    NonDeterminismError,
     PyDotComputeError,
     QueueFullError,
     QueueTimeoutError,
+    WorkflowFailedError,
+    WorkflowNotFoundError,
 )
 from pydotcompute.memory import (
     Accelerator,
@@ -51,10 +54,35 @@ from pydotcompute.runtime import (
     ring_kernel,
 )
 from pydotcompute.telemetry.snapshot import KernelTelemetry
+from pydotcompute.workflows import (
+    Activity,
+    PendingTask,
+    Task,
+    Workflow,
+    WorkflowContext,
+    WorkflowEngine,
+    WorkflowStatus,
+    activity,
+    task,
+    workflow,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Activity",
+    "NonDeterminismError",
+    "PendingTask",
+    "Task",
+    "Workflow",
+    "WorkflowContext",
+    "WorkflowEngine",
+    "WorkflowFailedError",
+    "WorkflowNotFoundError",
+    "WorkflowStatus",
+    "activity",
+    "task",
+    "workflow",
     "HostRing",
     "RingCounters",
     "RingSide",
