@@ -587,6 +587,9 @@ def test_stream_stats_kernel_on_cpu(launch) -> None:
     assert mean == pytest.approx(values.mean(), rel=1e-12)
     assert m2 / count == pytest.approx(values.var(), rel=1e-10)
     assert (lo, hi) == (-40.0, 55.5)
+    # Once the stream ends the kernel polls an empty ring. Before that it may never
+    # have: a producer that stays ahead keeps every poll busy.
+    kernel.wait(lambda: kernel.counters()[1] > 0)
     processed, idle_polls, batches = kernel.counters()
     assert processed == values.size and 1 <= batches <= values.size and idle_polls > 0
     assert int(kernel.control[18]) > batches  # the heartbeat beats on every poll
