@@ -179,8 +179,8 @@ async def stream(seconds: float, rate: int, seed: int, console: Console) -> dict
                 if now >= next_draw:
                     live.update(_table(rt, now - t0))
                     next_draw = now + 0.25
-            # let the queues drain, then show the final state
-            for _ in range(200):
+            # let the queues drain (bounded: 10 s), then show the final state
+            for _ in range(1000):
                 tele = rt.get_all_telemetry()
                 if (
                     all(t.queue_depth == 0 for t in tele.values())
