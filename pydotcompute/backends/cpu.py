@@ -55,7 +55,7 @@ from pydotcompute.rings.host_ops import (
 )
 from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
 from pydotcompute.rings.layout import OFF_BACKPRESSURE, OFF_REJECTED, aligned_buffer
-from pydotcompute.telemetry.snapshot import KernelTelemetry
+from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
 
 __all__ = ["CpuKernelLoop", "ControlBlock", "compile_kernel_loop"]
 
@@ -296,8 +296,7 @@ class CpuKernelLoop(KernelLoop):
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._launched_at = time.monotonic()
-        self._active_since = 0.0
-        self._active_total = 0.0
+        self._active = ActiveTime()
         self._in_buf = self.in_ring.buffer
         self._in_blocks = config.backpressure is BackpressureStrategy.BLOCK
         self._out_buf = self.out_ring.buffer
@@ -379,26 +378,21 @@ class CpuKernelLoop(KernelLoop):
                 return
 
     def _report(self, exc: BaseException) -> None:
-        self._pause_clock()
+        self._active.pause()
         self.on_failure(exc)
 
     def set_active(self, active: bool) -> None:
         if self.failure is not None or self._stopped:
             return
-        if active and not self._active_since:
-            self._active_since = time.monotonic()
-        elif not active:
-            self._pause_clock()
+        if active:
+            self._active.start()
+        else:
+            self._active.pause()
         self.control.set_state(ControlBlock.ACTIVE if active else ControlBlock.INACTIVE)
-
-    def _pause_clock(self) -> None:
-        if self._active_since:
-            self._active_total += time.monotonic() - self._active_since
-            self._active_since = 0.0
 
     async def stop(self, timeout: float) -> None:
         self._stopped = True
-        self._pause_clock()
+        self._active.pause()
         self.control.set_state(ControlBlock.TERMINATE)
         deadline = time.monotonic() + timeout
         pause = 1e-4
@@ -578,9 +572,7 @@ class CpuKernelLoop(KernelLoop):
         cb = self.control.snapshot()
         inc = self.in_ring.counters()
         outc = self.out_ring.counters()
-        active = self._active_total + (
-            time.monotonic() - self._active_since if self._active_since else 0.0
-        )
+        active = self._active.seconds
         return KernelTelemetry(
             kernel_id=self.kernel_id,
             backend=self.backend,

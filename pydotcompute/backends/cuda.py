@@ -47,7 +47,7 @@ from pydotcompute.errors import (
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
 from pydotcompute.rings.layout import HEADER_SIZE, OFF_REJECTED, RingSide, ring_nbytes
-from pydotcompute.telemetry.snapshot import KernelTelemetry
+from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
 
 __all__ = ["CudaKernelLoop", "MappedRing", "MappedControl", "require_cuda_backend"]
 
@@ -238,8 +238,7 @@ class CudaKernelLoop(KernelLoop):
         self._stopping = False
         self._stopped = False
         self._launched_at = time.monotonic()
-        self._active_since = 0.0
-        self._active_total = 0.0
+        self._active = ActiveTime()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -411,7 +410,7 @@ class CudaKernelLoop(KernelLoop):
             if words[W.ERROR_CODE] == W.ERR_NONE:
                 words[W.ERROR_CODE] = W.ERR_HANDLER
             self.control.set_state(W.TERMINATE)  # the other blocks stop too
-        self._pause_clock()
+        self._active.pause()
         self.on_failure(exc)
 
     def set_active(self, active: bool) -> None:
@@ -419,22 +418,17 @@ class CudaKernelLoop(KernelLoop):
 
         if self.failure is not None or self._stopped or self.control is None:
             return
-        if active and not self._active_since:
-            self._active_since = time.monotonic()
-        elif not active:
-            self._pause_clock()
+        if active:
+            self._active.start()
+        else:
+            self._active.pause()
         self.control.set_state(ControlWords.ACTIVE if active else ControlWords.INACTIVE)
-
-    def _pause_clock(self) -> None:
-        if self._active_since:
-            self._active_total += time.monotonic() - self._active_since
-            self._active_since = 0.0
 
     async def stop(self, timeout: float) -> None:
         from pydotcompute.backends.cuda_loop import ControlWords
 
         self._stopped = True
-        self._pause_clock()
+        self._active.pause()
         if self.control is None:
             return
         self.control.set_state(ControlWords.TERMINATE)
@@ -630,9 +624,7 @@ class CudaKernelLoop(KernelLoop):
         cb = self.control
         inc = self.in_ring.host.counters()
         outc = self.out_ring.host.counters()
-        active = self._active_total + (
-            time.monotonic() - self._active_since if self._active_since else 0.0
-        )
+        active = self._active.seconds
         processed = cb[W.PROCESSED]
         return KernelTelemetry(
             kernel_id=self.kernel_id,

@@ -13,7 +13,7 @@ from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.mailbox import Mailbox
 from pydotcompute.errors import KernelStateError
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.telemetry.snapshot import KernelTelemetry, LatencyRecorder
+from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry, LatencyRecorder
 
 __all__ = ["KernelContext", "HostKernelLoop", "LATENCY_SAMPLE_EVERY"]
 
@@ -186,8 +186,7 @@ class HostKernelLoop(KernelLoop):
         self.dropped_at_stop = 0
         self.latency = LatencyRecorder()
         self.launched_at = time.monotonic()
-        self.active_since = 0.0
-        self.active_total = 0.0
+        self.active_time = ActiveTime()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -212,7 +211,7 @@ class HostKernelLoop(KernelLoop):
                 raise
             return
         finally:
-            self._pause_clock()
+            self.active_time.pause()
         self.ctx.finished()
         if not self.stopping:
             # The actor returned on its own: the kernel is over.
@@ -240,10 +239,10 @@ class HostKernelLoop(KernelLoop):
         return exc
 
     def set_active(self, active: bool) -> None:
-        if active and not self.active:
-            self.active_since = time.monotonic()
-        elif not active:
-            self._pause_clock()
+        if active:
+            self.active_time.start()
+        else:
+            self.active_time.pause()
         self.active = active
         self.inbox.set_deliver(active)
         if active:
@@ -251,15 +250,10 @@ class HostKernelLoop(KernelLoop):
         else:
             self.active_event.clear()
 
-    def _pause_clock(self) -> None:
-        if self.active_since:
-            self.active_total += time.monotonic() - self.active_since
-            self.active_since = 0.0
-
     async def stop(self, timeout: float) -> None:
         self.stopping = True
         self.active = False
-        self._pause_clock()
+        self.active_time.pause()
         # Wake the actor wherever it waits on us: receive() raises CancelledError,
         # wait_active() returns and should_terminate is True.
         self.dropped_at_stop += self.inbox.close(
@@ -312,9 +306,7 @@ class HostKernelLoop(KernelLoop):
     # -- telemetry -------------------------------------------------------------------
 
     def telemetry(self, state: str) -> KernelTelemetry:
-        active = self.active_total + (
-            time.monotonic() - self.active_since if self.active_since else 0.0
-        )
+        active = self.active_time.seconds
         p50, p99 = self.latency.percentiles(50, 99)
         return KernelTelemetry(
             kernel_id=self.kernel_id,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-__all__ = ["KernelTelemetry", "LatencyRecorder", "LATENCY_BUCKETS_NS"]
+__all__ = ["ActiveTime", "KernelTelemetry", "LatencyRecorder", "LATENCY_BUCKETS_NS"]
 
 # Upper bounds (ns) of the latency histogram: powers of two from 1 µs to ~17 s.
 # A sample's bucket is found from its bit length, so recording stays O(1) and cheap.
@@ -51,6 +51,32 @@ class LatencyRecorder:
             return tuple(None for _ in qs)
         recent = sorted(self._samples[:n])
         return tuple(recent[min(n - 1, int(q / 100.0 * n))] / 1000.0 for q in qs)
+
+
+class ActiveTime:
+    """Seconds a kernel has spent ACTIVE: the denominator of its throughput."""
+
+    __slots__ = ("_since", "_total")
+
+    def __init__(self) -> None:
+        self._since = 0.0
+        self._total = 0.0
+
+    def start(self) -> None:
+        """The kernel became active (a no-op while already counting)."""
+        if not self._since:
+            self._since = time.monotonic()
+
+    def pause(self) -> None:
+        """The kernel stopped being active (a no-op while paused)."""
+        if self._since:
+            self._total += time.monotonic() - self._since
+            self._since = 0.0
+
+    @property
+    def seconds(self) -> float:
+        """Active seconds so far, including the current stretch."""
+        return self._total + (time.monotonic() - self._since if self._since else 0.0)
 
 
 @dataclasses.dataclass(frozen=True)
