@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import collections
 
-from pydotcompute import RingKernelRuntime
+import numpy as np
+
+from pydotcompute import RingKernelRuntime, message
 from pydotcompute.coordinator import FanIn, FanOut, stage
 
 
@@ -68,3 +70,44 @@ async def test_a_kernel_that_fails_an_item_sends_it_to_the_dead_letters():
         assert "KernelFailedError" in rec.error or "brittle" in rec.error
         counts = collections.Counter(flow.status())
         assert counts == {"done": 1, "dead": 1}
+
+
+@message
+class Point:
+    x: float
+    y: float
+
+
+@message
+class Norm:
+    n: float
+
+
+def norm(msg, out, state):  # type: ignore[no-untyped-def]
+    out.n = (msg.x * msg.x + msg.y * msg.y) ** 0.5
+    for i in range(16):
+        out.correlation_id[i] = msg.message_id[i]
+    state[0] += 1
+    return True
+
+
+def to_point(i: int) -> Point:
+    return Point(x=3.0 * i, y=4.0 * i)
+
+
+def norm_value(m: Norm) -> float:
+    return m.n
+
+
+async def test_a_compiled_cpu_kernel_as_a_durable_stage(tmp_path):
+    async with RingKernelRuntime(journal=str(tmp_path / "cpu.db")) as rt:
+        await rt.launch(
+            "norm", norm, backend="cpu", input_type=Point, output_type=Norm, state=np.zeros(1)
+        )
+        await rt.activate("norm")
+        flow = await rt.deploy(stage(to_point) >> "norm" >> norm_value, name="norms")
+        await flow.submit_many(range(40), keys=[str(i) for i in range(40)])
+        await flow.drain(timeout=30)
+        assert [await flow.result(str(i)) for i in range(40)] == [5.0 * i for i in range(40)]
+        assert rt.read_state("norm")[0] == 40
+        assert rt.get_telemetry("norm").backend == "cpu"
