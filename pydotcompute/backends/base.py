@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["KernelLoop", "FailureCallback"]
+__all__ = ["KernelLoop", "FailureCallback", "kernel_record_dtype"]
 
 FailureCallback = Callable[[BaseException], None]
 """Called once, on the event loop's thread, when a kernel's loop crashes."""
@@ -90,3 +91,18 @@ class KernelLoop(abc.ABC):
     @abc.abstractmethod
     def telemetry(self, state: str) -> KernelTelemetry:
         """Read the loop's counters into a snapshot (never on the per-message path)."""
+
+
+def kernel_record_dtype(t: Any, role: str, kernel_id: str, backend: str) -> np.dtype:
+    """The record dtype a ring kernel's ``input``/``output`` type stands for: a numpy
+    dtype itself, or a message class's ``__record_dtype__`` (which raises, naming the
+    field, for a message with variable-size fields)."""
+    if isinstance(t, np.dtype):
+        return t
+    dt = getattr(t, "__record_dtype__", None) if t is not None else None
+    if not isinstance(dt, np.dtype):
+        raise InvalidConfigurationError(
+            f"{backend} kernel {kernel_id!r} needs an {role} type with a record layout "
+            f"(a message of fixed-size fields, or a numpy dtype), got {t!r}"
+        )
+    return dt

@@ -26,7 +26,7 @@ import numpy as np
 from numba import njit, typeof
 from numba.core.registry import CPUDispatcher
 
-from pydotcompute.backends.base import FailureCallback, KernelLoop
+from pydotcompute.backends.base import FailureCallback, KernelLoop, kernel_record_dtype
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.errors import (
     InvalidConfigurationError,
@@ -222,22 +222,6 @@ def compile_kernel_loop(
     return loop  # type: ignore[no-any-return]
 
 
-def _record_dtype(t: Any, role: str, kernel_id: str) -> np.dtype:
-    if isinstance(t, np.dtype):
-        return t
-    if t is None:
-        raise InvalidConfigurationError(
-            f"cpu kernel {kernel_id!r} needs an {role} type with a record layout"
-        )
-    dt = getattr(t, "__record_dtype__", None)  # raises for variable-size message classes
-    if not isinstance(dt, np.dtype):
-        raise InvalidConfigurationError(
-            f"cpu kernel {kernel_id!r}: {role} type {getattr(t, '__name__', t)!r} "
-            "has no record layout (__record_dtype__)"
-        )
-    return dt
-
-
 def _message_layout(t: Any, dtype: np.dtype) -> Any:
     """The record layout of an ``@message`` class (None for other types)."""
     if not isinstance(t, type) or not issubclass(t, RingKernelMessage):
@@ -266,8 +250,8 @@ class CpuKernelLoop(KernelLoop):
         on_failure: FailureCallback,
     ) -> None:
         super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
-        self.in_dtype = _record_dtype(input_type, "input", kernel_id)
-        self.out_dtype = _record_dtype(output_type, "output", kernel_id)
+        self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cpu")
+        self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cpu")
         extra = config.extra
         self.boundscheck = bool(extra.get("boundscheck", False))
         self.batch = int(extra.get("batch", 1024))

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import FailureCallback, KernelLoop
+from pydotcompute.backends.base import FailureCallback, KernelLoop, kernel_record_dtype
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.errors import (
     BackendNotAvailableError,
@@ -159,18 +159,6 @@ class MappedControl:
         self.words[0] = value
 
 
-def _record_dtype(t: Any, role: str, kernel_id: str) -> np.dtype:
-    if isinstance(t, np.dtype):
-        return t
-    dt = getattr(t, "__record_dtype__", None) if t is not None else None
-    if not isinstance(dt, np.dtype):
-        raise InvalidConfigurationError(
-            f"cuda kernel {kernel_id!r} needs an {role} type with a record layout "
-            f"(__record_dtype__ or a numpy dtype), got {t!r}"
-        )
-    return dt
-
-
 def _positive(extra: dict[str, Any], name: str, default: int) -> int:
     value = extra.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -204,8 +192,8 @@ class CudaKernelLoop(KernelLoop):
     ) -> None:
         super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
         self.simulator = require_cuda_backend()
-        self.in_dtype = _record_dtype(input_type, "input", kernel_id)
-        self.out_dtype = _record_dtype(output_type, "output", kernel_id)
+        self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cuda")
+        self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cuda")
         extra = config.extra
         self.threads = _positive(extra, "threads", 4 if self.simulator else 128)
         self.items = _positive(extra, "items_per_thread", 2 if self.simulator else 8)

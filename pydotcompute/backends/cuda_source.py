@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import FailureCallback, KernelLoop
+from pydotcompute.backends.base import FailureCallback, KernelLoop, kernel_record_dtype
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.errors import (
     BackendNotAvailableError,
@@ -108,10 +108,9 @@ class CudaSourceKernelLoop(KernelLoop):
                 f"kernel {kernel_id!r}: cuda_source needs cuda_function, the name of the "
                 'extern "C" __global__ function to launch'
             )
-        from pydotcompute.backends.cuda import _record_dtype
         from pydotcompute.backends.probe import probe_cuda
 
-        self.in_dtype = _record_dtype(input_type, "input", kernel_id)
+        self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cuda")
         self.source = _source_text(str(extra["cuda_source"]))
         self.threads = int(extra.get("threads", 256))
         self.blocks = int(extra.get("blocks", 1))

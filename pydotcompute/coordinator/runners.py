@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import importlib
 import inspect
@@ -16,16 +17,17 @@ from pydotcompute.errors import InvalidConfigurationError
 __all__ = ["FunctionRunner", "KernelRunner", "PassRunner", "ProcessRunner", "Runner", "make_runner"]
 
 
-class Runner:
+class Runner(abc.ABC):
     """One worker's way of running a stage: ``await call(value)`` returns the output."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 - a hook; most runners need no set-up
         """Prepare (create per-worker state, start a process)."""
 
+    @abc.abstractmethod
     async def call(self, value: Any) -> Any:
-        raise NotImplementedError
+        """Run the stage on one value and return its output."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - a hook; most runners hold nothing
         """Release what ``start`` took."""
 
 
