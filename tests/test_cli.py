@@ -50,3 +50,22 @@ def test_unknown_command_fails_with_usage():
     out = _cli("nonsense")
     assert out.returncode == 2
     assert "usage" in out.stderr
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_an_error():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # `pydotcompute doctor | head -1`: the reader closes the pipe after one line
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydotcompute", "doctor"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+        env=env,
+        bufsize=0,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=60)
+    assert "Traceback" not in err, err

@@ -21,9 +21,11 @@ def _version(dist: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"python        {platform.python_version()} ({platform.machine()})")
-    for dist in ("pydotcompute", "numpy", "numba", "numba-cuda", "msgpack", "prometheus-client"):
-        print(f"{dist:<14}{_version(dist)}")
+    dists = ("pydotcompute", "numpy", "numba", "numba-cuda", "msgpack", "prometheus-client")
+    w = max(map(len, dists)) + 2
+    print(f"{'python':<{w}}{platform.python_version()} ({platform.machine()})")
+    for dist in dists:
+        print(f"{dist:<{w}}{_version(dist)}")
     cupy = next(
         (
             f"{d} {_version(d)}"
@@ -32,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         ),
         "not installed",
     )
-    print(f"{'cupy':<14}{cupy}")
+    print(f"{'cupy':<{w}}{cupy}")
     print("backends:")
     print("  host          usable (asyncio)")
     print("  cpu           usable (numba)")
