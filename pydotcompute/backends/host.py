@@ -109,7 +109,7 @@ class KernelContext:
             )
         outbox = self._outbox
         items = outbox.items
-        if len(items) < outbox.capacity and outbox.error is None:  # no-wait path inline
+        if len(items) < outbox.capacity and outbox.error is None and not outbox.putters:
             items.append(msg)
             outbox.enqueued += 1
             if outbox.getters:
@@ -198,18 +198,14 @@ class HostKernelLoop(KernelLoop):
     async def _run(self) -> None:
         try:
             await self.func(self.ctx)
-        except asyncio.CancelledError:
-            if not self.stopping:
-                # Cancelled from outside the runtime (event loop shutting down).
-                raise
-        except BaseException as exc:  # the actor crashed: keep it, report it
-            self.errors += 1
-            self.failure = exc
-            self._close_queues_on_failure()
-            self.on_failure(exc)
-            if not isinstance(exc, Exception):
-                raise
-            return
+        except BaseException as exc:
+            if not (isinstance(exc, asyncio.CancelledError) and self.stopping):
+                # The actor crashed, or something other than the runtime cancelled it:
+                # either way it is gone, so the kernel fails and its callers wake up.
+                self._fail(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                return
         finally:
             self.active_time.pause()
         self.ctx.finished()
@@ -221,15 +217,18 @@ class HostKernelLoop(KernelLoop):
             self.active_event.set()
             self.on_exit()
 
+    def _fail(self, exc: BaseException) -> None:
+        self.errors += 1
+        self.failure = exc
+        # The runtime raises KernelFailedError itself; waiters only need to wake up.
+        # Queued inputs and unread outputs are discarded, and counted.
+        self.dropped_at_stop += self.inbox.close(self._failed_error)
+        self.dropped_at_stop += self.outbox.close(self._failed_error)
+        self.active_event.set()
+        self.on_failure(exc)
+
     def _exited_error(self) -> BaseException:
         return KernelStateError(f"kernel {self.kernel_id!r} has exited")
-
-    def _close_queues_on_failure(self) -> None:
-        # The runtime raises KernelFailedError itself; waiters only need to wake up.
-        err = self._failed_error
-        self.dropped_at_stop += self.inbox.close(err)
-        self.outbox.close(err)
-        self.active_event.set()
 
     def _failed_error(self) -> BaseException:
         from pydotcompute.errors import KernelFailedError
@@ -254,12 +253,12 @@ class HostKernelLoop(KernelLoop):
         self.stopping = True
         self.active = False
         self.active_time.pause()
-        # Wake the actor wherever it waits on us: receive() raises CancelledError,
-        # wait_active() returns and should_terminate is True.
+        # Wake the actor wherever it waits for input: receive() raises CancelledError,
+        # wait_active() returns and should_terminate is True. Its output stays open
+        # until it has finished, so the message in hand still gets its reply.
         self.dropped_at_stop += self.inbox.close(
             asyncio.CancelledError, put_error=self._stopped_error
         )
-        self.outbox.close(self._stopped_error, drain=True)
         self.active_event.set()
         if self.dropped_at_stop:
             log.warning(
@@ -268,18 +267,22 @@ class HostKernelLoop(KernelLoop):
                 self.dropped_at_stop,
             )
         task = self.task
-        if task is None or task.done():
-            return
-        done, _ = await asyncio.wait({task}, timeout=timeout)
-        if done:
-            return
-        # The actor did not return in time (busy, or waiting on something else).
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=max(0.1, min(1.0, timeout)))
-        if not done:
-            raise KernelStateError(
-                f"kernel {self.kernel_id!r} ignored cancellation and is still running"
-            )
+        try:
+            if task is None or task.done():
+                return
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if done:
+                return
+            # The actor did not return in time (busy, or waiting on something else).
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=max(0.1, min(1.0, timeout)))
+            if not done:
+                raise KernelStateError(
+                    f"kernel {self.kernel_id!r} ignored cancellation and is still running"
+                )
+        finally:
+            if self.failure is None:  # outputs already produced stay readable
+                self.outbox.close(self._stopped_error, drain=True)
 
     def _stopped_error(self) -> BaseException:
         return KernelStateError(f"kernel {self.kernel_id!r} is terminated")

@@ -79,12 +79,16 @@ class Mailbox:
         """Queue ``item`` without waiting. False means: full under BLOCK, wait for room.
 
         Raises ``QueueFullError`` under REJECT; DROP strategies always succeed
-        (counting the drop).
+        (counting the drop). Senders already waiting for room go first: while any
+        waits, the queue counts as full to newcomers.
         """
+        return self._offer(item, bool(self.putters))
+
+    def _offer(self, item: Any, full: bool) -> bool:
         items = self.items
         if self.error is not None:
             raise self.put_error()
-        if len(items) < self.capacity:
+        if not full and len(items) < self.capacity:
             items.append(item)
             self.enqueued += 1
             if self.getters:
@@ -116,7 +120,9 @@ class Mailbox:
                 raise QueueFullError(
                     f"{self.name or 'queue'} stayed full for {timeout} s ({self.capacity} messages)"
                 )
-            if self.try_put(item):
+            if self._offer(item, False):  # woken: the room is ours, whoever else waits
+                if self.putters and len(self.items) < self.capacity:
+                    self.wake_putter()
                 return
 
     # -- get -------------------------------------------------------------------------
@@ -126,7 +132,7 @@ class Mailbox:
         if self.items and self.deliver:
             item = self.items.popleft()
             if self.putters:
-                self._wake(self.putters)
+                self.wake_putter()
             return item
         if self.error is not None and not (self.drain and self.items):
             raise self.error()
@@ -138,7 +144,7 @@ class Mailbox:
         if items and self.deliver:
             item = items.popleft()
             if self.putters:
-                self._wake(self.putters)
+                self.wake_putter()
             return item
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -152,7 +158,7 @@ class Mailbox:
             if items and self.deliver:
                 item = items.popleft()
                 if self.putters:
-                    self._wake(self.putters)
+                    self.wake_putter()
                 return item
 
     async def _wait(
@@ -170,18 +176,20 @@ class Mailbox:
                 return False
             handle = loop.call_later(remaining, _expire, fut)
         waiters.append(fut)
-        # A waker pops the future before setting its result; a timeout or a
-        # cancellation leaves it queued, so only those paths remove it.
+        # A getter's waker pops its future before setting the result; a putter's
+        # stays queued (see wake_putter). Timeouts and cancellations leave both queued.
         try:
             await fut
+            if waiters is self.putters:
+                self._remove(waiters, fut)
             return True
         except _TimeoutSignal:
-            waiters.remove(fut)
+            self._remove(waiters, fut)
             return False
         except BaseException:
-            if fut.cancelled() or not fut.done():
-                waiters.remove(fut)
-            else:
+            if fut.cancelled() or not fut.done() or waiters is self.putters:
+                self._remove(waiters, fut)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
                 # Woken, then cancelled before taking anything: pass the wake-up on
                 # so no other waiter starves while items (or room) are available.
                 self._pass_wakeup(waiters)
@@ -227,8 +235,14 @@ class Mailbox:
         self._wake(self.getters)
 
     def wake_putter(self) -> None:
-        """Wake one waiting putter (after an inline pop)."""
-        self._wake(self.putters)
+        """Wake one waiting putter (after an inline pop).
+
+        A woken putter stays queued until it has taken its room, so newcomers keep
+        seeing the queue as full meanwhile and cannot overtake it."""
+        for fut in self.putters:
+            if not fut.done():
+                fut.set_result(None)
+                return
 
     @staticmethod
     def _wake(waiters: deque[asyncio.Future[None]]) -> None:
@@ -244,6 +258,15 @@ class Mailbox:
             fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(None)
+
+    @staticmethod
+    def _remove(waiters: deque[asyncio.Future[None]], fut: asyncio.Future[None]) -> None:
+        # A waker may already have popped this finished future (and moved on to the
+        # next waiter), between the timeout or cancellation and this task resuming.
+        try:
+            waiters.remove(fut)
+        except ValueError:
+            pass
 
     def _pass_wakeup(self, waiters: deque[asyncio.Future[None]]) -> None:
         if waiters is self.getters:

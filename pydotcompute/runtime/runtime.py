@@ -23,6 +23,7 @@ from pydotcompute.errors import (
     KernelFailedError,
     KernelNotFoundError,
     KernelStateError,
+    QueueTimeoutError,
 )
 from pydotcompute.runtime.lifecycle import KernelState, check_transition
 from pydotcompute.runtime.registry import (
@@ -60,6 +61,8 @@ class _Kernel:
         "restarts",
         "error",
         "pair_lock",
+        "owed_replies",
+        "stop_task",
     )
 
     def __init__(self, spec: RingKernelSpec, loop: KernelLoop, restarts: int) -> None:
@@ -79,6 +82,8 @@ class _Kernel:
         self.restarts = restarts
         self.error: BaseException | None = None
         self.pair_lock: asyncio.Lock | None = None
+        self.owed_replies = 0  # replies to send_and_receive calls that gave up waiting
+        self.stop_task: asyncio.Task[None] | None = None
 
     @property
     def state(self) -> KernelState:
@@ -162,11 +167,21 @@ class RingKernelRuntime:
                 f"kernel {kernel_id!r} is already launched (state {old.state.name})"
             )
         spec = self._resolve_spec(kernel_id, kernel_func, overrides)
+        if old is not None and old.state is KernelState.FAILED:
+            try:  # a failed actor may still be unwinding: its loop must be gone first
+                await self.terminate(kernel_id, timeout=1.0)
+            except Exception as exc:
+                raise KernelStateError(
+                    f"kernel {kernel_id!r} cannot be launched again: its failed "
+                    f"predecessor is still running ({exc})"
+                ) from exc
         restarts = old.restarts + (1 if old.state is KernelState.FAILED else 0) if old else 0
         loop = self._make_loop(spec)
         k = _Kernel(spec, loop, restarts)
         self._kernels[kernel_id] = k
         loop.on_failure = lambda exc, k=k: self._on_failure(k, exc)  # type: ignore[misc]
+        if isinstance(loop, HostKernelLoop):
+            loop.on_exit = lambda k=k: self._on_exit(k)  # this record, not the id's latest
         try:
             await loop.start()
         except BaseException as exc:
@@ -208,28 +223,35 @@ class RingKernelRuntime:
     async def terminate(self, kernel_id: str, timeout: float = 5.0) -> None:
         """Ask a kernel to exit and wait for it (state TERMINATED).
 
-        Messages still queued are discarded and counted as dropped. A kernel that does
-        not exit within ``timeout`` s is cancelled. Terminating a TERMINATED kernel
-        does nothing; a FAILED kernel keeps its state and has its resources released.
+        Messages still queued are discarded and counted as dropped; the message the
+        actor holds is finished and its outputs stay readable. A kernel that does not
+        exit within ``timeout`` s is cancelled. Terminating a TERMINATED kernel does
+        nothing; a FAILED kernel keeps its state and has its resources released.
+        A second call (or ``shutdown``) waits for the stop already under way, and
+        cancelling a call does not cancel the stop.
         """
         k = self._get(kernel_id)
         if k.state is KernelState.TERMINATED:
             return
-        if k.state is KernelState.FAILED:
-            await k.loop.stop(timeout)
-            return
-        if k.state is KernelState.TERMINATING:
-            raise KernelStateError(f"kernel {kernel_id!r} is already terminating")
-        check_transition(kernel_id, k.state, KernelState.TERMINATING)
-        k.state = KernelState.TERMINATING
+        task = k.stop_task
+        if task is None or (task.done() and k.state is KernelState.FAILED):
+            if k.state is not KernelState.FAILED:
+                check_transition(kernel_id, k.state, KernelState.TERMINATING)
+                k.state = KernelState.TERMINATING
+            task = k.stop_task = asyncio.get_running_loop().create_task(
+                self._stop(k, timeout), name=f"pydotcompute-stop-{kernel_id}"
+            )
+        await asyncio.shield(task)
+
+    async def _stop(self, k: _Kernel, timeout: float) -> None:
         try:
             await k.loop.stop(timeout)
-        except BaseException as exc:
+        except Exception as exc:
             self._on_failure(k, exc)
             raise
         if k.state is KernelState.TERMINATING:
             k.state = KernelState.TERMINATED
-        log.info("terminated kernel %r", kernel_id)
+            log.info("terminated kernel %r", k.kernel_id)
 
     async def terminate_all(self, timeout: float = 10.0) -> None:
         """Terminate every kernel concurrently within ``timeout`` seconds."""
@@ -371,7 +393,7 @@ class RingKernelRuntime:
             # Host actor, no-wait path inline (this runs once per message). Latency is
             # sampled on one message in LATENCY_SAMPLE_EVERY; 1 marks an untimed message.
             items = inbox.items
-            if len(items) < inbox.capacity and inbox.error is None:
+            if len(items) < inbox.capacity and inbox.error is None and not inbox.putters:
                 items.append(
                     (_perf_ns() if k.stamped and not inbox.enqueued & _SAMPLE_MASK else 1, message)
                 )
@@ -411,9 +433,20 @@ class RingKernelRuntime:
         async with k.pair_lock:
             loop = asyncio.get_running_loop()
             deadline = None if timeout is None else loop.time() + timeout
-            await self.send(kernel_id, message, timeout)
-            remaining = None if deadline is None else max(0.0, deadline - loop.time())
-            return await self.receive(kernel_id, remaining)
+
+            def remaining() -> float | None:
+                return None if deadline is None else max(0.0, deadline - loop.time())
+
+            # Replies owed to callers that gave up come first: they belong to nobody.
+            while k.owed_replies:
+                await self.receive(kernel_id, remaining())
+                k.owed_replies -= 1
+            await self.send(kernel_id, message, remaining())
+            try:
+                return await self.receive(kernel_id, remaining())
+            except (QueueTimeoutError, asyncio.CancelledError):
+                k.owed_replies += 1
+                raise
 
     async def send_batch(
         self, kernel_id: str, messages: np.ndarray | list[Any], timeout: float | None = None
@@ -446,7 +479,10 @@ class RingKernelRuntime:
             return await k.loop.get_batch(max_items, timeout)
         out = [await self.receive(kernel_id, timeout)]
         while len(out) < max_items:
-            msg = k.loop.try_get(_MISSING)
+            try:
+                msg = k.loop.try_get(_MISSING)
+            except Exception:
+                break  # closed after draining: return what was taken; the next call raises
             if msg is _MISSING:
                 break
             out.append(msg)
@@ -601,7 +637,7 @@ class RingKernelRuntime:
                 spec.output_type,
                 on_failure=lambda exc: None,  # replaced by launch() once the record exists
                 send_to=self.send,
-                on_exit=lambda: self._on_exit(self._kernels[spec.kernel_id]),
+                on_exit=lambda: None,  # replaced by launch() once the record exists
                 telemetry=self.enable_telemetry,
             )
             return loop
