@@ -11,7 +11,7 @@ from typing import Any
 from pydotcompute.backends.base import FailureCallback, KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.mailbox import Mailbox
-from pydotcompute.errors import KernelStateError
+from pydotcompute.errors import KernelFailedError, KernelStateError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry, LatencyRecorder
 
@@ -231,8 +231,6 @@ class HostKernelLoop(KernelLoop):
         return KernelStateError(f"kernel {self.kernel_id!r} has exited")
 
     def _failed_error(self) -> BaseException:
-        from pydotcompute.errors import KernelFailedError
-
         exc = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
         exc.__cause__ = self.failure
         return exc

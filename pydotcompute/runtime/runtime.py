@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import logging
 import time
@@ -524,8 +525,6 @@ class RingKernelRuntime:
         k = self._get(kernel_id)
         snap = k.loop.telemetry(k.state.name)
         if k.restarts:
-            import dataclasses
-
             snap = dataclasses.replace(snap, restarts=k.restarts)
         return snap
 
