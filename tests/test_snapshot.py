@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pydotcompute.telemetry.snapshot import LATENCY_BUCKETS_NS, ActiveTime, LatencyRecorder
 
@@ -28,6 +30,22 @@ def test_latency_recorder_window_keeps_the_most_recent():
     assert r.percentiles(99) == (1.0,)  # only the last four remain in the window
     with pytest.raises(ValueError):
         LatencyRecorder(window=3)
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=2**40), min_size=1, max_size=300),
+    st.lists(st.floats(min_value=0, max_value=100), min_size=1, max_size=4),
+)
+def test_latency_percentiles_are_the_windows_order_statistics(samples, qs):
+    r = LatencyRecorder(window=128)
+    for ns in samples:
+        r.record(ns)
+    window = sorted(samples[-128:])
+    n = len(window)
+    expected = tuple(window[min(n - 1, int(q / 100.0 * n))] / 1000.0 for q in qs)
+    got = r.percentiles(*qs)
+    assert got == expected
+    assert all(type(p) is float for p in got)
 
 
 def test_active_time_counts_only_active_stretches():

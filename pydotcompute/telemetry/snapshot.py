@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
+
 __all__ = ["ActiveTime", "KernelTelemetry", "LatencyRecorder", "LATENCY_BUCKETS_NS"]
 
 # Upper bounds (ns) of the latency histogram: powers of two from 1 µs to ~17 s.
@@ -17,7 +19,9 @@ _N_BUCKETS = len(LATENCY_BUCKETS_NS) + 1  # the last one is +Inf
 class LatencyRecorder:
     """Keeps the last ``window`` latency samples (for percentiles) and a log2 histogram.
 
-    Recording is two list stores and an add; percentiles are computed only when asked.
+    Recording is two stores and an add; percentiles are computed only when asked, by
+    partial selection (``numpy.partition``) rather than a full sort, since a scrape may
+    ask for them several times a second.
     """
 
     __slots__ = ("_samples", "_mask", "_n", "buckets", "sum_ns")
@@ -25,7 +29,7 @@ class LatencyRecorder:
     def __init__(self, window: int = 4096) -> None:
         if window < 1 or window & (window - 1):
             raise ValueError("window must be a power of two")
-        self._samples: list[int] = [0] * window
+        self._samples = np.zeros(window, dtype=np.int64)
         self._mask = window - 1
         self._n = 0
         self.buckets: list[int] = [0] * _N_BUCKETS
@@ -49,8 +53,10 @@ class LatencyRecorder:
         n = min(self._n, self._mask + 1)
         if n == 0:
             return tuple(None for _ in qs)
-        recent = sorted(self._samples[:n])
-        return tuple(recent[min(n - 1, int(q / 100.0 * n))] / 1000.0 for q in qs)
+        ranks = [min(n - 1, int(q / 100.0 * n)) for q in qs]
+        # A copy, selected in place: the rank-th smallest lands at index rank.
+        recent = np.partition(self._samples[:n], ranks)
+        return tuple(int(recent[r]) / 1000.0 for r in ranks)
 
 
 class ActiveTime:
