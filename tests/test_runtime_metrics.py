@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import urllib.request
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -49,6 +50,33 @@ async def test_served_metrics_count_traffic_and_flows_and_stop_at_shutdown():
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))
         s.listen()
+
+
+async def test_scrapes_are_answered_by_the_runtimes_event_loop():
+    # A server thread beside a busy loop waits for the GIL after every socket call
+    # (seconds per scrape); the runtime's loop answers between messages instead.
+    async with RingKernelRuntime() as rt:
+        await rt.launch("echo", echo)
+        await rt.activate("echo")
+        for i in range(10):
+            await rt.send_and_receive("echo", i, timeout=5)
+        read_on: list[int] = []
+        snapshots = rt.get_all_telemetry
+
+        def noting_reader():
+            read_on.append(threading.get_ident())
+            return snapshots()
+
+        rt.get_all_telemetry = noting_reader  # type: ignore[method-assign]
+        before = {t.name for t in threading.enumerate()}
+        host, port = rt.serve_metrics()
+        assert {t.name for t in threading.enumerate()} == before
+        text = await asyncio.to_thread(_get, f"http://{host}:{port}/metrics")
+        assert (
+            'pydotcompute_kernel_messages_processed_total{backend="host",kernel="echo"} 10.0'
+            in text
+        )
+        assert read_on == [threading.get_ident()]
 
 
 async def test_metrics_into_a_callers_registry():

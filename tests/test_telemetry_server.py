@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -12,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+from pydotcompute.telemetry import server as server_module
 from pydotcompute.telemetry.scrape import parse_metrics
 from pydotcompute.telemetry.server import serve_dashboard_proxy, serve_metrics
 from pydotcompute.telemetry.snapshot import KernelTelemetry
@@ -186,3 +188,121 @@ def test_ipv6_loopback() -> None:
     with serve_metrics(CountingSource(), addr="::1", gpu=False) as server:
         assert server.url.startswith("http://[::1]:")
         assert get(server.url)[0] == 200
+
+
+# -- served from an event loop (as a runtime serves its own metrics) -------------------
+
+
+class ThreadNotingSource(CountingSource):
+    """Notes the thread that reads it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read_on: set[int] = set()
+
+    def get_all_telemetry(self) -> dict[str, KernelTelemetry]:
+        self.read_on.add(threading.get_ident())
+        return super().get_all_telemetry()
+
+
+async def exchange(address: tuple[str, int], request: bytes) -> bytes:
+    """Send raw bytes and read until the server closes the connection."""
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(request)
+    try:
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_on_a_loop_the_loop_itself_answers() -> None:
+    source = ThreadNotingSource()
+    source.processed = 17
+    before = metrics_threads()
+    server = serve_metrics(source, gpu=False, loop=asyncio.get_running_loop())
+    with server:
+        assert metrics_threads() == before  # no thread of its own
+        host, port = server.address
+        assert host == "127.0.0.1" and port > 0
+        status, ctype, text = await asyncio.to_thread(get, server.url)
+        assert status == 200 and ctype.startswith("text/plain")
+        assert (
+            'pydotcompute_kernel_messages_processed_total{backend="host",kernel="echo"} 17.0'
+            in text
+        )
+        req = urllib.request.Request(
+            server.url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}
+        )
+        with await asyncio.to_thread(urllib.request.urlopen, req, timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("application/openmetrics-text")
+            assert r.read().decode().endswith("# EOF\n")
+        status, ctype, page = await asyncio.to_thread(get, server.dashboard_url)
+        assert status == 200 and ctype.startswith("text/html")
+        assert '<canvas id="throughput"' in page
+        data = json.loads((await asyncio.to_thread(get, f"http://{host}:{port}/api/scrape"))[2])
+        assert data["kernels"]["echo"]["messages_processed"] == 17
+        assert (await asyncio.to_thread(get, f"http://{host}:{port}/nope"))[0] == 404
+    assert source.read_on == {threading.get_ident()}
+    assert not server.running
+    with pytest.raises(OSError):
+        await asyncio.to_thread(urllib.request.urlopen, server.url, timeout=2)
+    with socket.socket() as s:  # the port can be bound again at once
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(server.address)
+
+
+async def test_on_a_loop_bad_requests_are_refused(caplog) -> None:
+    with serve_metrics(CountingSource(), gpu=False, loop=asyncio.get_running_loop()) as server:
+        answer = await exchange(server.address, b"POST /metrics HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 501 ")
+        assert (await exchange(server.address, b"nonsense\r\n\r\n")).startswith(b"HTTP/1.0 400 ")
+        huge = b"GET /metrics HTTP/1.0\r\nX-Pad: " + b"x" * 20_000
+        assert (await exchange(server.address, huge)).startswith(b"HTTP/1.0 431 ")
+        # Anything after the head is ignored: one request, one answer.
+        answer = await exchange(server.address, b"GET /metrics HTTP/1.0\r\n\r\nGET /nope")
+        assert answer.startswith(b"HTTP/1.0 200 OK\r\n") and answer.count(b"HTTP/1.0") == 1
+    with serve_metrics(BrokenSource(), gpu=False, loop=asyncio.get_running_loop()) as server:
+        answer = await exchange(server.address, b"GET /metrics HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 500 ") and b"counters unreadable" in answer
+    assert any("error serving /metrics" in r.getMessage() for r in caplog.records)
+
+
+async def test_on_a_loop_a_stalled_client_is_cut_off(monkeypatch) -> None:
+    monkeypatch.setattr(server_module, "_CLIENT_TIMEOUT_S", 0.1)
+    with serve_metrics(CountingSource(), gpu=False, loop=asyncio.get_running_loop()) as server:
+        assert await exchange(server.address, b"GET /metrics HTTP/1.0\r\n") == b""
+        # Still serving others afterwards.
+        answer = await exchange(server.address, b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 200 OK\r\n")
+
+
+async def test_on_a_loop_stop_drops_open_connections_and_frees_the_port() -> None:
+    loop = asyncio.get_running_loop()
+    server = serve_metrics(CountingSource(), gpu=False, loop=loop)
+    reader, writer = await asyncio.open_connection(*server.address)
+    writer.write(b"GET /metrics HTTP/1.0\r\n")  # an unfinished request
+    await asyncio.to_thread(get, server.url)  # the loop is serving by now
+    server.stop()
+    server.stop()  # idempotent
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    # Stopped before the loop ever ran it: the port is released just the same.
+    early = serve_metrics(CountingSource(), gpu=False, loop=loop)
+    early.stop()
+    for stopped in (server, early):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(stopped.address)
+    await asyncio.sleep(0)  # the cancelled start leaves nothing behind on the loop
+
+
+async def test_on_a_loop_ipv6_loopback() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    loop = asyncio.get_running_loop()
+    with serve_metrics(CountingSource(), addr="::1", gpu=False, loop=loop) as server:
+        assert server.url.startswith("http://[::1]:")
+        assert (await asyncio.to_thread(get, server.url))[0] == 200

@@ -302,16 +302,19 @@ class RingKernelRuntime:
     def serve_metrics(
         self, port: int = 0, addr: str = "127.0.0.1", registry: Any = None
     ) -> tuple[str, int]:
-        """Serve Prometheus metrics on ``/metrics`` (and the dashboard on ``/``) from a
-        thread of this runtime; returns the bound ``(host, port)``. Nothing listens
-        unless this is called; the server stops at shutdown. A second call returns the
-        running server's address. ``registry`` may be your own ``CollectorRegistry``.
+        """Serve Prometheus metrics on ``/metrics`` (and the dashboard on ``/``) from
+        this runtime's event loop (call it there); returns the bound ``(host, port)``.
+        Nothing listens unless this is called; the server stops at shutdown. A second
+        call returns the running server's address. ``registry`` may be your own
+        ``CollectorRegistry``.
         """
         self._check_open()
         if self._metrics_server is None:
             from pydotcompute.telemetry.server import serve_metrics
 
-            self._metrics_server = serve_metrics(self, port=port, addr=addr, registry=registry)
+            self._metrics_server = serve_metrics(
+                self, port=port, addr=addr, registry=registry, loop=asyncio.get_running_loop()
+            )
             self.add_closer(self._metrics_server.stop)
         return self._metrics_server.address  # type: ignore[no-any-return]
 

@@ -1,12 +1,20 @@
 """The opt-in metrics server: ``/metrics``, the dashboard page and its JSON feed.
 
-One stdlib HTTP server on one daemon thread, started only by ``serve_metrics`` (or
-``serve_dashboard_proxy``) and stopped by ``MetricsServer.stop()``, which returns only
-when that thread has ended.
+Started only by ``serve_metrics`` (or ``serve_dashboard_proxy``), stopped by
+``MetricsServer.stop()``. It answers from one of two places:
+
+* an asyncio event loop, given as ``loop=`` (what ``RingKernelRuntime.serve_metrics``
+  does): each scrape runs between the runtime's own callbacks, so a busy loop answers
+  promptly and pays only for building the answer;
+* otherwise one stdlib HTTP server on one daemon thread; ``stop()`` returns only when
+  that thread has ended. Beside a busy event loop such a thread waits a long time for
+  the GIL after each socket call (the loop releases it for a moment on every poll
+  and takes it straight back), so runtimes serve from their loop instead.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import importlib.resources
 import json
@@ -16,6 +24,7 @@ import socket
 import threading
 import urllib.error
 from collections.abc import Callable
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
 
@@ -34,6 +43,8 @@ MetricsRenderer = Callable[[str], tuple[bytes, str]]
 """Given the request's Accept header, the ``/metrics`` body and its content type."""
 
 _PLAIN = "text/plain; version=0.0.4; charset=utf-8"
+_CLIENT_TIMEOUT_S = 5.0
+"""A client that stalls is cut off after this long, so it cannot hold the server."""
 
 
 def dashboard_html() -> bytes:
@@ -41,34 +52,44 @@ def dashboard_html() -> bytes:
     return importlib.resources.files(__package__).joinpath("dashboard.html").read_bytes()
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    # A client that stalls cannot hold the server (and so ``stop()``) for long.
-    timeout = 5.0
+class _Routes:
+    """What a request gets, whichever transport carries it."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-        path = self.path.split("?", 1)[0]
+    __slots__ = ("render", "page")
+
+    def __init__(self, render: MetricsRenderer) -> None:
+        self.render = render
+        self.page = dashboard_html()
+
+    def respond(self, target: str, accept: str) -> tuple[int, bytes, str]:
+        """``(status, body, content type)`` for a GET of ``target``."""
+        path = target.split("?", 1)[0]
         try:
             if path == "/metrics":
-                body, ctype = self.server.render(self.headers.get("Accept", ""))
-                self._reply(200, body, ctype)
-            elif path in ("/", "/dashboard"):
-                self._reply(200, self.server.page, "text/html; charset=utf-8")
-            elif path == "/api/scrape":
-                text, _ = self.server.render("text/plain")
+                body, ctype = self.render(accept)
+                return 200, body, ctype
+            if path in ("/", "/dashboard"):
+                return 200, self.page, "text/html; charset=utf-8"
+            if path == "/api/scrape":
+                text, _ = self.render("text/plain")
                 scrape = parse_metrics(text.decode())
                 body = json.dumps(_json_safe(dataclasses.asdict(scrape))).encode()
-                self._reply(200, body, "application/json")
-            else:
-                self._reply(404, b"not found\n", "text/plain; charset=utf-8")
+                return 200, body, "application/json"
+            return 404, b"not found\n", "text/plain; charset=utf-8"
         except (urllib.error.URLError, OSError) as exc:
             # Proxy mode: the runtime being watched is not reachable right now.
-            self._reply(502, f"metrics source unreachable: {exc}\n".encode(), "text/plain")
+            return 502, f"metrics source unreachable: {exc}\n".encode(), "text/plain"
         except Exception as exc:  # reported to the client and logged, never hidden
             logger.exception("error serving %s", path)
-            self._reply(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain")
+            return 500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain"
 
-    def _reply(self, status: int, body: bytes, ctype: str) -> None:
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+    timeout = _CLIENT_TIMEOUT_S
+
+    def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+        status, body, ctype = self.server.routes.respond(self.path, self.headers.get("Accept", ""))
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -81,18 +102,81 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(HTTPServer):
-    # Requests are answered one at a time on the server's own thread. A thread per
-    # request would cost more than the answer: a busy event loop holds the GIL, and
-    # every hand-over to a newly started thread waits out the interpreter's switch
-    # interval (a scrape took ~100 ms that way, against ~4 ms here).
+    # Requests are answered one at a time on the server's own thread: a thread per
+    # request would wait for the GIL once more for every request.
     allow_reuse_address = True
 
-    def __init__(self, addr: tuple[str, int], render: MetricsRenderer) -> None:
+    def __init__(self, addr: tuple[str, int], routes: _Routes) -> None:
         if ":" in addr[0]:  # an IPv6 address such as "::1"
             self.address_family = socket.AF_INET6
         super().__init__(addr, _Handler)
-        self.render = render
-        self.page = dashboard_html()
+        self.routes = routes
+
+
+_MAX_REQUEST_HEAD = 16384
+
+
+class _LoopConnection(asyncio.Protocol):
+    """One HTTP/1.0 exchange on the event loop: read the request head, answer, close."""
+
+    def __init__(self, routes: _Routes, open_connections: set[_LoopConnection]) -> None:
+        self._routes = routes
+        self._open = open_connections
+        self._head: bytearray | None = bytearray()  # None once answered
+        self._transport: asyncio.Transport | None = None
+        self._deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._open.add(self)
+        self._deadline = asyncio.get_running_loop().call_later(_CLIENT_TIMEOUT_S, transport.abort)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._open.discard(self)
+        if self._deadline is not None:
+            self._deadline.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        head = self._head
+        if head is None:  # answered already: whatever else the client sends is ignored
+            return
+        head += data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > _MAX_REQUEST_HEAD:
+                self._answer(431, b"request head too large\n", "text/plain")
+            return
+        request_line, *header_lines = head[:end].decode("latin-1").split("\r\n")
+        parts = request_line.split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            self._answer(400, b"bad request\n", "text/plain")
+        elif parts[0] != "GET":
+            self._answer(501, f"unsupported method {parts[0]!r}\n".encode(), "text/plain")
+        else:
+            accept = ""
+            for line in header_lines:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "accept":
+                    accept = value.strip()
+            self._answer(*self._routes.respond(parts[1], accept))
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _answer(self, status: int, body: bytes, ctype: str) -> None:
+        self._head = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        head = (
+            f"HTTP/1.0 {status} {HTTPStatus(status).phrase}\r\nContent-Type: {ctype}\r\n"
+            f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        transport.write(head.encode("latin-1") + body)
+        transport.close()  # after the buffered answer is written
 
 
 def _json_safe(value: Any) -> Any:
@@ -107,7 +191,11 @@ def _json_safe(value: Any) -> Any:
 
 
 class MetricsServer:
-    """A running metrics server. ``stop()`` it (or use it as a context manager)."""
+    """A running metrics server. ``stop()`` it (or use it as a context manager).
+
+    With ``loop``, requests are answered by that event loop (create the server from
+    the loop's thread); otherwise by a daemon thread of the server's own.
+    """
 
     def __init__(
         self,
@@ -115,19 +203,36 @@ class MetricsServer:
         port: int = 0,
         addr: str = "127.0.0.1",
         on_stop: Callable[[], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._on_stop = on_stop
-        self._httpd = _Server((addr, port), render)
-        host, bound_port = self._httpd.server_address[:2]
-        self._address = (str(host), int(bound_port))
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name=f"pydotcompute-metrics-{bound_port}",
-            daemon=True,
-        )
-        self._thread.start()
         self._stopped = False
+        self._loop = loop
+        routes = _Routes(render)
+        if loop is None:
+            self._httpd = _Server((addr, port), routes)
+            host, bound_port = self._httpd.server_address[:2]
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever,
+                kwargs={"poll_interval": 0.1},
+                name=f"pydotcompute-metrics-{bound_port}",
+                daemon=True,
+            )
+            self._thread.start()
+        else:
+            # Bound here, so the address is known at once; the loop accepts from the
+            # next iteration on, and connections wait in the backlog until then.
+            family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+            self._sock = socket.create_server((addr, port), family=family)
+            host, bound_port = self._sock.getsockname()[:2]
+            self._connections: set[_LoopConnection] = set()
+            self._serving = loop.create_task(
+                loop.create_server(
+                    lambda: _LoopConnection(routes, self._connections), sock=self._sock
+                ),
+                name=f"pydotcompute-metrics-{bound_port}",
+            )
+        self._address = (str(host), int(bound_port))
 
     @property
     def address(self) -> tuple[str, int]:
@@ -150,17 +255,32 @@ class MetricsServer:
         return not self._stopped
 
     def stop(self) -> None:
-        """Stop serving, join the server's thread and release the port. Idempotent."""
+        """Stop serving and release the port (joining the server's thread, if it has
+        one). A server on an event loop must be stopped from that loop's thread.
+        Idempotent."""
         if self._stopped:
             return
         self._stopped = True
         try:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._thread.join()
+            if self._loop is None:
+                self._httpd.shutdown()
+                self._httpd.server_close()
+                self._thread.join()
+            else:
+                self._stop_on_loop()
         finally:
             if self._on_stop is not None:
                 self._on_stop()
+
+    def _stop_on_loop(self) -> None:
+        serving = self._serving
+        if serving.done() and not serving.cancelled() and serving.exception() is None:
+            serving.result().close()  # closes the listening socket now
+        else:
+            serving.cancel()  # never started: the socket is still ours alone
+        self._sock.close()
+        for conn in list(self._connections):
+            conn.abort()
 
     def __enter__(self) -> MetricsServer:
         return self
@@ -180,6 +300,7 @@ def serve_metrics(
     registry: CollectorRegistry | None = None,
     *,
     gpu: bool = True,
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> MetricsServer:
     """Serve ``source``'s telemetry on ``/metrics`` and the dashboard on ``/``.
 
@@ -187,6 +308,8 @@ def serve_metrics(
     runtimes never share metrics) and unregistered on ``stop()``; ``/metrics`` serves
     the whole registry, so a caller's own metrics appear beside ours. ``gpu`` adds NVML
     readings where available. ``port=0`` picks a free port: read it from ``.address``.
+    ``loop`` answers requests on that event loop (call this from its thread), as a
+    runtime does with its own; None answers them on a thread of the server's own.
     """
     monitor = GpuMonitor() if gpu else None
     collector = TelemetryCollector(source, gpu=monitor)
@@ -203,7 +326,7 @@ def serve_metrics(
             monitor.close()
 
     try:
-        return MetricsServer(render, port, addr, on_stop=release)
+        return MetricsServer(render, port, addr, on_stop=release, loop=loop)
     except BaseException:
         release()
         raise
