@@ -5,17 +5,21 @@ For each kernel shape, rounds rotate between three settings:
 * ``off``: ``RingKernelRuntime(enable_telemetry=False)``, no metrics server;
 * ``on``: ``RingKernelRuntime(enable_telemetry=True)``, nothing scraping (what the
   backends themselves spend per message on telemetry);
-* ``on+scraped``: the same, with ``serve_metrics`` running and another process
+* ``on+scraped``: the same, with ``rt.serve_metrics()`` running and another process
   reading ``/metrics`` over HTTP every 100 ms (as Prometheus, ``top`` or
-  the dashboard would, only faster),
+  the dashboard would, only faster).
 
-and the median round of each is compared (rounds rotate the order; best rounds are
-printed too). Shapes:
+Each round runs the three settings back to back (rotating which goes first), so the
+machine's load drifts over all three alike; a round's ratios compare its own runs.
+The verdict is the median of the rounds' ratios, printed with their quartiles and
+extremes, beside the scrapes answered and how long they took. Shapes:
 
 * ``host``: an ``async def`` echo actor kept busy with 256 messages in flight;
 * ``cpu``: a compiled ``cpu`` kernel fed batches of 4096 records, 16 batches in flight.
 
     python benchmarks/telemetry_overhead.py [--seconds S] [--rounds R]
+
+About 50 s with the defaults.
 
 Goal: on+scraped / off >= 0.95x for every shape.
 """
@@ -33,7 +37,6 @@ from collections.abc import Awaitable, Callable
 import numpy as np
 
 from pydotcompute import BackendNotAvailableError, RingKernelRuntime, message
-from pydotcompute.telemetry.server import serve_metrics
 
 WINDOW = 256
 SCRAPE_EVERY_S = 0.1
@@ -51,44 +54,54 @@ import select, sys, time, urllib.request
 url, every = sys.argv[1], float(sys.argv[2])
 print("ready", flush=True)
 sys.stdin.readline()  # "go"
-count, next_at = 0, time.monotonic() + every
+took, next_at = [], time.monotonic() + every
 while not select.select([sys.stdin], [], [], max(0.0, next_at - time.monotonic()))[0]:
-    with urllib.request.urlopen(url, timeout=5) as r:
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=30) as r:
         r.read()
-    count += 1
-    next_at += every
-print(count, flush=True)
+    took.append(time.perf_counter() - t0)
+    next_at = max(next_at + every, time.monotonic())  # a late scrape does not pile up
+print(" ".join(map(str, took)), flush=True)
 """
 
 
 class Scraper:
-    """A child process that GETs ``/metrics`` every ``SCRAPE_EVERY_S`` while running."""
+    """A child process that GETs ``/metrics`` every ``SCRAPE_EVERY_S`` while running;
+    ``took`` holds each scrape's duration (s) once it has stopped.
+
+    The runtime answers on its event loop, so the loop never blocks on the child:
+    ``stop()`` waits for it from a worker thread.
+    """
 
     def __init__(self, url: str) -> None:
-        self.count = 0
+        self.took: list[float] = []
         self._proc = subprocess.Popen(
             [sys.executable, "-c", _SCRAPER, url, str(SCRAPE_EVERY_S)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
         )
-
-    def __enter__(self) -> Scraper:
         assert self._proc.stdin is not None and self._proc.stdout is not None
         self._proc.stdout.readline()  # started: its start-up is not timed
+
+    def start(self) -> None:
+        assert self._proc.stdin is not None
         self._proc.stdin.write("go\n")
         self._proc.stdin.flush()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        out, _ = self._proc.communicate("stop\n", timeout=30)
+    async def stop(self) -> None:
+        out, _ = await asyncio.to_thread(self._proc.communicate, "stop\n", 30)
         if self._proc.returncode != 0:
             raise RuntimeError(f"scraper failed with status {self._proc.returncode}")
-        self.count = int(out.split()[-1])
+        self.took = [float(x) for x in out.split()]
 
 
-async def host_round(seconds: float, setting: str) -> tuple[float, int]:
-    """Messages/s of a busy echo actor; and how many scrapes happened meanwhile."""
+Outcome = tuple[float, list[float]]
+"""A run's messages/s, and the duration of each scrape that happened meanwhile."""
+
+
+async def host_round(seconds: float, setting: str) -> Outcome:
+    """Messages/s of a busy echo actor, and the scrapes meanwhile."""
     async with RingKernelRuntime(enable_telemetry=setting != "off") as rt:
         await rt.launch("echo", host_echo, queue_size=WINDOW * 2)
         await rt.activate("echo")
@@ -121,8 +134,8 @@ def scale(msg, out, state):  # type: ignore[no-untyped-def]
     return True
 
 
-async def cpu_round(seconds: float, setting: str) -> tuple[float, int]:
-    """Messages/s of a busy cpu kernel fed record batches; and the scrapes meanwhile."""
+async def cpu_round(seconds: float, setting: str) -> Outcome:
+    """Messages/s of a busy cpu kernel fed record batches, and the scrapes meanwhile."""
     batch = 4096
     records = np.zeros(batch, dtype=Sample.__record_dtype__)
     records["x"] = np.arange(batch)
@@ -153,59 +166,69 @@ async def _timed(
     setting: str,
     drive: Callable[[float], Awaitable[int]],
     seconds: float,
-) -> tuple[float, int]:
-    """Run ``drive`` for about ``seconds`` under ``setting``: (messages/s, scrapes)."""
+) -> Outcome:
+    """Run ``drive`` for about ``seconds`` under ``setting``."""
     if setting != "scraped":
         t0 = time.perf_counter()
         n = await drive(t0 + seconds)
-        return n / (time.perf_counter() - t0), 0
-    server = serve_metrics(rt)
-    rt.add_closer(server.stop)
-    with Scraper(server.url) as scraper:
-        t0 = time.perf_counter()
+        return n / (time.perf_counter() - t0), []
+    host, port = rt.serve_metrics()
+    scraper = Scraper(f"http://{host}:{port}/metrics")
+    scraper.start()
+    t0 = time.perf_counter()
+    try:
         n = await drive(t0 + seconds)
         elapsed = time.perf_counter() - t0
-    return n / elapsed, scraper.count
+    finally:
+        await scraper.stop()
+    return n / elapsed, scraper.took
 
 
-Round = Callable[[float, str], Awaitable[tuple[float, int]]]
+Round = Callable[[float, str], Awaitable[Outcome]]
 
 
 SETTINGS = ("off", "on", "scraped")
 
 
+def _spread(ratios: list[float]) -> str:
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"quartiles {q1:.3f}..{q3:.3f}, range {min(ratios):.3f}..{max(ratios):.3f}"
+
+
 async def compare(name: str, round_fn: Round, seconds: float, rounds: int) -> float:
+    """Print the shape's figures; returns the median on+scraped / off ratio."""
     await round_fn(0.2, "scraped")  # warm up (compilation, first server start)
     rates: dict[str, list[float]] = {s: [] for s in SETTINGS}
-    scrapes = 0
+    took: list[float] = []
     for i in range(rounds):
         # Rotate which setting goes first, so a drift in machine load hits all alike.
         for setting in SETTINGS[i % 3 :] + SETTINGS[: i % 3]:
-            rate, count = await round_fn(seconds, setting)
+            rate, scrapes = await round_fn(seconds, setting)
             rates[setting].append(rate)
-            scrapes += count
-    # Medians: a round can be disturbed either way (other work slows it; on two cores a
-    # lucky placement of the kernel's thread speeds it up), so the middle is the
-    # figure that holds from run to run. Best rounds are shown beside.
-    off, on, scraped = (statistics.median(rates[s]) for s in SETTINGS)
-    b_off, b_on, b_scraped = (max(rates[s]) for s in SETTINGS)
-    ratio = scraped / off
+            took += scrapes
+    # Each round's own ratios: its runs were seconds apart, under the same load.
+    on_ratios = [on / off for on, off in zip(rates["on"], rates["off"], strict=True)]
+    ratios = [sc / off for sc, off in zip(rates["scraped"], rates["off"], strict=True)]
+    on, ratio = statistics.median(on_ratios), statistics.median(ratios)
+    ms = sorted(t * 1000 for t in took) or [float("nan")]
     print(
-        f"{name:5} off {off:>11,.0f} msg/s | on {on:>11,.0f} ({on / off:.3f}x) | "
-        f"on+scraped {scraped:>11,.0f} ({ratio:.3f}x) | {scrapes} scrapes | "
+        f"{name:5} off {statistics.median(rates['off']):>13,.0f} msg/s (median run)\n"
+        f"{'':5} on          {on:.3f}x   ({_spread(on_ratios)})\n"
+        f"{'':5} on+scraped  {ratio:.3f}x   ({_spread(ratios)})  "
         f"{'OK' if ratio >= 0.95 else 'BELOW GOAL'}\n"
-        f"{'':5} best rounds: off {b_off:,.0f}, on {b_on / b_off:.3f}x, "
-        f"on+scraped {b_scraped / b_off:.3f}x"
+        f"{'':5} {len(took)} scrapes answered ({len(took) / (rounds * seconds):.1f}/s), "
+        f"median {ms[len(ms) // 2]:.1f} ms, slowest {ms[-1]:.1f} ms"
     )
     return ratio
 
 
 async def main_async(seconds: float, rounds: int) -> None:
-    print(f"telemetry overhead: rounds of {seconds} s, {rounds} per setting")
+    print(f"telemetry overhead: {rounds} rounds, each {seconds} s per setting")
     print(
         "off: enable_telemetry=False | on: enable_telemetry=True, nothing scraping | "
         f"on+scraped: on, and /metrics read over HTTP every {SCRAPE_EVERY_S * 1000:.0f} ms "
-        "by another process.\nmedians over the rounds; goal: on+scraped >= 0.95x off\n"
+        "by another process.\nratios: median over rounds of (setting / off in the same "
+        "round); goal: on+scraped >= 0.95x\n"
     )
     await compare("host", host_round, seconds, rounds)
     try:
@@ -216,8 +239,8 @@ async def main_async(seconds: float, rounds: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=0.5, help="length of one round")
-    parser.add_argument("--rounds", type=int, default=12, help="rounds per setting")
+    parser.add_argument("--seconds", type=float, default=0.4, help="length of one run")
+    parser.add_argument("--rounds", type=int, default=15, help="rounds (one run per setting)")
     args = parser.parse_args()
     asyncio.run(main_async(args.seconds, args.rounds))
 

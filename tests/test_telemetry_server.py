@@ -13,6 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.parser import text_string_to_metric_families
 
+from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.telemetry import server as server_module
 from pydotcompute.telemetry.scrape import parse_metrics
 from pydotcompute.telemetry.server import serve_dashboard_proxy, serve_metrics
@@ -306,3 +307,38 @@ async def test_on_a_loop_ipv6_loopback() -> None:
     with serve_metrics(CountingSource(), addr="::1", gpu=False, loop=loop) as server:
         assert server.url.startswith("http://[::1]:")
         assert (await asyncio.to_thread(get, server.url))[0] == 200
+
+
+def test_on_a_loop_it_starts_only_from_that_loop() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        with pytest.raises(InvalidConfigurationError):
+            serve_metrics(CountingSource(), gpu=False, loop=loop)
+    finally:
+        loop.close()
+
+
+async def test_on_a_loop_stop_from_another_thread() -> None:
+    server = serve_metrics(CountingSource(), gpu=False, loop=asyncio.get_running_loop())
+    assert (await asyncio.to_thread(get, server.url))[0] == 200
+    await asyncio.to_thread(server.stop)
+    await asyncio.sleep(0)  # it stops on the loop's next iteration
+    assert not server.running
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(server.address)
+
+
+def test_on_a_loop_stop_after_the_loop_closed() -> None:
+    async def start() -> server_module.MetricsServer:
+        server = serve_metrics(CountingSource(), gpu=False, loop=asyncio.get_running_loop())
+        assert (await asyncio.to_thread(get, server.url))[0] == 200
+        return server
+
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(start())
+    loop.close()
+    server.stop()
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(server.address)

@@ -31,6 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.telemetry.collector import TelemetryCollector, TelemetrySource
 from pydotcompute.telemetry.gpu import GpuMonitor
 from pydotcompute.telemetry.scrape import fetch_metrics, normalize_metrics_url, parse_metrics
@@ -220,6 +221,10 @@ class MetricsServer:
             )
             self._thread.start()
         else:
+            if _running_loop() is not loop:
+                raise InvalidConfigurationError(
+                    "a metrics server on an event loop must be started from that loop"
+                )
             # Bound here, so the address is known at once; the loop accepts from the
             # next iteration on, and connections wait in the backlog until then.
             family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -256,8 +261,8 @@ class MetricsServer:
 
     def stop(self) -> None:
         """Stop serving and release the port (joining the server's thread, if it has
-        one). A server on an event loop must be stopped from that loop's thread.
-        Idempotent."""
+        one). Called from another thread than its running event loop's, a server on
+        that loop stops on the loop's next iteration. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
@@ -266,6 +271,8 @@ class MetricsServer:
                 self._httpd.shutdown()
                 self._httpd.server_close()
                 self._thread.join()
+            elif self._loop.is_running() and _running_loop() is not self._loop:
+                self._loop.call_soon_threadsafe(self._stop_on_loop)
             else:
                 self._stop_on_loop()
         finally:
@@ -274,7 +281,9 @@ class MetricsServer:
 
     def _stop_on_loop(self) -> None:
         serving = self._serving
-        if serving.done() and not serving.cancelled() and serving.exception() is None:
+        if serving.get_loop().is_closed():
+            pass  # the loop took its tasks and transports down with it
+        elif serving.done() and not serving.cancelled() and serving.exception() is None:
             serving.result().close()  # closes the listening socket now
         else:
             serving.cancel()  # never started: the socket is still ours alone
@@ -287,6 +296,13 @@ class MetricsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _url_host(host: str) -> str:
