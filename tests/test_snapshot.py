@@ -48,6 +48,18 @@ def test_latency_percentiles_are_the_windows_order_statistics(samples, qs):
     assert all(type(p) is float for p in got)
 
 
+def test_latency_percentiles_are_reused_until_a_new_sample():
+    r = LatencyRecorder(window=8)
+    for ns in (5000, 1000, 3000):
+        r.record(ns)
+    first = r.percentiles(50, 99)
+    assert first == (3.0, 5.0)
+    assert r.percentiles(50, 99) is first  # nothing new: the same answer
+    assert r.percentiles(50) == (3.0,)  # other percentiles are computed
+    r.record(9000)
+    assert r.percentiles(50, 99) == (5.0, 9.0)
+
+
 def test_active_time_counts_only_active_stretches():
     clock = ActiveTime()
     assert clock.seconds == 0.0

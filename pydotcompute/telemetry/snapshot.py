@@ -19,21 +19,24 @@ _N_BUCKETS = len(LATENCY_BUCKETS_NS) + 1  # the last one is +Inf
 class LatencyRecorder:
     """Keeps the last ``window`` latency samples (for percentiles) and a log2 histogram.
 
-    Recording is two stores and an add; percentiles are computed only when asked, by
-    partial selection (``numpy.partition``) rather than a full sort, since a scrape may
-    ask for them several times a second.
+    Recording is two list stores and an add; percentiles are computed only when asked,
+    by partial selection (``numpy.partition``) rather than a full sort, since a scrape
+    may ask for them several times a second.
     """
 
-    __slots__ = ("_samples", "_mask", "_n", "buckets", "sum_ns")
+    __slots__ = ("_samples", "_mask", "_n", "buckets", "sum_ns", "_last")
 
     def __init__(self, window: int = 4096) -> None:
         if window < 1 or window & (window - 1):
             raise ValueError("window must be a power of two")
-        self._samples = np.zeros(window, dtype=np.int64)
+        self._samples: list[int] = [0] * window  # a list: cheapest to store into
         self._mask = window - 1
         self._n = 0
         self.buckets: list[int] = [0] * _N_BUCKETS
         self.sum_ns = 0
+        # (count, qs, answer) of the last percentiles() call: an idle kernel's answer
+        # is reused, scrape after scrape.
+        self._last: tuple[int, tuple[float, ...], tuple[float | None, ...]] | None = None
 
     def record(self, latency_ns: int) -> None:
         """Add one sample, in nanoseconds."""
@@ -50,13 +53,18 @@ class LatencyRecorder:
 
     def percentiles(self, *qs: float) -> tuple[float | None, ...]:
         """Percentiles (0–100) over the recent window, in microseconds; None when empty."""
-        n = min(self._n, self._mask + 1)
+        count, last = self._n, self._last
+        if last is not None and last[0] == count and last[1] == qs:
+            return last[2]
+        n = min(count, self._mask + 1)
         if n == 0:
             return tuple(None for _ in qs)
         ranks = [min(n - 1, int(q / 100.0 * n)) for q in qs]
-        # A copy, selected in place: the rank-th smallest lands at index rank.
-        recent = np.partition(self._samples[:n], ranks)
-        return tuple(int(recent[r]) / 1000.0 for r in ranks)
+        # The rank-th smallest lands at index rank.
+        recent = np.partition(np.array(self._samples[:n], dtype=np.int64), ranks)
+        answer = tuple(int(recent[r]) / 1000.0 for r in ranks)
+        self._last = (count, qs, answer)
+        return answer
 
 
 class ActiveTime:
