@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import sys
+import threading
 import types
+import urllib.error
+import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -12,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pydotcompute.telemetry.collector import TelemetryCollector
 from pydotcompute.telemetry.gpu import GpuMonitor
+from pydotcompute.telemetry.server import serve_metrics
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 
@@ -189,3 +195,55 @@ def test_nvml_with_no_device_releases_nvml(monkeypatch) -> None:
     assert monitor.read() == []
     assert monitor.unavailable_reason == "NVML sees no GPU"
     assert (nvml.calls["init"], nvml.calls["shutdown"]) == (1, 1)
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+async def test_served_on_a_loop_nvml_is_read_off_the_loop(monkeypatch) -> None:
+    nvml = fake_nvml(DEVICES)
+    read_on: set[int] = set()
+    utilization = nvml.nvmlDeviceGetUtilizationRates
+
+    def noting_utilization(handle):
+        read_on.add(threading.get_ident())
+        return utilization(handle)
+
+    nvml.nvmlDeviceGetUtilizationRates = noting_utilization
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with serve_metrics(Source(), loop=asyncio.get_running_loop()) as server:
+        assert nvml.calls["init"] == 0  # nothing is read before the first scrape
+        status, text = await asyncio.to_thread(fetch, server.url)
+        assert status == 200
+        status, body = await asyncio.to_thread(fetch, server.dashboard_url + "api/scrape")
+        assert status == 200 and json.loads(body)["nvml_available"] is True
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+    }
+    assert samples[("pydotcompute_gpu_nvml_available", ())] == 1
+    assert samples[("pydotcompute_gpu_utilization_ratio", (("gpu", "0"),))] == pytest.approx(0.37)
+    assert samples[("pydotcompute_gpu_temperature_celsius", (("gpu", "1"),))] == 40
+    assert read_on and threading.get_ident() not in read_on
+    assert nvml.calls["shutdown"] == 1  # released when the server stopped
+
+
+async def test_served_on_a_loop_a_failing_gpu_read_is_a_500(monkeypatch, caplog) -> None:
+    nvml = fake_nvml(DEVICES)
+
+    def broken_init():
+        raise RuntimeError("driver exploded")
+
+    nvml.nvmlInit = broken_init
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    with serve_metrics(Source(), loop=asyncio.get_running_loop()) as server:
+        status, body = await asyncio.to_thread(fetch, server.url)
+        assert (await asyncio.to_thread(fetch, server.dashboard_url))[0] == 200  # page: no NVML
+    assert status == 500 and "driver exploded" in body
+    assert any("error serving /metrics" in r.getMessage() for r in caplog.records)

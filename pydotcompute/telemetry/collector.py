@@ -130,12 +130,17 @@ class TelemetryCollector(Collector):
     """Builds ``pydotcompute_*`` metric families from a source on every scrape.
 
     Register it in a ``prometheus_client.CollectorRegistry``. ``gpu`` adds NVML readings
-    (see ``GpuMonitor``); None leaves them out.
+    (see ``GpuMonitor``); None leaves them out. ``refresh_gpu=False`` reports the
+    monitor's last readings and leaves refreshing them to the caller (a server on an
+    event loop refreshes them on a worker thread before each scrape).
     """
 
-    def __init__(self, source: TelemetrySource, gpu: GpuMonitor | None = None) -> None:
+    def __init__(
+        self, source: TelemetrySource, gpu: GpuMonitor | None = None, *, refresh_gpu: bool = True
+    ) -> None:
         self._source = source
         self._gpu = gpu
+        self._refresh_gpu = refresh_gpu
 
     def describe(self) -> Iterator[Metric]:
         """The families this collector yields, without samples (no source read)."""
@@ -163,7 +168,7 @@ class TelemetryCollector(Collector):
             yield from flows.values()
 
         if self._gpu is not None:
-            yield from self._gpu.collect()
+            yield from self._gpu.collect(self._refresh_gpu)
 
     @staticmethod
     def _kernel_families() -> dict[str, Metric]:

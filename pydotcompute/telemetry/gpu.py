@@ -90,8 +90,15 @@ class GpuMonitor:
         """Why NVML cannot be used here, once that is known."""
         return self._unavailable
 
-    def read(self) -> list[GpuReading]:
-        """Current readings of every device; empty where NVML is unavailable."""
+    def read(self, refresh: bool = True) -> list[GpuReading]:
+        """Current readings of every device; empty where NVML is unavailable.
+
+        ``refresh=False`` returns the last readings taken without calling NVML (which
+        may block for tens of milliseconds), for callers that refresh elsewhere.
+        """
+        if not refresh:
+            cached = self._cached
+            return [] if cached is None else list(cached[1])
         with self._lock:
             if not self._open():
                 return []
@@ -126,9 +133,10 @@ class GpuMonitor:
             *gauges,
         ]
 
-    def collect(self) -> Iterator[Metric]:
-        """Families with the current readings, labelled by device index."""
-        readings = self.read()
+    def collect(self, refresh: bool = True) -> Iterator[Metric]:
+        """Families with the current readings, labelled by device index (``refresh``:
+        as in ``read``)."""
+        readings = self.read(refresh)
         available, *gauges = self.families()
         available.add_metric([], 1.0 if readings else 0.0)  # type: ignore[attr-defined]
         yield available

@@ -53,14 +53,24 @@ def dashboard_html() -> bytes:
     return importlib.resources.files(__package__).joinpath("dashboard.html").read_bytes()
 
 
+_READS_METRICS = frozenset(("/metrics", "/api/scrape"))
+
+
 class _Routes:
-    """What a request gets, whichever transport carries it."""
+    """What a request gets, whichever transport carries it.
 
-    __slots__ = ("render", "page")
+    ``prepare``, when given, is blocking work that a request reading the metrics needs
+    first; a server on an event loop runs it on a worker thread.
+    """
 
-    def __init__(self, render: MetricsRenderer) -> None:
+    __slots__ = ("render", "page", "prepare")
+
+    def __init__(
+        self, render: MetricsRenderer, prepare: Callable[[], object] | None = None
+    ) -> None:
         self.render = render
         self.page = dashboard_html()
+        self.prepare = prepare
 
     def respond(self, target: str, accept: str) -> tuple[int, bytes, str]:
         """``(status, body, content type)`` for a GET of ``target``."""
@@ -126,6 +136,7 @@ class _LoopConnection(asyncio.Protocol):
         self._head: bytearray | None = bytearray()  # None once answered
         self._transport: asyncio.Transport | None = None
         self._deadline: asyncio.TimerHandle | None = None
+        self._preparing: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -160,9 +171,28 @@ class _LoopConnection(asyncio.Protocol):
                 name, _, value = line.partition(":")
                 if name.strip().lower() == "accept":
                     accept = value.strip()
-            self._answer(*self._routes.respond(parts[1], accept))
+            target = parts[1]
+            if self._routes.prepare is not None and target.split("?", 1)[0] in _READS_METRICS:
+                self._head = None  # answered once prepared
+                self._preparing = asyncio.get_running_loop().create_task(
+                    self._answer_prepared(target, accept)
+                )
+            else:
+                self._answer(*self._routes.respond(target, accept))
+
+    async def _answer_prepared(self, target: str, accept: str) -> None:
+        assert self._routes.prepare is not None
+        try:
+            await asyncio.to_thread(self._routes.prepare)
+        except Exception as exc:  # reported to the client and logged, never hidden
+            logger.exception("error serving %s", target)
+            self._answer(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain")
+        else:
+            self._answer(*self._routes.respond(target, accept))
 
     def abort(self) -> None:
+        if self._preparing is not None:
+            self._preparing.cancel()
         if self._transport is not None:
             self._transport.abort()
 
@@ -205,11 +235,12 @@ class MetricsServer:
         addr: str = "127.0.0.1",
         on_stop: Callable[[], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
+        prepare: Callable[[], object] | None = None,
     ) -> None:
         self._on_stop = on_stop
         self._stopped = False
         self._loop = loop
-        routes = _Routes(render)
+        routes = _Routes(render, prepare)
         if loop is None:
             self._httpd = _Server((addr, port), routes)
             host, bound_port = self._httpd.server_address[:2]
@@ -328,7 +359,10 @@ def serve_metrics(
     runtime does with its own; None answers them on a thread of the server's own.
     """
     monitor = GpuMonitor() if gpu else None
-    collector = TelemetryCollector(source, gpu=monitor)
+    # On a loop, NVML (which samples PCIe throughput for 20 ms per device and
+    # direction) is read on a worker thread before each scrape, never on the loop.
+    on_loop = loop is not None and monitor is not None
+    collector = TelemetryCollector(source, gpu=monitor, refresh_gpu=not on_loop)
     registry = CollectorRegistry() if registry is None else registry
     registry.register(collector)
 
@@ -342,7 +376,8 @@ def serve_metrics(
             monitor.close()
 
     try:
-        return MetricsServer(render, port, addr, on_stop=release, loop=loop)
+        prepare = monitor.read if on_loop and monitor is not None else None
+        return MetricsServer(render, port, addr, on_stop=release, loop=loop, prepare=prepare)
     except BaseException:
         release()
         raise
