@@ -159,6 +159,45 @@ def test_readings_are_reused_for_max_age(monkeypatch) -> None:
     monitor.close()
 
 
+def test_needs_refresh_follows_age_and_availability(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(DEVICES))
+    monitor = GpuMonitor(max_age=60.0)
+    assert monitor.needs_refresh  # nothing read yet
+    first = monitor.read()
+    assert not monitor.needs_refresh
+    assert monitor.read(refresh=False) == first
+    monitor.max_age = 0.0
+    assert monitor.needs_refresh
+    monitor.close()
+    assert not monitor.needs_refresh and monitor.read(refresh=False) == []
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
+    absent = GpuMonitor()
+    assert absent.needs_refresh  # not known yet
+    assert absent.read() == []
+    assert not absent.needs_refresh  # known now: nothing to refresh, ever
+
+
+async def test_served_on_a_loop_without_nvml_no_worker_after_the_first_scrape(
+    monkeypatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    reads: list[bool] = []
+    read = GpuMonitor.read
+
+    def noting_read(self, refresh=True):
+        reads.append(refresh)
+        return read(self, refresh)
+
+    monkeypatch.setattr(GpuMonitor, "read", noting_read)
+    with serve_metrics(Source(), loop=asyncio.get_running_loop()) as server:
+        for _ in range(3):
+            status, text = await asyncio.to_thread(fetch, server.url)
+            assert status == 200 and "pydotcompute_gpu_nvml_available 0.0" in text
+    # One refreshing read (on a worker) learnt that NVML is absent; the scrapes
+    # themselves only looked at the last readings.
+    assert reads == [True, False, False, False]
+
+
 def test_nvml_module_absent_is_reported_once(monkeypatch, caplog) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml raises ImportError
     monitor = GpuMonitor()

@@ -90,6 +90,15 @@ class GpuMonitor:
         """Why NVML cannot be used here, once that is known."""
         return self._unavailable
 
+    @property
+    def needs_refresh(self) -> bool:
+        """Whether ``read()`` would call NVML now: it is not known to be unavailable and
+        no reading is younger than ``max_age``."""
+        if self._unavailable is not None:
+            return False
+        cached = self._cached
+        return cached is None or time.monotonic() - cached[0] >= self.max_age
+
     def read(self, refresh: bool = True) -> list[GpuReading]:
         """Current readings of every device; empty where NVML is unavailable.
 

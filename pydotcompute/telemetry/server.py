@@ -59,18 +59,16 @@ _READS_METRICS = frozenset(("/metrics", "/api/scrape"))
 class _Routes:
     """What a request gets, whichever transport carries it.
 
-    ``prepare``, when given, is blocking work that a request reading the metrics needs
-    first; a server on an event loop runs it on a worker thread.
+    ``gpu``, when given, is a monitor whose stale readings a server on an event loop
+    refreshes on a worker thread before answering a request that reads the metrics.
     """
 
-    __slots__ = ("render", "page", "prepare")
+    __slots__ = ("render", "page", "gpu")
 
-    def __init__(
-        self, render: MetricsRenderer, prepare: Callable[[], object] | None = None
-    ) -> None:
+    def __init__(self, render: MetricsRenderer, gpu: GpuMonitor | None = None) -> None:
         self.render = render
         self.page = dashboard_html()
-        self.prepare = prepare
+        self.gpu = gpu
 
     def respond(self, target: str, accept: str) -> tuple[int, bytes, str]:
         """``(status, body, content type)`` for a GET of ``target``."""
@@ -172,18 +170,18 @@ class _LoopConnection(asyncio.Protocol):
                 if name.strip().lower() == "accept":
                     accept = value.strip()
             target = parts[1]
-            if self._routes.prepare is not None and target.split("?", 1)[0] in _READS_METRICS:
-                self._head = None  # answered once prepared
+            gpu = self._routes.gpu
+            if gpu is not None and gpu.needs_refresh and target.split("?")[0] in _READS_METRICS:
+                self._head = None  # answered once the readings are fresh
                 self._preparing = asyncio.get_running_loop().create_task(
-                    self._answer_prepared(target, accept)
+                    self._answer_refreshed(gpu, target, accept)
                 )
             else:
                 self._answer(*self._routes.respond(target, accept))
 
-    async def _answer_prepared(self, target: str, accept: str) -> None:
-        assert self._routes.prepare is not None
+    async def _answer_refreshed(self, gpu: GpuMonitor, target: str, accept: str) -> None:
         try:
-            await asyncio.to_thread(self._routes.prepare)
+            await asyncio.to_thread(gpu.read)
         except Exception as exc:  # reported to the client and logged, never hidden
             logger.exception("error serving %s", target)
             self._answer(500, f"{type(exc).__name__}: {exc}\n".encode(), "text/plain")
@@ -225,7 +223,9 @@ class MetricsServer:
     """A running metrics server. ``stop()`` it (or use it as a context manager).
 
     With ``loop``, requests are answered by that event loop (create the server from
-    the loop's thread); otherwise by a daemon thread of the server's own.
+    the loop's thread); otherwise by a daemon thread of the server's own. ``gpu``: a
+    monitor the rendered metrics read without refreshing, which a server on a loop
+    refreshes on a worker thread when a scrape finds its readings stale.
     """
 
     def __init__(
@@ -235,12 +235,12 @@ class MetricsServer:
         addr: str = "127.0.0.1",
         on_stop: Callable[[], None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
-        prepare: Callable[[], object] | None = None,
+        gpu: GpuMonitor | None = None,
     ) -> None:
         self._on_stop = on_stop
         self._stopped = False
         self._loop = loop
-        routes = _Routes(render, prepare)
+        routes = _Routes(render, gpu)
         if loop is None:
             self._httpd = _Server((addr, port), routes)
             host, bound_port = self._httpd.server_address[:2]
@@ -376,8 +376,9 @@ def serve_metrics(
             monitor.close()
 
     try:
-        prepare = monitor.read if on_loop and monitor is not None else None
-        return MetricsServer(render, port, addr, on_stop=release, loop=loop, prepare=prepare)
+        return MetricsServer(
+            render, port, addr, on_stop=release, loop=loop, gpu=monitor if on_loop else None
+        )
     except BaseException:
         release()
         raise
