@@ -177,9 +177,7 @@ def test_needs_refresh_follows_age_and_availability(monkeypatch) -> None:
     assert not absent.needs_refresh  # known now: nothing to refresh, ever
 
 
-async def test_served_on_a_loop_without_nvml_no_worker_after_the_first_scrape(
-    monkeypatch,
-) -> None:
+async def test_served_on_a_loop_without_nvml_no_scrape_waits_for_a_worker(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "pynvml", None)
     reads: list[bool] = []
     read = GpuMonitor.read
@@ -193,9 +191,9 @@ async def test_served_on_a_loop_without_nvml_no_worker_after_the_first_scrape(
         for _ in range(3):
             status, text = await asyncio.to_thread(fetch, server.url)
             assert status == 200 and "pydotcompute_gpu_nvml_available 0.0" in text
-    # One refreshing read (on a worker) learnt that NVML is absent; the scrapes
-    # themselves only looked at the last readings.
-    assert reads == [True, False, False, False]
+    # The server learnt at its start that NVML is absent: the scrapes only looked at the
+    # last readings, and none was handed to a worker thread.
+    assert reads == [False, False, False]
 
 
 def test_nvml_module_absent_is_reported_once(monkeypatch, caplog) -> None:
@@ -256,7 +254,8 @@ async def test_served_on_a_loop_nvml_is_read_off_the_loop(monkeypatch) -> None:
     nvml.nvmlDeviceGetUtilizationRates = noting_utilization
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     with serve_metrics(Source(), loop=asyncio.get_running_loop()) as server:
-        assert nvml.calls["init"] == 0  # nothing is read before the first scrape
+        # Opened at the start; nothing is read before the first scrape.
+        assert nvml.calls["init"] == 1 and nvml.calls["util"] == 0
         status, text = await asyncio.to_thread(fetch, server.url)
         assert status == 200
         status, body = await asyncio.to_thread(fetch, server.dashboard_url + "api/scrape")
@@ -276,10 +275,10 @@ async def test_served_on_a_loop_nvml_is_read_off_the_loop(monkeypatch) -> None:
 async def test_served_on_a_loop_a_failing_gpu_read_is_a_500(monkeypatch, caplog) -> None:
     nvml = fake_nvml(DEVICES)
 
-    def broken_init():
+    def broken_utilization(handle):
         raise RuntimeError("driver exploded")
 
-    nvml.nvmlInit = broken_init
+    nvml.nvmlDeviceGetUtilizationRates = broken_utilization
     monkeypatch.setitem(sys.modules, "pynvml", nvml)
     with serve_metrics(Source(), loop=asyncio.get_running_loop()) as server:
         status, body = await asyncio.to_thread(fetch, server.url)

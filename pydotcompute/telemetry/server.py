@@ -356,12 +356,17 @@ def serve_metrics(
     the whole registry, so a caller's own metrics appear beside ours. ``gpu`` adds NVML
     readings where available. ``port=0`` picks a free port: read it from ``.address``.
     ``loop`` answers requests on that event loop (call this from its thread), as a
-    runtime does with its own; None answers them on a thread of the server's own.
+    runtime does with its own, and opens NVML right away; None answers them on a thread
+    of the server's own.
     """
     monitor = GpuMonitor() if gpu else None
-    # On a loop, NVML (which samples PCIe throughput for 20 ms per device and
-    # direction) is read on a worker thread before each scrape, never on the loop.
+    # On a loop, NVML readings (PCIe throughput is sampled for 20 ms per device and
+    # direction) are refreshed on a worker thread when a scrape finds them stale, never
+    # on the loop. NVML is opened here, once, so that where it is unavailable no scrape
+    # ever hands over to a worker (which, beside a busy loop, waits long for the GIL).
     on_loop = loop is not None and monitor is not None
+    if on_loop and monitor is not None:
+        monitor.available  # noqa: B018 - opens NVML, or learns why it cannot
     collector = TelemetryCollector(source, gpu=monitor, refresh_gpu=not on_loop)
     registry = CollectorRegistry() if registry is None else registry
     registry.register(collector)
