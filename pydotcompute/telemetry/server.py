@@ -33,6 +33,7 @@ from prometheus_client.exposition import choose_encoder
 
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.telemetry.collector import TelemetryCollector, TelemetrySource
+from pydotcompute.telemetry.exposition import writer_for
 from pydotcompute.telemetry.gpu import GpuMonitor
 from pydotcompute.telemetry.scrape import fetch_metrics, normalize_metrics_url, parse_metrics
 
@@ -368,12 +369,15 @@ def serve_metrics(
     if on_loop and monitor is not None:
         monitor.available  # noqa: B018 - opens NVML, or learns why it cannot
     collector = TelemetryCollector(source, gpu=monitor, refresh_gpu=not on_loop)
+    own = registry is None  # then it holds our collector alone
     registry = CollectorRegistry() if registry is None else registry
     registry.register(collector)
 
     def render(accept: str) -> tuple[bytes, str]:
         encoder, ctype = choose_encoder(accept)
-        return encoder(registry), ctype
+        write = writer_for(encoder) if own else None
+        body = write(collector.collect()) if write is not None else None
+        return (encoder(registry) if body is None else body), ctype
 
     def release() -> None:
         registry.unregister(collector)
