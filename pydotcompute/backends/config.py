@@ -79,13 +79,17 @@ class RingKernelConfig:
             )
         for name, amount in self.resources.items():
             if not isinstance(name, str) or not name:
-                raise InvalidConfigurationError(f"resource names must be non-empty str, got {name!r}")
+                raise InvalidConfigurationError(
+                    f"resource names must be non-empty str, got {name!r}"
+                )
             if name in ("CPU", "GPU"):
                 raise InvalidConfigurationError(
                     f"resources may not name {name!r}; use num_{name.lower()}s instead"
                 )
             _check_amount(f"resources[{name!r}]", amount)
-        object.__setattr__(self, "resources", dict(self.resources))  # the caller's dict stays theirs
+        object.__setattr__(
+            self, "resources", dict(self.resources)
+        )  # the caller's dict stays theirs
 
     @property
     def effective_output_queue_size(self) -> int:

@@ -79,7 +79,9 @@ class KernelActor:
         else:
             from pydotcompute.backends.cuda import CudaKernelLoop
 
-            loop = CudaKernelLoop(kernel_id, func, config, input_type, output_type, self._on_failure)
+            loop = CudaKernelLoop(
+                kernel_id, func, config, input_type, output_type, self._on_failure
+            )
         self._loop = loop
         await loop.start()
         ctx = ray.get_runtime_context()

@@ -1,7 +1,7 @@
 """A runtime's connection to a Ray cluster, where it places kernels on Ray actors.
 
 Ray keeps one connection per process. A runtime joins it on its first launch (starting
-a local Ray instance for ``cluster="local"`` when none is running) and leaves it at
+a local Ray instance for ``cluster="local"`` unless the process is connected already) and leaves it at
 shutdown; the connection is shut down when the last runtime that joined it leaves, and
 only if a runtime started it. A connection the application opened itself with
 ``ray.init`` is used as is and never shut down here. Runtimes share the connection,
@@ -30,7 +30,11 @@ INSTALL_HINT = 'pip install "pydotcompute[ray]"'
 
 def require_ray() -> None:
     """Raise ``BackendNotAvailableError`` unless Ray can be imported."""
-    if importlib.util.find_spec("ray") is None:
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # ValueError: a module entry without a spec
+        found = False
+    if not found:
         raise BackendNotAvailableError(
             f"placing kernels on a cluster needs Ray, which is not installed: {INSTALL_HINT}"
         )
@@ -63,10 +67,9 @@ class _ProcessConnection:
             if ray.is_initialized():
                 _check_same_cluster(ray, address)
             else:
-                if address == "local":
-                    ray.init(include_dashboard=False)
-                else:
-                    ray.init(address=address)
+                # "local" is Ray's own word for "start a new instance here".
+                options = {"include_dashboard": False} if address == "local" else {}
+                ray.init(address=address, **options)
                 self._started = True
             self._users += 1
 
@@ -97,9 +100,11 @@ def _check_same_cluster(ray: Any, address: str) -> None:
 class RayCluster:
     """One runtime's hold on the Ray connection and its kernels' actor class.
 
-    ``address`` is ``"local"`` (the Ray instance on this machine, started if none
-    runs), ``"auto"``, a ``host:port`` GCS address or a ``ray://host:port`` client
-    address.
+    ``address`` is ``"local"`` (a new Ray instance on this machine, started by the
+    runtime), ``"auto"`` (the cluster this machine belongs to), a ``host:port`` GCS
+    address or a ``ray://host:port`` client address. A process that is already
+    connected to Ray (``ray.init`` called by the application or another runtime)
+    keeps that connection.
     """
 
     def __init__(self, address: str) -> None:

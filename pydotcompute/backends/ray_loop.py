@@ -126,9 +126,7 @@ class RayKernelLoop(KernelLoop):
         self._pending_answer: asyncio.Future[int] | None = None  # REJECT senders wait on it
         self._batches: collections.deque[
             tuple[Any, int, asyncio.Future[int] | None, float | None]
-        ] = (
-            collections.deque()
-        )
+        ] = collections.deque()
         self._held = 0
         self._room: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
@@ -151,9 +149,13 @@ class RayKernelLoop(KernelLoop):
     async def start(self) -> None:
         self._event_loop = asyncio.get_running_loop()
         self._room = asyncio.Event()
-        types = (self.in_dtype, self.out_dtype) if self.records else (
-            self.input_type,
-            self.output_type,
+        types = (
+            (self.in_dtype, self.out_dtype)
+            if self.records
+            else (
+                self.input_type,
+                self.output_type,
+            )
         )
         args = (self.kernel_id, self.func, self.config, *types)
         self._actor = await self._cluster.spawn(self.kernel_id, self.config, args)
@@ -355,8 +357,7 @@ class RayKernelLoop(KernelLoop):
         if not isinstance(records, np.ndarray) or records.dtype != self.in_dtype:
             got = records.dtype if isinstance(records, np.ndarray) else type(records).__name__
             raise TypeError(
-                f"kernel {self.kernel_id!r} takes record arrays of dtype {self.in_dtype}, "
-                f"got {got}"
+                f"kernel {self.kernel_id!r} takes record arrays of dtype {self.in_dtype}, got {got}"
             )
         records = np.ascontiguousarray(records.reshape(-1))
         n = len(records)
@@ -468,10 +469,15 @@ class RayKernelLoop(KernelLoop):
                 raise QueueTimeoutError(
                     f"no output from kernel {self.kernel_id!r} within {timeout} s"
                 )
+            if self._stopping:  # stop() collects the last outputs; no fetch may race it
+                await asyncio.sleep(0.005)
+                continue
             fetch = self._fetch
             if fetch is None:
                 wait_s = FETCH_WAIT_S if left is None else min(FETCH_WAIT_S, left)
-                fetch = self._start_fetch(max(max_items, self.config.effective_output_queue_size), wait_s)
+                fetch = self._start_fetch(
+                    max(max_items, self.config.effective_output_queue_size), wait_s
+                )
             try:
                 await asyncio.wait_for(asyncio.shield(fetch), left)
             except asyncio.TimeoutError:
