@@ -168,7 +168,7 @@ class RayKernelLoop(KernelLoop):
             cause = _cause(exc)
             if cause is exc:
                 raise
-            raise cause  # what the kernel failed with on the actor, not Ray's wrapper
+            raise cause from exc  # what the kernel failed with on the actor, not Ray's wrapper
         self.placement = KernelPlacement(**info)
         self.backend = self.placement.backend
         watch = self._actor.watch.remote().future()
