@@ -12,8 +12,10 @@ by one:
   its batch's answer, since only the actor's ring can tell whether it fitted.
 - Receives fetch a batch. A receive with nothing buffered asks the actor for as many
   outputs as are ready (waiting up to 0.2 s per call for the first) and serves from
-  the buffer. A fetch belongs to the loop, not to the caller: a caller that times out
-  or is cancelled leaves the fetched outputs for the next receive; nothing is lost.
+  the buffer; while outputs keep coming the next fetch is already under way (at most
+  one output queue's worth is held here). A fetch belongs to the loop, not to the
+  caller: a caller that times out or is cancelled leaves the fetched outputs for the
+  next receive; nothing is lost.
 
 So a single message pays about one Ray round trip more than on a local kernel, and
 whatever many callers send in one turn of the event loop travels as one batch.
@@ -441,7 +443,13 @@ class RayKernelLoop(KernelLoop):
             return
         exc = fut.exception()
         if exc is None:
-            self._add_outputs(fut.result())
+            outputs = fut.result()
+            self._add_outputs(outputs)
+            # Read ahead while outputs flow: the next batch travels while the caller
+            # handles this one. The buffer stays within one fetch of the output queue.
+            size = self.config.effective_output_queue_size
+            if len(outputs) and self._buffered < size and not self._stopping and self._actor:
+                self._start_fetch(size, FETCH_WAIT_S)
         elif not _reported_by_watch(exc):
             self._fail(_cause(exc))
 
