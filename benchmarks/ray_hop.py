@@ -11,7 +11,11 @@ as three concurrent tasks. Measured in one run:
   accepted it), and a round trip (until all its outputs are back: two hops and the
   kernel's work, reported per hop), one batch at a time.
 
-    python benchmarks/ray_hop.py [--records N] [--batch B] [--repeat R]
+Then a coordinator flow through the same two kernels, both ways: kernel-id stages (a
+request and its reply per item) and one batching stage that moves 512 items at a time
+with ``send_batch``/``receive_batch``.
+
+    python benchmarks/ray_hop.py [--records N] [--batch B] [--repeat R] [--items N]
 
 Goal: a batch of 4096 records crosses a Ray hop at >= 1 M records/s.
 """
@@ -26,6 +30,7 @@ import time
 import numpy as np
 
 from pydotcompute import RingKernelRuntime
+from pydotcompute.coordinator import FanIn, stage
 
 RECORD = np.dtype([("seq", np.int64), ("value", np.float64)])
 
@@ -105,6 +110,43 @@ async def hops(rt: RingKernelRuntime, batch: int, rounds: int) -> tuple[list[flo
     return put, trip
 
 
+async def coordinated(rt: RingKernelRuntime, n: int, batch: int) -> tuple[float, float]:
+    """Items/s of an in-memory flow through scale and shift: as kernel-id stages (one
+    request and reply per item), and as one batching stage that sends its batch of
+    items through both kernels with send_batch/receive_batch."""
+
+    def record(i: int) -> np.void:
+        rec = np.zeros(1, RECORD)
+        rec["seq"] = i
+        rec["value"] = i
+        return rec[0]
+
+    async def through(rt_batch: list[np.void]) -> list[float]:
+        recs = np.array(rt_batch, RECORD)
+        for kid in ("scale", "shift"):
+            await rt.send_batch(kid, recs)
+            parts, got = [], 0
+            while got < len(recs):
+                part = await rt.receive_batch(kid, len(recs) - got, timeout=60)
+                parts.append(part)
+                got += len(part)
+            recs = np.concatenate(parts)
+        return recs["value"].tolist()
+
+    rates = []
+    for name, graph, items in (
+        ("per-item", stage(record) >> "scale" >> "shift" >> (lambda r: float(r["value"])), n),
+        ("batched", stage(record) >> FanIn(through, count=batch, timeout=0.01), 8 * n),
+    ):
+        flow = await rt.deploy(graph, name=name, journal=None)
+        t0 = time.perf_counter()
+        keys = await flow.submit_many(range(items))
+        await flow.drain(timeout=300)
+        rates.append(items / (time.perf_counter() - t0))
+        assert await flow.result(keys[-1]) == (items - 1) * 2.0 + 1.0, "wrong results"
+    return rates[0], rates[1]
+
+
 def spread(values: list[float]) -> str:
     return (
         f"median {statistics.median(values) / 1e6:6.2f} M "
@@ -117,6 +159,7 @@ async def main() -> None:
     ap.add_argument("--records", type=int, default=1 << 20, help="records per pipeline run")
     ap.add_argument("--batch", type=int, default=4096, help="records per batch")
     ap.add_argument("--repeat", type=int, default=5, help="runs of each measurement")
+    ap.add_argument("--items", type=int, default=1000, help="items per coordinator flow")
     args = ap.parse_args()
     n = args.records // args.batch * args.batch
 
@@ -126,6 +169,7 @@ async def main() -> None:
         await pipeline(rt, n // 8, args.batch)  # warm-up
         for _ in range(args.repeat):
             local.append(n / await pipeline(rt, n, args.batch))
+        flow_local = await coordinated(rt, args.items, 512)
 
     remote: list[float] = []
     async with RingKernelRuntime(cluster="local") as rt:
@@ -134,6 +178,7 @@ async def main() -> None:
         for _ in range(args.repeat):
             remote.append(n / await pipeline(rt, n, args.batch))
         put_s, trip_s = await hops(rt, args.batch, 40 * args.repeat)
+        flow_remote = await coordinated(rt, args.items, 512)
 
     print(f"two-kernel pipeline, {n} records of {RECORD.itemsize} B, batches of {args.batch}:")
     print(f"  one process         records/s {spread(local)}")
@@ -145,6 +190,9 @@ async def main() -> None:
     print(f"one Ray hop, one batch of {args.batch} records at a time:")
     print(f"  caller -> actor          records/s {spread(put_rate)}")
     print(f"  round trip, per hop      records/s {spread(trip_rate)}")
+    print("coordinator flow through both kernels, items/s (one process / two Ray actors):")
+    print(f"  kernel-id stages         {flow_local[0]:10.0f} / {flow_remote[0]:.0f}")
+    print(f"  batching stage (512)     {flow_local[1]:10.0f} / {flow_remote[1]:.0f}")
     hop = statistics.median(put_rate)
     print(
         f"goal >= 1 M records/s per hop: {'met' if hop >= 1e6 else 'NOT met'} ({hop / 1e6:.2f} M)"
