@@ -67,9 +67,9 @@ class _ProcessConnection:
             if ray.is_initialized():
                 _check_same_cluster(ray, address)
             else:
-                # "local" is Ray's own word for "start a new instance here".
-                options = {"include_dashboard": False} if address == "local" else {}
-                ray.init(address=address, **options)
+                # "local" is Ray's own word for "start a new instance here"; a
+                # dashboard is for clusters that someone started on purpose.
+                ray.init(address=address, include_dashboard=False if address == "local" else None)
                 self._started = True
             self._users += 1
 

@@ -381,7 +381,7 @@ class RayKernelLoop(KernelLoop):
         if not self._pending_n:
             return
         pending = self._pending
-        batch = np.frombuffer(pending, self.in_dtype) if self.records else pending
+        batch = np.frombuffer(pending, self.in_dtype) if isinstance(pending, bytearray) else pending
         self._batches.append((batch, self._pending_n, self._pending_answer, None))
         self._pending = bytearray() if self.records else []
         self._pending_n = 0
