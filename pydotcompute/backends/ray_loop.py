@@ -233,7 +233,9 @@ class RayKernelLoop(KernelLoop):
 
     def set_active(self, active: bool) -> None:
         if self.failure is None and not self._stopping and self._actor is not None:
-            self._actor.set_active.remote(active)  # ordered before later calls
+            # No reply is awaited. It has no arguments to wait for, so Ray starts it
+            # before any call this caller submits later.
+            self._actor.set_active.remote(active)
 
     async def stop(self, timeout: float) -> None:
         self._stopping = True
