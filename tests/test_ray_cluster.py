@@ -143,8 +143,22 @@ async def test_single_messages_and_batches_keep_their_order(cluster):
         got: list[int] = []
 
         async def drain() -> None:
+            turn = 0
             while len(got) < total:
-                if len(got) % 2:
+                turn += 1
+                if turn % 5 == 0:
+                    # Receivers that give up leave what their fetch brought for the next.
+                    try:
+                        one = await asyncio.wait_for(rt.receive("inc"), 0.0005)
+                        got.append(int(one["seq"]))
+                    except (QueueTimeoutError, asyncio.TimeoutError):
+                        pass
+                elif turn % 5 == 1:
+                    try:
+                        got.append(int((await rt.receive("inc", timeout=0.0005))["seq"]))
+                    except QueueTimeoutError:
+                        pass
+                elif len(got) % 2:
                     got.append(int((await rt.receive("inc", timeout=10))["seq"]))
                 else:
                     out = await rt.receive_batch("inc", 5000, timeout=10)
@@ -237,7 +251,19 @@ async def test_reject_and_an_actor_that_returns(cluster):
         await asyncio.gather(
             rt.launch("strict", doubler, queue_size=2, backpressure="reject"),
             rt.launch("once", answers_once),
+            rt.launch("slow", doubler, queue_size=2),
         )
+        # BLOCK: two inputs wait on the actor, two in the runtime; the fifth send
+        # finds no room within its timeout.
+        for i in range(4):
+            await rt.send("slow", i)
+        with pytest.raises(QueueFullError):
+            await rt.send("slow", 4, timeout=0.2)
+        tele = rt.get_telemetry("slow")
+        assert (tele.queue_depth, tele.messages_rejected) == (4, 1)
+        await rt.activate("slow")
+        assert [await rt.receive("slow", timeout=10) for _ in range(4)] == [0, 2, 4, 6]
+
         await rt.send("strict", 1)  # LAUNCHED, not active: inputs wait in its queue
         await rt.send("strict", 2)
         with pytest.raises(QueueFullError):
