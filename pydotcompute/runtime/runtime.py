@@ -633,7 +633,8 @@ class RingKernelRuntime:
         input_type = overrides.pop("input_type", spec.input_type)
         output_type = overrides.pop("output_type", spec.output_type)
         config = spec.config.replace(**overrides) if overrides else spec.config
-        if config.backend == "auto" and self._cluster is None:  # else: on the kernel's node
+        # On a cluster, "auto" is left to the kernel's node (does its actor have a GPU?).
+        if config.backend == "auto" and (self._cluster is None or self.backend != "auto"):
             chosen = resolve_backend(self.backend)
             log.info("kernel %r: backend 'auto' resolved to %r", kernel_id, chosen)
             config = config.replace(backend=chosen)
