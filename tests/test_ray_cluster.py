@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from pydotcompute import RingKernelRuntime  # noqa: E402
-from pydotcompute.coordinator import stage  # noqa: E402
+from pydotcompute.coordinator import RetryPolicy, stage  # noqa: E402
 from pydotcompute.errors import (  # noqa: E402
     KernelFailedError,
     KernelStateError,
@@ -276,3 +276,24 @@ async def test_reject_and_an_actor_that_returns(cluster):
         await rt.send("once", 1)
         await wait_for(lambda: rt.get_state("once") is KernelState.TERMINATED)
         assert await rt.receive("once", timeout=5) == 2
+
+
+async def test_a_flow_goes_on_when_its_kernel_is_launched_again_after_its_actor_died(cluster):
+    address, _ = cluster
+    async with RingKernelRuntime(cluster=address) as rt:
+        await rt.launch("double", doubler)
+        await rt.activate("double")
+        retry = RetryPolicy(attempts=100, backoff=0.02, max_backoff=0.1)
+        flow = await rt.deploy(stage("double", retries=retry, timeout=5), name="f", journal=None)
+        first = await flow.submit_many(range(10))
+        assert [await flow.result(k, timeout=20) for k in first] == [2 * i for i in range(10)]
+
+        os.kill(rt.get_placement("double").pid, signal.SIGKILL)
+        await wait_for(lambda: rt.get_state("double") is KernelState.FAILED)
+        later = await flow.submit_many(range(10, 20))  # they fail and wait for a retry
+        await asyncio.sleep(0.3)
+        await rt.launch("double", doubler)
+        await rt.activate("double")
+        await flow.drain(timeout=30)
+        assert [await flow.result(k) for k in later] == [2 * i for i in range(10, 20)]
+        assert flow.dead_letters() == []
