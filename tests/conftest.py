@@ -24,3 +24,39 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """DSN of a PostgreSQL database for the whole session (see tests/postgres_server.py)."""
+    from tests import postgres_server as pg
+
+    try:
+        pg.find_bin_dir() if not __import__("os").environ.get(pg.ENV) else None
+    except pg.NoServer as exc:
+        pytest.skip(str(exc))
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip('psycopg is not installed: pip install "pydotcompute[postgres]"')
+    with pg.server() as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server):
+    """A DSN whose journal tables live in a schema of this test's own."""
+    from tests import postgres_server as pg
+
+    with pg.fresh_schema(postgres_server) as dsn:
+        yield dsn
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal_at(request, tmp_path):
+    """Where a test's journal lives: an SQLite path, then a PostgreSQL DSN. Call it with a
+    name; the same name gives the same journal within a test."""
+    if request.param == "sqlite":
+        return lambda name="j": str(tmp_path / f"{name}.db")
+    dsn = request.getfixturevalue("postgres_dsn")
+    return lambda name="j": dsn
