@@ -36,7 +36,9 @@ def find_bin_dir() -> Path:
         return Path(initdb).parent
     found = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
     )
     if not found:
         raise NoServer(
@@ -62,7 +64,9 @@ def throwaway_server() -> Iterator[str]:
         try:
             user = pwd.getpwnam("postgres")
         except KeyError:
-            raise NoServer("running as root and there is no 'postgres' user to run initdb") from None
+            raise NoServer(
+                "running as root and there is no 'postgres' user to run initdb"
+            ) from None
         runuser = shutil.which("runuser")
         if runuser is None:
             raise NoServer("running as root and runuser is missing to run initdb as 'postgres'")
