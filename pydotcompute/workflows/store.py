@@ -44,7 +44,8 @@ STATES = (RUNNING, DONE, FAILED, CANCELLED)
 
 # The workflow and every workflow started from it, at any depth.
 DESCENDANTS = """WITH RECURSIVE d(k) AS (
-    SELECT CAST(? AS TEXT) UNION SELECT w.key FROM workflows w JOIN d ON w.parent = d.k) """
+    SELECT key FROM workflows WHERE key=?
+    UNION SELECT w.key FROM workflows w JOIN d ON w.parent = d.k) """
 
 
 class LostOwnership(Exception):
