@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydotcompute.coordinator.journal_postgres import PostgresJournal, is_postgres_dsn
-from pydotcompute.coordinator.journal_sqlite import CHUNK, SQLiteJournal, marks
+from pydotcompute.coordinator.journal_sqlite import CHUNK, SQLiteJournal
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
 from pydotcompute.coordinator.plan import Plan
 from pydotcompute.coordinator.records import DeadLetter, decode, encode
@@ -51,21 +51,6 @@ def open_journal(journal: Any) -> JournalConfig | None:
         "journal must be None, a path, a postgresql:// DSN, an SQLiteJournal or a "
         f"PostgresJournal, got {journal!r}"
     )
-
-
-def write_rows(
-    conn: Any, head: str, width: int, rows: list[tuple[Any, ...]], tail: str = ""
-) -> None:
-    """Insert ``rows`` with few statements. Each statement is a step (SQLite) or a round
-    trip (PostgreSQL), so one per few hundred rows instead of one per row is what makes
-    the journal fast."""
-    mark = "(" + ",".join("?" * width) + ")"
-    for i in range(0, len(rows), CHUNK):
-        chunk = rows[i : i + CHUNK]
-        conn.execute(
-            head + " VALUES " + ",".join([mark] * len(chunk)) + tail,
-            [v for r in chunk for v in r],
-        )
 
 
 def describe_change(old: list[str], new: list[str]) -> str:
@@ -178,12 +163,13 @@ class JournalSession(JournalWriter):
         keys = list({args[0] for fn, args, _ in ops if fn == self.op_hop})
         for i in range(0, len(keys), CHUNK):
             chunk = keys[i : i + CHUNK]
+            among, args = self.dialect.among("key", chunk)
             for tid, node, key in self.dialect.rows(
                 conn,
                 "id, node, key",
-                f"FROM tokens WHERE flow=? AND owner=? AND port=0 AND key IN ({marks(len(chunk))})"
+                f"FROM tokens WHERE flow=? AND owner=? AND port=0 AND {among}"
                 + self.dialect.for_update,
-                [self.flow, self.owner, *chunk],
+                [self.flow, self.owner, *args],
             ):
                 self._owned[(key, node)] = tid
 
@@ -192,10 +178,11 @@ class JournalSession(JournalWriter):
         if self._deletes:
             for i in range(0, len(self._deletes), CHUNK):
                 chunk = self._deletes[i : i + CHUNK]
-                conn.execute(f"DELETE FROM tokens WHERE id IN ({marks(len(chunk))})", chunk)
+                among, args = self.dialect.among("id", chunk)
+                conn.execute(f"DELETE FROM tokens WHERE {among}", args)
             self._deletes.clear()
         if self._pending:
-            write_rows(
+            self.dialect.insert(
                 conn,
                 "INSERT INTO tokens(flow, key, node, port, value, owner, lease_until)",
                 7,
@@ -209,16 +196,16 @@ class JournalSession(JournalWriter):
         if self._finished:
             done = [k for k, _ in self._finished]
             for i in range(0, len(done), CHUNK):
-                part = done[i : i + CHUNK]
+                among, args = self.dialect.among("key", done[i : i + CHUNK])
                 conn.execute(
-                    "UPDATE items SET state='done', finished=? WHERE flow=? AND state='active' "
-                    f"AND key IN ({marks(len(part))})",
-                    [now, flow, *part],
+                    f"UPDATE items SET state='done', finished=? WHERE flow=? AND state='active' "
+                    f"AND {among}",
+                    [now, flow, *args],
                 )
             # Result rows are read in ``seq`` order by followers: numbered and committed
             # one writer at a time, a later seq never becomes visible before an earlier.
             self.dialect.lock(conn, f"results/{flow}")
-            write_rows(
+            self.dialect.insert(
                 conn,
                 "INSERT INTO results(flow, key, value)",
                 3,
@@ -308,14 +295,11 @@ class JournalSession(JournalWriter):
         known: set[str] = set()
         keys = [k for k, _ in batch]
         for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
+            among, args = self.dialect.among("key", keys[i : i + 500])
             known.update(
                 r[0]
                 for r in self.dialect.rows(
-                    conn,
-                    "key",
-                    f"FROM items WHERE flow=? AND key IN ({marks(len(chunk))})",
-                    [self.flow, *chunk],
+                    conn, "key", f"FROM items WHERE flow=? AND {among}", [self.flow, *args]
                 )
             )
         fresh: list[bool] = []
@@ -337,8 +321,8 @@ class JournalSession(JournalWriter):
                     tokens.append((self.flow, key, node, 0, blob))
                 else:
                     later.append((key, [(node, port, blob)]))
-        write_rows(conn, "INSERT INTO items(flow, key, state, submitted)", 4, items)
-        write_rows(conn, "INSERT INTO tokens(flow, key, node, port, value)", 5, tokens)
+        self.dialect.insert(conn, "INSERT INTO items(flow, key, state, submitted)", 4, items)
+        self.dialect.insert(conn, "INSERT INTO tokens(flow, key, node, port, value)", 5, tokens)
         for key, rest in later:
             if isinstance(rest, DeadLetter):
                 self._bury(conn, rest, events)

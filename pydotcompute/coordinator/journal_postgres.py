@@ -32,6 +32,7 @@ SCHEMA_LOCK = 0x50444331  # "PDC1": one process at a time creates tables
 # SQLSTATEs of a transaction that lost a race and may simply run again:
 # serialization_failure, deadlock_detected, unique_violation.
 RACES = {"40001", "40P01", "23505"}
+ARRAY_TYPES = {str: "TEXT[]", int: "BIGINT[]", float: "DOUBLE PRECISION[]", bytes: "BYTEA[]"}
 
 
 def is_postgres_dsn(journal: object) -> bool:
@@ -134,6 +135,7 @@ class PostgresDialect:
     """PostgreSQL's side of the journal (see the module's text for the locking)."""
 
     name = "postgresql"
+    threaded = True  # see JournalWriter
     for_update = " FOR UPDATE"
 
     def __init__(self, dsn: str) -> None:
@@ -198,10 +200,7 @@ class PostgresDialect:
             if statement.strip():
                 conn.execute(statement)
 
-    async def begin(self, conn: Connection) -> float:
-        return self.begin_now(conn)
-
-    def begin_now(self, conn: Connection) -> float:
+    def try_begin(self, conn: Connection) -> float:
         conn.execute("BEGIN")
         return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
 
@@ -220,6 +219,21 @@ class PostgresDialect:
 
     def rows(self, conn: Connection, cols: str, tail: str, args: list[Any]) -> list[Any]:
         return conn.execute(f"SELECT {cols} {tail}", args).fetchall()
+
+    def insert(
+        self, conn: Connection, head: str, width: int, rows: list[tuple[Any, ...]], tail: str = ""
+    ) -> None:
+        """One statement, one array per column: its text never changes, so the server
+        plans it once, and there are ``width`` arguments whatever the number of rows."""
+        if rows:
+            arrays = ",".join(f"CAST(? AS {ARRAY_TYPES[type(v)]})" for v in rows[0])
+            columns = [list(c) for c in zip(*rows, strict=True)]
+            conn.execute(f"{head} SELECT * FROM unnest({arrays}){tail}", columns)
+
+    def among(self, column: str, values: list[Any]) -> tuple[str, list[Any]]:
+        # One array argument: a list of arguments makes the server's cached plan build
+        # the array again for every row it tests.
+        return f"{column} = ANY(?)", [list(values)]
 
     def lock(self, conn: Connection, name: str) -> None:
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (name,))

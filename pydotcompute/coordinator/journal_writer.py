@@ -12,6 +12,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from pydotcompute.errors import JournalError
@@ -42,11 +43,11 @@ class Dialect(Protocol):
     def create(self, conn: Any, schema: str) -> None:
         """Run ``schema`` (statements separated by ``;``) inside the open transaction."""
 
-    async def begin(self, conn: Any) -> float:
-        """Start a write transaction; returns the time leases are measured by."""
+    threaded: bool  # transactions run on a thread (they wait on the network)
 
-    def begin_now(self, conn: Any) -> float:
-        """``begin`` while the event loop waits (opening, before the loop writes)."""
+    def try_begin(self, conn: Any) -> float | None:
+        """Start a write transaction and return the time leases are measured by, or
+        None at once if another writer holds the journal (try again later)."""
 
     def commit(self, conn: Any) -> None: ...
 
@@ -61,6 +62,15 @@ class Dialect(Protocol):
     def rows(self, conn: Any, cols: str, tail: str, args: list[Any]) -> list[Any]:
         """``SELECT cols tail`` as a list of rows (sequences), fetched in as few steps as
         the engine allows."""
+
+    def insert(
+        self, conn: Any, head: str, width: int, rows: list[tuple[Any, ...]], tail: str = ""
+    ) -> None:
+        """``head`` (``INSERT INTO t(cols)``) for every row, in as few statements as the
+        engine allows, each ending with ``tail`` (an ON CONFLICT clause)."""
+
+    def among(self, column: str, values: list[Any]) -> tuple[str, list[Any]]:
+        """A test that ``column`` is one of ``values``: (SQL, its arguments)."""
 
     def lock(self, conn: Any, name: str) -> None:
         """Hold a lock named ``name`` until this transaction ends (serialises writers
@@ -80,9 +90,10 @@ class Dialect(Protocol):
 class JournalWriter:
     """A queue of ops and the one task that commits them: every op queued since the last
     commit goes into the next transaction, in the order queued, so a record is never
-    durable without the records queued before it. Running on the event loop rather
-    than a thread matters for SQLite: a thread gives up the GIL on each step and then
-    waits for the busy loop to hand it back, which made commits many times slower."""
+    durable without the records queued before it. SQLite's transactions run on the
+    event loop: a thread would give up the GIL on each step and then wait for the busy
+    loop to hand it back, which made commits many times slower. PostgreSQL's run on a
+    thread: they wait on the network and for the server's fsync, and the loop must not."""
 
     what = "journal"  # how errors name this writer
 
@@ -97,6 +108,7 @@ class JournalWriter:
         self._task: asyncio.Task[None] | None = None
         self._writer: Any = None
         self._reader: Any = None
+        self._thread: ThreadPoolExecutor | None = None  # where threaded dialects commit
         self.on_error: Callable[[BaseException], None] = lambda exc: None
         self.commits = 0
 
@@ -140,7 +152,11 @@ class JournalWriter:
         conn = self.dialect.writer()
         try:
             for attempt in range(RETRIES + 1):
-                now = self.dialect.begin_now(conn)
+                deadline = time.monotonic() + 60.0
+                while (now := self.dialect.try_begin(conn)) is None:
+                    if time.monotonic() > deadline:
+                        raise JournalError(f"{self.what} stayed locked by another writer")
+                    time.sleep(0.005)
                 try:
                     self.setup(conn, now)
                     self.dialect.commit(conn)
@@ -163,6 +179,9 @@ class JournalWriter:
             writer.close()
             self._writer = None
             raise
+        if self.dialect.threaded:
+            # Its own thread: stages that fill the default executor never delay a commit.
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="pydotcompute-journal")
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
@@ -179,6 +198,9 @@ class JournalWriter:
             await self._task
         finally:
             self._task = None
+            if self._thread is not None:
+                self._thread.shutdown()
+                self._thread = None
             await self.dialect.aclose()
             for conn in (self._writer, self._reader):
                 if conn is not None:
@@ -226,21 +248,27 @@ class JournalWriter:
             stop = self._stopping and not self._ops
             beat_due = time.time() >= next_beat
             results: list[Any] = []
-            for attempt in range(RETRIES + 1):
-                now = await self.dialect.begin(conn)
+            attempt = 0
+            while True:
                 try:
-                    results = self.apply(conn, now, ops)
-                    if beat_due:
-                        self.heartbeat(conn, now)
-                    self.dialect.commit(conn)
-                    break
+                    if self._thread is not None:
+                        # The event loop goes on running stages meanwhile: their hops
+                        # gather for the next transaction.
+                        got = await asyncio.get_running_loop().run_in_executor(
+                            self._thread, self._transact, conn, ops, beat_due
+                        )
+                    else:
+                        got = self._transact(conn, ops, beat_due)
+                    if got is None:  # another process holds the journal: wait off the loop
+                        await asyncio.sleep(0.005)
+                        continue
+                    results = got
                 except Exception as exc:
-                    self.reset()
-                    self.dialect.rollback(conn)
                     if attempt < RETRIES and self.dialect.retryable(exc):
                         # Another process's transaction raced this one and won; after a
                         # short random pause the next try sees what it committed.
-                        await asyncio.sleep(random.uniform(0.001, 0.01) * (attempt + 1))
+                        attempt += 1
+                        await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)
                         continue
                     err = (
                         exc
@@ -251,7 +279,7 @@ class JournalWriter:
                     results = [err] * len(ops)
                     if not ops:
                         self.on_error(err)
-                    break
+                break
             if beat_due:
                 next_beat = time.time() + beat
             self.commits += 1
@@ -259,6 +287,22 @@ class JournalWriter:
             self.dialect.after_commit(self.commits)
             if stop:
                 break
+
+    def _transact(self, conn: Any, ops: list[Op], beat_due: bool) -> list[Any] | None:
+        """One transaction of the batch: the ops' results, or None if the journal is busy."""
+        now = self.dialect.try_begin(conn)
+        if now is None:
+            return None
+        try:
+            results = self.apply(conn, now, ops)
+            if beat_due:
+                self.heartbeat(conn, now)
+            self.dialect.commit(conn)
+        except BaseException:
+            self.reset()
+            self.dialect.rollback(conn)
+            raise
+        return results
 
     # ---- reads (event loop, committed state) --------------------------------------------
     def read(self, sql: str, *args: Any) -> list[Any]:
