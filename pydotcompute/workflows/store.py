@@ -62,7 +62,12 @@ class WorkflowStore(JournalWriter):
         self.owner = owner
         self.host = socket.gethostname()
         self.pid = os.getpid()
-        self._refusals = (LostOwnership, LookupError, ValueError, *self.dialect.refusals())
+        self._refusals: tuple[type[Exception], ...] = (
+            LostOwnership,
+            LookupError,
+            ValueError,
+            *self.dialect.refusals(),
+        )
 
     def post(self, fn: Any, *args: Any, want: bool = True) -> Any:
         return super().post(fn, *args, want=want)
