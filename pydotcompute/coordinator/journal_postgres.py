@@ -197,6 +197,11 @@ class PostgresDialect:
         if not locked:
             self._lock_schema(conn)
         for statement in pg_schema(schema).split(";"):
+            made = re.search(r"IF NOT EXISTS\s+(\w+)", statement)
+            # An existing table or index is skipped, not created "if not exists": that
+            # would lock the table against every other writer until this commit.
+            if made and conn.execute("SELECT to_regclass(?)", (made[1],)).fetchone()[0]:
+                continue
             if statement.strip():
                 conn.execute(statement)
 
