@@ -4,7 +4,8 @@ Items/s and hops/s (committed stage completions) for each journal, measured in t
 run, and PostgreSQL / SQLite. PostgreSQL is a throwaway local server started like the
 test fixture does (its binaries from PATH or /usr/lib/postgresql/*/bin, loopback only,
 fsync and synchronous_commit on), or the server of ``--dsn``. With ``--workers N`` the
-PostgreSQL run also has N processes share the journal (as N hosts would).
+PostgreSQL run also has N processes share the journal (as N hosts would). Tables are
+made in a new schema, dropped at the end.
 
     python benchmarks/journal.py [--items N] [--buffer B] [--dsn postgresql://...] [--workers N]
 """
@@ -47,7 +48,7 @@ def graph(buffer: int):
 
 
 async def run(n: int, buffer: int, journal: SQLiteJournal | PostgresJournal) -> tuple[float, int]:
-    flow = await deploy(None, graph(buffer), name="bench", journal=journal)
+    flow = await deploy(None, graph(buffer), name="pipeline", journal=journal)
     async with flow:
         t0 = time.perf_counter()
         for i in range(0, n, 1000):
@@ -68,7 +69,7 @@ def helper(dsn: str, buffer: int, go: float) -> None:
     async def main() -> None:
         await asyncio.sleep(max(0.0, go - time.time()))
         async with await deploy(
-            None, graph(buffer), name="bench", journal=PostgresJournal(dsn)
+            None, graph(buffer), name="shared", journal=PostgresJournal(dsn)
         ) as f:
             await f.drain()
 
@@ -77,7 +78,7 @@ def helper(dsn: str, buffer: int, go: float) -> None:
 
 async def shared(n: int, buffer: int, dsn: str, workers: int) -> float:
     """Items submitted up front, then ``workers`` processes drain them together."""
-    async with await deploy(None, graph(buffer), name="bench", journal=PostgresJournal(dsn)) as f:
+    async with await deploy(None, graph(buffer), name="shared", journal=PostgresJournal(dsn)) as f:
         await f.submit_many(range(n))
     go = time.time() + 3.0  # every process imported and waiting
     ctx = multiprocessing.get_context("spawn")
@@ -88,20 +89,19 @@ async def shared(n: int, buffer: int, dsn: str, workers: int) -> float:
         p.join()
         assert p.exitcode == 0
     elapsed = time.time() - go
-    async with await deploy(None, graph(buffer), name="bench", journal=PostgresJournal(dsn)) as f:
+    async with await deploy(None, graph(buffer), name="shared", journal=PostgresJournal(dsn)) as f:
         assert f.status() == {"done": n}
     return elapsed
 
 
 @contextlib.contextmanager
 def postgres(dsn: str | None):
-    if dsn:
-        yield dsn
-        return
-    from tests.postgres_server import throwaway_server
+    """A new, empty schema: on the server of ``dsn``, else on a throwaway server."""
+    from tests.postgres_server import fresh_schema, throwaway_server
 
-    with throwaway_server() as fresh:
-        yield fresh
+    with contextlib.ExitStack() as stack:
+        base = dsn or stack.enter_context(throwaway_server())
+        yield stack.enter_context(fresh_schema(base))
 
 
 async def main() -> None:
@@ -128,10 +128,6 @@ async def main() -> None:
         ratio = rows[0][1] / rows[1][1]
         print(f"postgresql / sqlite: {ratio:.2f}x items/s")
         if args.workers:
-            import psycopg
-
-            with psycopg.connect(dsn, autocommit=True) as conn:  # a fresh flow name's tables
-                conn.execute("DELETE FROM items; DELETE FROM tokens; DELETE FROM results")
             t = await shared(n, b, dsn, args.workers)
             print(
                 f"postgresql  {n:>7} items  {t:6.2f} s  {n / t:10,.0f} items/s  "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 
@@ -28,18 +30,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def postgres_server():
-    """DSN of a PostgreSQL database for the whole session (see tests/postgres_server.py)."""
+    """DSN of a PostgreSQL database for the whole session (see tests/postgres_server.py);
+    skips, saying why, where no server can be had."""
     from tests import postgres_server as pg
 
-    try:
-        pg.find_bin_dir() if not __import__("os").environ.get(pg.ENV) else None
-    except pg.NoServer as exc:
-        pytest.skip(str(exc))
     try:
         import psycopg  # noqa: F401
     except ImportError:
         pytest.skip('psycopg is not installed: pip install "pydotcompute[postgres]"')
-    with pg.server() as dsn:
+    with contextlib.ExitStack() as stack:
+        try:
+            dsn = stack.enter_context(pg.server())
+        except pg.NoServer as exc:
+            pytest.skip(str(exc))
         yield dsn
 
 
@@ -54,8 +57,8 @@ def postgres_dsn(postgres_server):
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def journal_at(request, tmp_path):
-    """Where a test's journal lives: an SQLite path, then a PostgreSQL DSN. Call it with a
-    name; the same name gives the same journal within a test."""
+    """Where a test's journal lives: an SQLite path (one file per name), then a
+    PostgreSQL DSN (one schema per test, whatever the name)."""
     if request.param == "sqlite":
         return lambda name="j": str(tmp_path / f"{name}.db")
     dsn = request.getfixturevalue("postgres_dsn")
