@@ -5,9 +5,12 @@ tests (``journal_at``)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +18,7 @@ from pydotcompute import RingKernelRuntime
 from pydotcompute.coordinator import FanIn, FanOut, PostgresJournal, SQLiteJournal, deploy, stage
 from pydotcompute.coordinator.journal import open_journal
 from pydotcompute.errors import JournalError
+from pydotcompute.workflows import WorkflowEngine, task, workflow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,3 +105,36 @@ async def test_flows_of_two_runtimes_share_one_database(postgres_dsn):
         assert all(v == int(k) ** 2 - int(k) for k, v in done)
         assert fa.counters()["completed"] > 0 and fb.counters()["completed"] > 0
         assert fa.journal.read("SELECT count(*) FROM tokens") == [(0,)]
+
+
+@task
+def sign_off(request: str, answer: str) -> str:
+    return f"{request}: {answer}"
+
+
+@workflow(name="pg-sign-off")
+async def needs_sign_off(what: str, ctx: Any) -> str:
+    return await ctx.call(sign_off, what)
+
+
+async def test_two_answers_to_one_task_at_the_same_time_only_one_is_taken(postgres_dsn):
+    """Two engines (as two hosts) answer one pending task at once: one answer counts."""
+    import psycopg
+
+    async with WorkflowEngine(None, postgres_dsn) as a, WorkflowEngine(None, postgres_dsn) as b:
+        await a.start(needs_sign_off, "desk", key="d")
+        deadline = time.monotonic() + 10
+        while not a.pending(sign_off):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        with psycopg.connect(postgres_dsn) as hold:  # holds the row: both answers queue up
+            hold.execute("SELECT 1 FROM workflow_calls WHERE task_key='d/0' FOR UPDATE")
+            answers = [
+                asyncio.create_task(a.complete(sign_off, "d/0", "yes")),
+                asyncio.create_task(b.complete(sign_off, "d/0", "no")),
+            ]
+            await asyncio.sleep(0.5)  # both found it waiting and wait on the lock
+            assert not any(t.done() for t in answers)
+            hold.rollback()
+        assert sorted(await asyncio.gather(*answers)) == [False, True]
+        assert await a.result("d", timeout=10) in ("desk: yes", "desk: no")
