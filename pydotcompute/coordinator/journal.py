@@ -102,7 +102,7 @@ class JournalSession(JournalWriter):
         if fingerprint != self.plan.fingerprint:
             change = describe_change(json.loads(stages), names)
             raise JournalError(
-                f"journal {self.journal!r} holds flow {self.flow!r} with a different graph "
+                f"journal {self.journal.where} holds flow {self.flow!r} with a different graph "
                 f"({change}); deploy it under a new name or use a new journal"
             )
         self._reap(conn)

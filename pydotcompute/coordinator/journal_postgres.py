@@ -81,6 +81,11 @@ class PostgresJournal:
             f"max_batch={self.max_batch})"
         )
 
+    @property
+    def where(self) -> str:
+        """The journal, named for messages (without the password)."""
+        return redact(self.dsn)
+
     def dialect(self) -> PostgresDialect:
         return PostgresDialect(self.dsn)
 

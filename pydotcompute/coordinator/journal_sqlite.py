@@ -65,6 +65,11 @@ class SQLiteJournal:
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", os.fspath(self.path))
 
+    @property
+    def where(self) -> str:
+        """The journal, named for messages."""
+        return self.path
+
     def dialect(self) -> SQLiteDialect:
         return SQLiteDialect(self.path)
 
