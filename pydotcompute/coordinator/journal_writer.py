@@ -163,8 +163,10 @@ class JournalWriter:
                     return conn
                 except Exception as exc:
                     self.dialect.rollback(conn)
-                    if attempt == RETRIES or not self.dialect.retryable(exc):
+                    if isinstance(exc, JournalError):
                         raise
+                    if attempt == RETRIES or not self.dialect.retryable(exc):
+                        raise JournalError(f"{self.what} cannot be opened: {exc!r}") from exc
                     time.sleep(random.uniform(0.001, 0.02))
         except BaseException:
             conn.close()
