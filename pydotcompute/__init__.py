@@ -2,6 +2,7 @@
 
 from pydotcompute.backends.host import KernelContext
 from pydotcompute.backends.probe import CudaAvailability, DeviceInfo, probe_cuda, require_cuda
+from pydotcompute.backends.ray_cluster import KernelPlacement
 from pydotcompute.coordinator import (
     DAG,
     DeadLetter,
@@ -9,6 +10,7 @@ from pydotcompute.coordinator import (
     FanOut,
     Flow,
     Pipeline,
+    PostgresJournal,
     RetryPolicy,
     SQLiteJournal,
     Stage,
@@ -97,6 +99,7 @@ __all__ = [
     "Pipeline",
     "RetryPolicy",
     "SQLiteJournal",
+    "PostgresJournal",
     "Stage",
     "route",
     "stage",
@@ -117,6 +120,7 @@ __all__ = [
     "RingKernelMessage",
     "message",
     "RingKernelConfig",
+    "KernelPlacement",
     "RingKernelRuntime",
     "RingKernelSpec",
     "registered_kernels",
