@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import time
 
@@ -19,9 +20,10 @@ _N_BUCKETS = len(LATENCY_BUCKETS_NS) + 1  # the last one is +Inf
 class LatencyRecorder:
     """Keeps the last ``window`` latency samples (for percentiles) and a log2 histogram.
 
-    Recording is two list stores and an add; percentiles are computed only when asked,
-    by partial selection (``numpy.partition``) rather than a full sort, since a scrape
-    may ask for them several times a second.
+    Recording is two stores and an add; the samples sit in a flat ``array`` of int64
+    (no object per sample to keep or free). Percentiles are computed only when asked,
+    by partial selection (``numpy.partition``) over a view of that array rather than
+    a full sort, since a scrape may ask for them several times a second.
     """
 
     __slots__ = ("_samples", "_mask", "_n", "buckets", "sum_ns", "_last")
@@ -29,7 +31,7 @@ class LatencyRecorder:
     def __init__(self, window: int = 4096) -> None:
         if window < 1 or window & (window - 1):
             raise ValueError("window must be a power of two")
-        self._samples: list[int] = [0] * window  # a list: cheapest to store into
+        self._samples = array.array("q", bytes(8 * window))
         self._mask = window - 1
         self._n = 0
         self.buckets: list[int] = [0] * _N_BUCKETS
@@ -61,7 +63,7 @@ class LatencyRecorder:
             return tuple(None for _ in qs)
         ranks = [min(n - 1, int(q / 100.0 * n)) for q in qs]
         # The rank-th smallest lands at index rank.
-        recent = np.partition(np.array(self._samples[:n], dtype=np.int64), ranks)
+        recent = np.partition(np.frombuffer(self._samples, dtype=np.int64, count=n), ranks)
         answer = tuple(int(recent[r]) / 1000.0 for r in ranks)
         self._last = (count, qs, answer)
         return answer
