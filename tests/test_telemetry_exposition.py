@@ -1,4 +1,4 @@
-"""The direct writer of ``/metrics`` gives the library encoders' bytes, or declines."""
+"""``/metrics`` written directly gives the library encoders' bytes, or declines."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from prometheus_client.metrics_core import (
 )
 
 from pydotcompute.telemetry.collector import TelemetryCollector
-from pydotcompute.telemetry.exposition import writer_for
+from pydotcompute.telemetry.exposition import text_format, write_families
 from pydotcompute.telemetry.server import serve_metrics
 from pydotcompute.telemetry.snapshot import LATENCY_BUCKETS_NS, KernelTelemetry
 
@@ -78,9 +78,13 @@ def test_same_bytes_as_the_library(accept: str) -> None:
     registry = CollectorRegistry()
     registry.register(collector)
     encoder, _ = choose_encoder(accept)
-    write = writer_for(encoder)
-    assert write is not None
-    assert write(collector.collect()) == encoder(registry)
+    fmt = text_format(encoder)
+    assert fmt is not None
+    assert collector.write_text(fmt == "openmetrics") == encoder(registry)
+    # The generic writer, over the families themselves, agrees too.
+    out: list[str] = []
+    assert write_families(out, collector.collect(), fmt == "openmetrics")
+    assert "".join(out).encode() == encoder(registry).removesuffix(b"# EOF\n")
 
 
 @pytest.mark.parametrize(
@@ -91,21 +95,41 @@ def test_same_bytes_as_the_library(accept: str) -> None:
     ],
 )
 def test_declines_what_it_does_not_mirror(accept: str) -> None:
-    assert writer_for(choose_encoder(accept)[0]) is None
+    assert text_format(choose_encoder(accept)[0]) is None
 
 
 def test_declines_families_it_does_not_mirror() -> None:
-    write = writer_for(choose_encoder("")[0])
-    assert write is not None
     summary = SummaryMetricFamily("s", "a summary", count_value=1, sum_value=2.0)
-    assert write([summary]) is None
     with_created = CounterMetricFamily("c", "a counter", value=1.0, created=123.0)
-    assert write([with_created]) is None
     stamped = GaugeMetricFamily("g", "a gauge")
     stamped.add_metric([], 1.0, timestamp=5.0)
-    assert write([stamped]) is None
-    plain = GaugeMetricFamily("g", "a gauge", value=2.0)
-    assert write([plain]) == b"# HELP g a gauge\n# TYPE g gauge\ng 2.0\n"
+    for family in (summary, with_created, stamped):
+        assert not write_families([], [family], False)
+    out: list[str] = []
+    assert write_families(out, [GaugeMetricFamily("g", "a gauge", value=2.0)], False)
+    assert out == ["# HELP g a gauge\n# TYPE g gauge\n", "g 2.0\n"]
+
+
+def test_large_counts_are_written_as_go_writes_them() -> None:
+    class Busy:
+        def get_all_telemetry(self) -> dict[str, KernelTelemetry]:
+            buckets = (10**7,) + (0,) * len(LATENCY_BUCKETS_NS)
+            return {
+                "k": KernelTelemetry(
+                    "k",
+                    "host",
+                    "active",
+                    messages_processed=12_345_678_901,
+                    latency_buckets=buckets,
+                )
+            }
+
+    collector = TelemetryCollector(Busy())
+    registry = CollectorRegistry()
+    registry.register(collector)
+    text = collector.write_text(False)
+    assert text == choose_encoder("")[0](registry)
+    assert b"1.2345678901e+10" in text and b"1e+07" in text
 
 
 def test_the_server_serves_the_library_bytes() -> None:

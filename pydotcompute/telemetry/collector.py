@@ -17,7 +17,9 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
+from pydotcompute.telemetry.exposition import family_header, label_value, write_families
 from pydotcompute.telemetry.gpu import GpuMonitor
 from pydotcompute.telemetry.snapshot import LATENCY_BUCKETS_NS, KernelTelemetry
 
@@ -109,6 +111,8 @@ LATENCY_BOUNDS_S: tuple[float, ...] = tuple(ns / 1e9 for ns in LATENCY_BUCKETS_N
 _LE_LABELS: tuple[str, ...] = tuple(repr(b) for b in LATENCY_BOUNDS_S) + ("+Inf",)
 
 _KERNEL_LABELS = ("kernel", "backend")
+_STATE_DOC = "1 for the kernel's current lifecycle state, 0 for the others."
+_LATENCY_DOC = "Time from enqueue to the end of handling (queue wait plus handling)."
 
 
 @runtime_checkable
@@ -156,7 +160,23 @@ class TelemetryCollector(Collector):
         for kernel_id in sorted(snapshots):
             self._add_kernel(kernels, kernel_id, snapshots[kernel_id])
         yield from kernels.values()
+        yield from self._other_families()
 
+    def write_text(self, openmetrics: bool) -> bytes | None:
+        """What ``collect()`` encoded by ``prometheus_client`` would give (its text
+        format, or OpenMetrics 1.0 with the final ``# EOF``), written directly: the
+        kernels' lines straight from their snapshots, without building metric families.
+        None where the writer does not mirror the library (see ``exposition``)."""
+        snapshots = self._source.get_all_telemetry()
+        out: list[str] = []
+        _write_kernels(out, snapshots, openmetrics)
+        if not write_families(out, self._other_families(), openmetrics):
+            return None
+        if openmetrics:
+            out.append("# EOF\n")
+        return "".join(out).encode("utf-8")
+
+    def _other_families(self) -> Iterator[Metric]:
         flow_reader = getattr(self._source, "get_flow_telemetry", None)
         if flow_reader is not None:
             flows = self._flow_families()
@@ -178,14 +198,10 @@ class TelemetryCollector(Collector):
         for name, (_, doc) in KERNEL_GAUGES.items():
             families[name] = GaugeMetricFamily(name, doc, labels=_KERNEL_LABELS)
         families[STATE_METRIC] = GaugeMetricFamily(
-            STATE_METRIC,
-            "1 for the kernel's current lifecycle state, 0 for the others.",
-            labels=(*_KERNEL_LABELS, "state"),
+            STATE_METRIC, _STATE_DOC, labels=(*_KERNEL_LABELS, "state")
         )
         families[LATENCY_METRIC] = HistogramMetricFamily(
-            LATENCY_METRIC,
-            "Time from enqueue to the end of handling (queue wait plus handling).",
-            labels=_KERNEL_LABELS,
+            LATENCY_METRIC, _LATENCY_DOC, labels=_KERNEL_LABELS
         )
         return families
 
@@ -220,3 +236,49 @@ class TelemetryCollector(Collector):
                 cumulative += count
                 buckets.append((le, float(cumulative)))
             families[LATENCY_METRIC].add_metric(labels, buckets, sum_value=t.latency_sum_s)  # type: ignore[attr-defined]
+
+
+def _write_kernels(
+    out: list[str], snapshots: Mapping[str, KernelTelemetry], openmetrics: bool
+) -> None:
+    """The kernel families' lines, as ``collect()`` and the library encoder give them."""
+    ids = sorted(snapshots)
+    # backend, kernel: label names in the sorted order the encoders use
+    labels = {
+        k: f'backend="{label_value(snapshots[k].backend)}",kernel="{label_value(k)}"' for k in ids
+    }
+    for name, (attr, doc) in KERNEL_COUNTERS.items():
+        out.append(family_header(name, "counter", doc, openmetrics))
+        for k in ids:
+            out.append(
+                f"{name}_total{{{labels[k]}}} {floatToGoString(getattr(snapshots[k], attr))}\n"
+            )
+    for name, (attr, doc) in KERNEL_GAUGES.items():
+        out.append(family_header(name, "gauge", doc, openmetrics))
+        for k in ids:
+            out.append(f"{name}{{{labels[k]}}} {floatToGoString(getattr(snapshots[k], attr))}\n")
+    out.append(family_header(STATE_METRIC, "gauge", _STATE_DOC, openmetrics))
+    for k in ids:
+        state = snapshots[k].state.lower()
+        states = KERNEL_STATES if state in KERNEL_STATES else (*KERNEL_STATES, state)
+        for st in states:
+            value = "1.0" if st == state else "0.0"
+            out.append(f'{STATE_METRIC}{{{labels[k]},state="{label_value(st)}"}} {value}\n')
+    out.append(family_header(LATENCY_METRIC, "histogram", _LATENCY_DOC, openmetrics))
+    for k in ids:
+        t = snapshots[k]
+        if not t.latency_buckets:
+            continue
+        if len(t.latency_buckets) != len(_LE_LABELS):
+            raise ValueError(
+                f"kernel {k!r} reports {len(t.latency_buckets)} latency buckets, "
+                f"expected {len(_LE_LABELS)}"
+            )
+        cumulative = 0
+        for le, count in zip(_LE_LABELS, t.latency_buckets, strict=True):
+            cumulative += count
+            out.append(
+                f'{LATENCY_METRIC}_bucket{{{labels[k]},le="{le}"}} {floatToGoString(cumulative)}\n'
+            )
+        out.append(f"{LATENCY_METRIC}_count{{{labels[k]}}} {floatToGoString(cumulative)}\n")
+        out.append(f"{LATENCY_METRIC}_sum{{{labels[k]}}} {floatToGoString(t.latency_sum_s)}\n")

@@ -1,10 +1,11 @@
-"""The text of ``/metrics`` for a registry holding only this package's collector.
+"""The text of ``/metrics`` written directly, for a registry holding only this
+package's collector.
 
 ``prometheus_client``'s encoders validate and escape every metric and label name of
-every sample; for the plain families this package yields (counters, gauges and
-histograms with names that need no escaping) that is most of a scrape's cost. The
-writer here produces the same bytes directly, and declines (returns None) whatever it
-does not mirror exactly, so the caller falls back to the library's encoder.
+every sample, and need metric family objects built first; for the plain families this
+package yields (counters, gauges and histograms with names that need no escaping) that
+is most of a scrape's cost. The functions here produce the same bytes directly, and
+decline whatever they do not mirror exactly, so the caller falls back to the library.
 """
 
 from __future__ import annotations
@@ -18,9 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as _om
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["writer_for"]
-
-Writer = Callable[[Iterable[Metric]], "bytes | None"]
+__all__ = ["text_format", "family_header", "label_value", "write_families"]
 
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
@@ -29,49 +28,54 @@ _TYPES = frozenset(("counter", "gauge", "histogram"))
 _PLAIN_NAMES = frozenset((_om.UNDERSCORES, _om.ALLOWUTF8))
 
 
-def writer_for(encoder: Callable[..., bytes]) -> Writer | None:
-    """The writer that produces what ``encoder`` (as ``choose_encoder`` picks it) would,
-    or None where the request asks for something it does not mirror."""
+def text_format(encoder: Callable[..., bytes]) -> str | None:
+    """``"text"`` or ``"openmetrics"`` where this module writes what ``encoder`` (as
+    ``choose_encoder`` picks it) would; None where the request asks for anything else."""
     if encoder is _text.generate_latest:
-        return partial(_write, openmetrics=False)
+        return "text"
     if not isinstance(encoder, partial) or encoder.args:
         return None
     kw = encoder.keywords
     if encoder.func is _text.generate_latest and kw.keys() == {"escaping"}:
-        return partial(_write, openmetrics=False) if kw["escaping"] in _PLAIN_NAMES else None
+        return "text" if kw["escaping"] in _PLAIN_NAMES else None
     if (
         encoder.func is _om.generate_latest
         and kw.keys() == {"escaping", "version"}
         and kw["escaping"] in _PLAIN_NAMES
         and kw["version"] == "1.0.0"
     ):
-        return partial(_write, openmetrics=True)
+        return "openmetrics"
     return None
 
 
-def _label_value(v: str) -> str:
+def label_value(v: str) -> str:
+    """A label value escaped as both formats escape it."""
     if "\\" in v or "\n" in v or '"' in v:
         return v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
     return v
 
 
-def _write(metrics: Iterable[Metric], openmetrics: bool) -> bytes | None:
-    out: list[str] = []
-    add = out.append
+def family_header(name: str, mtype: str, doc: str, openmetrics: bool) -> str:
+    """The ``# HELP`` and ``# TYPE`` lines of a family (a counter is ``name_total`` in
+    the text format)."""
+    doc = doc.replace("\\", r"\\").replace("\n", r"\n")
+    if openmetrics:
+        doc = doc.replace('"', r"\"")
+    elif mtype == "counter":
+        name += "_total"
+    return f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n"
+
+
+def write_families(out: list[str], metrics: Iterable[Metric], openmetrics: bool) -> bool:
+    """Append the lines of ``metrics``; False (stop) at anything not mirrored exactly."""
     label_names_ok: dict[tuple[str, ...], bool] = {}
     for m in metrics:
         name, mtype = m.name, m.type
         if mtype not in _TYPES or not _NAME.match(name):
-            return None
-        doc = m.documentation.replace("\\", r"\\").replace("\n", r"\n")
-        if openmetrics:
-            doc = doc.replace('"', r"\"")
-            add(f"# HELP {name} {doc}\n# TYPE {name} {mtype}\n")
-            if m.unit:
-                add(f"# UNIT {name} {m.unit}\n")
-        else:
-            shown = name + "_total" if mtype == "counter" else name
-            add(f"# HELP {shown} {doc}\n# TYPE {shown} {mtype}\n")
+            return False
+        out.append(family_header(name, mtype, m.documentation, openmetrics))
+        if openmetrics and m.unit:
+            out.append(f"# UNIT {name} {m.unit}\n")
         for s in m.samples:
             if (
                 s.timestamp is not None
@@ -81,7 +85,7 @@ def _write(metrics: Iterable[Metric], openmetrics: bool) -> bytes | None:
                 or s.name.endswith(("_created", "_gsum", "_gcount"))
                 or not _NAME.match(s.name)
             ):
-                return None
+                return False
             if s.labels:
                 items = sorted(s.labels.items())
                 keys = tuple(k for k, _ in items)
@@ -89,11 +93,9 @@ def _write(metrics: Iterable[Metric], openmetrics: bool) -> bytes | None:
                 if ok is None:
                     ok = label_names_ok[keys] = all(_LABEL_NAME.match(k) for k in keys)
                 if not ok:
-                    return None
-                labels = ",".join([f'{k}="{_label_value(v)}"' for k, v in items])
-                add(f"{s.name}{{{labels}}} {floatToGoString(s.value)}\n")
+                    return False
+                labels = ",".join([f'{k}="{label_value(v)}"' for k, v in items])
+                out.append(f"{s.name}{{{labels}}} {floatToGoString(s.value)}\n")
             else:
-                add(f"{s.name} {floatToGoString(s.value)}\n")
-    if openmetrics:
-        add("# EOF\n")
-    return "".join(out).encode("utf-8")
+                out.append(f"{s.name} {floatToGoString(s.value)}\n")
+    return True

@@ -33,7 +33,7 @@ from prometheus_client.exposition import choose_encoder
 
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.telemetry.collector import TelemetryCollector, TelemetrySource
-from pydotcompute.telemetry.exposition import writer_for
+from pydotcompute.telemetry.exposition import text_format
 from pydotcompute.telemetry.gpu import GpuMonitor
 from pydotcompute.telemetry.scrape import fetch_metrics, normalize_metrics_url, parse_metrics
 
@@ -375,8 +375,8 @@ def serve_metrics(
 
     def render(accept: str) -> tuple[bytes, str]:
         encoder, ctype = choose_encoder(accept)
-        write = writer_for(encoder) if own else None
-        body = write(collector.collect()) if write is not None else None
+        fmt = text_format(encoder) if own else None
+        body = collector.write_text(fmt == "openmetrics") if fmt is not None else None
         return (encoder(registry) if body is None else body), ctype
 
     def release() -> None:
