@@ -85,7 +85,7 @@ class KernelContext:
                 self._loop.latency.record(_perf_ns() - t)
         inbox = self._inbox
         items = inbox.items
-        if items and inbox.deliver:  # no-wait path inline: this runs once per message
+        if items and not inbox.hold:  # no-wait path inline: this runs once per message
             t, msg = items.popleft()
             if inbox.putters:
                 inbox.wake_putter()
@@ -96,12 +96,6 @@ class KernelContext:
 
     async def send(self, msg: Any, timeout: float | None = None) -> None:
         """Emit an output message (read by ``runtime.receive``)."""
-        t = self._pending_t
-        if t:
-            self._pending_t = 0
-            self.processed += 1
-            if t != 1:
-                self._loop.latency.record(_perf_ns() - t)
         otype = self._output_type
         if otype is not None and not isinstance(msg, otype):
             raise TypeError(
@@ -109,7 +103,7 @@ class KernelContext:
             )
         outbox = self._outbox
         items = outbox.items
-        if len(items) < outbox.capacity and outbox.error is None and not outbox.putters:
+        if len(items) < outbox.room:  # no-wait path inline: this runs once per message
             items.append(msg)
             outbox.enqueued += 1
             if outbox.getters:
@@ -117,6 +111,13 @@ class KernelContext:
         elif not outbox.try_put(msg):
             await outbox.put(msg, timeout)
         self.sent += 1
+        # The message in hand is done once its output is queued, not before.
+        t = self._pending_t
+        if t:
+            self._pending_t = 0
+            self.processed += 1
+            if t != 1:
+                self._loop.latency.record(_perf_ns() - t)
 
     def _finish(self, t_enqueued: int) -> None:
         self._pending_t = 0
@@ -173,7 +174,7 @@ class HostKernelLoop(KernelLoop):
         self.outbox = Mailbox(
             config.effective_output_queue_size, out_strategy, f"output of {kernel_id!r}"
         )
-        self.inbox.deliver = False  # nothing is delivered before activate()
+        self.inbox.set_deliver(False)  # nothing is delivered before activate()
         self.active = False
         self.active_event = asyncio.Event()
         self.stopping = False

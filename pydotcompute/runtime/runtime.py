@@ -394,7 +394,7 @@ class RingKernelRuntime:
             # Host actor, no-wait path inline (this runs once per message). Latency is
             # sampled on one message in LATENCY_SAMPLE_EVERY; 1 marks an untimed message.
             items = inbox.items
-            if len(items) < inbox.capacity and inbox.error is None and not inbox.putters:
+            if len(items) < inbox.room:
                 items.append(
                     (_perf_ns() if k.stamped and not inbox.enqueued & _SAMPLE_MASK else 1, message)
                 )
@@ -412,7 +412,7 @@ class RingKernelRuntime:
         if k is None or k.failed:
             raise self._refusal(kernel_id, k, "receive from")
         outbox = k.outbox
-        if outbox is not None and outbox.items and outbox.deliver:  # host, no wait
+        if outbox is not None and outbox.items and not outbox.hold:  # host, no wait
             msg = outbox.items.popleft()
             if outbox.putters:
                 outbox.wake_putter()
