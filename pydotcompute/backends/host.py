@@ -46,7 +46,6 @@ class KernelContext:
         "_send_to",
         "kernel_id",
         "processed",
-        "sent",
     )
 
     def __init__(self, loop: HostKernelLoop, send_to: SendTo) -> None:
@@ -57,9 +56,9 @@ class KernelContext:
         self._pending_t = 0
         self._send_to = send_to
         self.kernel_id: str = loop.kernel_id
-        # Counted here, on the actor's side, where the per-message work happens.
+        # Counted here, on the actor's side, where the per-message work happens. What
+        # it sent is counted by its output mailbox (see HostKernelLoop.sent).
         self.processed = 0
-        self.sent = 0
 
     @property
     def should_terminate(self) -> bool:
@@ -110,7 +109,6 @@ class KernelContext:
                 outbox.wake_getter()
         elif not outbox.try_put(msg):
             await outbox.put(msg, timeout)
-        self.sent += 1
         # The message in hand is done once its output is queued, not before.
         t = self._pending_t
         if t:
@@ -307,6 +305,14 @@ class HostKernelLoop(KernelLoop):
 
     # -- telemetry -------------------------------------------------------------------
 
+    @property
+    def sent(self) -> int:
+        """Messages the actor sent: queued on its output, or dropped there as newest."""
+        out = self.outbox
+        return out.enqueued + (
+            out.dropped if out.strategy is BackpressureStrategy.DROP_NEWEST else 0
+        )
+
     def telemetry(self, state: str) -> KernelTelemetry:
         active = self.active_time.seconds
         p50, p99 = self.latency.percentiles(50, 99)
@@ -315,7 +321,7 @@ class HostKernelLoop(KernelLoop):
             backend=self.backend,
             state=state,
             messages_processed=self.ctx.processed,
-            messages_sent=self.ctx.sent,
+            messages_sent=self.sent,
             messages_dropped=self.inbox.dropped + self.outbox.dropped + self.dropped_at_stop,
             messages_rejected=self.inbox.rejected,
             errors=self.errors,

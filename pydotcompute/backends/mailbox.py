@@ -17,6 +17,8 @@ from pydotcompute.rings.backpressure import BackpressureStrategy
 
 __all__ = ["Mailbox"]
 
+_get_running_loop = asyncio.get_running_loop
+
 _BLOCK = BackpressureStrategy.BLOCK
 _REJECT = BackpressureStrategy.REJECT
 _DROP_OLDEST = BackpressureStrategy.DROP_OLDEST
@@ -128,7 +130,7 @@ class Mailbox:
         """Queue ``item``, waiting for room under BLOCK; ``QueueFullError`` on timeout."""
         if self.try_put(item):
             return
-        loop = asyncio.get_running_loop()
+        loop = _get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         putters = self.putters
         while True:
@@ -192,45 +194,64 @@ class Mailbox:
             if self.putters:
                 self.wake_putter()
             return item
-        loop = asyncio.get_running_loop()
+        loop = _get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
-        getters = self.getters
         while True:
             if self.error is not None and not (self.drain and items):
                 raise self.error()
             fut = loop.create_future()
-            handle = None
-            if deadline is not None:
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    raise self._nothing_came(timeout)
-                handle = loop.call_later(remaining, _expire, fut)
-            getters.append(fut)
-            try:
-                await fut
-            except _TimeoutSignal:
-                _discard(getters, fut)
-                raise self._nothing_came(timeout) from None
-            except BaseException:
-                if _woken(fut):
-                    # Woken, then cancelled before taking anything: pass the promise on
-                    # so no other getter starves while items are available.
-                    self.hold -= 1
-                    if len(items) > self.hold:
-                        self.wake_getter()
-                else:
-                    _discard(getters, fut)
-                raise
-            finally:
-                if handle is not None:
-                    handle.cancel()
+            if deadline is None:
+                self.getters.append(fut)
+                try:
+                    await fut
+                except BaseException:
+                    self._abandon(fut)
+                    raise
+            else:
+                await self._wait_until(fut, loop, deadline, timeout)
             # Woken (the waker popped the future): an item, if there is one, is ours.
-            self.hold -= 1
-            if items and self.hold < _HELD:
+            hold = self.hold - 1
+            self.hold = hold
+            if items and hold < _HELD:
                 item = items.popleft()
                 if self.putters:
                     self.wake_putter()
                 return item
+
+    async def _wait_until(
+        self,
+        fut: asyncio.Future[None],
+        loop: asyncio.AbstractEventLoop,
+        deadline: float,
+        timeout: float | None,
+    ) -> None:
+        """Park a getter on ``fut`` until woken or past ``deadline``."""
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise self._nothing_came(timeout)
+        handle = loop.call_later(remaining, _expire, fut)
+        self.getters.append(fut)
+        try:
+            await fut
+        except _TimeoutSignal:
+            _discard(self.getters, fut)
+            raise self._nothing_came(timeout) from None
+        except BaseException:
+            self._abandon(fut)
+            raise
+        finally:
+            handle.cancel()
+
+    def _abandon(self, fut: asyncio.Future[None]) -> None:
+        """A getter leaves without taking anything (cancelled, or failed to resume)."""
+        if _woken(fut):
+            # Woken, then cancelled before taking its item: pass the promise on so no
+            # other getter starves while items are available.
+            self.hold -= 1
+            if len(self.items) > self.hold:
+                self.wake_getter()
+        else:
+            _discard(self.getters, fut)
 
     def _nothing_came(self, timeout: float | None) -> QueueTimeoutError:
         return QueueTimeoutError(f"nothing arrived on {self.name or 'queue'} within {timeout} s")
