@@ -422,11 +422,9 @@ class RingKernelRuntime:
             if len(items) < inbox.room:
                 n = inbox.enqueued
                 inbox.enqueued = n + 1
-                items.append(
-                    (1 if n & _SAMPLE_MASK or not self.enable_telemetry else _perf_ns(), message)
-                )
-                if inbox.getters:
-                    inbox.wake_getter()
+                item = (1 if n & _SAMPLE_MASK or not self.enable_telemetry else _perf_ns(), message)
+                if not (inbox.getters and inbox.hand(item)):
+                    items.append(item)
                 return
         loop = self._kernels[kernel_id].loop
         if not loop.try_put(message):
@@ -442,7 +440,7 @@ class RingKernelRuntime:
         if outbox is None:  # a compiled kernel's ring
             return await self._kernels[kernel_id].loop.get(timeout)
         items = outbox.items
-        if items and not outbox.hold:  # host, no wait
+        if items and outbox.deliver:  # host, no wait
             msg = items.popleft()
             if outbox.putters:
                 outbox.wake_putter()
