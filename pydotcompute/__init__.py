@@ -2,6 +2,7 @@
 
 from pydotcompute.backends.host import KernelContext
 from pydotcompute.backends.probe import CudaAvailability, DeviceInfo, probe_cuda, require_cuda
+from pydotcompute.backends.ray_cluster import KernelPlacement
 from pydotcompute.coordinator import (
     DAG,
     DeadLetter,
@@ -117,6 +118,7 @@ __all__ = [
     "RingKernelMessage",
     "message",
     "RingKernelConfig",
+    "KernelPlacement",
     "RingKernelRuntime",
     "RingKernelSpec",
     "registered_kernels",

@@ -409,19 +409,48 @@ if SIM:
                 await rt.terminate(kid)
 
     @sim
-    async def test_a_reject_send_that_finds_room_late_is_queued_not_refused() -> None:
-        # Room may appear between two attempts: one attempt must decide alone.
+    async def test_a_reject_send_decides_in_one_attempt(monkeypatch) -> None:
+        # Room may appear between two attempts: one attempt, which also counts a
+        # refusal, must decide alone, so a record is never both queued and refused.
+        from pydotcompute.backends import ring_fed
+        from pydotcompute.errors import QueueFullError
         from pydotcompute.runtime.runtime import RingKernelRuntime
 
         async with RingKernelRuntime() as rt:
             await rt.launch("rej", count_and_scale, backend="cuda", input_type=IN,
                             output_type=OUT, queue_size=2, backpressure="reject")  # fmt: skip
-            host = rt._kernels["rej"].loop.in_ring.host
-            host.try_push_batch = lambda recs: 0  # "full" at a first look
-            assert rt._kernels["rej"].loop.try_put(records([1])[0])
-            c = host.counters()
-            assert (c.enqueued, c.rejected) == (1, 0)
+            loop = rt._kernels["rej"].loop
+            attempts = []
+            push = ring_fed.ring_push
+            monkeypatch.setattr(ring_fed, "ring_push", lambda *a: attempts.append(1) or push(*a))
+            recs = records(range(3))
+            assert loop.try_put(recs[0]) and loop.try_put(recs[1])
+            with pytest.raises(QueueFullError):
+                loop.try_put(recs[2])
+            assert len(attempts) == 3
+            c = loop.in_ring.host.counters()
+            assert (c.enqueued, c.rejected) == (2, 1)
             await rt.terminate("rej")
+
+    @sim
+    async def test_drop_oldest_sends_to_a_paused_kernel_keep_the_newest() -> None:
+        # The host may not move an index the device owns: it raises the drop watermark
+        # and waits for the kernel, which skips stale records even while paused.
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            await rt.launch("do", count_and_scale, backend="cuda", input_type=IN,
+                            output_type=OUT, queue_size=2, backpressure="drop_oldest")  # fmt: skip
+            for r in records(range(3)):
+                await rt.send("do", r)
+            c = rt._kernels["do"].loop.in_ring.host.counters()
+            assert (c.enqueued, c.dropped_oldest, c.dropped_newest) == (3, 1, 0)
+            await rt.activate("do")
+            got = await rt.receive_batch("do", max_items=2, timeout=5.0)
+            while len(got) < 2:
+                got = np.concatenate([got, await rt.receive_batch("do", 2, timeout=5.0)])
+            assert sorted(got["id"].tolist()) == [1, 2]
+            await rt.terminate("do")
 
     @sim
     async def test_message_objects_go_through_send_and_receive() -> None:

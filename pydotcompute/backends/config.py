@@ -26,6 +26,12 @@ class RingKernelConfig:
     ``"cpu"``, ``"cuda"`` or ``"auto"`` for compiled handlers. ``workers`` is the number
     of threads (cpu) consuming the input ring. ``state`` is the array a compiled
     handler keeps for its life.
+
+    ``num_gpus``, ``num_cpus`` and ``resources`` say what a kernel needs when its
+    runtime places kernels on a Ray cluster (``RingKernelRuntime(cluster=...)``): the
+    kernel's Ray actor reserves them, so ``resources={"node_a": 1}`` pins it to the
+    nodes that offer that custom resource. They are ignored by a runtime without a
+    cluster, so one kernel definition runs in both.
     """
 
     queue_size: int = 4096
@@ -34,6 +40,9 @@ class RingKernelConfig:
     backend: str = "host"
     workers: int = 1
     state: np.ndarray | None = None
+    num_gpus: float = 0
+    num_cpus: float = 0
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -62,6 +71,25 @@ class RingKernelConfig:
             raise InvalidConfigurationError(
                 f"state must be a numpy array, got {type(self.state).__name__}"
             )
+        _check_amount("num_gpus", self.num_gpus)
+        _check_amount("num_cpus", self.num_cpus)
+        if not isinstance(self.resources, dict):
+            raise InvalidConfigurationError(
+                f"resources must be a dict of name -> amount, got {type(self.resources).__name__}"
+            )
+        for name, amount in self.resources.items():
+            if not isinstance(name, str) or not name:
+                raise InvalidConfigurationError(
+                    f"resource names must be non-empty str, got {name!r}"
+                )
+            if name in ("CPU", "GPU"):
+                raise InvalidConfigurationError(
+                    f"resources may not name {name!r}; use num_{name.lower()}s instead"
+                )
+            _check_amount(f"resources[{name!r}]", amount)
+        object.__setattr__(
+            self, "resources", dict(self.resources)
+        )  # the caller's dict stays theirs
 
     @property
     def effective_output_queue_size(self) -> int:
@@ -77,3 +105,14 @@ class RingKernelConfig:
                 f"unknown kernel option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}"
             )
         return dataclasses.replace(self, **changes)
+
+
+def _check_amount(what: str, value: Any) -> None:
+    """A resource amount is a finite int or float >= 0 (Ray accepts fractions)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not value >= 0
+        or value == float("inf")
+    ):
+        raise InvalidConfigurationError(f"{what} must be a number >= 0, got {value!r}")

@@ -34,19 +34,18 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import FailureCallback, KernelLoop, kernel_record_dtype
+from pydotcompute.backends.base import FailureCallback, kernel_record_dtype
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.ring_fed import RingFedLoop
 from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
     KernelFailedError,
     KernelStateError,
-    QueueFullError,
-    QueueTimeoutError,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
-from pydotcompute.rings.layout import HEADER_SIZE, OFF_REJECTED, RingSide, ring_nbytes
+from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
+from pydotcompute.rings.layout import HEADER_SIZE, RingSide, ring_nbytes
 from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
 
 __all__ = ["CudaKernelLoop", "MappedRing", "MappedControl", "require_cuda_backend"]
@@ -166,10 +165,11 @@ def _positive(extra: dict[str, Any], name: str, default: int) -> int:
     return value
 
 
-class CudaKernelLoop(KernelLoop):
+class CudaKernelLoop(RingFedLoop):
     """A ``cuda`` ring kernel: one persistent kernel launched at ``start()``."""
 
     backend = "cuda"
+    get_spin_s = 50e-6
 
     def __new__(
         cls, kernel_id: str, func: Callable[..., Any], config: RingKernelConfig, *args: Any
@@ -254,6 +254,7 @@ class CudaKernelLoop(KernelLoop):
             RingSide.DEVICE,
             RingSide.HOST,
         )
+        self._attach_rings(self.in_ring.host, self.out_ring.host)
         self.control = MappedControl()
         try:
             self.kernel = await asyncio.to_thread(
@@ -451,145 +452,6 @@ class CudaKernelLoop(KernelLoop):
             fault = self._device_error()
         if fault is not None and self.failure is None:
             self._fail(fault)
-
-    # -- input -----------------------------------------------------------------------
-
-    def _check_open(self) -> None:
-        if self.failure is not None:
-            exc = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
-            raise exc from self.failure
-        if self._stopped:
-            raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
-
-    def _check_batch(self, records: Any) -> np.ndarray:
-        if not isinstance(records, np.ndarray) or records.dtype != self.in_dtype:
-            got = records.dtype if isinstance(records, np.ndarray) else type(records).__name__
-            raise TypeError(
-                f"kernel {self.kernel_id!r} takes records of dtype {self.in_dtype}, got {got}"
-            )
-        return np.ascontiguousarray(records.reshape(-1))
-
-    def _record_of(self, msg: Any) -> np.ndarray:
-        if isinstance(msg, (np.void, np.ndarray)):
-            return self._check_batch(np.asarray(msg).reshape(-1))
-        t = self.input_type
-        if t is not None and not isinstance(t, np.dtype) and not isinstance(msg, t):
-            raise TypeError(
-                f"kernel {self.kernel_id!r} takes {t.__name__}, got {type(msg).__name__}"
-            )
-        one = np.zeros(1, self.in_dtype)
-        one[0] = msg.to_record()
-        return one
-
-    def try_put(self, msg: Any) -> bool:
-        self._check_open()
-        assert self.in_ring is not None
-        rec = self._record_of(msg)
-        strategy = self.config.backpressure
-        if strategy in (BackpressureStrategy.REJECT, BackpressureStrategy.DROP_NEWEST):
-            # One attempt that also counts a refusal: never both queued and refused.
-            if self.in_ring.host.push_batch(rec) == len(rec):
-                return True
-            if strategy is BackpressureStrategy.REJECT:
-                raise QueueFullError(
-                    f"input ring of {self.kernel_id!r} is full "
-                    f"({self.in_ring.host.capacity}): rejected"
-                )
-            return True  # dropped and counted
-        return self.in_ring.host.try_push_batch(rec) == len(rec)
-
-    async def put(self, msg: Any, timeout: float | None) -> None:
-        if not self.try_put(msg):
-            await self._push_rest(self._record_of(msg), 0, timeout)
-
-    async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
-        self._check_open()
-        assert self.in_ring is not None
-        records = self._check_batch(records)
-        strategy = self.config.backpressure
-        if strategy is BackpressureStrategy.BLOCK:
-            placed = self.in_ring.host.try_push_batch(records)
-            if placed == len(records):
-                return placed
-            return await self._push_rest(records, placed, timeout)
-        if strategy is BackpressureStrategy.DROP_OLDEST:
-            return await self._push_rest(records, 0, timeout)
-        return self.in_ring.host.push_batch(records)
-
-    async def _push_rest(self, records: np.ndarray, placed: int, timeout: float | None) -> int:
-        """Wait for room without blocking the event loop (BLOCK; DROP_OLDEST waits for
-        the device to skip stale records, then drops the rest as newest)."""
-        from pydotcompute.rings.host_ops import ring_add_counter, ring_push
-        from pydotcompute.rings.layout import OFF_DROPPED_NEWEST
-
-        assert self.in_ring is not None
-        buf = self.in_ring.host.buffer
-        raw = records.view(np.uint8)
-        rs = records.dtype.itemsize
-        n = len(records)
-        block = self.config.backpressure is BackpressureStrategy.BLOCK
-        if not block and timeout is None:
-            timeout = 1.0
-        wait = Backoff(timeout)
-        while True:
-            placed += int(ring_push(buf, raw, placed * rs, n - placed))
-            if placed >= n:
-                return placed
-            self._check_open()
-            if wait.expired():
-                if block:
-                    ring_add_counter(buf, OFF_REJECTED, n - placed)
-                    raise QueueFullError(
-                        f"input ring of {self.kernel_id!r} stayed full for {timeout} s: "
-                        f"{placed} of {n} record(s) accepted"
-                    )
-                ring_add_counter(buf, OFF_DROPPED_NEWEST, n - placed)
-                return placed
-            await asyncio.sleep(wait.pause())
-
-    # -- output ----------------------------------------------------------------------
-
-    def try_get(self, default: Any) -> Any:
-        assert self.out_ring is not None
-        got = self.out_ring.host.pop_batch(1, timeout=0)
-        return self._message_of(got[0]) if len(got) else default
-
-    def _message_of(self, rec: np.void) -> Any:
-        t = self.output_type
-        if t is None or isinstance(t, np.dtype):
-            return rec
-        return t.from_record(rec)  # type: ignore[attr-defined]
-
-    async def get(self, timeout: float | None) -> Any:
-        got = await self.get_batch(1, timeout)
-        return self._message_of(got[0])
-
-    async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
-        if max_items < 1:
-            raise ValueError(f"max_items must be >= 1, got {max_items}")
-        assert self.out_ring is not None
-        ring = self.out_ring.host
-        got = ring.pop_batch(max_items, timeout=0)
-        if len(got):
-            return got
-        # The kernel usually answers within microseconds: poll briefly first.
-        spin_until = time.perf_counter() + 50e-6
-        while time.perf_counter() < spin_until:
-            got = ring.pop_batch(max_items, timeout=0)
-            if len(got):
-                return got
-        wait = Backoff(timeout)
-        while True:
-            if self.failure is not None:
-                self._check_open()
-            if wait.expired():
-                raise QueueTimeoutError(
-                    f"no output from kernel {self.kernel_id!r} within {timeout} s"
-                )
-            await asyncio.sleep(wait.pause())
-            got = ring.pop_batch(max_items, timeout=0)
-            if len(got):
-                return got
 
     # -- state and telemetry ---------------------------------------------------------
 

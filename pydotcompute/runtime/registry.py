@@ -76,6 +76,9 @@ def ring_kernel(
     backend: str | None = None,
     workers: int = 1,
     state: np.ndarray | None = None,
+    num_gpus: float = 0,
+    num_cpus: float = 0,
+    resources: dict[str, float] | None = None,
     auto_register: bool = True,
     **extra: Any,
 ) -> Callable[[F], F]: ...
@@ -93,6 +96,9 @@ def ring_kernel(
     backend: str | None = None,
     workers: int = 1,
     state: np.ndarray | None = None,
+    num_gpus: float = 0,
+    num_cpus: float = 0,
+    resources: dict[str, float] | None = None,
     auto_register: bool = True,
     **extra: Any,
 ) -> Any:
@@ -100,7 +106,9 @@ def ring_kernel(
 
     On ``async def kernel(ctx)`` it is a host actor; on ``def handler(msg, out, state)``
     a compiled kernel for the ``cpu``/``cuda`` backends (``backend`` defaults to
-    ``"auto"``). The configuration is validated here, so a bad strategy or queue size
+    ``"auto"``). ``num_gpus``, ``num_cpus`` and ``resources`` are what the kernel's
+    Ray actor reserves on a cluster runtime (see ``RingKernelConfig``). The
+    configuration is validated here, so a bad strategy or queue size
     fails at decoration time with ``InvalidConfigurationError``. The function is
     returned unchanged, carrying its spec as ``__ring_kernel__``; with
     ``auto_register`` it can be launched by id alone.
@@ -120,6 +128,9 @@ def ring_kernel(
             backend=chosen,
             workers=workers,
             state=state,
+            num_gpus=num_gpus,
+            num_cpus=num_cpus,
+            resources={} if resources is None else resources,
             extra=dict(extra),
         )
         check_backend_fits(kid, fn, chosen)

@@ -16,6 +16,7 @@ from pydotcompute.backends.base import KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY, HostKernelLoop
 from pydotcompute.backends.mailbox import Mailbox
+from pydotcompute.backends.ray_cluster import KernelPlacement, RayCluster
 from pydotcompute.backends.select import resolve_backend
 from pydotcompute.errors import (
     BackendNotAvailableError,
@@ -132,6 +133,12 @@ class RingKernelRuntime:
     on the host. ``default_queue_size`` applies to kernels launched from a plain
     function with no ``@ring_kernel`` configuration. With ``enable_telemetry=False``
     counters are still kept but per-message latency is not measured.
+
+    With ``cluster`` (``"local"``, ``"auto"``, a Ray address or ``"ray://host:port"``)
+    every kernel runs on a Ray actor of that cluster, placed by its ``num_gpus``,
+    ``num_cpus`` and ``resources``; the API stays the same, and messages cross in
+    batches (see ``docs/scale-out.md``). It needs Ray (``pip install
+    "pydotcompute[ray]"``); the runtime joins the cluster on its first launch.
     """
 
     def __init__(
@@ -141,6 +148,7 @@ class RingKernelRuntime:
         default_queue_size: int = 4096,
         backend: str = "auto",
         journal: Any = None,
+        cluster: str | None = None,
     ) -> None:
         if backend not in ("auto", "cpu", "cuda"):
             raise InvalidConfigurationError(
@@ -151,6 +159,7 @@ class RingKernelRuntime:
         self.default_queue_size = default_queue_size
         self.backend = backend
         self.journal = journal
+        self._cluster = RayCluster(cluster) if cluster is not None else None
         self._kernels: dict[str, _Kernel] = {}
         # Per-message lookups, kept by each kernel's state (see _Kernel).
         self._inputs: dict[str, tuple[Mailbox | None, type | None]] = {}
@@ -206,7 +215,7 @@ class RingKernelRuntime:
         k = _Kernel(spec, loop, restarts, self._inputs, self._outputs)
         self._kernels[kernel_id] = k
         loop.on_failure = lambda exc, k=k: self._on_failure(k, exc)  # type: ignore[misc]
-        if isinstance(loop, HostKernelLoop):
+        if hasattr(loop, "on_exit"):  # loops whose actor can return on its own
             loop.on_exit = lambda k=k: self._on_exit(k)  # this record, not the id's latest
         try:
             await loop.start()
@@ -308,6 +317,8 @@ class RingKernelRuntime:
                 log.exception("error while closing %r during shutdown", close)
         self._closers.clear()
         await self.terminate_all(timeout=max(0.1, deadline - time.monotonic()))
+        if self._cluster is not None:
+            await self._cluster.close()
 
     async def deploy(self, graph: Any, *, name: str, **options: Any) -> Any:
         """Run a coordinator graph on this runtime; see ``pydotcompute.coordinator.deploy``.
@@ -544,6 +555,10 @@ class RingKernelRuntime:
         """True when the kernel is ACTIVE."""
         return self._get(kernel_id).state is KernelState.ACTIVE
 
+    def get_placement(self, kernel_id: str) -> KernelPlacement | None:
+        """Where a cluster kernel runs (Ray node, actor, GPUs); None without a cluster."""
+        return getattr(self._get(kernel_id).loop, "placement", None)
+
     def get_error(self, kernel_id: str) -> BaseException | None:
         """The exception that made the kernel FAILED, if any."""
         return self._get(kernel_id).error
@@ -645,7 +660,8 @@ class RingKernelRuntime:
         input_type = overrides.pop("input_type", spec.input_type)
         output_type = overrides.pop("output_type", spec.output_type)
         config = spec.config.replace(**overrides) if overrides else spec.config
-        if config.backend == "auto":
+        # On a cluster, "auto" is left to the kernel's node (does its actor have a GPU?).
+        if config.backend == "auto" and (self._cluster is None or self.backend != "auto"):
             chosen = resolve_backend(self.backend)
             log.info("kernel %r: backend 'auto' resolved to %r", kernel_id, chosen)
             config = config.replace(backend=chosen)
@@ -653,6 +669,15 @@ class RingKernelRuntime:
         return RingKernelSpec(kernel_id, spec.func, input_type, output_type, config)
 
     def _make_loop(self, spec: RingKernelSpec) -> KernelLoop:
+        if self._cluster is not None:
+            return self._cluster.kernel_loop(
+                spec.kernel_id,
+                spec.func,
+                spec.config,
+                spec.input_type,
+                spec.output_type,
+                lambda exc: None,  # replaced by launch() once the record exists
+            )
         backend = spec.config.backend
         if backend == "host":
             loop: KernelLoop = HostKernelLoop(

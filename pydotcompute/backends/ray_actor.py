@@ -1,0 +1,193 @@
+"""The far side of a kernel placed on a Ray cluster: one ``KernelLoop`` in a Ray actor.
+
+``RayKernelLoop`` (the caller's side) starts one ``KernelActor`` per kernel. The actor
+runs the kernel's real loop (``cpu``, ``cuda`` or ``host``) on its own event loop and
+moves whole batches: records as numpy arrays, which Ray carries through its object
+store, and a host actor's messages as lists. The lifecycle state machine stays with
+the caller's runtime; the actor follows its calls and reports a crash through
+``watch``.
+
+This module does not import Ray: ``RayCluster`` turns the class into a Ray actor class
+when a runtime first needs one, so the package imports without Ray installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from pydotcompute.backends.base import KernelLoop
+from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.select import resolve_backend
+from pydotcompute.errors import KernelNotFoundError, QueueFullError, QueueTimeoutError
+from pydotcompute.telemetry.snapshot import KernelTelemetry
+
+__all__ = ["KernelActor"]
+
+
+class KernelActor:
+    """Hosts one kernel's loop in a Ray actor process; every method is one Ray call.
+
+    Compiled kernels are given their record dtypes, not their message classes, so only
+    the handler has to be importable (or picklable) on the node.
+    """
+
+    def __init__(
+        self,
+        kernel_id: str,
+        func: Callable[..., Any],
+        config: RingKernelConfig,
+        input_type: Any,
+        output_type: Any,
+    ) -> None:
+        self._args = (kernel_id, func, config, input_type, output_type)
+        self._loop: KernelLoop | None = None
+        self._crashed: asyncio.Event | None = None
+        self._failure: BaseException | None = None
+
+    async def start(self) -> dict[str, Any]:
+        """Start the loop, inactive; returns where it runs (``KernelPlacement`` fields)."""
+        import ray  # present: this runs inside a Ray worker
+
+        kernel_id, func, config, input_type, output_type = self._args
+        backend = resolve_backend(config.backend)  # "auto" means this node's GPU, if any
+        config = config.replace(backend=backend)
+        self._crashed = asyncio.Event()
+        loop: KernelLoop
+        if backend == "host":
+            from pydotcompute.backends.host import HostKernelLoop
+
+            loop = HostKernelLoop(
+                kernel_id,
+                func,
+                config,
+                input_type,
+                output_type,
+                self._on_failure,
+                send_to=self._send_to,
+                on_exit=self._crashed.set,  # returned on its own: ``watch`` says so
+            )
+        elif backend == "cpu":
+            from pydotcompute.backends.cpu import CpuKernelLoop
+
+            loop = CpuKernelLoop(kernel_id, func, config, input_type, output_type, self._on_failure)
+        else:
+            from pydotcompute.backends.cuda import CudaKernelLoop
+
+            loop = CudaKernelLoop(
+                kernel_id, func, config, input_type, output_type, self._on_failure
+            )
+        self._loop = loop
+        await loop.start()
+        ctx = ray.get_runtime_context()
+        gpus = ctx.get_accelerator_ids().get("GPU", [])
+        return {
+            "node_id": ctx.get_node_id(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "actor_id": ctx.get_actor_id(),
+            "pid": os.getpid(),
+            "gpu_ids": tuple(str(g) for g in gpus),
+            "backend": backend,
+        }
+
+    def _on_failure(self, exc: BaseException) -> None:
+        self._failure = exc
+        assert self._crashed is not None
+        self._crashed.set()
+
+    async def _send_to(self, kernel_id: str, msg: Any, timeout: float | None) -> None:
+        raise KernelNotFoundError(
+            f"kernel {kernel_id!r} is not reachable from a kernel placed on a Ray actor: "
+            "route messages between cluster kernels with the coordinator"
+        )
+
+    @property
+    def _kernel(self) -> KernelLoop:
+        assert self._loop is not None, "start() comes first"
+        return self._loop
+
+    async def watch(self) -> BaseException | None:
+        """Returns when the loop ends on its own: the exception it failed with, or None
+        when a host actor returned. Exceptions that do not pickle come back as text."""
+        assert self._crashed is not None
+        await self._crashed.wait()
+        exc = self._failure
+        if exc is None:
+            return None
+        try:
+            pickle.dumps(exc)
+        except Exception:
+            return RuntimeError(f"{type(exc).__name__}: {exc}")
+        return exc
+
+    def set_active(self, active: bool) -> None:
+        self._kernel.set_active(active)
+
+    async def put(self, batch: Any, timeout: float | None) -> int:
+        """Enqueue a record array or a list of messages, in order; returns how many the
+        kernel's backpressure strategy accepted."""
+        loop = self._kernel
+        if isinstance(batch, np.ndarray):
+            return await loop.put_batch(batch, timeout)
+        for i, msg in enumerate(batch):
+            try:
+                if not loop.try_put(msg):
+                    await loop.put(msg, timeout)
+            except QueueFullError:
+                if i == 0:
+                    raise
+                return i
+        return len(batch)
+
+    async def get(self, max_items: int, wait_s: float) -> Any:
+        """Up to ``max_items`` outputs, waiting up to ``wait_s`` for the first: a record
+        array (empty when none came) or a list of messages."""
+        loop = self._kernel
+        if loop.backend != "host":
+            try:
+                return await loop.get_batch(max_items, wait_s)
+            except QueueTimeoutError:
+                return np.empty(0, loop.out_dtype)  # type: ignore[attr-defined]
+        try:
+            out = [await loop.get(wait_s)]
+        except QueueTimeoutError:
+            return []
+        missing = object()
+        while len(out) < max_items:
+            msg = loop.try_get(missing)
+            if msg is missing:
+                break
+            out.append(msg)
+        return out
+
+    async def stop(self, timeout: float) -> tuple[Any, KernelTelemetry, np.ndarray | None]:
+        """Stop the loop; returns the outputs still queued, the final counters and the
+        state array, all of which go away with the actor."""
+        loop = self._kernel
+        await loop.stop(timeout)
+        if loop.backend != "host":
+            chunks = []
+            while True:
+                try:
+                    chunks.append(await loop.get_batch(1 << 20, 0.0))
+                except QueueTimeoutError:
+                    break
+            dtype = loop.out_dtype  # type: ignore[attr-defined]
+            outputs: Any = np.concatenate(chunks) if chunks else np.empty(0, dtype)
+            state: np.ndarray | None = loop.read_state()
+        else:
+            outbox = loop.outbox  # type: ignore[attr-defined]
+            outputs, state = list(outbox.items), None
+            outbox.items.clear()
+        return outputs, loop.telemetry("TERMINATED"), state
+
+    def telemetry(self, state: str) -> KernelTelemetry:
+        return self._kernel.telemetry(state)
+
+    def read_state(self) -> np.ndarray:
+        return self._kernel.read_state()

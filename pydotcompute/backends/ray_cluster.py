@@ -1,0 +1,193 @@
+"""A runtime's connection to a Ray cluster, where it places kernels on Ray actors.
+
+Ray keeps one connection per process. A runtime joins it on its first launch (starting
+a local Ray instance for ``cluster="local"`` unless the process is connected already) and leaves it at
+shutdown; the connection is shut down when the last runtime that joined it leaves, and
+only if a runtime started it. A connection the application opened itself with
+``ray.init`` is used as is and never shut down here. Runtimes share the connection,
+never kernels: each kernel is an unnamed actor owned by the runtime that launched it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import threading
+from typing import TYPE_CHECKING, Any
+
+from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.errors import BackendNotAvailableError, InvalidConfigurationError
+
+if TYPE_CHECKING:
+    from pydotcompute.backends.base import FailureCallback
+    from pydotcompute.backends.ray_loop import RayKernelLoop
+
+__all__ = ["KernelPlacement", "RayCluster", "require_ray"]
+
+INSTALL_HINT = 'pip install "pydotcompute[ray]"'
+
+
+def require_ray() -> None:
+    """Raise ``BackendNotAvailableError`` unless Ray can be imported."""
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except (ImportError, ValueError):  # ValueError: a module entry without a spec
+        found = False
+    if not found:
+        raise BackendNotAvailableError(
+            f"placing kernels on a cluster needs Ray, which is not installed: {INSTALL_HINT}"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlacement:
+    """Where a cluster kernel runs: its Ray node, actor, process and GPUs."""
+
+    node_id: str
+    node_ip: str
+    actor_id: str
+    pid: int
+    gpu_ids: tuple[str, ...]
+    backend: str
+
+
+class _ProcessConnection:
+    """The process's one Ray connection, counted by the runtimes that joined it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._started = False
+
+    def join(self, address: str) -> None:
+        import ray
+
+        with self._lock:
+            if ray.is_initialized():
+                _check_same_cluster(ray, address)
+            else:
+                # "local" is Ray's own word for "start a new instance here"; a
+                # dashboard is for clusters that someone started on purpose.
+                ray.init(address=address, include_dashboard=False if address == "local" else None)
+                self._started = True
+            self._users += 1
+
+    def leave(self) -> None:
+        import ray
+
+        with self._lock:
+            self._users -= 1
+            if self._users == 0 and self._started:
+                self._started = False
+                ray.shutdown()
+
+
+_CONNECTION = _ProcessConnection()
+
+
+def _check_same_cluster(ray: Any, address: str) -> None:
+    if address in ("local", "auto") or address.startswith("ray://"):
+        return  # whichever cluster this process is connected to
+    current = ray.get_runtime_context().gcs_address
+    if address != current:
+        raise InvalidConfigurationError(
+            f"this process is connected to the Ray cluster at {current}; a process talks "
+            f"to one Ray cluster, so it cannot also place kernels on {address}"
+        )
+
+
+class RayCluster:
+    """One runtime's hold on the Ray connection and its kernels' actor class.
+
+    ``address`` is ``"local"`` (a new Ray instance on this machine, started by the
+    runtime), ``"auto"`` (the cluster this machine belongs to), a ``host:port`` GCS
+    address or a ``ray://host:port`` client address. A process that is already
+    connected to Ray (``ray.init`` called by the application or another runtime)
+    keeps that connection.
+    """
+
+    def __init__(self, address: str) -> None:
+        if not isinstance(address, str) or not address:
+            raise InvalidConfigurationError(
+                f"cluster must be 'local', 'auto' or a Ray address, got {address!r}"
+            )
+        require_ray()
+        self.address = address
+        self._joined = False
+        self._joining: asyncio.Lock | None = None
+        self._actor_class: Any = None
+
+    async def connect(self) -> None:
+        """Join the process's Ray connection (once; ``ray.init`` runs off the event loop)."""
+        if self._joining is None:
+            self._joining = asyncio.Lock()
+        async with self._joining:
+            if self._joined:
+                return
+            await asyncio.to_thread(_CONNECTION.join, self.address)
+            self._joined = True
+            import ray
+
+            from pydotcompute.backends.ray_actor import KernelActor
+
+            self._actor_class = ray.remote(KernelActor)
+
+    async def close(self) -> None:
+        """Leave the connection (after every kernel of the runtime has stopped)."""
+        if self._joined:
+            self._joined = False
+            self._actor_class = None
+            await asyncio.to_thread(_CONNECTION.leave)
+
+    def kernel_loop(
+        self,
+        kernel_id: str,
+        func: Any,
+        config: RingKernelConfig,
+        input_type: Any,
+        output_type: Any,
+        on_failure: FailureCallback,
+    ) -> RayKernelLoop:
+        """The loop that runs this kernel on an actor of this cluster."""
+        from pydotcompute.backends.ray_loop import RayKernelLoop
+
+        return RayKernelLoop(
+            kernel_id, func, config, input_type, output_type, on_failure, cluster=self
+        )
+
+    async def spawn(self, kernel_id: str, config: RingKernelConfig, args: tuple[Any, ...]) -> Any:
+        """Create the actor of one kernel with the resources it asks for."""
+        await self.connect()
+        self._check_fits(kernel_id, config)
+        options: dict[str, Any] = {
+            "num_cpus": config.num_cpus,
+            "num_gpus": config.num_gpus,
+            "max_restarts": 0,  # a dead actor is a FAILED kernel; restarting is policy
+        }
+        if config.resources:
+            options["resources"] = dict(config.resources)
+        return self._actor_class.options(**options).remote(*args)
+
+    @staticmethod
+    def _check_fits(kernel_id: str, config: RingKernelConfig) -> None:
+        """Fail at launch, not hang, when no live node can ever hold the kernel."""
+        import ray
+
+        need = {"CPU": config.num_cpus, "GPU": config.num_gpus, **config.resources}
+        need = {k: v for k, v in need.items() if v}
+        if not need:
+            return
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        if not any(all(res.get(k, 0) >= v for k, v in need.items()) for res in nodes):
+            raise BackendNotAvailableError(
+                f"kernel {kernel_id!r} asks for {need}, which no live node of the Ray "
+                f"cluster offers (nodes offer: {nodes})"
+            )
+
+    @staticmethod
+    def kill(actor: Any) -> None:
+        """End an actor's process now."""
+        import ray
+
+        ray.kill(actor, no_restart=True)

@@ -1,0 +1,239 @@
+"""The host side of a compiled ring kernel: messages in and out of its two rings.
+
+The ``cpu`` and ``cuda`` backends differ in what runs the loop (threads or a
+persistent GPU kernel) and where the rings live (ordinary or mapped pinned memory),
+not in how the host talks to them: it packs messages into records, pushes them under
+the input ring's backpressure strategy, and pops records off the output ring. That
+part is written once, here, over the raw ring buffers (``rings.host_ops``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from pydotcompute.backends.base import KernelLoop
+from pydotcompute.errors import (
+    KernelFailedError,
+    KernelStateError,
+    QueueFullError,
+    QueueTimeoutError,
+)
+from pydotcompute.messages.message import RingKernelMessage
+from pydotcompute.messages.record import record_layout
+from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.rings.host_ops import ring_add_counter, ring_depth, ring_pop, ring_push
+from pydotcompute.rings.host_ring import Backoff, HostRing
+from pydotcompute.rings.layout import OFF_DROPPED_NEWEST, OFF_REJECTED
+
+__all__ = ["RingFedLoop"]
+
+_DROP_OLDEST_WAIT_S = 1.0
+
+
+def _message_layout(t: Any, dtype: np.dtype) -> Any:
+    """The record layout of an ``@message`` class (None for other types)."""
+    if not isinstance(t, type) or not issubclass(t, RingKernelMessage):
+        return None
+    layout = record_layout(t)
+    return layout if layout.dtype == dtype else None
+
+
+class RingFedLoop(KernelLoop):
+    """A kernel loop fed through an input ring and read through an output ring.
+
+    A subclass sets ``in_dtype``/``out_dtype`` and calls ``_attach_rings`` once the
+    rings exist (before the runtime sends anything); it keeps ``failure`` and
+    ``_stopped`` up to date. ``get_spin_s`` is how long a receive polls before it
+    gives the event loop back: the loop usually answers within microseconds, and the
+    event loop's timers are only millisecond-precise.
+    """
+
+    in_dtype: np.dtype
+    out_dtype: np.dtype
+    get_spin_s = 100e-6
+    _stopped = False
+
+    def _attach_rings(self, in_ring: HostRing, out_ring: HostRing) -> None:
+        self._in_ring = in_ring
+        self._in_buf = in_ring.buffer
+        self._out_buf = out_ring.buffer
+        strategy = self.config.backpressure
+        cross_side = in_ring.producer_side is not in_ring.consumer_side
+        # BLOCK waits for room; DROP_OLDEST waits for a consumer on the other side to
+        # skip the stale records (the host may not move an index the device owns).
+        self._in_waits = strategy is BackpressureStrategy.BLOCK or (
+            strategy is BackpressureStrategy.DROP_OLDEST and cross_side
+        )
+        # @message classes: pack and unpack record bytes directly (what to_record and
+        # from_record do, without the intermediate numpy scalar).
+        self._in_layout = _message_layout(self.input_type, self.in_dtype)
+        self._out_layout = _message_layout(self.output_type, self.out_dtype)
+        self._one_in = np.zeros(1, self.in_dtype)
+        self._one_in_bytes = memoryview(self._one_in.view(np.uint8))  # type: ignore[arg-type]
+        self._one_out = np.zeros(1, self.out_dtype)
+
+    # -- input -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.failure is not None:
+            exc = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
+            raise exc from self.failure
+        if self._stopped:
+            raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
+
+    def _records(self, records: Any) -> np.ndarray:
+        """``records`` as a contiguous 1-d array of the input dtype, or ``TypeError``."""
+        if not isinstance(records, np.ndarray):
+            raise TypeError(
+                f"kernel {self.kernel_id!r} takes record arrays of dtype {self.in_dtype}, "
+                f"got {type(records).__name__}"
+            )
+        if records.dtype != self.in_dtype:
+            raise TypeError(
+                f"kernel {self.kernel_id!r} takes records of dtype {self.in_dtype}, "
+                f"got dtype {records.dtype}"
+            )
+        if records.ndim != 1 or not records.flags.c_contiguous:
+            records = np.ascontiguousarray(records.reshape(-1))
+        return records
+
+    def _record_of(self, msg: Any) -> np.ndarray:
+        """One input message as a 1-record array. For ``@message`` classes the bytes
+        are packed straight into a reused scratch record: callers copy it into the
+        ring before they yield, or take a copy."""
+        if isinstance(msg, (np.void, np.ndarray)):
+            return self._records(np.asarray(msg).reshape(-1))
+        t = self.input_type
+        if t is not None and not isinstance(t, np.dtype) and not isinstance(msg, t):
+            raise TypeError(
+                f"kernel {self.kernel_id!r} takes {t.__name__}, got {type(msg).__name__}"
+            )
+        if self._in_layout is not None:
+            self._one_in_bytes[:] = self._in_layout.to_bytes(msg)
+            return self._one_in
+        one = np.empty(1, self.in_dtype)
+        one[0] = msg.to_record()
+        return one
+
+    def try_put(self, msg: Any) -> bool:
+        if self.failure is not None or self._stopped:
+            self._check_open()
+        rec = self._record_of(msg)
+        if ring_push(self._in_buf, rec, 0, len(rec)) == len(rec):
+            return True
+        if self.config.backpressure is BackpressureStrategy.REJECT:
+            raise QueueFullError(
+                f"input ring of {self.kernel_id!r} is full ({self._in_ring.capacity}): rejected"
+            )
+        return not self._in_waits  # DROP_NEWEST: dropped, and counted by the ring
+
+    async def put(self, msg: Any, timeout: float | None) -> None:
+        if not self.try_put(msg):
+            await self._push_rest(self._record_of(msg).copy(), 0, timeout)
+
+    async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
+        if self.failure is not None or self._stopped:
+            self._check_open()
+        if type(records) is not np.ndarray or records.dtype != self.in_dtype or records.ndim != 1:
+            records = self._records(records)
+        elif not records.flags.c_contiguous:
+            records = np.ascontiguousarray(records)
+        n = len(records)
+        placed = int(ring_push(self._in_buf, records, 0, n))
+        if placed == n or not self._in_waits:
+            return placed
+        return await self._push_rest(records, placed, timeout)
+
+    async def _push_rest(self, records: np.ndarray, placed: int, timeout: float | None) -> int:
+        """Wait for room without blocking the event loop. BLOCK: a timeout counts the
+        rest as rejected and raises ``QueueFullError``. DROP_OLDEST across sides: the
+        rest is dropped as newest when the consumer has not skipped in time (1 s when
+        no timeout is given)."""
+        rs = records.dtype.itemsize
+        n = len(records)
+        block = self.config.backpressure is BackpressureStrategy.BLOCK
+        if not block and timeout is None:
+            timeout = _DROP_OLDEST_WAIT_S
+        wait = Backoff(timeout)
+        while placed < n:
+            self._check_open()
+            if wait.expired():
+                if not block:
+                    ring_add_counter(self._in_buf, OFF_DROPPED_NEWEST, n - placed)
+                    return placed
+                ring_add_counter(self._in_buf, OFF_REJECTED, n - placed)
+                raise QueueFullError(
+                    f"input ring of {self.kernel_id!r} stayed full for {timeout} s: "
+                    f"{placed} of {n} record(s) accepted"
+                )
+            await asyncio.sleep(wait.pause())
+            placed += int(ring_push(self._in_buf, records, placed * rs, n - placed))
+        return placed
+
+    # -- output ----------------------------------------------------------------------
+
+    def try_get(self, default: Any) -> Any:
+        out = self._one_out if self._out_layout is not None else np.empty(1, self.out_dtype)
+        if not ring_pop(self._out_buf, out, 0, 1):
+            return default
+        return self._message_of(out)
+
+    def _message_of(self, one: np.ndarray) -> Any:
+        """The output message in a 1-record array (the record itself for dtypes)."""
+        t = self.output_type
+        if self._out_layout is not None:
+            layout = self._out_layout
+            return layout.build(layout.struct.unpack(one.tobytes()))
+        if t is None or isinstance(t, np.dtype):
+            return one[0]
+        return t.from_record(one[0])  # type: ignore[attr-defined]
+
+    async def get(self, timeout: float | None) -> Any:
+        if self._out_layout is not None:
+            # Unpacked at once, so a reused scratch record is enough.
+            one = self._one_out
+            if ring_pop(self._out_buf, one, 0, 1):
+                return self._message_of(one)
+        return self._message_of(await self.get_batch(1, timeout))
+
+    def _take(self, max_items: int) -> np.ndarray | None:
+        """Up to ``max_items`` ready outputs, or None. The array is sized by what is
+        queued, not by ``max_items``: a large ``max_items`` costs no allocation."""
+        # Small requests skip the depth read: allocating a few records is cheaper.
+        n = max_items if max_items <= 64 else min(max_items, ring_depth(self._out_buf))
+        if n <= 0:
+            return None
+        out = np.empty(n, self.out_dtype)
+        got = ring_pop(self._out_buf, out, 0, n)
+        if got == 0:  # another receiver took them
+            return None
+        return out if got == n else out[:got]
+
+    async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, got {max_items}")
+        out = self._take(max_items)
+        if out is not None:
+            return out
+        spin_s = self.get_spin_s if timeout is None else min(self.get_spin_s, timeout)
+        spin_until = time.perf_counter() + spin_s
+        while time.perf_counter() < spin_until:
+            out = self._take(max_items)
+            if out is not None:
+                return out
+        wait = Backoff(timeout)
+        while True:
+            if self.failure is not None:
+                self._check_open()
+            if wait.expired():
+                raise QueueTimeoutError(
+                    f"no output from kernel {self.kernel_id!r} within {timeout} s"
+                )
+            await asyncio.sleep(wait.pause())
+            out = self._take(max_items)
+            if out is not None:
+                return out

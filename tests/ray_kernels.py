@@ -1,0 +1,60 @@
+"""Kernels that the Ray tests place on actors: a module the actors' processes import."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from pydotcompute import message
+
+SEQ = np.dtype([("seq", np.int64), ("value", np.float64)])
+
+
+@message
+class Point:
+    x: float
+    y: float
+
+
+@message
+class Norm:
+    n: float
+
+
+def norm(msg, out, state):  # type: ignore[no-untyped-def]
+    out.n = (msg.x * msg.x + msg.y * msg.y) ** 0.5
+    for i in range(16):
+        out.correlation_id[i] = msg.message_id[i]
+    return True
+
+
+def half(msg, out, state):  # type: ignore[no-untyped-def]
+    out.n = msg.n / 2
+    for i in range(16):
+        out.correlation_id[i] = msg.message_id[i]
+    return True
+
+
+def plus_one(msg, out, state):  # type: ignore[no-untyped-def]
+    out.seq = msg.seq
+    out.value = msg.value + 1.0
+    state[0] += 1
+    return True
+
+
+async def doubler(ctx):  # type: ignore[no-untyped-def]
+    while not ctx.should_terminate:
+        msg = await ctx.receive()
+        await ctx.send(msg * 2)
+
+
+async def breaks_on_13(ctx):  # type: ignore[no-untyped-def]
+    while not ctx.should_terminate:
+        msg = await ctx.receive()
+        if msg == 13:
+            raise ZeroDivisionError("kernel fails on 13")
+        await ctx.send(msg)
+
+
+async def answers_once(ctx):  # type: ignore[no-untyped-def]
+    msg = await ctx.receive()
+    await ctx.send(msg + 1)
