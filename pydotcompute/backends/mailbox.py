@@ -25,7 +25,7 @@ _DROP_OLDEST = BackpressureStrategy.DROP_OLDEST
 _DROP_NEWEST = BackpressureStrategy.DROP_NEWEST
 
 
-def _expire(fut: asyncio.Future[None]) -> None:
+def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(_TimeoutSignal())
 
