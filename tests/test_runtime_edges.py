@@ -245,3 +245,15 @@ async def test_a_message_counts_as_processed_only_once_its_output_is_queued():
         assert await rt.receive("e", timeout=1) == 2
         await asyncio.sleep(0.01)
         assert rt.get_telemetry("e").messages_processed == 2
+
+
+async def test_a_message_whose_output_was_cut_off_by_terminate_is_not_processed():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("e", echo, output_queue_size=1)
+        await rt.activate("e")
+        await rt.send("e", 1)
+        await rt.send("e", 2)
+        await asyncio.sleep(0.05)  # nobody reads: the echo of 2 waits for room
+        await rt.terminate("e", timeout=0.05)  # ... until it is cancelled
+        assert rt.get_telemetry("e").messages_processed == 1
+        assert await rt.receive("e", timeout=1) == 1

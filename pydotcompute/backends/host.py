@@ -127,7 +127,7 @@ class KernelContext:
         await self._send_to(kernel_id, msg, timeout)
 
     def finished(self) -> None:
-        """Count the message in hand as processed (called when the actor exits)."""
+        """Count the message in hand as processed (called when the actor returns)."""
         if self._pending_t:
             self._finish(self._pending_t)
 
@@ -203,7 +203,9 @@ class HostKernelLoop(KernelLoop):
                 self._fail(exc)
                 if not isinstance(exc, Exception):
                     raise
-                return
+            # Cancelled by terminate: whatever the actor held when cancelled (an output
+            # it could not queue, work it did not finish) is not processed.
+            return
         finally:
             self.active_time.pause()
         self.ctx.finished()
