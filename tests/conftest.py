@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 
@@ -24,3 +26,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for item in items:
             if item.get_closest_marker("gpu"):
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """DSN of a PostgreSQL database for the whole session (see tests/postgres_server.py);
+    skips, saying why, where no server can be had."""
+    from tests import postgres_server as pg
+
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip('psycopg is not installed: pip install "pydotcompute[postgres]"')
+    with contextlib.ExitStack() as stack:
+        try:
+            dsn = stack.enter_context(pg.server())
+        except pg.NoServer as exc:
+            pytest.skip(str(exc))
+        yield dsn
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server):
+    """A DSN whose journal tables live in a schema of this test's own."""
+    from tests import postgres_server as pg
+
+    with pg.fresh_schema(postgres_server) as dsn:
+        yield dsn
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def journal_at(request, tmp_path):
+    """Where a test's journal lives: an SQLite path (one file per name), then a
+    PostgreSQL DSN (one schema per test, whatever the name)."""
+    if request.param == "sqlite":
+        return lambda name="j": str(tmp_path / f"{name}.db")
+    dsn = request.getfixturevalue("postgres_dsn")
+    return lambda name="j": dsn

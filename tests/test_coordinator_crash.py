@@ -1,4 +1,5 @@
-"""kill -9 at random moments: the durable flow resumes and finishes every item once."""
+"""kill -9 at random moments: the durable flow resumes and finishes every item once,
+on SQLite and on PostgreSQL (where two workers share the journal and one is killed)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ SCRIPT = ROOT / "tests" / "crash" / "coordinator_flow.py"
 N = 2000
 
 
-def child(path: Path, log: Path | None = None, start_at: float = 0.0) -> subprocess.Popen[str]:
+def child(
+    path: Path | str, log: Path | None = None, start_at: float = 0.0
+) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COORD_START_AT": str(start_at)}
     args = [sys.executable, str(SCRIPT), str(path)] + ([str(log)] if log else [])
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
@@ -54,8 +57,8 @@ async def test_sigkill_at_five_random_moments_then_every_key_exactly_once(tmp_pa
         assert tokens == 0
 
 
-async def test_two_processes_share_one_journal_and_run_each_stage_once(tmp_path):
-    path = tmp_path / "shared.db"
+async def test_two_processes_share_one_journal_and_run_each_stage_once(tmp_path, journal_at):
+    path = journal_at("shared")
     async with await deploy(None, GRAPH, name="crash", journal=journal(path)) as flow:
         await flow.submit_many(range(300), keys=[str(i) for i in range(300)])
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
@@ -77,3 +80,44 @@ async def test_two_processes_share_one_journal_and_run_each_stage_once(tmp_path)
     async with await deploy(None, GRAPH, name="crash", journal=journal(path)) as flow:
         assert flow.status() == {"done": 300}
         assert await flow.result("7") == expected(7)
+
+
+async def check_every_key_once(where: str, n: int) -> None:
+    async with await deploy(None, GRAPH, name="crash", journal=journal(where)) as flow:
+        seen = [kv async for kv in flow.results()]
+        assert len(seen) == n
+        assert sorted(int(k) for k, _ in seen) == list(range(n))  # every key exactly once
+        assert all(v == expected(int(k)) for k, v in seen)
+        assert flow.dead_letters() == []
+        assert flow.status() == {"done": n}
+        assert flow.journal.read("SELECT count(*) FROM tokens")[0][0] == 0
+
+
+async def test_postgres_two_workers_one_killed_the_other_finishes_every_key_once(
+    postgres_dsn, tmp_path
+):
+    n = N // 2
+    async with await deploy(None, GRAPH, name="crash", journal=journal(postgres_dsn)) as flow:
+        await flow.submit_many(range(n), keys=[str(i) for i in range(n)])
+    rng = random.Random(os.environ.get("CRASH_SEED", time.time_ns()))
+    start_at = time.time() + 1.5  # both are imported and waiting by then
+    logs = [tmp_path / "victim.log", tmp_path / "survivor.log"]
+    victim, survivor = (child(postgres_dsn, log, start_at) for log in logs)
+    deadline = time.time() + 30
+    while not logs[0].exists() or not logs[0].read_text():  # the victim is at work
+        assert time.time() < deadline and victim.poll() is None
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.3))
+    assert victim.poll() is None  # the kill lands while the flow runs
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    out, _ = survivor.communicate(timeout=120)
+    assert survivor.returncode == 0 and "drained" in out
+    ran = {name: set() for name in ("parse", "square", "negate", "combine")}
+    for log in logs:
+        for line in log.read_text().splitlines():
+            name, x, _ = line.split()
+            ran[name].add(x)
+    assert logs[1].read_text()  # the survivor worked too
+    assert all(len(xs) == n for xs in ran.values())
+    await check_every_key_once(postgres_dsn, n)

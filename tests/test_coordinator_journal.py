@@ -1,4 +1,6 @@
-"""Durable flows on the SQLite journal: hops, leases, resume, fingerprints, bad files."""
+"""Durable flows on a journal: hops, leases, resume, fingerprints, bad files.
+
+Tests taking ``journal_at`` run on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pydotcompute.coordinator import FanIn, FanOut, SQLiteJournal, deploy, stage
+from pydotcompute.coordinator import FanIn, FanOut, PostgresJournal, SQLiteJournal, deploy, stage
 from pydotcompute.errors import ItemFailedError, JournalError, MessageSerializationError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,8 +27,28 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-async def test_durable_pipeline_keeps_results_and_dedups_keys_across_restarts(tmp_path):
-    path = tmp_path / "j.db"
+def journal_of(where: str, **options) -> SQLiteJournal | PostgresJournal:
+    if where.startswith("postgresql://"):
+        return PostgresJournal(where, **options)
+    return SQLiteJournal(where, **options)
+
+
+def tamper(where: str, sql: str, *args) -> None:
+    """Change the journal behind the flows' backs (another writer, a dead process)."""
+    if where.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(where, autocommit=True) as conn:
+            conn.execute(sql.replace("?", "%s"), args)
+    else:
+        conn = sqlite3.connect(where)
+        conn.execute(sql, args)
+        conn.commit()
+        conn.close()
+
+
+async def test_durable_pipeline_keeps_results_and_dedups_keys_across_restarts(journal_at):
+    path = journal_at()
     runs = collections.Counter()
 
     def inc(x):
@@ -38,10 +60,10 @@ async def test_durable_pipeline_keeps_results_and_dedups_keys_across_restarts(tm
         keys = await flow.submit_many(range(50), keys=[f"k{i}" for i in range(50)])
         await flow.drain(timeout=20)
         assert await flow.result("k3") == 40
-    assert os.path.exists(path)
-    conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    conn.close()
+    if not path.startswith("postgresql://"):
+        conn = sqlite3.connect(path)
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        conn.close()
     async with await deploy(None, graph, name="etl", journal=path) as flow:
         assert await flow.submit(3, key="k3") == "k3"  # known key: not run again
         await flow.drain(timeout=5)
@@ -52,10 +74,10 @@ async def test_durable_pipeline_keeps_results_and_dedups_keys_across_restarts(tm
     assert set(runs.values()) == {1}
 
 
-async def test_runtime_default_journal_and_explicit_none(tmp_path):
+async def test_runtime_default_journal_and_explicit_none(journal_at):
     from pydotcompute import RingKernelRuntime
 
-    path = tmp_path / "rt.db"
+    path = journal_at("rt")
     async with RingKernelRuntime(journal=str(path)) as rt:
         flow = await rt.deploy(stage(lambda x: x + 1), name="a")
         assert flow.journal is not None
@@ -67,8 +89,8 @@ async def test_runtime_default_journal_and_explicit_none(tmp_path):
     assert all(t.done() for t in flow._tasks + mem._tasks)
 
 
-async def test_durable_retries_dead_letters_and_replay(tmp_path):
-    path = tmp_path / "j.db"
+async def test_durable_retries_dead_letters_and_replay(journal_at):
+    path = journal_at()
     runs = collections.Counter()
     broken = {"on": True}
 
@@ -98,7 +120,7 @@ async def test_durable_retries_dead_letters_and_replay(tmp_path):
         assert flow.dead_letters() == []
 
 
-async def test_durable_join_by_key_when_one_branch_fails_one_item(tmp_path):
+async def test_durable_join_by_key_when_one_branch_fails_one_item(journal_at):
     def a(x):
         return ("a", x)
 
@@ -109,7 +131,7 @@ async def test_durable_join_by_key_when_one_branch_fails_one_item(tmp_path):
         return ("b", x)
 
     graph = FanOut(a, b, mode="broadcast") >> FanIn(lambda parts: parts)
-    async with await deploy(None, graph, name="j", journal=tmp_path / "j.db") as flow:
+    async with await deploy(None, graph, name="j", journal=journal_at()) as flow:
         await flow.submit_many([1, 2, 3], keys=["1", "2", "3"])
         await flow.drain(timeout=10)
         assert await flow.result("2") == [("a", 2), ("b", 2)]
@@ -117,8 +139,8 @@ async def test_durable_join_by_key_when_one_branch_fails_one_item(tmp_path):
         assert [r.key for r in flow.dead_letters()] == ["1"]
 
 
-async def test_different_graph_on_existing_journal_names_the_change(tmp_path):
-    path = tmp_path / "j.db"
+async def test_different_graph_on_existing_journal_names_the_change(journal_at):
+    path = journal_at()
 
     def parse(x):
         return x
@@ -131,10 +153,12 @@ async def test_different_graph_on_existing_journal_names_the_change(tmp_path):
 
     async with await deploy(None, stage(parse) >> enrich, name="etl", journal=path):
         pass
-    before = digest(path)
+    sqlite = not path.startswith("postgresql://")
+    before = digest(Path(path)) if sqlite else None
     with pytest.raises(JournalError, match=r"added: \['score'\].*removed: \['enrich'\]"):
         await deploy(None, stage(parse) >> score, name="etl", journal=path)
-    assert digest(path) == before
+    if sqlite:
+        assert digest(Path(path)) == before
     # another flow name on the same journal is fine
     async with await deploy(None, stage(parse) >> score, name="other", journal=path):
         pass
@@ -185,8 +209,8 @@ async def test_corrupt_and_truncated_journals_are_refused_and_left_untouched(tmp
         await deploy(None, stage(lambda x: x), name="t", journal=other)
 
 
-async def test_claims_are_compare_and_swap_and_a_lost_lease_writes_nothing(tmp_path):
-    path = tmp_path / "j.db"
+async def test_claims_are_compare_and_swap_and_a_lost_lease_writes_nothing(journal_at):
+    path = journal_at()
     hold = asyncio.Event()
 
     async def blocker(x):
@@ -194,8 +218,8 @@ async def test_claims_are_compare_and_swap_and_a_lost_lease_writes_nothing(tmp_p
         return x
 
     graph = stage(blocker) >> (lambda x: x)
-    a = await deploy(None, graph, name="g", journal=SQLiteJournal(path, lease=30))
-    b = await deploy(None, graph, name="g", journal=SQLiteJournal(path, lease=30))
+    a = await deploy(None, graph, name="g", journal=journal_of(path, lease=30))
+    b = await deploy(None, graph, name="g", journal=journal_of(path, lease=30))
     try:
         await a.submit_many(range(40))
         await asyncio.sleep(0.3)  # both claimers ran
@@ -205,10 +229,7 @@ async def test_claims_are_compare_and_swap_and_a_lost_lease_writes_nothing(tmp_p
         # Steal one token as if its lease had expired and another owner claimed it.
         owner, key = a.journal.read("SELECT owner, key FROM tokens WHERE port=0 LIMIT 1")[0]
         victim, other = (a, b) if owner == a.owner else (b, a)
-        conn = sqlite3.connect(path)
-        conn.execute("UPDATE tokens SET owner='thief' WHERE key=?", (key,))
-        conn.commit()
-        conn.close()
+        tamper(path, "UPDATE tokens SET owner='thief' WHERE key=?", key)
         hold.set()
         await asyncio.sleep(0.5)
         # its hop, and the next one it had started before the commit, wrote nothing
@@ -222,8 +243,8 @@ async def test_claims_are_compare_and_swap_and_a_lost_lease_writes_nothing(tmp_p
         await b.close()
 
 
-async def test_heartbeat_keeps_long_work_from_being_stolen(tmp_path):
-    path = tmp_path / "j.db"
+async def test_heartbeat_keeps_long_work_from_being_stolen(journal_at):
+    path = journal_at()
     runs = collections.Counter()
 
     async def slow(x):
@@ -231,7 +252,7 @@ async def test_heartbeat_keeps_long_work_from_being_stolen(tmp_path):
         await asyncio.sleep(1.0)  # far longer than the lease
         return x
 
-    journal = SQLiteJournal(path, lease=0.3, poll=0.02)
+    journal = journal_of(path, lease=0.3, poll=0.02)
     a = await deploy(None, stage(slow), name="g", journal=journal)
     await a.submit(1, key="one")
     await asyncio.sleep(0.2)
@@ -247,7 +268,7 @@ async def test_heartbeat_keeps_long_work_from_being_stolen(tmp_path):
 
 SLOW_CHILD = """
 import asyncio, sys
-from pydotcompute.coordinator import SQLiteJournal, deploy, stage
+from pydotcompute.coordinator import PostgresJournal, SQLiteJournal, deploy, stage
 
 async def slow(x):
     print("started", flush=True)
@@ -256,7 +277,8 @@ async def slow(x):
 
 async def main():
     lease = float(sys.argv[2]) if len(sys.argv) > 2 else 0.5
-    flow = await deploy(None, stage(slow), name="g", journal=SQLiteJournal(sys.argv[1], lease=lease))
+    kind = PostgresJournal if sys.argv[1].startswith("postgresql://") else SQLiteJournal
+    flow = await deploy(None, stage(slow), name="g", journal=kind(sys.argv[1], lease=lease))
     await flow.submit(5, key="five")
     await asyncio.sleep(60)
 
@@ -268,7 +290,7 @@ async def slow(x):
     return x * 2  # same stage name as the child's, so the graphs match
 
 
-def start_holder(path: Path, lease: float = 0.5) -> subprocess.Popen[str]:
+def start_holder(path: str, lease: float = 0.5) -> subprocess.Popen[str]:
     """A child process that submits item "five" and holds it in a stage forever."""
     proc = subprocess.Popen(
         [sys.executable, "-c", SLOW_CHILD, str(path), str(lease)],
@@ -280,43 +302,37 @@ def start_holder(path: Path, lease: float = 0.5) -> subprocess.Popen[str]:
     return proc
 
 
-def run_and_kill(path: Path) -> None:
+def run_and_kill(path: str) -> None:
     proc = start_holder(path)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
 
-async def test_dead_owner_item_is_taken_over_after_its_lease_expires(tmp_path):
-    path = tmp_path / "j.db"
+async def test_dead_owner_item_is_taken_over_after_its_lease_expires(journal_at):
+    path = journal_at()
     run_and_kill(path)
     # Pretend the dead owner ran on another host: only lease expiry can free its item.
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE owners SET host='elsewhere'")
-    conn.commit()
-    conn.close()
+    tamper(path, "UPDATE owners SET host='elsewhere'")
     t0 = time.monotonic()
     async with await deploy(
-        None, stage(slow), name="g", journal=SQLiteJournal(path, lease=0.5, poll=0.02)
+        None, stage(slow), name="g", journal=journal_of(path, lease=0.5, poll=0.02)
     ) as flow:
         assert await flow.result("five", timeout=10) == 10
     assert time.monotonic() - t0 < 5
 
 
-async def test_dead_owner_on_this_host_is_freed_at_once(tmp_path):
-    path = tmp_path / "j.db"
+async def test_dead_owner_on_this_host_is_freed_at_once(journal_at):
+    path = journal_at()
     run_and_kill(path)
-    conn = sqlite3.connect(path)
-    conn.execute("UPDATE tokens SET lease_until=lease_until+3600")  # a lease that never ends
-    conn.commit()
-    conn.close()
+    tamper(path, "UPDATE tokens SET lease_until=lease_until+3600")  # a lease that never ends
     async with await deploy(
-        None, stage(slow), name="g", journal=SQLiteJournal(path, poll=0.02)
+        None, stage(slow), name="g", journal=journal_of(path, poll=0.02)
     ) as flow:
         assert await flow.result("five", timeout=10) == 10
 
 
-async def test_finished_stage_is_not_rerun_after_restart(tmp_path):
-    path = tmp_path / "j.db"
+async def test_finished_stage_is_not_rerun_after_restart(journal_at):
+    path = journal_at()
     first_runs = collections.Counter()
     gate = asyncio.Event()
 
@@ -341,25 +357,25 @@ async def test_finished_stage_is_not_rerun_after_restart(tmp_path):
     assert set(first_runs.values()) == {1}
 
 
-async def test_tiny_buffers_do_not_stall_a_durable_flow(tmp_path):
+async def test_tiny_buffers_do_not_stall_a_durable_flow(journal_at):
     # Room the claimer reserves and then gives back must wake a worker waiting to put.
     graph = (
         stage(lambda x: x + 1, buffer=1)
         >> stage(lambda x: x, buffer=1)
         >> stage(lambda x: x, buffer=2)
     )
-    async with await deploy(None, graph, name="tiny", journal=tmp_path / "j.db") as flow:
+    async with await deploy(None, graph, name="tiny", journal=journal_at()) as flow:
         await flow.submit_many(range(300))
         await flow.drain(timeout=30)
         assert flow.status() == {"done": 300}
 
 
-async def test_an_output_the_journal_cannot_store_fails_only_that_item(tmp_path):
+async def test_an_output_the_journal_cannot_store_fails_only_that_item(journal_at):
     def make(x):
         return (lambda: x) if x == 2 else x  # a lambda cannot be pickled
 
     async with await deploy(
-        None, stage(make) >> (lambda v: v), name="p", journal=tmp_path / "j.db"
+        None, stage(make) >> (lambda v: v), name="p", journal=journal_at()
     ) as flow:
         await flow.submit_many([1, 2, 3], keys=["1", "2", "3"])
         await flow.drain(timeout=10)
@@ -369,7 +385,7 @@ async def test_an_output_the_journal_cannot_store_fails_only_that_item(tmp_path)
             await flow.submit(lambda: 0, key="bad")
 
 
-async def test_durable_flow_takes_from_the_journal_only_what_its_buffers_hold(tmp_path):
+async def test_durable_flow_takes_from_the_journal_only_what_its_buffers_hold(journal_at):
     release = asyncio.Event()
 
     async def blocked(x):
@@ -377,7 +393,7 @@ async def test_durable_flow_takes_from_the_journal_only_what_its_buffers_hold(tm
         return x
 
     graph = stage(blocked, buffer=4) >> stage(lambda x: x, buffer=2)
-    async with await deploy(None, graph, name="b", journal=tmp_path / "j.db") as flow:
+    async with await deploy(None, graph, name="b", journal=journal_at()) as flow:
         await flow.submit_many(range(200))
         await asyncio.sleep(0.3)
         held = flow.journal.read("SELECT count(*) FROM tokens WHERE owner=?", flow.owner)[0][0]
@@ -390,13 +406,13 @@ async def test_durable_flow_takes_from_the_journal_only_what_its_buffers_hold(tm
 
 
 async def test_an_interrupted_schema_creation_leaves_a_journal_that_opens(tmp_path, monkeypatch):
-    from pydotcompute.coordinator import journal as journal_module
+    from pydotcompute.coordinator import journal_sqlite
 
     path = tmp_path / "j.db"
-    broken = journal_module.SCHEMA.replace(
+    broken = journal_sqlite.SCHEMA.replace(
         "CREATE TABLE IF NOT EXISTS results(", "CREATE TABLE (", 1
     )
-    monkeypatch.setattr(journal_module, "SCHEMA", broken)
+    monkeypatch.setattr(journal_sqlite, "SCHEMA", broken)
     with pytest.raises(JournalError):  # as if the process died half-way through
         await deploy(None, stage(lambda x: x), name="t", journal=path)
     monkeypatch.undo()
@@ -408,29 +424,29 @@ async def test_an_interrupted_schema_creation_leaves_a_journal_that_opens(tmp_pa
 async def test_a_process_dying_while_creating_a_journal_leaves_no_half_made_file(
     tmp_path, monkeypatch
 ):
-    from pydotcompute.coordinator import journal as journal_module
+    from pydotcompute.coordinator import journal_sqlite
 
-    real_connect = journal_module.connect
+    real_connect = journal_sqlite.connect
 
     def dies_after_creating_the_file(path):
         sqlite3.connect(path).close()  # SQLite has created the (empty) file...
         raise JournalError("process killed")  # ...and then the process dies
 
     path = tmp_path / "j.db"
-    monkeypatch.setattr(journal_module, "connect", dies_after_creating_the_file)
+    monkeypatch.setattr(journal_sqlite, "connect", dies_after_creating_the_file)
     with pytest.raises(JournalError, match="killed"):
         await deploy(None, stage(lambda x: x), name="t", journal=path)
-    monkeypatch.setattr(journal_module, "connect", real_connect)
+    monkeypatch.setattr(journal_sqlite, "connect", real_connect)
     assert not path.exists() and list(tmp_path.iterdir()) == []
     async with await deploy(None, stage(lambda x: x + 1), name="t", journal=path) as flow:
         await flow.submit(1, key="a")
         assert await flow.result("a", timeout=5) == 2
 
 
-async def test_a_running_flow_frees_the_items_of_a_process_that_dies_beside_it(tmp_path):
-    path = tmp_path / "j.db"
+async def test_a_running_flow_frees_the_items_of_a_process_that_dies_beside_it(journal_at):
+    path = journal_at()
     holder = start_holder(path, lease=3600)  # its lease alone would never run out here
-    journal = SQLiteJournal(path, lease=0.6, poll=0.02)  # heartbeat every 0.2 s
+    journal = journal_of(path, lease=0.6, poll=0.02)  # heartbeat every 0.2 s
     async with await deploy(None, stage(slow), name="g", journal=journal) as flow:
         await asyncio.sleep(0.3)
         holder.send_signal(signal.SIGKILL)

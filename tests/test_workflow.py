@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import pathlib
 import sqlite3
 import time
 from typing import Any
@@ -63,7 +62,12 @@ async def chain(x: int, ctx: Any) -> int:
     return await ctx.call(inc, x)
 
 
-def db(path: pathlib.Path, sql: str, *args: Any) -> list[Any]:
+def db(path: str, sql: str, *args: Any) -> list[Any]:
+    if path.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(path) as pg:
+            return [tuple(r) for r in pg.execute(sql.replace("%", "%%").replace("?", "%s"), args)]
     conn = sqlite3.connect(path)
     try:
         return conn.execute(sql, args).fetchall()
@@ -78,10 +82,10 @@ async def until(cond: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def test_result_and_status(tmp_path: pathlib.Path) -> None:
+async def test_result_and_status(journal_at: Any) -> None:
     GATES["chain"] = asyncio.Event()
     GATES["chain"].set()
-    async with RingKernelRuntime(journal=tmp_path / "app.db") as rt:
+    async with RingKernelRuntime(journal=journal_at("app")) as rt:
         key = await rt.start_workflow(chain, 1, key="c1")
         assert key == "c1"
         assert await rt.workflow_result("c1", timeout=5) == 4
@@ -89,7 +93,7 @@ async def test_result_and_status(tmp_path: pathlib.Path) -> None:
         assert isinstance(st, WorkflowStatus)
         assert (st.state, st.calls, st.step, st.parent) == ("done", 4, inc.name, None)
     # plain SQL sees the same
-    assert db(tmp_path / "app.db", "SELECT pos, kind, state FROM workflow_calls ORDER BY pos") == [
+    assert db(journal_at("app"), "SELECT pos, kind, state FROM workflow_calls ORDER BY pos") == [
         (0, "activity", "done"),
         (1, "activity", "done"),
         (2, "activity", "done"),
@@ -97,10 +101,8 @@ async def test_result_and_status(tmp_path: pathlib.Path) -> None:
     ]
 
 
-async def test_replay_returns_committed_results_without_running_them(
-    tmp_path: pathlib.Path,
-) -> None:
-    path = tmp_path / "app.db"
+async def test_replay_returns_committed_results_without_running_them(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         await rt.start_workflow(chain, 1, key="c")
         await until(lambda: RUNS["gate chain"] == 1)
@@ -114,10 +116,10 @@ async def test_replay_returns_committed_results_without_running_them(
     assert RUNS == {"inc 1": 1, "inc 2": 1, "gate chain": 2, "inc 3": 1}
 
 
-async def test_start_is_idempotent_per_key(tmp_path: pathlib.Path) -> None:
+async def test_start_is_idempotent_per_key(journal_at: Any) -> None:
     GATES["chain"] = asyncio.Event()
     GATES["chain"].set()
-    async with RingKernelRuntime(journal=tmp_path / "app.db") as rt:
+    async with RingKernelRuntime(journal=journal_at("app")) as rt:
         assert await rt.start_workflow(chain, 1, key="k") == "k"
         assert await rt.workflow_result("k") == 4
         assert await rt.start_workflow(chain, 100, key="k") == "k"  # known: not run again
@@ -147,8 +149,8 @@ async def changing_v2(x: int, ctx: Any) -> int:
     return 1
 
 
-async def test_changed_replay_raises_non_determinism_naming_both(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "app.db"
+async def test_changed_replay_raises_non_determinism_naming_both(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         await rt.start_workflow(changing_v1, 1, key="n")
         await until(lambda: RUNS["gate v1"] == 1)
@@ -166,10 +168,8 @@ async def shorter(x: int, ctx: Any) -> int:
     return x
 
 
-async def test_replay_that_skips_recorded_calls_is_non_deterministic(
-    tmp_path: pathlib.Path,
-) -> None:
-    path = tmp_path / "app.db"
+async def test_replay_that_skips_recorded_calls_is_non_deterministic(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         await rt.start_workflow(changing_v1, 1, key="s")
         await until(lambda: RUNS["gate v1"] == 1)
@@ -216,8 +216,8 @@ async def failing(x: int, ctx: Any) -> Any:
     return out
 
 
-async def test_activity_retries_timeouts_and_recorded_failures(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "app.db"
+async def test_activity_retries_timeouts_and_recorded_failures(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         await rt.start_workflow(failing, 2, key="f")
         await until(lambda: RUNS["gate failing"] == 1)
@@ -251,8 +251,8 @@ async def clocks(x: int, ctx: Any) -> tuple[float, float]:
     return t, r
 
 
-async def test_now_random_and_sleep_are_replayed(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "app.db"
+async def test_now_random_and_sleep_are_replayed(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         t0 = time.time()
         await rt.start_workflow(clocks, 0, key="t")
@@ -279,11 +279,11 @@ async def fan(x: int, ctx: Any) -> list[int]:
     return await ctx.all(ctx.call(inc, x), ctx.call(inc, x + 10), ctx.call(inc, x + 20))
 
 
-async def test_all_returns_results_in_call_order(tmp_path: pathlib.Path) -> None:
-    async with RingKernelRuntime(journal=tmp_path / "app.db") as rt:
+async def test_all_returns_results_in_call_order(journal_at: Any) -> None:
+    async with RingKernelRuntime(journal=journal_at("app")) as rt:
         await rt.start_workflow(fan, 1, key="a")
         assert await rt.workflow_result("a") == [2, 12, 22]
-    rows = db(tmp_path / "app.db", "SELECT pos, args FROM workflow_calls ORDER BY pos")
+    rows = db(journal_at("app"), "SELECT pos, args FROM workflow_calls ORDER BY pos")
     assert [r[0] for r in rows] == [0, 1, 2]
 
 
@@ -306,8 +306,8 @@ async def parent(x: int, ctx: Any) -> int:
     return await ctx.call(child, g)  # another workflow
 
 
-async def test_kernel_graph_and_child_steps(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "app.db"
+async def test_kernel_graph_and_child_steps(journal_at: Any) -> None:
+    path = journal_at("app")
     GATES["child 212"] = asyncio.Event()
     GATES["child 212"].set()
     async with RingKernelRuntime(journal=path) as rt:
@@ -320,8 +320,8 @@ async def test_kernel_graph_and_child_steps(tmp_path: pathlib.Path) -> None:
     assert db(path, "SELECT key FROM items WHERE key LIKE 'p/%'") == [("p/1",)]
 
 
-async def test_cancel_restart_delete_remove_child_records(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "app.db"
+async def test_cancel_restart_delete_remove_child_records(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         await rt.launch("double", doubler)
         await rt.activate("double")
@@ -368,8 +368,8 @@ async def approve(what: str, ctx: Any) -> tuple[str, Any]:
     return verdict, extra
 
 
-async def test_tasks_wait_in_the_journal_until_completed(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "app.db"
+async def test_tasks_wait_in_the_journal_until_completed(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         await rt.start_workflow(approve, "laptop", key="a1")
         await until(lambda: rt.pending_tasks(approval) != [])
@@ -391,8 +391,8 @@ async def test_tasks_wait_in_the_journal_until_completed(tmp_path: pathlib.Path)
         assert await rt.workflow_result("a1", timeout=5) == ("laptop: yes", {"n": 1})
 
 
-async def test_resume_takes_over_workflows_left_behind(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "app.db"
+async def test_resume_takes_over_workflows_left_behind(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         await rt.start_workflow(chain, 1, key="r1")
         await rt.start_workflow(chain, 2, key="r2")
@@ -406,10 +406,10 @@ async def test_resume_takes_over_workflows_left_behind(tmp_path: pathlib.Path) -
     assert RUNS["inc 1"] == 1 and RUNS["inc 2"] == 2  # inc 2 is r1's 2nd call and r2's 1st
 
 
-async def test_engine_on_its_own_and_argument_errors(tmp_path: pathlib.Path) -> None:
+async def test_engine_on_its_own_and_argument_errors(journal_at: Any) -> None:
     with pytest.raises(InvalidConfigurationError, match="need a journal"):
         WorkflowEngine(None, None)
-    async with WorkflowEngine(None, tmp_path / "app.db") as engine:
+    async with WorkflowEngine(None, journal_at("app")) as engine:
         await engine.start(fan, 0, key="x")
         assert await engine.result("x") == [1, 11, 21]
         assert engine.status("x").calls == 3
@@ -433,8 +433,8 @@ async def bad_steps(x: int, ctx: Any) -> Any:
     return await ctx.call(lambda v: v * 7, x)  # a plain function is an activity
 
 
-async def test_step_checks_and_plain_functions(tmp_path: pathlib.Path) -> None:
-    async with RingKernelRuntime(journal=tmp_path / "app.db") as rt:
+async def test_step_checks_and_plain_functions(journal_at: Any) -> None:
+    async with RingKernelRuntime(journal=journal_at("app")) as rt:
         await rt.start_workflow(bad_steps, 6, key="b")
         assert await rt.workflow_result("b") == 42
 
@@ -475,8 +475,8 @@ async def orders(x: int, ctx: Any) -> int:
     return n
 
 
-async def test_messages_with_fresh_ids_replay(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "app.db"
+async def test_messages_with_fresh_ids_replay(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         await rt.start_workflow(orders, 5, key="o")
         await until(lambda: RUNS["gate orders"] == 1)
@@ -488,26 +488,24 @@ async def test_messages_with_fresh_ids_replay(tmp_path: pathlib.Path) -> None:
     assert RUNS["order"] == 1
 
 
-async def test_a_refused_write_does_not_undo_the_rest_of_its_commit(
-    tmp_path: pathlib.Path,
-) -> None:
+async def test_a_refused_write_does_not_undo_the_rest_of_its_commit(journal_at: Any) -> None:
     GATES["chain"] = asyncio.Event()
-    async with WorkflowEngine(None, tmp_path / "app.db") as engine:
+    async with WorkflowEngine(None, journal_at("app")) as engine:
         await engine.start(chain, 1, key="c")
         await until(lambda: RUNS["gate chain"] == 1)
         store = engine.store
         # a second record at a recorded position, queued with a good one: one transaction
         dup = store.post(store.op_call, "c", 0, "activity", "x", b"", "done", None, None, None)
         ok = store.post(store.op_call, "c", 5, "activity", "x", b"", "done", None, None, None)
-        with pytest.raises(sqlite3.IntegrityError):
+        with pytest.raises(store.dialect.refusals()):
             await dup
         await ok
         assert engine.status("c").calls == 3  # two real calls and the good record
 
 
-async def test_two_engines_on_one_journal(tmp_path: pathlib.Path) -> None:
+async def test_two_engines_on_one_journal(journal_at: Any) -> None:
     """Like two processes: one runs the workflow, the other answers and waits on it."""
-    path = tmp_path / "app.db"
+    path = journal_at("app")
     async with WorkflowEngine(None, path) as a, WorkflowEngine(None, path) as b:
         await a.start(approve, "desk", key="d")
         await until(lambda: b.pending(approval) != [])
@@ -518,8 +516,8 @@ async def test_two_engines_on_one_journal(tmp_path: pathlib.Path) -> None:
         assert await b.result("d", timeout=5) == ("desk: no", 0)
 
 
-async def test_child_workflow_resumes_with_its_parent(tmp_path: pathlib.Path) -> None:
-    path = tmp_path / "app.db"
+async def test_child_workflow_resumes_with_its_parent(journal_at: Any) -> None:
+    path = journal_at("app")
     async with RingKernelRuntime(journal=path) as rt:
         await rt.launch("double", doubler)
         await rt.activate("double")
@@ -544,13 +542,11 @@ async def two_graphs(x: int, ctx: Any) -> list[int]:
     return [a, b]
 
 
-async def test_graphs_of_one_shape_with_different_code_stay_apart(
-    tmp_path: pathlib.Path,
-) -> None:
-    async with RingKernelRuntime(journal=tmp_path / "app.db") as rt:
+async def test_graphs_of_one_shape_with_different_code_stay_apart(journal_at: Any) -> None:
+    async with RingKernelRuntime(journal=journal_at("app")) as rt:
         await rt.start_workflow(two_graphs, 4, key="g")
         assert await rt.workflow_result("g", timeout=10) == [5, 40]
         await rt.start_workflow(two_graphs, 5, key="h")  # built again: same flows
         assert await rt.workflow_result("h", timeout=10) == [6, 50]
-    flows = db(tmp_path / "app.db", "SELECT count(*) FROM flows")
+    flows = db(journal_at("app"), "SELECT count(*) FROM flows")
     assert flows == [(2,)]

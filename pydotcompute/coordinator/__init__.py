@@ -17,7 +17,7 @@ from pydotcompute.coordinator.graph import (
     route,
     stage,
 )
-from pydotcompute.coordinator.journal import SQLiteJournal, open_journal
+from pydotcompute.coordinator.journal import PostgresJournal, SQLiteJournal, open_journal
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import DeadLetter
 from pydotcompute.coordinator.retry import RetryPolicy
@@ -33,6 +33,7 @@ __all__ = [
     "Pipeline",
     "RetryPolicy",
     "Route",
+    "PostgresJournal",
     "SQLiteJournal",
     "Stage",
     "deploy",
@@ -55,7 +56,8 @@ async def deploy(runtime: Any, graph: Any, *, name: str, journal: Any = DEFAULT_
 
     ``runtime`` (a RingKernelRuntime, or None for function-only graphs) runs kernel-id
     stages and closes the flow when it shuts down. ``journal``: None (in memory), a
-    path or an :class:`SQLiteJournal`; by default the runtime's own journal.
+    path (SQLite), a ``postgresql://`` DSN, an :class:`SQLiteJournal` or a
+    :class:`PostgresJournal`; by default the runtime's own journal.
     """
     plan = compile_graph(graph)
     if journal is DEFAULT_JOURNAL:

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from pydotcompute.coordinator.channel import Channel
-from pydotcompute.coordinator.journal import Dest, Events, JournalSession, SQLiteJournal
+from pydotcompute.coordinator.journal import Dest, Events, JournalConfig, JournalSession
 from pydotcompute.coordinator.plan import Edge, Node, Plan
 from pydotcompute.coordinator.records import (
     ACTIVE,
@@ -123,7 +123,7 @@ class Flow:
         *,
         name: str,
         runtime: Any = None,
-        journal: SQLiteJournal | None = None,
+        journal: JournalConfig | None = None,
     ) -> None:
         self.plan = plan
         self.name = name

@@ -24,7 +24,7 @@ from typing import Any
 
 from pydotcompute.coordinator.flow import Flow, check_key
 from pydotcompute.coordinator.graph import Graph
-from pydotcompute.coordinator.journal import SQLiteJournal, open_journal
+from pydotcompute.coordinator.journal import JournalConfig, open_journal
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import decode, encode
 from pydotcompute.errors import (
@@ -293,7 +293,7 @@ class WorkflowEngine:
                 "workflows need a journal: RingKernelRuntime(journal='app.db')"
             )
         self.runtime = runtime
-        self.journal: SQLiteJournal = cfg
+        self.journal: JournalConfig = cfg
         self.owner = uuid.uuid4().hex
         self.store = WorkflowStore(cfg, self.owner)
         self._runs: dict[str, asyncio.Task[None]] = {}

@@ -1,31 +1,21 @@
-"""Where workflows keep their history: two tables in the coordinator's SQLite journal.
+"""Where workflows keep their history: two tables in the coordinator's journal.
 
-Writes are *ops* queued by workflow tasks and applied by one writer on the event loop,
-many per transaction (group commit), in the order they were queued: a call's record is
-never durable without the records queued before it. Every write of a running workflow
-checks that this engine still owns it (``owner``), so a workflow cancelled, restarted or
-taken over by another process cannot be written by the old run.
+Writes are *ops* queued by workflow tasks and applied by the journal's writer
+(:class:`JournalWriter`), many per transaction (group commit), in the order they were
+queued: a call's record is never durable without the records queued before it. Every
+write of a running workflow checks that this engine still owns it (``owner``), so a
+workflow cancelled, restarted or taken over by another process cannot be written by the
+old run.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-import sqlite3
-import time
-from collections import deque
-from collections.abc import Callable
 from typing import Any
 
-from pydotcompute.coordinator.journal import (
-    SQLiteJournal,
-    check_file,
-    connect,
-    create_file,
-    pid_alive,
-)
-from pydotcompute.errors import JournalError
+from pydotcompute.coordinator.journal import JournalConfig, pid_alive
+from pydotcompute.coordinator.journal_writer import JournalWriter, Op
 
 __all__ = ["CallRow", "WorkflowStore"]
 
@@ -54,156 +44,60 @@ STATES = (RUNNING, DONE, FAILED, CANCELLED)
 
 # The workflow and every workflow started from it, at any depth.
 DESCENDANTS = """WITH RECURSIVE d(k) AS (
-    SELECT ? UNION SELECT w.key FROM workflows w JOIN d ON w.parent = d.k) """
+    SELECT key FROM workflows WHERE key=?
+    UNION SELECT w.key FROM workflows w JOIN d ON w.parent = d.k) """
 
 
 class LostOwnership(Exception):
     """This engine no longer runs the workflow (cancelled, restarted, taken over)."""
 
 
-class WorkflowStore:
-    """The workflow tables of one journal: a group-committing writer and a reader."""
+class WorkflowStore(JournalWriter):
+    """The workflow tables of one journal, written through the journal's writer."""
 
-    def __init__(self, journal: SQLiteJournal, owner: str) -> None:
-        self.journal = journal
+    what = "the workflow journal"
+
+    def __init__(self, journal: JournalConfig, owner: str) -> None:
+        super().__init__(journal)
         self.owner = owner
         self.host = socket.gethostname()
         self.pid = os.getpid()
-        self._ops: deque[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any] | None]]
-        self._ops = deque()
-        self._wake = asyncio.Event()
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
-        self._writer: sqlite3.Connection | None = None
-        self._reader: sqlite3.Connection | None = None
-        self.on_error: Callable[[BaseException], None] = lambda exc: None
-        self.commits = 0
+        self._refusals: tuple[type[Exception], ...] = (
+            LostOwnership,
+            LookupError,
+            ValueError,
+            *self.dialect.refusals(),
+        )
 
-    # ---- lifetime -------------------------------------------------------------------
-    async def open(self) -> None:
-        self._started(await asyncio.to_thread(self._open_sync))
+    def post(self, fn: Any, *args: Any, want: bool = True) -> Any:
+        return super().post(fn, *args, want=want)
 
-    def open_now(self) -> None:
-        """``open`` without leaving the event loop (it blocks while the file is checked)."""
-        self._started(self._open_sync())
+    # ---- writer hooks -------------------------------------------------------------------
+    def setup(self, conn: Any, now: float) -> None:
+        self.dialect.create(conn, SCHEMA)
 
-    def _started(self, writer: sqlite3.Connection) -> None:
-        self._writer = writer
-        writer.execute("PRAGMA busy_timeout=10")  # waited for in _run, off SQLite
-        self._reader = sqlite3.connect(self.journal.path, isolation_level=None, timeout=60.0)
-        self._task = asyncio.create_task(self._run())
-
-    def _open_sync(self) -> sqlite3.Connection:
-        path = self.journal.path
-        create_file(path)
-        check_file(path)
-        conn = connect(path)
-        try:
-            conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            conn.close()
-            raise
-        return conn
-
-    async def close(self) -> None:
-        """Give back this engine's workflows (another process may resume them at once)."""
-        if self._task is None:
-            return
-        try:
-            await self.call(self.op_release)
-        except JournalError:
-            pass  # reported through on_error; the leases simply run out
-        self._stopping = True
-        self._wake.set()
-        try:
-            await self._task
-        finally:
-            self._task = None
-            for conn in (self._writer, self._reader):
-                if conn is not None:
-                    conn.close()
-            self._writer = self._reader = None
-
-    # ---- queueing ops ---------------------------------------------------------------
-    def post(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
-        if self._task is None or self._stopping:
-            raise JournalError("the workflow journal is closed")
-        fut = asyncio.get_running_loop().create_future()
-        self._ops.append((fn, args, fut))
-        self._wake.set()
-        return fut
-
-    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await self.post(fn, *args)
-
-    async def _run(self) -> None:
-        """Group commit on the event loop: all ops queued since the last commit go into the
-        next transaction, each ending with its own result or exception."""
-        conn = self._writer
-        assert conn is not None
-        beat = self.journal.lease / 3
-        next_beat = time.time() + beat
-        while True:
-            if not self._ops and not self._stopping:
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), max(0.0, next_beat - time.time()))
-                except asyncio.TimeoutError:
-                    pass
-            while True:  # another process may hold the write lock: wait off the loop
-                try:
-                    conn.execute("BEGIN IMMEDIATE")
-                    break
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) and "busy" not in str(exc):
-                        raise
-                    await asyncio.sleep(0.005)
-            n = min(len(self._ops), self.journal.max_batch)
-            ops = [self._ops.popleft() for _ in range(n)]
-            stop = self._stopping and not self._ops
-            now = time.time()
-            results: list[Any] = []
+    def apply(self, conn: Any, now: float, ops: list[Op]) -> list[Any]:
+        results: list[Any] = []
+        for fn, args, _ in ops:
+            conn.execute("SAVEPOINT op")
             try:
-                for fn, args, _ in ops:
-                    conn.execute("SAVEPOINT op")
-                    try:
-                        results.append(fn(conn, now, *args))
-                        conn.execute("RELEASE op")
-                    except (LostOwnership, LookupError, ValueError, sqlite3.IntegrityError) as exc:
-                        # The op's own refusal: undo just this op, keep the batch.
-                        conn.execute("ROLLBACK TO op")
-                        conn.execute("RELEASE op")
-                        results.append(exc)
-                if now >= next_beat:
-                    self.op_heartbeat(conn, now)
-                    next_beat = now + beat
-                conn.execute("COMMIT")
-            except Exception as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                err = (
-                    exc
-                    if isinstance(exc, JournalError)
-                    else JournalError(f"workflow journal write failed: {exc!r}")
-                )
-                err.__cause__ = exc
-                results = [err] * len(ops)
-                if not ops:
-                    self.on_error(err)
-            self.commits += 1
-            for (_, _, fut), res in zip(ops, results, strict=True):
-                if fut is not None and not fut.done():
-                    if isinstance(res, BaseException):
-                        fut.set_exception(res)
-                    else:
-                        fut.set_result(res)
-            if stop:
-                break
+                results.append(fn(conn, now, *args))
+                conn.execute("RELEASE SAVEPOINT op")
+            except self._refusals as exc:
+                # The op's own refusal: undo just this op, keep the batch.
+                conn.execute("ROLLBACK TO SAVEPOINT op")
+                conn.execute("RELEASE SAVEPOINT op")
+                results.append(exc)
+        return results
+
+    def heartbeat(self, conn: Any, now: float) -> None:
+        self.op_heartbeat(conn, now)
+
+    def release(self, conn: Any, now: float) -> None:
+        self.op_release(conn, now)
 
     # ---- ops: run by the writer inside a transaction -----------------------------------
-    def _own(self, conn: sqlite3.Connection, key: str, now: float, step: str | None) -> None:
+    def _own(self, conn: Any, key: str, now: float, step: str | None) -> None:
         cur = conn.execute(
             "UPDATE workflows SET calls=calls+1, step=coalesce(?, step), updated=? "
             "WHERE key=? AND owner=? AND state='running'",
@@ -219,7 +113,7 @@ class WorkflowStore:
         # A process on this host that is gone cannot renew its lease: no need to wait.
         return host == self.host and pid != self.pid and not pid_alive(pid)
 
-    def _claim(self, conn: sqlite3.Connection, key: str, now: float) -> None:
+    def _claim(self, conn: Any, key: str, now: float) -> None:
         conn.execute(
             "UPDATE workflows SET owner=?, owner_host=?, owner_pid=?, lease_until=? WHERE key=?",
             (self.owner, self.host, self.pid, now + self.journal.lease, key),
@@ -227,7 +121,7 @@ class WorkflowStore:
 
     def op_start(
         self,
-        conn: sqlite3.Connection,
+        conn: Any,
         now: float,
         key: str,
         name: str,
@@ -237,8 +131,9 @@ class WorkflowStore:
         """Add the workflow, or find it: (state, claimed by us, history and stored input
         if it was there already and we claimed it)."""
         cur = conn.execute(
-            "INSERT OR IGNORE INTO workflows(key, name, parent, state, input, owner, owner_host, "
-            "owner_pid, lease_until, created, updated) VALUES(?,?,?,'running',?,?,?,?,?,?,?)",
+            "INSERT INTO workflows(key, name, parent, state, input, owner, owner_host, "
+            "owner_pid, lease_until, created, updated) VALUES(?,?,?,'running',?,?,?,?,?,?,?) "
+            "ON CONFLICT DO NOTHING",
             (
                 key,
                 name,
@@ -256,7 +151,7 @@ class WorkflowStore:
             return RUNNING, True, {}, None
         row = conn.execute(
             "SELECT name, state, owner, owner_host, owner_pid, lease_until, input FROM workflows "
-            "WHERE key=?",
+            "WHERE key=?" + self.dialect.for_update,  # two engines must not both claim it
             (key,),
         ).fetchone()
         if row[0] != name:
@@ -266,7 +161,7 @@ class WorkflowStore:
         self._claim(conn, key, now)
         return RUNNING, True, self.history(conn, key), row[6]
 
-    def history(self, conn: sqlite3.Connection, key: str) -> dict[int, CallRow]:
+    def history(self, conn: Any, key: str) -> dict[int, CallRow]:
         return {
             r[0]: r[1:]
             for r in conn.execute(
@@ -278,7 +173,7 @@ class WorkflowStore:
 
     def op_call(
         self,
-        conn: sqlite3.Connection,
+        conn: Any,
         now: float,
         key: str,
         pos: int,
@@ -311,7 +206,7 @@ class WorkflowStore:
 
     def op_finish(
         self,
-        conn: sqlite3.Connection,
+        conn: Any,
         now: float,
         key: str,
         state: str,
@@ -327,7 +222,7 @@ class WorkflowStore:
             raise LostOwnership(key)
 
     def op_complete(
-        self, conn: sqlite3.Connection, now: float, step: str, task_key: str, result: bytes
+        self, conn: Any, now: float, step: str, task_key: str, result: bytes
     ) -> tuple[str, int] | None:
         """Finish a waiting task item of a running workflow: (workflow, pos), or None."""
         row = conn.execute(
@@ -337,29 +232,31 @@ class WorkflowStore:
         ).fetchone()
         if row is None:
             return None
-        conn.execute(
-            "UPDATE workflow_calls SET state='done', result=?, finished=? WHERE task_key=?",
+        cur = conn.execute(
+            "UPDATE workflow_calls SET state='done', result=?, finished=? "
+            "WHERE task_key=? AND state='waiting'",
             (result, now, task_key),
         )
-        return row[0], row[1]
+        return (row[0], row[1]) if cur.rowcount == 1 else None  # another answer came first
 
-    def op_cancel(self, conn: sqlite3.Connection, now: float, key: str, reason: str) -> list[str]:
+    def op_cancel(self, conn: Any, now: float, key: str, reason: str) -> list[str]:
         """Cancel a running workflow and its running descendants; returns their keys."""
         keys = [
             r[0]
             for r in conn.execute(
-                DESCENDANTS + "SELECT key FROM workflows WHERE key IN d AND state='running'",
+                DESCENDANTS
+                + "SELECT key FROM workflows WHERE key IN (SELECT k FROM d) AND state='running'",
                 (key,),
             )
         ]
         conn.execute(
             DESCENDANTS + "UPDATE workflows SET state='cancelled', error=?, owner=NULL, "
-            "lease_until=0, updated=? WHERE key IN d AND state='running'",
+            "lease_until=0, updated=? WHERE key IN (SELECT k FROM d) AND state='running'",
             (key, reason, now),
         )
         return keys
 
-    def _forget_children(self, conn: sqlite3.Connection, key: str) -> None:
+    def _forget_children(self, conn: Any, key: str) -> None:
         """Delete every record a workflow's calls made: call rows, child workflows (at any
         depth) and the items its graph calls put into flows (keyed ``<key>/<pos>``)."""
         keys = [r[0] for r in conn.execute(DESCENDANTS + "SELECT k FROM d", (key,))]
@@ -372,9 +269,12 @@ class WorkflowStore:
                     "AND substr(key, 1, ?)=?",
                     (len(prefix), prefix),
                 )
-        conn.execute(DESCENDANTS + "DELETE FROM workflows WHERE key IN d AND key<>?", (key, key))
+        conn.execute(
+            DESCENDANTS + "DELETE FROM workflows WHERE key IN (SELECT k FROM d) AND key<>?",
+            (key, key),
+        )
 
-    def op_restart(self, conn: sqlite3.Connection, now: float, key: str) -> tuple[str, bytes]:
+    def op_restart(self, conn: Any, now: float, key: str) -> tuple[str, bytes]:
         """Forget everything the workflow did and run it again, owned by us: (name, input)."""
         row = conn.execute("SELECT name, input FROM workflows WHERE key=?", (key,)).fetchone()
         if row is None:
@@ -388,21 +288,15 @@ class WorkflowStore:
         self._claim(conn, key, now)
         return row[0], row[1]
 
-    def op_delete(self, conn: sqlite3.Connection, now: float, key: str) -> bool:
+    def op_delete(self, conn: Any, now: float, key: str) -> bool:
         self._forget_children(conn, key)
         return conn.execute("DELETE FROM workflows WHERE key=?", (key,)).rowcount == 1
 
-    def op_heartbeat(self, conn: sqlite3.Connection, now: float) -> None:
+    def op_heartbeat(self, conn: Any, now: float) -> None:
         conn.execute(
             "UPDATE workflows SET lease_until=? WHERE owner=? AND state='running'",
             (now + self.journal.lease, self.owner),
         )
 
-    def op_release(self, conn: sqlite3.Connection, now: float) -> None:
+    def op_release(self, conn: Any, now: float) -> None:
         conn.execute("UPDATE workflows SET owner=NULL, lease_until=0 WHERE owner=?", (self.owner,))
-
-    # ---- reads (committed state) --------------------------------------------------------
-    def read(self, sql: str, *args: Any) -> list[Any]:
-        if self._reader is None:
-            raise JournalError("the workflow journal is closed")
-        return self._reader.execute(sql, args).fetchall()

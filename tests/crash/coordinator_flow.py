@@ -1,6 +1,7 @@
 """A durable fan-out/join flow run in a child process by the crash and sharing tests.
 
-``python coordinator_flow.py JOURNAL [LOG]`` resumes the flow on JOURNAL and runs it
+``python coordinator_flow.py JOURNAL [LOG]`` resumes the flow on JOURNAL (an SQLite path or
+a postgresql:// DSN) and runs it
 until no item is active. Each stage run appends "stage value pid" to LOG. With
 COORD_START_AT (a time.time() value) it waits until then before deploying.
 """
@@ -12,7 +13,7 @@ import os
 import sys
 import time
 
-from pydotcompute.coordinator import FanIn, FanOut, SQLiteJournal, deploy, stage
+from pydotcompute.coordinator import FanIn, FanOut, PostgresJournal, SQLiteJournal, deploy, stage
 
 _log = None
 
@@ -50,8 +51,10 @@ def expected(x: int) -> int:
     return x * x - x
 
 
-def journal(path: str) -> SQLiteJournal:
-    return SQLiteJournal(path, lease=2.0, poll=0.02)
+def journal(where: str) -> SQLiteJournal | PostgresJournal:
+    if str(where).startswith("postgresql://"):
+        return PostgresJournal(str(where), lease=2.0, poll=0.02)
+    return SQLiteJournal(where, lease=2.0, poll=0.02)
 
 
 async def main(path: str) -> None:

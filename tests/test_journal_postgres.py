@@ -1,0 +1,140 @@
+"""What only the PostgreSQL journal has: its DSN, its optional driver, its schema checks.
+
+Everything a journal does is tested on both engines in the journal, crash and workflow
+tests (``journal_at``)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pydotcompute import RingKernelRuntime
+from pydotcompute.coordinator import FanIn, FanOut, PostgresJournal, SQLiteJournal, deploy, stage
+from pydotcompute.coordinator.journal import open_journal
+from pydotcompute.errors import JournalError
+from pydotcompute.workflows import WorkflowEngine, task, workflow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_importing_the_package_and_naming_a_dsn_does_not_import_psycopg():
+    code = (
+        "import sys, pydotcompute\n"
+        "from pydotcompute.coordinator import deploy\n"
+        "from pydotcompute.coordinator.journal import open_journal\n"
+        "open_journal('postgresql://u@h/db')\n"
+        "assert 'psycopg' not in sys.modules, 'psycopg imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+async def test_a_dsn_without_psycopg_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg now fails
+    with pytest.raises(JournalError, match=r'pip install "pydotcompute\[postgres\]"'):
+        await deploy(None, stage(lambda x: x), name="f", journal="postgresql://u@127.0.0.1/db")
+
+
+def test_dsn_strings_and_configs_are_normalised_and_passwords_stay_hidden():
+    j = open_journal("postgresql://app:s3cret@db.example:5432/jobs?sslmode=require")
+    assert isinstance(j, PostgresJournal) and j.lease == 30.0
+    assert "s3cret" not in repr(j) and "db.example" in repr(j)
+    assert isinstance(open_journal("postgres://h/db"), PostgresJournal)
+    assert isinstance(open_journal("jobs.db"), SQLiteJournal)
+    cfg = PostgresJournal("postgresql://h/db", lease=5, poll=0.1)
+    assert open_journal(cfg) is cfg
+    with pytest.raises(JournalError, match="postgresql://"):
+        PostgresJournal("jobs.db")
+
+
+async def test_an_unreachable_server_is_a_journal_error_without_the_password():
+    dsn = "postgresql://app:s3cret@127.0.0.1:1/jobs?connect_timeout=2"
+    with pytest.raises(JournalError, match="cannot connect") as err:
+        await deploy(None, stage(lambda x: x), name="f", journal=dsn)
+    assert "s3cret" not in str(err.value)
+
+
+async def test_a_schema_with_other_tables_of_the_same_names_is_left_alone(postgres_dsn):
+    import psycopg
+
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE tokens(id int)")
+    with pytest.raises(JournalError, match=r"not a journal.*left untouched"):
+        await deploy(None, stage(lambda x: x), name="f", journal=postgres_dsn)
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        tables = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema=current_schema()"
+        ).fetchall()
+    assert tables == [("tokens",)]
+
+
+def parse(x: int) -> int:
+    return x
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def negate(x: int) -> int:
+    return -x
+
+
+async def test_flows_of_two_runtimes_share_one_database(postgres_dsn):
+    """Two runtimes on one DSN (as two hosts would be): each takes part of the items,
+    every join completes and every key is done once."""
+    graph = stage(parse) >> FanOut(square, negate, mode="broadcast") >> FanIn(sum)
+    journal = PostgresJournal(postgres_dsn, lease=5, poll=0.01)
+    async with (
+        RingKernelRuntime(journal=journal) as a,
+        RingKernelRuntime(journal=postgres_dsn) as b,
+    ):
+        fa = await a.deploy(graph, name="g")
+        fb = await b.deploy(graph, name="g")
+        await fa.submit_many(range(400), keys=[str(i) for i in range(400)])
+        await fb.drain(timeout=60)
+        await fa.drain(timeout=60)
+        assert fa.status() == {"done": 400}
+        done = [kv async for kv in fb.results()]
+        assert sorted(int(k) for k, _ in done) == list(range(400))
+        assert all(v == int(k) ** 2 - int(k) for k, v in done)
+        assert fa.counters()["completed"] > 0 and fb.counters()["completed"] > 0
+        assert fa.journal.read("SELECT count(*) FROM tokens") == [(0,)]
+
+
+@task
+def sign_off(request: str, answer: str) -> str:
+    return f"{request}: {answer}"
+
+
+@workflow(name="pg-sign-off")
+async def needs_sign_off(what: str, ctx: Any) -> str:
+    return await ctx.call(sign_off, what)
+
+
+async def test_two_answers_to_one_task_at_the_same_time_only_one_is_taken(postgres_dsn):
+    """Two engines (as two hosts) answer one pending task at once: one answer counts."""
+    import psycopg
+
+    async with WorkflowEngine(None, postgres_dsn) as a, WorkflowEngine(None, postgres_dsn) as b:
+        await a.start(needs_sign_off, "desk", key="d")
+        deadline = time.monotonic() + 10
+        while not a.pending(sign_off):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        with psycopg.connect(postgres_dsn) as hold:  # holds the row: both answers queue up
+            hold.execute("SELECT 1 FROM workflow_calls WHERE task_key='d/0' FOR UPDATE")
+            answers = [
+                asyncio.create_task(a.complete(sign_off, "d/0", "yes")),
+                asyncio.create_task(b.complete(sign_off, "d/0", "no")),
+            ]
+            await asyncio.sleep(0.5)  # both found it waiting and wait on the lock
+            assert not any(t.done() for t in answers)
+            hold.rollback()
+        assert sorted(await asyncio.gather(*answers)) == [False, True]
+        assert await a.result("d", timeout=10) in ("desk: yes", "desk: no")
