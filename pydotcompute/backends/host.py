@@ -84,7 +84,7 @@ class KernelContext:
                 self._loop.latency.record(_perf_ns() - t)
         inbox = self._inbox
         items = inbox.items
-        if items and inbox.deliver:  # no-wait path inline: this runs once per message
+        if items and not inbox.hold:  # no-wait path inline: this runs once per message
             t, msg = items.popleft()
             if inbox.putters:
                 inbox.wake_putter()
@@ -103,9 +103,10 @@ class KernelContext:
         outbox = self._outbox
         items = outbox.items
         if len(items) < outbox.room:  # no-wait path inline: this runs once per message
+            items.append(msg)
             outbox.enqueued += 1
-            if not (outbox.getters and outbox.hand(msg)):
-                items.append(msg)
+            if outbox.getters:
+                outbox.wake_getter()
         elif not outbox.try_put(msg):
             await outbox.put(msg, timeout)
         # The message in hand is done once its output is queued, not before.

@@ -25,6 +25,10 @@ _DROP_OLDEST = BackpressureStrategy.DROP_OLDEST
 _DROP_NEWEST = BackpressureStrategy.DROP_NEWEST
 
 
+_HELD = 1 << 62
+"""Added to ``Mailbox.hold`` while delivery is held back: no queue is ever that long."""
+
+
 def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(_TimeoutSignal())
@@ -38,15 +42,12 @@ class Mailbox:
     ``error``; with ``drain=True`` getters still receive what is queued first.
     Counters: ``enqueued``, ``dropped``, ``rejected``, ``high_water``.
 
-    Waiters are served in order, and a task that never waited cannot overtake one
-    that did. An item put while a getter waits (and delivery is open) goes to
-    ``handed`` instead of ``items`` and the getter is woken with True; woken getters
-    take from ``handed`` in order, so while delivery is open no getter waits beside
-    queued items and nobody else can take what a woken getter was promised. A woken
-    putter keeps its place in ``putters`` until it has queued its item. The no-wait
-    paths therefore test little: a put may go ahead while ``len(items) < room``
-    (``room`` is 0 while the mailbox is closed or a putter waits) and calls ``hand``
-    only if ``getters`` is non-empty; a get may go ahead while ``items and deliver``.
+    Waiters are served in order. A woken getter has the item that woke it promised
+    (``hold`` counts such promises), and a woken putter keeps its place in
+    ``putters`` until it has queued its item, so a task that never waited cannot
+    overtake either. The no-wait paths therefore test one field each: a put may go
+    ahead while ``len(items) < room`` (``room`` is 0 while the mailbox is closed or a
+    putter waits), a get while ``items and not hold``.
     """
 
     __slots__ = (
@@ -55,8 +56,8 @@ class Mailbox:
         "strategy",
         "getters",
         "putters",
-        "handed",
         "room",
+        "hold",
         "deliver",
         "error",
         "put_error",
@@ -72,10 +73,10 @@ class Mailbox:
         self.items: deque[Any] = deque()
         self.capacity = capacity
         self.strategy = strategy
-        self.getters: deque[asyncio.Future[bool]] = deque()
+        self.getters: deque[asyncio.Future[None]] = deque()
         self.putters: deque[asyncio.Future[None]] = deque()
-        self.handed: deque[Any] = deque()  # items woken getters will take, oldest first
         self.room = capacity
+        self.hold = 0
         self.deliver = True
         self.error: Callable[[], BaseException] | None = None
         self.put_error: Callable[[], BaseException] = QueueFullError
@@ -105,9 +106,10 @@ class Mailbox:
         if self.error is not None:
             raise self.put_error()
         if not full and len(items) < self.capacity:
+            items.append(item)
             self.enqueued += 1
-            if not (self.getters and self.hand(item)):
-                items.append(item)
+            if self.getters:
+                self.wake_getter()
             return True
         strategy = self.strategy
         if strategy is _BLOCK:
@@ -175,7 +177,7 @@ class Mailbox:
     def try_get(self, default: Any = None) -> Any:
         """Take the oldest item if one may be delivered now, else return ``default``."""
         items = self.items
-        if items and self.deliver:
+        if len(items) > self.hold:  # more than woken getters were promised
             item = items.popleft()
             if self.putters:
                 self.wake_putter()
@@ -187,48 +189,50 @@ class Mailbox:
     async def get(self, timeout: float | None = None) -> Any:
         """Take the oldest item, waiting for one; ``QueueTimeoutError`` on timeout."""
         items = self.items
-        loop = None
-        deadline: float | None = None
+        if len(items) > self.hold:  # more than woken getters were promised
+            item = items.popleft()
+            if self.putters:
+                self.wake_putter()
+            return item
+        loop = _get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
         while True:
-            if items and self.deliver:
-                item = items.popleft()
-                if self.putters:
-                    self.wake_putter()
-                return item
             if self.error is not None and not (self.drain and items):
                 raise self.error()
-            if loop is None:
-                loop = _get_running_loop()
-                if timeout is not None:
-                    deadline = loop.time() + timeout
             fut = loop.create_future()
             if deadline is None:
                 self.getters.append(fut)
                 try:
-                    handed = await fut
+                    await fut
                 except BaseException:
                     self._abandon(fut)
                     raise
             else:
-                handed = await self._wait_until(fut, loop, deadline, timeout)
-            if handed:  # an item was put aside for this getter (woken False: closed)
-                return self.handed.popleft()
+                await self._wait_until(fut, loop, deadline, timeout)
+            # Woken (the waker popped the future): an item, if there is one, is ours.
+            hold = self.hold - 1
+            self.hold = hold
+            if items and hold < _HELD:
+                item = items.popleft()
+                if self.putters:
+                    self.wake_putter()
+                return item
 
     async def _wait_until(
         self,
-        fut: asyncio.Future[bool],
+        fut: asyncio.Future[None],
         loop: asyncio.AbstractEventLoop,
         deadline: float,
         timeout: float | None,
-    ) -> bool:
-        """Park a getter on ``fut`` until it is woken or past ``deadline``."""
+    ) -> None:
+        """Park a getter on ``fut`` until woken or past ``deadline``."""
         remaining = deadline - loop.time()
         if remaining <= 0:
             raise self._nothing_came(timeout)
         handle = loop.call_later(remaining, _expire, fut)
         self.getters.append(fut)
         try:
-            return await fut
+            await fut
         except _TimeoutSignal:
             _discard(self.getters, fut)
             raise self._nothing_came(timeout) from None
@@ -238,21 +242,16 @@ class Mailbox:
         finally:
             handle.cancel()
 
-    def _abandon(self, fut: asyncio.Future[bool]) -> None:
-        """A getter leaves without returning (cancelled): give back its claim."""
-        if not _woken(fut):
+    def _abandon(self, fut: asyncio.Future[None]) -> None:
+        """A getter leaves without taking anything (cancelled, or failed to resume)."""
+        if _woken(fut):
+            # Woken, then cancelled before taking its item: pass the promise on so no
+            # other getter starves while items are available.
+            self.hold -= 1
+            if len(self.items) > self.hold:
+                self.wake_getter()
+        else:
             _discard(self.getters, fut)
-            return
-        if not fut.result():
-            return
-        # Woken getters take from the front of ``handed``, so the claim left unused is
-        # the newest item there; it is older than everything still queued.
-        item = self.handed.pop()
-        if self.error is not None and not self.drain:
-            self.dropped += 1  # closed meanwhile: discarded like what was queued
-            return
-        self.items.appendleft(item)  # may briefly make the queue one over its capacity
-        self._serve()
 
     def _nothing_came(self, timeout: float | None) -> QueueTimeoutError:
         return QueueTimeoutError(f"nothing arrived on {self.name or 'queue'} within {timeout} s")
@@ -260,10 +259,16 @@ class Mailbox:
     # -- control ---------------------------------------------------------------------
 
     def set_deliver(self, deliver: bool) -> None:
-        """Open or hold back delivery to getters; opening hands queued items to them."""
+        """Open or hold back delivery to getters; opening wakes one per queued item."""
+        if deliver is self.deliver:
+            return
         self.deliver = deliver
-        if deliver:
-            self._serve()
+        if not deliver:
+            self.hold += _HELD
+            return
+        self.hold -= _HELD
+        while self.getters and len(self.items) > self.hold:
+            self.wake_getter()
 
     def close(
         self,
@@ -283,50 +288,27 @@ class Mailbox:
         self.drain = drain
         self.room = 0
         discarded = 0
-        if drain:
-            self._serve()
-        else:
+        if not drain:
             discarded = len(self.items)
             self.items.clear()
-        getters, putters = self.getters, self.putters
+        while self.getters:
+            self.wake_getter()
+        putters = self.putters
+        while putters:
+            fut = putters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+        return discarded
+
+    def wake_getter(self) -> None:
+        """Wake the first waiting getter (after an append), promising it an item."""
+        getters = self.getters
         while getters:
             fut = getters.popleft()
             if not fut.done():
-                fut.set_result(False)
-        while putters:
-            fut2 = putters.popleft()
-            if not fut2.done():
-                fut2.set_result(None)
-        return discarded
-
-    def hand(self, item: Any) -> bool:
-        """Put ``item`` aside for the first waiting getter and wake it, if delivery is
-        open; False if no getter takes it (the caller queues it). Called after an
-        inline put found ``getters`` non-empty."""
-        if self.deliver:
-            getters = self.getters
-            while getters:
-                fut = getters.popleft()
-                if not fut.done():
-                    self.handed.append(item)
-                    fut.set_result(True)
-                    return True
-        return False
-
-    def _serve(self) -> None:
-        """Hand queued items to waiting getters, oldest first, while delivery is open."""
-        if not self.deliver:
-            return
-        items, getters = self.items, self.getters
-        served = False
-        while items and getters:
-            fut = getters.popleft()
-            if not fut.done():
-                self.handed.append(items.popleft())
-                fut.set_result(True)
-                served = True
-        if served and self.putters and len(items) < self.capacity:
-            self.wake_putter()
+                fut.set_result(None)
+                self.hold += 1
+                return
 
     def wake_putter(self) -> None:
         """Wake one waiting putter (after an inline pop).
@@ -339,7 +321,7 @@ class Mailbox:
                 return
 
 
-def _discard(waiters: deque[Any], fut: asyncio.Future[Any]) -> None:
+def _discard(waiters: deque[asyncio.Future[None]], fut: asyncio.Future[None]) -> None:
     # A waker may already have popped this finished future (and moved on to the next
     # waiter), between its timeout, cancellation or close and this task resuming.
     try:
@@ -348,7 +330,7 @@ def _discard(waiters: deque[Any], fut: asyncio.Future[Any]) -> None:
         pass
 
 
-def _woken(fut: asyncio.Future[Any]) -> bool:
+def _woken(fut: asyncio.Future[None]) -> bool:
     """True when ``fut`` was woken by a waker (not cancelled, not timed out)."""
     return fut.done() and not fut.cancelled() and fut.exception() is None
 

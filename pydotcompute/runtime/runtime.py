@@ -433,9 +433,11 @@ class RingKernelRuntime:
             if len(items) < inbox.room:
                 n = inbox.enqueued
                 inbox.enqueued = n + 1
-                item = (1 if n & _SAMPLE_MASK or not self.enable_telemetry else _perf_ns(), message)
-                if not (inbox.getters and inbox.hand(item)):
-                    items.append(item)
+                items.append(
+                    (1 if n & _SAMPLE_MASK or not self.enable_telemetry else _perf_ns(), message)
+                )
+                if inbox.getters:
+                    inbox.wake_getter()
                 return
         loop = self._kernels[kernel_id].loop
         if not loop.try_put(message):
@@ -451,7 +453,7 @@ class RingKernelRuntime:
         if outbox is None:  # a compiled kernel's ring
             return await self._kernels[kernel_id].loop.get(timeout)
         items = outbox.items
-        if items and outbox.deliver:  # host, no wait
+        if items and not outbox.hold:  # host, no wait
             msg = items.popleft()
             if outbox.putters:
                 outbox.wake_putter()
