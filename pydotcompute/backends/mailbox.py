@@ -8,6 +8,7 @@ operation plus a length check, and a waiting task is woken through one future.
 from __future__ import annotations
 
 import asyncio
+from asyncio import InvalidStateError
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from pydotcompute.rings.backpressure import BackpressureStrategy
 __all__ = ["Mailbox"]
 
 _get_running_loop = asyncio.get_running_loop
+_Future = asyncio.Future
 
 _BLOCK = BackpressureStrategy.BLOCK
 _REJECT = BackpressureStrategy.REJECT
@@ -199,7 +201,7 @@ class Mailbox:
         while True:
             if self.error is not None and not (self.drain and items):
                 raise self.error()
-            fut = loop.create_future()
+            fut = _Future(loop=loop)  # works on any loop; create_future() is one call more
             if deadline is None:
                 self.getters.append(fut)
                 try:
@@ -305,10 +307,12 @@ class Mailbox:
         getters = self.getters
         while getters:
             fut = getters.popleft()
-            if not fut.done():
+            try:
                 fut.set_result(None)
-                self.hold += 1
-                return
+            except InvalidStateError:  # timed out or cancelled, not yet gone: skip it
+                continue
+            self.hold += 1
+            return
 
     def wake_putter(self) -> None:
         """Wake one waiting putter (after an inline pop).
