@@ -201,7 +201,8 @@ class Mailbox:
         while True:
             if self.error is not None and not (self.drain and items):
                 raise self.error()
-            fut = _Future(loop=loop)  # works on any loop; create_future() is one call more
+            # asyncio.Future works on any loop; loop.create_future() is one call more.
+            fut: asyncio.Future[None] = _Future(loop=loop)
             if deadline is None:
                 self.getters.append(fut)
                 try:
