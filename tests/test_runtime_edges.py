@@ -208,3 +208,52 @@ async def test_runtime_send_does_not_overtake_a_blocked_sender():
         await asyncio.gather(early, late)
         got = [await rt.receive("b", timeout=1) for _ in range(3)]
         assert got == [0, "early", "late"]
+
+
+async def test_a_waiting_receive_is_not_overtaken_by_a_reader_that_never_waited():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("e", echo)
+        await rt.activate("e")
+        waiting = asyncio.ensure_future(rt.receive("e", timeout=0.5))
+        await asyncio.sleep(0)  # parked on the empty output queue
+        await rt.send("e", "x")  # wakes the actor; this task runs again right after it
+        await asyncio.sleep(0)  # the actor echoes "x", waking the parked receive
+        # This task runs before the woken receive resumes: "x" is promised to it.
+        with pytest.raises(asyncio.TimeoutError):
+            await rt.receive("e", timeout=0.05)
+        assert await waiting == "x"
+
+
+async def test_a_woken_getter_keeps_its_item_against_try_get():
+    mb = Mailbox(4, BackpressureStrategy.BLOCK)
+    waiter = asyncio.ensure_future(mb.get(timeout=0.5))
+    await asyncio.sleep(0)
+    mb.try_put(1)
+    assert mb.try_get("none") == "none"
+    assert await waiter == 1
+
+
+async def test_a_message_counts_as_processed_only_once_its_output_is_queued():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("e", echo, output_queue_size=1)
+        await rt.activate("e")
+        await rt.send("e", 1)
+        await rt.send("e", 2)
+        await asyncio.sleep(0.05)  # 1 fills the output queue; the echo of 2 waits for room
+        assert rt.get_telemetry("e").messages_processed == 1
+        assert await rt.receive("e", timeout=1) == 1
+        assert await rt.receive("e", timeout=1) == 2
+        await asyncio.sleep(0.01)
+        assert rt.get_telemetry("e").messages_processed == 2
+
+
+async def test_a_message_whose_output_was_cut_off_by_terminate_is_not_processed():
+    async with RingKernelRuntime() as rt:
+        await rt.launch("e", echo, output_queue_size=1)
+        await rt.activate("e")
+        await rt.send("e", 1)
+        await rt.send("e", 2)
+        await asyncio.sleep(0.05)  # nobody reads: the echo of 2 waits for room
+        await rt.terminate("e", timeout=0.05)  # ... until it is cancelled
+        assert rt.get_telemetry("e").messages_processed == 1
+        assert await rt.receive("e", timeout=1) == 1

@@ -299,3 +299,19 @@ def test_import_has_no_side_effects():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=".")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+async def test_outputs_dropped_as_newest_still_count_as_sent():
+    async def three(ctx):
+        await ctx.receive()
+        for i in range(3):
+            await ctx.send(i)
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("t", three, output_queue_size=1, backpressure="drop_newest")
+        await rt.activate("t")
+        await rt.send("t", "go")
+        await asyncio.sleep(0.02)  # nobody reads meanwhile: 0 fills the output queue
+        t = rt.get_telemetry("t")
+        assert (t.messages_sent, t.messages_dropped, t.messages_processed) == (3, 2, 1)
+        assert await rt.receive("t", timeout=1) == 0

@@ -46,7 +46,6 @@ class KernelContext:
         "_send_to",
         "kernel_id",
         "processed",
-        "sent",
     )
 
     def __init__(self, loop: HostKernelLoop, send_to: SendTo) -> None:
@@ -57,9 +56,9 @@ class KernelContext:
         self._pending_t = 0
         self._send_to = send_to
         self.kernel_id: str = loop.kernel_id
-        # Counted here, on the actor's side, where the per-message work happens.
+        # Counted here, on the actor's side, where the per-message work happens. What
+        # it sent is counted by its output mailbox (see HostKernelLoop.sent).
         self.processed = 0
-        self.sent = 0
 
     @property
     def should_terminate(self) -> bool:
@@ -85,7 +84,7 @@ class KernelContext:
                 self._loop.latency.record(_perf_ns() - t)
         inbox = self._inbox
         items = inbox.items
-        if items and inbox.deliver:  # no-wait path inline: this runs once per message
+        if items and not inbox.hold:  # no-wait path inline: this runs once per message
             t, msg = items.popleft()
             if inbox.putters:
                 inbox.wake_putter()
@@ -96,12 +95,6 @@ class KernelContext:
 
     async def send(self, msg: Any, timeout: float | None = None) -> None:
         """Emit an output message (read by ``runtime.receive``)."""
-        t = self._pending_t
-        if t:
-            self._pending_t = 0
-            self.processed += 1
-            if t != 1:
-                self._loop.latency.record(_perf_ns() - t)
         otype = self._output_type
         if otype is not None and not isinstance(msg, otype):
             raise TypeError(
@@ -109,14 +102,20 @@ class KernelContext:
             )
         outbox = self._outbox
         items = outbox.items
-        if len(items) < outbox.capacity and outbox.error is None and not outbox.putters:
+        if len(items) < outbox.room:  # no-wait path inline: this runs once per message
             items.append(msg)
             outbox.enqueued += 1
             if outbox.getters:
                 outbox.wake_getter()
         elif not outbox.try_put(msg):
             await outbox.put(msg, timeout)
-        self.sent += 1
+        # The message in hand is done once its output is queued, not before.
+        t = self._pending_t
+        if t:
+            self._pending_t = 0
+            self.processed += 1
+            if t != 1:
+                self._loop.latency.record(_perf_ns() - t)
 
     def _finish(self, t_enqueued: int) -> None:
         self._pending_t = 0
@@ -129,7 +128,7 @@ class KernelContext:
         await self._send_to(kernel_id, msg, timeout)
 
     def finished(self) -> None:
-        """Count the message in hand as processed (called when the actor exits)."""
+        """Count the message in hand as processed (called when the actor returns)."""
         if self._pending_t:
             self._finish(self._pending_t)
 
@@ -173,7 +172,7 @@ class HostKernelLoop(KernelLoop):
         self.outbox = Mailbox(
             config.effective_output_queue_size, out_strategy, f"output of {kernel_id!r}"
         )
-        self.inbox.deliver = False  # nothing is delivered before activate()
+        self.inbox.set_deliver(False)  # nothing is delivered before activate()
         self.active = False
         self.active_event = asyncio.Event()
         self.stopping = False
@@ -205,7 +204,9 @@ class HostKernelLoop(KernelLoop):
                 self._fail(exc)
                 if not isinstance(exc, Exception):
                     raise
-                return
+            # Cancelled by terminate: whatever the actor held when cancelled (an output
+            # it could not queue, work it did not finish) is not processed.
+            return
         finally:
             self.active_time.pause()
         self.ctx.finished()
@@ -306,6 +307,14 @@ class HostKernelLoop(KernelLoop):
 
     # -- telemetry -------------------------------------------------------------------
 
+    @property
+    def sent(self) -> int:
+        """Messages the actor sent: queued on its output, or dropped there as newest."""
+        out = self.outbox
+        return out.enqueued + (
+            out.dropped if out.strategy is BackpressureStrategy.DROP_NEWEST else 0
+        )
+
     def telemetry(self, state: str) -> KernelTelemetry:
         active = self.active_time.seconds
         p50, p99 = self.latency.percentiles(50, 99)
@@ -314,7 +323,7 @@ class HostKernelLoop(KernelLoop):
             backend=self.backend,
             state=state,
             messages_processed=self.ctx.processed,
-            messages_sent=self.ctx.sent,
+            messages_sent=self.sent,
             messages_dropped=self.inbox.dropped + self.outbox.dropped + self.dropped_at_stop,
             messages_rejected=self.inbox.rejected,
             errors=self.errors,

@@ -8,6 +8,7 @@ operation plus a length check, and a waiting task is woken through one future.
 from __future__ import annotations
 
 import asyncio
+from asyncio import InvalidStateError
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -17,13 +18,20 @@ from pydotcompute.rings.backpressure import BackpressureStrategy
 
 __all__ = ["Mailbox"]
 
+_get_running_loop = asyncio.get_running_loop
+_Future = asyncio.Future
+
 _BLOCK = BackpressureStrategy.BLOCK
 _REJECT = BackpressureStrategy.REJECT
 _DROP_OLDEST = BackpressureStrategy.DROP_OLDEST
 _DROP_NEWEST = BackpressureStrategy.DROP_NEWEST
 
 
-def _expire(fut: asyncio.Future[None]) -> None:
+_HELD = 1 << 62
+"""Added to ``Mailbox.hold`` while delivery is held back: no queue is ever that long."""
+
+
+def _expire(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_exception(_TimeoutSignal())
 
@@ -35,6 +43,13 @@ class Mailbox:
     still queue. ``close(error)`` wakes every waiter with a fresh exception from
     ``error``; with ``drain=True`` getters still receive what is queued first.
     Counters: ``enqueued``, ``dropped``, ``rejected``, ``high_water``.
+
+    Waiters are served in order. A woken getter has the item that woke it promised
+    (``hold`` counts such promises), and a woken putter keeps its place in
+    ``putters`` until it has queued its item, so a task that never waited cannot
+    overtake either. The no-wait paths therefore test one field each: a put may go
+    ahead while ``len(items) < room`` (``room`` is 0 while the mailbox is closed or a
+    putter waits), a get while ``items and not hold``.
     """
 
     __slots__ = (
@@ -43,6 +58,8 @@ class Mailbox:
         "strategy",
         "getters",
         "putters",
+        "room",
+        "hold",
         "deliver",
         "error",
         "put_error",
@@ -60,6 +77,8 @@ class Mailbox:
         self.strategy = strategy
         self.getters: deque[asyncio.Future[None]] = deque()
         self.putters: deque[asyncio.Future[None]] = deque()
+        self.room = capacity
+        self.hold = 0
         self.deliver = True
         self.error: Callable[[], BaseException] | None = None
         self.put_error: Callable[[], BaseException] = QueueFullError
@@ -92,7 +111,7 @@ class Mailbox:
             items.append(item)
             self.enqueued += 1
             if self.getters:
-                self._wake(self.getters)
+                self.wake_getter()
             return True
         strategy = self.strategy
         if strategy is _BLOCK:
@@ -113,98 +132,146 @@ class Mailbox:
         """Queue ``item``, waiting for room under BLOCK; ``QueueFullError`` on timeout."""
         if self.try_put(item):
             return
-        loop = asyncio.get_running_loop()
+        loop = _get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        putters = self.putters
         while True:
-            if not await self._wait(self.putters, loop, deadline):
-                raise QueueFullError(
-                    f"{self.name or 'queue'} stayed full for {timeout} s ({self.capacity} messages)"
-                )
+            fut = loop.create_future()
+            handle = None
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise self._stayed_full(timeout)
+                handle = loop.call_later(remaining, _expire, fut)
+            putters.append(fut)
+            self.room = 0
+            try:
+                await fut
+            except _TimeoutSignal:
+                self._leave(fut)
+                raise self._stayed_full(timeout) from None
+            except BaseException:
+                self._leave(fut)
+                if _woken(fut) and len(self.items) < self.capacity:
+                    self.wake_putter()  # pass the room on: nobody else may be left waiting
+                raise
+            finally:
+                if handle is not None:
+                    handle.cancel()
+            self._leave(fut)
             if self._offer(item, False):  # woken: the room is ours, whoever else waits
-                if self.putters and len(self.items) < self.capacity:
+                if putters and len(self.items) < self.capacity:
                     self.wake_putter()
                 return
+
+    def _stayed_full(self, timeout: float | None) -> QueueFullError:
+        return QueueFullError(
+            f"{self.name or 'queue'} stayed full for {timeout} s ({self.capacity} messages)"
+        )
+
+    def _leave(self, fut: asyncio.Future[None]) -> None:
+        _discard(self.putters, fut)
+        if not self.putters and self.error is None:
+            self.room = self.capacity
 
     # -- get -------------------------------------------------------------------------
 
     def try_get(self, default: Any = None) -> Any:
         """Take the oldest item if one may be delivered now, else return ``default``."""
-        if self.items and self.deliver:
-            item = self.items.popleft()
+        items = self.items
+        if len(items) > self.hold:  # more than woken getters were promised
+            item = items.popleft()
             if self.putters:
                 self.wake_putter()
             return item
-        if self.error is not None and not (self.drain and self.items):
+        if self.error is not None and not (self.drain and items):
             raise self.error()
         return default
 
     async def get(self, timeout: float | None = None) -> Any:
         """Take the oldest item, waiting for one; ``QueueTimeoutError`` on timeout."""
         items = self.items
-        if items and self.deliver:
+        if len(items) > self.hold:  # more than woken getters were promised
             item = items.popleft()
             if self.putters:
                 self.wake_putter()
             return item
-        loop = asyncio.get_running_loop()
+        loop = _get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             if self.error is not None and not (self.drain and items):
                 raise self.error()
-            if not await self._wait(self.getters, loop, deadline):
-                raise QueueTimeoutError(
-                    f"nothing arrived on {self.name or 'queue'} within {timeout} s"
-                )
-            if items and self.deliver:
+            # asyncio.Future works on any loop; loop.create_future() is one call more.
+            fut: asyncio.Future[None] = _Future(loop=loop)
+            if deadline is None:
+                self.getters.append(fut)
+                try:
+                    await fut
+                except BaseException:
+                    self._abandon(fut)
+                    raise
+            else:
+                await self._wait_until(fut, loop, deadline, timeout)
+            # Woken (the waker popped the future): an item, if there is one, is ours.
+            hold = self.hold - 1
+            self.hold = hold
+            if items and hold < _HELD:
                 item = items.popleft()
                 if self.putters:
                     self.wake_putter()
                 return item
 
-    async def _wait(
+    async def _wait_until(
         self,
-        waiters: deque[asyncio.Future[None]],
+        fut: asyncio.Future[None],
         loop: asyncio.AbstractEventLoop,
-        deadline: float | None,
-    ) -> bool:
-        """Park on ``waiters`` until woken (True) or past ``deadline`` (False)."""
-        fut: asyncio.Future[None] = loop.create_future()
-        handle = None
-        if deadline is not None:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return False
-            handle = loop.call_later(remaining, _expire, fut)
-        waiters.append(fut)
-        # A getter's waker pops its future before setting the result; a putter's
-        # stays queued (see wake_putter). Timeouts and cancellations leave both queued.
+        deadline: float,
+        timeout: float | None,
+    ) -> None:
+        """Park a getter on ``fut`` until woken or past ``deadline``."""
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            raise self._nothing_came(timeout)
+        handle = loop.call_later(remaining, _expire, fut)
+        self.getters.append(fut)
         try:
             await fut
-            if waiters is self.putters:
-                self._remove(waiters, fut)
-            return True
         except _TimeoutSignal:
-            self._remove(waiters, fut)
-            return False
+            _discard(self.getters, fut)
+            raise self._nothing_came(timeout) from None
         except BaseException:
-            if fut.cancelled() or not fut.done() or waiters is self.putters:
-                self._remove(waiters, fut)
-            if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # Woken, then cancelled before taking anything: pass the wake-up on
-                # so no other waiter starves while items (or room) are available.
-                self._pass_wakeup(waiters)
+            self._abandon(fut)
             raise
         finally:
-            if handle is not None:
-                handle.cancel()
+            handle.cancel()
+
+    def _abandon(self, fut: asyncio.Future[None]) -> None:
+        """A getter leaves without taking anything (cancelled, or failed to resume)."""
+        if _woken(fut):
+            # Woken, then cancelled before taking its item: pass the promise on so no
+            # other getter starves while items are available.
+            self.hold -= 1
+            if len(self.items) > self.hold:
+                self.wake_getter()
+        else:
+            _discard(self.getters, fut)
+
+    def _nothing_came(self, timeout: float | None) -> QueueTimeoutError:
+        return QueueTimeoutError(f"nothing arrived on {self.name or 'queue'} within {timeout} s")
 
     # -- control ---------------------------------------------------------------------
 
     def set_deliver(self, deliver: bool) -> None:
-        """Open or hold back delivery to getters; opening wakes them."""
+        """Open or hold back delivery to getters; opening wakes one per queued item."""
+        if deliver is self.deliver:
+            return
         self.deliver = deliver
-        if deliver:
-            self._wake_all(self.getters)
+        if not deliver:
+            self.hold += _HELD
+            return
+        self.hold -= _HELD
+        while self.getters and len(self.items) > self.hold:
+            self.wake_getter()
 
     def close(
         self,
@@ -222,17 +289,31 @@ class Mailbox:
         self.error = error
         self.put_error = put_error or error
         self.drain = drain
+        self.room = 0
         discarded = 0
         if not drain:
             discarded = len(self.items)
             self.items.clear()
-        self._wake_all(self.getters)
-        self._wake_all(self.putters)
+        while self.getters:
+            self.wake_getter()
+        putters = self.putters
+        while putters:
+            fut = putters.popleft()
+            if not fut.done():
+                fut.set_result(None)
         return discarded
 
     def wake_getter(self) -> None:
-        """Wake one waiting getter (after an inline append)."""
-        self._wake(self.getters)
+        """Wake the first waiting getter (after an append), promising it an item."""
+        getters = self.getters
+        while getters:
+            fut = getters.popleft()
+            try:
+                fut.set_result(None)
+            except InvalidStateError:  # timed out or cancelled, not yet gone: skip it
+                continue
+            self.hold += 1
+            return
 
     def wake_putter(self) -> None:
         """Wake one waiting putter (after an inline pop).
@@ -244,36 +325,19 @@ class Mailbox:
                 fut.set_result(None)
                 return
 
-    @staticmethod
-    def _wake(waiters: deque[asyncio.Future[None]]) -> None:
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                return
 
-    @staticmethod
-    def _wake_all(waiters: deque[asyncio.Future[None]]) -> None:
-        while waiters:
-            fut = waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
+def _discard(waiters: deque[asyncio.Future[None]], fut: asyncio.Future[None]) -> None:
+    # A waker may already have popped this finished future (and moved on to the next
+    # waiter), between its timeout, cancellation or close and this task resuming.
+    try:
+        waiters.remove(fut)
+    except ValueError:
+        pass
 
-    @staticmethod
-    def _remove(waiters: deque[asyncio.Future[None]], fut: asyncio.Future[None]) -> None:
-        # A waker may already have popped this finished future (and moved on to the
-        # next waiter), between the timeout or cancellation and this task resuming.
-        try:
-            waiters.remove(fut)
-        except ValueError:
-            pass
 
-    def _pass_wakeup(self, waiters: deque[asyncio.Future[None]]) -> None:
-        if waiters is self.getters:
-            if self.items and self.deliver:
-                self._wake(waiters)
-        elif len(self.items) < self.capacity:
-            self._wake(waiters)
+def _woken(fut: asyncio.Future[None]) -> bool:
+    """True when ``fut`` was woken by a waker (not cancelled, not timed out)."""
+    return fut.done() and not fut.cancelled() and fut.exception() is None
 
 
 class _TimeoutSignal(Exception):

@@ -47,19 +47,26 @@ _MISSING = object()
 
 
 class _Kernel:
-    """The runtime's record of one launched kernel."""
+    """The runtime's record of one launched kernel.
+
+    Its state also decides whether the kernel is in the runtime's per-message
+    tables, ``inputs`` (kernels that may be sent to) and ``outputs`` (kernels that
+    may be received from): send and receive look a kernel up there and check no
+    state themselves. A record only leaves a final state by being replaced, so an
+    old record never overwrites its successor's entries.
+    """
 
     __slots__ = (
         "kernel_id",
         "spec",
         "_state",
-        "sendable",
-        "failed",
+        "_inputs",
+        "_outputs",
+        "_input_port",
         "input_type",
         "loop",
         "inbox",
         "outbox",
-        "stamped",
         "restarts",
         "error",
         "pair_lock",
@@ -67,20 +74,29 @@ class _Kernel:
         "stop_task",
     )
 
-    def __init__(self, spec: RingKernelSpec, loop: KernelLoop, restarts: int) -> None:
+    def __init__(
+        self,
+        spec: RingKernelSpec,
+        loop: KernelLoop,
+        restarts: int,
+        inputs: dict[str, tuple[Mailbox | None, type | None]],
+        outputs: dict[str, Mailbox | None],
+    ) -> None:
         self.kernel_id = spec.kernel_id
         self.spec = spec
         # Checked per send only when it is a class; a kernel typed by a numpy dtype
         # has its records checked by its ring backend, which names both dtypes.
         itype = spec.input_type
         self.input_type = itype if isinstance(itype, type) else None
-        self.state = KernelState.CREATED
         self.loop = loop
         # Host actors' mailboxes, for the inline no-wait paths of send/receive.
         host = loop if isinstance(loop, HostKernelLoop) else None
         self.inbox: Mailbox | None = host.inbox if host else None
         self.outbox: Mailbox | None = host.outbox if host else None
-        self.stamped: bool = host.timed if host else False
+        self._inputs = inputs
+        self._outputs = outputs
+        self._input_port = (self.inbox, self.input_type)
+        self.state = KernelState.CREATED
         self.restarts = restarts
         self.error: BaseException | None = None
         self.pair_lock: asyncio.Lock | None = None
@@ -93,10 +109,16 @@ class _Kernel:
 
     @state.setter
     def state(self, state: KernelState) -> None:
-        # Plain flags for the per-message checks: cheaper than hashing an enum member.
         self._state = state
-        self.sendable = state in _SENDABLE
-        self.failed = state is KernelState.FAILED
+        kid = self.kernel_id
+        if state in _SENDABLE:
+            self._inputs[kid] = self._input_port
+        else:
+            self._inputs.pop(kid, None)
+        if state is KernelState.FAILED:
+            self._outputs.pop(kid, None)
+        else:
+            self._outputs[kid] = self.outbox
 
 
 class RingKernelRuntime:
@@ -139,6 +161,9 @@ class RingKernelRuntime:
         self.journal = journal
         self._cluster = RayCluster(cluster) if cluster is not None else None
         self._kernels: dict[str, _Kernel] = {}
+        # Per-message lookups, kept by each kernel's state (see _Kernel).
+        self._inputs: dict[str, tuple[Mailbox | None, type | None]] = {}
+        self._outputs: dict[str, Mailbox | None] = {}
         self._closers: list[Callable[[], Any]] = []
         self._flows: dict[str, Any] = {}
         self._metrics_server: Any = None
@@ -187,7 +212,7 @@ class RingKernelRuntime:
                 ) from exc
         restarts = old.restarts + (1 if old.state is KernelState.FAILED else 0) if old else 0
         loop = self._make_loop(spec)
-        k = _Kernel(spec, loop, restarts)
+        k = _Kernel(spec, loop, restarts, self._inputs, self._outputs)
         self._kernels[kernel_id] = k
         loop.on_failure = lambda exc, k=k: self._on_failure(k, exc)  # type: ignore[misc]
         if hasattr(loop, "on_exit"):  # loops whose actor can return on its own
@@ -395,43 +420,48 @@ class RingKernelRuntime:
         ``QueueFullError`` at once, DROP_* never wait and count what they drop.
         Allowed while LAUNCHED, ACTIVE or DEACTIVATED.
         """
-        k = self._kernels.get(kernel_id)
-        if k is None or not k.sendable:
-            raise self._refusal(kernel_id, k, "send to")
-        itype = k.input_type
+        try:
+            inbox, itype = self._inputs[kernel_id]
+        except KeyError:
+            err = self._refusal(kernel_id, "send to")
+            raise err from err.__cause__
         if itype is not None and not isinstance(message, itype):
             raise TypeError(
                 f"kernel {kernel_id!r} takes {itype.__name__}, got {type(message).__name__}"
             )
-        inbox = k.inbox
         if inbox is not None:
             # Host actor, no-wait path inline (this runs once per message). Latency is
             # sampled on one message in LATENCY_SAMPLE_EVERY; 1 marks an untimed message.
             items = inbox.items
-            if len(items) < inbox.capacity and inbox.error is None and not inbox.putters:
+            if len(items) < inbox.room:
+                n = inbox.enqueued
+                inbox.enqueued = n + 1
                 items.append(
-                    (_perf_ns() if k.stamped and not inbox.enqueued & _SAMPLE_MASK else 1, message)
+                    (1 if n & _SAMPLE_MASK or not self.enable_telemetry else _perf_ns(), message)
                 )
-                inbox.enqueued += 1
                 if inbox.getters:
                     inbox.wake_getter()
                 return
-        loop = k.loop
+        loop = self._kernels[kernel_id].loop
         if not loop.try_put(message):
             await loop.put(message, timeout)
 
     async def receive(self, kernel_id: str, timeout: float | None = None) -> Any:
         """The kernel's next output message; ``QueueTimeoutError`` after ``timeout``."""
-        k = self._kernels.get(kernel_id)
-        if k is None or k.failed:
-            raise self._refusal(kernel_id, k, "receive from")
-        outbox = k.outbox
-        if outbox is not None and outbox.items and outbox.deliver:  # host, no wait
-            msg = outbox.items.popleft()
+        try:
+            outbox = self._outputs[kernel_id]
+        except KeyError:
+            err = self._refusal(kernel_id, "receive from")
+            raise err from err.__cause__
+        if outbox is None:  # a compiled kernel's ring
+            return await self._kernels[kernel_id].loop.get(timeout)
+        items = outbox.items
+        if items and not outbox.hold:  # host, no wait
+            msg = items.popleft()
             if outbox.putters:
                 outbox.wake_putter()
             return msg
-        return await k.loop.get(timeout)
+        return await outbox.get(timeout)
 
     async def send_and_receive(
         self, kernel_id: str, message: Any, timeout: float | None = None
@@ -474,7 +504,7 @@ class RingKernelRuntime:
         if isinstance(messages, np.ndarray):
             k = self._kernels.get(kernel_id)
             if k is None or k.state not in _SENDABLE:
-                raise self._refusal(kernel_id, k, "send to")
+                raise self._refusal(kernel_id, "send to")
             return await k.loop.put_batch(messages, timeout)
         for m in messages:
             await self.send(kernel_id, m, timeout)
@@ -489,7 +519,7 @@ class RingKernelRuntime:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         k = self._kernels.get(kernel_id)
         if k is None or k.state is KernelState.FAILED:
-            raise self._refusal(kernel_id, k, "receive from")
+            raise self._refusal(kernel_id, "receive from")
         if k.loop.backend != "host":
             return await k.loop.get_batch(max_items, timeout)
         out = [await self.receive(kernel_id, timeout)]
@@ -580,13 +610,12 @@ class RingKernelRuntime:
             )
         return k
 
-    def _refusal(self, kernel_id: str, k: _Kernel | None, what: str) -> Exception:
-        if k is None:
-            try:
-                self._get(kernel_id)
-            except KernelNotFoundError as exc:
-                return exc
-        assert k is not None
+    def _refusal(self, kernel_id: str, what: str) -> Exception:
+        """Why ``what`` (a send or a receive) is refused: no such kernel, or its state."""
+        try:
+            k = self._get(kernel_id)
+        except KernelNotFoundError as exc:
+            return exc
         if k.state is KernelState.FAILED:
             return self._failed_error(k)
         return KernelStateError(f"cannot {what} kernel {kernel_id!r} in state {k.state.name}")
