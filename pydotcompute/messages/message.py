@@ -9,8 +9,9 @@ go without defaults: ``Reading(1.5)`` and ``Reading(1.5, priority=7)`` both work
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 from uuid import UUID, uuid4
 
 import numpy as np
@@ -20,6 +21,18 @@ from pydotcompute.messages.record import HEADER_FIELDS
 from pydotcompute.messages.registry import message_type_name, register_message_type
 
 __all__ = ["RingKernelMessage", "message"]
+
+# Type checkers learn from this marker that ``@message`` makes a dataclass; at run
+# time it only records that fact on the function.
+if TYPE_CHECKING:
+    from typing_extensions import dataclass_transform
+elif sys.version_info >= (3, 11):
+    from typing import dataclass_transform
+else:
+
+    def dataclass_transform(**_: Any) -> Callable[[Any], Any]:
+        return lambda f: f
+
 
 T = TypeVar("T")
 Msg = TypeVar("Msg", bound="RingKernelMessage")
@@ -205,11 +218,14 @@ def _messagify(cls: type, name: str | None) -> type:
 
 
 @overload
+@dataclass_transform(field_specifiers=(dataclasses.field,))
 def message(cls: type[T], /) -> type[T]: ...
 @overload
+@dataclass_transform(field_specifiers=(dataclasses.field,))
 def message(*, name: str | None = None) -> Callable[[type[T]], type[T]]: ...
 
 
+@dataclass_transform(field_specifiers=(dataclasses.field,))
 def message(cls: type[T] | None = None, /, *, name: str | None = None) -> Any:
     """Make a class a message: a dataclass subclassing ``RingKernelMessage`` with the
     header fields, registered for decoding under ``name`` (default: the module-qualified
