@@ -58,7 +58,7 @@ class RingFedLoop(KernelLoop):
     _stopped = False
 
     def _attach_rings(self, in_ring: HostRing, out_ring: HostRing) -> None:
-        # Few attributes on purpose: past 30, CPython stops sharing the instance's dict
+        # Few attributes on purpose: at 30, CPython stops sharing the instance's dict
         # keys and every attribute load on the per-message path gets slower (a cpu
         # kernel's ping-pong went from 3.7 to 3.9 us with one attribute more).
         self._in_buf = in_ring.buffer
