@@ -42,7 +42,7 @@ class Mailbox:
     ``deliver`` False holds items back from getters (a deactivated kernel) while puts
     still queue. ``close(error)`` wakes every waiter with a fresh exception from
     ``error``; with ``drain=True`` getters still receive what is queued first.
-    Counters: ``enqueued``, ``dropped``, ``rejected``, ``high_water``.
+    Counters: ``enqueued``, ``dropped``, ``rejected``.
 
     Waiters are served in order. A woken getter has the item that woke it promised
     (``hold`` counts such promises), and a woken putter keeps its place in
@@ -67,7 +67,6 @@ class Mailbox:
         "enqueued",
         "dropped",
         "rejected",
-        "high_water",
         "name",
     )
 
@@ -86,7 +85,6 @@ class Mailbox:
         self.enqueued = 0
         self.dropped = 0
         self.rejected = 0
-        self.high_water = 0
         self.name = name
 
     def __len__(self) -> int:
