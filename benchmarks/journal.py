@@ -63,7 +63,7 @@ async def run(n: int, buffer: int, journal: SQLiteJournal | PostgresJournal) -> 
         return elapsed, flow.journal.hops
 
 
-def helper(dsn: str, name: str, buffer: int, go: float) -> None:
+def drain_worker(dsn: str, name: str, buffer: int, go: float) -> None:
     """A second worker process: deploys the same graph and works until nothing is left."""
 
     async def main() -> None:
@@ -81,7 +81,7 @@ async def shared(n: int, buffer: int, dsn: str, workers: int) -> float:
         await f.submit_many(range(n))
     go = time.time() + 3.0  # every process imported and waiting
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=helper, args=(dsn, name, buffer, go)) for _ in range(workers)]
+    procs = [ctx.Process(target=drain_worker, args=(dsn, name, buffer, go)) for _ in range(workers)]
     for p in procs:
         p.start()
     for p in procs:
