@@ -24,27 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pydotcompute.coordinator import PostgresJournal, SQLiteJournal, deploy, stage  # noqa: E402
-
-
-async def s1(x: int) -> int:
-    return x + 1
-
-
-async def s2(x: int) -> int:
-    return x * 2
-
-
-async def s3(x: int) -> int:
-    return x - 1
-
-
-def expected_sum(n: int) -> int:
-    return sum((i + 1) * 2 - 1 for i in range(n))
-
-
-def graph(buffer: int):
-    return stage(s1, buffer=buffer) >> stage(s2, buffer=buffer) >> stage(s3, buffer=buffer)
+from benchmarks.coordinator import expected_sum, graph  # noqa: E402
+from pydotcompute.coordinator import PostgresJournal, SQLiteJournal, deploy  # noqa: E402
 
 
 async def run(n: int, buffer: int, journal: SQLiteJournal | PostgresJournal) -> tuple[float, int]:
