@@ -17,10 +17,14 @@ The baseline is measured in the same run: a task reading a deque woken by an
 lifecycle, no telemetry. A second reference, the *API-shaped floor*, is the same
 actor written the way a ring kernel must be: its loop awaits two tiny coroutine
 methods per message (``await out(await inp())``), as ``ctx.send(await ctx.receive())``
-does. It shows how much of the gap the API shape alone costs; it has no goal.
+does. It shows how much of the gap the API shape alone costs; it has no goal. Two more
+references add, one at a time, what the runtime is asked to do on every message: the
+*bounded floor* checks a queue bound on each put and counts what the actor processed
+(``queue_size`` and ``messages_processed``); the *addressed floor* also takes the
+actor's id on every call and looks it up (``rt.send(kernel_id, msg)``).
 
-Every measurement is repeated; repetitions interleave baseline, floor and
-pydotcompute so drift on a busy machine hits all three alike. Ratios are taken per
+Every measurement is repeated; repetitions interleave the references and
+pydotcompute so drift on a busy machine hits them all alike. Ratios are taken per
 repetition (each against the baseline run next to it) and reported as the median with
 the lowest and highest repetition.
 
@@ -100,6 +104,46 @@ class FloorActor(BaselineActor):
         self.out_ev.set()
 
 
+class BoundedFloor(FloorActor):
+    """The floor with a queue bound checked on each put and a processed count."""
+
+    capacity = 4096
+    processed = 0
+
+    async def _out(self, msg: object) -> None:
+        if len(self.outbox) < self.capacity:
+            self.outbox.append(msg)
+            self.processed += 1
+            self.out_ev.set()
+
+    async def send(self, msg: object) -> None:
+        if len(self.inbox) < self.capacity:
+            self.inbox.append(msg)
+            self.in_ev.set()
+
+
+class AddressedFloor(BoundedFloor):
+    """The bounded floor reached through an id looked up on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.actors = {"echo": self}
+
+    async def send_to(self, actor_id: str, msg: object) -> None:
+        actor = self.actors[actor_id]
+        if len(actor.inbox) < actor.capacity:
+            actor.inbox.append(msg)
+            actor.in_ev.set()
+
+    async def receive_from(self, actor_id: str) -> object:
+        actor = self.actors[actor_id]
+        outbox = actor.outbox
+        while not outbox:
+            actor.out_ev.clear()
+            await actor.out_ev.wait()
+        return outbox.popleft()
+
+
 @ring_kernel(kernel_id="bench_echo", auto_register=False)
 async def echo(ctx):  # type: ignore[no-untyped-def]
     while True:
@@ -152,7 +196,7 @@ def _spread(values: list[float], fmt: str) -> str:
 
 
 async def main(n: int, repeats: int) -> None:
-    names = ("baseline", "floor", "pydotcompute")
+    names = ("baseline", "floor", "bounded floor", "addressed floor", "pydotcompute")
     # rows[shape][name] -> one value per repetition
     rows: dict[str, dict[str, list[float]]] = {
         s: {k: [] for k in names} for s in ("tasks", "one", "p50", "p99")
@@ -162,15 +206,25 @@ async def main(n: int, repeats: int) -> None:
         await rt.activate("echo")
         # One call level on each side, as for the baseline's bound methods.
         ours = (functools.partial(rt.send, "echo"), functools.partial(rt.receive, "echo"))
-        base, floor = BaselineActor(), FloorActor()
+        base, floor, bounded, addressed = (
+            BaselineActor(),
+            FloorActor(),
+            BoundedFloor(),
+            AddressedFloor(),
+        )
         actors = {
             "baseline": (base.send, base.receive),
             "floor": (floor.send, floor.receive),
+            "bounded floor": (bounded.send, bounded.receive),
+            "addressed floor": (
+                functools.partial(addressed.send_to, "echo"),
+                functools.partial(addressed.receive_from, "echo"),
+            ),
             "pydotcompute": ours,
         }
         for r in range(repeats):
             # Rotate who goes first so a trend over the run favours no one.
-            order = names[r % 3 :] + names[: r % 3]
+            order = names[r % len(names) :] + names[: r % len(names)]
             for name in order:
                 rows["tasks"][name].append(await throughput_tasks(*actors[name], n // 4))
             for name in order:
@@ -179,8 +233,8 @@ async def main(n: int, repeats: int) -> None:
                 p50, p99 = await latency(*actors[name], n // 10)
                 rows["p50"][name].append(p50)
                 rows["p99"][name].append(p99)
-        await base.close()
-        await floor.close()
+        for reference in (base, floor, bounded, addressed):
+            await reference.close()
         tele = rt.get_telemetry("echo")
 
     def ratios(shape: str, name: str) -> list[float]:
@@ -197,7 +251,7 @@ async def main(n: int, repeats: int) -> None:
     for shape, (label, fmt, note) in labels.items():
         print(f"{label}  ({note})" if note else label)
         for name in names:
-            line = f"  {name:14}{_spread(rows[shape][name], fmt):>34}"
+            line = f"  {name:16}{_spread(rows[shape][name], fmt):>34}"
             if name != "baseline":
                 line += f"   ratio {_spread(ratios(shape, name), '.2f')}"
             print(line)
@@ -209,4 +263,7 @@ if __name__ == "__main__":
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--repeats", type=int, default=7)
     a = ap.parse_args()
+    if a.messages < 4 * WINDOW or a.repeats < 1:
+        # Fewer than a window per throughput run would time a partly filled window.
+        ap.error(f"--messages must be at least {4 * WINDOW} and --repeats at least 1")
     asyncio.run(main(a.messages, a.repeats))

@@ -193,8 +193,11 @@ SETTINGS = ("off", "on", "scraped")
 
 
 def _spread(ratios: list[float]) -> str:
+    spread = f"range {min(ratios):.3f}..{max(ratios):.3f}"
+    if len(ratios) < 2:  # quartiles need two rounds
+        return spread
     q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return f"quartiles {q1:.3f}..{q3:.3f}, range {min(ratios):.3f}..{max(ratios):.3f}"
+    return f"quartiles {q1:.3f}..{q3:.3f}, {spread}"
 
 
 def _ratios(rates: dict[str, list[float]], setting: str) -> list[float]:
@@ -265,6 +268,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=0.4, help="length of one run")
     parser.add_argument("--rounds", type=int, default=15, help="rounds (one run per setting)")
     args = parser.parse_args()
+    if args.rounds < 1 or args.seconds <= 0:
+        parser.error("--rounds must be at least 1 and --seconds above 0")
     asyncio.run(main_async(args.seconds, args.rounds))
 
 
