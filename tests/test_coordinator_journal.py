@@ -452,3 +452,17 @@ async def test_a_running_flow_frees_the_items_of_a_process_that_dies_beside_it(j
         holder.send_signal(signal.SIGKILL)
         holder.wait()
         assert await flow.result("five", timeout=10) == 10
+
+
+async def test_a_read_the_database_refuses_is_a_journal_error(journal_at):
+    where = journal_at()
+    async with await deploy(None, stage(lambda x: x), name="reads", journal=where) as flow:
+        assert flow.dead_letters() == []
+        tamper(where, "ALTER TABLE dead_letters RENAME TO dead_letters_away")
+        try:
+            with pytest.raises(JournalError, match="read failed") as err:
+                flow.dead_letters()
+            assert err.value.__cause__ is not None  # the driver's own error, kept
+        finally:
+            tamper(where, "ALTER TABLE dead_letters_away RENAME TO dead_letters")
+        assert flow.dead_letters() == []

@@ -138,3 +138,36 @@ async def test_two_answers_to_one_task_at_the_same_time_only_one_is_taken(postgr
             hold.rollback()
         assert sorted(await asyncio.gather(*answers)) == [False, True]
         assert await a.result("d", timeout=10) in ("desk: yes", "desk: no")
+
+
+async def test_reads_survive_the_server_closing_the_reader(postgres_dsn):
+    """A server restart or an idle timeout closes connections; reads reconnect once."""
+    import psycopg
+
+    async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
+        await flow.submit(1, key="one")
+        assert await flow.result("one", timeout=10) == 2
+        pid = flow.journal._reader.raw.info.backend_pid
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        assert [kv async for kv in flow.results()] == [("one", 2)]
+        assert flow.journal._reader.raw.info.backend_pid != pid
+        # The writer was not touched: the flow goes on.
+        await flow.submit(2, key="two")
+        assert await flow.result("two", timeout=10) == 3
+
+
+async def test_a_read_with_the_server_gone_is_a_journal_error(postgres_dsn):
+    import psycopg
+
+    async with await deploy(None, stage(lambda x: x), name="f", journal=postgres_dsn) as flow:
+        reader = flow.journal._reader
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(%s)", (reader.raw.info.backend_pid,)
+            ).fetchone()
+        flow.journal.dialect.dsn = "postgresql://app:s3cret@127.0.0.1:1/x?connect_timeout=2"
+        with pytest.raises(JournalError, match="cannot connect") as err:
+            flow.dead_letters()
+        assert "s3cret" not in str(err.value)
+        assert flow.journal._reader is reader  # kept, so the next read tries again

@@ -227,6 +227,12 @@ class PostgresDialect:
     def refusals(self) -> tuple[type[Exception], ...]:
         return (self.psycopg.errors.IntegrityError,)
 
+    def driver_errors(self) -> tuple[type[Exception], ...]:
+        return (self.psycopg.Error,)
+
+    def lost(self, conn: Connection) -> bool:
+        return bool(conn.raw.closed or conn.raw.broken)
+
     def rows(self, conn: Connection, cols: str, tail: str, args: list[Any]) -> list[Any]:
         return conn.execute(f"SELECT {cols} {tail}", args).fetchall()
 

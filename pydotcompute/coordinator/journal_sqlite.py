@@ -214,6 +214,12 @@ class SQLiteDialect:
     def refusals(self) -> tuple[type[Exception], ...]:
         return (sqlite3.IntegrityError,)
 
+    def driver_errors(self) -> tuple[type[Exception], ...]:
+        return (sqlite3.Error,)
+
+    def lost(self, conn: sqlite3.Connection) -> bool:
+        return False  # a file does not go away under an open connection
+
     def rows(self, conn: sqlite3.Connection, cols: str, tail: str, args: list[Any]) -> list[Any]:
         return select_json(conn, f"SELECT json_array({cols}) AS j {tail}", args)
 

@@ -59,6 +59,12 @@ class Dialect(Protocol):
     def refusals(self) -> tuple[type[Exception], ...]:
         """Constraint errors: an op that hits one is refused, the rest of the batch goes on."""
 
+    def driver_errors(self) -> tuple[type[Exception], ...]:
+        """Every error the engine's driver raises (reported as ``JournalError``)."""
+
+    def lost(self, conn: Any) -> bool:
+        """Whether ``conn`` lost its server (a new connection may work)."""
+
     def rows(self, conn: Any, cols: str, tail: str, args: list[Any]) -> list[Any]:
         """``SELECT cols tail`` as a list of rows (sequences), fetched in as few steps as
         the engine allows."""
@@ -308,6 +314,24 @@ class JournalWriter:
 
     # ---- reads (event loop, committed state) --------------------------------------------
     def read(self, sql: str, *args: Any) -> list[Any]:
-        if self._reader is None:
+        """Rows of a query on committed state. A reader whose server went away (restart,
+        idle timeout, failover) is replaced once: reads change nothing, so trying again
+        is safe. Driver errors come out as ``JournalError``."""
+        reader = self._reader
+        if reader is None:
             raise JournalError(f"{self.what} is closed")
-        return list(self._reader.execute(sql, args).fetchall())
+        errors = self.dialect.driver_errors()
+        try:
+            return list(reader.execute(sql, args).fetchall())
+        except errors as exc:
+            if not self.dialect.lost(reader):
+                raise JournalError(f"{self.what} read failed: {exc}") from exc
+        # Raises JournalError if the server cannot be reached; the broken reader stays
+        # until then, so the next read tries again.
+        fresh = self.dialect.reader()
+        reader.close()
+        self._reader = fresh
+        try:
+            return list(fresh.execute(sql, args).fetchall())
+        except errors as exc:
+            raise JournalError(f"{self.what} read failed: {exc}") from exc
