@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import numba
 import numpy as np
@@ -246,6 +246,27 @@ def test_annotated_ndarray_forms() -> None:
     assert dt["a"] == np.dtype((np.uint8, (3,)))
     assert dt["b"] == np.dtype((np.float64, (2, 2)))
     assert dt["c"] == np.dtype((np.int16, (5,)))
+
+
+# PEP 695 aliases, as numpy >= 2.5 defines NDArray (made without the 3.12 syntax here).
+_te = pytest.importorskip("typing_extensions")
+_T = TypeVar("_T", bound=np.generic)
+Vector = _te.TypeAliasType("Vector", np.ndarray[tuple[int, ...], np.dtype[_T]], type_params=(_T,))
+Count = _te.TypeAliasType("Count", np.int32)
+
+
+def test_fields_typed_with_an_alias_get_the_layout_of_what_it_stands_for() -> None:
+    @message
+    class Aliased:
+        v: Annotated[Vector[np.float32], (4,)]
+        n: Count
+
+    dt = Aliased.__record_dtype__
+    assert dt["v"] == np.dtype((np.float32, (4,)))
+    assert dt["n"] == np.dtype(np.int32)
+    m = Aliased(np.arange(4, dtype=np.float32), np.int32(7))
+    back = Aliased.from_record(m.to_record())
+    assert back.n == 7 and back.v.tolist() == [0.0, 1.0, 2.0, 3.0]
 
 
 def test_subclass_of_base_has_layout_and_init_false_fields() -> None:

@@ -182,11 +182,26 @@ def _array_slot(name: str, args: tuple[Any, ...], metadata: tuple[Any, ...]) -> 
     )
 
 
+def _unalias(tp: Any) -> Any:
+    """What a PEP 695 type alias stands for (numpy >= 2.5 defines ``NDArray`` as one):
+    ``Alias[args]`` becomes the alias's value with ``args`` in place of its parameters."""
+    origin = typing.get_origin(tp)
+    alias, args = (origin, typing.get_args(tp)) if origin is not None else (tp, ())
+    value = getattr(alias, "__value__", None)
+    params = getattr(alias, "__type_params__", None)
+    if value is None or params is None:  # not an alias
+        return tp
+    if args and len(args) == len(params):
+        value = value[args]
+    return _unalias(value)
+
+
 def _slot(name: str, tp: Any) -> _Slot:
     """The record slot of a field annotated ``tp``; raises _NotFixedSize with the reason."""
+    tp = _unalias(tp)
     origin = typing.get_origin(tp)
     if origin is Annotated:
-        base = tp.__origin__
+        base = _unalias(tp.__origin__)
         if base is np.ndarray or typing.get_origin(base) is np.ndarray:
             return _array_slot(name, typing.get_args(base), tp.__metadata__)
         return _slot(name, base)
@@ -356,7 +371,7 @@ def _build_layout(cls: type) -> RecordLayout:
     for f in fields:
         if f.name in HEADER_FIELDS:
             continue
-        tp = hints.get(f.name, f.type)
+        tp = _unalias(hints.get(f.name, f.type))
         try:
             slot = _slot(f.name, tp)
         except _NotFixedSize as why:
