@@ -8,16 +8,10 @@ import pytest
 
 
 def _cuda_usable() -> bool:
-    try:
-        from numba import cuda
+    # The product's own probe: the simulator, a missing driver or CuPy all read as "no".
+    from pydotcompute.backends.probe import probe_cuda
 
-        return (
-            bool(cuda.is_available())
-            and not getattr(cuda, "simulator", None)
-            and (__import__("os").environ.get("NUMBA_ENABLE_CUDASIM") != "1")
-        )
-    except Exception:  # no numba-cuda driver bindings at all: no GPU
-        return False
+    return probe_cuda().usable
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

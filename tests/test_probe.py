@@ -113,6 +113,12 @@ def test_simulator_is_reported_as_simulator() -> None:
     assert lines[3].startswith("raised CUDA is not usable: numba-cuda runs the CUDA simulator")
 
 
+def test_gpu_marked_tests_run_where_the_probe_finds_a_gpu() -> None:
+    from tests.conftest import _cuda_usable
+
+    assert _cuda_usable() == REAL.usable
+
+
 # --- faked at the import boundary -----------------------------------------------------
 
 
