@@ -311,3 +311,70 @@ async def test_device_buffers_live_as_long_as_the_kernel() -> None:
         out = await collect(rt, "x", 256)
         assert np.all(out["seq"] == 0) and np.array_equal(out["x"], np.arange(256.0))
         del junk
+
+
+_BESIDE_SCRIPT = """
+import asyncio, warnings, numpy as np
+from numba import cuda
+from pydotcompute.runtime.runtime import RingKernelRuntime
+REC = np.dtype([("x", "<f8"), ("seq", "<i8")])
+def affine(msg, out, state):
+    out.x = 2.0 * msg.x + 1.0
+    out.seq = msg.seq
+    return True
+async def main():
+    async with RingKernelRuntime() as rt:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            await rt.launch("r", affine, backend="cuda", input_type=REC, output_type=REC)
+        print("LAZY WARNINGS", sum("lazily" in str(w.message) for w in seen))
+        await rt.activate("r")
+        if {other}:
+            @cuda.jit
+            def bump(a):  # compiled and loaded only now, beside the resident kernel
+                i = cuda.grid(1)
+                if i < a.size:
+                    a[i] += 1.0
+            stream = cuda.stream()
+            a = cuda.to_device(np.zeros(1 << 16), stream=stream)
+            bump[(1 << 16) // 256, 256, stream](a)
+            stream.synchronize()
+            import cupy as cp
+            s = float((cp.arange(1 << 16, dtype=cp.float64) * 2).sum())  # default stream
+            print("OTHER WORK DONE", a.copy_to_host().sum(), s)
+        await rt.send_batch("r", np.zeros(4, REC), timeout=10)
+        print("ECHO", len(await rt.receive_batch("r", 4, timeout=10)))
+asyncio.run(main())
+"""
+
+
+def _run_beside(other: bool, **env: str) -> str:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child_env = {k: v for k, v in os.environ.items() if k != "CUDA_MODULE_LOADING"}
+    child_env.update(env)
+    try:
+        proc = subprocess.run([sys.executable, "-c", _BESIDE_SCRIPT.format(other=other)],
+                              capture_output=True, text=True, timeout=90, env=child_env,
+                              cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"hung beside a resident ring kernel: {exc.stdout!r} {exc.stderr!r}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_new_kernels_run_beside_a_resident_ring_kernel() -> None:
+    # A kernel loaded for the first time while a ring kernel is resident: with CUDA's
+    # lazy module loading its first launch waits for the device to go idle, forever.
+    out = _run_beside(True)
+    assert "LAZY WARNINGS 0" in out
+    assert f"OTHER WORK DONE {float(1 << 16)} {float((1 << 16) * ((1 << 16) - 1))}" in out
+    assert "ECHO 4" in out
+
+
+def test_lazy_module_loading_is_warned_at_launch() -> None:
+    out = _run_beside(False, CUDA_MODULE_LOADING="LAZY")
+    assert "LAZY WARNINGS 1" in out and "ECHO 4" in out

@@ -9,6 +9,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import warnings
 
 import numba.cuda
 import pytest
@@ -113,10 +114,43 @@ def test_simulator_is_reported_as_simulator() -> None:
     assert lines[3].startswith("raised CUDA is not usable: numba-cuda runs the CUDA simulator")
 
 
+_LOADING_CODE = (
+    "import os\n"
+    "os.environ.pop('NUMBA_ENABLE_CUDASIM', None)\n"
+    "{setup}\n"
+    "from pydotcompute.backends.probe import probe_cuda\n"
+    "probe_cuda()\n"
+    "print(os.environ.get('CUDA_MODULE_LOADING'))\n"
+)
+
+
+def test_the_probe_asks_cuda_for_eager_module_loading() -> None:
+    # Lazy loading can hang a kernel launched beside a resident ring kernel.
+    setup = "os.environ.pop('CUDA_MODULE_LOADING', None)"
+    assert _run_python(_LOADING_CODE.format(setup=setup)).strip() == "EAGER"
+
+
+def test_the_probe_keeps_the_users_module_loading_setting() -> None:
+    setup = "os.environ['CUDA_MODULE_LOADING'] = 'LAZY'"
+    assert _run_python(_LOADING_CODE.format(setup=setup)).strip() == "LAZY"
+
+
 def test_gpu_marked_tests_run_where_the_probe_finds_a_gpu() -> None:
     from tests.conftest import _cuda_usable
 
     assert _cuda_usable() == REAL.usable
+
+
+def test_lazy_loading_is_warned_at_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydotcompute.backends import cuda as cuda_backend
+
+    monkeypatch.setattr(cuda_backend, "_lazy_loading", lambda: True)
+    with pytest.warns(RuntimeWarning, match="kernel 'k'.*lazily.*CUDA_MODULE_LOADING=EAGER"):
+        cuda_backend.warn_if_lazy_loading("k")
+    monkeypatch.setattr(cuda_backend, "_lazy_loading", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cuda_backend.warn_if_lazy_loading("k")
 
 
 # --- faked at the import boundary -----------------------------------------------------

@@ -168,6 +168,9 @@ class CudaSourceKernelLoop(KernelLoop):
             self.failure = err
             raise err from exc
         self._stream = cp.cuda.Stream(non_blocking=True)  # never waits on stream 0
+        from pydotcompute.backends.cuda import warn_if_lazy_loading
+
+        warn_if_lazy_loading(self.kernel_id)
         args = (
             np.uint64(self._in_mem.ptr),  # under unified addressing the host pointer
             np.uint64(nbytes),  # of pinned memory is valid on the device

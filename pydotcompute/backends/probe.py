@@ -11,6 +11,11 @@ at the first one that fails, so the reason names the first thing to fix:
 5. a device has compute capability 7.0 or newer (the persistent loops use
    ``nanosleep`` and system-scope atomics);
 6. numba-cuda can use the driver, sees the devices and finds libNVVM.
+
+Before the first check that initialises CUDA, ``probe_cuda()`` sets
+``CUDA_MODULE_LOADING=EAGER`` unless the variable is already set: with CUDA's default,
+lazy loading, the first launch of any other kernel may wait for the device to go
+idle, which never happens while a ring kernel is resident (see ``LAZY_LOADING_HAZARD``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from typing import Any
 from pydotcompute.errors import BackendNotAvailableError
 
 __all__ = [
+    "LAZY_LOADING_HAZARD",
     "MIN_COMPUTE_CAPABILITY",
     "CudaAvailability",
     "DeviceInfo",
@@ -35,6 +41,15 @@ __all__ = [
 
 MIN_COMPUTE_CAPABILITY = (7, 0)
 """Oldest architecture the device loops run on (``nanosleep`` arrived with sm_70)."""
+
+LAZY_LOADING_HAZARD = (
+    "CUDA loads modules lazily in this process (CUDA_MODULE_LOADING=LAZY, or CUDA was "
+    "initialised before pydotcompute could ask for eager loading): a kernel launched "
+    "for the first time while a ring kernel is resident can wait for the device to go "
+    "idle, which it never does, and hang. Set CUDA_MODULE_LOADING=EAGER before CUDA "
+    "is first used, or run every other kernel once before launching ring kernels."
+)
+"""Why lazy module loading and resident kernels do not mix."""
 
 _INSTALL_HINT = "pip install pydotcompute[cuda12] or [cuda13]"
 _CUPY_WHEELS = ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy")
@@ -97,6 +112,9 @@ def probe_cuda() -> CudaAvailability:
         return CudaAvailability(False, f"numba-cuda cannot be imported: {exc}")
     if _simulator_enabled():
         return _simulator_availability(numba_cuda)
+    # Read by the driver once, when it initialises (below, at the latest): only then
+    # can it still take effect. The user's own setting wins.
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
     try:
         cupy = importlib.import_module("cupy")
