@@ -151,7 +151,10 @@ async def test_grid_is_sized_from_occupancy() -> None:
         compiled = next(iter(loop.kernel.overloads.values()))
         fits = compiled.max_cooperative_grid_blocks(loop.threads)
         sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
-        assert 1 <= loop.blocks <= min(fits, sms)
+        assert 1 <= loop.blocks <= min(fits, sms, 8)  # few pollers by default
+        await rt.launch("wide", affine, backend="cuda", input_type=REC, output_type=REC,
+                        extra={"blocks": 1 << 20})  # fmt: skip
+        assert rt._kernels["wide"].loop.blocks == min(fits, sms)
 
 
 async def test_second_kernel_launches_and_runs_while_the_first_runs() -> None:
