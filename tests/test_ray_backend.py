@@ -146,3 +146,43 @@ async def test_a_kernel_that_asks_for_a_gpu_gets_one():
             got.extend((await rt.receive_batch("inc", 4096, timeout=30))["value"].tolist())
         assert sorted(got) == [v + 1.0 for v in range(4096)]
         assert rt.get_telemetry("inc").backend == "cuda"
+
+
+class _Ref:
+    def __init__(self, fut: object) -> None:
+        self._fut = fut
+
+    def future(self) -> object:
+        return self._fut
+
+
+class _GetMethod:
+    def __init__(self) -> None:
+        import concurrent.futures
+
+        self.calls: list[concurrent.futures.Future[object]] = []
+
+    def remote(self, *args: object) -> _Ref:
+        import concurrent.futures
+
+        fut: concurrent.futures.Future[object] = concurrent.futures.Future()
+        self.calls.append(fut)
+        return _Ref(fut)
+
+
+async def test_a_receive_lets_a_fetch_that_just_landed_deliver() -> None:
+    # The fetch has landed but its done callback waits for the next turn of the event
+    # loop. Awaiting a finished future does not yield (wait_for, Python 3.12+), so a
+    # receive that only awaited it spun until its deadline and the outputs never came.
+    from pydotcompute.backends.ray_loop import RayKernelLoop
+
+    config = RingKernelConfig(queue_size=8)
+    loop = RayKernelLoop("k", handler, config, None, None, lambda exc: None, cluster=None)  # type: ignore[arg-type]
+    loop._event_loop = asyncio.get_running_loop()
+    get = _GetMethod()
+    loop._actor = type("Actor", (), {"get": get})()
+    loop._start_fetch(8, 0.2)
+    get.calls[0].set_result(["out"])  # lands on the event loop at its next turn
+    await asyncio.sleep(0)
+    assert loop._fetch is not None and loop._fetch.done() and loop._buffered == 0
+    assert await loop.get(timeout=1.0) == "out"

@@ -483,6 +483,11 @@ class RayKernelLoop(KernelLoop):
                 await asyncio.sleep(0.005)
                 continue
             fetch = self._fetch
+            if fetch is not None and fetch.done():
+                # Landed; its done callback (_fetched) runs at the next turn of the
+                # event loop. Awaiting a finished future would not yield to it.
+                await asyncio.sleep(0)
+                continue
             if fetch is None:
                 wait_s = FETCH_WAIT_S if left is None else min(FETCH_WAIT_S, left)
                 fetch = self._start_fetch(
