@@ -157,6 +157,59 @@ async def test_reads_survive_the_server_closing_the_reader(postgres_dsn):
         assert await flow.result("two", timeout=10) == 3
 
 
+async def test_a_writer_whose_server_closed_the_connection_reconnects(postgres_dsn):
+    import psycopg
+
+    async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
+        await flow.submit(1, key="one")
+        assert await flow.result("one", timeout=10) == 2
+        pid = flow.journal._writer.raw.info.backend_pid
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        # The next transaction finds the connection gone, reconnects and runs again.
+        await flow.submit(2, key="two")
+        assert await flow.result("two", timeout=10) == 3
+        assert flow.journal._writer.raw.info.backend_pid != pid
+        assert [kv async for kv in flow.results()] == [("one", 2), ("two", 3)]
+
+
+async def test_a_writer_that_loses_its_server_while_committing_says_so(postgres_dsn):
+    async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
+        dialect = flow.journal.dialect
+        commit = dialect.commit
+
+        def commit_on_a_lost_connection(conn: Any) -> None:
+            dialect.commit = commit
+            conn.raw.close()
+            commit(conn)
+
+        dialect.commit = commit_on_a_lost_connection
+        with pytest.raises(JournalError, match="whether the batch was committed is unknown"):
+            await flow.submit(1, key="one")
+        # Not run again (it may have committed), but the writer has a new connection.
+        await flow.submit(2, key="two")
+        assert await flow.result("two", timeout=10) == 3
+
+
+async def test_a_writer_that_cannot_reconnect_yet_tries_again_with_the_next_batch(
+    postgres_dsn,
+):
+    import psycopg
+
+    async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
+        dialect = flow.journal.dialect
+        pid = flow.journal._writer.raw.info.backend_pid
+        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
+            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        dsn, dialect.dsn = dialect.dsn, "postgresql://app:s3cret@127.0.0.1:1/x?connect_timeout=2"
+        with pytest.raises(JournalError, match="cannot connect") as err:
+            await flow.submit(1, key="one")
+        assert "s3cret" not in str(err.value)
+        dialect.dsn = dsn  # the server is back
+        await flow.submit(2, key="two")
+        assert await flow.result("two", timeout=10) == 3
+
+
 async def test_a_read_with_the_server_gone_is_a_journal_error(postgres_dsn):
     import psycopg
 

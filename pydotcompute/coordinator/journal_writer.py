@@ -117,6 +117,7 @@ class JournalWriter:
         self._thread: ThreadPoolExecutor | None = None  # where threaded dialects commit
         self.on_error: Callable[[BaseException], None] = lambda exc: None
         self.commits = 0
+        self._committing = False  # the running transaction has sent its COMMIT
 
     # ---- hooks ------------------------------------------------------------------------
     def setup(self, conn: Any, now: float) -> None:
@@ -278,12 +279,27 @@ class JournalWriter:
                         attempt += 1
                         await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)
                         continue
-                    err = (
-                        exc
-                        if isinstance(exc, JournalError)
-                        else JournalError(f"{self.what} write failed: {exc!r}")
-                    )
-                    err.__cause__ = exc
+                    err: JournalError | None = None
+                    if self.dialect.lost(conn):
+                        # The server went away (restart, failover, idle timeout): it
+                        # rolled the transaction back unless it was already committing.
+                        conn, err = await self._reconnect(conn)
+                        if err is None and not self._committing and attempt < RETRIES:
+                            attempt += 1
+                            continue
+                        if err is None:
+                            err = JournalError(
+                                f"{self.what} lost its server while committing: whether "
+                                f"the batch was committed is unknown ({exc!r})"
+                            )
+                            err.__cause__ = exc
+                    if err is None:
+                        err = (
+                            exc
+                            if isinstance(exc, JournalError)
+                            else JournalError(f"{self.what} write failed: {exc!r}")
+                        )
+                        err.__cause__ = exc
                     results = [err] * len(ops)
                     if not ops:
                         self.on_error(err)
@@ -298,6 +314,7 @@ class JournalWriter:
 
     def _transact(self, conn: Any, ops: list[Op], beat_due: bool) -> list[Any] | None:
         """One transaction of the batch: the ops' results, or None if the journal is busy."""
+        self._committing = False
         now = self.dialect.try_begin(conn)
         if now is None:
             return None
@@ -305,12 +322,34 @@ class JournalWriter:
             results = self.apply(conn, now, ops)
             if beat_due:
                 self.heartbeat(conn, now)
+            self._committing = True
             self.dialect.commit(conn)
         except BaseException:
             self.reset()
-            self.dialect.rollback(conn)
+            if not self.dialect.lost(conn):  # a lost server has rolled back already
+                self.dialect.rollback(conn)
             raise
         return results
+
+    async def _reconnect(self, conn: Any) -> tuple[Any, JournalError | None]:
+        """A new writer connection for ``conn``, which lost its server; ``conn`` itself
+        and the reason when none can be had (the next failed batch tries again)."""
+        try:
+            if self._thread is not None:
+                fresh = await asyncio.get_running_loop().run_in_executor(
+                    self._thread, self.dialect.writer
+                )
+            else:
+                fresh = self.dialect.writer()
+        except JournalError as exc:
+            return conn, exc
+        except self.dialect.driver_errors() as exc:
+            err = JournalError(f"{self.what} cannot reconnect: {exc}")
+            err.__cause__ = exc
+            return conn, err
+        conn.close()
+        self._writer = fresh
+        return fresh, None
 
     # ---- reads (event loop, committed state) --------------------------------------------
     def read(self, sql: str, *args: Any) -> list[Any]:
