@@ -12,7 +12,8 @@ as three concurrent tasks. Measured in one run:
   kernel's work, reported per hop), one batch at a time.
 
 Then a coordinator flow through the same two kernels, both ways: kernel-id stages (a
-request and its reply per item) and one batching stage that moves 512 items at a time
+request and its reply per item; one worker per stage, then 64 with their requests in
+flight together) and one batching stage that moves 512 items at a time
 with ``send_batch``/``receive_batch``.
 
     python benchmarks/ray_hop.py [--records N] [--batch B] [--repeat R] [--items N]
@@ -110,10 +111,11 @@ async def hops(rt: RingKernelRuntime, batch: int, rounds: int) -> tuple[list[flo
     return put, trip
 
 
-async def coordinated(rt: RingKernelRuntime, n: int, batch: int) -> tuple[float, float]:
+async def coordinated(rt: RingKernelRuntime, n: int, batch: int) -> list[float]:
     """Items/s of an in-memory flow through scale and shift: as kernel-id stages (one
-    request and reply per item), and as one batching stage that sends its batch of
-    items through both kernels with send_batch/receive_batch."""
+    request and reply per item; with one worker each, then with 64 whose requests are
+    in flight together), and as one batching stage that sends its batch of items
+    through both kernels with send_batch/receive_batch."""
 
     def record(i: int) -> np.void:
         rec = np.zeros(1, RECORD)
@@ -136,6 +138,14 @@ async def coordinated(rt: RingKernelRuntime, n: int, batch: int) -> tuple[float,
     rates = []
     for name, graph, items in (
         ("per-item", stage(record) >> "scale" >> "shift" >> (lambda r: float(r["value"])), n),
+        (
+            "per-item-64",
+            stage(record)
+            >> stage("scale", workers=64)
+            >> stage("shift", workers=64)
+            >> (lambda r: float(r["value"])),
+            n,
+        ),
         ("batched", stage(record) >> FanIn(through, count=batch, timeout=0.01), 8 * n),
     ):
         flow = await rt.deploy(graph, name=name, journal=None)
@@ -144,7 +154,7 @@ async def coordinated(rt: RingKernelRuntime, n: int, batch: int) -> tuple[float,
         await flow.drain(timeout=300)
         rates.append(items / (time.perf_counter() - t0))
         assert await flow.result(keys[-1]) == (items - 1) * 2.0 + 1.0, "wrong results"
-    return rates[0], rates[1]
+    return rates
 
 
 def spread(values: list[float]) -> str:
@@ -192,7 +202,8 @@ async def main() -> None:
     print(f"  round trip, per hop      records/s {spread(trip_rate)}")
     print("coordinator flow through both kernels, items/s (one process / two Ray actors):")
     print(f"  kernel-id stages         {flow_local[0]:10.0f} / {flow_remote[0]:.0f}")
-    print(f"  batching stage (512)     {flow_local[1]:10.0f} / {flow_remote[1]:.0f}")
+    print(f"  same, 64 workers each    {flow_local[1]:10.0f} / {flow_remote[1]:.0f}")
+    print(f"  batching stage (512)     {flow_local[2]:10.0f} / {flow_remote[2]:.0f}")
     hop = statistics.median(put_rate)
     print(
         f"goal >= 1 M records/s per hop: {'met' if hop >= 1e6 else 'NOT met'} ({hop / 1e6:.2f} M)"

@@ -111,3 +111,21 @@ async def test_a_compiled_cpu_kernel_as_a_durable_stage(tmp_path):
         assert [await flow.result(str(i)) for i in range(40)] == [5.0 * i for i in range(40)]
         assert rt.read_state("norm")[0] == 40
         assert rt.get_telemetry("norm").backend == "cpu"
+
+
+async def answers_in_fours(ctx):
+    while not ctx.should_terminate:
+        held = [await ctx.receive() for _ in range(4)]
+        for msg in held:
+            await ctx.send(msg * 10)
+
+
+async def test_the_workers_of_a_kernel_stage_have_their_requests_in_flight_together():
+    # The kernel answers only once it holds four requests: one at a time would hang.
+    async with RingKernelRuntime() as rt:
+        await launched(rt, fours=answers_in_fours)
+        flow = await rt.deploy(stage("fours", workers=4, timeout=5, retries=1), name="k")
+        keys = await flow.submit_many(range(16))
+        await flow.drain(timeout=20)
+        assert [await flow.result(k) for k in keys] == [10 * i for i in range(16)]
+        assert flow.dead_letters() == []

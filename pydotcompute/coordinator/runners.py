@@ -214,12 +214,9 @@ class KernelRunner(Runner):
         self._timeout = stage.timeout
 
     async def call(self, value: Any) -> Any:
-        reply = await self._rt.send_and_receive(self._id, value, timeout=self._timeout)
-        sent = getattr(value, "message_id", None)
-        # A reply to an earlier request that timed out may still arrive first: skip it.
-        while sent is not None and getattr(reply, "correlation_id", None) not in (None, sent):
-            reply = await self._rt.receive(self._id, timeout=self._timeout)
-        return reply
+        # The stage's workers have their requests in flight together; a reply owed to
+        # one that timed out goes to nobody (see ``send_and_receive``).
+        return await self._rt.send_and_receive(self._id, value, timeout=self._timeout)
 
 
 def make_runner(stage: Stage | None, runtime: Any) -> Runner:

@@ -25,7 +25,6 @@ from pydotcompute.errors import (
     KernelFailedError,
     KernelNotFoundError,
     KernelStateError,
-    QueueTimeoutError,
 )
 from pydotcompute.runtime.lifecycle import KernelState, check_transition
 from pydotcompute.runtime.registry import (
@@ -34,6 +33,7 @@ from pydotcompute.runtime.registry import (
     default_backend,
     lookup_kernel,
 )
+from pydotcompute.runtime.replies import ReplyQueue
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __all__ = ["RingKernelRuntime"]
@@ -69,8 +69,7 @@ class _Kernel:
         "outbox",
         "restarts",
         "error",
-        "pair_lock",
-        "owed_replies",
+        "replies",
         "stop_task",
     )
 
@@ -99,8 +98,7 @@ class _Kernel:
         self.state = KernelState.CREATED
         self.restarts = restarts
         self.error: BaseException | None = None
-        self.pair_lock: asyncio.Lock | None = None
-        self.owed_replies = 0  # replies to send_and_receive calls that gave up waiting
+        self.replies: ReplyQueue | None = None  # send_and_receive callers, once one came
         self.stop_task: asyncio.Task[None] | None = None
 
     @property
@@ -284,6 +282,9 @@ class RingKernelRuntime:
         except Exception as exc:
             self._on_failure(k, exc)
             raise
+        finally:
+            if k.replies is not None:
+                await k.replies.close()
         if k.state is KernelState.TERMINATING:
             k.state = KernelState.TERMINATED
             log.info("terminated kernel %r", k.kernel_id)
@@ -466,32 +467,26 @@ class RingKernelRuntime:
     async def send_and_receive(
         self, kernel_id: str, message: Any, timeout: float | None = None
     ) -> Any:
-        """Send one message and return the kernel's next output.
+        """Send one message and return the kernel's reply to it.
 
-        Request/response pairs on one kernel are serialised so each caller gets the
-        output that followed its own request; do not mix with concurrent ``receive``
-        calls on the same kernel.
+        Many calls may be in flight on one kernel: replies are matched to requests in
+        the order the requests were sent, which is the order a kernel answers in when
+        it gives one output per input. A caller that times out (``QueueTimeoutError``)
+        or is cancelled keeps its place, so the reply owed to it goes to nobody. Do not
+        mix with ``receive`` calls on the same kernel.
         """
         k = self._get(kernel_id)
-        if k.pair_lock is None:
-            k.pair_lock = asyncio.Lock()
-        async with k.pair_lock:
-            loop = asyncio.get_running_loop()
-            deadline = None if timeout is None else loop.time() + timeout
-
-            def remaining() -> float | None:
-                return None if deadline is None else max(0.0, deadline - loop.time())
-
-            # Replies owed to callers that gave up come first: they belong to nobody.
-            while k.owed_replies:
-                await self.receive(kernel_id, remaining())
-                k.owed_replies -= 1
-            await self.send(kernel_id, message, remaining())
-            try:
-                return await self.receive(kernel_id, remaining())
-            except (QueueTimeoutError, asyncio.CancelledError):
-                k.owed_replies += 1
-                raise
+        if k.replies is None:
+            k.replies = ReplyQueue(kernel_id, lambda t: self.receive(kernel_id, t))
+        replies = k.replies
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        async with replies.send_lock:
+            left = None if deadline is None else max(0.0, deadline - loop.time())
+            await self.send(kernel_id, message, left)
+            place = replies.expect()
+        left = None if deadline is None else max(0.0, deadline - loop.time())
+        return await replies.wait(place, left, timeout)
 
     async def send_batch(
         self, kernel_id: str, messages: np.ndarray | list[Any], timeout: float | None = None
