@@ -52,11 +52,6 @@ def run_benchmark(script: str, *args: str, timeout: float = 240) -> str:
             ("async def host actor", "goal p50 <= 5"),
         ),
         (
-            "kernel_stage.py",
-            ("--items", "200", "--repeats", "1"),
-            ("goal: cpu kernel, workers=8 >= 2x workers=1",),
-        ),
-        (
             "telemetry_overhead.py",
             ("--seconds", "0.05", "--rounds", "1"),
             ("host", "scraped"),
