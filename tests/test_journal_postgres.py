@@ -140,16 +140,23 @@ async def test_two_answers_to_one_task_at_the_same_time_only_one_is_taken(postgr
         assert await a.result("d", timeout=10) in ("desk: yes", "desk: no")
 
 
+def close_from_the_server(dsn: str, conn: Any) -> int:
+    """Have the server end ``conn``'s session (as a restart or failover would); its pid."""
+    import psycopg
+
+    pid = conn.raw.info.backend_pid
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+    return pid
+
+
 async def test_reads_survive_the_server_closing_the_reader(postgres_dsn):
     """A server restart or an idle timeout closes connections; reads reconnect once."""
-    import psycopg
 
     async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
         await flow.submit(1, key="one")
         assert await flow.result("one", timeout=10) == 2
-        pid = flow.journal._reader.raw.info.backend_pid
-        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        pid = close_from_the_server(postgres_dsn, flow.journal._reader)
         assert [kv async for kv in flow.results()] == [("one", 2)]
         assert flow.journal._reader.raw.info.backend_pid != pid
         # The writer was not touched: the flow goes on.
@@ -158,14 +165,11 @@ async def test_reads_survive_the_server_closing_the_reader(postgres_dsn):
 
 
 async def test_a_writer_whose_server_closed_the_connection_reconnects(postgres_dsn):
-    import psycopg
 
     async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
         await flow.submit(1, key="one")
         assert await flow.result("one", timeout=10) == 2
-        pid = flow.journal._writer.raw.info.backend_pid
-        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        pid = close_from_the_server(postgres_dsn, flow.journal._writer)
         # The next transaction finds the connection gone, reconnects and runs again.
         await flow.submit(2, key="two")
         assert await flow.result("two", timeout=10) == 3
@@ -194,13 +198,10 @@ async def test_a_writer_that_loses_its_server_while_committing_says_so(postgres_
 async def test_a_writer_that_cannot_reconnect_yet_tries_again_with_the_next_batch(
     postgres_dsn,
 ):
-    import psycopg
 
     async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
         dialect = flow.journal.dialect
-        pid = flow.journal._writer.raw.info.backend_pid
-        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-            assert admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()[0]
+        close_from_the_server(postgres_dsn, flow.journal._writer)
         dsn, dialect.dsn = dialect.dsn, "postgresql://app:s3cret@127.0.0.1:1/x?connect_timeout=2"
         with pytest.raises(JournalError, match="cannot connect") as err:
             await flow.submit(1, key="one")
@@ -211,14 +212,10 @@ async def test_a_writer_that_cannot_reconnect_yet_tries_again_with_the_next_batc
 
 
 async def test_a_read_with_the_server_gone_is_a_journal_error(postgres_dsn):
-    import psycopg
 
     async with await deploy(None, stage(lambda x: x), name="f", journal=postgres_dsn) as flow:
         reader = flow.journal._reader
-        with psycopg.connect(postgres_dsn, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(%s)", (reader.raw.info.backend_pid,)
-            ).fetchone()
+        close_from_the_server(postgres_dsn, reader)
         flow.journal.dialect.dsn = "postgresql://app:s3cret@127.0.0.1:1/x?connect_timeout=2"
         with pytest.raises(JournalError, match="cannot connect") as err:
             flow.dead_letters()
