@@ -47,11 +47,12 @@ class ReplyQueue:
         """The reply for ``place``; ``QueueTimeoutError`` after ``timeout`` (the error
         names ``asked``, the caller's whole timeout, when given)."""
         try:
-            if self._reader is None and not self._inline and list(self._waiting) == [place]:
+            alone = len(self._waiting) == 1 and self._waiting[0] is place
+            if alone and self._reader is None and not self._inline:
                 return await self._read_own(place, timeout)
             self._start_reader()
             return await asyncio.wait_for(asyncio.shield(place), timeout)
-        except (asyncio.TimeoutError, QueueTimeoutError):
+        except asyncio.TimeoutError:  # QueueTimeoutError too
             raise QueueTimeoutError(
                 f"no reply from kernel {self.kernel_id!r} within "
                 f"{timeout if asked is None else asked} s"
