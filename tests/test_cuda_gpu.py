@@ -381,3 +381,17 @@ def test_new_kernels_run_beside_a_resident_ring_kernel() -> None:
 def test_lazy_module_loading_is_warned_at_launch() -> None:
     out = _run_beside(False, CUDA_MODULE_LOADING="LAZY")
     assert "LAZY WARNINGS 1" in out and "ECHO 4" in out
+
+
+async def test_a_device_wide_synchronize_is_refused_beside_a_ring_kernel() -> None:
+    from pydotcompute.errors import KernelStateError
+    from pydotcompute.memory import Accelerator
+    from pydotcompute.runtime.runtime import RingKernelRuntime
+
+    acc = Accelerator()
+    async with RingKernelRuntime() as rt:
+        await rt.launch("r", affine, backend="cuda", input_type=REC, output_type=REC)
+        with pytest.raises(KernelStateError, match="'r'"):
+            acc.synchronize(0)  # cudaDeviceSynchronize would never return
+        await rt.terminate("r")
+        acc.synchronize(0)

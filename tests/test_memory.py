@@ -12,6 +12,7 @@ from pydotcompute.errors import (
     BackendNotAvailableError,
     BufferSyncError,
     InvalidConfigurationError,
+    KernelStateError,
 )
 from pydotcompute.memory import Accelerator, MemoryPool, SyncState, UnifiedBuffer
 from tests import fake_cupy
@@ -214,6 +215,29 @@ def test_accelerator_lists_devices(gpu: fake_cupy.FakeGpu) -> None:
     acc.synchronize(1)
     assert gpu.synchronized == [1]
     assert repr(acc) == "Accelerator(0: A, 1: B)"
+
+
+def test_synchronize_is_refused_while_a_ring_kernel_runs_on_the_device(
+    gpu: fake_cupy.FakeGpu,
+) -> None:
+    # cudaDeviceSynchronize beside a persistent kernel would never return.
+    from pydotcompute.backends.resident import note_resident
+
+    class Loop:
+        finished = False
+
+    gpu.devices = [fake_cupy.device_props("A"), fake_cupy.device_props("B")]
+    loop = Loop()
+    note_resident(loop, "ring", 1, lambda: Loop.finished)
+    acc = Accelerator()
+    with pytest.raises(
+        KernelStateError, match="device 1 .* \\('ring'\\): the wait would never end"
+    ):
+        acc.synchronize(1)
+    acc.synchronize(0)  # another device
+    Loop.finished = True
+    acc.synchronize(1)
+    assert gpu.synchronized == [0, 1]
 
 
 def test_genuine_cuda_errors_propagate(gpu: fake_cupy.FakeGpu) -> None:

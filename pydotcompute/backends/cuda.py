@@ -367,10 +367,13 @@ class CudaKernelLoop(RingFedLoop):
         )
 
     def _launch(self, d_zero: Any) -> None:
+        from pydotcompute.backends.resident import note_resident
+
         cuda = _cuda()
         self.kernel[self.blocks, self.threads, self._stream](*self._args(d_zero, 0))
-        self._done_event = cuda.event(timing=False)
-        self._done_event.record(self._stream)
+        self._done_event = event = cuda.event(timing=False)
+        event.record(self._stream)
+        note_resident(self, self.kernel_id, cuda.get_current_device().id, event.query)
 
     def _run_simulated(self, d_zero: Any) -> None:
         try:

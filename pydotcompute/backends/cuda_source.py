@@ -178,8 +178,11 @@ class CudaSourceKernelLoop(KernelLoop):
             self._side,
         )
         kernel((self.blocks,), (self.threads,), args, stream=self._stream)
-        self._event = cp.cuda.Event(disable_timing=True)
-        self._event.record(self._stream)
+        self._event = event = cp.cuda.Event(disable_timing=True)
+        event.record(self._stream)
+        from pydotcompute.backends.resident import note_resident
+
+        note_resident(self, self.kernel_id, cp.cuda.Device().id, lambda: bool(event.done))
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
 
     def _status(self) -> int:

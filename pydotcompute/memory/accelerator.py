@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from pydotcompute.backends.probe import CudaAvailability, DeviceInfo, probe_cuda
-from pydotcompute.errors import BackendNotAvailableError, InvalidConfigurationError
+from pydotcompute.errors import (
+    BackendNotAvailableError,
+    InvalidConfigurationError,
+    KernelStateError,
+)
 from pydotcompute.memory.cuda_guard import import_cupy
 
 __all__ = ["Accelerator"]
@@ -56,8 +60,21 @@ class Accelerator:
         return int(free), int(total)
 
     def synchronize(self, index: int = 0) -> None:
-        """Wait until all work queued on device ``index`` has finished."""
+        """Wait until all work queued on device ``index`` has finished.
+
+        Refused with ``KernelStateError`` while a ring kernel of this process runs on
+        the device: it never finishes, so the wait would never end. Synchronize the
+        streams of your own work instead, or terminate the ring kernels first."""
+        from pydotcompute.backends.resident import resident_kernels
+
         self.device(index)
+        running = resident_kernels(index)
+        if running:
+            raise KernelStateError(
+                f"device {index} cannot be synchronized while ring kernels run on it "
+                f"({', '.join(map(repr, running))}): the wait would never end; "
+                "synchronize your own streams, or terminate the kernels first"
+            )
         cupy = import_cupy()
         with cupy.cuda.Device(index):
             cupy.cuda.runtime.deviceSynchronize()
