@@ -142,15 +142,15 @@ def test_gpu_marked_tests_run_where_the_probe_finds_a_gpu() -> None:
 
 
 def test_lazy_loading_is_warned_at_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pydotcompute.backends import cuda as cuda_backend
+    from pydotcompute.backends import resident
 
-    monkeypatch.setattr(cuda_backend, "_lazy_loading", lambda: True)
+    monkeypatch.setattr(resident, "_lazy_loading", lambda: True)
     with pytest.warns(RuntimeWarning, match="kernel 'k'.*lazily.*CUDA_MODULE_LOADING=EAGER"):
-        cuda_backend.warn_if_lazy_loading("k")
-    monkeypatch.setattr(cuda_backend, "_lazy_loading", lambda: False)
+        resident.warn_if_lazy_loading("k")
+    monkeypatch.setattr(resident, "_lazy_loading", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cuda_backend.warn_if_lazy_loading("k")
+        resident.warn_if_lazy_loading("k")
 
 
 # --- faked at the import boundary -----------------------------------------------------

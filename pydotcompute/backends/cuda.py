@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -94,25 +93,6 @@ def _non_blocking_stream() -> Any:
     handle = drv.driver.cuStreamCreate(flags)
     finalizer = drv._stream_finalizer(ctx.deallocations, handle)
     return drv.Stream(handle, finalizer=finalizer)  # type: ignore[call-arg]
-
-
-def _lazy_loading() -> bool:
-    """Whether this process's CUDA driver loads modules lazily."""
-    from numba.cuda.cudadrv import driver as drv
-
-    mode = drv.driver.cuModuleGetLoadingMode()
-    return int(mode) == int(drv.binding.CUmoduleLoadingMode.CU_MODULE_LAZY_LOADING)
-
-
-def warn_if_lazy_loading(kernel_id: str) -> None:
-    """Warn that other kernels may hang beside this resident one (see
-    ``probe.LAZY_LOADING_HAZARD``): CUDA was initialised with lazy module loading."""
-    from pydotcompute.backends.probe import LAZY_LOADING_HAZARD
-
-    if _lazy_loading():
-        warnings.warn(
-            f"cuda kernel {kernel_id!r}: {LAZY_LOADING_HAZARD}", RuntimeWarning, stacklevel=3
-        )
 
 
 def _mapped_bytes(nbytes: int) -> tuple[Any, np.ndarray]:
@@ -335,7 +315,6 @@ class CudaKernelLoop(RingFedLoop):
                 cuda.to_device(a, stream=self._stream) for a in args_host
             )
             self.blocks = self._grid_size()
-            warn_if_lazy_loading(self.kernel_id)
             self._launch(self._d_zero)
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
 
@@ -367,13 +346,13 @@ class CudaKernelLoop(RingFedLoop):
         )
 
     def _launch(self, d_zero: Any) -> None:
-        from pydotcompute.backends.resident import note_resident
+        from pydotcompute.backends.resident import launched
 
         cuda = _cuda()
         self.kernel[self.blocks, self.threads, self._stream](*self._args(d_zero, 0))
         self._done_event = event = cuda.event(timing=False)
         event.record(self._stream)
-        note_resident(self, self.kernel_id, cuda.get_current_device().id, event.query)
+        launched(self, self.kernel_id, cuda.get_current_device().id, event.query)
 
     def _run_simulated(self, d_zero: Any) -> None:
         try:

@@ -168,9 +168,6 @@ class CudaSourceKernelLoop(KernelLoop):
             self.failure = err
             raise err from exc
         self._stream = cp.cuda.Stream(non_blocking=True)  # never waits on stream 0
-        from pydotcompute.backends.cuda import warn_if_lazy_loading
-
-        warn_if_lazy_loading(self.kernel_id)
         args = (
             np.uint64(self._in_mem.ptr),  # under unified addressing the host pointer
             np.uint64(nbytes),  # of pinned memory is valid on the device
@@ -180,9 +177,9 @@ class CudaSourceKernelLoop(KernelLoop):
         kernel((self.blocks,), (self.threads,), args, stream=self._stream)
         self._event = event = cp.cuda.Event(disable_timing=True)
         event.record(self._stream)
-        from pydotcompute.backends.resident import note_resident
+        from pydotcompute.backends.resident import launched
 
-        note_resident(self, self.kernel_id, cp.cuda.Device().id, lambda: bool(event.done))
+        launched(self, self.kernel_id, cp.cuda.Device().id, lambda: bool(event.done))
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
 
     def _status(self) -> int:
