@@ -195,6 +195,27 @@ async def test_a_writer_that_loses_its_server_while_committing_says_so(postgres_
         assert await flow.result("two", timeout=10) == 3
 
 
+async def test_a_writer_that_keeps_losing_its_server_before_committing_gives_up_plainly(
+    postgres_dsn,
+):
+    async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
+        dialect = flow.journal.dialect
+        begin = dialect.try_begin
+
+        def begin_on_a_lost_connection(conn: Any) -> float:
+            conn.raw.close()
+            return begin(conn)
+
+        dialect.try_begin = begin_on_a_lost_connection
+        with pytest.raises(JournalError, match="write failed") as err:
+            await flow.submit(1, key="one")
+        # Nothing was committing: the outcome is known (not written), not "unknown".
+        assert "unknown" not in str(err.value)
+        dialect.try_begin = begin
+        await flow.submit(2, key="two")
+        assert await flow.result("two", timeout=10) == 3
+
+
 async def test_a_writer_that_cannot_reconnect_yet_tries_again_with_the_next_batch(
     postgres_dsn,
 ):

@@ -279,27 +279,27 @@ class JournalWriter:
                         attempt += 1
                         await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)
                         continue
-                    err: JournalError | None = None
+                    err = (
+                        exc
+                        if isinstance(exc, JournalError)
+                        else JournalError(f"{self.what} write failed: {exc!r}")
+                    )
+                    err.__cause__ = exc
                     if self.dialect.lost(conn):
                         # The server went away (restart, failover, idle timeout): it
                         # rolled the transaction back unless it was already committing.
-                        conn, err = await self._reconnect(conn)
-                        if err is None and not self._committing and attempt < RETRIES:
-                            attempt += 1
-                            continue
-                        if err is None:
+                        conn, lost = await self._reconnect(conn)
+                        if lost is not None:
+                            err = lost
+                        elif self._committing:
                             err = JournalError(
                                 f"{self.what} lost its server while committing: whether "
                                 f"the batch was committed is unknown ({exc!r})"
                             )
                             err.__cause__ = exc
-                    if err is None:
-                        err = (
-                            exc
-                            if isinstance(exc, JournalError)
-                            else JournalError(f"{self.what} write failed: {exc!r}")
-                        )
-                        err.__cause__ = exc
+                        elif attempt < RETRIES:
+                            attempt += 1
+                            continue
                     results = [err] * len(ops)
                     if not ops:
                         self.on_error(err)
