@@ -481,12 +481,14 @@ class RingKernelRuntime:
         replies = k.replies
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
         async with replies.send_lock:
-            left = None if deadline is None else max(0.0, deadline - loop.time())
-            await self.send(kernel_id, message, left)
+            await self.send(kernel_id, message, remaining())
             place = replies.expect()
-        left = None if deadline is None else max(0.0, deadline - loop.time())
-        return await replies.wait(place, left, timeout)
+        return await replies.wait(place, remaining(), timeout)
 
     async def send_batch(
         self, kernel_id: str, messages: np.ndarray | list[Any], timeout: float | None = None
