@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import subprocess
 import sys
@@ -158,13 +159,9 @@ class _Ref:
 
 class _GetMethod:
     def __init__(self) -> None:
-        import concurrent.futures
-
         self.calls: list[concurrent.futures.Future[object]] = []
 
     def remote(self, *args: object) -> _Ref:
-        import concurrent.futures
-
         fut: concurrent.futures.Future[object] = concurrent.futures.Future()
         self.calls.append(fut)
         return _Ref(fut)
