@@ -355,6 +355,28 @@ if SIM:
             assert not loop._thread.is_alive()
 
     @sim
+    async def test_a_sleeping_receiver_is_woken_by_the_output_watcher() -> None:
+        # The device cannot write the event loop's descriptor: a watcher thread polls
+        # the output ring while a receiver sleeps, and goes away with the kernel.
+        from pydotcompute.rings.wake import ARMED
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            await rt.launch("w", count_and_scale, backend="cuda", input_type=IN,
+                            output_type=OUT, queue_size=8, extra={"threads": 1})  # fmt: skip
+            loop = rt._kernels["w"].loop
+            waiting = asyncio.ensure_future(rt.receive_batch("w", 4, timeout=20))
+            await _wait_for(lambda: loop._wakeup.words[ARMED] == 1)  # asleep
+            await rt.send_batch("w", records([7]), timeout=10)
+            await rt.activate("w")
+            got = await asyncio.wait_for(waiting, 20)
+            assert list(got["id"]) == [7]
+            name = loop._watcher._thread.name
+            assert any(t.name == name for t in threading.enumerate())
+            await rt.terminate("w")
+            assert not any(t.name == name for t in threading.enumerate())
+
+    @sim
     async def test_a_kernel_asked_to_stop_is_not_reported_as_failed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
         from pydotcompute.backends import cuda as cuda_backend
         from pydotcompute.backends.config import RingKernelConfig

@@ -38,6 +38,7 @@ import numpy as np
 from pydotcompute.backends.base import FailureCallback, kernel_record_dtype
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.ring_fed import RingFedLoop
+from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
 from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
@@ -227,6 +228,7 @@ class CudaKernelLoop(RingFedLoop):
         self._done_event: Any = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
+        self._watcher: OutputWatcher | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = False
@@ -259,7 +261,10 @@ class CudaKernelLoop(RingFedLoop):
             RingSide.DEVICE,
             RingSide.HOST,
         )
-        self._attach_rings(self.in_ring.host, self.out_ring.host)
+        # The GPU cannot wake a receiver asleep on the event loop: a watcher thread
+        # polls the output ring for it, only while a receiver is asleep.
+        wakeup = ReplyWakeup()
+        self._attach_rings(self.in_ring.host, self.out_ring.host, wakeup)
         self.control = MappedControl()
         try:
             self.kernel = await asyncio.to_thread(
@@ -316,6 +321,10 @@ class CudaKernelLoop(RingFedLoop):
             )
             self.blocks = self._grid_size()
             self._launch(self._d_zero)
+        self._watcher = OutputWatcher(
+            wakeup, self.out_ring.host.buffer, f"pydotcompute-cuda-watch-{self.kernel_id}"
+        )
+        self._watcher.start()
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
 
     def _grid_size(self) -> int:
@@ -408,6 +417,7 @@ class CudaKernelLoop(RingFedLoop):
                 words[W.ERROR_CODE] = W.ERR_HANDLER
             self.control.set_state(W.TERMINATE)  # the other blocks stop too
         self._active.pause()
+        self._wake_receivers()
         self.on_failure(exc)
 
     def set_active(self, active: bool) -> None:
@@ -426,6 +436,10 @@ class CudaKernelLoop(RingFedLoop):
 
         self._stopped = True
         self._active.pause()
+        self._wake_receivers()
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         if self.control is None:
             return
         self.control.set_state(ControlWords.TERMINATE)
@@ -460,6 +474,8 @@ class CudaKernelLoop(RingFedLoop):
             fault = self._device_error()
         if fault is not None and self.failure is None:
             self._fail(fault)
+        if self._wakeup is not None:
+            self._wakeup.close()
 
     # -- state and telemetry ---------------------------------------------------------
 

@@ -21,6 +21,7 @@ from pydotcompute.rings.atomics import (
     cpu_yield,
     fetch_add,
     load_acquire,
+    monotonic_ns,
     sleep_us,
     store_release,
 )
@@ -53,6 +54,8 @@ __all__ = [
     "ring_evict",
     "ring_add_counter",
     "ring_depth",
+    "ring_ready",
+    "ring_pop_spin",
 ]
 
 _BLOCK = 0
@@ -61,6 +64,7 @@ _DROP_OLDEST = 2
 _DROP_NEWEST = 3
 
 _jit = njit(nogil=True, cache=True)
+_PURE_SPIN_NS = 2_000  # ring_pop_spin: pause-only polls before it starts yielding
 
 
 @_jit
@@ -261,3 +265,38 @@ def ring_depth(buf):  # type: ignore[no-untyped-def]
     released = load_acquire(buf, OFF_RELEASED)
     d = load_acquire(buf, OFF_PUBLISHED) - released
     return min(max(d, 0), cap)
+
+
+@_jit
+def ring_ready(buf):  # type: ignore[no-untyped-def]
+    """Whether a consumer would find a record to claim now (two cached loads)."""
+    return load_acquire(buf, OFF_PUBLISHED) > load_acquire(buf, OFF_CLAIM)
+
+
+@_jit
+def ring_pop_spin(buf, dst, dst_off, max_n, spin_ns):  # type: ignore[no-untyped-def]
+    """``ring_pop``, and when the ring is empty, poll up to ``spin_ns`` nanoseconds for
+    a record to arrive before giving up with 0.
+
+    One call instead of a poll loop in Python: a reply that comes meanwhile is seen
+    within a fraction of a microsecond, and the GIL is free. After the first
+    microseconds each poll also yields the core: on a machine with fewer free cores
+    than spinning threads, the thread that would publish the reply may be waiting
+    for this very core (on 2 busy cores, a pure spin took round trips from 4 us to
+    280 us)."""
+    got = ring_pop(buf, dst, dst_off, max_n)
+    if got > 0 or spin_ns <= 0:
+        return got
+    start = monotonic_ns()
+    while True:
+        if ring_ready(buf):
+            got = ring_pop(buf, dst, dst_off, max_n)
+            if got > 0:
+                return got
+        waited = monotonic_ns() - start
+        if waited >= spin_ns:
+            return 0
+        if waited < _PURE_SPIN_NS:
+            cpu_pause()  # type: ignore[call-arg]
+        else:
+            cpu_yield()  # type: ignore[call-arg]
