@@ -90,6 +90,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pdc_ring_check.restype = ctypes.c_int
     lib.pdc_ring_init_side_counters.argtypes = [ptr, u64, u64, ptr]
     lib.pdc_ring_init_side_counters.restype = None
+    lib.pdc_ring_side_counters_words.argtypes = []
+    lib.pdc_ring_side_counters_words.restype = u64
+    lib.pdc_ring_seal.argtypes = [u64, ptr, u64]
+    lib.pdc_ring_seal.restype = u64
+    lib.pdc_ring_mirror_counters.argtypes = [ptr, u64, u64, ptr]
+    lib.pdc_ring_mirror_counters.restype = i64
+    lib.pdc_ring_discard_stale.argtypes = [ptr, u64, u64, ptr]
+    lib.pdc_ring_discard_stale.restype = i64
     lib.pdc_ring_try_push.argtypes = [ptr, u64, u64, ptr, ptr, u64]
     lib.pdc_ring_try_push.restype = i64
     lib.pdc_ring_push.argtypes = [ptr, u64, u64, ptr, ptr, u64, u64]
@@ -110,8 +118,9 @@ class CxxParty:
 
     def __init__(self, lib: ctypes.CDLL, buf: np.ndarray, dtype: np.dtype, side: int = HOST):
         self.lib, self.buf, self.dtype, self.side = lib, buf, np.dtype(dtype), side
-        # A device party's reserve/claim counters (device memory on a GPU).
-        self.side_counters = np.zeros(2, dtype=np.uint64)
+        # A device party's own words: reserve/claim, its reading of released, its
+        # counters (device memory on a GPU).
+        self.side_counters = np.zeros(lib.pdc_ring_side_counters_words(), dtype=np.uint64)
         counters = self.side_counters.ctypes.data if side == DEVICE else None
         self.args = (buf.ctypes.data, buf.nbytes, side, counters)
         if side == DEVICE:
@@ -130,6 +139,11 @@ class CxxParty:
         got = self.lib.pdc_ring_pop(*self.args, out.ctypes.data, max_n)
         assert got >= 0, f"pop failed with {got}"
         return out[:got]
+
+    def mirror(self) -> None:
+        """Publish a device party's counters into the header now (a device does it
+        about once a millisecond)."""
+        assert self.lib.pdc_ring_mirror_counters(*self.args) == 0
 
 
 def _aligned(nbytes: int) -> np.ndarray:
@@ -151,7 +165,7 @@ def _records(ids: list[int] | range) -> np.ndarray:
 
 def _cxx_ring(lib: ctypes.CDLL, capacity: int, dtype: np.dtype, strategy: int,
               producer: int = HOST, consumer: int = HOST) -> np.ndarray:  # fmt: skip
-    buf = _aligned(ring_nbytes(capacity, np.dtype(dtype).itemsize))
+    buf = _aligned(ring_nbytes(capacity, np.dtype(dtype).itemsize, producer != consumer))
     status = lib.pdc_ring_init(buf.ctypes.data, buf.nbytes, capacity, np.dtype(dtype).itemsize,
                                strategy, producer, consumer)  # fmt: skip
     assert status == 0
@@ -165,8 +179,10 @@ def _cxx_ring(lib: ctypes.CDLL, capacity: int, dtype: np.dtype, strategy: int,
 @pytest.mark.parametrize("sides", [(HOST, HOST), (HOST, DEVICE), (DEVICE, HOST)])
 def test_cxx_and_python_write_the_same_header(lib, strategy, sides) -> None:
     cxx = _cxx_ring(lib, 8, RECORD, int(strategy), *sides)
-    py = _aligned(ring_nbytes(8, RECORD.itemsize))
+    py = _aligned(ring_nbytes(8, RECORD.itemsize, sides[0] != sides[1]))
+    py[:] = 0xFF  # init must clear the tags of a crossing ring
     init_ring(py, 8, RECORD.itemsize, strategy, RingSide(sides[0]), RingSide(sides[1]))
+    assert bytes(cxx) == bytes(py[: cxx.nbytes]) or sides[0] == sides[1]
     assert bytes(cxx[:HEADER_SIZE]) == bytes(py[:HEADER_SIZE])
     assert bytes(cxx[:8]) == b"PDCRING1"
     assert lib.pdc_ring_check(py.ctypes.data, py.nbytes) == 0
@@ -183,7 +199,8 @@ def test_cxx_rejects_bad_headers(lib) -> None:
         return lib.pdc_ring_check(buf.ctypes.data, buf.nbytes)
 
     assert broken(0, 0) == 1  # magic
-    assert broken(8, 2) == 2  # version
+    assert broken(8, 1) == 2  # version 1
+    assert broken(72, 8) == 10  # record offset of a crossing ring on a one-sided one
     assert broken(16, 512) == 3  # header size
     assert broken(24, 3) == 4  # capacity not a power of two
     assert broken(32, 12) == 5  # slot size not a multiple of 8
@@ -338,6 +355,8 @@ def test_drop_oldest_across_sides_watermark(lib) -> None:
     assert int(_words(buf)[OFF_DROP_BEFORE // 8]) == 3  # 6 + 1 - 4, as in the example
     # Claims position 2 (C), finds it stale, skips it and goes on to deliver D.
     assert device.pop(1)["id"].tolist() == [4]
+    assert numba_ring.counters().dropped_oldest == 0  # kept in device memory until
+    device.mirror()  # the device mirrors its counters
     assert numba_ring.counters().dropped_oldest == 1
     assert numba_ring.try_push_batch(_records([7])) == 1
     assert device.pop(8)["id"].tolist() == [5, 6, 7]
@@ -356,7 +375,82 @@ def test_drop_oldest_across_sides_cxx_producer_degrades_to_drop_newest(lib) -> N
     assert c.dropped_newest == 2 and c.drop_before == 2  # reserve 4 + 2 - 4
     device = CxxParty(lib, buf, RECORD, DEVICE)
     assert device.pop(8)["id"].tolist() == [2, 3]
+    device.mirror()
     assert numba_view.counters().dropped_oldest == 2
+
+
+# --- tags on crossing rings (protocol 4.4) ------------------------------------------
+
+
+def test_cxx_seal_is_the_compiled_one(lib) -> None:
+    from pydotcompute.rings.host_ops import ring_seal
+
+    rng = np.random.default_rng(11)
+    for rs in (1, 5, 8, 12, 16, 23, 64):
+        for pos in (0, 1, 7, 1 << 33):
+            data = _aligned(72)
+            data[:] = rng.integers(0, 256, 72)
+            expected = int(ring_seal(data, 8, rs, pos)) & ((1 << 64) - 1)
+            assert lib.pdc_ring_seal(pos, data.ctypes.data + 8, rs) == expected
+            # at any address: the C++ seal reads bytes where words are misaligned
+            assert lib.pdc_ring_seal(pos, data.ctypes.data + 3, rs) == int(
+                ring_seal(np.concatenate([data[3:], np.zeros(8, np.uint8)]), 0, rs, pos)
+            ) & ((1 << 64) - 1)
+
+
+@pytest.mark.parametrize("direction", ["host->device", "device->host"])
+def test_tagged_slots_across_implementations(lib, direction: str) -> None:
+    """The side on the host is Numba, the device's side C++ (its counters in 'device
+    memory'), on one crossing ring, many wrap-arounds: every record arrives in order
+    and the device's counters reach the header when it mirrors them."""
+    rng = np.random.default_rng(5)
+    producer, consumer = (HOST, DEVICE) if direction == "host->device" else (DEVICE, HOST)
+    numba_ring = HostRing(8, RECORD, backpressure=BackpressureStrategy.REJECT,
+                          producer_side=RingSide(producer), consumer_side=RingSide(consumer))  # fmt: skip
+    device = CxxParty(lib, numba_ring.buffer, RECORD, DEVICE)
+    if direction == "host->device":
+        push, pop = numba_ring.try_push_batch, device.pop
+    else:
+        push, pop = device.try_push, lambda n: numba_ring.pop_batch(n)
+    sent: list[int] = []
+    received: list[int] = []
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        placed = push(_records(range(len(sent), len(sent) + n)))
+        sent.extend(range(len(sent), len(sent) + placed))
+        received.extend(pop(int(rng.integers(1, 12)))["id"].tolist())
+    received.extend(pop(16)["id"].tolist())
+    assert received == sent and len(sent) > 8 * 40
+    device.mirror()
+    c = numba_ring.counters()
+    assert c.enqueued == c.dequeued == len(sent) and c.released == len(sent)
+    if direction == "device->host":
+        assert c.published == len(sent)  # mirrored, not kept in order by the device
+        assert int(_words(numba_ring.buffer)[OFF_RESERVE // 8]) == 0  # reserve lives apart
+
+
+def test_cxx_consumer_takes_only_sealed_slots(lib) -> None:
+    numba_ring = HostRing(4, RECORD, consumer_side=RingSide.DEVICE)
+    device = CxxParty(lib, numba_ring.buffer, RECORD, DEVICE)
+    numba_ring.try_push_batch(_records([1, 2]))
+    slot1 = HEADER_SIZE + 24
+    numba_ring.buffer[slot1 + 12] ^= 0x40  # the record changes after its tag
+    assert device.pop(4)["id"].tolist() == [1]
+    assert device.pop(4).size == 0  # position 1 is not sealed: not there yet
+    numba_ring.buffer[slot1 + 12] ^= 0x40
+    assert device.pop(4)["id"].tolist() == [2]
+
+
+def test_cxx_device_producer_reads_released_only_when_short(lib) -> None:
+    numba_ring = HostRing(8, RECORD, producer_side=RingSide.DEVICE)
+    device = CxxParty(lib, numba_ring.buffer, RECORD, DEVICE)
+    assert device.try_push(_records(range(6))) == 6
+    assert numba_ring.pop_batch(6)["id"].tolist() == list(range(6))
+    assert device.try_push(_records([6, 7])) == 2  # room by its own reading: 8 - 6
+    assert int(device.side_counters[2]) == 0  # released_seen: never re-read
+    assert device.try_push(_records([8])) == 1  # short: reads released (6) once
+    assert int(device.side_counters[2]) == 6
+    assert numba_ring.pop_batch(8)["id"].tolist() == [6, 7, 8]
 
 
 # --- both implementations running at the same time ---------------------------------
@@ -517,7 +611,7 @@ class StreamStats:
 
     def __init__(self, block: ctypes.CDLL, ring_buffer: np.ndarray, threads: int = 32):
         self.control = np.zeros(64, dtype=np.uint64)
-        self.side_counters = np.zeros(2, dtype=np.uint64)
+        self.side_counters = np.zeros(16, dtype=np.uint64)  # pdc::ring::SideCounters
         self.thread, _ = _run_thread(
             block.run_block,
             threads,
@@ -656,7 +750,7 @@ _MPMC_STRESS = """
 using namespace pdc::ring;
 int main() {
   const u64 cap = 8, rs = 16, n = 100000, producers = 2, consumers = 2;
-  const u64 nbytes = ring_nbytes(cap, rs);
+  const u64 nbytes = ring_nbytes(cap, rs, true);  // host to device: a crossing ring
   std::vector<u64> memory(nbytes / 8);
   unsigned char* buf = reinterpret_cast<unsigned char*>(memory.data());
   if (ring_init(buf, nbytes, cap, rs, kBlock, kSideHost, kSideDevice) != kOk) return 2;
@@ -692,6 +786,7 @@ int main() {
       }
     });
   for (auto& t : threads) t.join();
+  ring_mirror_counters(consumer_view, true);  // the device side's counters, into the header
   const bool ok = sum.load() == producers * (n * (n - 1) / 2) &&
                   *ring_field(producer_view, kOffEnqueued) == producers * n &&
                   *ring_field(producer_view, kOffDequeued) == producers * n &&

@@ -17,11 +17,13 @@ from numba.core.extending import intrinsic
 
 __all__ = [
     "load_acquire",
+    "load_relaxed",
     "store_release",
     "cas",
     "fetch_add",
     "exchange",
     "fence_seq_cst",
+    "fence_acquire",
     "copy_bytes",
     "zero_bytes",
     "cpu_pause",
@@ -62,6 +64,20 @@ def load_acquire(typingctx, arr, offset):  # type: ignore[no-untyped-def]
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         ptr = _addr(context, builder, signature.args[0], args[0], args[1])
         return builder.load_atomic(ptr, "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def load_relaxed(typingctx, arr, offset):  # type: ignore[no-untyped-def]
+    """Atomic 64-bit load with no ordering (``monotonic``): a word another thread may
+    be writing, read whole, in any order with the loads around it."""
+    _check_array(arr)
+    sig = types.int64(arr, types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ptr = _addr(context, builder, signature.args[0], args[0], args[1])
+        return builder.load_atomic(ptr, "monotonic", 8)
 
     return sig, codegen
 
@@ -128,6 +144,18 @@ def fence_seq_cst(typingctx):  # type: ignore[no-untyped-def]
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fence_acquire(typingctx):  # type: ignore[no-untyped-def]
+    """Loads after it are not performed before loads before it (free on x86)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        builder.fence("acquire")
         return context.get_dummy_value()
 
     return sig, codegen

@@ -8,10 +8,15 @@ much as is possible now and return a count; waiting policy belongs to the caller
 The only waits inside are the protocol's short ordering waits (publish and release
 in position order), which back off to ``sched_yield``/``usleep`` when a peer thread
 was descheduled mid-operation.
+
+On a crossing ring (protocol version 2) the same functions play the host's part
+opposite a device: a push writes each record's tag after it, a pop claims only
+sealed slots and checks the seal of what it copies.
 """
 
 from __future__ import annotations
 
+import numpy as np
 from numba import njit
 
 from pydotcompute.rings.atomics import (
@@ -19,8 +24,10 @@ from pydotcompute.rings.atomics import (
     copy_bytes,
     cpu_pause,
     cpu_yield,
+    fence_acquire,
     fetch_add,
     load_acquire,
+    load_relaxed,
     monotonic_ns,
     sleep_us,
     store_release,
@@ -39,9 +46,11 @@ from pydotcompute.rings.layout import (
     OFF_HIGH_WATER,
     OFF_PRODUCER_SIDE,
     OFF_PUBLISHED,
+    OFF_RECORD_OFFSET,
     OFF_RECORD_SIZE,
     OFF_REJECTED,
     OFF_RELEASED,
+    OFF_RELEASED_SEEN,
     OFF_RESERVE,
     OFF_SLOT_SIZE,
 )
@@ -56,6 +65,7 @@ __all__ = [
     "ring_depth",
     "ring_ready",
     "ring_pop_spin",
+    "ring_seal",
 ]
 
 _BLOCK = 0
@@ -81,10 +91,43 @@ def backoff(spins: int) -> int:
     return spins + 1
 
 
+# seal() of protocol 4.4: splitmix64's constants.
+_K1 = np.uint64(0x9E3779B97F4A7C15)
+_K2 = np.uint64(0xBF58476D1CE4E5B9)
+_K3 = np.uint64(0x94D049BB133111EB)
+_S29 = np.uint64(29)
+_S32 = np.uint64(32)
+_ONE = np.uint64(1)
+
+
 @_jit
-def _write_slots(buf, pos, k, src, src_off, rs, ss, cap):  # type: ignore[no-untyped-def]
+def ring_seal(arr, off, rs, pos):  # type: ignore[no-untyped-def]
+    """The tag of position ``pos`` holding the ``rs`` record bytes at byte ``off`` of
+    ``arr`` (8-byte aligned; the bytes up to the next multiple of 8 must be readable,
+    their content is ignored): protocol 4.4."""
+    h = np.uint64(pos + 1) * _K1
+    full = rs >> 3
+    for j in range(full):
+        h = (h ^ np.uint64(load_relaxed(arr, off + 8 * j))) * _K2
+        h ^= h >> _S32
+    tail = rs & 7
+    if tail:
+        last = np.uint64(load_relaxed(arr, off + 8 * full))
+        h = (h ^ (last & ((_ONE << np.uint64(8 * tail)) - _ONE))) * _K2
+        h ^= h >> _S32
+    h = (h ^ (h >> _S29)) * _K3
+    return np.int64(h ^ (h >> _S32))
+
+
+@_jit
+def _write_slots(buf, pos, k, src, src_off, rs, ss, ro, cap):  # type: ignore[no-untyped-def]
     mask = cap - 1
-    if rs == ss:  # packed: at most two copies, split where the slots wrap
+    if ro:  # crossing ring: each record, then its tag
+        for i in range(k):
+            off = HEADER_SIZE + ((pos + i) & mask) * ss
+            copy_bytes(buf, off + ro, src, src_off + i * rs, rs)
+            store_release(buf, off, ring_seal(buf, off + ro, rs, pos + i))
+    elif rs == ss:  # packed: at most two copies, split where the slots wrap
         first = pos & mask
         run = min(k, cap - first)
         copy_bytes(buf, HEADER_SIZE + first * ss, src, src_off, run * rs)
@@ -96,7 +139,7 @@ def _write_slots(buf, pos, k, src, src_off, rs, ss, cap):  # type: ignore[no-unt
 
 
 @_jit
-def _read_slots(buf, pos, k, dst, dst_off, rs, ss, cap):  # type: ignore[no-untyped-def]
+def _read_slots(buf, pos, k, dst, dst_off, rs, ss, ro, cap):  # type: ignore[no-untyped-def]
     mask = cap - 1
     if rs == ss:
         first = pos & mask
@@ -106,7 +149,15 @@ def _read_slots(buf, pos, k, dst, dst_off, rs, ss, cap):  # type: ignore[no-unty
             copy_bytes(dst, dst_off + run * rs, buf, HEADER_SIZE, (k - run) * rs)
     else:
         for i in range(k):
-            copy_bytes(dst, dst_off + i * rs, buf, HEADER_SIZE + ((pos + i) & mask) * ss, rs)
+            off = HEADER_SIZE + ((pos + i) & mask) * ss + ro
+            copy_bytes(dst, dst_off + i * rs, buf, off, rs)
+
+
+@_jit
+def _sealed(buf, pos, rs, ss, ro, cap):  # type: ignore[no-untyped-def]
+    """Whether the slot of ``pos`` holds its record, sealed (protocol 4.4)."""
+    off = HEADER_SIZE + (pos & (cap - 1)) * ss
+    return load_acquire(buf, off) == ring_seal(buf, off + ro, rs, pos)
 
 
 @_jit
@@ -119,14 +170,15 @@ def _raise_max(buf, off, value):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def _publish(buf, r, k):  # type: ignore[no-untyped-def]
+def _publish(buf, r, k, seen):  # type: ignore[no-untyped-def]
     # Producers publish in reservation order: wait for the ones before us.
     spins = 0
     while load_acquire(buf, OFF_PUBLISHED) != r:
         spins = backoff(spins)
     store_release(buf, OFF_PUBLISHED, r + k)
     fetch_add(buf, OFF_ENQUEUED, k)
-    _raise_max(buf, OFF_HIGH_WATER, r + k - load_acquire(buf, OFF_RELEASED))
+    # The depth this producer can vouch for: `seen` may be older than released.
+    _raise_max(buf, OFF_HIGH_WATER, r + k - seen)
 
 
 @_jit
@@ -150,23 +202,47 @@ def _claim(buf, n):  # type: ignore[no-untyped-def]
 
 
 @_jit
+def _claim_sealed(buf, n, rs, ss, ro, cap):  # type: ignore[no-untyped-def]
+    """Claim up to ``n`` sealed positions, plus the stale ones below ``drop_before``
+    ahead of them (they are claimed, when sealed, to be discarded)."""
+    while True:
+        c = load_acquire(buf, OFF_CLAIM)
+        stale = min(max(load_acquire(buf, OFF_DROP_BEFORE) - c, 0), cap)
+        k = 0
+        while k < n + stale and _sealed(buf, c + k, rs, ss, ro, cap):
+            k += 1
+        if k == 0:
+            return c, 0
+        if cas(buf, OFF_CLAIM, c, c + k):
+            fence_acquire()  # type: ignore[call-arg]  # the copy reads after the checks
+            return c, k
+
+
+@_jit
 def ring_try_push(buf, src, src_off, n):  # type: ignore[no-untyped-def]
     """Place up to ``n`` records (packed in ``src`` from byte ``src_off``) while there is
     room; no backpressure action. Returns how many were placed."""
     cap = load_acquire(buf, OFF_CAPACITY)
     rs = load_acquire(buf, OFF_RECORD_SIZE)
     ss = load_acquire(buf, OFF_SLOT_SIZE)
+    ro = load_acquire(buf, OFF_RECORD_OFFSET)
     placed = 0
     while placed < n:
         r = load_acquire(buf, OFF_RESERVE)
-        room = cap - (r - load_acquire(buf, OFF_RELEASED))
+        seen = load_acquire(buf, OFF_RELEASED_SEEN)
+        room = cap - (r - seen)
+        if room < n - placed:
+            # Short by the cached reading: read the consumer's line, once.
+            seen = load_acquire(buf, OFF_RELEASED)
+            _raise_max(buf, OFF_RELEASED_SEEN, seen)
+            room = cap - (r - seen)
         if room <= 0:
             break
         k = min(n - placed, room)
         if not cas(buf, OFF_RESERVE, r, r + k):
             continue
-        _write_slots(buf, r, k, src, src_off + placed * rs, rs, ss, cap)
-        _publish(buf, r, k)
+        _write_slots(buf, r, k, src, src_off + placed * rs, rs, ss, ro, cap)
+        _publish(buf, r, k, seen)
         placed += k
     return placed
 
@@ -236,13 +312,19 @@ def ring_pop(buf, dst, dst_off, max_n):  # type: ignore[no-untyped-def]
     cap = load_acquire(buf, OFF_CAPACITY)
     rs = load_acquire(buf, OFF_RECORD_SIZE)
     ss = load_acquire(buf, OFF_SLOT_SIZE)
+    ro = load_acquire(buf, OFF_RECORD_OFFSET)
     delivered = 0
     while delivered < max_n:
-        c, k = _claim(buf, max_n - delivered)
+        if ro:
+            c, k = _claim_sealed(buf, max_n - delivered, rs, ss, ro, cap)
+        else:
+            c, k = _claim(buf, max_n - delivered)
         if k == 0:
             break
+        # drop_before only grows, so at least the stale positions the claim counted
+        # are stale now, and no more than max_n - delivered records are delivered.
         stale = min(max(load_acquire(buf, OFF_DROP_BEFORE) - c, 0), k)
-        _read_slots(buf, c + stale, k - stale, dst, dst_off + delivered * rs, rs, ss, cap)
+        _read_slots(buf, c + stale, k - stale, dst, dst_off + delivered * rs, rs, ss, ro, cap)
         _release(buf, c, k)
         if stale:
             fetch_add(buf, OFF_DROPPED_OLDEST, stale)
@@ -269,8 +351,14 @@ def ring_depth(buf):  # type: ignore[no-untyped-def]
 
 @_jit
 def ring_ready(buf):  # type: ignore[no-untyped-def]
-    """Whether a consumer would find a record to claim now (two cached loads)."""
-    return load_acquire(buf, OFF_PUBLISHED) > load_acquire(buf, OFF_CLAIM)
+    """Whether a consumer would find a record to claim now (from cached loads)."""
+    claim = load_acquire(buf, OFF_CLAIM)
+    ro = load_acquire(buf, OFF_RECORD_OFFSET)
+    if ro:
+        cap = load_acquire(buf, OFF_CAPACITY)
+        rs = load_acquire(buf, OFF_RECORD_SIZE)
+        return _sealed(buf, claim, rs, load_acquire(buf, OFF_SLOT_SIZE), ro, cap)
+    return load_acquire(buf, OFF_PUBLISHED) > claim
 
 
 @_jit
