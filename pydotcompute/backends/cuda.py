@@ -464,6 +464,10 @@ class CudaKernelLoop(RingFedLoop):
                 fault = exc
         if fault is None:
             fault = self._device_error()
+        if not self.simulator:
+            from pydotcompute.backends.resident import exited
+
+            exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None and self.failure is None:
             self._fail(fault)
         if self._wakeup is not None:

@@ -242,6 +242,9 @@ class CudaSourceKernelLoop(KernelLoop):
         if fault is None:
             self._stream.synchronize()
             fault = self._device_error()
+        from pydotcompute.backends.resident import exited
+
+        exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None:
             self._fail(fault)
 
