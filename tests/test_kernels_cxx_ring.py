@@ -815,3 +815,138 @@ def test_cxx_mpmc_under_thread_sanitizer(lib, tmp_path: Path) -> None:
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert "ThreadSanitizer" not in run.stderr, run.stderr[:4000]
     assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr[:2000]
+
+
+# --- team-cooperative operations, with a team of CPU threads -------------------------
+
+# On a GPU a team is a warp; here `lanes` threads play one, with a barrier for
+# __syncwarp and a shared word for __shfl_sync/__ballot_sync. Every lane calls the
+# operation; lane 0 claims, reserves, publishes and releases, all lanes copy words.
+_TEAM_TU = """
+#include "ring.cuh"
+#include <barrier>
+#include <thread>
+#include <vector>
+using namespace pdc::ring;
+struct TeamShared {
+  explicit TeamShared(unsigned n) : bar(n) {}
+  std::barrier<> bar;
+  u64 word = 0;
+  bool flags[64] = {};
+};
+struct EmulatedTeam {
+  TeamShared* s;
+  unsigned r, n;
+  unsigned rank() const { return r; }
+  unsigned size() const { return n; }
+  void sync() const { s->bar.arrive_and_wait(); }
+  u64 broadcast(u64 v) const {
+    if (r == 0) s->word = v;
+    sync();
+    const u64 x = s->word;
+    sync();
+    return x;
+  }
+  unsigned leading(bool pred) const {
+    s->flags[r] = pred;
+    sync();
+    unsigned k = 0;
+    while (k < n && s->flags[k]) ++k;
+    sync();
+    return k;
+  }
+};
+template <class Op>
+long long run_team(unsigned lanes, Op op) {
+  TeamShared shared(lanes);
+  std::vector<long long> got(lanes);
+  std::vector<std::thread> threads;
+  for (unsigned r = 0; r < lanes; ++r)
+    threads.emplace_back([&, r] { got[r] = op(EmulatedTeam{&shared, r, lanes}); });
+  for (auto& t : threads) t.join();
+  for (unsigned r = 1; r < lanes; ++r)
+    if (got[r] != got[0]) return -1000;  // every lane must agree on the result
+  return got[0];
+}
+extern "C" long long team_pop(void* buf, u64 nbytes, u64 side, void* counters, void* out,
+                              u64 max_n, unsigned lanes) {
+  Ring r;
+  if (ring_attach(&r, buf, nbytes, side, static_cast<SideCounters*>(counters)) != kOk) return -1;
+  return run_team(lanes, [&](const EmulatedTeam& t) {
+    return static_cast<long long>(ring_pop(t, r, out, max_n));
+  });
+}
+extern "C" long long team_push(void* buf, u64 nbytes, u64 side, void* counters,
+                               const void* records, u64 n, unsigned lanes) {
+  Ring r;
+  if (ring_attach(&r, buf, nbytes, side, static_cast<SideCounters*>(counters)) != kOk) return -1;
+  return run_team(lanes, [&](const EmulatedTeam& t) {
+    return static_cast<long long>(ring_push(t, r, records, n, 0));
+  });
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def team_lib(lib, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    work = tmp_path_factory.mktemp("ring_team")
+    source = work / "team.cpp"
+    source.write_text(_TEAM_TU)
+    target = work / "libteam.so"
+    build = subprocess.run(
+        [_compiler(), "-std=c++20", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-pthread",
+         f"-I{kernels_dir()}", str(source), "-o", str(target)],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    team = ctypes.CDLL(str(target))
+    u64, ptr = ctypes.c_uint64, ctypes.c_void_p
+    team.team_pop.argtypes = [ptr, u64, u64, ptr, ptr, u64, ctypes.c_uint]
+    team.team_pop.restype = ctypes.c_longlong
+    team.team_push.argtypes = [ptr, u64, u64, ptr, ptr, u64, ctypes.c_uint]
+    team.team_push.restype = ctypes.c_longlong
+    return team
+
+
+@pytest.mark.parametrize("dtype", [RECORD, SEQ_RECORD, np.dtype([("v", "<u8", (5,))])])
+def test_a_team_of_lanes_moves_batches_both_ways(lib, team_lib, dtype) -> None:
+    """Records of 12, 16 and 40 bytes: words split across lanes, records across words."""
+    rng = np.random.default_rng(9)
+
+    def batch(start: int, n: int) -> np.ndarray:
+        out = np.zeros(n, dtype)
+        raw = out.view(np.uint8).reshape(n, -1)
+        raw[:] = rng.integers(0, 256, raw.shape)
+        return out
+
+    # host -> device: Numba produces, a 4-lane "warp" consumes
+    down = HostRing(16, dtype, backpressure=BackpressureStrategy.REJECT,
+                    consumer_side=RingSide.DEVICE)  # fmt: skip
+    device = CxxParty(lib, down.buffer, dtype, DEVICE)
+    # device -> host: a 4-lane "warp" produces, Numba consumes
+    up = HostRing(16, dtype, producer_side=RingSide.DEVICE, backpressure=BackpressureStrategy.REJECT)
+    producer = CxxParty(lib, up.buffer, dtype, DEVICE)
+    sent_down, got_down, sent_up, got_up = [], [], [], []
+    for _ in range(60):
+        recs = batch(0, int(rng.integers(1, 12)))
+        placed = down.try_push_batch(recs)
+        sent_down.append(recs[:placed])
+        out = np.zeros(16, dtype)
+        k = team_lib.team_pop(*device.args, out.ctypes.data, int(rng.integers(1, 16)), 4)
+        assert k >= 0
+        got_down.append(out[:k])
+        recs = batch(0, int(rng.integers(1, 12)))
+        placed = team_lib.team_push(*producer.args, recs.ctypes.data, len(recs), 4)
+        assert placed >= 0
+        sent_up.append(recs[:placed])
+        got_up.append(up.pop_batch(int(rng.integers(1, 16))))
+    out = np.zeros(16, dtype)
+    got_down.append(out[: team_lib.team_pop(*device.args, out.ctypes.data, 16, 4)])
+    got_up.append(up.pop_batch(16))
+    for sent, got in ((sent_down, got_down), (sent_up, got_up)):
+        assert np.concatenate(sent).tobytes() == np.concatenate(got).tobytes()
+    device.mirror()
+    producer.mirror()
+    assert down.counters().dequeued == sum(len(b) for b in sent_down)
+    assert up.counters().enqueued == sum(len(b) for b in sent_up)
