@@ -17,15 +17,17 @@ from numba.core.extending import intrinsic
 
 __all__ = [
     "load_acquire",
-    "load_relaxed",
     "store_release",
     "cas",
     "fetch_add",
     "exchange",
     "fence_seq_cst",
-    "fence_acquire",
     "copy_bytes",
     "zero_bytes",
+    "load_word",
+    "store_word",
+    "load_byte",
+    "store_byte",
     "cpu_pause",
     "cpu_yield",
     "sleep_us",
@@ -64,20 +66,6 @@ def load_acquire(typingctx, arr, offset):  # type: ignore[no-untyped-def]
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         ptr = _addr(context, builder, signature.args[0], args[0], args[1])
         return builder.load_atomic(ptr, "acquire", 8)
-
-    return sig, codegen
-
-
-@intrinsic
-def load_relaxed(typingctx, arr, offset):  # type: ignore[no-untyped-def]
-    """Atomic 64-bit load with no ordering (``monotonic``): a word another thread may
-    be writing, read whole, in any order with the loads around it."""
-    _check_array(arr)
-    sig = types.int64(arr, types.int64)
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        ptr = _addr(context, builder, signature.args[0], args[0], args[1])
-        return builder.load_atomic(ptr, "monotonic", 8)
 
     return sig, codegen
 
@@ -150,18 +138,6 @@ def fence_seq_cst(typingctx):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
-def fence_acquire(typingctx):  # type: ignore[no-untyped-def]
-    """Loads after it are not performed before loads before it (free on x86)."""
-    sig = types.void()
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        builder.fence("acquire")
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
 def copy_bytes(typingctx, dst, dst_offset, src, src_offset, nbytes):  # type: ignore[no-untyped-def]
     """memcpy ``nbytes`` from byte ``src_offset`` of ``src`` to ``dst_offset`` of ``dst``.
     Bounds are the caller's job."""
@@ -176,6 +152,54 @@ def copy_bytes(typingctx, dst, dst_offset, src, src_offset, nbytes):  # type: ig
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+def _plain(width: int, store: bool):  # type: ignore[no-untyped-def]
+    ty = ir.IntType(width)
+
+    if store:
+
+        def typer(typingctx, arr, offset, value):  # type: ignore[no-untyped-def]
+            _check_array(arr)
+            sig = types.void(arr, types.int64, types.int64)
+
+            def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+                ptr = builder.bitcast(
+                    _byte_ptr(context, builder, signature.args[0], args[0], args[1]),
+                    ty.as_pointer(),
+                )
+                builder.store(builder.trunc(args[2], ty) if width < 64 else args[2], ptr, align=1)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+    else:
+
+        def typer(typingctx, arr, offset):  # type: ignore[no-untyped-def]
+            _check_array(arr)
+            sig = types.int64(arr, types.int64)
+
+            def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+                ptr = builder.bitcast(
+                    _byte_ptr(context, builder, signature.args[0], args[0], args[1]),
+                    ty.as_pointer(),
+                )
+                value = builder.load(ptr, align=1)
+                return builder.zext(value, _I64) if width < 64 else value
+
+            return sig, codegen
+
+    return intrinsic(typer)
+
+
+load_word = _plain(64, store=False)
+load_word.__doc__ = """The 8 bytes at byte ``offset`` as an int64, any alignment, no ordering."""
+store_word = _plain(64, store=True)
+store_word.__doc__ = """Store an int64 as 8 bytes at byte ``offset``, any alignment, no ordering."""
+load_byte = _plain(8, store=False)
+load_byte.__doc__ = """The byte at byte ``offset`` (0-255)."""
+store_byte = _plain(8, store=True)
+store_byte.__doc__ = """Store the low byte of a value at byte ``offset``."""
 
 
 @intrinsic

@@ -24,13 +24,15 @@ from pydotcompute.rings.atomics import (
     copy_bytes,
     cpu_pause,
     cpu_yield,
-    fence_acquire,
     fetch_add,
     load_acquire,
-    load_relaxed,
+    load_byte,
+    load_word,
     monotonic_ns,
     sleep_us,
+    store_byte,
     store_release,
+    store_word,
 )
 from pydotcompute.rings.layout import (
     HEADER_SIZE,
@@ -101,32 +103,65 @@ _ONE = np.uint64(1)
 
 
 @_jit
-def ring_seal(arr, off, rs, pos):  # type: ignore[no-untyped-def]
-    """The tag of position ``pos`` holding the ``rs`` record bytes at byte ``off`` of
-    ``arr`` (8-byte aligned; the bytes up to the next multiple of 8 must be readable,
-    their content is ignored): protocol 4.4."""
-    h = np.uint64(pos + 1) * _K1
-    full = rs >> 3
-    for j in range(full):
-        h = (h ^ np.uint64(load_relaxed(arr, off + 8 * j))) * _K2
-        h ^= h >> _S32
-    tail = rs & 7
-    if tail:
-        last = np.uint64(load_relaxed(arr, off + 8 * full))
-        h = (h ^ (last & ((_ONE << np.uint64(8 * tail)) - _ONE))) * _K2
-        h ^= h >> _S32
+def _mix(h, x):  # type: ignore[no-untyped-def]
+    h = (h ^ np.uint64(x)) * _K2
+    return h ^ (h >> _S32)
+
+
+@_jit
+def _finish(h):  # type: ignore[no-untyped-def]
     h = (h ^ (h >> _S29)) * _K3
     return np.int64(h ^ (h >> _S32))
 
 
 @_jit
+def _record_word(arr, off, rs, j):  # type: ignore[no-untyped-def]
+    """Word ``j`` of the ``rs``-byte record at byte ``off`` (any alignment), zero-padded."""
+    at = off + 8 * j
+    if 8 * j + 8 <= rs:
+        return load_word(arr, at)
+    x = 0
+    for b in range(rs - 8 * j):
+        x |= load_byte(arr, at + b) << (8 * b)
+    return x
+
+
+@_jit
+def _put_record_word(arr, off, rs, j, x):  # type: ignore[no-untyped-def]
+    """Store word ``j`` of an ``rs``-byte record at byte ``off``: only its own bytes."""
+    at = off + 8 * j
+    if 8 * j + 8 <= rs:
+        store_word(arr, at, x)
+    else:
+        for b in range(rs - 8 * j):
+            store_byte(arr, at + b, x >> (8 * b))
+
+
+@_jit
+def ring_seal(arr, off, rs, pos):  # type: ignore[no-untyped-def]
+    """The tag of position ``pos`` holding the ``rs`` record bytes at byte ``off`` of
+    ``arr`` (protocol 4.4)."""
+    h = np.uint64(pos + 1) * _K1
+    for j in range((rs + 7) >> 3):
+        h = _mix(h, _record_word(arr, off, rs, j))
+    return _finish(h)
+
+
+@_jit
 def _write_slots(buf, pos, k, src, src_off, rs, ss, ro, cap):  # type: ignore[no-untyped-def]
     mask = cap - 1
-    if ro:  # crossing ring: each record, then its tag
+    if ro:  # crossing ring: each record as whole words, sealed as it goes, then its tag
+        words = (rs + 7) >> 3
         for i in range(k):
-            off = HEADER_SIZE + ((pos + i) & mask) * ss
-            copy_bytes(buf, off + ro, src, src_off + i * rs, rs)
-            store_release(buf, off, ring_seal(buf, off + ro, rs, pos + i))
+            p = pos + i
+            off = HEADER_SIZE + (p & mask) * ss
+            at = src_off + i * rs
+            h = np.uint64(p + 1) * _K1
+            for j in range(words):
+                x = _record_word(src, at, rs, j)
+                store_word(buf, off + ro + 8 * j, x)
+                h = _mix(h, x)
+            store_release(buf, off, _finish(h))
     elif rs == ss:  # packed: at most two copies, split where the slots wrap
         first = pos & mask
         run = min(k, cap - first)
@@ -139,7 +174,7 @@ def _write_slots(buf, pos, k, src, src_off, rs, ss, ro, cap):  # type: ignore[no
 
 
 @_jit
-def _read_slots(buf, pos, k, dst, dst_off, rs, ss, ro, cap):  # type: ignore[no-untyped-def]
+def _read_slots(buf, pos, k, dst, dst_off, rs, ss, cap):  # type: ignore[no-untyped-def]
     mask = cap - 1
     if rs == ss:
         first = pos & mask
@@ -149,15 +184,15 @@ def _read_slots(buf, pos, k, dst, dst_off, rs, ss, ro, cap):  # type: ignore[no-
             copy_bytes(dst, dst_off + run * rs, buf, HEADER_SIZE, (k - run) * rs)
     else:
         for i in range(k):
-            off = HEADER_SIZE + ((pos + i) & mask) * ss + ro
-            copy_bytes(dst, dst_off + i * rs, buf, off, rs)
+            copy_bytes(dst, dst_off + i * rs, buf, HEADER_SIZE + ((pos + i) & mask) * ss, rs)
 
 
 @_jit
 def _sealed(buf, pos, rs, ss, ro, cap):  # type: ignore[no-untyped-def]
     """Whether the slot of ``pos`` holds its record, sealed (protocol 4.4)."""
     off = HEADER_SIZE + (pos & (cap - 1)) * ss
-    return load_acquire(buf, off) == ring_seal(buf, off + ro, rs, pos)
+    tag = load_acquire(buf, off)
+    return tag == ring_seal(buf, off + ro, rs, pos)
 
 
 @_jit
@@ -202,20 +237,40 @@ def _claim(buf, n):  # type: ignore[no-untyped-def]
 
 
 @_jit
-def _claim_sealed(buf, n, rs, ss, ro, cap):  # type: ignore[no-untyped-def]
-    """Claim up to ``n`` sealed positions, plus the stale ones below ``drop_before``
-    ahead of them (they are claimed, when sealed, to be discarded)."""
+def _take_sealed(buf, dst, dst_off, n, rs, ss, ro, cap):  # type: ignore[no-untyped-def]
+    """Claim up to ``n`` sealed positions of a crossing ring, plus the stale ones below
+    ``drop_before`` ahead of them (claimed to be discarded), copying the records into
+    ``dst`` as their seals are checked: one pass over each slot, whole words. Returns
+    ``(c, k, stale)``: positions ``c .. c+k-1`` are claimed, the first ``stale`` of
+    them discarded, the rest in ``dst``."""
+    mask = cap - 1
+    words = (rs + 7) >> 3
+    tail = rs & 7
+    last_mask = (1 << (8 * tail)) - 1 if tail else -1
     while True:
         c = load_acquire(buf, OFF_CLAIM)
         stale = min(max(load_acquire(buf, OFF_DROP_BEFORE) - c, 0), cap)
         k = 0
-        while k < n + stale and _sealed(buf, c + k, rs, ss, ro, cap):
+        while k < n + stale:
+            p = c + k
+            off = HEADER_SIZE + (p & mask) * ss
+            tag = load_acquire(buf, off)  # the words below are read after it
+            h = np.uint64(p + 1) * _K1
+            to = dst_off + (k - stale) * rs
+            for j in range(words):
+                x = load_word(buf, off + ro + 8 * j)
+                if j == words - 1:
+                    x &= last_mask
+                h = _mix(h, x)
+                if k >= stale:
+                    _put_record_word(dst, to, rs, j, x)
+            if _finish(h) != tag:
+                break
             k += 1
         if k == 0:
-            return c, 0
+            return c, 0, 0
         if cas(buf, OFF_CLAIM, c, c + k):
-            fence_acquire()  # type: ignore[call-arg]  # the copy reads after the checks
-            return c, k
+            return c, k, min(stale, k)
 
 
 @_jit
@@ -316,15 +371,19 @@ def ring_pop(buf, dst, dst_off, max_n):  # type: ignore[no-untyped-def]
     delivered = 0
     while delivered < max_n:
         if ro:
-            c, k = _claim_sealed(buf, max_n - delivered, rs, ss, ro, cap)
+            # Copied while their seals are checked; the watermark as read before the
+            # claim decides what is stale (a record claimed before it rose is delivered).
+            c, k, stale = _take_sealed(
+                buf, dst, dst_off + delivered * rs, max_n - delivered, rs, ss, ro, cap
+            )
+            if k == 0:
+                break
         else:
             c, k = _claim(buf, max_n - delivered)
-        if k == 0:
-            break
-        # drop_before only grows, so at least the stale positions the claim counted
-        # are stale now, and no more than max_n - delivered records are delivered.
-        stale = min(max(load_acquire(buf, OFF_DROP_BEFORE) - c, 0), k)
-        _read_slots(buf, c + stale, k - stale, dst, dst_off + delivered * rs, rs, ss, ro, cap)
+            if k == 0:
+                break
+            stale = min(max(load_acquire(buf, OFF_DROP_BEFORE) - c, 0), k)
+            _read_slots(buf, c + stale, k - stale, dst, dst_off + delivered * rs, rs, ss, cap)
         _release(buf, c, k)
         if stale:
             fetch_add(buf, OFF_DROPPED_OLDEST, stale)
