@@ -154,3 +154,30 @@ def test_message_records_with_uuid_fields_compile() -> None:
         loop = compose_loop(reply, dt, dt, 32, 4, 4000)
         ptx, _ = cuda.compile_ptx(loop, loop_signature(dt, dt, np.zeros(1)), cc=CC)
     assert ".entry" in ptx
+
+
+def test_the_floor_benchmark_kernels_compile() -> None:
+    """gpu_floor.py's device code (ping-pong threads, zero-copy readers and writers)
+    compiles for a real GPU: its first run on one must not be a compile error."""
+    import sys
+    from pathlib import Path
+
+    from numba import cuda, types
+    from numba.cuda import dispatcher
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_floor
+
+    words = types.int64[::1]
+    with mock.patch.object(dispatcher, "get_current_device", _Device):
+        for kernel, sig in (
+            (gpu_floor._echo_word, (words, words, types.int64)),
+            (gpu_floor._echo_record, (words, words, types.int64)),
+            (gpu_floor._read_mapped, (words, words)),
+            (gpu_floor._write_mapped, (words,)),
+        ):
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC)
+            assert ".entry" in ptx
+    ops = _ops(cuda.compile_ptx(gpu_floor._echo_record.py_func,
+                                (words, words, types.int64), cc=CC)[0])  # fmt: skip
+    assert ops["ld.acquire.sys.b64"] and ops["st.release.sys.b64"]
