@@ -76,9 +76,7 @@ def _env() -> dict[str, str]:
 
 
 def _gpu_test_files() -> list[str]:
-    return sorted(
-        str(p) for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text()
-    )
+    return sorted(str(p) for p in (ROOT / "tests").glob("test_*.py") if "mark.gpu" in p.read_text())
 
 
 def _junit_counts(path: Path) -> dict[str, int]:

@@ -171,8 +171,10 @@ def main() -> None:
               f"{via / raw:>14.2f}x")  # fmt: skip
     big = batches[-1]
     single = asyncio.run(rings(big, seconds, 1))
-    print(f"batch {big}, rings, blocks=1: {single:,.0f} msg/s "
-          f"({single * gc.REC.itemsize / 1e9:.2f} GB/s of records each way)")
+    print(
+        f"batch {big}, rings, blocks=1: {single:,.0f} msg/s "
+        f"({single * gc.REC.itemsize / 1e9:.2f} GB/s of records each way)"
+    )
     print(f"baseline: {kind}")
     print("goals: rings >= 10x launch at 8 and 64, >= 5x at 1; >= 200 M msg/s and >= 50 % "
           "of zero-copy bandwidth at large batches; runtime >= 0.8x rings")  # fmt: skip

@@ -121,7 +121,9 @@ if SIM:
         for rs in (1, 8, 12, 20, 64):
             out = cuda.to_device(np.zeros(4, np.int64))
             device_seals[1, 4](cuda.to_device(words), rs, 1 << 40, out)
-            host = [int(ring_seal(words.view(np.uint8), 64 * i, rs, (1 << 40) + i)) for i in range(4)]
+            host = [
+                int(ring_seal(words.view(np.uint8), 64 * i, rs, (1 << 40) + i)) for i in range(4)
+            ]
             assert list(out.copy_to_host()) == host
 
     # -- the persistent loop, bounded ------------------------------------------------
@@ -305,6 +307,21 @@ if SIM:
         assert rig.ctl[W.HEARTBEAT] == 0
 
     @sim
+    def test_a_record_that_never_matches_its_tag_stops_the_loop(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        # Below `published` a record must seal when read; one that never does means
+        # a producer that does not follow the protocol: no handler sees it.
+        from pydotcompute.backends import cuda_loop
+
+        monkeypatch.setattr(cuda_loop, "_SEAL_RETRIES", 3)
+        rig = Rig()
+        rig.inp.host.push_batch(records([1]))
+        rig.inp.host.buffer[1024 + 8] ^= 0xFF  # its bytes change after its tag
+        rig.run(10)
+        assert rig.ctl[W.ERROR_CODE] == cuda_loop.ERR_INPUT_SEAL
+        assert "tag" in cuda_loop.ERROR_TEXT[cuda_loop.ERR_INPUT_SEAL]
+        assert rig.outputs() == [] and rig.state.copy_to_host()[0] == 0
+
+    @sim
     def test_block_size_other_than_compiled_is_refused() -> None:
         rig = Rig(threads=4)
         rig.run(5, threads=2)
@@ -355,6 +372,8 @@ if SIM:
             assert list(out["id"]) == list(range(10))  # FIFO
             assert list(out["s"]) == [1.0] * 10
             await _wait_for(lambda: rt.read_state("scale")[0] == 5.0)
+            # counters reach the host when the kernel mirrors them (about every 1 ms)
+            await _wait_for(lambda: rt.get_telemetry("scale").messages_processed == 10)
             tele = rt.get_telemetry("scale")
             assert tele.backend == "cuda" and tele.messages_processed == 10
             await rt.deactivate("scale")

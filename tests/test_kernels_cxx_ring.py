@@ -925,7 +925,9 @@ def test_a_team_of_lanes_moves_batches_both_ways(lib, team_lib, dtype) -> None:
                     consumer_side=RingSide.DEVICE)  # fmt: skip
     device = CxxParty(lib, down.buffer, dtype, DEVICE)
     # device -> host: a 4-lane "warp" produces, Numba consumes
-    up = HostRing(16, dtype, producer_side=RingSide.DEVICE, backpressure=BackpressureStrategy.REJECT)
+    up = HostRing(
+        16, dtype, producer_side=RingSide.DEVICE, backpressure=BackpressureStrategy.REJECT
+    )
     producer = CxxParty(lib, up.buffer, dtype, DEVICE)
     sent_down, got_down, sent_up, got_up = [], [], [], []
     for _ in range(60):

@@ -172,3 +172,41 @@ async def test_a_sleeping_receiver_hears_that_the_kernel_was_terminated() -> Non
         await rt.terminate("e")
         with pytest.raises(KernelStateError, match="terminated"):
             await asyncio.wait_for(waiting, 10)
+
+
+async def test_a_large_receive_finds_outputs_a_device_sealed_before_mirroring_published() -> None:
+    """A device producer publishes through tags; the ring's `published` is a counter it
+    mirrors about once a millisecond. A receive must find the sealed outputs anyway,
+    whatever its max_items."""
+    from pydotcompute.backends.config import RingKernelConfig
+    from pydotcompute.backends.ring_fed import RingFedLoop
+    from pydotcompute.rings.host_ops import ring_seal
+    from pydotcompute.rings.layout import HEADER_SIZE, RingSide
+
+    class Loop(RingFedLoop):
+        async def start(self) -> None: ...
+
+        def set_active(self, active: bool) -> None: ...
+
+        async def stop(self, timeout: float) -> None: ...
+
+        def telemetry(self, state: str):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+    loop = Loop("k", echo, RingKernelConfig(backend="cuda"), REC, REC, print)
+    loop.in_dtype = loop.out_dtype = REC
+    in_ring = HostRing(8, REC, consumer_side=RingSide.DEVICE)
+    out_ring = HostRing(8, REC, producer_side=RingSide.DEVICE)
+    wakeup = ReplyWakeup()
+    loop._attach_rings(in_ring, out_ring, wakeup)
+    try:
+        buf = out_ring.buffer
+        for pos in range(3):  # what the device writes: record words, then the tag
+            slot = HEADER_SIZE + pos * 24
+            buf[slot + 8 : slot + 24] = np.array([(pos, pos / 2)], REC).view(np.uint8)
+            buf[slot : slot + 8] = np.array([ring_seal(buf, slot + 8, 16, pos)]).view(np.uint8)
+        assert out_ring.counters().published == 0  # not mirrored yet
+        got = await loop.get_batch(1000, timeout=0.0)
+        assert got["a"].tolist() == [0, 1, 2]
+    finally:
+        wakeup.close()

@@ -76,7 +76,9 @@ def test_tags_of_the_documented_example():
     assert _seal(4, b[1032:1044].tobytes()) == 0x59DBD5A66F5A3EF3
 
 
-@given(rs=st.integers(1, 64), pos=st.integers(0, (1 << 62)), data=st.binary(min_size=64, max_size=64))
+@given(
+    rs=st.integers(1, 64), pos=st.integers(0, (1 << 62)), data=st.binary(min_size=64, max_size=64)
+)
 @settings(max_examples=200, deadline=None)
 def test_the_compiled_seal_is_the_documented_one(rs, pos, data):
     from pydotcompute.rings.host_ops import ring_seal

@@ -482,7 +482,9 @@ def compose_loop(
                         i = tid
                         while i < n:
                             at = i * in_sw
-                            if stage_in[at] != seal_words(stage_in, at + TAG_WORDS, in_rs, first + i):
+                            if stage_in[at] != seal_words(
+                                stage_in, at + TAG_WORDS, in_rs, first + i
+                            ):
                                 sh[7] = 1
                             i += nthreads
                     cuda.syncthreads()
@@ -498,6 +500,7 @@ def compose_loop(
                             store_release_sys(ctrl, _C_ERROR_CODE, ERR_INPUT_SEAL)
                     cuda.syncthreads()
                     if tries >= _SEAL_RETRIES:
+                        n = 0  # nothing unverified reaches a handler; the loop exits
                         break
                     use_window = 0
                 # -- 4. the handlers: thread t takes records t*items_t .. +items_t-1

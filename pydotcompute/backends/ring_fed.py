@@ -27,7 +27,6 @@ from pydotcompute.messages.record import record_layout
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ops import (
     ring_add_counter,
-    ring_depth,
     ring_pop,
     ring_pop_spin,
     ring_push,
@@ -239,17 +238,23 @@ class RingFedLoop(KernelLoop):
         return int(spin * 1e9)
 
     def _take(self, max_items: int) -> np.ndarray | None:
-        """Up to ``max_items`` ready outputs, or None. The array is sized by what is
-        queued, not by ``max_items``: a large ``max_items`` costs no allocation."""
-        # Small requests skip the depth read: allocating a few records is cheaper.
-        n = max_items if max_items <= 64 else min(max_items, ring_depth(self._out_buf))
-        if n <= 0:
-            return None
+        """Up to ``max_items`` ready outputs, or None: one compiled call pops all that
+        is ready. The array is never larger than the ring; a request much larger than
+        what came is answered with a copy, so a large ``max_items`` holds no memory.
+
+        (Not sized by ``published - released``: on a ring a device fills,
+        ``published`` is a counter mirrored about once a millisecond.)"""
+        n = max_items
+        if n > 64:
+            cap = self._out_buf[OFF_CAPACITY : OFF_CAPACITY + 8].view(np.int64)[0]
+            n = min(n, int(cap))
         out = np.empty(n, self.out_dtype)
         got = ring_pop(self._out_buf, out, 0, n)
-        if got == 0:  # another receiver took them
+        if got == 0:
             return None
-        return out if got == n else out[:got]
+        if got == n:
+            return out
+        return out[:got] if got * 4 >= n or n <= 64 else out[:got].copy()
 
     async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
         if max_items < 1:
@@ -275,11 +280,13 @@ class RingFedLoop(KernelLoop):
             out = self._take(max_items)
             if out is not None:
                 return out
-            if self.failure is not None or self._stopped:
+            if self.failure is not None:
                 self._check_open()
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 raise QueueTimeoutError(
                     f"no output from kernel {self.kernel_id!r} within {timeout} s"
                 )
+            if self._stopped:  # nothing left and nothing more to come: do not sleep
+                self._check_open()
             await wakeup.wait(self._out_buf, left)

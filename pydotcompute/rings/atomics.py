@@ -154,51 +154,51 @@ def copy_bytes(typingctx, dst, dst_offset, src, src_offset, nbytes):  # type: ig
     return sig, codegen
 
 
-def _plain(width: int, store: bool):  # type: ignore[no-untyped-def]
+def _plain_store(width: int):  # type: ignore[no-untyped-def]
     ty = ir.IntType(width)
 
-    if store:
+    def typer(typingctx, arr, offset, value):  # type: ignore[no-untyped-def]
+        _check_array(arr)
+        sig = types.void(arr, types.int64, types.int64)
 
-        def typer(typingctx, arr, offset, value):  # type: ignore[no-untyped-def]
-            _check_array(arr)
-            sig = types.void(arr, types.int64, types.int64)
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            ptr = builder.bitcast(
+                _byte_ptr(context, builder, signature.args[0], args[0], args[1]), ty.as_pointer()
+            )
+            builder.store(builder.trunc(args[2], ty) if width < 64 else args[2], ptr, align=1)
+            return context.get_dummy_value()
 
-            def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-                ptr = builder.bitcast(
-                    _byte_ptr(context, builder, signature.args[0], args[0], args[1]),
-                    ty.as_pointer(),
-                )
-                builder.store(builder.trunc(args[2], ty) if width < 64 else args[2], ptr, align=1)
-                return context.get_dummy_value()
-
-            return sig, codegen
-
-    else:
-
-        def typer(typingctx, arr, offset):  # type: ignore[no-untyped-def]
-            _check_array(arr)
-            sig = types.int64(arr, types.int64)
-
-            def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-                ptr = builder.bitcast(
-                    _byte_ptr(context, builder, signature.args[0], args[0], args[1]),
-                    ty.as_pointer(),
-                )
-                value = builder.load(ptr, align=1)
-                return builder.zext(value, _I64) if width < 64 else value
-
-            return sig, codegen
+        return sig, codegen
 
     return intrinsic(typer)
 
 
-load_word = _plain(64, store=False)
+def _plain_load(width: int):  # type: ignore[no-untyped-def]
+    ty = ir.IntType(width)
+
+    def typer(typingctx, arr, offset):  # type: ignore[no-untyped-def]
+        _check_array(arr)
+        sig = types.int64(arr, types.int64)
+
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            ptr = builder.bitcast(
+                _byte_ptr(context, builder, signature.args[0], args[0], args[1]), ty.as_pointer()
+            )
+            value = builder.load(ptr, align=1)
+            return builder.zext(value, _I64) if width < 64 else value
+
+        return sig, codegen
+
+    return intrinsic(typer)
+
+
+load_word = _plain_load(64)
 load_word.__doc__ = """The 8 bytes at byte ``offset`` as an int64, any alignment, no ordering."""
-store_word = _plain(64, store=True)
+store_word = _plain_store(64)
 store_word.__doc__ = """Store an int64 as 8 bytes at byte ``offset``, any alignment, no ordering."""
-load_byte = _plain(8, store=False)
+load_byte = _plain_load(8)
 load_byte.__doc__ = """The byte at byte ``offset`` (0-255)."""
-store_byte = _plain(8, store=True)
+store_byte = _plain_store(8)
 store_byte.__doc__ = """Store the low byte of a value at byte ``offset``."""
 
 
@@ -299,4 +299,6 @@ def _fd_io(name: str):  # type: ignore[no-untyped-def]
 fd_write = _fd_io("write")
 fd_write.__doc__ = """``write(fd, &arr[offset], nbytes)``: returns what the system call returns."""
 fd_read = _fd_io("read")
-fd_read.__doc__ = """``read(fd, &arr[offset], nbytes)``: blocks like the system call (call it nogil)."""
+fd_read.__doc__ = (
+    """``read(fd, &arr[offset], nbytes)``: blocks like the system call (call it nogil)."""
+)

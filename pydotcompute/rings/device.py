@@ -313,7 +313,8 @@ def ring_check(hdr, capacity, record_size, slot_size, producer_side, consumer_si
     if (
         load_relaxed_sys(hdr, W_PRODUCER_SIDE) != producer_side
         or load_relaxed_sys(hdr, W_CONSUMER_SIDE) != consumer_side
-        or load_relaxed_sys(hdr, W_RECORD_OFFSET) != (TAG_SIZE if producer_side != consumer_side else 0)
+        or load_relaxed_sys(hdr, W_RECORD_OFFSET)
+        != (TAG_SIZE if producer_side != consumer_side else 0)
     ):
         return RING_BAD_SIDES
     return RING_OK
@@ -325,10 +326,10 @@ def records_view(dtype: np.dtype) -> Any:
     so a handler reads and writes records where the block staged their words."""
     if SIMULATOR:
 
-        def view(words):  # type: ignore[no-untyped-def]
+        def numpy_view(words):  # type: ignore[no-untyped-def]
             return words.view(dtype).view(np.recarray)
 
-        return view
+        return numpy_view
 
     from numba import from_dtype
     from numba.cuda.extending import intrinsic

@@ -33,7 +33,17 @@ from pydotcompute.rings.atomics import (
 )
 from pydotcompute.rings.host_ops import ring_ready
 
-__all__ = ["ARMED", "FD", "ONE", "ARM_FD", "STOP", "NWORDS", "wake_arm", "wake_signal", "wake_watch"]
+__all__ = [
+    "ARMED",
+    "FD",
+    "ONE",
+    "ARM_FD",
+    "STOP",
+    "NWORDS",
+    "wake_arm",
+    "wake_signal",
+    "wake_watch",
+]
 
 ARMED = 0
 FD = 1
