@@ -2,7 +2,9 @@
 
 Every script takes ``--simulator``: run the same code at tiny sizes under numba-cuda's
 simulator (``NUMBA_ENABLE_CUDASIM=1``) as a smoke test. Simulator numbers measure
-Python, not a GPU: they are printed but mean nothing.
+Python, not a GPU: they are printed but mean nothing. Every script also takes
+``--json PATH`` (its results, machine-readable, for ``gpu_suite.py``) and
+``--stall-after S`` (dump every thread's stack to stderr and exit if it runs longer).
 
 The launch baseline is a CuPy ``RawKernel`` when CuPy is usable; otherwise (and under
 the simulator) the same kernel written with numba-cuda, and the output says which.
@@ -13,6 +15,9 @@ one launch plus one synchronize per call.
 
 from __future__ import annotations
 
+import argparse
+import faulthandler
+import json
 import os
 import sys
 import time
@@ -33,6 +38,12 @@ def _use_simulator_if_asked() -> bool:
 
 
 SIMULATOR = _use_simulator_if_asked()
+
+from pydotcompute.backends.probe import ask_for_eager_module_loading  # noqa: E402
+
+# Before anything here touches CUDA (device_name() would initialise it): kernels must
+# load eagerly to launch beside a resident ring kernel.
+ask_for_eager_module_loading()
 
 from numba import cuda  # noqa: E402  (after the simulator switch)
 
@@ -58,6 +69,14 @@ def device_name() -> str:
         return "numba-cuda simulator (numbers are not GPU numbers)"
     name = cuda.get_current_device().name
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def mapped(n: int, dtype: Any) -> tuple[Any, np.ndarray]:
+    """A mapped pinned array: (the device-usable array, a plain host view of it)."""
+    arr = cuda.mapped_array(n, dtype=dtype)
+    host = arr._ary if SIMULATOR else np.ndarray.view(arr, type=np.ndarray)
+    host[:] = 0
+    return arr, host
 
 
 def cupy_or_none() -> Any:
@@ -139,9 +158,52 @@ def _numba_affine(src, dst, n):  # type: ignore[no-untyped-def]
         dst[i].seq = src[i].seq
 
 
-def percentiles_us(samples_ns: list[int]) -> tuple[float, float]:
-    s = sorted(samples_ns)
+def percentiles_us(samples_ns: Any) -> tuple[float, float]:
+    s = sorted(int(x) for x in samples_ns)
     return s[len(s) // 2] / 1000.0, s[min(len(s) - 1, int(len(s) * 0.99))] / 1000.0
+
+
+def add_standard_args(ap: argparse.ArgumentParser) -> None:
+    """``--simulator``, ``--json PATH`` and ``--stall-after S``, for every script."""
+    ap.add_argument("--simulator", action="store_true", help="tiny run on the simulator")
+    ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    ap.add_argument("--stall-after", type=float, metavar="S",
+                    help="dump all stacks to stderr and exit when running longer")  # fmt: skip
+
+
+def start(args: argparse.Namespace) -> None:
+    """Arm the stall dump (a stalled GPU run says where it stood, then ends)."""
+    if args.stall_after:
+        faulthandler.dump_traceback_later(args.stall_after, exit=True)
+
+
+def finish(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Write ``results`` (plus the device) where ``--json`` says, and disarm."""
+    faulthandler.cancel_dump_traceback_later()
+    if args.json:
+        data = _plain({"device": device_name(), "simulator": SIMULATOR, **results})
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=2)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: numpy scalars as Python numbers, NaN (nothing measured) as null."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (np.floating, float)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def sm_count() -> int:
+    """Multiprocessors of the GPU (1 under the simulator, which runs one block)."""
+    if SIMULATOR:
+        return 1
+    return int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
 
 
 async def launch_persistent(queue_size: int, **extra: Any) -> Any:

@@ -5,7 +5,9 @@
 //
 // Each call attaches to the buffer afresh (validating its header), so the library
 // keeps no state. `side` is the side this caller plays (0 host, 1 device); a caller
-// playing the device side passes a pointer to its two SideCounters words.
+// playing the device side passes a pointer to its SideCounters (16 words, see
+// pdc_ring_side_counters_words) and calls pdc_ring_mirror_counters to publish its
+// counters into the header, as a device mirrors them on a period.
 // Negative returns are -Status codes of ring.cuh, or kNotThisRole.
 #include "ring.cuh"
 
@@ -26,6 +28,12 @@ long long attach(Ring* r, void* buf, u64 nbytes, u64 side, void* counters) {
 
 extern "C" {
 
+u64 pdc_ring_side_counters_words() { return sizeof(SideCounters) / 8; }
+
+u64 pdc_ring_seal(u64 pos, const void* record, u64 record_size) {
+  return pdc::ring::ring_seal(pos, record, record_size);
+}
+
 int pdc_ring_init(void* buf, u64 nbytes, u64 capacity, u64 record_size, u64 backpressure,
                   u64 producer_side, u64 consumer_side) {
   return pdc::ring::ring_init(buf, nbytes, capacity, record_size, backpressure, producer_side,
@@ -42,6 +50,13 @@ void pdc_ring_init_side_counters(void* buf, u64 nbytes, u64 side, void* counters
   Ring r;
   if (attach(&r, buf, nbytes, side, counters) == 0)
     pdc::ring::ring_init_side_counters(r, static_cast<SideCounters*>(counters));
+}
+
+long long pdc_ring_mirror_counters(void* buf, u64 nbytes, u64 side, void* counters) {
+  Ring r;
+  if (long long err = attach(&r, buf, nbytes, side, counters)) return err;
+  pdc::ring::ring_mirror_counters(r, true);
+  return 0;
 }
 
 long long pdc_ring_try_push(void* buf, u64 nbytes, u64 side, void* counters,
@@ -65,6 +80,13 @@ long long pdc_ring_pop(void* buf, u64 nbytes, u64 side, void* counters, void* ou
   if (long long err = attach(&r, buf, nbytes, side, counters)) return err;
   if (r.claim == nullptr) return kNotThisRole;
   return static_cast<long long>(pdc::ring::ring_pop(r, out, max_n));
+}
+
+long long pdc_ring_discard_stale(void* buf, u64 nbytes, u64 side, void* counters) {
+  Ring r;
+  if (long long err = attach(&r, buf, nbytes, side, counters)) return err;
+  if (r.claim == nullptr) return kNotThisRole;
+  return static_cast<long long>(pdc::ring::ring_discard_stale(r));
 }
 
 long long pdc_ring_depth(void* buf, u64 nbytes) {
@@ -102,6 +124,7 @@ long long pdc_ring_produce_sequence(void* buf, u64 nbytes, u64 side, void* count
     }
     sent += k;
   }
+  pdc::ring::ring_mirror_counters(r, true);
   return static_cast<long long>(sent);
 }
 
@@ -133,6 +156,7 @@ long long pdc_ring_consume_sequence(void* buf, u64 nbytes, u64 side, void* count
     }
     seen += got;
   }
+  pdc::ring::ring_mirror_counters(r, true);
   return wrong;
 }
 

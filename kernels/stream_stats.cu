@@ -21,8 +21,10 @@
 // (cudaHostAlloc; CuPy: cupy.cuda.alloc_pinned_memory, whose address is valid on
 // the device under unified addressing). The ring must be created by the host with
 // record_size 8, producer_side 0 (host) and consumer_side 1 (device).
-// `side_counters` is the device side's claim counter (protocol 3.1); the kernel
-// initialises it from the ring itself.
+// `side_counters` is the device side's own words for the ring (a 128-byte
+// pdc::ring::SideCounters in device memory: its claim counter, its counters); the
+// kernel initialises it from the ring itself. The ring's dequeued/dropped_oldest
+// counters are mirrored into its header about once a millisecond and at exit.
 //
 // Control block: 512 bytes, 8-byte little-endian words at these byte offsets, one
 // writer per 128-byte line (the host writes line 0, the kernel lines 1-3):
@@ -52,10 +54,12 @@
 //     416  min          (f64 bits; +inf while count is 0)
 //     424  max          (f64 bits; -inf while count is 0)
 //
-// While paused the kernel still discards records below the ring's drop_before
-// watermark (DROP_OLDEST across sides needs the consumer for that). While idle it
-// backs off with __nanosleep (32 ns doubling to 1 us). A NaN value propagates into
-// mean and m2 (IEEE arithmetic); min and max skip it (fmin/fmax).
+// Warp 0 takes the records: its lanes check the slots' tags and copy whole words
+// together, lane 0 claims and releases each batch once. While paused the kernel
+// still discards records below the ring's drop_before watermark (DROP_OLDEST
+// across sides needs the consumer for that). While idle it backs off with
+// __nanosleep (32 ns doubling to 1 us). A NaN value propagates into mean and m2
+// (IEEE arithmetic); min and max skip it (fmin/fmax).
 #include "ring.cuh"
 
 namespace {
@@ -171,24 +175,31 @@ extern "C" __global__ void pdc_stream_stats(unsigned char* input, unsigned long 
   pdc::ring::Backoff idle;
 
   for (;;) {
-    if (tid == 0) {
-      store_word(control, kHeartbeat, ++heartbeat);
-      const u64 command = pdc::ring::detail::load_shared(control + kCommand);
+    if (tid < pdc::ring::kTeamSize) {  // warp 0 moves the records; one thread on a CPU
+      const pdc::ring::Team team;
+      u64 command = 0;
+      if (tid == 0) {
+        store_word(control, kHeartbeat, ++heartbeat);
+        command = pdc::ring::detail::load_shared(control + kCommand);
+      }
+      command = team.broadcast(command);
       int next = 0;
       if (command == kCommandTerminate) {
         next = -1;
       } else if (command == kCommandActive) {
-        next = static_cast<int>(pdc::ring::ring_pop(ring, values, threads));
-        if (next == 0) store_word(control, kIdlePolls, ++idle_polls);
+        next = static_cast<int>(pdc::ring::ring_pop(team, ring, values, threads));
       } else {
-        pdc::ring::ring_discard_stale(ring);
+        pdc::ring::ring_discard_stale(team, ring);
       }
-      if (next == 0) {
-        idle.pause();
-      } else {
-        idle = pdc::ring::Backoff{};
+      if (tid == 0) {
+        if (next == 0 && command == kCommandActive) store_word(control, kIdlePolls, ++idle_polls);
+        if (next == 0) {
+          idle.pause();
+        } else {
+          idle = pdc::ring::Backoff{};
+        }
+        action = next;
       }
-      action = next;
     }
     __syncthreads();
     const int n = action;
@@ -214,5 +225,8 @@ extern "C" __global__ void pdc_stream_stats(unsigned char* input, unsigned long 
     __syncthreads();  // `action` and `partial` are rewritten next round
   }
 
-  if (tid == 0) store_word(control, kStatus, kStatusExited);
+  if (tid == 0) {
+    pdc::ring::ring_mirror_counters(ring, true);
+    store_word(control, kStatus, kStatusExited);
+  }
 }

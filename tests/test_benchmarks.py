@@ -56,6 +56,11 @@ def run_benchmark(script: str, *args: str, timeout: float = 240) -> str:
             ("--seconds", "0.05", "--rounds", "1"),
             ("host", "scraped"),
         ),
+        (
+            "cpu_roundtrip.py",
+            ("--messages", "200", "--repeats", "1"),
+            ("raw ring calls", "rt.send / rt.receive, @message", "goal: rt.send"),
+        ),
     ],
 )
 def test_host_benchmark_runs(script: str, args: tuple[str, ...], expect: tuple[str, ...]) -> None:
@@ -74,6 +79,7 @@ def test_journal_benchmark_runs_on_both_engines(postgres_server: str) -> None:
     [
         ("actor_roundtrip.py", ("--messages", "10")),
         ("telemetry_overhead.py", ("--rounds", "0")),
+        ("cpu_roundtrip.py", ("--messages", "10")),
     ],
 )
 def test_benchmark_refuses_sizes_it_cannot_measure(script: str, args: tuple[str, ...]) -> None:

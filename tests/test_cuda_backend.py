@@ -29,14 +29,25 @@ async def test_cuda_backend_without_a_gpu_says_why() -> None:
     assert reason and reason in str(info.value)
 
 
-def test_slots_are_records_widened_to_a_multiple_of_8_bytes() -> None:
+def test_slot_records_are_the_fields_after_the_tag() -> None:
     from pydotcompute.backends.cuda_loop import slot_dtype
 
     packed = np.dtype([("id", "<u4"), ("x", "<f4"), ("y", "<f4")])
     slot = slot_dtype(packed)
-    assert slot.itemsize == 16 and slot.names == packed.names
-    assert [slot.fields[n][1] for n in slot.names] == [0, 4, 8]
-    assert slot_dtype(REC) == REC
+    assert slot.itemsize == 8 + 16 and slot.names == packed.names
+    assert [slot.fields[n][1] for n in slot.names] == [8, 12, 16]
+    assert slot_dtype(REC).itemsize == 24 and slot_dtype(REC).fields["seq"][1] == 16
+
+
+def test_records_too_large_to_stage_are_refused() -> None:
+    from pydotcompute.backends.cuda_loop import loop_shape
+    from pydotcompute.errors import InvalidConfigurationError
+
+    assert loop_shape(REC, REC, 32, 4) == 128  # threads x items
+    assert loop_shape(REC, REC, 128, 8) == 40 * 1024 // (24 + 24 + 8)  # what fits
+    big = np.dtype([("a", "<f8", (4096,))])
+    with pytest.raises(InvalidConfigurationError, match="shared memory"):
+        loop_shape(big, big, 32, 1)
 
 
 def stream_stats(msg, out, state):  # type: ignore[no-untyped-def]

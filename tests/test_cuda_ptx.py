@@ -8,7 +8,9 @@ device for its architecture; there is none here, so the test names one.
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 from unittest import mock
 
 import numpy as np
@@ -71,15 +73,50 @@ def _ptx(fn) -> str:  # type: ignore[no-untyped-def]
     return str(ptx)
 
 
+def _ops(ptx: str) -> collections.Counter[str]:
+    """Memory instructions of the PTX by opcode, e.g. ``ld.relaxed.sys.b64``."""
+    return collections.Counter(
+        re.findall(r"^\s*(?:@%p\d+\s+)?((?:ld|st|atom|red|membar|fence)\.[\w.]+)", ptx, re.M)
+    )
+
+
 def test_loop_compiles_with_the_protocol_memory_operations() -> None:
     ptx = _ptx(handler)
+    ops = _ops(ptx)
     assert ".entry" in ptx
-    assert "ld.acquire.sys.b64" in ptx  # polling the host's indices and command
-    assert "membar.sys" in ptx and "st.relaxed.sys.b64" in ptx  # fence, then publish
-    assert "ld.acquire.gpu.b64" in ptx and "st.release.gpu.b64" in ptx  # the release turn
-    assert "atom.global.cas.b64" in ptx  # claims on the device-memory counter
+    assert ops["ld.relaxed.sys.b64"] > 0  # slots read whole, in any order: tags say
+    assert ops["ld.acquire.sys.b64"] > 0  # published, the state word, released if short
+    assert ops["st.relaxed.sys.b64"] > 0  # output words and tags, mirrored counters
+    # released once per batch; the other release stores are error codes and drop_before
+    assert 1 <= ops["st.release.sys.b64"] <= 4
+    assert not any(op.startswith(("membar", "fence")) for op in ops)  # no system fence
+    assert ops["ld.acquire.gpu.b64"] and ops["st.release.gpu.b64"]  # the turn, device memory
+    assert ops["atom.global.cas.b64"] == 1  # claims on the device-memory counter
     assert "nanosleep.u32" in ptx  # idle back-off
+    assert "%globaltimer" in ptx  # counters mirrored on a period
     assert "bar.sync" in ptx
+
+
+def test_records_move_as_whole_words_never_bytes() -> None:
+    """The 12-byte input and 16-byte output records (u32, f32 and f64 fields) cross
+    PCIe as 8-byte words, coalesced and staged in shared memory; the handler reads
+    and writes its fields there. No byte load or store anywhere (the loop used to
+    copy records byte by byte: 16 one-byte stores per output)."""
+    ops = _ops(_ptx(handler))
+    narrow = [op for op in ops if re.search(r"\.(u8|s8|b8|u16|s16|b16)$", op)]
+    assert narrow == [], narrow
+    ring = {op: n for op, n in ops.items() if ".sys." in op}
+    assert ring and all(op.endswith(".b64") for op in ring), ring
+    assert ops["ld.shared.u64"] and ops["st.shared.u64"]  # staged whole words
+
+
+def test_only_host_memory_words_are_read_without_ordering_in_the_poll() -> None:
+    """Reads of host memory are .sys words only: no plain ld.global of a slot, which an
+    L1 line holding the slot's previous occupant could answer."""
+    ops = _ops(_ptx(handler))
+    plain_global = {op: n for op, n in ops.items() if op.startswith("ld.global.") and n}
+    # the handler's `state` (device memory) is the only plain global load left
+    assert set(plain_global) <= {"ld.global.f64"}, plain_global
 
 
 def test_a_handler_that_does_not_type_is_refused_at_compile_time() -> None:
@@ -117,3 +154,30 @@ def test_message_records_with_uuid_fields_compile() -> None:
         loop = compose_loop(reply, dt, dt, 32, 4, 4000)
         ptx, _ = cuda.compile_ptx(loop, loop_signature(dt, dt, np.zeros(1)), cc=CC)
     assert ".entry" in ptx
+
+
+def test_the_floor_benchmark_kernels_compile() -> None:
+    """gpu_floor.py's device code (ping-pong threads, zero-copy readers and writers)
+    compiles for a real GPU: its first run on one must not be a compile error."""
+    import sys
+    from pathlib import Path
+
+    from numba import cuda, types
+    from numba.cuda import dispatcher
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import gpu_floor
+
+    words = types.int64[::1]
+    with mock.patch.object(dispatcher, "get_current_device", _Device):
+        for kernel, sig in (
+            (gpu_floor._echo_word, (words, words, types.int64)),
+            (gpu_floor._echo_record, (words, words, types.int64)),
+            (gpu_floor._read_mapped, (words, words)),
+            (gpu_floor._write_mapped, (words,)),
+        ):
+            ptx, _ = cuda.compile_ptx(kernel.py_func, sig, cc=CC)
+            assert ".entry" in ptx
+    ops = _ops(cuda.compile_ptx(gpu_floor._echo_record.py_func,
+                                (words, words, types.int64), cc=CC)[0])  # fmt: skip
+    assert ops["ld.acquire.sys.b64"] and ops["st.release.sys.b64"]

@@ -42,10 +42,11 @@ if SIM:
     from pydotcompute.backends.cuda_loop import SideWords as S
     from pydotcompute.backends.cuda_loop import compile_loop
     from pydotcompute.rings.backpressure import BackpressureStrategy as B
-    from pydotcompute.rings.device import ring_claim, ring_publish, ring_release, ring_stale
+    from pydotcompute.rings.device import seal_words
+    from pydotcompute.rings.host_ops import ring_seal
     from pydotcompute.rings.layout import RingSide
 
-    # 12-byte input records: slots are padded to 16 bytes.
+    # 12-byte input records: a slot is the tag and 16 bytes.
     IN = np.dtype([("id", "<u4"), ("x", "<f4"), ("y", "<f4")])
     OUT = np.dtype([("id", "<u4"), ("s", "<f8")], align=True)
 
@@ -83,8 +84,7 @@ if SIM:
             self.ctl = MappedControl()
             self.threads = threads
             self.state = cuda.to_device(np.zeros(2))
-            self.side = cuda.to_device(np.zeros(S.NWORDS, np.int64))
-            self.zero = cuda.to_device(np.zeros(1, self.out.slots.dtype))
+            self.side = cuda.to_device(S.initial(self.inp.host, self.out.host, W.INACTIVE))
             self.kernel = compile_loop(handler, IN, OUT, np.zeros(2), threads, items, 1000)
 
         def run(
@@ -96,15 +96,7 @@ if SIM:
         ) -> None:
             self.ctl.set_state(command)
             self.kernel[blocks, threads or self.threads](
-                self.inp.hdr,
-                self.inp.slots,
-                self.out.hdr,
-                self.out.slots,
-                self.ctl.device,
-                self.side,
-                self.state,
-                self.zero,
-                iterations,
+                self.inp.words, self.out.words, self.ctl.device, self.side, self.state, iterations
             )
 
         def expected(self, ids: list[int]) -> list[tuple[int, float]]:
@@ -114,75 +106,25 @@ if SIM:
             got = self.out.host.pop_batch(1024)
             return [(int(r["id"]), float(r["s"])) for r in got]
 
-    # -- device ring operations against HostRing on the same mapped buffer -----------
+    # -- the device's seal against the host's ------------------------------------------
 
     @cuda.jit
-    def device_pop(hdr, slots, side, dst, count):  # type: ignore[no-untyped-def]
-        c, k = ring_claim(hdr, side, 0, dst.shape[0], False)
-        stale = ring_stale(hdr, c, k)
-        for i in range(stale, k):
-            rec = slots[(c + i) & (slots.shape[0] - 1)]
-            dst[i - stale] = rec.id
-        ring_release(hdr, side, 1, c, k, stale, False)
-        count[0] = k - stale
-        count[1] = stale
-
-    @cuda.jit
-    def device_push(hdr, slots, side, ids, n):  # type: ignore[no-untyped-def]
-        r = side[4]
-        cap = slots.shape[0]
-        room = cap - (r - hdr[48])  # released, word 384 / 8
-        k = n if n < room else room
-        for i in range(k):
-            slots[(r + i) & (cap - 1)].id = ids[i]
-            slots[(r + i) & (cap - 1)].s = ids[i] * 0.25
-        ring_publish(hdr, side, 4, r, k, n - k)
+    def device_seals(words, rs, first, out):  # type: ignore[no-untyped-def]
+        i = cuda.threadIdx.x
+        if i < out.shape[0]:
+            out[i] = seal_words(words, i * 8, rs, first + i)
 
     @sim
-    def test_device_consumes_what_the_host_ring_produced() -> None:
-        ring = MappedRing(8, IN, B.BLOCK, RingSide.HOST, RingSide.DEVICE)
-        side = cuda.to_device(np.zeros(S.NWORDS, np.int64))
-        got = cuda.to_device(np.zeros(8, np.int64))
-        count = cuda.to_device(np.zeros(2, np.int64))
-        seen: list[int] = []
-        for batch in (range(0, 5), range(5, 12), range(12, 20)):  # wraps around twice
-            assert ring.host.push_batch(records(batch)) == len(batch)
-            device_pop[1, 1](ring.hdr, ring.slots, side, got, count)
-            n = int(count.copy_to_host()[0])
-            seen += list(got.copy_to_host()[:n])
-        assert seen == list(range(20))
-        c = ring.host.counters()
-        assert (c.published, c.released, c.enqueued, c.dequeued) == (20, 20, 20, 20)
-        assert ring.host.depth == 0
-
-    @sim
-    def test_device_skips_records_below_the_host_watermark() -> None:
-        ring = MappedRing(4, IN, B.DROP_OLDEST, RingSide.HOST, RingSide.DEVICE)
-        side = cuda.to_device(np.zeros(S.NWORDS, np.int64))
-        got = cuda.to_device(np.zeros(8, np.int64))
-        count = cuda.to_device(np.zeros(2, np.int64))
-        assert ring.host.try_push_batch(records(range(4))) == 4
-        assert ring.host.try_push_batch(records([4, 5])) == 0  # full: raises drop_before
-        assert ring.host.counters().drop_before == 2
-        device_pop[1, 1](ring.hdr, ring.slots, side, got, count)
-        assert list(count.copy_to_host()) == [2, 2]
-        assert list(got.copy_to_host()[:2]) == [2, 3]
-        c = ring.host.counters()
-        assert (c.dequeued, c.dropped_oldest, c.released) == (2, 2, 4)
-
-    @sim
-    def test_host_ring_consumes_what_the_device_produced() -> None:
-        ring = MappedRing(4, OUT, B.DROP_NEWEST, RingSide.DEVICE, RingSide.HOST)
-        side = cuda.to_device(np.zeros(S.NWORDS, np.int64))
-        ids = cuda.to_device(np.arange(10, 16, dtype=np.int64))
-        device_push[1, 1](ring.hdr, ring.slots, side, ids, 3)
-        got = ring.host.pop_batch(8)
-        assert list(got["id"]) == [10, 11, 12] and list(got["s"]) == [2.5, 2.75, 3.0]
-        device_push[1, 1](ring.hdr, ring.slots, side, ids, 6)  # 4 fit, 2 dropped
-        got = ring.host.pop_batch(8)
-        assert list(got["id"]) == [10, 11, 12, 13]
-        c = ring.host.counters()
-        assert (c.published, c.enqueued, c.dropped_newest, c.high_water) == (7, 7, 2, 4)
+    def test_the_device_seal_is_the_hosts() -> None:
+        rng = np.random.default_rng(2)
+        words = rng.integers(-(1 << 62), 1 << 62, 4 * 8, dtype=np.int64)
+        for rs in (1, 8, 12, 20, 64):
+            out = cuda.to_device(np.zeros(4, np.int64))
+            device_seals[1, 4](cuda.to_device(words), rs, 1 << 40, out)
+            host = [
+                int(ring_seal(words.view(np.uint8), 64 * i, rs, (1 << 40) + i)) for i in range(4)
+            ]
+            assert list(out.copy_to_host()) == host
 
     # -- the persistent loop, bounded ------------------------------------------------
 
@@ -214,6 +156,75 @@ if SIM:
         assert rig.outputs() == rig.expected(ids)
         assert rig.side.copy_to_host()[S.EXITED] == 2
         assert rig.ctl[W.PROCESSED] == 20 and rig.inp.host.counters().released == 20
+
+    @sim
+    def test_one_warp_of_one_block_reads_host_memory(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        """Blocks other than the agent get work through device memory; in the agent,
+        only warp 0 reads the mapped rings and control block. A single record is
+        handled from the agent's poll: no second read of host memory."""
+        from pydotcompute.backends import cuda_loop
+
+        readers: list[tuple[int, int]] = []
+
+        def recording(load):  # type: ignore[no-untyped-def]
+            def wrapped(words, i):  # type: ignore[no-untyped-def]
+                t = threading.current_thread()
+                readers.append((t.blockIdx.x, t.threadIdx.x))
+                return load(words, i)
+
+            return wrapped
+
+        for name in ("load_relaxed_sys", "load_acquire_sys"):
+            monkeypatch.setattr(cuda_loop, name, recording(getattr(cuda_loop, name)))
+        rig = Rig(threads=64, items=1)
+        rig.inp.host.push_batch(records([4]))
+        rig.run(3, blocks=2)
+        assert rig.outputs() == rig.expected([4])
+        assert max(t for b, t in readers if b == 0) < 32  # warp 0 of the agent
+        # Block 1's leader reads the rings' strategies once, at start, and that is all:
+        # as many reads in 3 rounds as in 9.
+        first = [t for b, t in readers if b == 1]
+        assert set(first) == {0}
+        readers.clear()
+        rig.run(9, blocks=2)
+        assert [t for b, t in readers if b == 1] == first
+        assert max(t for b, t in readers if b == 0) < 32
+
+    @sim
+    def test_the_loop_between_cxx_producer_and_cxx_consumer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+        """kernels/ring.cuh, built for the host, plays the host's side of both rings
+        (tags, released_seen, seals checked); the numba-cuda loop the device's."""
+        import ctypes
+        import subprocess
+
+        import test_kernels_cxx_ring as cxx
+
+        from pydotcompute.backends.kernel_sources import kernels_dir
+
+        compiler = cxx._compiler()
+        if compiler is None:
+            pytest.skip("no C++20 compiler")
+        lib_path = tmp_path / "libpdcring.so"
+        build = subprocess.run(
+            [compiler, "-std=c++20", "-O2", "-shared", "-fPIC",
+             str(kernels_dir() / "ring_host.cpp"), "-o", str(lib_path)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert build.returncode == 0, build.stderr
+        lib = cxx._bind(ctypes.CDLL(str(lib_path)))
+        rig = Rig(in_cap=8, out_cap=8, threads=4, items=2)
+        producer = cxx.CxxParty(lib, rig.inp.host.buffer, IN)
+        consumer = cxx.CxxParty(lib, rig.out.host.buffer, OUT)
+        sent, got = 0, []
+        for batch in (5, 3, 8, 7):  # wraps around both rings
+            assert producer.try_push(records(range(sent, sent + batch))) == batch
+            sent += batch
+            rig.run(3)
+            got += [(int(r["id"]), float(r["s"])) for r in consumer.pop(16)]
+        assert got == rig.expected(list(range(sent)))
+        c = rig.out.host.counters()
+        assert (c.enqueued, c.dequeued, c.released) == (len(got), len(got), len(got))
+        assert rig.inp.host.counters().released == sent
 
     @sim
     def test_running_loop_answers_messages_sent_one_at_a_time() -> None:
@@ -296,6 +307,21 @@ if SIM:
         assert rig.ctl[W.HEARTBEAT] == 0
 
     @sim
+    def test_a_record_that_never_matches_its_tag_stops_the_loop(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+        # Below `published` a record must seal when read; one that never does means
+        # a producer that does not follow the protocol: no handler sees it.
+        from pydotcompute.backends import cuda_loop
+
+        monkeypatch.setattr(cuda_loop, "_SEAL_RETRIES", 3)
+        rig = Rig()
+        rig.inp.host.push_batch(records([1]))
+        rig.inp.host.buffer[1024 + 8] ^= 0xFF  # its bytes change after its tag
+        rig.run(10)
+        assert rig.ctl[W.ERROR_CODE] == cuda_loop.ERR_INPUT_SEAL
+        assert "tag" in cuda_loop.ERROR_TEXT[cuda_loop.ERR_INPUT_SEAL]
+        assert rig.outputs() == [] and rig.state.copy_to_host()[0] == 0
+
+    @sim
     def test_block_size_other_than_compiled_is_refused() -> None:
         rig = Rig(threads=4)
         rig.run(5, threads=2)
@@ -346,6 +372,8 @@ if SIM:
             assert list(out["id"]) == list(range(10))  # FIFO
             assert list(out["s"]) == [1.0] * 10
             await _wait_for(lambda: rt.read_state("scale")[0] == 5.0)
+            # counters reach the host when the kernel mirrors them (about every 1 ms)
+            await _wait_for(lambda: rt.get_telemetry("scale").messages_processed == 10)
             tele = rt.get_telemetry("scale")
             assert tele.backend == "cuda" and tele.messages_processed == 10
             await rt.deactivate("scale")
@@ -353,6 +381,28 @@ if SIM:
             assert rt.get_state("scale") is KernelState.TERMINATED
             loop = rt._kernels["scale"].loop
             assert not loop._thread.is_alive()
+
+    @sim
+    async def test_a_sleeping_receiver_is_woken_by_the_output_watcher() -> None:
+        # The device cannot write the event loop's descriptor: a watcher thread polls
+        # the output ring while a receiver sleeps, and goes away with the kernel.
+        from pydotcompute.rings.wake import ARMED
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            await rt.launch("w", count_and_scale, backend="cuda", input_type=IN,
+                            output_type=OUT, queue_size=8, extra={"threads": 1})  # fmt: skip
+            loop = rt._kernels["w"].loop
+            waiting = asyncio.ensure_future(rt.receive_batch("w", 4, timeout=20))
+            await _wait_for(lambda: loop._wakeup.words[ARMED] == 1)  # asleep
+            await rt.send_batch("w", records([7]), timeout=10)
+            await rt.activate("w")
+            got = await asyncio.wait_for(waiting, 20)
+            assert list(got["id"]) == [7]
+            name = loop._watcher._thread.name
+            assert any(t.name == name for t in threading.enumerate())
+            await rt.terminate("w")
+            assert not any(t.name == name for t in threading.enumerate())
 
     @sim
     async def test_a_kernel_asked_to_stop_is_not_reported_as_failed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -443,7 +493,10 @@ if SIM:
                             output_type=OUT, queue_size=2, backpressure="drop_oldest")  # fmt: skip
             for r in records(range(3)):
                 await rt.send("do", r)
-            c = rt._kernels["do"].loop.in_ring.host.counters()
+            ring = rt._kernels["do"].loop.in_ring.host
+            # The device's counters reach the header when it mirrors them (~1 ms).
+            await _wait_for(lambda: ring.counters().dropped_oldest == 1)
+            c = ring.counters()
             assert (c.enqueued, c.dropped_oldest, c.dropped_newest) == (3, 1, 0)
             await rt.activate("do")
             got = await rt.receive_batch("do", max_items=2, timeout=5.0)

@@ -47,12 +47,15 @@ extern "C" __global__ void all_ring_ops(unsigned char* buf, unsigned long long n
   out[0] = pdc::ring::ring_init(buf, nbytes, 8, 16, pdc::ring::kDropOldest, 1, 0);
   out[1] = pdc::ring::ring_attach(&r, buf, nbytes, pdc::ring::kSideDevice, counters);
   pdc::ring::ring_init_side_counters(r, counters);
-  out[2] = pdc::ring::ring_try_push(r, records, 2);
-  out[3] = pdc::ring::ring_push(r, records, 4, 100);
-  out[4] = pdc::ring::ring_pop(r, records, 4);
-  out[5] = pdc::ring::ring_evict(r, 1);
-  out[6] = pdc::ring::ring_discard_stale(r);
+  const pdc::ring::Warp warp;  // the whole warp moves each batch
+  out[2] = pdc::ring::ring_try_push(warp, r, records, 2);
+  out[3] = pdc::ring::ring_push(warp, r, records, 4, 100);
+  out[4] = pdc::ring::ring_pop(warp, r, records, 4);
+  out[5] = pdc::ring::ring_evict(warp, r, 1);
+  out[6] = pdc::ring::ring_discard_stale(warp, r);
   out[7] = pdc::ring::ring_depth(r);
+  out[8] = pdc::ring::ring_pop(r, records, 4);  // one thread alone
+  pdc::ring::ring_mirror_counters(r, true);
 }
 """
 
@@ -141,8 +144,12 @@ def test_nvcc_compiles_ring_header_with_the_hardware_rules(tmp_path: Path) -> No
     ptx = _nvcc_ptx(source, tmp_path)
     assert ".entry all_ring_ops" in ptx
     assert "ld.acquire.sys" in ptx  # polling the other side's index
-    assert "st.release.sys" in ptx and "membar.sys" in ptx  # fence, then publish
+    assert "st.release.sys" in ptx  # publish / release: one release store per batch
+    assert "membar.sys" not in ptx and "fence.sc.sys" not in ptx  # no full system fence
+    assert "ld.relaxed.sys.b64" in ptx and "st.relaxed.sys.b64" in ptx  # whole words
+    assert "shfl.sync" in ptx and "vote.sync.ballot" in ptx  # the warp decides together
     assert "atom.cas.acq_rel.gpu" in ptx  # claim/reserve: device scope, device memory
+    assert "globaltimer" in ptx  # counters mirrored on a period
     assert "nanosleep" in ptx  # idle back-off
 
 
@@ -238,11 +245,11 @@ def test_gpu_stream_stats_through_rawmodule() -> None:
         mem = cupy.cuda.alloc_pinned_memory(nbytes)
         return np.frombuffer(mem, dtype=np.uint8, count=nbytes)
 
-    ring = HostRing(1024, np.float64, buffer=mapped(ring_nbytes(1024, 8)),
+    ring = HostRing(1024, np.float64, buffer=mapped(ring_nbytes(1024, 8, crossing=True)),
                     consumer_side=RingSide.DEVICE)  # fmt: skip
     control = StatsControl(mapped(512).view(np.uint64))
     control.w[:] = 0
-    side_counters = cupy.zeros(2, dtype=np.uint64)
+    side_counters = cupy.zeros(16, dtype=np.uint64)  # pdc::ring::SideCounters
     module = cupy.RawModule(code=read_kernel_source("stream_stats.cu"))
     kernel = module.get_function("pdc_stream_stats")
     stream = cupy.cuda.Stream(non_blocking=True)

@@ -90,6 +90,14 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.pdc_ring_check.restype = ctypes.c_int
     lib.pdc_ring_init_side_counters.argtypes = [ptr, u64, u64, ptr]
     lib.pdc_ring_init_side_counters.restype = None
+    lib.pdc_ring_side_counters_words.argtypes = []
+    lib.pdc_ring_side_counters_words.restype = u64
+    lib.pdc_ring_seal.argtypes = [u64, ptr, u64]
+    lib.pdc_ring_seal.restype = u64
+    lib.pdc_ring_mirror_counters.argtypes = [ptr, u64, u64, ptr]
+    lib.pdc_ring_mirror_counters.restype = i64
+    lib.pdc_ring_discard_stale.argtypes = [ptr, u64, u64, ptr]
+    lib.pdc_ring_discard_stale.restype = i64
     lib.pdc_ring_try_push.argtypes = [ptr, u64, u64, ptr, ptr, u64]
     lib.pdc_ring_try_push.restype = i64
     lib.pdc_ring_push.argtypes = [ptr, u64, u64, ptr, ptr, u64, u64]
@@ -110,8 +118,9 @@ class CxxParty:
 
     def __init__(self, lib: ctypes.CDLL, buf: np.ndarray, dtype: np.dtype, side: int = HOST):
         self.lib, self.buf, self.dtype, self.side = lib, buf, np.dtype(dtype), side
-        # A device party's reserve/claim counters (device memory on a GPU).
-        self.side_counters = np.zeros(2, dtype=np.uint64)
+        # A device party's own words: reserve/claim, its reading of released, its
+        # counters (device memory on a GPU).
+        self.side_counters = np.zeros(lib.pdc_ring_side_counters_words(), dtype=np.uint64)
         counters = self.side_counters.ctypes.data if side == DEVICE else None
         self.args = (buf.ctypes.data, buf.nbytes, side, counters)
         if side == DEVICE:
@@ -130,6 +139,11 @@ class CxxParty:
         got = self.lib.pdc_ring_pop(*self.args, out.ctypes.data, max_n)
         assert got >= 0, f"pop failed with {got}"
         return out[:got]
+
+    def mirror(self) -> None:
+        """Publish a device party's counters into the header now (a device does it
+        about once a millisecond)."""
+        assert self.lib.pdc_ring_mirror_counters(*self.args) == 0
 
 
 def _aligned(nbytes: int) -> np.ndarray:
@@ -151,7 +165,7 @@ def _records(ids: list[int] | range) -> np.ndarray:
 
 def _cxx_ring(lib: ctypes.CDLL, capacity: int, dtype: np.dtype, strategy: int,
               producer: int = HOST, consumer: int = HOST) -> np.ndarray:  # fmt: skip
-    buf = _aligned(ring_nbytes(capacity, np.dtype(dtype).itemsize))
+    buf = _aligned(ring_nbytes(capacity, np.dtype(dtype).itemsize, producer != consumer))
     status = lib.pdc_ring_init(buf.ctypes.data, buf.nbytes, capacity, np.dtype(dtype).itemsize,
                                strategy, producer, consumer)  # fmt: skip
     assert status == 0
@@ -165,8 +179,10 @@ def _cxx_ring(lib: ctypes.CDLL, capacity: int, dtype: np.dtype, strategy: int,
 @pytest.mark.parametrize("sides", [(HOST, HOST), (HOST, DEVICE), (DEVICE, HOST)])
 def test_cxx_and_python_write_the_same_header(lib, strategy, sides) -> None:
     cxx = _cxx_ring(lib, 8, RECORD, int(strategy), *sides)
-    py = _aligned(ring_nbytes(8, RECORD.itemsize))
+    py = _aligned(ring_nbytes(8, RECORD.itemsize, sides[0] != sides[1]))
+    py[:] = 0xFF  # init must clear the tags of a crossing ring
     init_ring(py, 8, RECORD.itemsize, strategy, RingSide(sides[0]), RingSide(sides[1]))
+    assert bytes(cxx) == bytes(py[: cxx.nbytes]) or sides[0] == sides[1]
     assert bytes(cxx[:HEADER_SIZE]) == bytes(py[:HEADER_SIZE])
     assert bytes(cxx[:8]) == b"PDCRING1"
     assert lib.pdc_ring_check(py.ctypes.data, py.nbytes) == 0
@@ -183,7 +199,8 @@ def test_cxx_rejects_bad_headers(lib) -> None:
         return lib.pdc_ring_check(buf.ctypes.data, buf.nbytes)
 
     assert broken(0, 0) == 1  # magic
-    assert broken(8, 2) == 2  # version
+    assert broken(8, 1) == 2  # version 1
+    assert broken(72, 8) == 10  # record offset of a crossing ring on a one-sided one
     assert broken(16, 512) == 3  # header size
     assert broken(24, 3) == 4  # capacity not a power of two
     assert broken(32, 12) == 5  # slot size not a multiple of 8
@@ -338,6 +355,8 @@ def test_drop_oldest_across_sides_watermark(lib) -> None:
     assert int(_words(buf)[OFF_DROP_BEFORE // 8]) == 3  # 6 + 1 - 4, as in the example
     # Claims position 2 (C), finds it stale, skips it and goes on to deliver D.
     assert device.pop(1)["id"].tolist() == [4]
+    assert numba_ring.counters().dropped_oldest == 0  # kept in device memory until
+    device.mirror()  # the device mirrors its counters
     assert numba_ring.counters().dropped_oldest == 1
     assert numba_ring.try_push_batch(_records([7])) == 1
     assert device.pop(8)["id"].tolist() == [5, 6, 7]
@@ -356,7 +375,82 @@ def test_drop_oldest_across_sides_cxx_producer_degrades_to_drop_newest(lib) -> N
     assert c.dropped_newest == 2 and c.drop_before == 2  # reserve 4 + 2 - 4
     device = CxxParty(lib, buf, RECORD, DEVICE)
     assert device.pop(8)["id"].tolist() == [2, 3]
+    device.mirror()
     assert numba_view.counters().dropped_oldest == 2
+
+
+# --- tags on crossing rings (protocol 4.4) ------------------------------------------
+
+
+def test_cxx_seal_is_the_compiled_one(lib) -> None:
+    from pydotcompute.rings.host_ops import ring_seal
+
+    rng = np.random.default_rng(11)
+    for rs in (1, 5, 8, 12, 16, 23, 64):
+        for pos in (0, 1, 7, 1 << 33):
+            data = _aligned(72)
+            data[:] = rng.integers(0, 256, 72)
+            expected = int(ring_seal(data, 8, rs, pos)) & ((1 << 64) - 1)
+            assert lib.pdc_ring_seal(pos, data.ctypes.data + 8, rs) == expected
+            # at any address: the C++ seal reads bytes where words are misaligned
+            assert lib.pdc_ring_seal(pos, data.ctypes.data + 3, rs) == int(
+                ring_seal(np.concatenate([data[3:], np.zeros(8, np.uint8)]), 0, rs, pos)
+            ) & ((1 << 64) - 1)
+
+
+@pytest.mark.parametrize("direction", ["host->device", "device->host"])
+def test_tagged_slots_across_implementations(lib, direction: str) -> None:
+    """The side on the host is Numba, the device's side C++ (its counters in 'device
+    memory'), on one crossing ring, many wrap-arounds: every record arrives in order
+    and the device's counters reach the header when it mirrors them."""
+    rng = np.random.default_rng(5)
+    producer, consumer = (HOST, DEVICE) if direction == "host->device" else (DEVICE, HOST)
+    numba_ring = HostRing(8, RECORD, backpressure=BackpressureStrategy.REJECT,
+                          producer_side=RingSide(producer), consumer_side=RingSide(consumer))  # fmt: skip
+    device = CxxParty(lib, numba_ring.buffer, RECORD, DEVICE)
+    if direction == "host->device":
+        push, pop = numba_ring.try_push_batch, device.pop
+    else:
+        push, pop = device.try_push, lambda n: numba_ring.pop_batch(n)
+    sent: list[int] = []
+    received: list[int] = []
+    for _ in range(300):
+        n = int(rng.integers(1, 12))
+        placed = push(_records(range(len(sent), len(sent) + n)))
+        sent.extend(range(len(sent), len(sent) + placed))
+        received.extend(pop(int(rng.integers(1, 12)))["id"].tolist())
+    received.extend(pop(16)["id"].tolist())
+    assert received == sent and len(sent) > 8 * 40
+    device.mirror()
+    c = numba_ring.counters()
+    assert c.enqueued == c.dequeued == len(sent) and c.released == len(sent)
+    if direction == "device->host":
+        assert c.published == len(sent)  # mirrored, not kept in order by the device
+        assert int(_words(numba_ring.buffer)[OFF_RESERVE // 8]) == 0  # reserve lives apart
+
+
+def test_cxx_consumer_takes_only_sealed_slots(lib) -> None:
+    numba_ring = HostRing(4, RECORD, consumer_side=RingSide.DEVICE)
+    device = CxxParty(lib, numba_ring.buffer, RECORD, DEVICE)
+    numba_ring.try_push_batch(_records([1, 2]))
+    slot1 = HEADER_SIZE + 24
+    numba_ring.buffer[slot1 + 12] ^= 0x40  # the record changes after its tag
+    assert device.pop(4)["id"].tolist() == [1]
+    assert device.pop(4).size == 0  # position 1 is not sealed: not there yet
+    numba_ring.buffer[slot1 + 12] ^= 0x40
+    assert device.pop(4)["id"].tolist() == [2]
+
+
+def test_cxx_device_producer_reads_released_only_when_short(lib) -> None:
+    numba_ring = HostRing(8, RECORD, producer_side=RingSide.DEVICE)
+    device = CxxParty(lib, numba_ring.buffer, RECORD, DEVICE)
+    assert device.try_push(_records(range(6))) == 6
+    assert numba_ring.pop_batch(6)["id"].tolist() == list(range(6))
+    assert device.try_push(_records([6, 7])) == 2  # room by its own reading: 8 - 6
+    assert int(device.side_counters[2]) == 0  # released_seen: never re-read
+    assert device.try_push(_records([8])) == 1  # short: reads released (6) once
+    assert int(device.side_counters[2]) == 6
+    assert numba_ring.pop_batch(8)["id"].tolist() == [6, 7, 8]
 
 
 # --- both implementations running at the same time ---------------------------------
@@ -517,7 +611,7 @@ class StreamStats:
 
     def __init__(self, block: ctypes.CDLL, ring_buffer: np.ndarray, threads: int = 32):
         self.control = np.zeros(64, dtype=np.uint64)
-        self.side_counters = np.zeros(2, dtype=np.uint64)
+        self.side_counters = np.zeros(16, dtype=np.uint64)  # pdc::ring::SideCounters
         self.thread, _ = _run_thread(
             block.run_block,
             threads,
@@ -656,7 +750,7 @@ _MPMC_STRESS = """
 using namespace pdc::ring;
 int main() {
   const u64 cap = 8, rs = 16, n = 100000, producers = 2, consumers = 2;
-  const u64 nbytes = ring_nbytes(cap, rs);
+  const u64 nbytes = ring_nbytes(cap, rs, true);  // host to device: a crossing ring
   std::vector<u64> memory(nbytes / 8);
   unsigned char* buf = reinterpret_cast<unsigned char*>(memory.data());
   if (ring_init(buf, nbytes, cap, rs, kBlock, kSideHost, kSideDevice) != kOk) return 2;
@@ -692,6 +786,7 @@ int main() {
       }
     });
   for (auto& t : threads) t.join();
+  ring_mirror_counters(consumer_view, true);  // the device side's counters, into the header
   const bool ok = sum.load() == producers * (n * (n - 1) / 2) &&
                   *ring_field(producer_view, kOffEnqueued) == producers * n &&
                   *ring_field(producer_view, kOffDequeued) == producers * n &&
@@ -720,3 +815,140 @@ def test_cxx_mpmc_under_thread_sanitizer(lib, tmp_path: Path) -> None:
     run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert "ThreadSanitizer" not in run.stderr, run.stderr[:4000]
     assert run.returncode == 0 and run.stdout.startswith("ok "), run.stdout + run.stderr[:2000]
+
+
+# --- team-cooperative operations, with a team of CPU threads -------------------------
+
+# On a GPU a team is a warp; here `lanes` threads play one, with a barrier for
+# __syncwarp and a shared word for __shfl_sync/__ballot_sync. Every lane calls the
+# operation; lane 0 claims, reserves, publishes and releases, all lanes copy words.
+_TEAM_TU = """
+#include "ring.cuh"
+#include <barrier>
+#include <thread>
+#include <vector>
+using namespace pdc::ring;
+struct TeamShared {
+  explicit TeamShared(unsigned n) : bar(n) {}
+  std::barrier<> bar;
+  u64 word = 0;
+  bool flags[64] = {};
+};
+struct EmulatedTeam {
+  TeamShared* s;
+  unsigned r, n;
+  unsigned rank() const { return r; }
+  unsigned size() const { return n; }
+  void sync() const { s->bar.arrive_and_wait(); }
+  u64 broadcast(u64 v) const {
+    if (r == 0) s->word = v;
+    sync();
+    const u64 x = s->word;
+    sync();
+    return x;
+  }
+  unsigned leading(bool pred) const {
+    s->flags[r] = pred;
+    sync();
+    unsigned k = 0;
+    while (k < n && s->flags[k]) ++k;
+    sync();
+    return k;
+  }
+};
+template <class Op>
+long long run_team(unsigned lanes, Op op) {
+  TeamShared shared(lanes);
+  std::vector<long long> got(lanes);
+  std::vector<std::thread> threads;
+  for (unsigned r = 0; r < lanes; ++r)
+    threads.emplace_back([&, r] { got[r] = op(EmulatedTeam{&shared, r, lanes}); });
+  for (auto& t : threads) t.join();
+  for (unsigned r = 1; r < lanes; ++r)
+    if (got[r] != got[0]) return -1000;  // every lane must agree on the result
+  return got[0];
+}
+extern "C" long long team_pop(void* buf, u64 nbytes, u64 side, void* counters, void* out,
+                              u64 max_n, unsigned lanes) {
+  Ring r;
+  if (ring_attach(&r, buf, nbytes, side, static_cast<SideCounters*>(counters)) != kOk) return -1;
+  return run_team(lanes, [&](const EmulatedTeam& t) {
+    return static_cast<long long>(ring_pop(t, r, out, max_n));
+  });
+}
+extern "C" long long team_push(void* buf, u64 nbytes, u64 side, void* counters,
+                               const void* records, u64 n, unsigned lanes) {
+  Ring r;
+  if (ring_attach(&r, buf, nbytes, side, static_cast<SideCounters*>(counters)) != kOk) return -1;
+  return run_team(lanes, [&](const EmulatedTeam& t) {
+    return static_cast<long long>(ring_push(t, r, records, n, 0));
+  });
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def team_lib(lib, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
+    work = tmp_path_factory.mktemp("ring_team")
+    source = work / "team.cpp"
+    source.write_text(_TEAM_TU)
+    target = work / "libteam.so"
+    build = subprocess.run(
+        [_compiler(), "-std=c++20", "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-pthread",
+         f"-I{kernels_dir()}", str(source), "-o", str(target)],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr
+    team = ctypes.CDLL(str(target))
+    u64, ptr = ctypes.c_uint64, ctypes.c_void_p
+    team.team_pop.argtypes = [ptr, u64, u64, ptr, ptr, u64, ctypes.c_uint]
+    team.team_pop.restype = ctypes.c_longlong
+    team.team_push.argtypes = [ptr, u64, u64, ptr, ptr, u64, ctypes.c_uint]
+    team.team_push.restype = ctypes.c_longlong
+    return team
+
+
+@pytest.mark.parametrize("dtype", [RECORD, SEQ_RECORD, np.dtype([("v", "<u8", (5,))])])
+def test_a_team_of_lanes_moves_batches_both_ways(lib, team_lib, dtype) -> None:
+    """Records of 12, 16 and 40 bytes: words split across lanes, records across words."""
+    rng = np.random.default_rng(9)
+
+    def batch(start: int, n: int) -> np.ndarray:
+        out = np.zeros(n, dtype)
+        raw = out.view(np.uint8).reshape(n, -1)
+        raw[:] = rng.integers(0, 256, raw.shape)
+        return out
+
+    # host -> device: Numba produces, a 4-lane "warp" consumes
+    down = HostRing(16, dtype, backpressure=BackpressureStrategy.REJECT,
+                    consumer_side=RingSide.DEVICE)  # fmt: skip
+    device = CxxParty(lib, down.buffer, dtype, DEVICE)
+    # device -> host: a 4-lane "warp" produces, Numba consumes
+    up = HostRing(
+        16, dtype, producer_side=RingSide.DEVICE, backpressure=BackpressureStrategy.REJECT
+    )
+    producer = CxxParty(lib, up.buffer, dtype, DEVICE)
+    sent_down, got_down, sent_up, got_up = [], [], [], []
+    for _ in range(60):
+        recs = batch(0, int(rng.integers(1, 12)))
+        placed = down.try_push_batch(recs)
+        sent_down.append(recs[:placed])
+        out = np.zeros(16, dtype)
+        k = team_lib.team_pop(*device.args, out.ctypes.data, int(rng.integers(1, 16)), 4)
+        assert k >= 0
+        got_down.append(out[:k])
+        recs = batch(0, int(rng.integers(1, 12)))
+        placed = team_lib.team_push(*producer.args, recs.ctypes.data, len(recs), 4)
+        assert placed >= 0
+        sent_up.append(recs[:placed])
+        got_up.append(up.pop_batch(int(rng.integers(1, 16))))
+    out = np.zeros(16, dtype)
+    got_down.append(out[: team_lib.team_pop(*device.args, out.ctypes.data, 16, 4)])
+    got_up.append(up.pop_batch(16))
+    for sent, got in ((sent_down, got_down), (sent_up, got_up)):
+        assert np.concatenate(sent).tobytes() == np.concatenate(got).tobytes()
+    device.mirror()
+    producer.mirror()
+    assert down.counters().dequeued == sum(len(b) for b in sent_down)
+    assert up.counters().enqueued == sum(len(b) for b in sent_up)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import struct
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 from pydotcompute.errors import InvalidConfigurationError, QueueFullError
 from pydotcompute.rings import BackpressureStrategy, HostRing, RingSide
 from pydotcompute.rings import layout as L
+from pydotcompute.rings.host_ops import ring_pop
 
 REC = np.dtype([("id", "<u4"), ("x", "<f8")])  # 12 bytes, packed: slot of 16
 WORD = np.dtype([("v", "<u8"), ("w", "<u8")])  # 16 bytes: slot == record
@@ -28,18 +30,96 @@ def words(ring: HostRing, off: int) -> int:
 
 
 def test_header_fields_at_documented_offsets():
-    ring = HostRing(8, REC, backpressure="drop_oldest", consumer_side=RingSide.DEVICE)
+    ring = HostRing(8, REC, backpressure="drop_oldest")
     b = ring.buffer
     assert b[:8].tobytes() == b"PDCRING1"
-    assert words(ring, 8) == 1
+    assert words(ring, 8) == 2
     assert words(ring, 16) == 1024
     assert words(ring, 24) == 8
     assert words(ring, 32) == 16
     assert words(ring, 40) == 12
     assert words(ring, 48) == int(BackpressureStrategy.DROP_OLDEST) == 2
-    assert words(ring, 56) == 0 and words(ring, 64) == 1
+    assert words(ring, 56) == 0 and words(ring, 64) == 0 and words(ring, 72) == 0
     assert b.nbytes == 1024 + 8 * 16
     assert b.ctypes.data % 128 == 0
+
+
+def test_a_crossing_ring_has_tagged_slots():
+    ring = HostRing(8, REC, backpressure="drop_oldest", consumer_side=RingSide.DEVICE)
+    assert words(ring, 56) == 0 and words(ring, 64) == 1
+    assert words(ring, 72) == 8  # record_offset: the tag comes first
+    assert words(ring, 32) == 24  # tag + 12 bytes rounded to 16
+    assert ring.buffer.nbytes == 1024 + 8 * 24 and ring.crossing
+
+
+def _seal(p: int, b: bytes) -> int:
+    """seal() of protocol 4.4, written from the document in plain Python."""
+    mask = (1 << 64) - 1
+    b = b + bytes(-len(b) % 8)
+    h = ((p + 1) * 0x9E3779B97F4A7C15) & mask
+    for (x,) in struct.iter_unpack("<Q", b):
+        h = ((h ^ x) * 0xBF58476D1CE4E5B9) & mask
+        h ^= h >> 32
+    h = ((h ^ (h >> 29)) * 0x94D049BB133111EB) & mask
+    return h ^ (h >> 32)
+
+
+def test_tags_of_the_documented_example():
+    ring = HostRing(4, REC, consumer_side=RingSide.DEVICE)
+    a = recs([7])
+    a["x"] = 1.5
+    ring.push(a)
+    b = ring.buffer
+    assert b[1024:1032].tobytes().hex(" ") == "56 72 c6 4d dd d9 ff 3b"
+    assert b[1032:1044].tobytes() == bytes([7, 0, 0, 0]) + np.float64(1.5).tobytes()
+    assert _seal(0, b[1032:1044].tobytes()) == 0x3BFFD9DD4DC67256
+    assert _seal(4, b[1032:1044].tobytes()) == 0x59DBD5A66F5A3EF3
+
+
+@given(
+    rs=st.integers(1, 64), pos=st.integers(0, (1 << 62)), data=st.binary(min_size=64, max_size=64)
+)
+@settings(max_examples=200, deadline=None)
+def test_the_compiled_seal_is_the_documented_one(rs, pos, data):
+    from pydotcompute.rings.host_ops import ring_seal
+
+    buf = L.aligned_buffer(80)
+    buf[8:72] = np.frombuffer(data, np.uint8)
+    assert int(ring_seal(buf, 8, rs, pos)) & ((1 << 64) - 1) == _seal(pos, data[:rs])
+
+
+def test_a_pop_takes_only_sealed_slots():
+    """A consumer on a crossing ring finds records by their tags: a record whose tag
+    does not match (still being written, or torn) is not there yet; an old occupant
+    of the slot is not taken for a newer position."""
+    ring = HostRing(4, WORD, consumer_side=RingSide.DEVICE)
+    ring.push_batch(recs([1, 2], WORD))
+    b = ring.buffer
+    slot1 = 1024 + 24
+    b[slot1 + 8] ^= 1  # the record of position 1 changes after its tag was written
+    out = np.zeros(4, WORD)
+    assert ring_pop(b, out, 0, 4) == 1 and out["v"][0] == 1
+    assert ring_pop(b, out, 0, 4) == 0  # position 1 is not sealed
+    b[slot1 + 8] ^= 1
+    assert ring_pop(b, out, 0, 4) == 1 and out["v"][0] == 2
+    # Published (an index the consumer of a crossing ring does not need) says 2;
+    # position 4 would use slot 0, which holds position 0: not sealed for 4.
+    ring.push_batch(recs([3, 4], WORD))
+    assert ring_pop(b, out, 0, 4) == 2 and list(out["v"][:2]) == [3, 4]
+    assert ring_pop(b, out, 0, 4) == 0
+
+
+def test_a_producer_reads_the_consumers_index_only_when_short_of_room():
+    ring = HostRing(8, WORD)
+    ring.push_batch(recs(range(6), WORD))
+    assert words(ring, 264) == 0  # released_seen: not needed yet
+    ring.pop_batch(6)
+    ring.push_batch(recs(range(2), WORD))  # 8 - (6 - 0) = 2: fits by the cached 0
+    assert words(ring, 264) == 0
+    ring.push_batch(recs(range(3), WORD))  # short by the cache: reads released (6)
+    assert words(ring, 264) == 6
+    c = ring.counters()
+    assert c.published == 11 and c.high_water == 8 - 0  # vouched by the cached reading
 
 
 def test_worked_example_of_the_protocol_document():

@@ -29,6 +29,7 @@ from numba.core.registry import CPUDispatcher
 from pydotcompute.backends.base import FailureCallback, kernel_record_dtype
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.ring_fed import RingFedLoop
+from pydotcompute.backends.wakeup import ReplyWakeup
 from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelFailedError,
@@ -50,6 +51,7 @@ from pydotcompute.rings.host_ops import (
 )
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
 from pydotcompute.rings.layout import OFF_BACKPRESSURE, aligned_buffer
+from pydotcompute.rings.wake import wake_signal
 from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
 
 __all__ = ["CpuKernelLoop", "ControlBlock", "compile_kernel_loop"]
@@ -60,10 +62,13 @@ class ControlBlock:
 
     Each field sits on its own 128-byte line (offsets below are in bytes), so the
     host polling counters never contends with the workers' hot lines more than it
-    must. The state word is written by the host, everything else by the workers.
+    must. The state word is written by the host, everything else by the workers,
+    except the wake words (``rings.wake``) beside the state word, which a receiver
+    arms and the worker that publishes output disarms.
     """
 
     STATE = 0
+    WAKE = 8
     PROCESSED = 128
     EMITTED = 256
     DROPPED = 384
@@ -115,6 +120,7 @@ _IDLE_POLLS = ControlBlock.IDLE_POLLS
 _HEARTBEAT = ControlBlock.HEARTBEAT
 _ACTIVE = ControlBlock.ACTIVE
 _TERMINATE = ControlBlock.TERMINATE
+_WAKE = ControlBlock.WAKE // 8
 _SPIN_POLLS = 4096  # empty polls spent spinning (about 0.2 ms) before yielding the core
 _YIELD_POLLS = 8192  # then yielding to other threads, then sleeping between polls
 _IDLE_SLEEP_US = 200
@@ -164,6 +170,8 @@ def _compose(handler: Any, boundscheck: bool) -> Any:
             fetch_add(ctrl, _PROCESSED, got)
             fetch_add(ctrl, _HEARTBEAT, 1)
             placed = ring_push(out_buf, out_batch, 0, k)
+            if placed:
+                wake_signal(ctrl, _WAKE)  # a receiver asleep on the output ring
             if out_blocks:
                 spins = 0
                 while placed < k:
@@ -171,7 +179,10 @@ def _compose(handler: Any, boundscheck: bool) -> Any:
                         fetch_add(ctrl, _DROPPED, k - placed)
                         return
                     spins = backoff(min(spins, 300))
-                    placed += ring_push(out_buf, out_batch, placed * out_rs, k - placed)
+                    got = ring_push(out_buf, out_batch, placed * out_rs, k - placed)
+                    if got:
+                        wake_signal(ctrl, _WAKE)
+                    placed += got
             fetch_add(ctrl, _EMITTED, k)
             zero_bytes(out_batch, 0, k * out_rs)
 
@@ -267,7 +278,9 @@ class CpuKernelLoop(RingFedLoop):
         self._stopped = False
         self._launched_at = time.monotonic()
         self._active = ActiveTime()
-        self._attach_rings(self.in_ring, self.out_ring)
+        self._attach_rings(
+            self.in_ring, self.out_ring, ReplyWakeup(self.control.words, ControlBlock.WAKE // 8)
+        )
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -340,6 +353,7 @@ class CpuKernelLoop(RingFedLoop):
 
     def _report(self, exc: BaseException) -> None:
         self._active.pause()
+        self._wake_receivers()
         self.on_failure(exc)
 
     def set_active(self, active: bool) -> None:
@@ -354,6 +368,7 @@ class CpuKernelLoop(RingFedLoop):
     async def stop(self, timeout: float) -> None:
         self._stopped = True
         self._active.pause()
+        self._wake_receivers()
         self.control.set_state(ControlBlock.TERMINATE)
         deadline = time.monotonic() + timeout
         pause = 1e-4
@@ -367,6 +382,8 @@ class CpuKernelLoop(RingFedLoop):
             pause = min(pause * 2, 0.01)
         for t in self._threads:
             t.join()
+        if self._wakeup is not None:
+            self._wakeup.close()  # wakes receivers; no worker can signal any more
 
     # -- state and telemetry ---------------------------------------------------------
 

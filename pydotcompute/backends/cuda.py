@@ -15,11 +15,12 @@ Output order: FIFO with respect to the input ring (see ``cuda_loop``).
 
 Options read from ``config.extra``: ``threads`` (block size, default 128; 4 under
 the simulator), ``items_per_thread`` (records one thread handles per round, default
-8; 2 under the simulator: a block claims up to ``threads * items_per_thread``
-records at once), ``blocks`` (upper bound on the grid, default 8; the grid is the
-smaller of this, the number of SMs and what the occupancy calculator says fits at
-once)
-and ``idle_sleep_ns`` (longest ``nanosleep`` of an idle block, default 4000).
+4; 2 under the simulator: a block claims up to ``threads * items_per_thread``
+records at once, fewer when they do not fit its staging in shared memory),
+``blocks`` (upper bound on the grid, default 1; the grid is the smaller of this, the
+number of SMs and what the occupancy calculator says fits at once: extra blocks add
+compute, never pollers) and ``idle_sleep_ns`` (longest ``nanosleep`` of an idle
+agent, default 4000).
 
 Under the numba-cuda simulator (``NUMBA_ENABLE_CUDASIM=1``) the same loop runs on a
 host thread (the simulator launches synchronously), with one block.
@@ -38,6 +39,7 @@ import numpy as np
 from pydotcompute.backends.base import FailureCallback, kernel_record_dtype
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.ring_fed import RingFedLoop
+from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
 from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
@@ -46,16 +48,16 @@ from pydotcompute.errors import (
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
-from pydotcompute.rings.layout import HEADER_SIZE, RingSide, ring_nbytes
+from pydotcompute.rings.layout import RingSide, ring_nbytes
 from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
 
 __all__ = ["CudaKernelLoop", "MappedRing", "MappedControl", "require_cuda_backend"]
 
 _MONITOR_PERIOD_S = 0.005
-_DEFAULT_MAX_BLOCKS = 8
-"""Every block's leader polls the input ring's header across PCIe while idle; many
-pollers slow each other and the host's writes to that line (H200, one-record round
-trip p50: 10 us with 1 block, 13 us with 8, 255 us with one per SM, 132)."""
+_DEFAULT_MAX_BLOCKS = 1
+"""One block by default: it alone polls host memory (as the agent would in any grid),
+and an idle kernel then holds one SM's worth of resources at most. More blocks add
+compute for heavy handlers and large batches; they never add pollers."""
 
 
 def require_cuda_backend() -> bool:
@@ -118,8 +120,9 @@ def _device_view(mem: Any, host: np.ndarray, offset: int, count: int, dtype: np.
 
 
 class MappedRing:
-    """A ring in mapped pinned host memory: ``host`` (a ``HostRing``) for the host's
-    side, ``hdr`` and ``slots`` (device arrays over the same bytes) for the kernel's."""
+    """A crossing ring in mapped pinned host memory: ``host`` (a ``HostRing``) for the
+    host's side, ``words`` (an int64 device array over the same bytes, header and
+    slots) for the kernel's."""
 
     def __init__(
         self,
@@ -129,9 +132,8 @@ class MappedRing:
         producer_side: RingSide,
         consumer_side: RingSide,
     ) -> None:
-        from pydotcompute.backends.cuda_loop import slot_dtype
-
-        self.mem, buf = _mapped_bytes(ring_nbytes(capacity, dtype.itemsize))
+        nbytes = ring_nbytes(capacity, dtype.itemsize, crossing=True)
+        self.mem, buf = _mapped_bytes(nbytes)
         self.host = HostRing(
             capacity,
             dtype,
@@ -140,8 +142,7 @@ class MappedRing:
             producer_side=producer_side,
             consumer_side=consumer_side,
         )
-        self.hdr = _device_view(self.mem, buf, 0, HEADER_SIZE // 8, np.dtype(np.int64))
-        self.slots = _device_view(self.mem, buf, HEADER_SIZE, capacity, slot_dtype(dtype))
+        self.words = _device_view(self.mem, buf, 0, nbytes // 8, np.dtype(np.int64))
 
 
 class MappedControl:
@@ -201,7 +202,7 @@ class CudaKernelLoop(RingFedLoop):
         self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cuda")
         extra = config.extra
         self.threads = _positive(extra, "threads", 4 if self.simulator else 128)
-        self.items = _positive(extra, "items_per_thread", 2 if self.simulator else 8)
+        self.items = _positive(extra, "items_per_thread", 2 if self.simulator else 4)
         self.max_blocks = extra.get("blocks")
         if self.max_blocks is not None:
             self.max_blocks = _positive(extra, "blocks", 1)
@@ -221,12 +222,12 @@ class CudaKernelLoop(RingFedLoop):
         self.control: MappedControl | None = None
         self._side: Any = None
         self._d_state: Any = None
-        self._d_zero: Any = None
         self._stream: Any = None
         self._copy_stream: Any = None
         self._done_event: Any = None
         self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
+        self._watcher: OutputWatcher | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
         self._stopped = False
@@ -236,7 +237,7 @@ class CudaKernelLoop(RingFedLoop):
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        from pydotcompute.backends.cuda_loop import SideWords, compile_loop
+        from pydotcompute.backends.cuda_loop import ControlWords, SideWords, compile_loop
 
         cfg = self.config
         # REJECT protects senders into the kernel; the kernel's own output waits.
@@ -259,7 +260,10 @@ class CudaKernelLoop(RingFedLoop):
             RingSide.DEVICE,
             RingSide.HOST,
         )
-        self._attach_rings(self.in_ring.host, self.out_ring.host)
+        # The GPU cannot wake a receiver asleep on the event loop: a watcher thread
+        # polls the output ring for it, only while a receiver is asleep.
+        wakeup = ReplyWakeup()
+        self._attach_rings(self.in_ring.host, self.out_ring.host, wakeup)
         self.control = MappedControl()
         try:
             self.kernel = await asyncio.to_thread(
@@ -282,13 +286,11 @@ class CudaKernelLoop(RingFedLoop):
             self.failure = err
             raise err from exc
         cuda = _cuda()
-        side = np.zeros(SideWords.NWORDS, np.int64)
-        # Device-side counters start from the shared indices they shadow (3.1).
-        in_c = self.in_ring.host.counters()
-        side[SideWords.IN_CLAIM] = side[SideWords.IN_RELEASED] = in_c.released
-        side[SideWords.OUT_PUBLISHED] = self.out_ring.host.counters().published
-        out_zero = np.zeros(1, self.out_ring.slots.dtype)
-        args_host = (side, self.state, out_zero)
+        # The kernel's own words start from the rings' indices and counters (3.1).
+        side = SideWords.initial(
+            self.in_ring.host, self.out_ring.host, self.control[ControlWords.STATE]
+        )
+        args_host = (side, self.state)
         if self.simulator:
             from numba.cuda.simulator.kernel import _get_kernel_context
 
@@ -297,11 +299,10 @@ class CudaKernelLoop(RingFedLoop):
                     "the numba-cuda simulator runs one kernel at a time in a process; "
                     "terminate the running cuda kernel first (a GPU has no such limit)"
                 )
-            self._side, self._d_state, self._d_zero = (cuda.to_device(a) for a in args_host)
+            self._side, self._d_state = (cuda.to_device(a) for a in args_host)
             self.blocks = 1
             self._thread = threading.Thread(
                 target=self._run_simulated,
-                args=(self._d_zero,),
                 name=f"pydotcompute-cuda-sim-{self.kernel_id}",
                 daemon=True,
             )
@@ -311,11 +312,14 @@ class CudaKernelLoop(RingFedLoop):
             self._copy_stream = _non_blocking_stream()
             # Every device buffer the kernel uses is held here for its whole life: a
             # buffer freed while the persistent kernel runs would be used after free.
-            self._side, self._d_state, self._d_zero = (
-                cuda.to_device(a, stream=self._stream) for a in args_host
-            )
+            self._side, self._d_state = (cuda.to_device(a, stream=self._stream) for a in args_host)
+            self._stream.synchronize()  # the copies are done before the kernel runs
             self.blocks = self._grid_size()
-            self._launch(self._d_zero)
+            self._launch()
+        self._watcher = OutputWatcher(
+            wakeup, self.out_ring.host.buffer, f"pydotcompute-cuda-watch-{self.kernel_id}"
+        )
+        self._watcher.start()
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
 
     def _grid_size(self) -> int:
@@ -331,32 +335,29 @@ class CudaKernelLoop(RingFedLoop):
         sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
         return min(fits, sms, self.max_blocks or _DEFAULT_MAX_BLOCKS)
 
-    def _args(self, d_zero: Any, max_iterations: int) -> tuple[Any, ...]:
+    def _args(self, max_iterations: int) -> tuple[Any, ...]:
         assert self.in_ring and self.out_ring and self.control
         return (
-            self.in_ring.hdr,
-            self.in_ring.slots,
-            self.out_ring.hdr,
-            self.out_ring.slots,
+            self.in_ring.words,
+            self.out_ring.words,
             self.control.device,
             self._side,
             self._d_state,
-            d_zero,
             max_iterations,
         )
 
-    def _launch(self, d_zero: Any) -> None:
+    def _launch(self) -> None:
         from pydotcompute.backends.resident import launched
 
         cuda = _cuda()
-        self.kernel[self.blocks, self.threads, self._stream](*self._args(d_zero, 0))
+        self.kernel[self.blocks, self.threads, self._stream](*self._args(0))
         self._done_event = event = cuda.event(timing=False)
         event.record(self._stream)
         launched(self, self.kernel_id, cuda.get_current_device().id, event.query)
 
-    def _run_simulated(self, d_zero: Any) -> None:
+    def _run_simulated(self) -> None:
         try:
-            self.kernel[1, self.threads](*self._args(d_zero, 0))
+            self.kernel[1, self.threads](*self._args(0))
         except BaseException as exc:  # kept and reported by the monitor: never swallowed
             self._thread_error = exc
 
@@ -408,6 +409,7 @@ class CudaKernelLoop(RingFedLoop):
                 words[W.ERROR_CODE] = W.ERR_HANDLER
             self.control.set_state(W.TERMINATE)  # the other blocks stop too
         self._active.pause()
+        self._wake_receivers()
         self.on_failure(exc)
 
     def set_active(self, active: bool) -> None:
@@ -426,6 +428,10 @@ class CudaKernelLoop(RingFedLoop):
 
         self._stopped = True
         self._active.pause()
+        self._wake_receivers()
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         if self.control is None:
             return
         self.control.set_state(ControlWords.TERMINATE)
@@ -458,8 +464,14 @@ class CudaKernelLoop(RingFedLoop):
                 fault = exc
         if fault is None:
             fault = self._device_error()
+        if not self.simulator:
+            from pydotcompute.backends.resident import exited
+
+            exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None and self.failure is None:
             self._fail(fault)
+        if self._wakeup is not None:
+            self._wakeup.close()
 
     # -- state and telemetry ---------------------------------------------------------
 

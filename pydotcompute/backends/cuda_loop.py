@@ -2,32 +2,40 @@
 
 ``compose_loop`` turns ``def handler(msg, out, state) -> bool`` (the same source the
 ``cpu`` backend runs) into a numba-cuda device function and wraps it in a kernel
-that is launched once and then, until the host writes TERMINATE into the control
-block:
+that is launched once and runs until the host writes TERMINATE into the control
+block. The rings follow ``docs/ring-protocol.md`` version 2: their slots carry tags,
+so the read of a slot says whether its record is there.
 
-1. thread 0 of each block reads the command word; when ACTIVE it claims up to
-   ``threads`` input positions with a device-scope compare-and-swap on a claim
-   counter in device memory (never on the shared ring header);
-2. every thread copies one claimed record out of the mapped input ring into its
-   local memory and calls the handler on it, with a zeroed local output record;
-3. thread 0 waits for its *turn* (the input ring's ``released`` index, shadowed in
-   device memory, equals its first claimed position), reserves room in the output
-   ring, the emitting threads write their outputs, and thread 0 publishes them and
-   then releases the input positions, which passes the turn to the next claim.
+**One agent polls.** Only warp 0 of block 0 reads host memory while waiting: each
+round it reads, in one coalesced read of whole words, the next slots of the input
+ring (up to 256 bytes) together with the ring's ``published`` index, and now and then
+the control block's state word. Records whose tags seal them, and everything below
+``published``, become *available*: the agent advances a word in device memory, and
+every block (block 0 included) claims ranges of available positions from it with a
+device-scope compare-and-swap. ``blocks`` adds compute, never pollers; idle blocks
+other than the agent wait on device memory.
 
-Because outputs are published in claim order, **the output ring is FIFO with respect
-to the input ring**, whatever the number of blocks and threads: the handlers of one
-batch run in parallel, only the copy-out is ordered. A record for which the handler
-returns False produces nothing.
+**Whole words, coalesced, staged.** A block copies its claim out of the mapped ring
+into shared memory with consecutive threads reading consecutive 8-byte words, every
+load issued before any is used; the agent's own poll already holds the first records,
+so a single record is handled after a single read across PCIe. The handler reads its
+record and writes its output in shared memory; outputs leave the same way, consecutive
+threads writing consecutive words of consecutive slots, each with its tag.
 
-Idle blocks back off with ``nanosleep`` (32 ns doubling up to ``idle_sleep_ns``;
-paused blocks up to 100 us).
-Counters live in device memory (``side``, device-scope atomics) and are mirrored
-into the mapped control block by single writers: the turn holder for the message
-counters, block 0 for heartbeat and idle polls, the last block to exit for all.
+**Outputs in claim order.** After its handlers, a block waits for its *turn* (a word in
+device memory that says how far the input has been handled in order), reserves its
+output positions, stores the input ring's ``released`` (one ``st.release.sys`` per
+batch) and passes the turn on: the turn is held for a few device-memory operations,
+not across a copy or a fence (only a full output ring, under BLOCK, makes it wait).
+Then it writes its outputs. The output ring is therefore **FIFO with respect to the
+input ring**, whatever the number of blocks and threads, and needs no fence: the host
+takes an output once its tag seals it.
 
-``max_iterations`` > 0 bounds the number of loop iterations of each block; it exists
-for the simulator, which launches synchronously. Zero means run until TERMINATE.
+Counters live in device memory and are mirrored into the control block and the ring
+headers by the agent about once a millisecond, and by the last block to exit.
+
+``max_iterations`` > 0 bounds the number of rounds of each block; it exists for the
+simulator, which launches synchronously. Zero means run until TERMINATE.
 """
 
 from __future__ import annotations
@@ -38,26 +46,37 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from numba import cuda, from_dtype
+from numba import cuda
 
 from pydotcompute.backends.cpu import ControlBlock as _Layout
+from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.rings.device import (
+    HEADER_WORDS,
     RING_OK,
     SIMULATOR,
+    TAG_WORDS,
     W_BACKPRESSURE,
+    W_DEQUEUED,
     W_DROP_BEFORE,
+    W_DROPPED_NEWEST,
+    W_DROPPED_OLDEST,
+    W_ENQUEUED,
+    W_HIGH_WATER,
+    W_PUBLISHED,
+    W_RELEASED,
+    global_ns,
+    load_acquire_sys,
     load_gpu,
-    load_sys,
+    load_relaxed_sys,
     pause,
-    publish_sys,
+    records_view,
     ring_check,
-    ring_claim,
-    ring_publish,
-    ring_release,
-    ring_room,
-    ring_stale,
-    store_sys,
+    seal_words,
+    store_gpu,
+    store_relaxed_sys,
+    store_release_sys,
 )
+from pydotcompute.rings.layout import TAG_SIZE
 
 __all__ = [
     "ControlWords",
@@ -65,6 +84,7 @@ __all__ = [
     "compose_loop",
     "compile_loop",
     "slot_dtype",
+    "loop_shape",
     "ERROR_TEXT",
 ]
 
@@ -92,20 +112,25 @@ class ControlWords:
     ERR_HANDLER = _Layout.ERR_HANDLER
     """The handler faulted (a CUDA error on the stream, or an exception in the simulator)."""
     ERR_INPUT_RING = 20
-    """Plus a ``RING_BAD_*`` code: the input ring's header is not what was compiled for."""
+    """Plus a ``RING_BAD_*`` code: the input ring's header is not what was compiled for;
+    plus 4: a record below ``published`` never matched its tag."""
     ERR_OUTPUT_RING = 30
     """Plus a ``RING_BAD_*`` code: the same for the output ring."""
     ERR_BLOCK_SIZE = 40
     """Launched with a block size other than the one the loop was compiled for."""
 
 
+ERR_INPUT_SEAL = ControlWords.ERR_INPUT_RING + 4
+
 ERROR_TEXT = {
     ControlWords.ERR_HANDLER: "the handler faulted",
-    ControlWords.ERR_INPUT_RING + 1: "the input ring's header is not a version-1 ring",
+    ControlWords.ERR_INPUT_RING + 1: "the input ring's header is not a version-2 ring",
     ControlWords.ERR_INPUT_RING + 2: "the input ring's capacity or record size is not "
     "the one the loop was compiled for",
     ControlWords.ERR_INPUT_RING + 3: "the input ring is not host-to-device",
-    ControlWords.ERR_OUTPUT_RING + 1: "the output ring's header is not a version-1 ring",
+    ERR_INPUT_SEAL: "a record of the input ring never matched its tag (a producer that "
+    "does not follow the ring protocol)",
+    ControlWords.ERR_OUTPUT_RING + 1: "the output ring's header is not a version-2 ring",
     ControlWords.ERR_OUTPUT_RING + 2: "the output ring's capacity or record size is not "
     "the one the loop was compiled for",
     ControlWords.ERR_OUTPUT_RING + 3: "the output ring is not device-to-host",
@@ -114,18 +139,50 @@ ERROR_TEXT = {
 
 
 class SideWords:
-    """Word indices of the device-side words (device memory, owned by the kernel)."""
+    """Word indices of the kernel's own words (device memory). ``initial`` fills them
+    from the rings before a launch (protocol 3.1)."""
 
-    IN_CLAIM = 0
-    IN_RELEASED = 1  # then dequeued, dropped_oldest (see ring_release)
-    OUT_PUBLISHED = 4  # then enqueued, dropped_newest, high_water (see ring_publish)
+    AVAIL = 0  # input positions known complete (the agent advances it)
+    CLAIM = 1  # next input position to claim
+    IN_DONE = 2  # input handled and released in claim order: the output turn
+    OUT_NEXT = 3  # next output position to reserve (the turn holder's)
+    OUT_SEEN = 4  # last reading of the output ring's released
+    COMMAND = 5  # the host's state word, as the agent last read it
+    DROP_BEFORE = 6  # the input ring's drop_before, as the agent last read it
+    OUT_DROP_BEFORE = 7  # the output ring's drop_before, as raised by the kernel
     PROCESSED = 8
     EMITTED = 9
     DROPPED = 10
     IDLE_POLLS = 11
     EXITED = 12
     ERROR_CODE = 13
-    NWORDS = 16
+    IN_DEQUEUED = 14
+    IN_DROPPED_OLDEST = 15
+    OUT_PUBLISHED = 16
+    OUT_ENQUEUED = 17
+    OUT_DROPPED_NEWEST = 18
+    OUT_HIGH_WATER = 19
+    MIRRORED_AT = 20
+    HEARTBEAT = 21
+    NWORDS = 32
+
+    @classmethod
+    def initial(cls, in_ring: Any, out_ring: Any, command: int) -> np.ndarray:
+        """The words for a launch on these rings (``HostRing`` views of them)."""
+        w = np.zeros(cls.NWORDS, np.int64)
+        inc, outc = in_ring.counters(), out_ring.counters()
+        w[cls.AVAIL] = w[cls.CLAIM] = w[cls.IN_DONE] = inc.released
+        w[cls.OUT_NEXT] = w[cls.OUT_PUBLISHED] = outc.published
+        w[cls.OUT_SEEN] = outc.released
+        w[cls.COMMAND] = command
+        w[cls.DROP_BEFORE] = inc.drop_before
+        w[cls.OUT_DROP_BEFORE] = outc.drop_before
+        w[cls.IN_DEQUEUED] = inc.dequeued
+        w[cls.IN_DROPPED_OLDEST] = inc.dropped_oldest
+        w[cls.OUT_ENQUEUED] = outc.enqueued
+        w[cls.OUT_DROPPED_NEWEST] = outc.dropped_newest
+        w[cls.OUT_HIGH_WATER] = outc.high_water
+        return w
 
 
 # Plain ints for device code (numba cannot read class attributes there).
@@ -141,67 +198,72 @@ _C_IDLE_POLLS = ControlWords.IDLE_POLLS
 _C_PROCESSED = ControlWords.PROCESSED
 _C_STATE = ControlWords.STATE
 _C_TERMINATE = ControlWords.TERMINATE
-_S_DROPPED = SideWords.DROPPED
-_S_EMITTED = SideWords.EMITTED
-_S_ERROR_CODE = SideWords.ERROR_CODE
-_S_EXITED = SideWords.EXITED
-_S_IDLE_POLLS = SideWords.IDLE_POLLS
-_S_IN_CLAIM = SideWords.IN_CLAIM
-_S_IN_RELEASED = SideWords.IN_RELEASED
-_S_OUT_PUBLISHED = SideWords.OUT_PUBLISHED
+_S_AVAIL = SideWords.AVAIL
+_S_CLAIM = SideWords.CLAIM
+_S_IN_DONE = SideWords.IN_DONE
+_S_OUT_NEXT = SideWords.OUT_NEXT
+_S_OUT_SEEN = SideWords.OUT_SEEN
+_S_COMMAND = SideWords.COMMAND
+_S_DROP_BEFORE = SideWords.DROP_BEFORE
+_S_OUT_DROP_BEFORE = SideWords.OUT_DROP_BEFORE
 _S_PROCESSED = SideWords.PROCESSED
+_S_EMITTED = SideWords.EMITTED
+_S_DROPPED = SideWords.DROPPED
+_S_IDLE_POLLS = SideWords.IDLE_POLLS
+_S_EXITED = SideWords.EXITED
+_S_ERROR_CODE = SideWords.ERROR_CODE
+_S_IN_DEQUEUED = SideWords.IN_DEQUEUED
+_S_IN_DROPPED_OLDEST = SideWords.IN_DROPPED_OLDEST
+_S_OUT_PUBLISHED = SideWords.OUT_PUBLISHED
+_S_OUT_ENQUEUED = SideWords.OUT_ENQUEUED
+_S_OUT_DROPPED_NEWEST = SideWords.OUT_DROPPED_NEWEST
+_S_OUT_HIGH_WATER = SideWords.OUT_HIGH_WATER
+_S_MIRRORED_AT = SideWords.MIRRORED_AT
+_S_HEARTBEAT = SideWords.HEARTBEAT
 _BLOCK = 0
 _DROP_OLDEST = 2
 _DROP_NEWEST = 3
-_FIRST_SLEEP_NS = 32
-_PAUSED_SLEEP_NS = 100_000  # a paused block polls rarely: reactivation may take 0.1 ms
+_MIRROR_PERIOD_NS = 1_000_000  # counters reach the host about once a millisecond
+_SPIN_ROUNDS = 64  # idle polls without a pause (each is a PCIe round trip, ~1 us)
+_FIRST_SLEEP_NS = 256
+_WORKER_FIRST_SLEEP_NS = 32
+_PAUSED_SLEEP_NS = 100_000  # a paused agent polls rarely: reactivation may take 0.1 ms
+_STATE_EVERY = 8  # a busy agent reads the state word every 8th round
 _OUT_WAIT_POLLS = 4096  # DROP_OLDEST output: polls waiting for the host to skip stale
-
-
-@cuda.jit(device=True)
-def output_fit(out_hdr, ctrl, r, remaining, cap, strategy):  # type: ignore[no-untyped-def]
-    """How many of ``remaining`` outputs to place at position ``r`` now, and how many
-    to give up: ``(fit, lost)``. BLOCK waits for room (gives up only on TERMINATE);
-    DROP_NEWEST drops what does not fit; DROP_OLDEST raises the ``drop_before``
-    watermark so the host skips stale outputs (6.3.2), waits a bounded number of
-    polls, then drops the rest as newest. Places what fits when some room is free."""
-    polls = 0
-    while True:
-        room = ring_room(out_hdr, r, cap)
-        if room >= remaining:
-            return remaining, 0
-        if strategy == _DROP_NEWEST:
-            return room, remaining - room
-        if room > 0:
-            return room, 0
-        if load_sys(ctrl, _C_STATE) == _C_TERMINATE or (
-            strategy == _DROP_OLDEST and polls >= _OUT_WAIT_POLLS
-        ):
-            return 0, remaining
-        if strategy == _DROP_OLDEST:
-            want = r + (remaining if remaining < cap else cap) - cap
-            if want > out_hdr[W_DROP_BEFORE]:
-                publish_sys(out_hdr, W_DROP_BEFORE, want)
-        polls += 1
-        pause(1024)
+_SEAL_RETRIES = 1000  # re-reads of a record below `published` before it is an error
+_WINDOW_WORDS = 32  # the agent's poll: 256 bytes of slots
+_STAGING_BYTES = 40 * 1024  # shared memory for staged records, inputs and outputs
+_POLL_LANES = 32
 
 
 def slot_dtype(dtype: np.dtype) -> np.dtype:
-    """The record dtype widened to the ring's slot size (a multiple of 8 bytes), so the
-    slots of a ring can be viewed as one record array; fields are unchanged."""
-    size = (dtype.itemsize + 7) & ~7
-    if size == dtype.itemsize:
-        return dtype
+    """The record dtype as it sits in a slot of a crossing ring: its fields after the
+    8-byte tag, the whole slot a multiple of 8 bytes; field names and types unchanged.
+    A handler's ``msg`` and ``out`` are records of this dtype."""
+    size = TAG_SIZE + ((dtype.itemsize + 7) & ~7)
     fields: dict[str, Any] = dict(dtype.fields or {})
     names = list(dtype.names or ())
     return np.dtype(
         {
             "names": names,
             "formats": [fields[n][0] for n in names],
-            "offsets": [fields[n][1] for n in names],
+            "offsets": [TAG_SIZE + fields[n][1] for n in names],
             "itemsize": size,
         }
     )
+
+
+def loop_shape(in_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: int) -> int:
+    """Records a block takes per round: ``threads * items``, as many as fit the block's
+    staging in shared memory. Raises for records too large to stage at all."""
+    per_slot = slot_dtype(in_dtype).itemsize + slot_dtype(out_dtype).itemsize + 8
+    fits = _STAGING_BYTES // per_slot
+    if fits < 1:
+        raise InvalidConfigurationError(
+            f"records of {in_dtype.itemsize} and {out_dtype.itemsize} bytes do not fit the "
+            f"cuda loop's {_STAGING_BYTES} bytes of staging in shared memory"
+        )
+    return max(1, min(threads * items, fits))
 
 
 def compose_loop(
@@ -214,64 +276,134 @@ def compose_loop(
 ) -> Any:
     """The persistent kernel around ``handler`` (a Python function), not yet compiled.
 
-    Arguments of the kernel: ``in_hdr``/``out_hdr`` (int64 views of the ring headers),
-    ``in_slots``/``out_slots`` (record views of the slots), ``ctrl`` (int64 control
-    block), ``side`` (int64 device words), ``state`` (the handler's state array),
-    ``out_zero`` (one zeroed output record) and ``max_iterations``. Rings, ``ctrl``
-    in mapped host memory; ``side``, ``state`` and ``out_zero`` in device memory.
+    Arguments of the kernel: ``in_words``/``out_words`` (int64 views of the whole ring
+    buffers, in mapped host memory), ``ctrl`` (int64 control block, mapped), ``side``
+    (``SideWords``, device memory), ``state`` (the handler's state array, device memory)
+    and ``max_iterations``.
     """
     device_handler = cuda.jit(device=True)(handler)
     in_slot, out_slot = slot_dtype(in_dtype), slot_dtype(out_dtype)
-    in_rec: Any = in_slot if SIMULATOR else from_dtype(in_slot)
-    out_rec: Any = out_slot if SIMULATOR else from_dtype(out_slot)
-    in_rs, in_ss = in_dtype.itemsize, in_slot.itemsize
-    out_rs, out_ss = out_dtype.itemsize, out_slot.itemsize
+    in_view, out_view = records_view(in_slot), records_view(out_slot)
+    in_rs, out_rs = in_dtype.itemsize, out_dtype.itemsize
+    in_sw, out_sw = in_slot.itemsize // 8, out_slot.itemsize // 8
     nthreads = threads
-    per_round = threads * items
+    per_round = loop_shape(in_dtype, out_dtype, threads, items)
+    items_t = (per_round + threads - 1) // threads  # records per thread and round
+    lanes = min(_POLL_LANES, threads)
+    win_slots = max(1, min(_WINDOW_WORDS // in_sw, per_round))
+    win_words = win_slots * in_sw
+    win_per_lane = (win_words + lanes - 1) // lanes
+    in_per_thread = (per_round * in_sw + threads - 1) // threads
+    out_per_thread = (per_round * out_sw + threads - 1) // threads
+    stage_in_words = per_round * in_sw
+    stage_out_words = per_round * out_sw
     max_sleep = idle_sleep_ns
-    on_gpu = not SIMULATOR
+    lane_drop = 1 % lanes
+    lane_state = 2 % lanes
 
-    def ring_loop(
-        in_hdr, in_slots, out_hdr, out_slots, ctrl, side, state, out_zero, max_iterations
-    ):  # type: ignore[no-untyped-def]
+    def ring_loop(in_words, out_words, ctrl, side, state, max_iterations):  # type: ignore[no-untyped-def]
         tid = cuda.threadIdx.x
         lead = tid == 0
-        # shared: 0 action (<0 exit, 0 nothing, >0 claimed count), 1 first position,
-        # 2 stale count, 3 output start, 4 outputs placed now, 5 last chunk
-        sh = cuda.shared.array(6, np.int64)
+        agent = cuda.blockIdx.x == 0
+        # Orders the leader gives its block, and what the agent's lanes read:
+        # 0 action (<0 exit, 0 nothing, >0 claimed count), 1 first position, 2 stale,
+        # 3 use the poll window, 4 output position, 5 outputs placed now, 6 last chunk,
+        # 7 a seal failed, 8 published, 9 drop_before, 10 state word, 11 sealed in the
+        # window, 12 window start, 13 read the state word this round
+        sh = cuda.shared.array(16, np.int64)
+        stage_in = cuda.shared.array(stage_in_words, np.int64)
+        stage_out = cuda.shared.array(stage_out_words, np.int64)
+        flags = cuda.shared.array(per_round, np.int32)
+        emit_src = cuda.shared.array(per_round, np.int32)
         scan = cuda.shared.array(nthreads, np.int32)
-        msg = cuda.local.array(1, in_rec)
-        out = cuda.local.array(items, out_rec)
-        flags = cuda.local.array(items, np.int32)
-        in_cap = in_slots.shape[0]
-        out_cap = out_slots.shape[0]
+        win_ok = cuda.shared.array(win_slots, np.int32)
+        held = cuda.local.array(in_per_thread, np.int64)
+        held_out = cuda.local.array(out_per_thread, np.int64)
+        held_win = cuda.local.array(win_per_lane, np.int64)
+        in_recs = in_view(stage_in)
+        out_recs = out_view(stage_out)
+        in_cap = (in_words.shape[0] - HEADER_WORDS) // in_sw
+        out_cap = (out_words.shape[0] - HEADER_WORDS) // out_sw
+        in_mask = in_cap - 1
+        out_mask = out_cap - 1
         if lead:
             code = 0
             if cuda.blockDim.x != nthreads:
                 code = _C_ERR_BLOCK_SIZE
             else:
-                chk = ring_check(in_hdr, in_cap, in_rs, in_ss, 0, 1)
+                chk = ring_check(in_words, in_cap, in_rs, in_sw * 8, 0, 1)
                 if chk != RING_OK:
                     code = _C_ERR_INPUT_RING + chk
                 else:
-                    chk = ring_check(out_hdr, out_cap, out_rs, out_ss, 1, 0)
+                    chk = ring_check(out_words, out_cap, out_rs, out_sw * 8, 1, 0)
                     if chk != RING_OK:
                         code = _C_ERR_OUTPUT_RING + chk
             sh[0] = code
             if code != 0:
-                side[_S_ERROR_CODE] = code
-                publish_sys(ctrl, _C_ERROR_CODE, code)
+                store_gpu(side, _S_ERROR_CODE, code)
+                store_release_sys(ctrl, _C_ERROR_CODE, code)
+            else:
+                sh[14] = load_relaxed_sys(out_words, W_BACKPRESSURE)
+                sh[15] = load_relaxed_sys(in_words, W_BACKPRESSURE)
         cuda.syncthreads()
         k = -1 if sh[0] != 0 else 0
+        out_strategy = sh[14]
+        in_drop_oldest = sh[15] == _DROP_OLDEST
         cuda.syncthreads()
-        out_strategy = out_hdr[W_BACKPRESSURE]
-        in_drop_oldest = in_hdr[W_BACKPRESSURE] == _DROP_OLDEST
-        idle_sleep = 0
+        idle = 0
+        sleep = 0
         iteration = 0
         while k >= 0:
-            # -- 1. the leader decides what this block does this round
+            base = 0
+            k0 = 0
+            # -- 1. the agent polls: warp 0 reads the next slots and the indices
+            if agent:
+                if lead:
+                    sh[12] = load_gpu(side, _S_AVAIL)
+                    sh[13] = 1 if (iteration % _STATE_EVERY == 0 or idle > 0) else 0
+                cuda.syncthreads()
+                base = sh[12]
+                if tid < lanes:
+                    for j in range(win_per_lane):  # every load issued before any use
+                        i = tid + j * lanes
+                        if i < win_words:
+                            s = i // in_sw
+                            at = HEADER_WORDS + ((base + s) & in_mask) * in_sw + (i - s * in_sw)
+                            held_win[j] = load_relaxed_sys(in_words, at)
+                    if tid == 0:
+                        sh[8] = load_acquire_sys(in_words, W_PUBLISHED)
+                    if tid == lane_drop and in_drop_oldest:
+                        sh[9] = load_acquire_sys(in_words, W_DROP_BEFORE)
+                    if tid == lane_state and sh[13] != 0:
+                        sh[10] = load_acquire_sys(ctrl, _C_STATE)
+                    for j in range(win_per_lane):
+                        i = tid + j * lanes
+                        if i < win_words:
+                            stage_in[i] = held_win[j]
+                cuda.syncthreads()
+                i = tid
+                while i < win_slots:
+                    at = i * in_sw
+                    ok = stage_in[at] == seal_words(stage_in, at + TAG_WORDS, in_rs, base + i)
+                    win_ok[i] = 1 if ok else 0
+                    i += nthreads
+                cuda.syncthreads()
+                if lead:
+                    while k0 < win_slots and win_ok[k0] != 0:
+                        k0 += 1
+                    sh[11] = k0
+                    avail = base + k0
+                    if sh[8] > avail:
+                        avail = sh[8]
+                    if avail > base:
+                        store_gpu(side, _S_AVAIL, avail)
+                    if sh[13] != 0 and sh[10] != load_gpu(side, _S_COMMAND):
+                        store_gpu(side, _S_COMMAND, sh[10])
+                    if in_drop_oldest and sh[9] > load_gpu(side, _S_DROP_BEFORE):
+                        store_gpu(side, _S_DROP_BEFORE, sh[9])
+            # -- 2. the leader claims available positions for its block
             if lead:
-                command = load_sys(ctrl, _C_STATE)
+                command = load_gpu(side, _S_COMMAND)
                 k = 0
                 c = 0
                 stale = 0
@@ -282,54 +414,111 @@ def compose_loop(
                 ):
                     k = -1
                 else:
-                    c, k = ring_claim(in_hdr, side, _S_IN_CLAIM, per_round, command != _C_ACTIVE)
-                    if k > 0 and in_drop_oldest:  # only then can records be stale
-                        stale = ring_stale(in_hdr, c, k)
+                    c = load_gpu(side, _S_CLAIM)
+                    while True:
+                        limit = load_gpu(side, _S_AVAIL)
+                        dropped = load_gpu(side, _S_DROP_BEFORE)
+                        if command != _C_ACTIVE and dropped < limit:
+                            limit = dropped  # paused: only discard what is stale
+                        avail = limit - c
+                        if avail <= 0:
+                            break
+                        k = per_round if avail > per_round else avail
+                        old = cuda.atomic.cas(side, _S_CLAIM, c, c + k)
+                        if old == c:
+                            stale = dropped - c
+                            if stale < 0:
+                                stale = 0
+                            if stale > k:
+                                stale = k
+                            break
+                        c = old
+                        k = 0
                 if k == 0:
-                    if command == _C_ACTIVE:
+                    if agent and command == _C_ACTIVE:
                         cuda.atomic.add(side, _S_IDLE_POLLS, 1)
-                    idle_sleep = _FIRST_SLEEP_NS if idle_sleep == 0 else idle_sleep * 2
-                    limit = max_sleep if command == _C_ACTIVE else _PAUSED_SLEEP_NS
-                    if idle_sleep > limit:
-                        idle_sleep = limit
-                else:
-                    idle_sleep = 0
-                if cuda.blockIdx.x == 0:
-                    store_sys(ctrl, _C_HEARTBEAT, iteration + 1)
-                    store_sys(ctrl, _C_IDLE_POLLS, cuda.atomic.add(side, _S_IDLE_POLLS, 0))
+                    idle += 1
+                    limit_ns = max_sleep if command == _C_ACTIVE else _PAUSED_SLEEP_NS
+                    if not agent:
+                        sleep = _WORKER_FIRST_SLEEP_NS if sleep == 0 else sleep * 2
+                    elif idle > _SPIN_ROUNDS or command != _C_ACTIVE:
+                        sleep = _FIRST_SLEEP_NS if sleep == 0 else sleep * 2
+                    if sleep > limit_ns:
+                        sleep = limit_ns
+                elif k > 0:
+                    idle = 0
+                    sleep = 0
                 sh[0] = k
                 sh[1] = c
                 sh[2] = stale
-                if idle_sleep > 0:
-                    pause(idle_sleep)
+                sh[3] = 1 if (agent and c == base and stale == 0 and k <= k0) else 0
+                sh[7] = 0
             cuda.syncthreads()
             k = sh[0]
             c = sh[1]
             stale = sh[2]
+            use_window = sh[3]
             # Everyone has read this round's orders before the leader writes the next.
             cuda.syncthreads()
             if k > 0:
-                # -- 2. every thread runs the handler on its `items` consecutive records
+                n = k - stale
+                first = c + stale
+                # -- 3. stage the claim in shared memory, as whole coalesced words
+                tries = 0
+                while n > 0:
+                    if use_window == 0:
+                        words = n * in_sw
+                        for j in range(in_per_thread):  # every load issued before any use
+                            i = tid + j * nthreads
+                            if i < words:
+                                s = i // in_sw
+                                at = HEADER_WORDS + ((first + s) & in_mask) * in_sw
+                                held[j] = load_relaxed_sys(in_words, at + i - s * in_sw)
+                        for j in range(in_per_thread):
+                            i = tid + j * nthreads
+                            if i < words:
+                                stage_in[i] = held[j]
+                        cuda.syncthreads()
+                        i = tid
+                        while i < n:
+                            at = i * in_sw
+                            if stage_in[at] != seal_words(
+                                stage_in, at + TAG_WORDS, in_rs, first + i
+                            ):
+                                sh[7] = 1
+                            i += nthreads
+                    cuda.syncthreads()
+                    if sh[7] == 0:
+                        break
+                    # Below `published` (or sealed before): it must seal when read again.
+                    tries += 1
+                    cuda.syncthreads()
+                    if lead:
+                        sh[7] = 0
+                        if tries >= _SEAL_RETRIES:
+                            store_gpu(side, _S_ERROR_CODE, ERR_INPUT_SEAL)
+                            store_release_sys(ctrl, _C_ERROR_CODE, ERR_INPUT_SEAL)
+                    cuda.syncthreads()
+                    if tries >= _SEAL_RETRIES:
+                        n = 0  # nothing unverified reaches a handler; the loop exits
+                        break
+                    use_window = 0
+                # -- 4. the handlers: thread t takes records t*items_t .. +items_t-1
                 count = 0
-                for j in range(items):
-                    i = tid * items + j
-                    emit = False
-                    if i >= stale and i < k:
-                        if on_gpu:
-                            # One pass of loads over PCIe; the handler reads local memory.
-                            msg[0] = in_slots[(c + i) & (in_cap - 1)]
-                            out[j] = out_zero[0]
-                            emit = device_handler(msg[0], out[j], state)
-                        else:
-                            # The simulator hands out records of kernel arguments
-                            # wrapped: read the slot in place, clear with numpy.
-                            out[j : j + 1] = 0
-                            rec = out.view(np.recarray)[j]  # takes attribute writes
-                            emit = device_handler(in_slots[(c + i) & (in_cap - 1)], rec, state)
-                    flags[j] = 1 if emit else 0
-                    count += flags[j]
+                for j in range(items_t):
+                    i = tid * items_t + j
+                    emit = 0
+                    if i < n:
+                        at = i * out_sw
+                        for w in range(out_sw):
+                            stage_out[at + w] = 0
+                        if device_handler(in_recs[i], out_recs[i], state):
+                            emit = 1
+                    if i < per_round:
+                        flags[i] = emit
+                    count += emit
                 # Block-wide inclusive prefix sum of the counts (Hillis-Steele): thread
-                # tid's outputs go to places scan[tid] - count .. scan[tid] - 1.
+                # tid's outputs take places scan[tid] - count .. scan[tid] - 1.
                 scan[tid] = count
                 cuda.syncthreads()
                 d = 1
@@ -339,68 +528,158 @@ def compose_loop(
                     scan[tid] += v
                     cuda.syncthreads()
                     d *= 2
-                base = scan[tid] - count
+                place = scan[tid] - count
                 m = scan[nthreads - 1]
-                # -- 3. in claim order: reserve output, write it, publish, release input
-                if lead:
-                    wait = 0
-                    while load_gpu(side, _S_IN_RELEASED) != c:
-                        wait = 1024 if wait >= 512 else wait * 2 + 32
-                        pause(wait)
-                # Outputs go out in chunks as room appears (a batch may exceed the ring).
+                for j in range(items_t):
+                    i = tid * items_t + j
+                    if i < n and flags[i] != 0:
+                        emit_src[place] = i
+                        place += 1
+                cuda.syncthreads()
+                # -- 5. in claim order: reserve outputs, release inputs, pass the turn
                 done = 0
+                lost_total = 0
+                r = 0
+                fit = 0
                 while True:
-                    fit = 0
-                    lost = 0
                     if lead:
-                        r = load_gpu(side, _S_OUT_PUBLISHED)
-                        fit, lost = output_fit(out_hdr, ctrl, r, m - done, out_cap, out_strategy)
-                        sh[3] = r
-                        sh[4] = fit
-                        sh[5] = 1 if done + fit + lost >= m else 0
+                        if done == 0:
+                            wait = 0
+                            while load_gpu(side, _S_IN_DONE) != c:
+                                wait = 1024 if wait >= 512 else wait * 2 + 32
+                                pause(wait)
+                        r = load_gpu(side, _S_OUT_NEXT)
+                        fit, lost = output_fit(
+                            out_words, ctrl, side, r, m - done, out_cap, out_strategy
+                        )
+                        store_gpu(side, _S_OUT_NEXT, r + fit)
+                        final = 1 if done + fit + lost >= m else 0
+                        if lost > 0:
+                            which = _S_DROPPED if out_strategy == _BLOCK else _S_OUT_DROPPED_NEWEST
+                            cuda.atomic.add(side, which, lost)
+                        if final:
+                            # The batch's reads are done: one release store for it.
+                            store_release_sys(in_words, W_RELEASED, c + k)
+                            store_gpu(side, _S_IN_DONE, c + k)  # the next claim's turn
+                        sh[4] = r
+                        sh[5] = fit
+                        sh[6] = final + 2 * lost
                     cuda.syncthreads()
-                    r = sh[3]
-                    chunk = sh[4]
-                    final = sh[5]
-                    place = base - done
-                    for j in range(items):
-                        if flags[j]:
-                            if place >= 0 and place < chunk:
-                                out_slots[(r + place) & (out_cap - 1)] = out[j]
-                            place += 1
+                    r = sh[4]
+                    fit = sh[5]
+                    final = sh[6] & 1
+                    lost = sh[6] >> 1
+                    # each output's tag, then every word of the outputs, coalesced
+                    i = tid
+                    while i < fit:
+                        at = emit_src[done + i] * out_sw
+                        stage_out[at] = seal_words(stage_out, at + TAG_WORDS, out_rs, r + i)
+                        i += nthreads
                     cuda.syncthreads()
-                    if lead:
-                        if lost > 0 and out_strategy == _BLOCK:
-                            # Only a terminating kernel gives up on a blocking output.
-                            dropped = side[_S_DROPPED] + lost
-                            side[_S_DROPPED] = dropped
-                            store_sys(ctrl, _C_DROPPED, dropped)
-                            lost = 0
-                        ring_publish(out_hdr, side, _S_OUT_PUBLISHED, r, fit, lost)
-                    done += chunk
+                    words = fit * out_sw
+                    for j in range(out_per_thread):  # every shared load before a store
+                        i = tid + j * nthreads
+                        if i < words:
+                            s = i // out_sw
+                            held_out[j] = stage_out[emit_src[done + s] * out_sw + i - s * out_sw]
+                    for j in range(out_per_thread):
+                        i = tid + j * nthreads
+                        if i < words:
+                            s = i // out_sw
+                            at = HEADER_WORDS + ((r + s) & out_mask) * out_sw + i - s * out_sw
+                            store_relaxed_sys(out_words, at, held_out[j])
+                    done += fit + lost
+                    lost_total += lost
+                    cuda.syncthreads()
                     if final:
                         break
                 if lead:
-                    processed = side[_S_PROCESSED] + (k - stale)
-                    side[_S_PROCESSED] = processed
-                    emitted = side[_S_EMITTED] + done
-                    side[_S_EMITTED] = emitted
-                    store_sys(ctrl, _C_PROCESSED, processed)
-                    store_sys(ctrl, _C_EMITTED, emitted)
-                    # A publish of this round (done > 0) fenced after all its reads.
-                    ring_release(in_hdr, side, _S_IN_RELEASED, c, k, stale, done > 0)
+                    placed = m - lost_total
+                    cuda.atomic.add(side, _S_PROCESSED, n)
+                    cuda.atomic.add(side, _S_IN_DEQUEUED, n)
+                    cuda.atomic.add(side, _S_IN_DROPPED_OLDEST, stale)
+                    cuda.atomic.add(side, _S_EMITTED, placed)
+                    cuda.atomic.add(side, _S_OUT_ENQUEUED, placed)
+                    cuda.atomic.add(side, _S_OUT_PUBLISHED, placed)
+                    if placed > 0:  # the depth this block can vouch for
+                        depth = r + fit - load_gpu(side, _S_OUT_SEEN)
+                        cuda.atomic.max(side, _S_OUT_HIGH_WATER, depth)
+            if lead:
+                if agent:
+                    store_gpu(side, _S_HEARTBEAT, iteration + 1)
+                    now = global_ns()
+                    if now - load_gpu(side, _S_MIRRORED_AT) >= _MIRROR_PERIOD_NS:
+                        store_gpu(side, _S_MIRRORED_AT, now)
+                        mirror(in_words, out_words, ctrl, side)
+                if k == 0 and sleep > 0:
+                    pause(sleep)
             iteration += 1
         # -- exit: the last block out mirrors every counter once more
         if lead:
             gone = cuda.atomic.add(side, _S_EXITED, 1) + 1
             if gone == cuda.gridDim.x:
-                store_sys(ctrl, _C_PROCESSED, side[_S_PROCESSED])
-                store_sys(ctrl, _C_EMITTED, side[_S_EMITTED])
-                store_sys(ctrl, _C_DROPPED, side[_S_DROPPED])
-                store_sys(ctrl, _C_IDLE_POLLS, side[_S_IDLE_POLLS])
-                cuda.threadfence_system()
+                mirror(in_words, out_words, ctrl, side)
 
     return ring_loop
+
+
+@cuda.jit(device=True)
+def mirror(in_words, out_words, ctrl, side):  # type: ignore[no-untyped-def]
+    """The kernel's counters into the control block and the ring headers (plain
+    stores: they are advisory, and each has one writer at a time)."""
+    store_relaxed_sys(ctrl, _C_PROCESSED, load_gpu(side, _S_PROCESSED))
+    store_relaxed_sys(ctrl, _C_EMITTED, load_gpu(side, _S_EMITTED))
+    store_relaxed_sys(ctrl, _C_DROPPED, load_gpu(side, _S_DROPPED))
+    store_relaxed_sys(ctrl, _C_IDLE_POLLS, load_gpu(side, _S_IDLE_POLLS))
+    store_relaxed_sys(ctrl, _C_HEARTBEAT, load_gpu(side, _S_HEARTBEAT))
+    store_relaxed_sys(in_words, W_DEQUEUED, load_gpu(side, _S_IN_DEQUEUED))
+    store_relaxed_sys(in_words, W_DROPPED_OLDEST, load_gpu(side, _S_IN_DROPPED_OLDEST))
+    store_relaxed_sys(out_words, W_PUBLISHED, load_gpu(side, _S_OUT_PUBLISHED))
+    store_relaxed_sys(out_words, W_ENQUEUED, load_gpu(side, _S_OUT_ENQUEUED))
+    store_relaxed_sys(out_words, W_DROPPED_NEWEST, load_gpu(side, _S_OUT_DROPPED_NEWEST))
+    store_relaxed_sys(out_words, W_HIGH_WATER, load_gpu(side, _S_OUT_HIGH_WATER))
+
+
+@cuda.jit(device=True)
+def output_fit(out_words, ctrl, side, r, want, cap, strategy):  # type: ignore[no-untyped-def]
+    """(The caller holds the turn; the words it reads were written by earlier turn
+    holders on other multiprocessors, hence device-scope loads, never L1-cached ones.)
+
+    How many of ``want`` outputs to place at position ``r`` now, and how many to
+    give up: ``(fit, lost)``. Room is judged from the kernel's last reading of the
+    output ring's ``released``, read again only when that looks short. BLOCK waits for
+    room (gives up only on TERMINATE, read from the host's own word: the agent may be
+    the block waiting here); DROP_NEWEST drops what does not fit; DROP_OLDEST raises
+    the ``drop_before`` watermark so the host skips stale outputs (6.3.2), waits a
+    bounded number of polls, then drops the rest as newest. Places what fits when
+    some room is free."""
+    polls = 0
+    seen = load_gpu(side, _S_OUT_SEEN)
+    while True:
+        room = cap - (r - seen)
+        if room < want:
+            fresh = load_acquire_sys(out_words, W_RELEASED)
+            if fresh > seen:
+                seen = fresh
+                store_gpu(side, _S_OUT_SEEN, seen)
+            room = cap - (r - seen)
+        if room >= want:
+            return want, 0
+        if strategy == _DROP_NEWEST:
+            return room, want - room
+        if room > 0:
+            return room, 0
+        if load_acquire_sys(ctrl, _C_STATE) == _C_TERMINATE or (
+            strategy == _DROP_OLDEST and polls >= _OUT_WAIT_POLLS
+        ):
+            return 0, want
+        if strategy == _DROP_OLDEST:
+            mark = r + (want if want < cap else cap) - cap
+            if mark > load_gpu(side, _S_OUT_DROP_BEFORE):
+                store_gpu(side, _S_OUT_DROP_BEFORE, mark)
+                store_release_sys(out_words, W_DROP_BEFORE, mark)
+        polls += 1
+        pause(1024)
 
 
 # One compiled loop per kernel type: (handler, record dtypes, state type, block size,
@@ -443,9 +722,6 @@ def loop_signature(in_dtype: np.dtype, out_dtype: np.dtype, state: np.ndarray) -
     """Argument types of the composed kernel (see ``compose_loop``)."""
     from numba import typeof, types
 
-    in_slot, out_slot = slot_dtype(in_dtype), slot_dtype(out_dtype)
     words = types.int64[::1]
-    in_recs = types.Array(from_dtype(in_slot), 1, "C")
-    out_recs = types.Array(from_dtype(out_slot), 1, "C")
     state_t = types.Array(typeof(state).dtype, state.ndim, "C")
-    return (words, in_recs, words, out_recs, words, words, state_t, out_recs, types.int64)
+    return (words, words, words, words, state_t, types.int64)

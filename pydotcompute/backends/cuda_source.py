@@ -13,7 +13,8 @@ The C++ kernel must follow this ABI (the one of ``kernels/stream_stats.cu``)::
                                  unsigned long long* control,
                                  pdc::ring::SideCounters* side_counters);
 
-with a host-to-device input ring (``docs/ring-protocol.md``) and a 512-byte control
+with a host-to-device input ring (``docs/ring-protocol.md``; the kernel's own words
+for it, 128 bytes of device memory, in ``side_counters``) and a 512-byte control
 block of 8-byte words: the host writes ``command`` (byte 0: 0 paused, 1 active,
 2 terminate); the kernel writes ``status`` (128: 1 running, 2 exited, 3 failed),
 ``error`` (136), ``heartbeat`` (144), ``processed`` (256), ``idle_polls`` (264) and
@@ -75,7 +76,7 @@ class SourceControl:
 
 
 _W = SourceControl
-_SIDE_COUNTER_BYTES = 16  # pdc::ring::SideCounters: reserve, claim
+_SIDE_COUNTER_BYTES = 128  # pdc::ring::SideCounters: the device side's words of a ring
 
 
 def _source_text(source: str) -> str:
@@ -137,7 +138,7 @@ class CudaSourceKernelLoop(KernelLoop):
         cp = self._cp
         cfg = self.config
         capacity = ring_capacity_for(cfg.queue_size)
-        nbytes = ring_nbytes(capacity, self.in_dtype.itemsize)
+        nbytes = ring_nbytes(capacity, self.in_dtype.itemsize, crossing=True)
         self._in_mem = cp.cuda.alloc_pinned_memory(nbytes)
         buf = np.frombuffer(self._in_mem, np.uint8, nbytes)
         buf[:] = 0
@@ -241,6 +242,9 @@ class CudaSourceKernelLoop(KernelLoop):
         if fault is None:
             self._stream.synchronize()
             fault = self._device_error()
+        from pydotcompute.backends.resident import exited
+
+        exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None:
             self._fail(fault)
 

@@ -32,6 +32,7 @@ from pydotcompute.errors import BackendNotAvailableError
 
 __all__ = [
     "LAZY_LOADING_HAZARD",
+    "ask_for_eager_module_loading",
     "MIN_COMPUTE_CAPABILITY",
     "CudaAvailability",
     "DeviceInfo",
@@ -112,9 +113,7 @@ def probe_cuda() -> CudaAvailability:
         return CudaAvailability(False, f"numba-cuda cannot be imported: {exc}")
     if _simulator_enabled():
         return _simulator_availability(numba_cuda)
-    # Read by the driver once, when it initialises (below, at the latest): only then
-    # can it still take effect. The user's own setting wins.
-    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+    ask_for_eager_module_loading()  # CUDA initialises below, at the latest
 
     try:
         cupy = importlib.import_module("cupy")
@@ -183,6 +182,15 @@ def probe_cuda() -> CudaAvailability:
             **facts,
         )
     return CudaAvailability(True, "", **facts)
+
+
+def ask_for_eager_module_loading() -> None:
+    """Set ``CUDA_MODULE_LOADING=EAGER`` unless the user set the variable.
+
+    The driver reads it once, when CUDA initialises in the process, so every entry
+    point that may be the first to touch CUDA (the probe, CuPy's import, the CLI, the
+    benchmarks) calls this first. See ``LAZY_LOADING_HAZARD`` for why."""
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
 
 def require_cuda(*, allow_simulator: bool = False) -> CudaAvailability:

@@ -10,12 +10,12 @@ part is written once, here, over the raw ring buffers (``rings.host_ops``).
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 import numpy as np
 
 from pydotcompute.backends.base import KernelLoop
+from pydotcompute.backends.wakeup import ReplyWakeup
 from pydotcompute.errors import (
     KernelFailedError,
     KernelStateError,
@@ -25,9 +25,20 @@ from pydotcompute.errors import (
 from pydotcompute.messages.message import RingKernelMessage
 from pydotcompute.messages.record import record_layout
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.rings.host_ops import ring_add_counter, ring_depth, ring_pop, ring_push
+from pydotcompute.rings.host_ops import (
+    ring_add_counter,
+    ring_pop,
+    ring_pop_spin,
+    ring_push,
+)
 from pydotcompute.rings.host_ring import Backoff, HostRing
-from pydotcompute.rings.layout import OFF_CAPACITY, OFF_DROPPED_NEWEST, OFF_REJECTED
+from pydotcompute.rings.layout import (
+    OFF_CAPACITY,
+    OFF_CONSUMER_SIDE,
+    OFF_DROPPED_NEWEST,
+    OFF_PRODUCER_SIDE,
+    OFF_REJECTED,
+)
 
 __all__ = ["RingFedLoop"]
 
@@ -46,30 +57,26 @@ class RingFedLoop(KernelLoop):
     """A kernel loop fed through an input ring and read through an output ring.
 
     A subclass sets ``in_dtype``/``out_dtype`` and calls ``_attach_rings`` once the
-    rings exist (before the runtime sends anything); it keeps ``failure`` and
-    ``_stopped`` up to date. ``get_spin_s`` is how long a receive polls before it
-    gives the event loop back: the loop usually answers within microseconds, and the
-    event loop's timers are only millisecond-precise.
+    rings exist (before the runtime sends anything), with the ``ReplyWakeup`` its
+    publisher signals; it keeps ``failure`` and ``_stopped`` up to date and calls
+    ``_wake_receivers()`` when either changes. A receive that finds nothing spins
+    natively for ``get_spin_s`` (the loop usually answers within microseconds), then
+    sleeps on the wakeup: never on an ``asyncio.sleep``, which rounds to milliseconds.
     """
 
     in_dtype: np.dtype
     out_dtype: np.dtype
     get_spin_s = 100e-6
     _stopped = False
+    _wakeup: ReplyWakeup | None = None
 
-    def _attach_rings(self, in_ring: HostRing, out_ring: HostRing) -> None:
+    def _attach_rings(self, in_ring: HostRing, out_ring: HostRing, wakeup: ReplyWakeup) -> None:
         # Few attributes on purpose: at 30, CPython stops sharing the instance's dict
         # keys and every attribute load on the per-message path gets slower (a cpu
         # kernel's ping-pong went from 3.7 to 3.9 us with one attribute more).
         self._in_buf = in_ring.buffer
         self._out_buf = out_ring.buffer
-        strategy = self.config.backpressure
-        cross_side = in_ring.producer_side is not in_ring.consumer_side
-        # BLOCK waits for room; DROP_OLDEST waits for a consumer on the other side to
-        # skip the stale records (the host may not move an index the device owns).
-        self._in_waits = strategy is BackpressureStrategy.BLOCK or (
-            strategy is BackpressureStrategy.DROP_OLDEST and cross_side
-        )
+        self._wakeup = wakeup
         # @message classes: pack and unpack record bytes directly (what to_record and
         # from_record do, without the intermediate numpy scalar).
         self._in_layout = _message_layout(self.input_type, self.in_dtype)
@@ -79,6 +86,18 @@ class RingFedLoop(KernelLoop):
         self._one_out = np.zeros(1, self.out_dtype)
 
     # -- input -----------------------------------------------------------------------
+
+    @property
+    def _in_waits(self) -> bool:
+        """Whether a producer waits when the input ring is full (only asked then, so it
+        is computed rather than kept: see ``_attach_rings``). BLOCK waits for room;
+        DROP_OLDEST waits for a consumer on the other side to skip the stale records
+        (the host may not move an index the device owns)."""
+        strategy = self.config.backpressure
+        if strategy is BackpressureStrategy.BLOCK:
+            return True
+        sides = self._in_buf[OFF_PRODUCER_SIDE : OFF_CONSUMER_SIDE + 8].view(np.int64)
+        return strategy is BackpressureStrategy.DROP_OLDEST and bool(sides[0] != sides[1])
 
     def _in_capacity(self) -> int:
         # Read from the ring's header, not kept on the instance (see _attach_rings).
@@ -109,8 +128,12 @@ class RingFedLoop(KernelLoop):
 
     def _record_of(self, msg: Any) -> np.ndarray:
         """One input message as a 1-record array. For ``@message`` classes the bytes
-        are packed straight into a reused scratch record: callers copy it into the
-        ring before they yield, or take a copy."""
+        are packed straight into a reused scratch record, and so is a record of the
+        input dtype: callers copy it into the ring before they yield, or take a copy."""
+        if type(msg) is np.void and msg.dtype == self.in_dtype:
+            one = self._one_in
+            one[0] = msg  # half the cost of viewing it as an array
+            return one
         if isinstance(msg, (np.void, np.ndarray)):
             return self._records(np.asarray(msg).reshape(-1))
         t = self.input_type
@@ -182,6 +205,11 @@ class RingFedLoop(KernelLoop):
 
     # -- output ----------------------------------------------------------------------
 
+    def _wake_receivers(self) -> None:
+        """Wake receivers asleep on the output ring so they see a failure or a stop."""
+        if self._wakeup is not None:
+            self._wakeup.notify()
+
     def try_get(self, default: Any) -> Any:
         out = self._one_out if self._out_layout is not None else np.empty(1, self.out_dtype)
         if not ring_pop(self._out_buf, out, 0, 1):
@@ -193,31 +221,40 @@ class RingFedLoop(KernelLoop):
         t = self.output_type
         if self._out_layout is not None:
             layout = self._out_layout
-            return layout.build(layout.struct.unpack(one.tobytes()))
+            return layout.build(layout.unpack_from(one))
         if t is None or isinstance(t, np.dtype):
             return one[0]
         return t.from_record(one[0])  # type: ignore[attr-defined]
 
     async def get(self, timeout: float | None) -> Any:
-        if self._out_layout is not None:
-            # Unpacked at once, so a reused scratch record is enough.
-            one = self._one_out
-            if ring_pop(self._out_buf, one, 0, 1):
-                return self._message_of(one)
-        return self._message_of(await self.get_batch(1, timeout))
+        # One compiled call takes the reply, spinning for it natively a little.
+        one = self._one_out if self._out_layout is not None else np.empty(1, self.out_dtype)
+        if ring_pop_spin(self._out_buf, one, 0, 1, self._spin_ns(timeout)):
+            return self._message_of(one)
+        return self._message_of(await self._sleep_for_batch(1, timeout))
+
+    def _spin_ns(self, timeout: float | None) -> int:
+        spin = self.get_spin_s if timeout is None else min(self.get_spin_s, timeout)
+        return int(spin * 1e9)
 
     def _take(self, max_items: int) -> np.ndarray | None:
-        """Up to ``max_items`` ready outputs, or None. The array is sized by what is
-        queued, not by ``max_items``: a large ``max_items`` costs no allocation."""
-        # Small requests skip the depth read: allocating a few records is cheaper.
-        n = max_items if max_items <= 64 else min(max_items, ring_depth(self._out_buf))
-        if n <= 0:
-            return None
+        """Up to ``max_items`` ready outputs, or None: one compiled call pops all that
+        is ready. The array is never larger than the ring; a request much larger than
+        what came is answered with a copy, so a large ``max_items`` holds no memory.
+
+        (Not sized by ``published - released``: on a ring a device fills,
+        ``published`` is a counter mirrored about once a millisecond.)"""
+        n = max_items
+        if n > 64:
+            cap = self._out_buf[OFF_CAPACITY : OFF_CAPACITY + 8].view(np.int64)[0]
+            n = min(n, int(cap))
         out = np.empty(n, self.out_dtype)
         got = ring_pop(self._out_buf, out, 0, n)
-        if got == 0:  # another receiver took them
+        if got == 0:
             return None
-        return out if got == n else out[:got]
+        if got == n:
+            return out
+        return out[:got] if got * 4 >= n or n <= 64 else out[:got].copy()
 
     async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
         if max_items < 1:
@@ -225,21 +262,31 @@ class RingFedLoop(KernelLoop):
         out = self._take(max_items)
         if out is not None:
             return out
-        spin_s = self.get_spin_s if timeout is None else min(self.get_spin_s, timeout)
-        spin_until = time.perf_counter() + spin_s
-        while time.perf_counter() < spin_until:
+        if max_items <= 64:
+            out = np.empty(max_items, self.out_dtype)
+            got = ring_pop_spin(self._out_buf, out, 0, max_items, self._spin_ns(timeout))
+            if got:
+                return out if got == max_items else out[:got]
+        return await self._sleep_for_batch(max_items, timeout)
+
+    async def _sleep_for_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
+        """Sleep on the wakeup until outputs come, the kernel fails or stops, or
+        ``timeout`` passes (``QueueTimeoutError``)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        wakeup = self._wakeup
+        assert wakeup is not None
+        while True:
             out = self._take(max_items)
             if out is not None:
                 return out
-        wait = Backoff(timeout)
-        while True:
             if self.failure is not None:
                 self._check_open()
-            if wait.expired():
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
                 raise QueueTimeoutError(
                     f"no output from kernel {self.kernel_id!r} within {timeout} s"
                 )
-            await asyncio.sleep(wait.pause())
-            out = self._take(max_items)
-            if out is not None:
-                return out
+            if self._stopped:  # nothing left and nothing more to come: do not sleep
+                self._check_open()
+            await wakeup.wait(self._out_buf, left)

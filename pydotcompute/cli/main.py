@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pydotcompute`` console script."""
+    from pydotcompute.backends.probe import ask_for_eager_module_loading
+
+    # Before any command can initialise CUDA: kernels must load eagerly to run
+    # beside a resident ring kernel (probe.LAZY_LOADING_HAZARD).
+    ask_for_eager_module_loading()
     args = build_parser().parse_args(argv)
     try:
         code = int(args.run(args) or 0)

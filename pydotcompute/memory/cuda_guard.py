@@ -7,14 +7,18 @@ import importlib
 from collections.abc import Iterator
 from types import ModuleType
 
-from pydotcompute.backends.probe import probe_cuda
+from pydotcompute.backends.probe import ask_for_eager_module_loading, probe_cuda
 from pydotcompute.errors import BackendNotAvailableError
 
 __all__ = ["import_cupy", "cuda_required"]
 
 
 def import_cupy() -> ModuleType:
-    """Import CuPy, or raise ``BackendNotAvailableError`` with the probe's reason."""
+    """Import CuPy, or raise ``BackendNotAvailableError`` with the probe's reason.
+
+    CuPy may be what initialises CUDA in the process: eager module loading is asked
+    for first, so kernels can still launch beside a resident ring kernel."""
+    ask_for_eager_module_loading()
     with cuda_required():
         return importlib.import_module("cupy")
 

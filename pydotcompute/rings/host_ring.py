@@ -14,7 +14,9 @@ from pydotcompute.rings.host_ops import (
     ring_add_counter,
     ring_depth,
     ring_pop,
+    ring_pop_spin,
     ring_push,
+    ring_ready,
     ring_try_push,
 )
 from pydotcompute.rings.layout import (
@@ -135,7 +137,8 @@ class HostRing:
                 f"of {self.dtype.itemsize} bytes"
             )
         if buffer is None:
-            buffer = aligned_buffer(ring_nbytes(capacity, record_size))
+            crossing = RingSide(producer_side) is not RingSide(consumer_side)
+            buffer = aligned_buffer(ring_nbytes(capacity, record_size, crossing))
         init_ring(buffer, capacity, record_size, backpressure, producer_side, consumer_side)
         self._attach(buffer)
 
@@ -160,6 +163,8 @@ class HostRing:
         self.backpressure = BackpressureStrategy(meta["backpressure"])
         self.producer_side = RingSide(meta["producer_side"])
         self.consumer_side = RingSide(meta["consumer_side"])
+        # Producer and consumer on different sides: slots carry tags (protocol 4.4).
+        self.crossing = self.producer_side is not self.consumer_side
         self._words = buffer[:HEADER_SIZE].view("<u8")
         self._typed = self.dtype is not None and _compiles_for(self.dtype)
 
@@ -210,7 +215,9 @@ class HostRing:
         sig = (buf, numba.typeof(arr), numba.int64, numba.int64)
         for op in (ring_push, ring_try_push, ring_pop):
             op.compile(sig)
+        ring_pop_spin.compile((*sig, numba.int64))
         ring_depth.compile((buf,))
+        ring_ready.compile((buf,))
 
     # -- produce ---------------------------------------------------------------------
 

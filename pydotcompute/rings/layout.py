@@ -1,4 +1,4 @@
-"""Byte layout of a ring buffer (``docs/ring-protocol.md``, version 1).
+"""Byte layout of a ring buffer (``docs/ring-protocol.md``, version 2).
 
 Offsets are in bytes from the start of the buffer; every field is a little-endian
 64-bit word. These constants are the single source of the layout for Python code.
@@ -28,8 +28,10 @@ __all__ = [
     "OFF_BACKPRESSURE",
     "OFF_PRODUCER_SIDE",
     "OFF_CONSUMER_SIDE",
+    "OFF_RECORD_OFFSET",
     "OFF_PUBLISHED",
     "OFF_RESERVE",
+    "OFF_RELEASED_SEEN",
     "OFF_RELEASED",
     "OFF_CLAIM",
     "OFF_ENQUEUED",
@@ -39,6 +41,7 @@ __all__ = [
     "OFF_DEQUEUED",
     "OFF_DROPPED_OLDEST",
     "OFF_DROP_BEFORE",
+    "TAG_SIZE",
     "aligned_buffer",
     "slot_size_for",
     "ring_nbytes",
@@ -55,7 +58,7 @@ class RingSide(enum.IntEnum):
 
 
 RING_MAGIC = int.from_bytes(b"PDCRING1", "little")
-RING_VERSION = 1
+RING_VERSION = 2
 LINE = 128
 HEADER_SIZE = 8 * LINE
 
@@ -69,9 +72,11 @@ OFF_RECORD_SIZE = 40
 OFF_BACKPRESSURE = 48
 OFF_PRODUCER_SIDE = 56
 OFF_CONSUMER_SIDE = 64
+OFF_RECORD_OFFSET = 72
 # lines 1-4: one index per line, so producers and consumers never share a line
 OFF_PUBLISHED = 1 * LINE
 OFF_RESERVE = 2 * LINE
+OFF_RELEASED_SEEN = 2 * LINE + 8  # the producer side's last reading of released
 OFF_RELEASED = 3 * LINE
 OFF_CLAIM = 4 * LINE
 # line 5: producer counters
@@ -85,15 +90,20 @@ OFF_DROPPED_OLDEST = 6 * LINE + 8
 # line 7: the producer's DROP_OLDEST watermark
 OFF_DROP_BEFORE = 7 * LINE
 
-
-def slot_size_for(record_size: int) -> int:
-    """Bytes per slot: the record size rounded up to a multiple of 8."""
-    return (record_size + 7) & ~7
+TAG_SIZE = 8
+"""Bytes of the tag that starts every slot of a crossing ring (protocol 4.4)."""
 
 
-def ring_nbytes(capacity: int, record_size: int) -> int:
-    """Total buffer size of a ring."""
-    return HEADER_SIZE + capacity * slot_size_for(record_size)
+def slot_size_for(record_size: int, crossing: bool = False) -> int:
+    """Bytes per slot: the tag of a crossing ring, then the record rounded up to a
+    multiple of 8."""
+    return (TAG_SIZE if crossing else 0) + ((record_size + 7) & ~7)
+
+
+def ring_nbytes(capacity: int, record_size: int, crossing: bool = False) -> int:
+    """Total buffer size of a ring (``crossing``: its producer and consumer sides
+    differ, so its slots carry tags)."""
+    return HEADER_SIZE + capacity * slot_size_for(record_size, crossing)
 
 
 def aligned_buffer(nbytes: int) -> np.ndarray:
@@ -132,7 +142,8 @@ def init_ring(
         )
     if record_size < 1:
         raise InvalidConfigurationError(f"record size must be >= 1, got {record_size}")
-    need = ring_nbytes(capacity, record_size)
+    crossing = RingSide(producer_side) is not RingSide(consumer_side)
+    need = ring_nbytes(capacity, record_size, crossing)
     if buf.nbytes < need:
         raise InvalidConfigurationError(
             f"ring buffer of {buf.nbytes} bytes is too small; {need} needed"
@@ -143,11 +154,14 @@ def init_ring(
     words[OFF_VERSION // 8] = RING_VERSION
     words[OFF_HEADER_SIZE // 8] = HEADER_SIZE
     words[OFF_CAPACITY // 8] = capacity
-    words[OFF_SLOT_SIZE // 8] = slot_size_for(record_size)
+    words[OFF_SLOT_SIZE // 8] = slot_size_for(record_size, crossing)
     words[OFF_RECORD_SIZE // 8] = record_size
     words[OFF_BACKPRESSURE // 8] = int(strategy)
     words[OFF_PRODUCER_SIDE // 8] = int(RingSide(producer_side))
     words[OFF_CONSUMER_SIDE // 8] = int(RingSide(consumer_side))
+    words[OFF_RECORD_OFFSET // 8] = TAG_SIZE if crossing else 0
+    if crossing:  # slot tags start at zero, which seals nothing (protocol 4.4)
+        buf[HEADER_SIZE:need] = 0
     # The magic goes in last, so a header with a valid magic is complete. Other
     # threads and devices are only handed the buffer after this returns (a thread
     # start or kernel launch orders these stores before their first load).
@@ -170,6 +184,7 @@ def validate_ring(buf: np.ndarray) -> dict[str, int]:
         "backpressure": int(w[OFF_BACKPRESSURE // 8]),
         "producer_side": int(w[OFF_PRODUCER_SIDE // 8]),
         "consumer_side": int(w[OFF_CONSUMER_SIDE // 8]),
+        "record_offset": int(w[OFF_RECORD_OFFSET // 8]),
     }
     if meta["magic"] != RING_MAGIC:
         raise InvalidConfigurationError("not a ring buffer (bad magic)")
@@ -180,7 +195,13 @@ def validate_ring(buf: np.ndarray) -> dict[str, int]:
         raise InvalidConfigurationError(f"unexpected ring header size {meta['header_size']}")
     if cap < 2 or cap & (cap - 1):
         raise InvalidConfigurationError(f"ring capacity {cap} is not a power of two >= 2")
-    if rs < 1 or ss < rs or ss % 8:
+    crossing = meta["producer_side"] != meta["consumer_side"]
+    if meta["record_offset"] != (TAG_SIZE if crossing else 0):
+        raise InvalidConfigurationError(
+            f"record offset {meta['record_offset']} does not fit a "
+            f"{'crossing' if crossing else 'one-sided'} ring"
+        )
+    if rs < 1 or ss != slot_size_for(rs, crossing):
         raise InvalidConfigurationError(f"inconsistent slot size {ss} for record size {rs}")
     if buf.nbytes < HEADER_SIZE + cap * ss:
         raise InvalidConfigurationError("ring buffer is shorter than its header declares")
