@@ -1,7 +1,8 @@
 """Message classes: ``@message`` and the ``RingKernelMessage`` base.
 
 Every message is a dataclass that subclasses ``RingKernelMessage`` and carries three
-header fields: ``message_id`` (a fresh uuid4), ``priority`` (0-255, default 128) and
+header fields: ``message_id`` (a fresh random version-4 UUID, made by ``ids.new_id``,
+which also replaces a class's own ``default_factory=uuid.uuid4``), ``priority`` (0-255, default 128) and
 ``correlation_id`` (None). Header fields are keyword-only, so a message's own fields may
 go without defaults: ``Reading(1.5)`` and ``Reading(1.5, priority=7)`` both work.
 """
@@ -12,11 +13,12 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import numpy as np
 
 from pydotcompute.messages import codec, record
+from pydotcompute.messages.ids import faster_factory, new_id
 from pydotcompute.messages.record import HEADER_FIELDS
 from pydotcompute.messages.registry import message_type_name, register_message_type
 
@@ -54,11 +56,19 @@ def check_priority(priority: Any) -> int:
 def _validating(post_init: Callable[[Any], None] | None) -> Callable[[Any], None]:
     """A ``__post_init__`` that checks the priority, then runs the class's own."""
 
-    def __post_init__(self: Any) -> None:
-        priority = self.priority
-        if type(priority) is not int or not 0 <= priority <= 255:
-            object.__setattr__(self, "priority", check_priority(priority))
-        if post_init is not None:
+    if post_init is None:  # the common case, run for every message built: one test less
+
+        def __post_init__(self: Any) -> None:
+            priority = self.priority
+            if type(priority) is not int or not 0 <= priority <= 255:
+                object.__setattr__(self, "priority", check_priority(priority))
+
+    else:
+
+        def __post_init__(self: Any) -> None:
+            priority = self.priority
+            if type(priority) is not int or not 0 <= priority <= 255:
+                object.__setattr__(self, "priority", check_priority(priority))
             post_init(self)
 
     setattr(__post_init__, _VALIDATES, True)
@@ -81,6 +91,7 @@ def _keyword_only_header(cls: type) -> None:
         value = cls.__dict__.get(name, dataclasses.MISSING)
         if isinstance(value, dataclasses.Field):
             value.kw_only = True
+            value.default_factory = faster_factory(value.default_factory)  # type: ignore[assignment]
         elif value is dataclasses.MISSING:
             setattr(cls, name, dataclasses.field(kw_only=True))
         else:
@@ -120,7 +131,7 @@ class RingKernelMessage:
     """Base class of every message. Subclasses become dataclasses and are registered by
     their module-qualified name (or the ``name`` given to ``@message``)."""
 
-    message_id: UUID = dataclasses.field(default_factory=uuid4, kw_only=True)
+    message_id: UUID = dataclasses.field(default_factory=new_id, kw_only=True)
     priority: int = dataclasses.field(default=128, kw_only=True)
     correlation_id: UUID | None = dataclasses.field(default=None, kw_only=True)
 
@@ -203,7 +214,7 @@ def _messagify(cls: type, name: str | None) -> type:
                 namespace["__annotations__"][header] = f.type
                 namespace[header] = dataclasses.field(
                     default=f.default,
-                    default_factory=f.default_factory,
+                    default_factory=faster_factory(f.default_factory),
                     repr=f.repr,
                     compare=f.compare,
                     kw_only=True,
