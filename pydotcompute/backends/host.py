@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from operator import attrgetter
 from typing import Any
 
 from pydotcompute.backends.base import FailureCallback, KernelLoop
@@ -60,15 +61,15 @@ class KernelContext:
         # it sent is counted by its output mailbox (see HostKernelLoop.sent).
         self.processed = 0
 
-    @property
-    def should_terminate(self) -> bool:
-        """True once the runtime asked this kernel to stop."""
-        return self._loop.stopping
-
-    @property
-    def is_active(self) -> bool:
-        """True while the kernel is ACTIVE (not launched-only, deactivated or stopping)."""
-        return self._loop.active and not self._loop.stopping
+    # Read on every turn of an actor's loop: a property whose getter is C code costs
+    # half what a Python getter does (measured 0.2 us of a 15 us round trip).
+    should_terminate = property(
+        attrgetter("_loop.stopping"), doc="True once the runtime asked this kernel to stop."
+    )
+    is_active = property(
+        attrgetter("_loop.active"),  # the loop keeps it False once stopping
+        doc="True while the kernel is ACTIVE (not launched-only, deactivated or stopping).",
+    )
 
     async def wait_active(self) -> None:
         """Wait until the kernel is ACTIVE, or until it is asked to terminate."""
@@ -213,6 +214,7 @@ class HostKernelLoop(KernelLoop):
         if not self.stopping:
             # The actor returned on its own: the kernel is over.
             self.stopping = True
+            self.active = False
             self.dropped_at_stop += self.inbox.close(self._exited_error)
             self.outbox.close(self._exited_error, drain=True)
             self.active_event.set()
