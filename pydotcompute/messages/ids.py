@@ -23,6 +23,7 @@ import struct
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 __all__ = ["new_id", "faster_factory"]
 
@@ -72,6 +73,6 @@ new_id: Callable[[], uuid.UUID] = _new_id if _gil_enabled else uuid.uuid4
 """A fresh random version-4 UUID, like ``uuid.uuid4()``."""
 
 
-def faster_factory(factory: object) -> object:
+def faster_factory(factory: Any) -> Any:
     """``new_id`` where ``factory`` is ``uuid.uuid4``; anything else unchanged."""
     return new_id if factory is uuid.uuid4 else factory

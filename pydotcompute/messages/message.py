@@ -173,6 +173,10 @@ class RingKernelMessage:
         """A message of this class from bytes made by ``serialize``."""
         return codec.decode(data, cls)
 
+    def with_correlation(self: Msg, correlation_id: UUID | None) -> Msg:
+        """A copy of this message (same ``message_id``) with ``correlation_id`` set."""
+        return dataclasses.replace(self, correlation_id=correlation_id)
+
     def to_record(self) -> np.void:
         """This message as one record (a ``numpy.void``, like an element of a record array)."""
         return record.to_record(self)
