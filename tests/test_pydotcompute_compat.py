@@ -246,14 +246,14 @@ def test_loop_info_sees_uvloop_when_the_program_runs_on_it():
 
 
 @message
-class Reading:
+class GaugeReading:
     value: float = 0.0
 
 
 def test_deserialize_message_decodes_any_registered_type():
-    original = Reading(value=2.5, priority=7)
+    original = GaugeReading(value=2.5, priority=7)
     restored = deserialize_message(original.serialize())
-    assert type(restored) is Reading and restored == original
+    assert type(restored) is GaugeReading and restored == original
     base = deserialize_message(RingKernelMessage(priority=100).serialize())
     assert type(base) is RingKernelMessage and base.priority == 100
     with pytest.raises(MessageDeserializationError):
@@ -261,8 +261,8 @@ def test_deserialize_message_decodes_any_registered_type():
 
 
 def test_get_message_type_by_registered_or_bare_class_name():
-    assert get_message_type(Reading.__message_type__) is Reading
-    assert get_message_type("Reading") is Reading  # PyDotCompute's key: the class name
+    assert get_message_type(GaugeReading.__message_type__) is GaugeReading
+    assert get_message_type("GaugeReading") is GaugeReading  # PyDotCompute's key: the class name
     assert get_message_type("NoSuchMessage") is None
 
 
@@ -289,7 +289,7 @@ def test_get_message_type_refuses_a_bare_name_two_classes_share():
 
 
 def test_with_correlation_copies_with_the_same_id():
-    msg = Reading(value=1.0)
+    msg = GaugeReading(value=1.0)
     correlation = uuid.uuid4()
     copy = msg.with_correlation(correlation)
     assert copy.correlation_id == correlation and copy.message_id == msg.message_id
