@@ -8,6 +8,7 @@ operation plus a length check, and a waiting task is woken through one future.
 from __future__ import annotations
 
 import asyncio
+import time
 from asyncio import InvalidStateError
 from collections import deque
 from collections.abc import Callable
@@ -19,6 +20,10 @@ from pydotcompute.rings.backpressure import BackpressureStrategy
 __all__ = ["Mailbox"]
 
 _get_running_loop = asyncio.get_running_loop
+# Getters' deadlines are kept on the monotonic clock, read directly: loop.time() is a
+# Python-level call on asyncio's loops (which read this same clock). The timer is armed
+# with a delay, so any loop's own clock works with it.
+_monotonic = time.monotonic
 _Future = asyncio.Future
 
 _BLOCK = BackpressureStrategy.BLOCK
@@ -214,37 +219,39 @@ class Mailbox:
                 self.wake_putter()
             return item
         loop = _get_running_loop()
-        if timeout is None:
-            deadline = None
-        else:
-            now = loop.time()
+        if timeout is not None:
+            now = _monotonic()
             deadline = now + timeout
-        getters = self.getters
-        deadlines = self.deadlines
         # One frame for the whole wait: a helper coroutine per wait cost 0.4 us.
         while True:
             if self.error is not None and not (self.drain and items):
                 raise self.error()
             # asyncio.Future works on any loop; loop.create_future() is one call more.
             fut: asyncio.Future[None] = _Future(loop=loop)
-            if deadline is not None:
+            if timeout is None:
+                self.getters.append(fut)
+                try:
+                    await fut
+                except BaseException:
+                    self._abandon(fut)
+                    raise
+            else:
                 if deadline <= now:
                     raise self._nothing_came(timeout)
-                deadlines[fut] = deadline
+                self.deadlines[fut] = deadline
                 if deadline < self.timer_at or self.timer_loop is not loop:
                     self._arm(loop, deadline)
-            getters.append(fut)
-            try:
-                await fut
-            except _TimeoutSignal:
-                _discard(getters, fut)
-                raise self._nothing_came(timeout) from None
-            except BaseException:
-                self._abandon(fut)
-                raise
-            finally:
-                if deadline is not None:
-                    del deadlines[fut]
+                self.getters.append(fut)
+                try:
+                    await fut
+                except _TimeoutSignal:
+                    _discard(self.getters, fut)
+                    raise self._nothing_came(timeout) from None
+                except BaseException:
+                    self._abandon(fut)
+                    raise
+                finally:
+                    del self.deadlines[fut]
             # Woken (the waker popped the future): an item, if there is one, is ours.
             hold = self.hold - 1
             self.hold = hold
@@ -253,14 +260,16 @@ class Mailbox:
                 if self.putters:
                     self.wake_putter()
                 return item
-            if deadline is not None:
-                now = loop.time()
+            if timeout is not None:
+                now = _monotonic()
 
     def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
-        """Arm the getters' timer for ``when`` on ``loop``, in place of the armed one."""
+        """Arm the getters' timer for ``when`` (monotonic) on ``loop``, in place of the
+        armed one."""
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = loop.call_at(when, self._expire_getters, loop)
+        delay = max(0.0, when - _monotonic())
+        self.timer = loop.call_later(delay, self._expire_getters, loop)
         self.timer_at = when
         self.timer_loop = loop
 
@@ -268,7 +277,7 @@ class Mailbox:
         """The timer fired: time out the getters past their deadline, re-arm for the rest."""
         self.timer = None
         self.timer_at = _NEVER
-        now = loop.time()
+        now = _monotonic()
         nearest = None
         for fut, deadline in self.deadlines.items():
             if deadline <= now:

@@ -34,9 +34,10 @@ _new = object.__new__
 _set = object.__setattr__
 _UUID = uuid.UUID
 _SAFE_UNKNOWN = uuid.SafeUUID.unknown
-# Version 4 in bits 76-79, variant 0b10 in bits 62-63 (what UUID(version=4) sets).
-_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
-_SET = (0x4000 << 64) | (0x8000 << 48)
+# Version 4 in the high nibble of byte 6, variant 0b10 in the top bits of byte 8 (what
+# UUID(version=4) sets), written into a whole batch at once by bytes.translate.
+_VERSION_4 = bytes((b & 0x0F) | 0x40 for b in range(256))
+_VARIANT_RFC_4122 = bytes((b & 0x3F) | 0x80 for b in range(256))
 
 _pairs: Iterator[tuple[int, int]] = iter(())
 _fork_hook_registered = False
@@ -53,17 +54,20 @@ def _refill() -> Iterator[tuple[int, int]]:
         _fork_hook_registered = True
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_forget_inherited_bytes)
-    _pairs = pairs = _unpack_pairs(_urandom(_BATCH_BYTES))
+    batch = bytearray(_urandom(_BATCH_BYTES))
+    batch[6::16] = batch[6::16].translate(_VERSION_4)
+    batch[8::16] = batch[8::16].translate(_VARIANT_RFC_4122)
+    _pairs = pairs = _unpack_pairs(bytes(batch))
     return pairs
 
 
 def _new_id() -> uuid.UUID:
-    pair = next(_pairs, None)
-    if pair is None:
-        pair = next(_refill())  # this thread's own fresh batch
-    hi, lo = pair
+    try:
+        hi, lo = next(_pairs)
+    except StopIteration:
+        hi, lo = next(_refill())  # this thread's own fresh batch
     u = _new(_UUID)
-    _set(u, "int", ((hi << 64 | lo) & _CLEAR) | _SET)
+    _set(u, "int", hi << 64 | lo)
     _set(u, "is_safe", _SAFE_UNKNOWN)
     return u  # type: ignore[no-any-return]
 
