@@ -18,6 +18,7 @@ from pydotcompute.coordinator import (
     stage,
 )
 from pydotcompute.errors import (
+    AmbiguousMessageTypeError,
     BackendNotAvailableError,
     BufferSyncError,
     FlowClosedError,
@@ -43,15 +44,24 @@ from pydotcompute.memory import (
     MemoryPoolStats,
     SyncState,
     UnifiedBuffer,
+    get_memory_pool,
 )
-from pydotcompute.messages import RingKernelMessage, message
+from pydotcompute.messages import (
+    RingKernelMessage,
+    deserialize_message,
+    get_message_type,
+    message,
+)
+from pydotcompute.module_aliases import install as _install_module_aliases
 from pydotcompute.rings import HostRing, RingCounters, RingSide
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.runtime import (
+    KernelHandle,
     KernelState,
     RingKernelConfig,
     RingKernelRuntime,
     RingKernelSpec,
+    get_loop_info,
     registered_kernels,
     ring_kernel,
 )
@@ -70,6 +80,10 @@ from pydotcompute.workflows import (
 )
 
 __version__ = "0.1.0"
+
+# PyDotCompute's module paths (pydotcompute.exceptions, pydotcompute.ring_kernels...)
+# import too: one finder, last on sys.meta_path, that answers for those names only.
+_install_module_aliases()
 
 __all__ = [
     "Activity",
@@ -115,9 +129,12 @@ __all__ = [
     "require_cuda",
     "BackpressureStrategy",
     "KernelContext",
+    "KernelHandle",
     "KernelState",
     "KernelTelemetry",
     "RingKernelMessage",
+    "deserialize_message",
+    "get_message_type",
     "message",
     "RingKernelConfig",
     "KernelPlacement",
@@ -125,6 +142,9 @@ __all__ = [
     "RingKernelSpec",
     "registered_kernels",
     "ring_kernel",
+    "get_loop_info",
+    "get_memory_pool",
+    "AmbiguousMessageTypeError",
     "BackendNotAvailableError",
     "InvalidConfigurationError",
     "KernelAlreadyExistsError",

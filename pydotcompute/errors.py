@@ -14,6 +14,7 @@ __all__ = [
     "QueueTimeoutError",
     "MessageSerializationError",
     "MessageDeserializationError",
+    "AmbiguousMessageTypeError",
     "InvalidConfigurationError",
     "BackendNotAvailableError",
     "BufferSyncError",
@@ -67,6 +68,11 @@ class MessageSerializationError(PyDotComputeError):
 
 class MessageDeserializationError(PyDotComputeError):
     """Bytes could not be decoded into a message; the text says what was wrong."""
+
+
+class AmbiguousMessageTypeError(PyDotComputeError, LookupError):
+    """A bare class name asked of the message registry names several message classes;
+    the text lists their registered names."""
 
 
 class InvalidConfigurationError(PyDotComputeError, ValueError):

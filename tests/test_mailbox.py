@@ -131,3 +131,72 @@ async def test_random_interleavings_lose_nothing_and_keep_each_senders_order(see
         for p in sent:
             mine = [i for q, i in sequence if q == p]
             assert mine == sorted(mine)
+
+
+async def test_getters_with_different_timeouts_each_time_out_at_their_own_deadline():
+    mb = Mailbox(4, BLOCK)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    late = asyncio.ensure_future(mb.get(timeout=0.3))  # arms the timer for t0 + 0.3
+    await asyncio.sleep(0)
+    early = asyncio.ensure_future(mb.get(timeout=0.05))  # earlier: the timer moves up
+    for task, limit in ((early, 0.05), (late, 0.3)):
+        with pytest.raises(QueueTimeoutError):
+            await task
+        assert limit <= loop.time() - t0 < limit + 0.2
+    assert not mb.deadlines and mb.timer is None  # nothing left armed once all are gone
+
+
+async def test_a_timer_armed_for_an_earlier_getter_still_serves_later_ones():
+    mb = Mailbox(4, BLOCK)
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(mb.get(timeout=0.05))
+    await asyncio.sleep(0)
+    armed = mb.timer
+    assert mb.try_put("a")
+    assert await first == "a"  # the timer stays armed for the next waits
+    t0 = loop.time()
+    with pytest.raises(QueueTimeoutError):
+        await mb.get(timeout=0.1)  # later than the armed timer: re-armed when it fires
+    assert 0.1 <= loop.time() - t0 < 0.3
+    assert armed is not None and armed is not mb.timer
+
+
+async def test_a_getter_woken_in_time_is_not_timed_out_later():
+    mb = Mailbox(4, BLOCK)
+    getter = asyncio.ensure_future(mb.get(timeout=0.05))
+    await asyncio.sleep(0)
+    mb.try_put("a")
+    assert await getter == "a"
+    await asyncio.sleep(0.1)  # the timer fires with nobody past a deadline
+    assert mb.try_put("b") and mb.try_get() == "b" and mb.hold == 0
+
+
+async def test_closing_disarms_the_getters_timer():
+    mb = Mailbox(4, BLOCK)
+    getter = asyncio.ensure_future(mb.get(timeout=30))
+    await asyncio.sleep(0)
+    assert mb.timer is not None
+    mb.close(QueueFullError)
+    with pytest.raises(QueueFullError):
+        await getter
+    assert mb.timer is None and not mb.deadlines
+
+
+def test_a_timer_armed_on_a_closed_loop_does_not_strand_a_getter_on_a_new_one():
+    mb = Mailbox(4, BLOCK)
+
+    async def wait_then_take() -> str:
+        getter = asyncio.ensure_future(mb.get(timeout=0.2))
+        await asyncio.sleep(0)
+        mb.try_put("a")
+        return await getter
+
+    assert asyncio.run(wait_then_take()) == "a"  # leaves its timer on a closed loop
+
+    async def time_out() -> None:
+        # The deadline is later than that timer's, yet it must be armed on this loop.
+        with pytest.raises(QueueTimeoutError):  # not wait_for's plain TimeoutError
+            await asyncio.wait_for(mb.get(timeout=0.4), 3)
+
+    asyncio.run(time_out())

@@ -27,10 +27,10 @@ async def test_full_lifecycle_states():
     async with RingKernelRuntime() as rt:
         await rt.launch("lc_echo")
         assert rt.get_kernel_state("lc_echo") is KernelState.LAUNCHED
-        assert not rt.is_active("lc_echo")
+        assert not rt.is_kernel_active("lc_echo")
         await rt.activate("lc_echo")
         assert rt.get_kernel_state("lc_echo") is KernelState.ACTIVE
-        assert rt.is_active("lc_echo")
+        assert rt.is_kernel_active("lc_echo")
         assert rt.active_kernels == ["lc_echo"]
         await rt.deactivate("lc_echo")
         assert rt.get_kernel_state("lc_echo") is KernelState.DEACTIVATED

@@ -263,14 +263,20 @@ async def test_telemetry_counts_are_exact():
         assert set(rt.get_all_telemetry()) == {"e"}
 
 
-async def test_telemetry_off_still_counts_but_does_not_time():
+async def test_telemetry_off_gives_no_snapshots_but_still_counts():
     async with RingKernelRuntime(enable_telemetry=False) as rt:
-        await rt.launch("e", echo)
+        await rt.launch("e", echo, queue_size=4, backpressure="drop_newest")
+        for i in range(6):
+            await rt.send("e", i)  # 2 dropped while not active: counted all the same
         await rt.activate("e")
+        assert [await rt.receive("e", timeout=1) for _ in range(4)] == [0, 1, 2, 3]
         for i in range(50):
             await rt.send_and_receive("e", i, timeout=1)
-        t = rt.get_telemetry("e")
-        assert t.messages_sent == 50 and t.latency_p50_us is None
+        assert rt.get_telemetry("e") is None and rt.get_all_telemetry() == {}
+        summary = rt.get_summary()
+        assert summary["total_messages_dropped"] == summary["messages_dropped"] == 2
+        assert summary["total_messages_processed"] >= 53  # the last completes later
+        assert summary["kernel_count"] == 1 and summary["total_errors"] == 0
 
 
 async def test_two_runtimes_share_nothing():

@@ -6,7 +6,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from operator import attrgetter
+from typing import Any, Generic, TypeVar
 
 from pydotcompute.backends.base import FailureCallback, KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
@@ -26,10 +27,15 @@ LATENCY_SAMPLE_EVERY = 64
 the recorder's 4096-sample window then spans the last 262 144 messages."""
 _SAMPLE_MASK = LATENCY_SAMPLE_EVERY - 1
 SendTo = Callable[[str, Any, "float | None"], Awaitable[None]]
+In = TypeVar("In")
+Out = TypeVar("Out")
 
 
-class KernelContext:
+class KernelContext(Generic[In, Out]):
     """What an ``async def`` ring kernel sees: its queues and its lifecycle flags.
+
+    ``KernelContext[Request, Response]`` types an actor's parameter: it receives
+    ``Request`` and sends ``Response``.
 
     ``receive()`` yields only while the kernel is ACTIVE: a deactivated kernel is
     simply not given messages. When the kernel is terminated, a ``receive()`` that
@@ -60,21 +66,21 @@ class KernelContext:
         # it sent is counted by its output mailbox (see HostKernelLoop.sent).
         self.processed = 0
 
-    @property
-    def should_terminate(self) -> bool:
-        """True once the runtime asked this kernel to stop."""
-        return self._loop.stopping
-
-    @property
-    def is_active(self) -> bool:
-        """True while the kernel is ACTIVE (not launched-only, deactivated or stopping)."""
-        return self._loop.active and not self._loop.stopping
+    # Read on every turn of an actor's loop: a property whose getter is C code costs
+    # half what a Python getter does (measured 0.2 us of a 15 us round trip).
+    should_terminate = property(
+        attrgetter("_loop.stopping"), doc="True once the runtime asked this kernel to stop."
+    )
+    is_active = property(
+        attrgetter("_loop.active"),  # the loop keeps it False once stopping
+        doc="True while the kernel is ACTIVE (not launched-only, deactivated or stopping).",
+    )
 
     async def wait_active(self) -> None:
         """Wait until the kernel is ACTIVE, or until it is asked to terminate."""
         await self._loop.active_event.wait()
 
-    async def receive(self, timeout: float | None = None) -> Any:
+    async def receive(self, timeout: float | None = None) -> In:
         """The next input message; ``QueueTimeoutError`` if none within ``timeout`` s."""
         t = self._pending_t
         if t:  # the previous message is done (inline: this runs once per message)
@@ -93,7 +99,7 @@ class KernelContext:
         self._pending_t = t
         return msg
 
-    async def send(self, msg: Any, timeout: float | None = None) -> None:
+    async def send(self, msg: Out, timeout: float | None = None) -> None:
         """Emit an output message (read by ``runtime.receive``)."""
         otype = self._output_type
         if otype is not None and not isinstance(msg, otype):
@@ -177,7 +183,7 @@ class HostKernelLoop(KernelLoop):
         self.active_event = asyncio.Event()
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
-        self.ctx = KernelContext(self, send_to)
+        self.ctx: KernelContext[Any, Any] = KernelContext(self, send_to)
         self.try_get = self.outbox.try_get  # type: ignore[method-assign]  # one call less
         self.on_exit = on_exit
         self.timed = telemetry
@@ -213,6 +219,7 @@ class HostKernelLoop(KernelLoop):
         if not self.stopping:
             # The actor returned on its own: the kernel is over.
             self.stopping = True
+            self.active = False
             self.dropped_at_stop += self.inbox.close(self._exited_error)
             self.outbox.close(self._exited_error, drain=True)
             self.active_event.set()

@@ -13,7 +13,7 @@ from pydotcompute.backends.probe import require_cuda
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.memory.cuda_guard import import_cupy
 
-__all__ = ["MemoryPool", "MemoryPoolStats"]
+__all__ = ["MemoryPool", "MemoryPoolStats", "get_memory_pool"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,3 +125,9 @@ class MemoryPool:
         with self._cupy.cuda.Device(self.device):
             self._device_pool.free_all_blocks()
         self._pinned_pool.free_all_blocks()
+
+
+def get_memory_pool(device: int = 0) -> MemoryPool:
+    """The process-wide pools CuPy allocates from on ``device``
+    (``MemoryPool.cupy_default``); ``BackendNotAvailableError`` without a usable GPU."""
+    return MemoryPool.cupy_default(device=device)

@@ -21,7 +21,7 @@ import numpy as np
 from pydotcompute.errors import MessageDeserializationError, MessageSerializationError
 from pydotcompute.messages.registry import message_type
 
-__all__ = ["encode", "decode", "EXT_CODES"]
+__all__ = ["encode", "decode", "deserialize_message", "EXT_CODES"]
 
 M = TypeVar("M")
 
@@ -352,3 +352,9 @@ def decode(data: bytes | bytearray | memoryview, expected: type[M] | None = None
         why = str(exc) or type(exc).__name__  # msgpack's FormatError has no text
         raise MessageDeserializationError(f"not msgpack data: {why}") from exc
     return _build(obj, expected)
+
+
+def deserialize_message(data: bytes | bytearray | memoryview) -> Any:
+    """PyDotCompute's name for ``decode(data)``: the message the bytes hold, of the
+    registered type they name. Unknown types raise ``MessageDeserializationError``."""
+    return decode(data)

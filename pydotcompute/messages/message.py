@@ -1,7 +1,8 @@
 """Message classes: ``@message`` and the ``RingKernelMessage`` base.
 
 Every message is a dataclass that subclasses ``RingKernelMessage`` and carries three
-header fields: ``message_id`` (a fresh uuid4), ``priority`` (0-255, default 128) and
+header fields: ``message_id`` (a fresh random version-4 UUID, made by ``ids.new_id``,
+which also replaces a class's own ``default_factory=uuid.uuid4``), ``priority`` (0-255, default 128) and
 ``correlation_id`` (None). Header fields are keyword-only, so a message's own fields may
 go without defaults: ``Reading(1.5)`` and ``Reading(1.5, priority=7)`` both work.
 """
@@ -12,11 +13,12 @@ import dataclasses
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, overload
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import numpy as np
 
 from pydotcompute.messages import codec, record
+from pydotcompute.messages.ids import faster_factory, new_id
 from pydotcompute.messages.record import HEADER_FIELDS
 from pydotcompute.messages.registry import message_type_name, register_message_type
 
@@ -38,6 +40,7 @@ T = TypeVar("T")
 Msg = TypeVar("Msg", bound="RingKernelMessage")
 
 _VALIDATES = "__validates_priority__"
+_PRIORITIES = frozenset(range(256))
 
 
 def check_priority(priority: Any) -> int:
@@ -54,11 +57,21 @@ def check_priority(priority: Any) -> int:
 def _validating(post_init: Callable[[Any], None] | None) -> Callable[[Any], None]:
     """A ``__post_init__`` that checks the priority, then runs the class's own."""
 
-    def __post_init__(self: Any) -> None:
-        priority = self.priority
-        if type(priority) is not int or not 0 <= priority <= 255:
-            object.__setattr__(self, "priority", check_priority(priority))
-        if post_init is not None:
+    # Run for every message built: a class test and a set lookup (fewer steps than
+    # a chained comparison) pass a valid priority; anything else is checked in full.
+    if post_init is None:
+
+        def __post_init__(self: Any) -> None:
+            priority = self.priority
+            if priority.__class__ is not int or priority not in _PRIORITIES:
+                object.__setattr__(self, "priority", check_priority(priority))
+
+    else:
+
+        def __post_init__(self: Any) -> None:
+            priority = self.priority
+            if priority.__class__ is not int or priority not in _PRIORITIES:
+                object.__setattr__(self, "priority", check_priority(priority))
             post_init(self)
 
     setattr(__post_init__, _VALIDATES, True)
@@ -81,6 +94,7 @@ def _keyword_only_header(cls: type) -> None:
         value = cls.__dict__.get(name, dataclasses.MISSING)
         if isinstance(value, dataclasses.Field):
             value.kw_only = True
+            value.default_factory = faster_factory(value.default_factory)  # type: ignore[assignment]
         elif value is dataclasses.MISSING:
             setattr(cls, name, dataclasses.field(kw_only=True))
         else:
@@ -120,7 +134,7 @@ class RingKernelMessage:
     """Base class of every message. Subclasses become dataclasses and are registered by
     their module-qualified name (or the ``name`` given to ``@message``)."""
 
-    message_id: UUID = dataclasses.field(default_factory=uuid4, kw_only=True)
+    message_id: UUID = dataclasses.field(default_factory=new_id, kw_only=True)
     priority: int = dataclasses.field(default=128, kw_only=True)
     correlation_id: UUID | None = dataclasses.field(default=None, kw_only=True)
 
@@ -161,6 +175,10 @@ class RingKernelMessage:
     def deserialize(cls: type[Msg], data: bytes | bytearray | memoryview) -> Msg:
         """A message of this class from bytes made by ``serialize``."""
         return codec.decode(data, cls)
+
+    def with_correlation(self: Msg, correlation_id: UUID | None) -> Msg:
+        """A copy of this message (same ``message_id``) with ``correlation_id`` set."""
+        return dataclasses.replace(self, correlation_id=correlation_id)
 
     def to_record(self) -> np.void:
         """This message as one record (a ``numpy.void``, like an element of a record array)."""
@@ -203,7 +221,7 @@ def _messagify(cls: type, name: str | None) -> type:
                 namespace["__annotations__"][header] = f.type
                 namespace[header] = dataclasses.field(
                     default=f.default,
-                    default_factory=f.default_factory,
+                    default_factory=faster_factory(f.default_factory),
                     repr=f.repr,
                     compare=f.compare,
                     kw_only=True,

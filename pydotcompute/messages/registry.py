@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import threading
 
-__all__ = ["register_message_type", "message_type", "message_type_name"]
+from pydotcompute.errors import AmbiguousMessageTypeError
+
+__all__ = ["register_message_type", "message_type", "message_type_name", "get_message_type"]
 
 _TYPES: dict[str, type] = {}
 _LOCK = threading.Lock()
@@ -40,3 +42,20 @@ def register_message_type(cls: type, name: str) -> None:
 def message_type(name: str) -> type | None:
     """The class registered under ``name``, or None."""
     return _TYPES.get(name)
+
+
+def get_message_type(name: str) -> type | None:
+    """The message class registered as ``name``, or else the one whose class name is
+    ``name`` (PyDotCompute registers classes by bare class name); None when there is
+    none. ``AmbiguousMessageTypeError`` when several classes have that class name."""
+    cls = _TYPES.get(name)
+    if cls is not None:
+        return cls
+    with _LOCK:
+        named = {n: c for n, c in _TYPES.items() if c.__name__ == name}
+    if len(named) > 1:
+        raise AmbiguousMessageTypeError(
+            f"{len(named)} message classes are named {name!r}: "
+            f"{', '.join(sorted(named))}; ask for one by its registered name"
+        )
+    return next(iter(named.values()), None)

@@ -109,7 +109,10 @@ def ring_kernel(
     ``"auto"``). ``num_gpus``, ``num_cpus`` and ``resources`` are what the kernel's
     Ray actor reserves on a cluster runtime (see ``RingKernelConfig``). The
     configuration is validated here, so a bad strategy or queue size
-    fails at decoration time with ``InvalidConfigurationError``. The function is
+    fails at decoration time with ``InvalidConfigurationError``.
+    ``input_queue_size`` (PyDotCompute's name) sets ``queue_size``; other options
+    (``grid_size``, ``block_size`` ...) are kept in ``config.extra`` for the backends
+    that read them, and host actors ignore them. The function is
     returned unchanged, carrying its spec as ``__ring_kernel__``; with
     ``auto_register`` it can be launched by id alone.
     """
@@ -121,8 +124,10 @@ def ring_kernel(
         if not isinstance(kid, str) or not kid:
             raise InvalidConfigurationError(f"kernel_id must be a non-empty str, got {kid!r}")
         chosen = backend if backend is not None else default_backend(fn)
+        options = dict(extra)
+        input_queue_size = options.pop("input_queue_size", None)  # PyDotCompute's name
         config = RingKernelConfig(
-            queue_size=queue_size,
+            queue_size=queue_size if input_queue_size is None else input_queue_size,
             backpressure=backpressure,  # type: ignore[arg-type]
             output_queue_size=output_queue_size,
             backend=chosen,
@@ -131,7 +136,7 @@ def ring_kernel(
             num_gpus=num_gpus,
             num_cpus=num_cpus,
             resources={} if resources is None else resources,
-            extra=dict(extra),
+            extra=options,
         )
         check_backend_fits(kid, fn, chosen)
         spec = RingKernelSpec(kid, fn, input_type, output_type, config)

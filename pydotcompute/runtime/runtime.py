@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,8 @@ from pydotcompute.errors import (
     KernelNotFoundError,
     KernelStateError,
 )
+from pydotcompute.runtime.event_loop import get_loop_info
+from pydotcompute.runtime.handle import KernelHandle
 from pydotcompute.runtime.lifecycle import KernelState, check_transition
 from pydotcompute.runtime.registry import (
     RingKernelSpec,
@@ -130,7 +133,9 @@ class RingKernelRuntime:
     (``"auto"``: cuda when a GPU is usable, else cpu); ``async def`` actors always run
     on the host. ``default_queue_size`` applies to kernels launched from a plain
     function with no ``@ring_kernel`` configuration. With ``enable_telemetry=False``
-    counters are still kept but per-message latency is not measured.
+    per-message latency is not measured and no snapshots are given
+    (``get_telemetry`` returns None, ``get_all_telemetry`` ``{}``); counters are still
+    kept, and ``get_summary`` totals them.
 
     With ``cluster`` (``"local"``, ``"auto"``, a Ray address or ``"ray://host:port"``)
     every kernel runs on a Ray actor of that cluster, placed by its ``num_gpus``,
@@ -166,11 +171,13 @@ class RingKernelRuntime:
         self._flows: dict[str, Any] = {}
         self._metrics_server: Any = None
         self._closed = False
+        self._started = False
         self._workflows: Any = None  # the WorkflowEngine, made on first use
 
     # -- context manager -------------------------------------------------------------
 
     async def __aenter__(self) -> RingKernelRuntime:
+        await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -178,18 +185,35 @@ class RingKernelRuntime:
 
     # -- lifecycle -------------------------------------------------------------------
 
+    async def start(self) -> None:
+        """Mark the runtime started (``async with`` does it); ``is_active`` turns True.
+
+        Kernels may be launched without it. It starts nothing else: the runtime never
+        changes the event loop. Idempotent; a runtime that was shut down cannot start
+        again (``KernelStateError``).
+        """
+        self._check_open()
+        self._started = True
+
+    @property
+    def is_active(self) -> bool:
+        """True between ``start()`` (or entering ``async with``) and ``shutdown()``."""
+        return self._started and not self._closed
+
     async def launch(
         self,
         kernel_id: str,
         kernel_func: Callable[..., Any] | None = None,
         **overrides: Any,
-    ) -> None:
+    ) -> KernelHandle:
         """Allocate a kernel's queues and start its loop, inactive (state LAUNCHED).
 
         Without ``kernel_func`` the kernel is looked up among ``@ring_kernel``
         definitions. The decorator's configuration applies either way; ``overrides``
         (``queue_size=``, ``backpressure=``, ``backend=``, ``workers=``, ``state=``,
-        ``input_type=``, ``output_type=`` ...) replace single options for this launch.
+        ``input_type=``, ``output_type=`` ...) replace single options for this launch,
+        and ``config=`` (a ``RingKernelConfig``) replaces the whole configuration.
+        Returns a ``KernelHandle`` on the new kernel.
         A kernel that fails to start (e.g. its handler does not compile) is kept in
         state FAILED and ``KernelFailedError`` is raised with the cause chained.
         """
@@ -225,6 +249,26 @@ class RingKernelRuntime:
         if k.state is KernelState.CREATED:
             k.state = KernelState.LAUNCHED
         log.info("launched kernel %r on the %s backend", kernel_id, loop.backend)
+        return KernelHandle(k)
+
+    @contextlib.asynccontextmanager
+    async def kernel_scope(
+        self,
+        kernel_id: str,
+        kernel_func: Callable[..., Any] | None = None,
+        **overrides: Any,
+    ) -> AsyncIterator[KernelHandle]:
+        """``async with rt.kernel_scope(id, func) as kernel:``: launch (as ``launch``
+        does, with the same ``overrides``) and activate a kernel for the block, and
+        terminate it when the block ends, however it ends."""
+        handle = await self.launch(kernel_id, kernel_func, **overrides)
+        launched = self._kernels[kernel_id]
+        try:
+            await self.activate(kernel_id)
+            yield handle
+        finally:
+            if self._kernels.get(kernel_id) is launched:  # not replaced inside the block
+                await self.terminate(kernel_id)
 
     async def activate(self, kernel_id: str) -> None:
         """Start delivering messages to a LAUNCHED kernel (state ACTIVE)."""
@@ -553,7 +597,7 @@ class RingKernelRuntime:
         """Ids of ACTIVE kernels."""
         return [kid for kid, k in self._kernels.items() if k.state is KernelState.ACTIVE]
 
-    def is_active(self, kernel_id: str) -> bool:
+    def is_kernel_active(self, kernel_id: str) -> bool:
         """True when the kernel is ACTIVE."""
         return self._get(kernel_id).state is KernelState.ACTIVE
 
@@ -565,38 +609,68 @@ class RingKernelRuntime:
         """The exception that made the kernel FAILED, if any."""
         return self._get(kernel_id).error
 
-    def get_telemetry(self, kernel_id: str) -> KernelTelemetry:
-        """A snapshot of the kernel's counters, throughput and latency."""
+    def get_telemetry(self, kernel_id: str) -> KernelTelemetry | None:
+        """A snapshot of the kernel's counters, throughput and latency; None when the
+        runtime was made with ``enable_telemetry=False``."""
         k = self._get(kernel_id)
-        snap = k.loop.telemetry(k.state.name)
-        if k.restarts:
-            snap = dataclasses.replace(snap, restarts=k.restarts)
-        return snap
+        return self._snapshot(k) if self.enable_telemetry else None
 
     def get_all_telemetry(self) -> dict[str, KernelTelemetry]:
-        """Snapshots of every kernel the runtime holds, by id."""
-        return {kid: self.get_telemetry(kid) for kid in list(self._kernels)}
+        """Snapshots of every kernel the runtime holds, by id; ``{}`` when the runtime
+        was made with ``enable_telemetry=False``."""
+        if not self.enable_telemetry:
+            return {}
+        return {kid: self._snapshot(k) for kid, k in list(self._kernels.items())}
 
     def get_summary(self) -> dict[str, Any]:
-        """Counts of kernels per state and message totals."""
-        tele = self.get_all_telemetry().values()
+        """Counts of kernels per state and message totals, with or without telemetry.
+
+        ``kernels`` counts every kernel the runtime holds, ``kernel_count`` those not
+        TERMINATED; ``total_messages_processed``, ``total_messages_dropped`` and
+        ``total_errors`` (PyDotCompute's names) equal ``messages_processed``,
+        ``messages_dropped`` and ``errors``.
+        """
+        tele = [self._snapshot(k) for k in list(self._kernels.values())]
         states: dict[str, int] = {}
         for t in tele:
             states[t.state] = states.get(t.state, 0) + 1
+        processed = sum(t.messages_processed for t in tele)
+        dropped = sum(t.messages_dropped for t in tele)
+        errors = sum(t.errors for t in tele)
         return {
             "kernels": len(self._kernels),
             "states": states,
-            "messages_processed": sum(t.messages_processed for t in tele),
-            "messages_dropped": sum(t.messages_dropped for t in tele),
+            "messages_processed": processed,
+            "messages_dropped": dropped,
             "messages_rejected": sum(t.messages_rejected for t in tele),
-            "errors": sum(t.errors for t in tele),
+            "errors": errors,
+            "kernel_count": len(tele) - states.get(KernelState.TERMINATED.name, 0),
+            "total_messages_processed": processed,
+            "total_messages_dropped": dropped,
+            "total_errors": errors,
         }
+
+    def get_loop_info(self) -> dict[str, str | bool]:
+        """The event loop this runtime runs on (see ``get_loop_info``); the
+        ``runtime_*_installed`` keys are always False: the runtime never installs uvloop
+        or an eager task factory."""
+        info = get_loop_info()
+        info["runtime_uvloop_installed"] = False
+        info["runtime_eager_tasks_installed"] = False
+        return info
 
     # -- internals -------------------------------------------------------------------
 
     def _check_open(self) -> None:
         if self._closed:
             raise KernelStateError("the runtime is shut down")
+
+    @staticmethod
+    def _snapshot(k: _Kernel) -> KernelTelemetry:
+        snap = k.loop.telemetry(k.state.name)
+        if k.restarts:
+            snap = dataclasses.replace(snap, restarts=k.restarts)
+        return snap
 
     def _get(self, kernel_id: str) -> _Kernel:
         k = self._kernels.get(kernel_id)
@@ -661,7 +735,14 @@ class RingKernelRuntime:
         overrides = dict(overrides)
         input_type = overrides.pop("input_type", spec.input_type)
         output_type = overrides.pop("output_type", spec.output_type)
-        config = spec.config.replace(**overrides) if overrides else spec.config
+        config = overrides.pop("config", None)
+        if config is None:
+            config = spec.config
+        elif not isinstance(config, RingKernelConfig):
+            raise InvalidConfigurationError(
+                f"config must be a RingKernelConfig, got {type(config).__name__}"
+            )
+        config = config.replace(**overrides) if overrides else config
         # On a cluster, "auto" is left to the kernel's node (does its actor have a GPU?).
         if config.backend == "auto" and (self._cluster is None or self.backend != "auto"):
             chosen = resolve_backend(self.backend)

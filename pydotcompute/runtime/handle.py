@@ -1,0 +1,74 @@
+"""``KernelHandle``: what ``RingKernelRuntime.launch`` returns, a live view of one launch."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.runtime.lifecycle import KernelState
+
+__all__ = ["KernelHandle"]
+
+
+class _Launch(Protocol):
+    """What the runtime keeps about one launch (its ``_Kernel`` record)."""
+
+    kernel_id: str
+    state: KernelState
+    error: BaseException | None
+    spec: Any
+    loop: Any
+
+
+class KernelHandle:
+    """One launched kernel: its id, configuration and types, and its current state.
+
+    ``state`` and ``error`` are read from the runtime each time, so a handle kept
+    across ``activate``/``deactivate``/``terminate`` stays current. A handle belongs
+    to the launch that returned it: once that kernel is terminated and another is
+    launched under the same id, the old handle keeps showing the old launch. Act on
+    the kernel through the runtime (``rt.send(handle.kernel_id, msg)``).
+    """
+
+    __slots__ = ("_launch",)
+
+    def __init__(self, launch: _Launch) -> None:
+        self._launch = launch
+
+    @property
+    def kernel_id(self) -> str:
+        """The kernel's id in its runtime."""
+        return self._launch.kernel_id
+
+    @property
+    def state(self) -> KernelState:
+        """The kernel's lifecycle state now."""
+        return self._launch.state
+
+    @property
+    def config(self) -> RingKernelConfig:
+        """The configuration it was launched with (decorator options and overrides)."""
+        return self._launch.spec.config  # type: ignore[no-any-return]
+
+    @property
+    def input_type(self) -> type | None:
+        """The message type it takes, if one was declared."""
+        return self._launch.spec.input_type  # type: ignore[no-any-return]
+
+    @property
+    def output_type(self) -> type | None:
+        """The message type it sends, if one was declared."""
+        return self._launch.spec.output_type  # type: ignore[no-any-return]
+
+    @property
+    def backend(self) -> str:
+        """Where it runs: ``host``, ``cpu`` or ``cuda``."""
+        return self._launch.loop.backend  # type: ignore[no-any-return]
+
+    @property
+    def error(self) -> BaseException | None:
+        """What made it FAILED, if it failed."""
+        return self._launch.error
+
+    def __repr__(self) -> str:
+        return f"KernelHandle({self.kernel_id!r}, {self.state.name}, backend={self.backend!r})"
