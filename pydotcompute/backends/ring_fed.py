@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import KernelLoop
+from pydotcompute.backends.base import ErrorFactory, KernelLoop
 from pydotcompute.errors import (
     KernelFailedError,
     KernelStateError,
@@ -85,11 +85,31 @@ class RingFedLoop(KernelLoop):
         return int(self._in_buf[OFF_CAPACITY : OFF_CAPACITY + 8].view(np.int64)[0])
 
     def _check_open(self) -> None:
-        if self.failure is not None:
-            exc = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
-            raise exc from self.failure
+        failure = self.failure
+        if failure is not None:
+            # A fresh error per refusal, each with the one cause.
+            if isinstance(failure, KernelFailedError):
+                exc = KernelFailedError(
+                    *failure.args,
+                    kernel_id=failure.kernel_id,
+                    failed_message=failure.failed_message,
+                )
+                cause = failure.__cause__
+            else:
+                exc = KernelFailedError(
+                    f"kernel {self.kernel_id!r} failed: {failure!r}", kernel_id=self.kernel_id
+                )
+                cause = failure
+            raise exc from cause
         if self._stopped:
             raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
+
+    def close_failed(self, error: ErrorFactory) -> int:
+        """Refuse input from now on; outputs in the ring stay receivable, then the
+        error is raised. Inputs still in the ring are left there (their count shows as
+        the queue depth): the host may not move the index the consumer owns."""
+        self.failure = error()
+        return 0
 
     def _records(self, records: Any) -> np.ndarray:
         """``records`` as a contiguous 1-d array of the input dtype, or ``TypeError``."""
