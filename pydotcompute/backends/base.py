@@ -35,7 +35,6 @@ class KernelLoop(abc.ABC):
     backend: str = "?"
     restartable: bool = False
     """Whether ``restart`` can run the handler again on the same queues."""
-    failed_input: Any = None
 
     def __init__(
         self,
@@ -53,6 +52,7 @@ class KernelLoop(abc.ABC):
         self.output_type = output_type
         self.on_failure = on_failure
         self.failure: BaseException | None = None
+        self.failed_input: Any = None
 
     @abc.abstractmethod
     async def start(self) -> None:

@@ -125,6 +125,8 @@ class SideWords:
     IDLE_POLLS = 11
     EXITED = 12
     ERROR_CODE = 13
+    FAILED_AT = 14
+    """Simulator only: 1 + the input position whose handler raised (0: none)."""
     NWORDS = 16
 
 
@@ -145,6 +147,7 @@ _S_DROPPED = SideWords.DROPPED
 _S_EMITTED = SideWords.EMITTED
 _S_ERROR_CODE = SideWords.ERROR_CODE
 _S_EXITED = SideWords.EXITED
+_S_FAILED_AT = SideWords.FAILED_AT
 _S_IDLE_POLLS = SideWords.IDLE_POLLS
 _S_IN_CLAIM = SideWords.IN_CLAIM
 _S_IN_RELEASED = SideWords.IN_RELEASED
@@ -186,6 +189,12 @@ def output_fit(out_hdr, ctrl, r, remaining, cap, strategy):  # type: ignore[no-u
         pause(1024)
 
 
+def _uuid_field(dtype: np.dtype, name: str) -> bool:
+    fields = dtype.fields
+    field = fields.get(name) if fields is not None else None
+    return field is not None and field[0].subdtype == (np.dtype(np.uint8), (16,))
+
+
 def slot_dtype(dtype: np.dtype) -> np.dtype:
     """The record dtype widened to the ring's slot size (a multiple of 8 bytes), so the
     slots of a ring can be viewed as one record array; fields are unchanged."""
@@ -221,6 +230,18 @@ def compose_loop(
     in mapped host memory; ``side``, ``state`` and ``out_zero`` in device memory.
     """
     device_handler = cuda.jit(device=True)(handler)
+    # Outputs start from ``out_zero`` (the blank header, see messages.record's
+    # ``output_header``); the input's message_id becomes their correlation_id.
+    correlate = _uuid_field(in_dtype, "message_id") and _uuid_field(out_dtype, "correlation_id")
+
+    def simulated_handler(msg, out, state, side, position):  # type: ignore[no-untyped-def]
+        # Simulator only (plain Python): note which record raised for the host.
+        try:
+            return device_handler(msg, out, state)
+        except BaseException:
+            side[_S_FAILED_AT] = position + 1
+            raise
+
     in_slot, out_slot = slot_dtype(in_dtype), slot_dtype(out_dtype)
     in_rec: Any = in_slot if SIMULATOR else from_dtype(in_slot)
     out_rec: Any = out_slot if SIMULATOR else from_dtype(out_slot)
@@ -318,14 +339,20 @@ def compose_loop(
                         if on_gpu:
                             # One pass of loads over PCIe; the handler reads local memory.
                             msg[0] = in_slots[(c + i) & (in_cap - 1)]
-                            out[j] = out_zero[0]
+                            out[j] = out_zero[0]  # the blank header: default priority
+                            if correlate:
+                                for b in range(16):
+                                    out[j].correlation_id[b] = msg[0].message_id[b]
                             emit = device_handler(msg[0], out[j], state)
                         else:
                             # The simulator hands out records of kernel arguments
-                            # wrapped: read the slot in place, clear with numpy.
-                            out[j : j + 1] = 0
+                            # wrapped: read the slot in place, copy with numpy.
+                            out[j : j + 1] = out_zero[0:1].copy_to_host()
                             rec = out.view(np.recarray)[j]  # takes attribute writes
-                            emit = device_handler(in_slots[(c + i) & (in_cap - 1)], rec, state)
+                            src = in_slots[(c + i) & (in_cap - 1)]
+                            if correlate:
+                                rec.correlation_id[:] = src.message_id
+                            emit = simulated_handler(src, rec, state, side, c + i)
                     flags[j] = 1 if emit else 0
                     count += flags[j]
                 # Block-wide inclusive prefix sum of the counts (Hillis-Steele): thread

@@ -186,7 +186,6 @@ class HostKernelLoop(KernelLoop):
         self.on_exit = on_exit
         self.timed = telemetry
         self.errors = 0
-        self.failed_input = None
         self.dropped_at_stop = 0
         self.latency = LatencyRecorder()
         self.launched_at = time.monotonic()

@@ -23,7 +23,7 @@ from pydotcompute.errors import (
     QueueTimeoutError,
 )
 from pydotcompute.messages.message import RingKernelMessage
-from pydotcompute.messages.record import record_layout
+from pydotcompute.messages.record import fill_message_ids, fresh_id_bytes, record_layout
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ops import ring_add_counter, ring_depth, ring_pop, ring_push
 from pydotcompute.rings.host_ring import Backoff, HostRing
@@ -32,6 +32,7 @@ from pydotcompute.rings.layout import OFF_CAPACITY, OFF_DROPPED_NEWEST, OFF_REJE
 __all__ = ["RingFedLoop"]
 
 _DROP_OLDEST_WAIT_S = 1.0
+_NO_ID = bytes(16)
 
 
 def _message_layout(t: Any, dtype: np.dtype) -> Any:
@@ -213,7 +214,10 @@ class RingFedLoop(KernelLoop):
         t = self.output_type
         if self._out_layout is not None:
             layout = self._out_layout
-            return layout.build(layout.struct.unpack(one.tobytes()))
+            data = one.tobytes()
+            if data[:16] == _NO_ID:  # message_id leads every layout; the handler set none
+                data = fresh_id_bytes() + data[16:]
+            return layout.build(layout.struct.unpack(data))
         if t is None or isinstance(t, np.dtype):
             return one[0]
         return t.from_record(one[0])  # type: ignore[attr-defined]
@@ -237,7 +241,7 @@ class RingFedLoop(KernelLoop):
         got = ring_pop(self._out_buf, out, 0, n)
         if got == 0:  # another receiver took them
             return None
-        return out if got == n else out[:got]
+        return fill_message_ids(out if got == n else out[:got])
 
     async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
         if max_items < 1:
