@@ -14,6 +14,7 @@ import pytest
 from pydotcompute import (
     KernelFailedError,
     KernelState,
+    QueueTimeoutError,
     RingKernelRuntime,
     message,
 )
@@ -230,3 +231,13 @@ async def test_a_header_the_handler_set_is_kept() -> None:
         await rt.activate("k")
         reply = await rt.send_and_receive("k", Reading(x=1.0, n=0), timeout=2)
         assert reply.priority == 7 and reply.message_id.bytes == bytes([1] * 16)
+
+
+async def test_a_compiled_kernel_never_activated_says_so_on_timeout() -> None:
+    async with RingKernelRuntime() as rt:
+        await rt.launch("k", doubles, **cpu())
+        await rt.send("k", Reading(x=1.0, n=0))
+        with pytest.raises(QueueTimeoutError, match="never activated"):
+            await rt.receive("k", timeout=0.05)
+        with pytest.raises(QueueTimeoutError, match="never activated"):
+            await rt.receive_batch("k", 4, timeout=0.05)

@@ -1,5 +1,5 @@
 """Failures lose nothing and explain themselves: supervised restarts, outputs kept,
-the message that raised named."""
+the message that raised named, and waits on idle kernels that say why."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from pydotcompute import (
     InvalidConfigurationError,
     KernelFailedError,
     KernelState,
+    QueueFullError,
     QueueTimeoutError,
     RingKernelConfig,
     RingKernelRuntime,
     ring_kernel,
 )
+from pydotcompute.runtime import runtime as runtime_module
 
 
 async def poisoned(ctx):  # type: ignore[no-untyped-def]
@@ -189,7 +191,7 @@ async def test_a_restarting_kernel_takes_sends_and_keeps_state_changes() -> None
         await wait_for(lambda: rt.get_state("a") is KernelState.RESTARTING)
         await rt.send("a", 4)  # queued for the restarted actor
         await rt.deactivate("a")  # applied when the restart completes
-        with pytest.raises(QueueTimeoutError):
+        with pytest.raises(QueueTimeoutError, match="RESTARTING after a crash"):
             await rt.receive("a", timeout=0.05)
         await wait_for(lambda: rt.get_state("a") is KernelState.DEACTIVATED)
         with pytest.raises(QueueTimeoutError):
@@ -227,6 +229,48 @@ async def test_send_and_receive_callers_keep_their_replies_across_a_restart() ->
         )
         assert results[0] == 50 and results[2:] == [70, 80]
         assert isinstance(results[1], KernelFailedError)
+
+
+# -- waits on a kernel that is not active -------------------------------------------
+
+
+async def test_a_timeout_on_a_kernel_never_activated_says_so() -> None:
+    async with RingKernelRuntime() as rt:
+        await rt.launch("e", echo, queue_size=1)
+        await rt.send("e", 1)
+        with pytest.raises(QueueTimeoutError, match=r"never activated.*rt.activate\('e'\)"):
+            await rt.receive("e", timeout=0.05)
+        with pytest.raises(QueueFullError, match="never activated"):
+            await rt.send("e", 2, timeout=0.05)
+        await rt.activate("e")
+        await rt.deactivate("e")
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueTimeoutError, match=r"DEACTIVATED.*rt.reactivate\('e'\)"):
+            await rt.receive("e", timeout=0.05)
+        await rt.reactivate("e")
+        assert await rt.receive("e", timeout=1) == 1
+        with pytest.raises(QueueTimeoutError) as info:  # active: nothing to explain
+            await rt.receive("e", timeout=0.05)
+        assert "activ" not in str(info.value)
+
+
+async def test_a_wait_without_timeout_on_an_idle_kernel_warns_once(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(runtime_module, "INACTIVE_WAIT_WARNING_S", 0.05)
+    async with RingKernelRuntime() as rt:
+        await rt.launch("e", echo)
+        for _ in range(2):
+            waiting = asyncio.ensure_future(rt.receive("e"))
+            await asyncio.sleep(0.15)
+            assert not waiting.done()
+            waiting.cancel()
+        warned = [r for r in caplog.records if "no timeout" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+        assert warned[0].name == "pydotcompute.runtime"
+        assert "rt.activate('e')" in warned[0].getMessage()
+        # A wait that is answered in time says nothing.
+        await rt.activate("e")
+        await rt.send("e", 5)
+        assert await rt.receive("e") == 5
 
 
 # -- logging -----------------------------------------------------------------------

@@ -8,7 +8,7 @@ import functools
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,8 @@ from pydotcompute.errors import (
     KernelFailedError,
     KernelNotFoundError,
     KernelStateError,
+    QueueFullError,
+    QueueTimeoutError,
 )
 from pydotcompute.runtime.lifecycle import KernelState, check_transition
 from pydotcompute.runtime.registry import (
@@ -48,6 +50,12 @@ _RUNNING = frozenset({KernelState.LAUNCHED, KernelState.ACTIVE, KernelState.DEAC
 # A restarting kernel keeps its queues: sends to it wait there for the restarted handler.
 _SENDABLE = _RUNNING | {KernelState.RESTARTING}
 _MISSING = object()
+_IDLE = frozenset({KernelState.LAUNCHED, KernelState.DEACTIVATED})
+_ACTIVE = KernelState.ACTIVE
+
+INACTIVE_WAIT_WARNING_S = 5.0
+"""A send or receive without a timeout that has waited this long on a kernel that is
+not active logs one warning (once per kernel): such a wait usually never ends."""
 
 
 class _Kernel:
@@ -81,6 +89,7 @@ class _Kernel:
         "restart_task",
         "replies",
         "stop_task",
+        "wait_warned",
     )
 
     def __init__(
@@ -115,6 +124,7 @@ class _Kernel:
         self.restart_task: asyncio.Task[None] | None = None
         self.replies: ReplyQueue | None = None  # send_and_receive callers, once one came
         self.stop_task: asyncio.Task[None] | None = None
+        self.wait_warned = False  # a wait on it while inactive was logged once
 
     @property
     def state(self) -> KernelState:
@@ -486,29 +496,40 @@ class RingKernelRuntime:
                 if inbox.getters:
                     inbox.wake_getter()
                 return
-        loop = self._kernels[kernel_id].loop
-        if not loop.try_put(message):
-            await loop.put(message, timeout)
+        k = self._kernels[kernel_id]
+        if not k.loop.try_put(message):
+            if k._state is _ACTIVE:
+                await k.loop.put(message, timeout)
+            else:
+                await self._wait_on(k, k.loop.put(message, timeout), timeout, "send to")
 
     async def receive(self, kernel_id: str, timeout: float | None = None) -> Any:
         """The kernel's next output message; ``QueueTimeoutError`` after ``timeout``.
 
         A FAILED kernel's outputs produced before it failed are still returned, then
-        ``KernelFailedError`` is raised."""
+        ``KernelFailedError`` is raised. On a kernel that is not active, a timeout
+        error says so, and a wait without a timeout logs a warning once after
+        ``INACTIVE_WAIT_WARNING_S`` seconds."""
         try:
             outbox = self._outputs[kernel_id]
         except KeyError:
             err = self._refusal(kernel_id, "receive from")
             raise err from err.__cause__
         if outbox is None:  # a compiled kernel's ring
-            return await self._kernels[kernel_id].loop.get(timeout)
-        items = outbox.items
-        if items and not outbox.hold:  # host, no wait
-            msg = items.popleft()
-            if outbox.putters:
-                outbox.wake_putter()
-            return msg
-        return await outbox.get(timeout)
+            k = self._kernels[kernel_id]
+            waiting = k.loop.get(timeout)
+        else:
+            items = outbox.items
+            if items and not outbox.hold:  # host, no wait
+                msg = items.popleft()
+                if outbox.putters:
+                    outbox.wake_putter()
+                return msg
+            k = self._kernels[kernel_id]
+            waiting = outbox.get(timeout)
+        if k._state is _ACTIVE:
+            return await waiting
+        return await self._wait_on(k, waiting, timeout, "receive from")
 
     async def send_and_receive(
         self, kernel_id: str, message: Any, timeout: float | None = None
@@ -564,7 +585,11 @@ class RingKernelRuntime:
         if k is None:
             raise self._refusal(kernel_id, "receive from")
         if k.loop.backend != "host":
-            return await k.loop.get_batch(max_items, timeout)
+            if k.state is KernelState.ACTIVE:
+                return await k.loop.get_batch(max_items, timeout)
+            return await self._wait_on(
+                k, k.loop.get_batch(max_items, timeout), timeout, "receive from"
+            )
         out = [await self.receive(kernel_id, timeout)]
         while len(out) < max_items:
             try:
@@ -652,6 +677,58 @@ class RingKernelRuntime:
                 f"no kernel {kernel_id!r} in this runtime (launched: {known})"
             )
         return k
+
+    async def _wait_on(
+        self, k: _Kernel, waiting: Awaitable[Any], timeout: float | None, what: str
+    ) -> Any:
+        """Await a send or receive on a kernel that is not ACTIVE: its timeout error
+        says why nothing moves, and a wait without a timeout warns once."""
+        handle = None
+        if timeout is None and not k.wait_warned and k.state in _IDLE:
+            handle = asyncio.get_running_loop().call_later(
+                INACTIVE_WAIT_WARNING_S, self._warn_idle_wait, k, what
+            )
+        try:
+            return await waiting
+        except (QueueTimeoutError, QueueFullError) as exc:
+            why = self._why_idle(k)
+            if why is None:
+                raise
+            raise type(exc)(f"{exc}; {why}") from None
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+    @staticmethod
+    def _why_idle(k: _Kernel) -> str | None:
+        """Why a kernel moves no messages now, or None when it is not idle."""
+        kid = k.kernel_id
+        if k.state is KernelState.LAUNCHED:
+            return (
+                f"kernel {kid!r} is LAUNCHED but was never activated: nothing is "
+                f"delivered to it until rt.activate({kid!r})"
+            )
+        if k.state is KernelState.DEACTIVATED:
+            return (
+                f"kernel {kid!r} is DEACTIVATED: nothing is delivered to it until "
+                f"rt.reactivate({kid!r})"
+            )
+        if k.state is KernelState.RESTARTING:
+            return f"kernel {kid!r} is RESTARTING after a crash ({k.error!r})"
+        return None
+
+    def _warn_idle_wait(self, k: _Kernel, what: str) -> None:
+        why = self._why_idle(k)
+        if why is None or k.wait_warned or k.state not in _IDLE:
+            return
+        k.wait_warned = True
+        log.warning(
+            "a call to %s kernel %r has waited %g s with no timeout: %s",
+            what,
+            k.kernel_id,
+            INACTIVE_WAIT_WARNING_S,
+            why,
+        )
 
     def _refusal(self, kernel_id: str, what: str) -> Exception:
         """Why ``what`` (a send or a receive) is refused: no such kernel, or its state."""
