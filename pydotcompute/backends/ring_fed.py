@@ -56,6 +56,9 @@ class RingFedLoop(KernelLoop):
     in_dtype: np.dtype
     out_dtype: np.dtype
     get_spin_s = 100e-6
+    outputs_have_ids = False
+    """Whether the loop itself gives outputs their fresh ``message_id`` (else the host
+    does, as they leave the output ring)."""
     _stopped = False
 
     def _attach_rings(self, in_ring: HostRing, out_ring: HostRing) -> None:
@@ -241,7 +244,8 @@ class RingFedLoop(KernelLoop):
         got = ring_pop(self._out_buf, out, 0, n)
         if got == 0:  # another receiver took them
             return None
-        return fill_message_ids(out if got == n else out[:got])
+        out = out if got == n else out[:got]
+        return out if self.outputs_have_ids else fill_message_ids(out)
 
     async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
         if max_items < 1:

@@ -38,6 +38,7 @@ __all__ = [
     "output_header",
     "fill_message_ids",
     "fresh_id_bytes",
+    "uuid_offset",
 ]
 
 M = TypeVar("M")
@@ -488,7 +489,7 @@ def messages_from_records(cls: type[M], records: np.ndarray) -> list[M]:
 # output whose ``message_id`` is still zero a fresh one as it leaves the output ring.
 
 
-def _uuid_offset(dtype: np.dtype, name: str) -> int:
+def uuid_offset(dtype: np.dtype, name: str) -> int:
     """Byte offset of a 16-byte UUID field ``name`` of ``dtype``, or -1 if it has none."""
     fields = dtype.fields
     field = fields.get(name) if fields is not None else None
@@ -508,8 +509,8 @@ def output_header(in_dtype: np.dtype, out_dtype: np.dtype) -> tuple[np.ndarray, 
     field = fields.get("priority") if fields is not None else None
     if field is not None and field[0] == np.dtype(np.uint8):
         blank["priority"] = DEFAULT_PRIORITY
-    id_at = _uuid_offset(in_dtype, "message_id")
-    corr_at = _uuid_offset(out_dtype, "correlation_id")
+    id_at = uuid_offset(in_dtype, "message_id")
+    corr_at = uuid_offset(out_dtype, "correlation_id")
     if id_at < 0 or corr_at < 0:
         return blank, -1, -1
     return blank, id_at, corr_at
@@ -525,16 +526,29 @@ def _version4(raw: np.ndarray) -> np.ndarray:
 def fill_message_ids(records: np.ndarray) -> np.ndarray:
     """Give every record whose ``message_id`` is all zeros a fresh random UUID, in place
     (records without that field are left alone); returns ``records``."""
-    at = _uuid_offset(records.dtype, "message_id")
+    at = uuid_offset(records.dtype, "message_id")
     n = len(records)
     if at < 0 or n == 0 or not records.flags.c_contiguous:
         return records
-    ids = records.view(np.uint8).reshape(n, records.dtype.itemsize)[:, at : at + 16]
-    blank = ~ids.any(axis=1)
+    size = records.dtype.itemsize
+    if size % 8 == 0 and at % 8 == 0:  # as two words per id: a few numpy calls per batch
+        words = records.view("<u8").reshape(n, size // 8)
+        blank = (words[:, at // 8] | words[:, at // 8 + 1]) == 0
+        ids = words[:, at // 8 : at // 8 + 2]
+    else:
+        raw = records.view(np.uint8).reshape(n, size)
+        ids = raw[:, at : at + 16]
+        blank = ~ids.any(axis=1)
     missing = int(np.count_nonzero(blank))
     if missing:
-        fresh = np.frombuffer(os.urandom(16 * missing), np.uint8).reshape(missing, 16)
-        ids[blank] = _version4(fresh.copy())
+        fresh = _version4(
+            np.frombuffer(os.urandom(16 * missing), np.uint8).reshape(missing, 16).copy()
+        )
+        fresh = fresh.view(ids.dtype).reshape(missing, ids.shape[1])
+        if missing == n:
+            ids[:] = fresh
+        else:
+            ids[blank] = fresh
     return records
 
 
