@@ -44,7 +44,18 @@ class KernelStateError(PyDotComputeError):
 
 
 class KernelFailedError(PyDotComputeError):
-    """The kernel's loop raised; the original exception is chained as ``__cause__``."""
+    """The kernel's loop raised; the original exception is chained as ``__cause__``.
+
+    ``kernel_id`` names the kernel and ``failed_message`` is the message (or record)
+    its handler was working on when it raised, where known (None otherwise).
+    """
+
+    def __init__(
+        self, *args: object, kernel_id: str | None = None, failed_message: object = None
+    ) -> None:
+        super().__init__(*args)
+        self.kernel_id = kernel_id
+        self.failed_message = failed_message
 
 
 class QueueFullError(PyDotComputeError):

@@ -242,13 +242,58 @@ async def test_handler_that_raises_fails_the_kernel(loops):
     await wait_for(lambda: loops.failures)
     (exc,) = loops.failures
     assert isinstance(exc, ValueError) and "a is three" in str(exc)
-    assert loop.failure is exc
+    # Reported once every worker has left the loop; the queues stay open until the
+    # owner decides (restart or close_failed).
+    assert loop._run.alive == 0
     await wait_for(lambda: not any(t.is_alive() for t in loop._threads))
+    assert loop.failed_input["a"] == 3
     snap = loop.control.snapshot()
     assert (snap["errors"], snap["error_code"]) == (1, ControlBlock.ERR_HANDLER)
-    with pytest.raises(KernelFailedError) as e:
+    loop.close_failed(lambda: KernelFailedError("closed"))
+    with pytest.raises(KernelFailedError, match="closed") as e:
         await loop.put_batch(batch([1]), None)
-    assert e.value.__cause__ is exc
+    assert loop.failure is not None and e.value is not loop.failure
+
+
+async def test_a_raising_record_keeps_what_its_batch_produced_and_left(loops):
+    # One worker, one batch of 8: records 0-2 were handled, 3 raised, 4-7 were not.
+    loop = await loops.start(raises_on_three)
+    loop.set_active(False)
+    await loop.put_batch(batch(np.arange(8)), None)
+    loop.set_active(True)
+    await wait_for(lambda: loops.failures)
+    assert list((await drain(loop, 3))["a"]) == [0, 1, 2]  # produced before the raise
+    assert loop.failed_input["a"] == 3
+    assert loop.telemetry("x").messages_sent == 3
+    # A restart handles the rest of the batch first, then what is queued after it.
+    await loop.put_batch(batch([8, 9]), None)
+    await loop.restart()
+    loop.set_active(True)
+    assert list((await drain(loop, 6))["a"]) == [4, 5, 6, 7, 8, 9]
+    assert loop.failed_input is None and len(loops.failures) == 1
+
+
+async def test_close_failed_counts_the_inputs_nobody_will_handle(loops):
+    loop = await loops.start(raises_on_three, active=False)
+    await loop.put_batch(batch([3, 4, 5]), None)
+    loop.set_active(True)
+    await wait_for(lambda: loops.failures)
+    await loop.put_batch(batch([6]), None)  # queued after the crash, before the verdict
+    assert loop.close_failed(lambda: KernelFailedError("closed")) == 3  # 4, 5 and 6
+    assert loop.telemetry("x").messages_dropped == 3
+    with pytest.raises(KernelFailedError):
+        await loop.get_batch(1, 0.01)
+
+
+async def test_a_restart_starts_the_handler_from_its_declared_state(loops):
+    loop = await loops.start(halve_odd, state=np.array([5.0, 0, 0, 0]))
+    await loop.put_batch(batch([1, 2]), None)
+    await drain(loop, 1)
+    await wait_for(lambda: loop.read_state()[0] == 7.0)
+    loop._run.crash = ValueError("pretend")  # restart() needs a crashed run, not a raise
+    loop.control.set_state(ControlBlock.HALT)
+    await loop.restart()
+    assert list(loop.read_state()) == [5.0, 0, 0, 0]
 
 
 async def test_out_of_bounds_write_is_caught_with_boundscheck(loops):

@@ -535,6 +535,65 @@ if SIM:
             assert [g.correlation_id for g in got] == [m.message_id for m in sent]
             await rt.terminate("reply")
 
+    def raises_on_negative(msg, out, state):  # type: ignore[no-untyped-def]
+        if msg.x < 0:
+            raise ValueError("negative reading")
+        out.value = msg.x
+        return True
+
+    def _message_types():  # type: ignore[no-untyped-def]
+        from pydotcompute.messages import message
+
+        @message
+        class SimIn:
+            x: float
+
+        @message
+        class SimOut:
+            value: float
+
+        return SimIn, SimOut
+
+    @sim
+    async def test_a_raising_handler_fails_the_record_and_keeps_earlier_outputs() -> None:
+        from pydotcompute.errors import KernelFailedError
+        from pydotcompute.runtime.lifecycle import KernelState
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        SimIn, SimOut = _message_types()
+        async with RingKernelRuntime() as rt:
+            await rt.launch("neg", raises_on_negative, backend="cuda", input_type=SimIn,
+                            output_type=SimOut, queue_size=8, extra={"threads": 1})  # fmt: skip
+            await rt.activate("neg")
+            first = SimIn(x=1.0)
+            await rt.send("neg", first)
+            reply = await rt.receive("neg", timeout=10)
+            # Outputs get a fresh id, the default priority and the input's id.
+            assert reply.value == 1.0 and reply.priority == 128
+            assert reply.correlation_id == first.message_id and reply.message_id.int != 0
+            await rt.send("neg", SimIn(x=2.0))
+            await _wait_for(lambda: rt.get_telemetry("neg").messages_sent == 2)
+            bad = SimIn(x=-1.0)
+            await rt.send("neg", bad)
+            await _wait_for(lambda: rt.get_state("neg") is KernelState.FAILED)
+            assert (await rt.receive("neg", timeout=1)).value == 2.0  # produced before
+            with pytest.raises(KernelFailedError) as info:
+                await rt.receive("neg", timeout=1)
+            assert info.value.failed_message == bad
+            assert "negative reading" in str(info.value)
+            assert f'File "{__file__}"' in str(info.value)
+            assert rt.get_telemetry("neg").errors == 1
+
+    @sim
+    async def test_restart_is_refused_on_the_cuda_backend() -> None:
+        from pydotcompute.errors import InvalidConfigurationError
+        from pydotcompute.runtime.runtime import RingKernelRuntime
+
+        async with RingKernelRuntime() as rt:
+            with pytest.raises(InvalidConfigurationError, match="not supported on cuda"):
+                await rt.launch("r", count_and_scale, backend="cuda", input_type=IN,
+                                output_type=OUT, restart="on-failure")  # fmt: skip
+
     @sim
     async def test_runtime_marks_a_faulting_kernel_failed() -> None:
         from pydotcompute.errors import KernelFailedError

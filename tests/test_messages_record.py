@@ -367,3 +367,32 @@ def test_numba_handler_reads_and_writes_record_fields() -> None:
         assert o.correlation_id == m.correlation_id
         np.testing.assert_array_equal(o.vec, m.vec[::-1])
         np.testing.assert_array_equal(o.grid, m.grid + 1)
+
+
+@pytest.mark.parametrize("narrow", [False, True])
+def test_fill_message_ids_gives_fresh_ids_only_where_there_is_none(narrow: bool) -> None:
+    from pydotcompute.messages.record import fill_message_ids
+
+    if narrow:  # 34-byte records: ids not on 8-byte words
+
+        @message
+        class Narrow:
+            b: np.uint8
+
+        dtype = Narrow.__record_dtype__
+    else:
+
+        @message
+        class Wide:
+            x: float
+
+        dtype = Wide.__record_dtype__
+    assert (dtype.itemsize % 8 == 0) is not narrow
+    recs = np.zeros(5, dtype)
+    recs["message_id"][2] = 7
+    assert fill_message_ids(recs) is recs
+    ids = [uuid.UUID(bytes=bytes(r)) for r in recs["message_id"]]
+    assert ids[2].bytes == bytes([7] * 16)  # set by whoever made it: kept
+    fresh = ids[:2] + ids[3:]
+    assert len(set(fresh)) == 4
+    assert all(u.version == 4 and u.variant == uuid.RFC_4122 for u in fresh)

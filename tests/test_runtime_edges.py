@@ -66,7 +66,7 @@ async def test_terminate_mid_message_lets_the_actor_finish_and_keeps_its_output(
         assert await rt.receive("u", timeout=1) == "A"
 
 
-async def test_outputs_discarded_by_a_failure_are_counted():
+async def test_outputs_sent_before_a_failure_are_kept():
     async def send_then_crash(ctx):
         await ctx.send(1)
         await ctx.send(2)
@@ -77,7 +77,11 @@ async def test_outputs_discarded_by_a_failure_are_counted():
         await rt.activate("c")
         await asyncio.sleep(0.01)
         assert rt.get_kernel_state("c") is KernelState.FAILED
-        assert rt.get_telemetry("c").messages_dropped == 2
+        tele = rt.get_telemetry("c")
+        assert (tele.messages_dropped, tele.output_queue_depth) == (0, 2)
+        assert await rt.receive_batch("c", 5, timeout=1) == [1, 2]
+        with pytest.raises(KernelFailedError, match="boom"):
+            await rt.receive("c", timeout=1)
 
 
 async def test_receive_batch_returns_what_it_took_before_the_queue_closed():

@@ -12,22 +12,29 @@ from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["KernelLoop", "FailureCallback", "kernel_record_dtype"]
+__all__ = ["KernelLoop", "ErrorFactory", "FailureCallback", "kernel_record_dtype"]
 
 FailureCallback = Callable[[BaseException], None]
-"""Called once, on the event loop's thread, when a kernel's loop crashes."""
+"""Called once per crash, on the event loop's thread, when a kernel's handler raises."""
+ErrorFactory = Callable[[], BaseException]
 
 
 class KernelLoop(abc.ABC):
     """A launched kernel's running loop.
 
     The runtime owns the lifecycle state machine and calls these methods only in legal
-    states; a loop never changes the kernel's state itself, it reports a crash through
-    ``on_failure`` (scheduled onto the event loop's thread when the crash happens
-    elsewhere) and keeps the exception in ``failure``.
+    states; a loop never changes the kernel's state itself. When its handler raises,
+    the loop stops running it, sets ``failed_input`` to the message (or record) the
+    handler held, and reports the exception through ``on_failure`` (scheduled onto
+    the event loop's thread when the crash happens elsewhere) once every output the
+    handler had produced is queued. Its queues stay open: the runtime then either
+    ``restart``s the handler on them or calls ``close_failed``. ``failure`` is the
+    error that closed the loop for good (None while it may still run).
     """
 
     backend: str = "?"
+    restartable: bool = False
+    """Whether ``restart`` can run the handler again on the same queues."""
 
     def __init__(
         self,
@@ -45,6 +52,7 @@ class KernelLoop(abc.ABC):
         self.output_type = output_type
         self.on_failure = on_failure
         self.failure: BaseException | None = None
+        self.failed_input: Any = None
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -53,6 +61,19 @@ class KernelLoop(abc.ABC):
     @abc.abstractmethod
     def set_active(self, active: bool) -> None:
         """Start or pause delivery of input (``activate``/``deactivate``)."""
+
+    async def restart(self) -> None:
+        """Run the handler again after a crash, on the same queues, from its initial
+        state, inactive. What was queued stays queued; the record that raised is not
+        handled again."""
+        raise NotImplementedError(f"{self.backend} kernels cannot be restarted")
+
+    @abc.abstractmethod
+    def close_failed(self, error: ErrorFactory) -> int:
+        """The kernel failed for good: refuse input with ``error()``, wake every waiter,
+        keep the outputs already produced receivable (then ``error()``), and discard
+        the inputs still queued for the handler, counted as dropped, where the backend
+        can reach them. Returns how many were discarded."""
 
     @abc.abstractmethod
     async def stop(self, timeout: float) -> None:

@@ -10,9 +10,12 @@ import numpy as np
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 
-__all__ = ["RingKernelConfig", "BACKENDS"]
+__all__ = ["RingKernelConfig", "BACKENDS", "RESTART_POLICIES", "MAX_RESTART_BACKOFF_S"]
 
 BACKENDS = ("host", "cpu", "cuda", "auto")
+RESTART_POLICIES = ("never", "on-failure")
+MAX_RESTART_BACKOFF_S = 30.0
+"""The longest wait before a restart, however many came before it in the window."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +35,14 @@ class RingKernelConfig:
     kernel's Ray actor reserves them, so ``resources={"node_a": 1}`` pins it to the
     nodes that offer that custom resource. They are ignored by a runtime without a
     cluster, so one kernel definition runs in both.
+
+    ``restart`` is the supervision policy: ``"never"`` (default: a kernel whose
+    handler raises goes FAILED) or ``"on-failure"`` (it is restarted on the same
+    queues, nothing queued or produced is lost). ``max_restarts`` restarts are
+    allowed within any ``restart_window`` seconds (``-1``: no limit); one more crash
+    in that window leaves it FAILED. The first restart waits ``restart_backoff``
+    seconds, each further one in the window twice as long as the one before (at
+    most ``MAX_RESTART_BACKOFF_S``).
     """
 
     queue_size: int = 4096
@@ -44,6 +55,10 @@ class RingKernelConfig:
     num_cpus: float = 0
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    restart: str = "never"
+    max_restarts: int = 3
+    restart_window: float = 60.0
+    restart_backoff: float = 0.1
 
     def __post_init__(self) -> None:
         if isinstance(self.queue_size, bool) or not isinstance(self.queue_size, int):
@@ -90,6 +105,31 @@ class RingKernelConfig:
         object.__setattr__(
             self, "resources", dict(self.resources)
         )  # the caller's dict stays theirs
+        self._check_restart()
+
+    def _check_restart(self) -> None:
+        if self.restart not in RESTART_POLICIES:
+            raise InvalidConfigurationError(
+                f"restart must be one of {', '.join(map(repr, RESTART_POLICIES))}, "
+                f"got {self.restart!r}"
+            )
+        n = self.max_restarts
+        if isinstance(n, bool) or not isinstance(n, int) or n < -1:
+            raise InvalidConfigurationError(
+                f"max_restarts must be an int >= 0, or -1 for no limit, got {n!r}"
+            )
+        _check_amount("restart_backoff", self.restart_backoff)
+        _check_amount("restart_window", self.restart_window)
+        if not self.restart_window > 0:
+            raise InvalidConfigurationError(
+                f"restart_window must be > 0 seconds, got {self.restart_window!r}"
+            )
+
+    def restart_delay(self, restarts_in_window: int) -> float:
+        """Seconds to wait before restart number ``restarts_in_window`` (1-based) of the
+        current window: ``restart_backoff`` doubled for each restart before it."""
+        delay = self.restart_backoff * 2.0 ** max(0, restarts_in_window - 1)
+        return float(min(delay, MAX_RESTART_BACKOFF_S))
 
     @property
     def effective_output_queue_size(self) -> int:

@@ -38,6 +38,7 @@ import numpy as np
 
 from pydotcompute.backends.base import FailureCallback, kernel_record_dtype
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.handler_errors import check_handler_source, compile_error
 from pydotcompute.backends.ring_fed import RingFedLoop
 from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
 from pydotcompute.errors import (
@@ -48,7 +49,7 @@ from pydotcompute.errors import (
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
-from pydotcompute.rings.layout import RingSide, ring_nbytes
+from pydotcompute.rings.layout import HEADER_SIZE, TAG_SIZE, RingSide, ring_nbytes, slot_size_for
 from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
 
 __all__ = ["CudaKernelLoop", "MappedRing", "MappedControl", "require_cuda_backend"]
@@ -266,6 +267,7 @@ class CudaKernelLoop(RingFedLoop):
         self._attach_rings(self.in_ring.host, self.out_ring.host, wakeup)
         self.control = MappedControl()
         try:
+            check_handler_source(self.func, self.kernel_id, "cuda", gpu=not self.simulator)
             self.kernel = await asyncio.to_thread(
                 compile_loop,
                 self.func,
@@ -276,15 +278,15 @@ class CudaKernelLoop(RingFedLoop):
                 self.items,
                 self.idle_sleep_ns,
             )
+        except KernelFailedError as refused:  # before compiling: already explained
+            self.failure = refused
+            raise
         except Exception as exc:
-            name = getattr(self.func, "__name__", repr(self.func))
-            err = KernelFailedError(
-                f"handler {name!r} of kernel {self.kernel_id!r} does not compile for the "
-                f"device with input records {self.in_dtype} and output records "
-                f"{self.out_dtype}: {type(exc).__name__}: {exc}"
+            err = compile_error(
+                self.func, self.kernel_id, "cuda", exc, self.in_dtype, self.out_dtype
             )
             self.failure = err
-            raise err from exc
+            raise err from err.__cause__
         cuda = _cuda()
         # The kernel's own words start from the rings' indices and counters (3.1).
         side = SideWords.initial(
@@ -400,6 +402,7 @@ class CudaKernelLoop(RingFedLoop):
         if self.failure is not None:
             return
         self.failure = exc
+        self.failed_input = self._failed_record()
         if self.control is not None:
             from pydotcompute.backends.cuda_loop import ControlWords as W
 
@@ -411,6 +414,27 @@ class CudaKernelLoop(RingFedLoop):
         self._active.pause()
         self._wake_receivers()
         self.on_failure(exc)
+
+    def _failed_record(self) -> Any:
+        """The input the handler raised on, as it was sent (simulator only: on a GPU a
+        handler cannot raise, see ``check_handler_source``)."""
+        from pydotcompute.backends.cuda_loop import SideWords
+
+        if not self.simulator or self._side is None or self.in_ring is None:
+            return None
+        at = int(self._side.copy_to_host()[SideWords.FAILED_AT]) - 1
+        if at < 0:
+            return None
+        ring = self.in_ring.host
+        size = self.in_dtype.itemsize
+        slot = HEADER_SIZE + (at & (ring.capacity - 1)) * slot_size_for(size, crossing=True)
+        start = slot + TAG_SIZE  # the record follows the slot's tag (protocol 4.4)
+        one = np.empty(1, self.in_dtype)
+        one.view(np.uint8)[:] = ring.buffer[start : start + size]  # not released: intact
+        t = self.input_type
+        if isinstance(t, type) and hasattr(t, "from_record"):
+            return t.from_record(one[0])
+        return one[0]
 
     def set_active(self, active: bool) -> None:
         from pydotcompute.backends.cuda_loop import ControlWords

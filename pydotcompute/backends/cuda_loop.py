@@ -20,7 +20,13 @@ into shared memory with consecutive threads reading consecutive 8-byte words, ev
 load issued before any is used; the agent's own poll already holds the first records,
 so a single record is handled after a single read across PCIe. The handler reads its
 record and writes its output in shared memory; outputs leave the same way, consecutive
-threads writing consecutive words of consecutive slots, each with its tag.
+threads writing consecutive words of consecutive slots, each with its tag. Each output
+starts as the blank header (default priority) with the input's ``message_id`` as its
+``correlation_id``, written as whole words too.
+
+**A handler that raises** (only possible under the simulator: on a GPU, launch refuses
+a ``raise``) leaves 1 + the position of its record in ``SideWords.FAILED_AT``; its
+round releases nothing, so the host reads the record from its slot.
 
 **Outputs in claim order.** After its handlers, a block waits for its *turn* (a word in
 device memory that says how far the input has been handled in order), reserves its
@@ -50,6 +56,7 @@ from numba import cuda
 
 from pydotcompute.backends.cpu import ControlBlock as _Layout
 from pydotcompute.errors import InvalidConfigurationError
+from pydotcompute.messages.record import output_header
 from pydotcompute.rings.device import (
     HEADER_WORDS,
     RING_OK,
@@ -164,6 +171,8 @@ class SideWords:
     OUT_HIGH_WATER = 19
     MIRRORED_AT = 20
     HEARTBEAT = 21
+    FAILED_AT = 22
+    """Simulator only: 1 + the input position whose handler raised (0: none)."""
     NWORDS = 32
 
     @classmethod
@@ -220,6 +229,7 @@ _S_OUT_DROPPED_NEWEST = SideWords.OUT_DROPPED_NEWEST
 _S_OUT_HIGH_WATER = SideWords.OUT_HIGH_WATER
 _S_MIRRORED_AT = SideWords.MIRRORED_AT
 _S_HEARTBEAT = SideWords.HEARTBEAT
+_S_FAILED_AT = SideWords.FAILED_AT
 _BLOCK = 0
 _DROP_OLDEST = 2
 _DROP_NEWEST = 3
@@ -234,6 +244,52 @@ _SEAL_RETRIES = 1000  # re-reads of a record below `published` before it is an e
 _WINDOW_WORDS = 32  # the agent's poll: 256 bytes of slots
 _STAGING_BYTES = 40 * 1024  # shared memory for staged records, inputs and outputs
 _POLL_LANES = 32
+
+
+def blank_slot(in_dtype: np.dtype, out_dtype: np.dtype) -> np.ndarray:
+    """The words every output slot starts as before its handler runs: the blank output
+    record of ``messages.record.output_header`` (zeros but for the default priority)
+    after a zero tag."""
+    blank, _, _ = output_header(in_dtype, out_dtype)
+    words = np.zeros(slot_dtype(out_dtype).itemsize // 8, np.int64)
+    words.view(np.uint8)[TAG_SIZE : TAG_SIZE + out_dtype.itemsize] = blank.view(np.uint8)
+    return words
+
+
+def uuid_copy(src_byte: int, dst_byte: int, blank: np.ndarray) -> Any:
+    """A device function ``copy(src, s, dst, d)``: the 16 bytes at byte ``src_byte`` of
+    the words ``src[s:]`` into byte ``dst_byte`` of the words ``dst[d:]``, moved as
+    8-byte words, shifted and merged where the field is not word-aligned (records are
+    little-endian on both sides). A record's ``correlation_id`` usually is not: it
+    follows the one-byte ``priority``. The bytes the field shares its words with are
+    taken from ``blank`` (the words ``dst`` starts as), never read back from ``dst``:
+    a read-modify-write of a word lets the compiler narrow it to a byte access."""
+    sw, ss = src_byte // 8, (src_byte % 8) * 8
+    dw, ds = dst_byte // 8, (dst_byte % 8) * 8
+    # Constants that fit an int64 (a larger one would type as uint64).
+    low_src = (1 << (64 - ss)) - 1 if ss else -1  # the bits a right shift by ss keeps
+    low_dst = (1 << ds) - 1 if ds else -1  # the bits a right shift by 64 - ds keeps
+    below = int(blank[dw]) & low_dst if ds else 0  # blank bytes before the field
+    above = int(blank[dw + 2]) & ~low_dst if ds else 0  # and after it
+
+    def copy(src, s, dst, d):  # type: ignore[no-untyped-def]
+        s += sw
+        d += dw
+        if ss == 0:
+            lo = src[s]
+            hi = src[s + 1]
+        else:
+            lo = ((src[s] >> ss) & low_src) | (src[s + 1] << (64 - ss))
+            hi = ((src[s + 1] >> ss) & low_src) | (src[s + 2] << (64 - ss))
+        if ds == 0:
+            dst[d] = lo
+            dst[d + 1] = hi
+        else:
+            dst[d] = below | (lo << ds)
+            dst[d + 1] = ((lo >> (64 - ds)) & low_dst) | (hi << ds)
+            dst[d + 2] = above | ((hi >> (64 - ds)) & low_dst)
+
+    return cuda.jit(device=True)(copy)
 
 
 def slot_dtype(dtype: np.dtype) -> np.dtype:
@@ -282,6 +338,25 @@ def compose_loop(
     and ``max_iterations``.
     """
     device_handler = cuda.jit(device=True)(handler)
+    on_gpu = not SIMULATOR
+
+    def simulated_handler(msg, out, state, side, position):  # type: ignore[no-untyped-def]
+        # Simulator only (plain Python): note which record raised for the host. The
+        # round that raised never releases its claim, so the record stays in its slot.
+        try:
+            return device_handler(msg, out, state)
+        except BaseException:
+            side[_S_FAILED_AT] = position + 1
+            raise
+
+    # Every output starts as ``out_zero``, the blank slot (default priority: see
+    # messages.record's output_header), a constant array, so its loads are ld.const
+    # and never plain global loads; the input's message_id becomes the output's
+    # correlation_id where both records have those fields. Both as whole words.
+    out_zero = blank_slot(in_dtype, out_dtype)
+    _, id_at, corr_at = output_header(in_dtype, out_dtype)
+    correlate = id_at >= 0
+    correlation = uuid_copy(TAG_SIZE + max(id_at, 0), TAG_SIZE + max(corr_at, 0), out_zero)
     in_slot, out_slot = slot_dtype(in_dtype), slot_dtype(out_dtype)
     in_view, out_view = records_view(in_slot), records_view(out_slot)
     in_rs, out_rs = in_dtype.itemsize, out_dtype.itemsize
@@ -511,8 +586,13 @@ def compose_loop(
                     if i < n:
                         at = i * out_sw
                         for w in range(out_sw):
-                            stage_out[at + w] = 0
-                        if device_handler(in_recs[i], out_recs[i], state):
+                            stage_out[at + w] = out_zero[w]
+                        if correlate:
+                            correlation(stage_in, i * in_sw, stage_out, at)
+                        if on_gpu:
+                            if device_handler(in_recs[i], out_recs[i], state):
+                                emit = 1
+                        elif simulated_handler(in_recs[i], out_recs[i], state, side, first + i):
                             emit = 1
                     if i < per_round:
                         flags[i] = emit
@@ -521,6 +601,10 @@ def compose_loop(
                 # tid's outputs take places scan[tid] - count .. scan[tid] - 1.
                 scan[tid] = count
                 cuda.syncthreads()
+                if not on_gpu and side[_S_FAILED_AT] != 0:
+                    # Simulator: a handler raised and its thread is gone; the others
+                    # leave without releasing the round (the launch raises its error).
+                    return
                 d = 1
                 while d < nthreads:
                     v = scan[tid - d] if tid >= d else 0

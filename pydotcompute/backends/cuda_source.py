@@ -37,7 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import FailureCallback, KernelLoop, kernel_record_dtype
+from pydotcompute.backends.base import (
+    ErrorFactory,
+    FailureCallback,
+    KernelLoop,
+    kernel_record_dtype,
+)
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.errors import (
     BackendNotAvailableError,
@@ -213,6 +218,10 @@ class CudaSourceKernelLoop(KernelLoop):
             self.failure = exc
             self.control[_W.COMMAND] = _W.TERMINATE
             self.on_failure(exc)
+
+    def close_failed(self, error: ErrorFactory) -> int:
+        # It has refused input since its fault (see _fail); nothing else is queued here.
+        return 0
 
     def set_active(self, active: bool) -> None:
         if self.failure is None and not self._stopped:

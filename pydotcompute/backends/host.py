@@ -9,16 +9,16 @@ from collections.abc import Awaitable, Callable
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
-from pydotcompute.backends.base import FailureCallback, KernelLoop
+from pydotcompute.backends.base import ErrorFactory, FailureCallback, KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.mailbox import Mailbox
-from pydotcompute.errors import KernelFailedError, KernelStateError
+from pydotcompute.errors import KernelStateError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry, LatencyRecorder
 
 __all__ = ["KernelContext", "HostKernelLoop", "LATENCY_SAMPLE_EVERY"]
 
-log = logging.getLogger("pydotcompute.runtime")
+log = logging.getLogger("pydotcompute.backends")
 
 _perf_ns = time.perf_counter_ns
 
@@ -49,6 +49,7 @@ class KernelContext(Generic[In, Out]):
         "_outbox",
         "_output_type",
         "_pending_t",
+        "_holding",
         "_send_to",
         "kernel_id",
         "processed",
@@ -60,6 +61,7 @@ class KernelContext(Generic[In, Out]):
         self._outbox = loop.outbox
         self._output_type = loop.output_type
         self._pending_t = 0
+        self._holding: Any = None  # the last message received: named if the actor raises
         self._send_to = send_to
         self.kernel_id: str = loop.kernel_id
         # Counted here, on the actor's side, where the per-message work happens. What
@@ -97,6 +99,7 @@ class KernelContext(Generic[In, Out]):
         else:
             t, msg = await inbox.get(timeout)
         self._pending_t = t
+        self._holding = msg
         return msg
 
     async def send(self, msg: Out, timeout: float | None = None) -> None:
@@ -152,6 +155,7 @@ class HostKernelLoop(KernelLoop):
     """
 
     backend = "host"
+    restartable = True
 
     def __init__(
         self,
@@ -206,8 +210,8 @@ class HostKernelLoop(KernelLoop):
         except BaseException as exc:
             if not (isinstance(exc, asyncio.CancelledError) and self.stopping):
                 # The actor crashed, or something other than the runtime cancelled it:
-                # either way it is gone, so the kernel fails and its callers wake up.
-                self._fail(exc)
+                # either way it is gone; the runtime restarts it or closes its queues.
+                self._crash(exc)
                 if not isinstance(exc, Exception):
                     raise
             # Cancelled by terminate: whatever the actor held when cancelled (an output
@@ -225,23 +229,37 @@ class HostKernelLoop(KernelLoop):
             self.active_event.set()
             self.on_exit()
 
-    def _fail(self, exc: BaseException) -> None:
+    def _crash(self, exc: BaseException) -> None:
+        # Everything the actor sent is already in its output mailbox; both mailboxes
+        # stay open until the runtime decides between restart() and close_failed().
         self.errors += 1
-        self.failure = exc
-        # The runtime raises KernelFailedError itself; waiters only need to wake up.
-        # Queued inputs and unread outputs are discarded, and counted.
-        self.dropped_at_stop += self.inbox.close(self._failed_error)
-        self.dropped_at_stop += self.outbox.close(self._failed_error)
-        self.active_event.set()
+        ctx = self.ctx
+        # The message it received and had not answered yet (none once it has sent).
+        self.failed_input = ctx._holding if ctx._pending_t else None
         self.on_failure(exc)
+
+    async def restart(self) -> None:
+        task = self.task
+        if task is not None and not task.done():
+            await asyncio.wait({task})  # it reported its crash and is unwinding
+        ctx = self.ctx
+        ctx._pending_t = 0  # the message that raised is not counted as processed
+        ctx._holding = None
+        self.failed_input = None
+        self.stopping = False
+        await self.start()
+
+    def close_failed(self, error: ErrorFactory) -> int:
+        self.failure = error()
+        discarded = self.inbox.close(error)
+        self.dropped_at_stop += discarded
+        # Outputs the actor produced before it raised stay receivable.
+        self.outbox.close(error, drain=True)
+        self.active_event.set()
+        return discarded
 
     def _exited_error(self) -> BaseException:
         return KernelStateError(f"kernel {self.kernel_id!r} has exited")
-
-    def _failed_error(self) -> BaseException:
-        exc = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
-        exc.__cause__ = self.failure
-        return exc
 
     def set_active(self, active: bool) -> None:
         if active:
@@ -262,15 +280,14 @@ class HostKernelLoop(KernelLoop):
         # Wake the actor wherever it waits for input: receive() raises CancelledError,
         # wait_active() returns and should_terminate is True. Its output stays open
         # until it has finished, so the message in hand still gets its reply.
-        self.dropped_at_stop += self.inbox.close(
-            asyncio.CancelledError, put_error=self._stopped_error
-        )
+        discarded = self.inbox.close(asyncio.CancelledError, put_error=self._stopped_error)
+        self.dropped_at_stop += discarded
         self.active_event.set()
-        if self.dropped_at_stop:
+        if discarded:
             log.warning(
                 "kernel %r terminated with %d queued message(s) unprocessed",
                 self.kernel_id,
-                self.dropped_at_stop,
+                discarded,
             )
         task = self.task
         try:

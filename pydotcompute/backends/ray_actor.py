@@ -24,7 +24,12 @@ import numpy as np
 from pydotcompute.backends.base import KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.select import resolve_backend
-from pydotcompute.errors import KernelNotFoundError, QueueFullError, QueueTimeoutError
+from pydotcompute.errors import (
+    KernelFailedError,
+    KernelNotFoundError,
+    QueueFullError,
+    QueueTimeoutError,
+)
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __all__ = ["KernelActor"]
@@ -98,6 +103,10 @@ class KernelActor:
     def _on_failure(self, exc: BaseException) -> None:
         self._failure = exc
         assert self._crashed is not None
+        if self._loop is not None:  # no supervision here: the kernel is over
+            self._loop.close_failed(
+                lambda: KernelFailedError(f"kernel {self._args[0]!r} failed: {exc!r}")
+            )
         self._crashed.set()
 
     async def _send_to(self, kernel_id: str, msg: Any, timeout: float | None) -> None:

@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pydotcompute.backends.base import FailureCallback, KernelLoop, kernel_record_dtype
+from pydotcompute.backends.base import (
+    ErrorFactory,
+    FailureCallback,
+    KernelLoop,
+    kernel_record_dtype,
+)
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.ray_cluster import KernelPlacement
 from pydotcompute.errors import (
@@ -208,6 +213,11 @@ class RayKernelLoop(KernelLoop):
         self.failure = exc
         self._discard_inputs(self._failed_error())
         self.on_failure(exc)
+
+    def close_failed(self, error: ErrorFactory) -> int:
+        # A cluster kernel is closed at its crash already (_fail): it is never
+        # restarted (Ray restarts actors, not the queues this side holds).
+        return 0
 
     def _failed_error(self) -> KernelFailedError:
         err = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")

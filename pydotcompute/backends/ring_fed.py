@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import KernelLoop
+from pydotcompute.backends.base import ErrorFactory, KernelLoop
 from pydotcompute.backends.wakeup import ReplyWakeup
 from pydotcompute.errors import (
     KernelFailedError,
@@ -23,7 +23,7 @@ from pydotcompute.errors import (
     QueueTimeoutError,
 )
 from pydotcompute.messages.message import RingKernelMessage
-from pydotcompute.messages.record import record_layout
+from pydotcompute.messages.record import fill_message_ids, fresh_id_bytes, record_layout
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ops import (
     ring_add_counter,
@@ -43,6 +43,7 @@ from pydotcompute.rings.layout import (
 __all__ = ["RingFedLoop"]
 
 _DROP_OLDEST_WAIT_S = 1.0
+_NO_ID = bytes(16)
 
 
 def _message_layout(t: Any, dtype: np.dtype) -> Any:
@@ -67,6 +68,9 @@ class RingFedLoop(KernelLoop):
     in_dtype: np.dtype
     out_dtype: np.dtype
     get_spin_s = 100e-6
+    outputs_have_ids = False
+    """Whether the loop itself gives outputs their fresh ``message_id`` (else the host
+    does, as they leave the output ring)."""
     _stopped = False
     _wakeup: ReplyWakeup | None = None
 
@@ -104,11 +108,32 @@ class RingFedLoop(KernelLoop):
         return int(self._in_buf[OFF_CAPACITY : OFF_CAPACITY + 8].view(np.int64)[0])
 
     def _check_open(self) -> None:
-        if self.failure is not None:
-            exc = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
-            raise exc from self.failure
+        failure = self.failure
+        if failure is not None:
+            # A fresh error per refusal, each with the one cause.
+            if isinstance(failure, KernelFailedError):
+                exc = KernelFailedError(
+                    *failure.args,
+                    kernel_id=failure.kernel_id,
+                    failed_message=failure.failed_message,
+                )
+                cause = failure.__cause__
+            else:
+                exc = KernelFailedError(
+                    f"kernel {self.kernel_id!r} failed: {failure!r}", kernel_id=self.kernel_id
+                )
+                cause = failure
+            raise exc from cause
         if self._stopped:
             raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
+
+    def close_failed(self, error: ErrorFactory) -> int:
+        """Refuse input from now on; outputs in the ring stay receivable, then the
+        error is raised. Inputs still in the ring are left there (their count shows as
+        the queue depth): the host may not move the index the consumer owns."""
+        self.failure = error()
+        self._wake_receivers()  # they take what is left, then get the error
+        return 0
 
     def _records(self, records: Any) -> np.ndarray:
         """``records`` as a contiguous 1-d array of the input dtype, or ``TypeError``."""
@@ -221,7 +246,13 @@ class RingFedLoop(KernelLoop):
         t = self.output_type
         if self._out_layout is not None:
             layout = self._out_layout
-            return layout.build(layout.unpack_from(one))
+            v = layout.unpack_from(one)
+            if v[0] == _NO_ID and not self.outputs_have_ids:
+                # message_id leads every layout; the handler set none.
+                v = (fresh_id_bytes(), *v[1:])
+            return layout.build(v)
+        if not self.outputs_have_ids:
+            fill_message_ids(one)
         if t is None or isinstance(t, np.dtype):
             return one[0]
         return t.from_record(one[0])  # type: ignore[attr-defined]
@@ -252,9 +283,9 @@ class RingFedLoop(KernelLoop):
         got = ring_pop(self._out_buf, out, 0, n)
         if got == 0:
             return None
-        if got == n:
-            return out
-        return out[:got] if got * 4 >= n or n <= 64 else out[:got].copy()
+        if got < n:
+            out = out[:got] if got * 4 >= n or n <= 64 else out[:got].copy()
+        return out if self.outputs_have_ids else fill_message_ids(out)
 
     async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
         if max_items < 1:
@@ -266,7 +297,8 @@ class RingFedLoop(KernelLoop):
             out = np.empty(max_items, self.out_dtype)
             got = ring_pop_spin(self._out_buf, out, 0, max_items, self._spin_ns(timeout))
             if got:
-                return out if got == max_items else out[:got]
+                out = out if got == max_items else out[:got]
+                return out if self.outputs_have_ids else fill_message_ids(out)
         return await self._sleep_for_batch(max_items, timeout)
 
     async def _sleep_for_batch(self, max_items: int, timeout: float | None) -> np.ndarray:

@@ -14,9 +14,11 @@ all of its fields rather than one numpy assignment per field.
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 import typing
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, TypeVar
 
@@ -32,11 +34,17 @@ __all__ = [
     "has_record_layout",
     "records_from_messages",
     "messages_from_records",
+    "DEFAULT_PRIORITY",
+    "output_header",
+    "fill_message_ids",
+    "fresh_id_bytes",
+    "uuid_offset",
 ]
 
 M = TypeVar("M")
 
 HEADER_FIELDS = ("message_id", "priority", "correlation_id")
+DEFAULT_PRIORITY = 128
 
 _LAYOUT = "__message_record_layout__"
 _NO_UUID = bytes(16)
@@ -471,3 +479,96 @@ def messages_from_records(cls: type[M], records: np.ndarray) -> list[M]:
     layout.check(records.dtype)
     build = layout.build
     return [build(v) for v in layout.struct.iter_unpack(np.ascontiguousarray(records).tobytes())]
+
+
+# -- the header of a compiled kernel's outputs ---------------------------------------
+#
+# A compiled handler fills the fields of its output record; the header is filled for
+# it: the loop starts every output as a copy of a blank record (the default priority)
+# with ``correlation_id`` set to the input's ``message_id``, and the host gives each
+# output whose ``message_id`` is still zero a fresh one as it leaves the output ring.
+
+
+def uuid_offset(dtype: np.dtype, name: str) -> int:
+    """Byte offset of a 16-byte UUID field ``name`` of ``dtype``, or -1 if it has none."""
+    fields = dtype.fields
+    field = fields.get(name) if fields is not None else None
+    if field is None or field[0].subdtype != (np.dtype(np.uint8), (16,)):
+        return -1
+    return int(field[1])
+
+
+def output_header(in_dtype: np.dtype, out_dtype: np.dtype) -> tuple[np.ndarray, int, int]:
+    """What a compiled loop writes into each output record before its handler runs:
+    ``(blank, id_at, corr_at)``. ``blank`` is one record of ``out_dtype``, zeros but
+    for ``priority`` (``DEFAULT_PRIORITY`` where the record has one); the input's
+    ``message_id`` at byte ``id_at`` is copied to the output's ``correlation_id`` at
+    byte ``corr_at`` (both -1 when either record lacks its field)."""
+    blank = np.zeros(1, out_dtype)
+    fields = out_dtype.fields
+    field = fields.get("priority") if fields is not None else None
+    if field is not None and field[0] == np.dtype(np.uint8):
+        blank["priority"] = DEFAULT_PRIORITY
+    id_at = uuid_offset(in_dtype, "message_id")
+    corr_at = uuid_offset(out_dtype, "correlation_id")
+    if id_at < 0 or corr_at < 0:
+        return blank, -1, -1
+    return blank, id_at, corr_at
+
+
+def _version4(raw: np.ndarray) -> np.ndarray:
+    """Random bytes, ``(n, 16)``, made UUID version 4 (RFC 4122 variant) in place."""
+    raw[:, 6] = (raw[:, 6] & 0x0F) | 0x40
+    raw[:, 8] = (raw[:, 8] & 0x3F) | 0x80
+    return raw
+
+
+def fill_message_ids(records: np.ndarray) -> np.ndarray:
+    """Give every record whose ``message_id`` is all zeros a fresh random UUID, in place
+    (records without that field are left alone); returns ``records``."""
+    at = uuid_offset(records.dtype, "message_id")
+    n = len(records)
+    if at < 0 or n == 0 or not records.flags.c_contiguous:
+        return records
+    size = records.dtype.itemsize
+    if size % 8 == 0 and at % 8 == 0:  # as two words per id: a few numpy calls per batch
+        words = records.view("<u8").reshape(n, size // 8)
+        blank = (words[:, at // 8] | words[:, at // 8 + 1]) == 0
+        ids = words[:, at // 8 : at // 8 + 2]
+    else:
+        raw = records.view(np.uint8).reshape(n, size)
+        ids = raw[:, at : at + 16]
+        blank = ~ids.any(axis=1)
+    missing = int(np.count_nonzero(blank))
+    if missing:
+        fresh = _version4(
+            np.frombuffer(os.urandom(16 * missing), np.uint8).reshape(missing, 16).copy()
+        )
+        fresh = fresh.view(ids.dtype).reshape(missing, ids.shape[1])
+        if missing == n:
+            ids[:] = fresh
+        else:
+            ids[blank] = fresh
+    return records
+
+
+# Fresh ids for one record at a time, drawn 256 at a time: os.urandom is a system call.
+# popleft is atomic, so threads never share an id; a forked child drops the pool (the
+# hook is registered on first use, not at import).
+_ids: deque[bytes] = deque()
+_fork_hook: list[bool] = []
+
+
+def fresh_id_bytes() -> bytes:
+    """The 16 bytes of a fresh random (version 4) UUID."""
+    while True:
+        try:
+            return _ids.popleft()
+        except IndexError:
+            pass
+        if not _fork_hook and hasattr(os, "register_at_fork"):
+            _fork_hook.append(True)
+            os.register_at_fork(after_in_child=_ids.clear)
+        raw = _version4(np.frombuffer(os.urandom(4096), np.uint8).reshape(256, 16).copy())
+        block = raw.tobytes()
+        _ids.extend([block[i : i + 16] for i in range(0, 4096, 16)])

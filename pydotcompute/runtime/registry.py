@@ -79,6 +79,10 @@ def ring_kernel(
     num_gpus: float = 0,
     num_cpus: float = 0,
     resources: dict[str, float] | None = None,
+    restart: str = "never",
+    max_restarts: int = 3,
+    restart_window: float = 60.0,
+    restart_backoff: float = 0.1,
     auto_register: bool = True,
     **extra: Any,
 ) -> Callable[[F], F]: ...
@@ -99,6 +103,10 @@ def ring_kernel(
     num_gpus: float = 0,
     num_cpus: float = 0,
     resources: dict[str, float] | None = None,
+    restart: str = "never",
+    max_restarts: int = 3,
+    restart_window: float = 60.0,
+    restart_backoff: float = 0.1,
     auto_register: bool = True,
     **extra: Any,
 ) -> Any:
@@ -107,9 +115,12 @@ def ring_kernel(
     On ``async def kernel(ctx)`` it is a host actor; on ``def handler(msg, out, state)``
     a compiled kernel for the ``cpu``/``cuda`` backends (``backend`` defaults to
     ``"auto"``). ``num_gpus``, ``num_cpus`` and ``resources`` are what the kernel's
-    Ray actor reserves on a cluster runtime (see ``RingKernelConfig``). The
-    configuration is validated here, so a bad strategy or queue size
-    fails at decoration time with ``InvalidConfigurationError``.
+    Ray actor reserves on a cluster runtime (see ``RingKernelConfig``).
+    ``restart="on-failure"`` has the runtime restart the kernel when its handler
+    raises, on the same queues, up to ``max_restarts`` times within
+    ``restart_window`` seconds, waiting ``restart_backoff`` seconds (doubling) before
+    each (see ``RingKernelConfig``). The configuration is validated here, so a bad
+    strategy or queue size fails at decoration time with ``InvalidConfigurationError``.
     ``input_queue_size`` (PyDotCompute's name) sets ``queue_size``; other options
     (``grid_size``, ``block_size`` ...) are kept in ``config.extra`` for the backends
     that read them, and host actors ignore them. The function is
@@ -137,6 +148,10 @@ def ring_kernel(
             num_cpus=num_cpus,
             resources={} if resources is None else resources,
             extra=options,
+            restart=restart,
+            max_restarts=max_restarts,
+            restart_window=restart_window,
+            restart_backoff=restart_backoff,
         )
         check_backend_fits(kid, fn, chosen)
         spec = RingKernelSpec(kid, fn, input_type, output_type, config)

@@ -6,7 +6,8 @@ are FIFO), so a reply belongs to the oldest request still waiting for one. Per k
 caller alone reads its reply itself; while several wait, one reader task hands each
 output to the oldest. A caller that gave up (timeout, cancellation) leaves its place:
 the reply owed to it is read and dropped, so the replies of later callers are not
-shifted.
+shifted. A request whose handling raised gets no reply: when the kernel is restarted,
+its caller is told (``no_reply``) and gives up its place for the same reason.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class ReplyQueue:
         self._receive = receive
         self._waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._reader: asyncio.Task[None] | None = None
-        self._inline = False  # a caller is reading its own reply
+        self._inline: asyncio.Task[Any] | None = None  # a caller reading its own reply
 
     def expect(self) -> asyncio.Future[Any]:
         """A place for the reply to the request just sent."""
@@ -48,7 +49,7 @@ class ReplyQueue:
         names ``asked``, the caller's whole timeout, when given)."""
         try:
             alone = len(self._waiting) == 1 and self._waiting[0] is place
-            if alone and self._reader is None and not self._inline:
+            if alone and self._reader is None and self._inline is None:
                 return await self._read_own(place, timeout)
             self._start_reader()
             return await asyncio.wait_for(asyncio.shield(place), timeout)
@@ -64,16 +65,23 @@ class ReplyQueue:
     async def _read_own(self, place: asyncio.Future[Any], timeout: float | None) -> Any:
         # Alone: no hand-off between tasks. Callers that come meanwhile wait for the
         # reader this one starts when it is done.
-        self._inline = True
+        self._inline = task = asyncio.current_task()
         try:
             reply = await self._receive(timeout)
-        except (QueueTimeoutError, asyncio.CancelledError):
+        except asyncio.CancelledError:
+            if place.done() and not place.cancelled():  # woken by no_reply
+                uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+                if uncancel is not None:
+                    uncancel()
+                raise place.exception() from None  # type: ignore[misc]
+            raise
+        except QueueTimeoutError:
             raise
         except Exception as exc:  # the kernel failed or ended: every caller hears
             self._fail(exc)
             raise
         finally:
-            self._inline = False
+            self._inline = None
         if self._waiting and self._waiting[0] is place:
             self._waiting.popleft()
         return reply
@@ -83,7 +91,7 @@ class ReplyQueue:
         # reader the next caller starts.
         if (
             self._reader is None
-            and not self._inline
+            and self._inline is None
             and any(not place.done() for place in self._waiting)
         ):
             self._reader = asyncio.get_running_loop().create_task(
@@ -106,6 +114,19 @@ class ReplyQueue:
                     place.set_result(reply)
         finally:
             self._reader = None
+
+    def no_reply(self, index: int, exc: BaseException) -> None:
+        """The request at ``index`` (0: the oldest waiting) will get no reply: its
+        handling raised. Its caller gets ``exc``; later callers keep their order."""
+        if index >= len(self._waiting):
+            return  # it was not a send_and_receive request
+        place = self._waiting[index]
+        del self._waiting[index]
+        if place.done():
+            return  # its caller has given up already
+        place.set_exception(exc)
+        if index == 0 and self._inline is not None:
+            self._inline.cancel()  # it waits in receive: wake it (see _read_own)
 
     def _fail(self, exc: BaseException) -> None:
         while self._waiting:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
 
 from pydotcompute.backends.base import KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.handler_errors import describe_crash
 from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY, HostKernelLoop
 from pydotcompute.backends.mailbox import Mailbox
 from pydotcompute.backends.ray_cluster import KernelPlacement, RayCluster
@@ -26,6 +28,8 @@ from pydotcompute.errors import (
     KernelFailedError,
     KernelNotFoundError,
     KernelStateError,
+    QueueFullError,
+    QueueTimeoutError,
 )
 from pydotcompute.runtime.event_loop import get_loop_info
 from pydotcompute.runtime.handle import KernelHandle
@@ -45,8 +49,16 @@ log = logging.getLogger("pydotcompute.runtime")
 _perf_ns = time.perf_counter_ns
 _SAMPLE_MASK = LATENCY_SAMPLE_EVERY - 1
 
-_SENDABLE = frozenset({KernelState.LAUNCHED, KernelState.ACTIVE, KernelState.DEACTIVATED})
+_RUNNING = frozenset({KernelState.LAUNCHED, KernelState.ACTIVE, KernelState.DEACTIVATED})
+# A restarting kernel keeps its queues: sends to it wait there for the restarted handler.
+_SENDABLE = _RUNNING | {KernelState.RESTARTING}
 _MISSING = object()
+_IDLE = frozenset({KernelState.LAUNCHED, KernelState.DEACTIVATED})
+_ACTIVE = KernelState.ACTIVE
+
+INACTIVE_WAIT_WARNING_S = 5.0
+"""A send or receive without a timeout that has waited this long on a kernel that is
+not active logs one warning (once per kernel): such a wait usually never ends."""
 
 
 class _Kernel:
@@ -54,9 +66,10 @@ class _Kernel:
 
     Its state also decides whether the kernel is in the runtime's per-message
     tables, ``inputs`` (kernels that may be sent to) and ``outputs`` (kernels that
-    may be received from): send and receive look a kernel up there and check no
-    state themselves. A record only leaves a final state by being replaced, so an
-    old record never overwrites its successor's entries.
+    may be received from: every one, since a FAILED kernel's outputs stay receivable
+    and its loop raises once they are taken): send and receive look a kernel up there
+    and check no state themselves. A record only leaves a final state by being
+    replaced, so an old record never overwrites its successor's entries.
     """
 
     __slots__ = (
@@ -72,8 +85,14 @@ class _Kernel:
         "outbox",
         "restarts",
         "error",
+        "failed_input",
+        "last_error",
+        "resume",
+        "restart_times",
+        "restart_task",
         "replies",
         "stop_task",
+        "wait_warned",
     )
 
     def __init__(
@@ -100,9 +119,15 @@ class _Kernel:
         self._input_port = (self.inbox, self.input_type)
         self.state = KernelState.CREATED
         self.restarts = restarts
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # what the handler last raised
+        self.failed_input: Any = None  # the message it held then
+        self.last_error: str | None = None  # the few lines that tell both
+        self.resume = KernelState.LAUNCHED  # the state a restart returns to
+        self.restart_times: list[float] = []  # crashes restarted, within the window
+        self.restart_task: asyncio.Task[None] | None = None
         self.replies: ReplyQueue | None = None  # send_and_receive callers, once one came
         self.stop_task: asyncio.Task[None] | None = None
+        self.wait_warned = False  # a wait on it while inactive was logged once
 
     @property
     def state(self) -> KernelState:
@@ -116,10 +141,7 @@ class _Kernel:
             self._inputs[kid] = self._input_port
         else:
             self._inputs.pop(kid, None)
-        if state is KernelState.FAILED:
-            self._outputs.pop(kid, None)
-        else:
-            self._outputs[kid] = self.outbox
+        self._outputs[kid] = self.outbox
 
 
 class RingKernelRuntime:
@@ -216,6 +238,8 @@ class RingKernelRuntime:
         Returns a ``KernelHandle`` on the new kernel.
         A kernel that fails to start (e.g. its handler does not compile) is kept in
         state FAILED and ``KernelFailedError`` is raised with the cause chained.
+        ``restart="on-failure"`` is refused (``InvalidConfigurationError``) on a
+        backend that cannot restart a handler on its queues (cuda, a Ray cluster).
         """
         self._check_open()
         old = self._kernels.get(kernel_id)
@@ -234,6 +258,13 @@ class RingKernelRuntime:
                 ) from exc
         restarts = old.restarts + (1 if old.state is KernelState.FAILED else 0) if old else 0
         loop = self._make_loop(spec)
+        if spec.config.restart != "never" and not loop.restartable:
+            where = "on a Ray cluster" if self._cluster is not None else f"on {loop.backend}"
+            raise InvalidConfigurationError(
+                f"kernel {kernel_id!r}: restart={spec.config.restart!r} is not supported "
+                f"{where} (host and cpu kernels can be restarted); a kernel that fails "
+                "stays FAILED, its outputs stay receivable, and launch() starts it again"
+            )
         k = _Kernel(spec, loop, restarts, self._inputs, self._outputs)
         self._kernels[kernel_id] = k
         loop.on_failure = lambda exc, k=k: self._on_failure(k, exc)  # type: ignore[misc]
@@ -242,10 +273,18 @@ class RingKernelRuntime:
         try:
             await loop.start()
         except BaseException as exc:
-            self._on_failure(k, exc)
+            # Raised to the caller, so logged below WARNING: it is told once, not twice.
+            k.error = exc
+            if isinstance(exc, KernelFailedError):  # the backend has explained it
+                k.last_error = str(exc)
+            else:
+                k.last_error = f"kernel {kernel_id!r} failed to launch: {type(exc).__name__}: {exc}"
+            self._fail_for_good(k, logging.INFO)
             if not isinstance(exc, Exception):
                 raise
-            raise KernelFailedError(f"kernel {kernel_id!r} failed to launch: {exc}") from exc
+            if isinstance(exc, KernelFailedError):
+                raise
+            raise KernelFailedError(k.last_error, kernel_id=kernel_id) from exc
         if k.state is KernelState.CREATED:
             k.state = KernelState.LAUNCHED
         log.info("launched kernel %r on the %s backend", kernel_id, loop.backend)
@@ -288,12 +327,18 @@ class RingKernelRuntime:
         k = self._get(kernel_id)
         if k.state is KernelState.FAILED:
             raise self._failed_error(k)
-        if k.state not in from_states:
+        # While it restarts, a kernel is where its restart will return it to.
+        restarting = k.state is KernelState.RESTARTING
+        current = k.resume if restarting else k.state
+        if current not in from_states:
             raise KernelStateError(
-                f"kernel {kernel_id!r} cannot go from {k.state.name} to {target.name} "
+                f"kernel {kernel_id!r} cannot go from {current.name} to {target.name} "
                 f"(allowed from {', '.join(s.name for s in from_states)})"
             )
-        check_transition(kernel_id, k.state, target)
+        check_transition(kernel_id, current, target)
+        if restarting:
+            k.resume = target  # applied by the restart
+            return
         k.loop.set_active(target is KernelState.ACTIVE)
         k.state = target
 
@@ -303,9 +348,9 @@ class RingKernelRuntime:
         Messages still queued are discarded and counted as dropped; the message the
         actor holds is finished and its outputs stay readable. A kernel that does not
         exit within ``timeout`` s is cancelled. Terminating a TERMINATED kernel does
-        nothing; a FAILED kernel keeps its state and has its resources released.
-        A second call (or ``shutdown``) waits for the stop already under way, and
-        cancelling a call does not cancel the stop.
+        nothing; a FAILED kernel keeps its state and has its resources released; a
+        RESTARTING one is not restarted. A second call (or ``shutdown``) waits for the
+        stop already under way, and cancelling a call does not cancel the stop.
         """
         k = self._get(kernel_id)
         if k.state is KernelState.TERMINATED:
@@ -315,16 +360,23 @@ class RingKernelRuntime:
             if k.state is not KernelState.FAILED:
                 check_transition(kernel_id, k.state, KernelState.TERMINATING)
                 k.state = KernelState.TERMINATING
+                if k.restart_task is not None:
+                    k.restart_task.cancel()
             task = k.stop_task = asyncio.get_running_loop().create_task(
                 self._stop(k, timeout), name=f"pydotcompute-stop-{kernel_id}"
             )
         await asyncio.shield(task)
 
     async def _stop(self, k: _Kernel, timeout: float) -> None:
+        if k.restart_task is not None:  # cancelled by terminate: let it unwind first
+            await asyncio.gather(k.restart_task, return_exceptions=True)
         try:
             await k.loop.stop(timeout)
         except Exception as exc:
-            self._on_failure(k, exc)
+            if not k.state.is_final:
+                k.error, k.failed_input = exc, None
+                k.last_error = f"kernel {k.kernel_id!r} did not stop cleanly: {exc}"
+                self._fail_for_good(k, logging.ERROR)
             raise
         finally:
             if k.replies is not None:
@@ -463,7 +515,8 @@ class RingKernelRuntime:
 
         BLOCK waits for room (``QueueFullError`` after ``timeout``), REJECT raises
         ``QueueFullError`` at once, DROP_* never wait and count what they drop.
-        Allowed while LAUNCHED, ACTIVE or DEACTIVATED.
+        Allowed while LAUNCHED, ACTIVE, DEACTIVATED or RESTARTING (the message waits
+        in the queue for the restarted handler).
         """
         try:
             inbox, itype = self._inputs[kernel_id]
@@ -487,26 +540,40 @@ class RingKernelRuntime:
                 if inbox.getters:
                     inbox.wake_getter()
                 return
-        loop = self._kernels[kernel_id].loop
-        if not loop.try_put(message):
-            await loop.put(message, timeout)
+        k = self._kernels[kernel_id]
+        if not k.loop.try_put(message):
+            if k._state is _ACTIVE:
+                await k.loop.put(message, timeout)
+            else:
+                await self._wait_on(k, k.loop.put(message, timeout), timeout, "send to")
 
     async def receive(self, kernel_id: str, timeout: float | None = None) -> Any:
-        """The kernel's next output message; ``QueueTimeoutError`` after ``timeout``."""
+        """The kernel's next output message; ``QueueTimeoutError`` after ``timeout``.
+
+        A FAILED kernel's outputs produced before it failed are still returned, then
+        ``KernelFailedError`` is raised. On a kernel that is not active, a timeout
+        error says so, and a wait without a timeout logs a warning once after
+        ``INACTIVE_WAIT_WARNING_S`` seconds."""
         try:
             outbox = self._outputs[kernel_id]
         except KeyError:
             err = self._refusal(kernel_id, "receive from")
             raise err from err.__cause__
         if outbox is None:  # a compiled kernel's ring
-            return await self._kernels[kernel_id].loop.get(timeout)
-        items = outbox.items
-        if items and not outbox.hold:  # host, no wait
-            msg = items.popleft()
-            if outbox.putters:
-                outbox.wake_putter()
-            return msg
-        return await outbox.get(timeout)
+            k = self._kernels[kernel_id]
+            waiting = k.loop.get(timeout)
+        else:
+            items = outbox.items
+            if items and not outbox.hold:  # host, no wait
+                msg = items.popleft()
+                if outbox.putters:
+                    outbox.wake_putter()
+                return msg
+            k = self._kernels[kernel_id]
+            waiting = outbox.get(timeout)
+        if k._state is _ACTIVE:
+            return await waiting
+        return await self._wait_on(k, waiting, timeout, "receive from")
 
     async def send_and_receive(
         self, kernel_id: str, message: Any, timeout: float | None = None
@@ -559,10 +626,14 @@ class RingKernelRuntime:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         k = self._kernels.get(kernel_id)
-        if k is None or k.state is KernelState.FAILED:
+        if k is None:
             raise self._refusal(kernel_id, "receive from")
         if k.loop.backend != "host":
-            return await k.loop.get_batch(max_items, timeout)
+            if k.state is KernelState.ACTIVE:
+                return await k.loop.get_batch(max_items, timeout)
+            return await self._wait_on(
+                k, k.loop.get_batch(max_items, timeout), timeout, "receive from"
+            )
         out = [await self.receive(kernel_id, timeout)]
         while len(out) < max_items:
             try:
@@ -668,8 +739,8 @@ class RingKernelRuntime:
     @staticmethod
     def _snapshot(k: _Kernel) -> KernelTelemetry:
         snap = k.loop.telemetry(k.state.name)
-        if k.restarts:
-            snap = dataclasses.replace(snap, restarts=k.restarts)
+        if k.restarts or k.last_error is not None:
+            snap = dataclasses.replace(snap, restarts=k.restarts, last_error=k.last_error)
         return snap
 
     def _get(self, kernel_id: str) -> _Kernel:
@@ -680,6 +751,58 @@ class RingKernelRuntime:
                 f"no kernel {kernel_id!r} in this runtime (launched: {known})"
             )
         return k
+
+    async def _wait_on(
+        self, k: _Kernel, waiting: Awaitable[Any], timeout: float | None, what: str
+    ) -> Any:
+        """Await a send or receive on a kernel that is not ACTIVE: its timeout error
+        says why nothing moves, and a wait without a timeout warns once."""
+        handle = None
+        if timeout is None and not k.wait_warned and k.state in _IDLE:
+            handle = asyncio.get_running_loop().call_later(
+                INACTIVE_WAIT_WARNING_S, self._warn_idle_wait, k, what
+            )
+        try:
+            return await waiting
+        except (QueueTimeoutError, QueueFullError) as exc:
+            why = self._why_idle(k)
+            if why is None:
+                raise
+            raise type(exc)(f"{exc}; {why}") from None
+        finally:
+            if handle is not None:
+                handle.cancel()
+
+    @staticmethod
+    def _why_idle(k: _Kernel) -> str | None:
+        """Why a kernel moves no messages now, or None when it is not idle."""
+        kid = k.kernel_id
+        if k.state is KernelState.LAUNCHED:
+            return (
+                f"kernel {kid!r} is LAUNCHED but was never activated: nothing is "
+                f"delivered to it until rt.activate({kid!r})"
+            )
+        if k.state is KernelState.DEACTIVATED:
+            return (
+                f"kernel {kid!r} is DEACTIVATED: nothing is delivered to it until "
+                f"rt.reactivate({kid!r})"
+            )
+        if k.state is KernelState.RESTARTING:
+            return f"kernel {kid!r} is RESTARTING after a crash ({k.error!r})"
+        return None
+
+    def _warn_idle_wait(self, k: _Kernel, what: str) -> None:
+        why = self._why_idle(k)
+        if why is None or k.wait_warned or k.state not in _IDLE:
+            return
+        k.wait_warned = True
+        log.warning(
+            "a call to %s kernel %r has waited %g s with no timeout: %s",
+            what,
+            k.kernel_id,
+            INACTIVE_WAIT_WARNING_S,
+            why,
+        )
 
     def _refusal(self, kernel_id: str, what: str) -> Exception:
         """Why ``what`` (a send or a receive) is refused: no such kernel, or its state."""
@@ -693,16 +816,101 @@ class RingKernelRuntime:
 
     @staticmethod
     def _failed_error(k: _Kernel) -> KernelFailedError:
-        exc = KernelFailedError(f"kernel {k.kernel_id!r} failed: {k.error!r}")
+        text = k.last_error or f"kernel {k.kernel_id!r} failed: {k.error!r}"
+        exc = KernelFailedError(text, kernel_id=k.kernel_id, failed_message=k.failed_input)
         exc.__cause__ = k.error
         return exc
 
+    # -- supervision -----------------------------------------------------------------
+
     def _on_failure(self, k: _Kernel, exc: BaseException) -> None:
+        """A running kernel's handler raised: restart it by its policy, or fail it.
+
+        The message that raised is not handled again (it would likely raise again);
+        it is reported: named in the log, in ``KernelFailedError.failed_message`` and
+        ``get_telemetry().last_error``, and counted in ``errors``."""
+        if k.state.is_final or k.state is KernelState.RESTARTING:
+            return  # a second report of one crash (another worker of the same run)
+        k.error = exc
+        k.failed_input = k.loop.failed_input
+        text = describe_crash(k.kernel_id, exc, k.spec.func, k.failed_input)
+        cfg = k.spec.config
+        if cfg.restart == "on-failure" and k.state in _RUNNING:
+            now = time.monotonic()
+            recent = [t for t in k.restart_times if now - t < cfg.restart_window]
+            k.restart_times = recent
+            if cfg.max_restarts < 0 or len(recent) < cfg.max_restarts:
+                k.last_error = text
+                if k.replies is not None and k.failed_input is not None:
+                    # Outputs not yet read answer the requests before the one that
+                    # raised (one reply per request): its caller is the next in line.
+                    unread = k.loop.telemetry(k.state.name).output_queue_depth
+                    k.replies.no_reply(unread, self._failed_error(k))
+                self._schedule_restart(k, len(recent) + 1)
+                return
+            text += (
+                f"\ngave up restarting it: {len(recent)} restart(s) within the last "
+                f"{cfg.restart_window:g} s (max_restarts={cfg.max_restarts})"
+            )
+        k.last_error = text
+        self._fail_for_good(k, logging.ERROR)
+
+    def _fail_for_good(self, k: _Kernel, level: int) -> None:
+        """FAILED: the loop's queues close (outputs already produced stay receivable)."""
         if k.state.is_final:
             return
-        k.error = exc
+        check_transition(k.kernel_id, k.state, KernelState.FAILED)
         k.state = KernelState.FAILED
-        log.error("kernel %r failed: %r", k.kernel_id, exc, exc_info=exc)
+        discarded = k.loop.close_failed(functools.partial(self._failed_error, k))
+        if discarded:
+            k.last_error = f"{k.last_error}\n{discarded} queued message(s) discarded"
+        log.log(level, "%s", k.last_error)
+        # The whole traceback, for those who ask: the line above names the user's line.
+        log.debug("traceback of kernel %r's failure", k.kernel_id, exc_info=k.error)
+
+    def _schedule_restart(self, k: _Kernel, n: int) -> None:
+        cfg = k.spec.config
+        delay = cfg.restart_delay(n)
+        k.restart_times.append(time.monotonic())
+        check_transition(k.kernel_id, k.state, KernelState.RESTARTING)
+        k.resume = k.state
+        k.state = KernelState.RESTARTING
+        limit = "unlimited" if cfg.max_restarts < 0 else str(cfg.max_restarts)
+        log.warning(
+            "%s\nrestarting it in %.3g s (restart %d of %s within %g s); queued "
+            "messages wait for it",
+            k.last_error,
+            delay,
+            n,
+            limit,
+            cfg.restart_window,
+        )
+        k.restart_task = asyncio.get_running_loop().create_task(
+            self._restart(k, delay), name=f"pydotcompute-restart-{k.kernel_id}"
+        )
+
+    async def _restart(self, k: _Kernel, delay: float) -> None:
+        await asyncio.sleep(delay)
+        try:
+            await k.loop.restart()
+        except Exception as exc:
+            if k.state is KernelState.RESTARTING:
+                k.error, k.failed_input = exc, None
+                k.last_error = (
+                    f"kernel {k.kernel_id!r} could not be restarted: {type(exc).__name__}: {exc}"
+                )
+                self._fail_for_good(k, logging.ERROR)
+            return
+        finally:
+            k.restart_task = None
+        if k.state is not KernelState.RESTARTING:
+            return  # terminated meanwhile: its stop ends the restarted loop
+        target = k.resume
+        check_transition(k.kernel_id, KernelState.RESTARTING, target)
+        k.restarts += 1
+        k.state = target
+        k.loop.set_active(target is KernelState.ACTIVE)
+        log.info("kernel %r restarted (%d restart(s) since launch)", k.kernel_id, k.restarts)
 
     def _on_exit(self, k: _Kernel) -> None:
         if k.state in (KernelState.LAUNCHED, KernelState.ACTIVE, KernelState.DEACTIVATED):

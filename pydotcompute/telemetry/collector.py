@@ -46,6 +46,7 @@ KERNEL_STATES: tuple[str, ...] = (
     "terminating",
     "terminated",
     "failed",
+    "restarting",
 )
 
 # metric name (without ``_total``) -> (KernelTelemetry attribute, help)
@@ -57,7 +58,8 @@ KERNEL_COUNTERS: dict[str, tuple[str, str]] = {
     "pydotcompute_kernel_messages_sent": ("messages_sent", "Messages the kernel has emitted."),
     "pydotcompute_kernel_messages_dropped": (
         "messages_dropped",
-        "Input messages dropped by a DROP_OLDEST or DROP_NEWEST queue.",
+        "Input messages dropped by a DROP_OLDEST or DROP_NEWEST queue, or left "
+        "unhandled by a failure or terminate.",
     ),
     "pydotcompute_kernel_messages_rejected": (
         "messages_rejected",

@@ -119,6 +119,8 @@ class KernelTelemetry:
     latency_p50_us: float | None = None
     latency_p99_us: float | None = None
     restarts: int = 0
+    last_error: str | None = None
+    """What the kernel's handler last raised, on which message, at which line."""
     idle_polls: int = 0
     uptime_s: float = 0.0
     latency_buckets: tuple[int, ...] = ()
