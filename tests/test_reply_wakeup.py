@@ -20,7 +20,7 @@ from pydotcompute.errors import KernelFailedError, KernelStateError
 from pydotcompute.rings.host_ops import ring_pop, ring_push
 from pydotcompute.rings.host_ring import HostRing
 from pydotcompute.rings.wake import ARMED, wake_signal
-from pydotcompute.runtime import RingKernelRuntime
+from pydotcompute.runtime import KernelState, RingKernelRuntime
 
 REC = np.dtype([("a", "<i8"), ("b", "<f8")])
 
@@ -172,6 +172,48 @@ async def test_a_sleeping_receiver_hears_that_the_kernel_was_terminated() -> Non
         await rt.terminate("e")
         with pytest.raises(KernelStateError, match="terminated"):
             await asyncio.wait_for(waiting, 10)
+
+
+async def test_a_sleeping_receiver_waits_through_a_restart_and_is_woken_after_it() -> None:
+    """A restart is not a failure: a receiver asleep on the kernel is not woken with an
+    error while it is RESTARTING, and the restarted workers still signal it."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch("e", echo, backend="cpu", input_type=REC, output_type=REC,
+                        restart="on-failure", restart_backoff=0.2)  # fmt: skip
+        await rt.activate("e")
+        waiting = asyncio.ensure_future(rt.receive("e", timeout=None))
+        await asyncio.sleep(0.02)  # past its native spin: asleep on the descriptor
+        await rt.send_batch("e", np.array([(-1, 0.0)], REC))
+        for _ in range(500):
+            if rt.get_state("e") is KernelState.RESTARTING:
+                break
+            await asyncio.sleep(0.002)
+        assert rt.get_state("e") is KernelState.RESTARTING
+        await asyncio.sleep(0.05)
+        assert not waiting.done()
+        for _ in range(1000):
+            if rt.get_state("e") is KernelState.ACTIVE:
+                break
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.02)
+        assert not waiting.done()
+        await rt.send_batch("e", np.array([(7, 1.5)], REC))
+        got = await asyncio.wait_for(waiting, 10)
+        assert (int(got["a"]), float(got["b"])) == (7, 1.5)
+
+
+async def test_outputs_queued_by_a_crashing_worker_wake_a_sleeping_receiver() -> None:
+    """The outputs a batch produced before its handler raised are pushed by the host
+    side of the worker, not by the compiled loop: that push signals receivers too."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch("e", echo, backend="cpu", input_type=REC, output_type=REC,
+                        restart="on-failure", restart_backoff=0.0)  # fmt: skip
+        await rt.send_batch("e", np.array([(5, 2.5), (-1, 0.0)], REC))  # one batch
+        waiting = asyncio.ensure_future(rt.receive("e", timeout=None))
+        await asyncio.sleep(0.02)  # asleep before the kernel runs at all
+        await rt.activate("e")
+        got = await asyncio.wait_for(waiting, 10)
+        assert (int(got["a"]), float(got["b"])) == (5, 2.5)
 
 
 async def test_a_large_receive_finds_outputs_a_device_sealed_before_mirroring_published() -> None:

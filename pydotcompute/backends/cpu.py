@@ -512,18 +512,24 @@ class CpuKernelLoop(RingFedLoop):
 
     def _queue_outputs(self, out_batch: np.ndarray, k: int) -> None:
         """Push ``k`` outputs as the loop would: waiting for room under BLOCK unless
-        the kernel is terminated (then they are counted as dropped)."""
-        buf, rs = self.out_ring.buffer, out_batch.dtype.itemsize
+        the kernel is terminated (then they are counted as dropped), and waking a
+        receiver asleep on the output ring after each push that placed any."""
+        buf, rs, words = self.out_ring.buffer, out_batch.dtype.itemsize, self.control.words
         placed = int(ring_push(buf, out_batch, 0, k))
+        if placed:
+            wake_signal(words, _WAKE)
         pause = 1e-5
         while placed < k and self.out_ring.backpressure is BackpressureStrategy.BLOCK:
             if self.control[ControlBlock.STATE] == ControlBlock.TERMINATE:
-                ring_add_counter(self.control.words, _DROPPED, k - placed)
+                ring_add_counter(words, _DROPPED, k - placed)
                 return
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
-            placed += int(ring_push(buf, out_batch, placed * rs, k - placed))
-        ring_add_counter(self.control.words, _EMITTED, k)
+            more = int(ring_push(buf, out_batch, placed * rs, k - placed))
+            if more:
+                wake_signal(words, _WAKE)
+            placed += more
+        ring_add_counter(words, _EMITTED, k)
 
     def _report(self, run: _Run) -> None:
         if run is not self._run or run.crash is None:
