@@ -46,6 +46,7 @@ from pydotcompute.rings.atomics import (
     fetch_add,
     load_acquire,
     sleep_us,
+    store_word,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ops import (
@@ -160,11 +161,9 @@ _IDLE_SLEEP_US = 200
 _PAUSED_SLEEP_US = 500
 
 
-@njit(nogil=True)
-def _next_word(ids):  # type: ignore[no-untyped-def]
-    """The next 64 random bits of the splitmix64 stream whose state is ``ids[0]``."""
-    z = ids[0] + _GOLDEN
-    ids[0] = z
+@njit(nogil=True, inline="always")
+def _mix(z):  # type: ignore[no-untyped-def]
+    """splitmix64's output function: 64 random bits from the stream's state ``z``."""
     z = (z ^ (z >> _U30)) * _MIX1
     z = (z ^ (z >> _U27)) * _MIX2
     return z ^ (z >> _U31)
@@ -182,11 +181,16 @@ def _compose(
     """The persistent loop around one compiled handler.
 
     Every output record starts as a copy of ``out_blank`` (the default header) with
-    the input's ``message_id`` at byte ``id_at`` copied to its ``correlation_id`` at
-    byte ``corr_at`` (when both are >= 0); an output whose ``message_id`` (byte
-    ``out_id_at``) the handler left at zero gets a fresh one from ``ids`` (the
-    stream's state, then two scratch words). ``progress`` tells the host, should the
-    handler raise, which record it was on and what the batch had produced.
+    a fresh ``message_id`` at byte ``out_id_at`` (when >= 0) and the input's
+    ``message_id`` at byte ``id_at`` copied to its ``correlation_id`` at byte
+    ``corr_at`` (when both are >= 0); what the handler writes over them is kept. The
+    ids come from the worker's splitmix64 stream, its state ``ids[0]`` held in a
+    register while the loop runs, and are written before the handler runs rather than
+    checked for zero after it: keeping the state in memory and copying each id out of
+    the record to test it cost the loop 60 % of its speed (58 against 146 M records
+    per CPU-second for 56-byte records in cache, same machine), this way about 10 %.
+    ``progress`` tells the host, should the handler raise, which record it was on and
+    what the batch had produced.
     """
     correlate = id_at >= 0
     make_ids = out_id_at >= 0
@@ -195,10 +199,12 @@ def _compose(
         batch = in_batch.shape[0]
         out_blocks = load_acquire(out_buf, OFF_BACKPRESSURE) == 0
         idle = 0
+        seed = ids[0]
         while True:
             mode = load_acquire(ctrl, _STATE)
             if mode == _TERMINATE or mode == _HALT:
                 fetch_add(ctrl, _IDLE_POLLS, idle & 63)
+                ids[0] = seed
                 return
             if mode != _ACTIVE:
                 fetch_add(ctrl, _HEARTBEAT, 1)
@@ -231,16 +237,16 @@ def _compose(
                 progress[_P_AT] = i
                 progress[_P_EMITTED] = k
                 copy_bytes(out_batch, k * out_rs, out_blank, 0, out_rs)
+                if make_ids:
+                    seed += _GOLDEN
+                    hi = (_mix(seed) & _V_KEEP) | _V_SET
+                    seed += _GOLDEN
+                    lo = (_mix(seed) & _VAR_KEEP) | _VAR_SET
+                    store_word(out_batch, k * out_rs + out_id_at, np.int64(hi))
+                    store_word(out_batch, k * out_rs + out_id_at + 8, np.int64(lo))
                 if correlate:
                     copy_bytes(out_batch, k * out_rs + corr_at, in_batch, i * in_rs + id_at, 16)
                 if handler(in_batch[i], out_batch[k], state):
-                    if make_ids:
-                        at = k * out_rs + out_id_at
-                        copy_bytes(ids, 8, out_batch, at, 16)
-                        if ids[1] == 0 and ids[2] == 0:
-                            ids[1] = (_next_word(ids) & _V_KEEP) | _V_SET
-                            ids[2] = (_next_word(ids) & _VAR_KEEP) | _VAR_SET
-                            copy_bytes(out_batch, at, ids, 8, 16)
                     k += 1
             progress[_P_GOT] = 0
             fetch_add(ctrl, _PROCESSED, got)
@@ -253,6 +259,7 @@ def _compose(
                 while placed < k:
                     if load_acquire(ctrl, _STATE) == _TERMINATE:
                         fetch_add(ctrl, _DROPPED, k - placed)
+                        ids[0] = seed
                         return
                     spins = backoff(min(spins, 300))
                     got = ring_push(out_buf, out_batch, placed * out_rs, k - placed)
@@ -289,7 +296,7 @@ def compile_kernel_loop(
     out_batch = np.zeros(1, out_dtype)
     buf = np.zeros(8, np.uint8)
     ctrl = np.zeros(1, np.int64)
-    ids = np.zeros(3, np.uint64)
+    ids = np.zeros(1, np.uint64)
     sig = tuple(
         typeof(a) for a in (buf, buf, ctrl, state, in_batch, out_batch, out_batch, ctrl, ids)
     )
@@ -438,7 +445,7 @@ class CpuKernelLoop(RingFedLoop):
             n = max(width, len(carried)) if w == 0 else width
             in_batch, out_batch = np.zeros(n, self.in_dtype), np.zeros(n, self.out_dtype)
             progress = np.zeros(4, np.int64)
-            ids = np.frombuffer(os.urandom(24), np.uint64).copy()  # a stream per worker
+            ids = np.frombuffer(os.urandom(8), np.uint64).copy()  # a stream per worker
             if w == 0 and len(carried):
                 in_batch[: len(carried)] = carried
                 progress[_P_CARRIED] = len(carried)
