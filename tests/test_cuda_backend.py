@@ -82,3 +82,26 @@ def test_a_cuda_cxx_kernel_needs_its_function_name() -> None:
     config = RingKernelConfig(backend="cuda", extra={"cuda_source": "stream_stats.cu"})
     with pytest.raises(InvalidConfigurationError, match="cuda_function"):
         CudaSourceKernelLoop("stats", stream_stats, config, np.dtype(np.float64), None, print)
+
+
+@pytest.mark.parametrize("src_byte", range(8, 16))
+@pytest.mark.parametrize("dst_byte", range(8, 16))
+def test_a_uuid_moves_between_words_at_any_byte_offset(src_byte: int, dst_byte: int) -> None:
+    """The device loop copies message_id to correlation_id as shifted 8-byte words; the
+    bytes around the field in the destination words come from the blank slot. Run as
+    the simulator runs it (numpy int64 words), against a plain byte copy."""
+    from pydotcompute.backends.cuda_loop import uuid_copy
+
+    rng = np.random.default_rng(src_byte * 16 + dst_byte)
+    src = rng.integers(-(2**63), 2**63 - 1, 5, dtype=np.int64, endpoint=True)
+    src.view(np.uint8)[src_byte : src_byte + 16] = [0xFF, 0x80, 0x7F, 0x01] * 4  # sign bits
+    blank = rng.integers(-(2**63), 2**63 - 1, 5, dtype=np.int64, endpoint=True)
+    dst = rng.integers(-(2**63), 2**63 - 1, 7, dtype=np.int64, endpoint=True)
+    dst[1:6] = blank  # what the loop wrote into the slot just before
+    expected = dst.copy()
+    expected.view(np.uint8)[8 + dst_byte : 8 + dst_byte + 16] = src.view(np.uint8)[
+        src_byte : src_byte + 16
+    ]
+    copy = uuid_copy(src_byte, dst_byte, blank)
+    copy.py_func(src, 0, dst, 1)
+    assert dst.tobytes() == expected.tobytes()

@@ -156,6 +156,40 @@ def test_message_records_with_uuid_fields_compile() -> None:
     assert ".entry" in ptx
 
 
+def test_output_headers_are_written_as_whole_words() -> None:
+    """Outputs of message records start as the blank header (priority 128) with the
+    input's message_id as their correlation_id, which sits at byte 17, after the
+    one-byte priority: the loop writes both as shifted and merged 8-byte words, so
+    still no byte load or store (a read-modify-write of a word would let the
+    compiler narrow it to a byte access)."""
+    from numba import cuda
+    from numba.cuda import dispatcher
+
+    from pydotcompute.backends.cuda_loop import compose_loop, loop_signature
+    from pydotcompute.messages import message
+
+    @message
+    class Request:
+        value: float
+        sensor: int
+
+    def answer(msg, out, state):  # type: ignore[no-untyped-def]
+        out.value = msg.value * 2.0
+        out.sensor = msg.sensor
+        return True
+
+    dt = Request.__record_dtype__
+    assert dt.fields["correlation_id"][1] % 8 != 0
+    with mock.patch.object(dispatcher, "get_current_device", _Device):
+        loop = compose_loop(answer, dt, dt, 32, 4, 4000)
+        ptx, _ = cuda.compile_ptx(loop, loop_signature(dt, dt, np.zeros(1)), cc=CC)
+    ops = _ops(str(ptx))
+    narrow = [op for op in ops if re.search(r"\.(u8|s8|b8|u16|s16|b16)$", op)]
+    assert narrow == [], narrow
+    plain_global = {op for op, n in ops.items() if op.startswith("ld.global.") and n}
+    assert plain_global <= {"ld.global.f64"}, plain_global
+
+
 def test_the_floor_benchmark_kernels_compile() -> None:
     """gpu_floor.py's device code (ping-pong threads, zero-copy readers and writers)
     compiles for a real GPU: its first run on one must not be a compile error."""
