@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydotcompute.coordinator.journal_path import check_sqlite_path
 from pydotcompute.coordinator.journal_postgres import PostgresJournal, is_postgres_dsn
 from pydotcompute.coordinator.journal_sqlite import CHUNK, SQLiteJournal
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
@@ -40,17 +41,25 @@ NEW_TOKEN = (
 
 def open_journal(journal: Any) -> JournalConfig | None:
     """Normalise a ``journal=`` argument: None, a path (SQLite), a ``postgresql://`` DSN,
-    an SQLiteJournal or a PostgresJournal."""
+    an SQLiteJournal or a PostgresJournal. An SQLite path is checked at once (see
+    ``check_sqlite_path``): a journal that cannot be opened for writing is refused here,
+    with the reason and the fix, not at its first use. A DSN is only parsed: the server
+    is reached when the journal is opened."""
+    cfg: JournalConfig | None
     if journal is None or isinstance(journal, (SQLiteJournal, PostgresJournal)):
-        return journal
-    if is_postgres_dsn(journal):
-        return PostgresJournal(journal)
-    if isinstance(journal, (str, os.PathLike)):
-        return SQLiteJournal(os.fspath(journal))
-    raise JournalError(
-        "journal must be None, a path, a postgresql:// DSN, an SQLiteJournal or a "
-        f"PostgresJournal, got {journal!r}"
-    )
+        cfg = journal
+    elif is_postgres_dsn(journal):
+        cfg = PostgresJournal(journal)
+    elif isinstance(journal, (str, os.PathLike)):
+        cfg = SQLiteJournal(os.fspath(journal))
+    else:
+        raise JournalError(
+            "journal must be None, a path, a postgresql:// DSN, an SQLiteJournal or a "
+            f"PostgresJournal, got {journal!r}"
+        )
+    if isinstance(cfg, SQLiteJournal):
+        check_sqlite_path(cfg.path)
+    return cfg
 
 
 def describe_change(old: list[str], new: list[str]) -> str:

@@ -13,16 +13,15 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from pydotcompute.coordinator.journal_path import check_sqlite_path, open_error
 from pydotcompute.errors import JournalError
 
 __all__ = ["SCHEMA", "SQLiteDialect", "SQLiteJournal"]
 
 APPLICATION_ID = 0x50444331  # "PDC1": marks a file as ours
 SCHEMA_VERSION = 1
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flows(
@@ -89,36 +88,12 @@ def create_file(path: str) -> None:
             os.link(tmp, path)  # never replaces a file another process created meanwhile
         except FileExistsError:
             pass
+    except OSError as exc:  # the directory changed since check_sqlite_path looked
+        raise JournalError(f"journal {path} cannot be created: {exc}") from exc
     finally:
         for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
-
-
-def check_file(path: str) -> None:
-    """Refuse anything at ``path`` that is not an intact journal, before writing a byte."""
-    p = Path(path)
-    if not p.exists():
-        return
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(100)
-    if size == 0 or len(head) < 100:
-        raise JournalError(
-            f"journal {path} is truncated ({size} bytes); it was left untouched, "
-            "move it away to start a new journal"
-        )
-    if head[:16] != SQLITE_MAGIC:
-        raise JournalError(f"{path} is not a journal (not an SQLite file); it was left untouched")
-    page_size = int.from_bytes(head[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(head[28:32], "big")
-    wal = Path(path + "-wal")
-    if pages and page_size * pages > size and not (wal.exists() and wal.stat().st_size > 0):
-        raise JournalError(
-            f"journal {path} is truncated: header says {pages * page_size} bytes, file has "
-            f"{size}; it was left untouched"
-        )
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -149,9 +124,7 @@ def connect(path: str) -> sqlite3.Connection:
             )
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise JournalError(
-            f"journal {path} is corrupt or truncated: {exc}; it was left untouched"
-        ) from exc
+        raise open_error(path, exc) from exc
     except BaseException:
         conn.close()
         raise
@@ -176,8 +149,8 @@ class SQLiteDialect:
         self._checkpointing: asyncio.Task[None] | None = None
 
     def writer(self) -> sqlite3.Connection:
+        check_sqlite_path(self.path)  # before anything is written there
         create_file(self.path)
-        check_file(self.path)
         conn = connect(self.path)
         # Short: a busy journal is waited for off SQLite (try_begin, then asyncio.sleep).
         conn.execute("PRAGMA busy_timeout=10")
