@@ -9,14 +9,17 @@ completed by the writer and retries whose back-off has passed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import itertools
+import logging
 import pickle
 import time
 import traceback
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
+from datetime import timedelta
 from typing import Any
 
 from pydotcompute.coordinator.channel import Channel
@@ -32,6 +35,7 @@ from pydotcompute.coordinator.records import (
     decode,
     encode,
 )
+from pydotcompute.coordinator.retention import BATCH, Retention, seconds
 from pydotcompute.coordinator.retry import RetryPolicy
 from pydotcompute.coordinator.runners import Runner, make_runner
 from pydotcompute.errors import (
@@ -42,6 +46,8 @@ from pydotcompute.errors import (
 )
 
 __all__ = ["Flow"]
+
+log = logging.getLogger("pydotcompute.coordinator")
 
 TAKE = 64  # items a single-worker stage takes per wake-up
 NO_RETRY = RetryPolicy()
@@ -96,10 +102,11 @@ class Admission:
 
 
 class _Item:
-    __slots__ = ("dead", "reason", "state", "value", "waiters")
+    __slots__ = ("dead", "finished", "reason", "state", "value", "waiters")
 
     def __init__(self) -> None:
         self.state = ACTIVE
+        self.finished = 0.0  # time.monotonic() when it stopped being active
         self.value: Any = None
         self.dead: dict[int, DeadLetter] = {}
         self.reason = ""
@@ -148,6 +155,7 @@ class Flow:
         self._items: dict[str, _Item] = {}
         self._parts: dict[tuple[str, int], dict[int, Any]] = {}
         self._done_order: list[str] = []
+        self._done_base = 0  # entries of _done_order pruned from its front
         self._active = 0
         self._admission = Admission(0)
         self._local_waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -187,6 +195,9 @@ class Flow:
                     self._spawn(self._work(node, runner))
             if self.journal is not None:
                 self._spawn(self._claim_loop())
+                rule = self.journal.journal.retention
+                if rule is not None:
+                    self._spawn(self._retention_loop(rule))
         except BaseException:
             await self._shutdown("deploy failed", cancel_items=False)
             raise
@@ -249,6 +260,7 @@ class Flow:
             for key, item in self._items.items():
                 if item.state == ACTIVE:
                     item.state, item.reason = CANCELLED, reason
+                    item.finished = time.monotonic()
                     self._wake(key, item)
             self._active = 0
         self._changed.set()
@@ -512,6 +524,7 @@ class Flow:
         item.dead[rec.node] = rec
         if item.state == ACTIVE:
             item.state = DEAD
+            item.finished = time.monotonic()
             self._counters["dead_lettered"] += 1
             self._settle(rec.key, item)
 
@@ -520,6 +533,7 @@ class Flow:
         if item.state != ACTIVE:
             return
         item.state, item.value = DONE, value
+        item.finished = time.monotonic()
         self._counters["completed"] += 1
         self._done_order.append(key)
         self._settle(key, item)
@@ -664,6 +678,58 @@ class Flow:
         self._claim_wake.set()
         return ok
 
+    async def prune(
+        self,
+        older_than: float | timedelta | None = None,
+        keep: int | None = None,
+        *,
+        dead_letters: bool = False,
+    ) -> int:
+        """Forget finished items: done ones (and dead-lettered ones with
+        ``dead_letters=True``) that finished more than ``older_than`` seconds ago (or a
+        ``timedelta``), and beyond the newest ``keep``; give one or both. Each goes with
+        its result and dead letters; an unfinished item is never touched. A pruned key is
+        forgotten: submitting it again runs it again. Returns how many went."""
+        self._check_open()
+        rule = Retention(seconds(older_than, "older_than"), keep, dead_letters)
+        if self.journal is None:
+            return self._prune_memory(rule)
+        total = 0
+        while True:  # a few hundred per transaction: the writer goes on in between
+            n = await self.journal.call(self.journal.op_prune, rule)
+            total += n
+            if n < BATCH:
+                return total
+
+    def _prune_memory(self, rule: Retention) -> int:
+        final = {DONE, CANCELLED, DEAD} if rule.dead_letters else {DONE, CANCELLED}
+        # Finish times are monotonic and _done_order is in finishing order: what goes
+        # of it is always a prefix.
+        finished = sorted(
+            (it.finished, k) for k, it in self._items.items() if it.state in final | {DEAD}
+        )
+        last = len(finished) if rule.keep is None else max(0, len(finished) - rule.keep)
+        if rule.older_than is not None:
+            cutoff = time.monotonic() - rule.older_than
+            last = min(last, bisect.bisect_left(finished, (cutoff, "")))
+        gone = [k for _, k in finished[:last] if self._items[k].state in final]
+        for k in gone:
+            del self._items[k]
+        head = 0
+        while head < len(self._done_order) and self._done_order[head] not in self._items:
+            head += 1
+        del self._done_order[:head]
+        self._done_base += head
+        return len(gone)
+
+    async def _retention_loop(self, rule: Retention) -> None:
+        """Prune by the journal's retention rule now and every ``rule.every`` seconds."""
+        while True:
+            n = await self.prune(rule.older_than, rule.keep, dead_letters=rule.dead_letters)
+            if n:
+                log.info("flow %r: pruned %d finished items (%s)", self.name, n, rule)
+            await asyncio.sleep(rule.every)
+
     def _final(self, key: str) -> tuple[str, Any] | None:
         """(state, value or record) once the item finished; None while active."""
         if self.journal is None:
@@ -758,13 +824,17 @@ class Flow:
         """(key, output) of every finished item in completion order, ending once no item
         is active. Dead-lettered items are not yielded: see :meth:`dead_letters`."""
         if self.journal is None:
-            for i in itertools.count():
-                while i >= len(self._done_order):
+            i = 0
+            while True:
+                i = max(i, self._done_base)  # what was pruned meanwhile is skipped
+                while i - self._done_base >= len(self._done_order):
                     if self._active == 0 or self._closed:
                         return
                     self._changed.clear()
                     await self._changed.wait()
-                key = self._done_order[i]
+                    i = max(i, self._done_base)
+                key = self._done_order[i - self._done_base]
+                i += 1
                 yield key, self._items[key].value
         journal = self.journal
         assert journal is not None  # the in-memory branch above always returns

@@ -23,6 +23,7 @@ from pydotcompute.coordinator.journal_sqlite import CHUNK, SQLiteJournal
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
 from pydotcompute.coordinator.plan import Plan
 from pydotcompute.coordinator.records import DeadLetter, decode, encode
+from pydotcompute.coordinator.retention import ITEMS_INDEX, Retention, prune_items
 from pydotcompute.errors import JournalError
 
 __all__ = ["JournalConfig", "JournalSession", "PostgresJournal", "SQLiteJournal", "open_journal"]
@@ -114,6 +115,7 @@ class JournalSession(JournalWriter):
                 f"journal {self.journal.where} holds flow {self.flow!r} with a different graph "
                 f"({change}); deploy it under a new name or use a new journal"
             )
+        self.dialect.create(conn, ITEMS_INDEX)  # journals made before pruning lack it
         self._reap(conn)
         conn.execute(
             "INSERT INTO owners VALUES(?,?,?,?,?) ON CONFLICT(owner) DO UPDATE SET "
@@ -441,6 +443,10 @@ class JournalSession(JournalWriter):
 
     def op_flush(self, conn: Any, now: float) -> tuple[None, Events]:
         return None, []
+
+    def op_prune(self, conn: Any, now: float, rule: Retention) -> tuple[int, Events]:
+        """Up to ``BATCH`` finished items of this flow that ``rule`` lets go."""
+        return prune_items(conn, self.dialect, now, rule, self.flow), []
 
     # ---- reads (event loop, committed state) ----------------------------------------
     def dead_letters(self, key: str | None = None) -> list[DeadLetter]:

@@ -20,6 +20,7 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable
+from datetime import timedelta
 from typing import Any
 
 from pydotcompute.coordinator.flow import Flow, check_key
@@ -27,6 +28,7 @@ from pydotcompute.coordinator.graph import Graph
 from pydotcompute.coordinator.journal import JournalConfig, open_journal
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import decode, encode
+from pydotcompute.coordinator.retention import Retention, seconds
 from pydotcompute.errors import (
     FlowClosedError,
     InvalidConfigurationError,
@@ -301,17 +303,25 @@ class WorkflowEngine:
         self._answers: dict[str, asyncio.Future[bytes]] = {}
         self._flows: dict[str, Flow] = {}
         self._flow_lock = asyncio.Lock()
+        self._retention: asyncio.Task[None] | None = None
         self._closed = False
 
     # ---- lifetime -------------------------------------------------------------------
     async def open(self) -> WorkflowEngine:
         await self.store.open()
+        self._opened()
         return self
 
     def open_now(self) -> WorkflowEngine:
         """``open`` from synchronous code running on the event loop."""
         self.store.open_now()
+        self._opened()
         return self
+
+    def _opened(self) -> None:
+        rule = self.journal.retention
+        if rule is not None:
+            self._retention = asyncio.create_task(self._retention_loop(rule))
 
     async def __aenter__(self) -> WorkflowEngine:
         return await self.open()
@@ -324,6 +334,9 @@ class WorkflowEngine:
         if self._closed:
             return
         self._closed = True
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.wait([self._retention])
         await self._stop([*self._runs])
         for flow in self._flows.values():
             await flow.close()
@@ -634,6 +647,34 @@ class WorkflowEngine:
                 self._drive(wf, key, decode(blob), history)
                 resumed.append(key)
         return resumed
+
+    async def prune(
+        self, older_than: float | timedelta | None = None, keep: int | None = None
+    ) -> int:
+        """Forget finished top-level workflows (done, failed or cancelled) that ended
+        more than ``older_than`` seconds ago (or a ``timedelta``), and beyond the newest
+        ``keep``; give one or both. Each goes with its calls, child workflows and graph
+        items; one with a workflow still running below it stays. Returns how many went."""
+        self._check_open()
+        rule = Retention(seconds(older_than, "older_than"), keep)
+        total = 0
+        after = None
+        while True:  # a few hundred per transaction: other writes go on in between
+            n, after = await self.store.call(self.store.op_prune, rule, after)
+            total += n
+            if after is None:
+                return total
+
+    async def _retention_loop(self, rule: Retention) -> None:
+        """Prune by the journal's retention rule now and every ``rule.every`` seconds."""
+        while True:
+            try:
+                n = await self.prune(rule.older_than, rule.keep)
+            except FlowClosedError:
+                return
+            if n:
+                log.info("workflows: pruned %d finished workflows (%s)", n, rule)
+            await asyncio.sleep(rule.every)
 
     def _resolve(self, name: str) -> Workflow:
         wf = self._known.get(name)
