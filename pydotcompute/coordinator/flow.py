@@ -24,6 +24,7 @@ from typing import Any
 
 from pydotcompute.coordinator.channel import Channel
 from pydotcompute.coordinator.journal import Dest, Events, JournalConfig, JournalSession
+from pydotcompute.coordinator.log_throttle import LogThrottle
 from pydotcompute.coordinator.plan import Edge, Node, Plan
 from pydotcompute.coordinator.records import (
     ACTIVE,
@@ -148,6 +149,7 @@ class Flow:
         )
         self._closed = False
         self._error: BaseException | None = None
+        self._log = LogThrottle(log)  # retries, dead letters, lost leases: not per item
         self._changed = asyncio.Event()  # something finished: drain/results/result look again
         self._claim_wake = asyncio.Event()
         self._hungry: set[int] = set()
@@ -187,6 +189,13 @@ class Flow:
                 self.journal.on_events = self._on_events
                 self.journal.on_error = self._on_journal_error
                 await self.journal.open()
+                if self.journal.resumed:
+                    log.info(
+                        "flow %r on journal %s: %d unfinished items found; resuming them",
+                        self.name,
+                        self.journal.journal.where,
+                        self.journal.resumed,
+                    )
             for node in self.plan.calls:
                 for _ in range(self._workers(node)):
                     runner = make_runner(node.stage, self.runtime)
@@ -215,6 +224,7 @@ class Flow:
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
+            log.error("flow %r stopped: %s", self.name, exc, exc_info=exc)
             self._error = exc
             for t in self._tasks:
                 t.cancel()
@@ -256,6 +266,7 @@ class Flow:
             await r.close()
         if self.journal is not None:
             await self.journal.close()
+        self._log.flush()
         if cancel_items:
             for key, item in self._items.items():
                 if item.state == ACTIVE:
@@ -471,6 +482,19 @@ class Flow:
     def _record(
         self, key: str, node: Node, value: Any, exc: BaseException, attempts: int
     ) -> DeadLetter:
+        """The dead letter of ``key`` (said in the log: every caller buries it)."""
+        self._log.log(
+            logging.ERROR,
+            ("dead", node.name),
+            "flow %r, stage %r: item %r failed after %d attempt(s), %s: %s; it is in the "
+            "dead letters",
+            self.name,
+            node.name,
+            key,
+            attempts,
+            type(exc).__name__,
+            exc,
+        )
         return DeadLetter(
             key=key,
             stage=node.name,
@@ -489,6 +513,19 @@ class Flow:
         if policy.should_retry(attempt, exc):
             self._counters["retried"] += 1
             delay = policy.delay(attempt)
+            self._log.log(
+                logging.WARNING,
+                ("retry", node.name),
+                "flow %r, stage %r: item %r failed (attempt %d of %d), %s: %s; retrying in %.3f s",
+                self.name,
+                node.name,
+                tok.key,
+                attempt,
+                policy.attempts,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
             tok.failures = attempt
             if self.journal is not None:
                 self.journal.post(
@@ -559,6 +596,15 @@ class Flow:
                 self._counters["dead_lettered"] += 1
             elif kind == "lost":
                 self._counters["lost_leases"] += 1
+                self._log.log(
+                    logging.WARNING,
+                    "lost",
+                    "flow %r: item %r was taken over by another process while this one ran "
+                    "it (its lease ran out: is the lease shorter than a stage's run?); this "
+                    "process's result for it was dropped",
+                    self.name,
+                    key,
+                )
             elif kind == "joined":
                 self._claim_wake.set()
             for fut in self._local_waiters.pop(key, ()):

@@ -11,6 +11,7 @@ nothing, the lease was lost and nothing is written.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -27,6 +28,8 @@ from pydotcompute.coordinator.retention import ITEMS_INDEX, Retention, prune_ite
 from pydotcompute.errors import JournalError
 
 __all__ = ["JournalConfig", "JournalSession", "PostgresJournal", "SQLiteJournal", "open_journal"]
+
+log = logging.getLogger("pydotcompute.coordinator")
 
 JournalConfig = SQLiteJournal | PostgresJournal
 Dest = tuple[int, int, bytes]  # (node, port, encoded value)
@@ -92,6 +95,8 @@ class JournalSession(JournalWriter):
         self.owner = owner
         self.on_events: Callable[[Events], None] = lambda events: None
         self.hops = 0
+        self.resumed = 0  # unfinished items found in the journal when it opened
+        self._stale: set[str] = set()  # owners whose lapsed leases were said
         # Tokens written and retired inside one transaction never need to reach the file:
         # they wait here until the end of the batch, and a hop that retires one drops it.
         self._pending: dict[tuple[str, int], tuple[bytes, float]] = {}
@@ -117,6 +122,10 @@ class JournalSession(JournalWriter):
             )
         self.dialect.create(conn, ITEMS_INDEX)  # journals made before pruning lack it
         self._reap(conn)
+        self._take_over(conn, now)
+        self.resumed = conn.execute(
+            "SELECT count(DISTINCT key) FROM tokens WHERE flow=?", (self.flow,)
+        ).fetchone()[0]
         conn.execute(
             "INSERT INTO owners VALUES(?,?,?,?,?) ON CONFLICT(owner) DO UPDATE SET "
             "flow=excluded.flow, host=excluded.host, pid=excluded.pid, seen=excluded.seen",
@@ -142,6 +151,7 @@ class JournalSession(JournalWriter):
         )
         conn.execute("UPDATE owners SET seen=? WHERE owner=?", (now, self.owner))
         self._reap(conn)
+        self._take_over(conn, now)
 
     def release(self, conn: Any, now: float) -> tuple[None, Events]:
         self._release(conn, self.owner)
@@ -233,14 +243,45 @@ class JournalSession(JournalWriter):
             (self.flow, socket.gethostname()),
         ).fetchall():
             if pid != os.getpid() and not pid_alive(pid):
-                self._release(conn, owner)
+                n = self._release(conn, owner)
+                self._taken(owner, n, f"its process {pid} is gone ({n} items freed)")
 
-    def _release(self, conn: Any, owner: str) -> None:
-        conn.execute(
+    def _release(self, conn: Any, owner: str) -> int:
+        n = conn.execute(
             "UPDATE tokens SET owner=NULL, lease_until=0 WHERE flow=? AND owner=?",
             (self.flow, owner),
-        )
+        ).rowcount
         conn.execute("DELETE FROM owners WHERE owner=?", (owner,))
+        return int(n)
+
+    def _take_over(self, conn: Any, now: float) -> None:
+        """Say when another owner stops renewing its leases (a process on another host
+        that died, or one that stalls): its items are free to claim once each lease runs
+        out, and this frees those whose lease has. Said once per owner."""
+        for owner, host, pid, seen in conn.execute(
+            "SELECT owner, host, pid, seen FROM owners WHERE flow=? AND owner<>? AND seen<?",
+            (self.flow, self.owner, now - self.journal.lease),
+        ).fetchall():
+            if owner in self._stale:
+                continue
+            self._stale.add(owner)
+            n = conn.execute(
+                "UPDATE tokens SET owner=NULL, lease_until=0 WHERE flow=? AND owner=? "
+                "AND lease_until<?",
+                (self.flow, owner, now),
+            ).rowcount
+            self._taken(
+                owner,
+                max(1, n),
+                f"it (pid {pid} on {host}) renewed no lease for {now - seen:.1f} s, so its "
+                f"leases ran out ({n} items freed now, the rest were claimed already)",
+            )
+
+    def _taken(self, owner: str, n: int, why: str) -> None:
+        if n:
+            log.warning(
+                "flow %r: the items held by owner %s are taken over: %s", self.flow, owner, why
+            )
 
     # ---- ops (run by the writer, inside a transaction) ------------------------
     def _apply(self, conn: Any, now: float, key: str, dests: list[Dest], events: Events) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 from pydotcompute.coordinator.flow import Flow, check_key
 from pydotcompute.coordinator.graph import Graph
 from pydotcompute.coordinator.journal import JournalConfig, open_journal
+from pydotcompute.coordinator.log_throttle import LogThrottle
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import decode, encode
 from pydotcompute.coordinator.retention import Retention, seconds
@@ -304,6 +305,7 @@ class WorkflowEngine:
         self._flows: dict[str, Flow] = {}
         self._flow_lock = asyncio.Lock()
         self._retention: asyncio.Task[None] | None = None
+        self._log = LogThrottle(log)  # retries, failures, takeovers: not one line per workflow
         self._closed = False
 
     # ---- lifetime -------------------------------------------------------------------
@@ -341,6 +343,7 @@ class WorkflowEngine:
         for flow in self._flows.values():
             await flow.close()
         await self.store.close()
+        self._log.flush()
 
     async def _stop(self, keys: list[str]) -> None:
         tasks = [t for k in keys if (t := self._runs.get(k)) is not None]
@@ -377,6 +380,16 @@ class WorkflowEngine:
         except ValueError as exc:
             raise InvalidConfigurationError(str(exc)) from None
         if claimed and key not in self._runs:
+            if stored is not None:
+                self._log.log(
+                    logging.INFO,
+                    "took over",
+                    "workflow %r (%s) taken over here from a process that is gone or whose "
+                    "lease ran out; replaying its %d recorded calls",
+                    key,
+                    wf.name,
+                    len(history),
+                )
             self._drive(wf, key, value if stored is None else decode(stored), history)
         return key
 
@@ -401,6 +414,15 @@ class WorkflowEngine:
             except Exception as exc:
                 if ctx.lost or isinstance(exc, LostOwnership):
                     return
+                self._log.log(
+                    logging.WARNING,
+                    ("failed", wf.name),
+                    "workflow %r (%s) failed, %s: %s",
+                    key,
+                    wf.name,
+                    type(exc).__name__,
+                    exc,
+                )
                 err_blob, text = pack_error(exc)
                 await self.store.call(self.store.op_finish, key, FAILED, err_blob, text)
                 return
@@ -435,7 +457,23 @@ class WorkflowEngine:
         parent: str,
     ) -> Any:
         if kind == "activity":
-            return await target.run(*args, **kwargs)
+
+            def retrying(attempt: int, exc: BaseException, delay: float) -> None:
+                self._log.log(
+                    logging.WARNING,
+                    ("retry", target.name),
+                    "workflow %r: activity %s failed (attempt %d of %d), %s: %s; retrying "
+                    "in %.3f s",
+                    parent,
+                    target.name,
+                    attempt,
+                    target.retry.attempts,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+
+            return await target.run_with(args, kwargs, retrying)
         if kind == "workflow":
             await self.start(target, args[0], key=call_key, parent=parent)
             return await self.result(call_key)
@@ -646,6 +684,13 @@ class WorkflowEngine:
             if claimed and key not in self._runs:
                 self._drive(wf, key, decode(blob), history)
                 resumed.append(key)
+        if resumed:
+            log.info(
+                "workflows: resumed %d running workflows that no process held (%s%s)",
+                len(resumed),
+                ", ".join(repr(k) for k in resumed[:5]),
+                ", ..." if len(resumed) > 5 else "",
+            )
         return resumed
 
     async def prune(
