@@ -38,7 +38,7 @@ from pydotcompute.coordinator.records import (
 )
 from pydotcompute.coordinator.retention import BATCH, Retention, seconds
 from pydotcompute.coordinator.retry import RetryPolicy
-from pydotcompute.coordinator.runners import Runner, make_runner
+from pydotcompute.coordinator.runners import Runner, make_runner, refuse_deploy_while_spawning
 from pydotcompute.errors import (
     FlowClosedError,
     ItemFailedError,
@@ -181,6 +181,7 @@ class Flow:
             for n in self.plan.calls
             if n.index in self._channels
         }
+        refuse_deploy_while_spawning()
         self._key_prefix = uuid.uuid4().hex[:16]
         self._key_count = itertools.count()
         try:
@@ -202,6 +203,8 @@ class Flow:
                     self._runners.append(runner)
                     await runner.start()
                     self._spawn(self._work(node, runner))
+            # Worker processes start side by side; a deploy fails here if one cannot.
+            await asyncio.gather(*(r.ready() for r in self._runners))
             if self.journal is not None:
                 self._spawn(self._claim_loop())
                 rule = self.journal.journal.retention
