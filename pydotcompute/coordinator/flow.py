@@ -23,7 +23,13 @@ from datetime import timedelta
 from typing import Any
 
 from pydotcompute.coordinator.channel import Channel
-from pydotcompute.coordinator.journal import Dest, Events, JournalConfig, JournalSession
+from pydotcompute.coordinator.journal import (
+    Dest,
+    Events,
+    JournalConfig,
+    JournalSession,
+    unreadable,
+)
 from pydotcompute.coordinator.log_throttle import LogThrottle
 from pydotcompute.coordinator.plan import Edge, Node, Plan
 from pydotcompute.coordinator.records import (
@@ -641,7 +647,22 @@ class Flow:
                         self._channels[i].unreserve(n)
                 for key, node, blob, failures in rows:
                     got[node] += 1
-                    self._channels[node].put_nowait(Token(key, node, decode(blob), failures))
+                    try:
+                        value = decode(blob)
+                    except JournalError as exc:  # a damaged row fails its item only
+                        rec = unreadable(key, self.plan.nodes[node], blob, exc)
+                        self._log.log(
+                            logging.ERROR,
+                            ("dead", rec.stage),
+                            "flow %r, stage %r: item %r went to the dead letters: %s",
+                            self.name,
+                            rec.stage,
+                            key,
+                            rec.error,
+                        )
+                        journal.post(journal.op_dead, node, rec)
+                        continue
+                    self._channels[node].put_nowait(Token(key, node, value, failures))
             self._hungry.update(i for i, n in wants if got[i] == n)
             if any(got[i] == n for i, n in wants) or any(
                 self._channels[i].free() > 0 for i in self._channels if i not in asked

@@ -22,7 +22,7 @@ from pydotcompute.coordinator.journal_path import check_sqlite_path
 from pydotcompute.coordinator.journal_postgres import PostgresJournal, is_postgres_dsn
 from pydotcompute.coordinator.journal_sqlite import CHUNK, SQLiteJournal
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
-from pydotcompute.coordinator.plan import Plan
+from pydotcompute.coordinator.plan import Node, Plan
 from pydotcompute.coordinator.records import DeadLetter, decode, encode
 from pydotcompute.coordinator.retention import ITEMS_INDEX, Retention, prune_items
 from pydotcompute.errors import JournalError
@@ -82,6 +82,21 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def unreadable(key: str, node: Node, stored: Any, exc: JournalError) -> DeadLetter:
+    """The dead letter of an item whose stored input cannot be read back: its value is
+    the stored bytes, for a person to look at."""
+    return DeadLetter(
+        key=key,
+        stage=node.name,
+        node=node.index,
+        error=f"JournalError: its stored input cannot be read back: {exc}",
+        traceback="",
+        attempts=0,
+        failed_at=time.time(),
+        value=stored,
+    )
 
 
 class JournalSession(JournalWriter):
@@ -306,11 +321,18 @@ class JournalSession(JournalWriter):
                 ).fetchall()
                 target = self.plan.nodes[node]
                 if len(parts) == target.parts:
-                    joined = self.plan.join_value(target, {p: decode(v) for p, v in parts})
                     conn.execute(
                         "DELETE FROM tokens WHERE flow=? AND key=? AND node=? AND port>0",
                         (flow, key, node),
                     )
+                    try:
+                        joined = self.plan.join_value(target, {p: decode(v) for p, v in parts})
+                    except JournalError as exc:
+                        # A damaged part fails this item, not the flow's whole batch.
+                        self._bury(
+                            conn, unreadable(key, target, [v for _, v in parts], exc), events
+                        )
+                        continue
                     # Unleased: whoever has room claims it, like a fresh submission.
                     conn.execute(
                         "INSERT INTO tokens(flow, key, node, port, value) VALUES(?,?,?,0,?) "
