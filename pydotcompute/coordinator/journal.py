@@ -137,7 +137,7 @@ class JournalSession(JournalWriter):
             )
         self.dialect.create(conn, ITEMS_INDEX)  # journals made before pruning lack it
         self._reap(conn)
-        self._take_over(conn, now)
+        self._take_over(conn, now, opening=True)
         self.resumed = conn.execute(
             "SELECT count(DISTINCT key) FROM tokens WHERE flow=?", (self.flow,)
         ).fetchone()[0]
@@ -269,10 +269,11 @@ class JournalSession(JournalWriter):
         conn.execute("DELETE FROM owners WHERE owner=?", (owner,))
         return int(n)
 
-    def _take_over(self, conn: Any, now: float) -> None:
+    def _take_over(self, conn: Any, now: float, opening: bool = False) -> None:
         """Say when another owner stops renewing its leases (a process on another host
         that died, or one that stalls): its items are free to claim once each lease runs
-        out, and this frees those whose lease has. Said once per owner."""
+        out, and this frees those whose lease has. Said once per owner; owners long gone
+        when this one opens are said only if they still held items."""
         for owner, host, pid, seen in conn.execute(
             "SELECT owner, host, pid, seen FROM owners WHERE flow=? AND owner<>? AND seen<?",
             (self.flow, self.owner, now - self.journal.lease),
@@ -287,7 +288,7 @@ class JournalSession(JournalWriter):
             ).rowcount
             self._taken(
                 owner,
-                max(1, n),
+                n if opening else max(1, n),
                 f"it (pid {pid} on {host}) renewed no lease for {now - seen:.1f} s, so its "
                 f"leases ran out ({n} items freed now, the rest were claimed already)",
             )
