@@ -346,8 +346,11 @@ def main() -> None:
     args.kill_lo, args.kill_hi = lo, hi
     seed = args.seed if args.seed is not None else time.time_ns() % 2**32
     rng = random.Random(seed)
+    kills = "no kills" if args.max_kills == 0 else f"a kill every {lo}-{hi} s"
+    if args.max_kills:
+        kills += f" (at most {args.max_kills})"
     print(
-        f"soak: {args.items:,} items, {args.workflows:,} workflows, a kill every {lo}-{hi} s, "
+        f"soak: {args.items:,} items, {args.workflows:,} workflows, {kills}, "
         f"WAL limit {args.wal_limit / 2**20:.0f} MiB, seed {seed}",
         flush=True,
     )
