@@ -209,8 +209,11 @@ class Flow:
                     self._runners.append(runner)
                     await runner.start()
                     self._spawn(self._work(node, runner))
-            # Worker processes start side by side; a deploy fails here if one cannot.
-            await asyncio.gather(*(r.ready() for r in self._runners))
+            # Worker processes have started side by side; a deploy fails here if one
+            # cannot load its stage. (One by one: runners with nothing to wait for do not
+            # yield to the loop, so the flow's first ops go to the writer as before.)
+            for runner in self._runners:
+                await runner.ready()
             if self.journal is not None:
                 self._spawn(self._claim_loop())
                 rule = self.journal.journal.retention
