@@ -121,17 +121,22 @@ class ApprovalServer:
                 if self.path != "/complete":
                     self._send(404, json.dumps({"error": "not found"}))
                     return
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    self._send(413, json.dumps({"error": f"at most {MAX_BODY} bytes"}))
+                try:
+                    length = body_length(self.headers.get("Content-Length"))
+                    key, answer = parse_completion(self.rfile.read(length), length)
+                except BadRequest as exc:
+                    self._send(exc.status, json.dumps({"error": str(exc)}))
                     return
-                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
-                key = form.get("key", [""])[0]
-                answer = {"decision": form.get("decision", [""])[0], "by": form.get("by", [""])[0]}
+                except TimeoutError:
+                    self._send(408, json.dumps({"error": "the body did not arrive in time"}))
+                    return
                 try:
                     done = server._on_loop(server.rt.complete_task(approval, key, answer))
                 except ValueError as exc:
                     self._send(400, json.dumps({"error": str(exc)}))
+                    return
+                except Exception as exc:  # the journal or the loop failed: say so, stay up
+                    self._send(503, json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
                     return
                 if not done:
                     self._send(404, json.dumps({"error": f"no pending claim {key!r}"}))
@@ -144,6 +149,40 @@ class ApprovalServer:
                     self._send(200, json.dumps({"completed": key}))
 
         return Handler
+
+
+class BadRequest(ValueError):
+    """A request the page refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+def body_length(header: str | None) -> int:
+    """The Content-Length a POST announced: 0 to MAX_BODY, else BadRequest."""
+    text = (header or "0").strip()
+    if not text.isascii() or not text.isdigit():
+        raise BadRequest(400, f"Content-Length must be a number of bytes, got {text[:20]!r}")
+    if int(text) > MAX_BODY:
+        raise BadRequest(413, f"at most {MAX_BODY} bytes")
+    return int(text)
+
+
+def parse_completion(body: bytes, length: int) -> tuple[str, dict]:
+    """(key, answer) from a form body ``key=..&decision=..&by=..``; BadRequest if the
+    body is short, not UTF-8, or not such a form."""
+    if len(body) != length:
+        raise BadRequest(400, f"the body has {len(body)} of the {length} bytes announced")
+    try:
+        text = body.decode("utf-8")
+        form = urllib.parse.parse_qs(text, max_num_fields=10, errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(400, f"the body is not a UTF-8 form: {exc}") from None
+    fields = {name: values[0] for name, values in form.items() if len(values) == 1}
+    if "key" not in fields or any(len(v) > 1 for v in form.values()):
+        raise BadRequest(400, "the form needs one key field (and one decision and by)")
+    return fields["key"], {"decision": fields.get("decision", ""), "by": fields.get("by", "")}
 
 
 def page(pending: list[dict]) -> str:

@@ -1,5 +1,6 @@
 """The coordinator: pipelines, fan-out/fan-in, routes and DAGs of stages, run in memory or
-durably on a journal, with bounded buffers, retries and dead letters."""
+durably on a journal, with bounded buffers, retries and dead letters; finished work is
+pruned from a journal by ``prune_journal``, ``Flow.prune`` or a ``Retention`` rule."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from pydotcompute.coordinator.graph import (
 from pydotcompute.coordinator.journal import PostgresJournal, SQLiteJournal, open_journal
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import DeadLetter
+from pydotcompute.coordinator.retention import Pruned, Retention, prune_journal
 from pydotcompute.coordinator.retry import RetryPolicy
 
 __all__ = [
@@ -31,12 +33,15 @@ __all__ = [
     "Flow",
     "Graph",
     "Pipeline",
+    "Pruned",
+    "Retention",
     "RetryPolicy",
     "Route",
     "PostgresJournal",
     "SQLiteJournal",
     "Stage",
     "deploy",
+    "prune_journal",
     "route",
     "stage",
 ]

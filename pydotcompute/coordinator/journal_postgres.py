@@ -20,6 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydotcompute.coordinator.journal_sqlite import SCHEMA as SQLITE_SCHEMA
+from pydotcompute.coordinator.retention import Retention, check_retention
 from pydotcompute.errors import JournalError
 
 __all__ = ["PostgresJournal", "is_postgres_dsn", "pg_schema"]
@@ -60,16 +61,19 @@ class PostgresJournal:
     The journal's tables are made in the first schema of the connection's search path
     (``?options=-csearch_path%3Dname`` in the DSN picks another). ``lease``: seconds a
     claim lasts without a heartbeat (heartbeats come every ``lease / 3``); ``poll``: how
-    often idle workers look for claimable items. Needs ``pip install
-    "pydotcompute[postgres]"``.
+    often idle workers look for claimable items. ``retention``: what running flows and
+    workflow engines keep of what is finished (a :class:`Retention`, or an age in
+    seconds); None keeps everything. Needs ``pip install "pydotcompute[postgres]"``.
     """
 
     dsn: str = field(repr=False)
     lease: float = 30.0
     poll: float = 0.05
     max_batch: int = 8192
+    retention: Retention | None = None
 
     def __post_init__(self) -> None:
+        check_retention(self.retention)
         if not is_postgres_dsn(self.dsn):
             raise JournalError(
                 f"a PostgreSQL journal needs a postgresql:// DSN, got {redact(str(self.dsn))!r}"
@@ -78,7 +82,7 @@ class PostgresJournal:
     def __repr__(self) -> str:
         return (
             f"PostgresJournal({redact(self.dsn)!r}, lease={self.lease}, poll={self.poll}, "
-            f"max_batch={self.max_batch})"
+            f"max_batch={self.max_batch}, retention={self.retention!r})"
         )
 
     @property

@@ -161,6 +161,10 @@ class RingKernelRuntime:
         self.enable_telemetry = enable_telemetry
         self.default_queue_size = default_queue_size
         self.backend = backend
+        if journal is not None:
+            from pydotcompute.coordinator.journal import open_journal  # the layer above
+
+            open_journal(journal)  # a journal that cannot be written is refused now
         self.journal = journal
         self._cluster = RayCluster(cluster) if cluster is not None else None
         self._kernels: dict[str, _Kernel] = {}

@@ -20,13 +20,16 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable
+from datetime import timedelta
 from typing import Any
 
 from pydotcompute.coordinator.flow import Flow, check_key
 from pydotcompute.coordinator.graph import Graph
 from pydotcompute.coordinator.journal import JournalConfig, open_journal
+from pydotcompute.coordinator.log_throttle import LogThrottle
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import decode, encode
+from pydotcompute.coordinator.retention import Retention, seconds
 from pydotcompute.errors import (
     FlowClosedError,
     InvalidConfigurationError,
@@ -301,17 +304,26 @@ class WorkflowEngine:
         self._answers: dict[str, asyncio.Future[bytes]] = {}
         self._flows: dict[str, Flow] = {}
         self._flow_lock = asyncio.Lock()
+        self._retention: asyncio.Task[None] | None = None
+        self._log = LogThrottle(log)  # retries, failures, takeovers: not one line per workflow
         self._closed = False
 
     # ---- lifetime -------------------------------------------------------------------
     async def open(self) -> WorkflowEngine:
         await self.store.open()
+        self._opened()
         return self
 
     def open_now(self) -> WorkflowEngine:
         """``open`` from synchronous code running on the event loop."""
         self.store.open_now()
+        self._opened()
         return self
+
+    def _opened(self) -> None:
+        rule = self.journal.retention
+        if rule is not None:
+            self._retention = asyncio.create_task(self._retention_loop(rule))
 
     async def __aenter__(self) -> WorkflowEngine:
         return await self.open()
@@ -324,10 +336,14 @@ class WorkflowEngine:
         if self._closed:
             return
         self._closed = True
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.wait([self._retention])
         await self._stop([*self._runs])
         for flow in self._flows.values():
             await flow.close()
         await self.store.close()
+        self._log.flush()
 
     async def _stop(self, keys: list[str]) -> None:
         tasks = [t for k in keys if (t := self._runs.get(k)) is not None]
@@ -364,6 +380,16 @@ class WorkflowEngine:
         except ValueError as exc:
             raise InvalidConfigurationError(str(exc)) from None
         if claimed and key not in self._runs:
+            if stored is not None:
+                self._log.log(
+                    logging.INFO,
+                    "took over",
+                    "workflow %r (%s) taken over here from a process that is gone or whose "
+                    "lease ran out; replaying its %d recorded calls",
+                    key,
+                    wf.name,
+                    len(history),
+                )
             self._drive(wf, key, value if stored is None else decode(stored), history)
         return key
 
@@ -388,6 +414,15 @@ class WorkflowEngine:
             except Exception as exc:
                 if ctx.lost or isinstance(exc, LostOwnership):
                     return
+                self._log.log(
+                    logging.WARNING,
+                    ("failed", wf.name),
+                    "workflow %r (%s) failed, %s: %s",
+                    key,
+                    wf.name,
+                    type(exc).__name__,
+                    exc,
+                )
                 err_blob, text = pack_error(exc)
                 await self.store.call(self.store.op_finish, key, FAILED, err_blob, text)
                 return
@@ -422,7 +457,23 @@ class WorkflowEngine:
         parent: str,
     ) -> Any:
         if kind == "activity":
-            return await target.run(*args, **kwargs)
+
+            def retrying(attempt: int, exc: BaseException, delay: float) -> None:
+                self._log.log(
+                    logging.WARNING,
+                    ("retry", target.name),
+                    "workflow %r: activity %s failed (attempt %d of %d), %s: %s; retrying "
+                    "in %.3f s",
+                    parent,
+                    target.name,
+                    attempt,
+                    target.retry.attempts,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+
+            return await target.run_with(args, kwargs, retrying)
         if kind == "workflow":
             await self.start(target, args[0], key=call_key, parent=parent)
             return await self.result(call_key)
@@ -633,7 +684,42 @@ class WorkflowEngine:
             if claimed and key not in self._runs:
                 self._drive(wf, key, decode(blob), history)
                 resumed.append(key)
+        if resumed:
+            log.info(
+                "workflows: resumed %d running workflows that no process held (%s%s)",
+                len(resumed),
+                ", ".join(repr(k) for k in resumed[:5]),
+                ", ..." if len(resumed) > 5 else "",
+            )
         return resumed
+
+    async def prune(
+        self, older_than: float | timedelta | None = None, keep: int | None = None
+    ) -> int:
+        """Forget finished top-level workflows (done, failed or cancelled) that ended
+        more than ``older_than`` seconds ago (or a ``timedelta``), and beyond the newest
+        ``keep``; give one or both. Each goes with its calls, child workflows and graph
+        items; one with a workflow still running below it stays. Returns how many went."""
+        self._check_open()
+        rule = Retention(seconds(older_than, "older_than"), keep)
+        total = 0
+        after = None
+        while True:  # a few hundred per transaction: other writes go on in between
+            n, after = await self.store.call(self.store.op_prune, rule, after)
+            total += n
+            if after is None:
+                return total
+
+    async def _retention_loop(self, rule: Retention) -> None:
+        """Prune by the journal's retention rule now and every ``rule.every`` seconds."""
+        while True:
+            try:
+                n = await self.prune(rule.older_than, rule.keep)
+            except FlowClosedError:
+                return
+            if n:
+                log.info("workflows: pruned %d finished workflows (%s)", n, rule)
+            await asyncio.sleep(rule.every)
 
     def _resolve(self, name: str) -> Workflow:
         wf = self._known.get(name)

@@ -16,8 +16,9 @@ from typing import Any
 
 from pydotcompute.coordinator.journal import JournalConfig, pid_alive
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
+from pydotcompute.coordinator.retention import BATCH, GRAPH_FLOWS, Retention, prune_bound
 
-__all__ = ["CallRow", "WorkflowStore"]
+__all__ = ["CallRow", "WorkflowStore", "forget_children", "prune_workflows"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflows(
@@ -27,6 +28,8 @@ CREATE TABLE IF NOT EXISTS workflows(
     created REAL NOT NULL, updated REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS workflows_state ON workflows(state, created);
 CREATE INDEX IF NOT EXISTS workflows_parent ON workflows(parent) WHERE parent IS NOT NULL;
+CREATE INDEX IF NOT EXISTS workflows_finished ON workflows(updated, key)
+    WHERE parent IS NULL AND state <> 'running';
 CREATE TABLE IF NOT EXISTS workflow_calls(
     workflow TEXT NOT NULL, pos INTEGER NOT NULL, kind TEXT NOT NULL, step TEXT NOT NULL,
     args BLOB NOT NULL, state TEXT NOT NULL, result BLOB, error TEXT, task_key TEXT,
@@ -46,6 +49,74 @@ STATES = (RUNNING, DONE, FAILED, CANCELLED)
 DESCENDANTS = """WITH RECURSIVE d(k) AS (
     SELECT key FROM workflows WHERE key=?
     UNION SELECT w.key FROM workflows w JOIN d ON w.parent = d.k) """
+
+
+def forget_children(conn: Any, key: str) -> None:
+    """Delete every record a workflow's calls made: call rows, child workflows (at any
+    depth) and the items its graph calls put into flows (keyed ``<key>/<pos>``)."""
+    keys = [r[0] for r in conn.execute(DESCENDANTS + "SELECT k FROM d", (key,)).fetchall()]
+    graphs = [
+        r[0]
+        for r in conn.execute("SELECT name FROM flows WHERE name LIKE ?", (GRAPH_FLOWS,)).fetchall()
+    ]
+    for k in keys:
+        conn.execute("DELETE FROM workflow_calls WHERE workflow=?", (k,))
+        # Keys from "<k>/" up to "<k>0" ("0" follows "/"): a range the (flow, key)
+        # indexes find, where a prefix test read every row of the table.
+        low, high = k + "/", k + "0"
+        for flow in graphs:
+            for table in ("items", "tokens", "results", "dead_letters"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE flow=? AND key>=? AND key<?", (flow, low, high)
+                )
+    conn.execute(
+        DESCENDANTS + "DELETE FROM workflows WHERE key IN (SELECT k FROM d) AND key<>?",
+        (key, key),
+    )
+
+
+def prune_workflows(
+    conn: Any,
+    dialect: Any,
+    now: float,
+    rule: Retention,
+    after: tuple[float, str] | None,
+    limit: int = BATCH,
+) -> tuple[int, tuple[float, str] | None]:
+    """Inside an open write transaction: delete up to ``limit`` finished top-level
+    workflows that ``rule`` lets go (after ``after``, the (updated, key) where the last
+    call stopped), each with everything it made; one with a workflow still running below
+    it stays. Returns how many went and where to go on (None: done for now)."""
+    finished = "parent IS NULL AND state <> 'running'"  # the workflows_finished index
+    bound = prune_bound(
+        conn,
+        f"SELECT updated, key FROM workflows WHERE {finished} "
+        "ORDER BY updated DESC, key DESC LIMIT 1 OFFSET ?",
+        [],
+        rule,
+        now,
+    )
+    if bound is None:
+        return 0, None
+    sql = f"SELECT key, updated FROM workflows WHERE {finished} AND (updated < ? OR (updated = ? AND key <= ?))"
+    args: list[Any] = [bound[0], bound[0], bound[1]]
+    if after is not None:
+        sql += " AND (updated > ? OR (updated = ? AND key > ?))"
+        args += [after[0], after[0], after[1]]
+    rows = conn.execute(
+        sql + " ORDER BY updated, key LIMIT ?" + dialect.for_update, [*args, limit]
+    ).fetchall()
+    gone = 0
+    for key, _ in rows:
+        busy = conn.execute(
+            DESCENDANTS + "SELECT 1 FROM workflows WHERE key IN (SELECT k FROM d) "
+            "AND state='running' LIMIT 1",
+            (key,),
+        ).fetchone()
+        if busy is None:
+            forget_children(conn, key)
+            gone += conn.execute("DELETE FROM workflows WHERE key=?", (key,)).rowcount
+    return gone, ((float(rows[-1][1]), rows[-1][0]) if len(rows) == limit else None)
 
 
 class LostOwnership(Exception):
@@ -257,22 +328,7 @@ class WorkflowStore(JournalWriter):
         return keys
 
     def _forget_children(self, conn: Any, key: str) -> None:
-        """Delete every record a workflow's calls made: call rows, child workflows (at any
-        depth) and the items its graph calls put into flows (keyed ``<key>/<pos>``)."""
-        keys = [r[0] for r in conn.execute(DESCENDANTS + "SELECT k FROM d", (key,))]
-        for k in keys:
-            conn.execute("DELETE FROM workflow_calls WHERE workflow=?", (k,))
-            prefix = k + "/"
-            for table in ("items", "tokens", "results", "dead_letters"):
-                conn.execute(
-                    f"DELETE FROM {table} WHERE flow LIKE 'workflow-graph-%' "
-                    "AND substr(key, 1, ?)=?",
-                    (len(prefix), prefix),
-                )
-        conn.execute(
-            DESCENDANTS + "DELETE FROM workflows WHERE key IN (SELECT k FROM d) AND key<>?",
-            (key, key),
-        )
+        forget_children(conn, key)
 
     def op_restart(self, conn: Any, now: float, key: str) -> tuple[str, bytes]:
         """Forget everything the workflow did and run it again, owned by us: (name, input)."""
@@ -297,6 +353,12 @@ class WorkflowStore(JournalWriter):
             "UPDATE workflows SET lease_until=? WHERE owner=? AND state='running'",
             (now + self.journal.lease, self.owner),
         )
+
+    def op_prune(
+        self, conn: Any, now: float, rule: Retention, after: tuple[float, str] | None
+    ) -> tuple[int, tuple[float, str] | None]:
+        """Up to ``BATCH`` finished top-level workflows that ``rule`` lets go."""
+        return prune_workflows(conn, self.dialect, now, rule, after)
 
     def op_release(self, conn: Any, now: float) -> None:
         conn.execute("UPDATE workflows SET owner=NULL, lease_until=0 WHERE owner=?", (self.owner,))
