@@ -664,7 +664,7 @@ class Flow:
         self._claim_wake.set()
         return ok
 
-    def _final(self, key: str) -> tuple[str, Any] | None:
+    async def _final(self, key: str) -> tuple[str, Any] | None:
         """(state, value or record) once the item finished; None while active."""
         if self.journal is None:
             item = self._items.get(key)
@@ -677,11 +677,13 @@ class Flow:
             if item.state == CANCELLED:
                 return CANCELLED, item.reason
             return None
-        rows = self.journal.read("SELECT state FROM items WHERE flow=? AND key=?", self.name, key)
+        rows = await self.journal.aread(
+            "SELECT state FROM items WHERE flow=? AND key=?", self.name, key
+        )
         if not rows:
             raise KeyError(f"flow {self.name!r} has no item {key!r}")
         if rows[0][0] == DONE:
-            blob = self.journal.read(
+            blob = await self.journal.aread(
                 "SELECT value FROM results WHERE flow=? AND key=?", self.name, key
             )
             return DONE, decode(blob[0][0])
@@ -696,7 +698,7 @@ class Flow:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            final = self._final(key)
+            final = await self._final(key)
             if final is not None:
                 state, payload = final
                 if state == DONE:
@@ -725,12 +727,12 @@ class Flow:
                 if fut in waiters:  # a long wait must not pile up futures
                     waiters.remove(fut)
 
-    def _pending(self) -> int:
+    async def _pending(self) -> int:
         if self.journal is None:
             return self._active
-        return self.journal.read(
+        return (await self.journal.aread(
             "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.name
-        )[0][0]
+        ))[0][0]
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until no item is active (all done or dead-lettered)."""
@@ -740,7 +742,7 @@ class Flow:
             self._check_open()
             if self.journal is not None:
                 await self.journal.call(self.journal.op_flush)
-            if self._pending() == 0:
+            if await self._pending() == 0:
                 return
             self._changed.clear()
             wait = None if self.journal is None else self.journal.journal.poll * 4
@@ -770,7 +772,7 @@ class Flow:
         assert journal is not None  # the in-memory branch above always returns
         seq = 0
         while True:
-            rows = journal.read(
+            rows = await journal.aread(
                 "SELECT seq, key, value FROM results WHERE flow=? AND seq>? ORDER BY seq LIMIT 1000",
                 self.name,
                 seq,
@@ -780,9 +782,9 @@ class Flow:
                 yield key, decode(blob)
             if rows:
                 continue
-            if self._pending() == 0:
+            if await self._pending() == 0:
                 # One more look: the last items may have committed between the two reads.
-                if not journal.read(
+                if not await journal.aread(
                     "SELECT 1 FROM results WHERE flow=? AND seq>? LIMIT 1", self.name, seq
                 ):
                     return

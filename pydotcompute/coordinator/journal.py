@@ -53,22 +53,24 @@ def open_journal(journal: Any) -> JournalConfig | None:
     )
 
 
+def register_owner(conn: Any, dialect: Any, owner: str, flow: str, now: float) -> None:
+    """Hold ``owner``'s liveness lock and record it in ``owners`` (``seen``: now, by the
+    journal's clock). Host and pid are kept for people reading the table, never to
+    decide whether the owner lives."""
+    dialect.owners.hold(conn, owner)
+    conn.execute(
+        "INSERT INTO owners VALUES(?,?,?,?,?) ON CONFLICT(owner) DO UPDATE SET "
+        "flow=excluded.flow, host=excluded.host, pid=excluded.pid, seen=excluded.seen",
+        (owner, flow, socket.gethostname(), os.getpid(), now),
+    )
+
+
 def describe_change(old: list[str], new: list[str]) -> str:
     added = [n for n in new if n not in old]
     removed = [n for n in old if n not in new]
     if not added and not removed:
         return "same stages, different wiring or options"
     return f"stages added: {added or 'none'}; stages removed: {removed or 'none'}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class JournalSession(JournalWriter):
@@ -106,11 +108,12 @@ class JournalSession(JournalWriter):
                 f"({change}); deploy it under a new name or use a new journal"
             )
         self._reap(conn)
-        conn.execute(
-            "INSERT INTO owners VALUES(?,?,?,?,?) ON CONFLICT(owner) DO UPDATE SET "
-            "flow=excluded.flow, host=excluded.host, pid=excluded.pid, seen=excluded.seen",
-            (self.owner, self.flow, socket.gethostname(), os.getpid(), now),
-        )
+        register_owner(conn, self.dialect, self.owner, self.flow, now)
+
+    def rejoin(self, conn: Any, now: float) -> None:
+        # A new connection after an outage: take the liveness lock again (a server restart
+        # released it) and say so, before anyone judges this owner by its lock.
+        register_owner(conn, self.dialect, self.owner, self.flow, now)
 
     def apply(self, conn: Any, now: float, ops: list[Op]) -> list[Any]:
         self._prepare(conn, ops)
@@ -215,13 +218,13 @@ class JournalSession(JournalWriter):
             self._finished.clear()
 
     def _reap(self, conn: Any) -> None:
-        """Owners on this host whose process is gone cannot renew their leases: free
-        their items now instead of waiting for the leases to run out."""
-        for owner, pid in conn.execute(
-            "SELECT owner, pid FROM owners WHERE flow=? AND host=?",
-            (self.flow, socket.gethostname()),
+        """Owners whose liveness lock is free are dead (see ``coordinator.liveness``) and
+        cannot renew their leases: free their items now instead of waiting for the leases
+        to run out."""
+        for owner, seen in conn.execute(
+            "SELECT owner, seen FROM owners WHERE flow=? AND owner<>?", (self.flow, self.owner)
         ).fetchall():
-            if pid != os.getpid() and not pid_alive(pid):
+            if self.dialect.owners.dead(conn, owner, seen):
                 self._release(conn, owner)
 
     def _release(self, conn: Any, owner: str) -> None:

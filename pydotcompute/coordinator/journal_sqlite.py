@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydotcompute.coordinator.liveness import FileLocks
 from pydotcompute.errors import JournalError
 
 __all__ = ["SCHEMA", "SQLiteDialect", "SQLiteJournal"]
@@ -170,10 +171,12 @@ class SQLiteDialect:
     name = "sqlite"
     threaded = False  # see JournalWriter
     for_update = ""  # BEGIN IMMEDIATE already holds the only write lock
+    reconnect_timeout = 0.0  # a file has no server to lose (see ``unreachable``)
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._checkpointing: asyncio.Task[None] | None = None
+        self.owners = FileLocks(path)
 
     def writer(self) -> sqlite3.Connection:
         create_file(self.path)
@@ -185,7 +188,10 @@ class SQLiteDialect:
         return conn
 
     def reader(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+        # Opened on the thread that opens the writer, used on the event loop's.
+        return sqlite3.connect(
+            self.path, isolation_level=None, timeout=60.0, check_same_thread=False
+        )
 
     def create(self, conn: sqlite3.Connection, schema: str) -> None:
         for statement in schema.split(";"):
@@ -219,6 +225,12 @@ class SQLiteDialect:
 
     def lost(self, conn: sqlite3.Connection) -> bool:
         return False  # a file does not go away under an open connection
+
+    def unreachable(self, exc: BaseException) -> bool:
+        return False  # a busy file is waited for (try_begin); other errors are real
+
+    def committed(self, conn: sqlite3.Connection, lost: sqlite3.Connection) -> bool | None:
+        return None  # never asked: a connection to a file is never lost mid-commit
 
     def rows(self, conn: sqlite3.Connection, cols: str, tail: str, args: list[Any]) -> list[Any]:
         return select_json(conn, f"SELECT json_array({cols}) AS j {tail}", args)
