@@ -73,7 +73,17 @@ class _ProcessConnection:
             else:
                 # "local" is Ray's own word for "start a new instance here"; a
                 # dashboard is for clusters that someone started on purpose.
-                ray.init(address=address, include_dashboard=False if address == "local" else None)
+                try:
+                    ray.init(
+                        address=address, include_dashboard=False if address == "local" else None
+                    )
+                except ConnectionError as exc:
+                    raise BackendNotAvailableError(
+                        f"cannot join the Ray cluster at {address}: {exc}. A cluster started "
+                        "with token authentication (Ray's default for `ray start --head` since "
+                        "2.59) also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
+                        "the file ~/.ray/auth_token) in this process's environment"
+                    ) from exc
                 self._started = True
             self._users += 1
 
