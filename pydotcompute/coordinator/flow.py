@@ -408,6 +408,7 @@ class Flow:
         nxt = self._direct.get(node.edges[0]) if self.journal is None else None
         nxt_node = node.edges[0][0]
         to_sink = self.journal is None and node.edges[0] == (self.plan.sink, 0)
+        many = getattr(runner, "call_many", None)  # kernels: the items taken go together
         while True:
             toks = await ch.take(take, node.batch_timeout)
             if i in self._hungry:
@@ -416,6 +417,12 @@ class Flow:
             if node.is_batch:
                 try:
                     await self._run_batch(node, runner, toks)
+                finally:
+                    busy[i] -= len(toks)
+                continue
+            if many is not None and len(toks) > 1:
+                try:
+                    await self._run_many(node, many, toks, nxt, nxt_node, to_sink)
                 finally:
                     busy[i] -= len(toks)
                 continue
@@ -439,6 +446,30 @@ class Flow:
                     left -= 1
             finally:
                 busy[i] -= left
+
+    async def _run_many(
+        self,
+        node: Node,
+        many: Any,
+        toks: list[Token],
+        nxt: Channel | None,
+        nxt_node: int,
+        to_sink: bool,
+    ) -> None:
+        """The items a worker took, sent to its kernel together (``call_many``), then
+        each passed on (or failed) as a single call would have."""
+        outs = await many([t.value for t in toks])
+        for tok, out in zip(toks, outs, strict=True):
+            if isinstance(out, Exception):
+                self._failed(node, tok, out)
+            elif nxt is not None:
+                nt = Token(tok.key, nxt_node, out)
+                if not nxt.try_put(nt):
+                    await nxt.put(nt)
+            elif to_sink:
+                self._finish_memory(tok.key, out)
+            else:
+                await self._forward(node, tok, out)
 
     async def _run_batch(self, node: Node, runner: Runner, toks: list[Token]) -> None:
         try:
