@@ -101,21 +101,35 @@ def two_nodes(head: dict[str, float], other: dict[str, float]) -> Iterator[Nodes
         nodes.logs.append(folder / "head.log")
         nodes.procs.append(
             _start(
-                [ray_cli, "start", "--head", f"--port={gcs}", *common,
-                 f"--resources={json.dumps(head)}", "--include-dashboard=false",
-                 *([f"--ray-client-server-port={client}"] if client else []),
-                 f"--dashboard-agent-listen-port={free_port()}"],
-                env, nodes.logs[-1],
+                [
+                    ray_cli,
+                    "start",
+                    "--head",
+                    f"--port={gcs}",
+                    *common,
+                    f"--resources={json.dumps(head)}",
+                    "--include-dashboard=false",
+                    *([f"--ray-client-server-port={client}"] if client else []),
+                    f"--dashboard-agent-listen-port={free_port()}",
+                ],
+                env,
+                nodes.logs[-1],
             )  # fmt: skip
         )
         _wait_for_nodes(nodes, 1)
         nodes.logs.append(folder / "node.log")
         nodes.procs.append(
             _start(
-                [ray_cli, "start", f"--address={nodes.gcs}", *common,
-                 f"--resources={json.dumps(other)}",
-                 f"--dashboard-agent-listen-port={free_port()}"],
-                env, nodes.logs[-1],
+                [
+                    ray_cli,
+                    "start",
+                    f"--address={nodes.gcs}",
+                    *common,
+                    f"--resources={json.dumps(other)}",
+                    f"--dashboard-agent-listen-port={free_port()}",
+                ],
+                env,
+                nodes.logs[-1],
             )  # fmt: skip
         )
         _wait_for_nodes(nodes, 2)
@@ -140,7 +154,10 @@ def _wait_for_nodes(nodes: Nodes, count: int, limit: float = 120.0) -> None:
             text=True,
         )
         # "Active:" lists one line per live node: " 1 node_<hex id>".
-        if status.returncode == 0 and len(re.findall(r"\b1 node_[0-9a-f]{16,}", status.stdout)) >= count:
+        if (
+            status.returncode == 0
+            and len(re.findall(r"\b1 node_[0-9a-f]{16,}", status.stdout)) >= count
+        ):
             return
         if time.monotonic() > deadline:
             raise RuntimeError(f"{count} Ray node(s) not up in {limit} s:\n{status.stdout}"

@@ -33,7 +33,9 @@ WORKFLOWS = ROOT / "tests" / "crash" / "workflow_calls.py"
 @pytest.fixture
 def server():
     """A server of this test's own, which the test may restart or stop."""
-    pytest.importorskip("psycopg", reason='psycopg is not installed: pip install "pydotcompute[postgres]"')
+    pytest.importorskip(
+        "psycopg", reason='psycopg is not installed: pip install "pydotcompute[postgres]"'
+    )
     try:
         with pg.throwaway() as srv:
             yield srv
@@ -52,9 +54,7 @@ def lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
-async def test_a_restart_in_the_middle_of_a_multi_process_flow_is_ridden_through(
-    server, tmp_path
-):
+async def test_a_restart_in_the_middle_of_a_multi_process_flow_is_ridden_through(server, tmp_path):
     n = 1000
     async with await deploy(None, GRAPH, name="crash", journal=journal(server.dsn)) as flow:
         await flow.submit_many(range(n), keys=[str(i) for i in range(n)])
