@@ -60,7 +60,6 @@ async def answers_once(ctx):  # type: ignore[no-untyped-def]
     await ctx.send(msg + 1)
 
 
-
 async def groups(ctx):  # type: ignore[no-untyped-def]
     """Takes what has arrived together (waiting 50 ms for more after the first) and
     answers each ``(x, sizes)`` with ``(10 x, sizes + [how many came together])``: a

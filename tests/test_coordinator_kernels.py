@@ -131,7 +131,6 @@ async def test_the_workers_of_a_kernel_stage_have_their_requests_in_flight_toget
         assert flow.dead_letters() == []
 
 
-
 async def test_one_worker_of_a_kernel_stage_sends_the_items_it_took_together():
     # One worker, as a pipeline stage on another node usually has: the items it takes
     # travel together, not one request and reply at a time.

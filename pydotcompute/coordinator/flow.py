@@ -761,9 +761,11 @@ class Flow:
     async def _pending(self) -> int:
         if self.journal is None:
             return self._active
-        return (await self.journal.aread(
-            "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.name
-        ))[0][0]
+        return (
+            await self.journal.aread(
+                "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.name
+            )
+        )[0][0]
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until no item is active (all done or dead-lettered)."""

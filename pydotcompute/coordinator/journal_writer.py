@@ -339,13 +339,13 @@ class JournalWriter:
                         outage = self._outage(exc)
                     try:
                         conn, verdict = await self._reconnect(conn, outage, exc, committing)
-                    except JournalError as err:
-                        results = [err] * len(ops)
-                        if isinstance(err, JournalUnavailableError):
-                            self._down = err  # every later op fails with it at once
-                            self.on_error(err)  # the user of the journal stops
+                    except JournalError as failed:
+                        results = [failed] * len(ops)
+                        if isinstance(failed, JournalUnavailableError):
+                            self._down = failed  # every later op fails with it at once
+                            self.on_error(failed)  # the user of the journal stops
                         elif not ops:
-                            self.on_error(err)
+                            self.on_error(failed)
                         break
                     if verdict is True:
                         results = self._uncommitted

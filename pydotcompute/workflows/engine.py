@@ -539,7 +539,9 @@ class WorkflowEngine:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            rows = await self.store.aread("SELECT state, result, error FROM workflows WHERE key=?", key)
+            rows = await self.store.aread(
+                "SELECT state, result, error FROM workflows WHERE key=?", key
+            )
             if not rows:
                 raise WorkflowNotFoundError(f"no workflow {key!r} in the journal")
             state, blob, error = rows[0]
