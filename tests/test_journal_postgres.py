@@ -67,6 +67,16 @@ async def test_an_unreachable_server_is_waited_for_then_named_without_the_passwo
     assert len(tries) >= 3 and all("s3cret" not in r.getMessage() for r in tries)
 
 
+async def test_a_server_that_refuses_the_connection_for_good_is_not_waited_for(postgres_dsn):
+    """Up, but no such database: trying again for reconnect_timeout would not help."""
+    missing = postgres_dsn.split("?")[0].rsplit("/", 1)[0] + "/no_such_database"
+    t0 = time.monotonic()
+    with pytest.raises(JournalError, match="does not exist") as err:
+        await deploy(None, stage(lambda x: x), name="f", journal=missing)
+    assert not isinstance(err.value, JournalUnavailableError)
+    assert time.monotonic() - t0 < 30
+
+
 async def test_a_schema_with_other_tables_of_the_same_names_is_left_alone(postgres_dsn):
     import psycopg
 

@@ -37,6 +37,10 @@ RACES = {"40001", "40P01", "23505"}
 # exceptions): admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
 # and the connection failure of a hot standby that is being promoted.
 UNREACHABLE = {"57P01", "57P02", "57P03", "53300", "25006"}
+# What a server that is up says to a connection it refuses for good (bad credentials, a
+# missing database or role): no point in trying again. libpq gives no SQLSTATE for a
+# failed connection, only its text.
+REFUSED = ("authentication failed", "does not exist", "no pg_hba.conf entry", "permission denied")
 ARRAY_TYPES = {str: "TEXT[]", int: "BIGINT[]", float: "DOUBLE PRECISION[]", bytes: "BYTEA[]"}
 
 
@@ -250,6 +254,8 @@ class PostgresDialect:
             if not isinstance(e, self.psycopg.OperationalError):
                 continue
             state = getattr(e, "sqlstate", None)
+            if state is None and any(words in str(e) for words in REFUSED):
+                return False
             if state is None or state.startswith("08") or state in UNREACHABLE:
                 return True
         return False
