@@ -114,7 +114,9 @@ def test_a_restart_in_the_middle_of_workflows_is_ridden_through(server, tmp_path
 
 async def test_a_server_down_longer_than_reconnect_timeout_stops_the_flow_resumably(server):
     secret = server.dsn.replace("postgres@", "postgres:s3cret@")  # trust: any password works
-    cfg = PostgresJournal(secret, reconnect_timeout=1.5, poll=0.02)
+    # The stopped flow cannot give its leases back, and the restarted server cannot
+    # tell whether it is still around: a short lease lets the redeploy take them soon.
+    cfg = PostgresJournal(secret, reconnect_timeout=1.5, poll=0.02, lease=2.0)
     n = 40
 
     async def slow(x: int) -> int:
