@@ -443,6 +443,7 @@ class Flow:
         nxt = self._direct.get(node.edges[0]) if self.journal is None else None
         nxt_node = node.edges[0][0]
         to_sink = self.journal is None and node.edges[0] == (self.plan.sink, 0)
+        many = getattr(runner, "call_many", None)  # kernels: the items taken go together
         while True:
             toks = await ch.take(take, node.batch_timeout)
             if i in self._hungry:
@@ -451,6 +452,12 @@ class Flow:
             if node.is_batch:
                 try:
                     await self._run_batch(node, runner, toks)
+                finally:
+                    busy[i] -= len(toks)
+                continue
+            if many is not None and len(toks) > 1:
+                try:
+                    await self._run_many(node, many, toks, nxt, nxt_node, to_sink)
                 finally:
                     busy[i] -= len(toks)
                 continue
@@ -474,6 +481,30 @@ class Flow:
                     left -= 1
             finally:
                 busy[i] -= left
+
+    async def _run_many(
+        self,
+        node: Node,
+        many: Any,
+        toks: list[Token],
+        nxt: Channel | None,
+        nxt_node: int,
+        to_sink: bool,
+    ) -> None:
+        """The items a worker took, sent to its kernel together (``call_many``), then
+        each passed on (or failed) as a single call would have."""
+        outs = await many([t.value for t in toks])
+        for tok, out in zip(toks, outs, strict=True):
+            if isinstance(out, Exception):
+                self._failed(node, tok, out)
+            elif nxt is not None:
+                nt = Token(tok.key, nxt_node, out)
+                if not nxt.try_put(nt):
+                    await nxt.put(nt)
+            elif to_sink:
+                self._finish_memory(tok.key, out)
+            else:
+                await self._forward(node, tok, out)
 
     async def _run_batch(self, node: Node, runner: Runner, toks: list[Token]) -> None:
         try:
@@ -803,7 +834,7 @@ class Flow:
                 log.info("flow %r: pruned %d finished items (%s)", self.name, n, rule)
             await asyncio.sleep(rule.every)
 
-    def _final(self, key: str) -> tuple[str, Any] | None:
+    async def _final(self, key: str) -> tuple[str, Any] | None:
         """(state, value or record) once the item finished; None while active."""
         if self.journal is None:
             item = self._items.get(key)
@@ -816,11 +847,13 @@ class Flow:
             if item.state == CANCELLED:
                 return CANCELLED, item.reason
             return None
-        rows = self.journal.read("SELECT state FROM items WHERE flow=? AND key=?", self.name, key)
+        rows = await self.journal.aread(
+            "SELECT state FROM items WHERE flow=? AND key=?", self.name, key
+        )
         if not rows:
             raise KeyError(f"flow {self.name!r} has no item {key!r}")
         if rows[0][0] == DONE:
-            blob = self.journal.read(
+            blob = await self.journal.aread(
                 "SELECT value FROM results WHERE flow=? AND key=?", self.name, key
             )
             return DONE, decode(blob[0][0])
@@ -835,7 +868,7 @@ class Flow:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            final = self._final(key)
+            final = await self._final(key)
             if final is not None:
                 state, payload = final
                 if state == DONE:
@@ -864,11 +897,13 @@ class Flow:
                 if fut in waiters:  # a long wait must not pile up futures
                     waiters.remove(fut)
 
-    def _pending(self) -> int:
+    async def _pending(self) -> int:
         if self.journal is None:
             return self._active
-        return self.journal.read(
-            "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.name
+        return (
+            await self.journal.aread(
+                "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.name
+            )
         )[0][0]
 
     async def drain(self, timeout: float | None = None) -> None:
@@ -879,7 +914,7 @@ class Flow:
             self._check_open()
             if self.journal is not None:
                 await self.journal.call(self.journal.op_flush)
-            if self._pending() == 0:
+            if await self._pending() == 0:
                 return
             self._changed.clear()
             wait = None if self.journal is None else self.journal.journal.poll * 4
@@ -913,7 +948,7 @@ class Flow:
         assert journal is not None  # the in-memory branch above always returns
         seq = 0
         while True:
-            rows = journal.read(
+            rows = await journal.aread(
                 "SELECT seq, key, value FROM results WHERE flow=? AND seq>? ORDER BY seq LIMIT 1000",
                 self.name,
                 seq,
@@ -923,9 +958,9 @@ class Flow:
                 yield key, decode(blob)
             if rows:
                 continue
-            if self._pending() == 0:
+            if await self._pending() == 0:
                 # One more look: the last items may have committed between the two reads.
-                if not journal.read(
+                if not await journal.aread(
                     "SELECT 1 FROM results WHERE flow=? AND seq>? LIMIT 1", self.name, seq
                 ):
                     return

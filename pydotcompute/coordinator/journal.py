@@ -66,22 +66,24 @@ def open_journal(journal: Any) -> JournalConfig | None:
     return cfg
 
 
+def register_owner(conn: Any, dialect: Any, owner: str, flow: str, now: float) -> None:
+    """Hold ``owner``'s liveness lock and record it in ``owners`` (``seen``: now, by the
+    journal's clock). Host and pid are kept for people reading the table, never to
+    decide whether the owner lives."""
+    dialect.owners.hold(conn, owner)
+    conn.execute(
+        "INSERT INTO owners VALUES(?,?,?,?,?) ON CONFLICT(owner) DO UPDATE SET "
+        "flow=excluded.flow, host=excluded.host, pid=excluded.pid, seen=excluded.seen",
+        (owner, flow, socket.gethostname(), os.getpid(), now),
+    )
+
+
 def describe_change(old: list[str], new: list[str]) -> str:
     added = [n for n in new if n not in old]
     removed = [n for n in old if n not in new]
     if not added and not removed:
         return "same stages, different wiring or options"
     return f"stages added: {added or 'none'}; stages removed: {removed or 'none'}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def unreadable(key: str, node: Node, stored: Any, exc: JournalError) -> DeadLetter:
@@ -141,11 +143,12 @@ class JournalSession(JournalWriter):
         self.resumed = conn.execute(
             "SELECT count(DISTINCT key) FROM tokens WHERE flow=?", (self.flow,)
         ).fetchone()[0]
-        conn.execute(
-            "INSERT INTO owners VALUES(?,?,?,?,?) ON CONFLICT(owner) DO UPDATE SET "
-            "flow=excluded.flow, host=excluded.host, pid=excluded.pid, seen=excluded.seen",
-            (self.owner, self.flow, socket.gethostname(), os.getpid(), now),
-        )
+        register_owner(conn, self.dialect, self.owner, self.flow, now)
+
+    def rejoin(self, conn: Any, now: float) -> None:
+        # A new connection after an outage: take the liveness lock again (a server restart
+        # released it) and say so, before anyone judges this owner by its lock.
+        register_owner(conn, self.dialect, self.owner, self.flow, now)
 
     def apply(self, conn: Any, now: float, ops: list[Op]) -> list[Any]:
         self._prepare(conn, ops)
@@ -251,15 +254,23 @@ class JournalSession(JournalWriter):
             self._finished.clear()
 
     def _reap(self, conn: Any) -> None:
-        """Owners on this host whose process is gone cannot renew their leases: free
-        their items now instead of waiting for the leases to run out."""
-        for owner, pid in conn.execute(
-            "SELECT owner, pid FROM owners WHERE flow=? AND host=?",
-            (self.flow, socket.gethostname()),
+        """Owners whose liveness lock is free are dead (see ``coordinator.liveness``) and
+        cannot renew their leases: free their items now instead of waiting for the leases
+        to run out."""
+        for owner, host, pid, seen in conn.execute(
+            "SELECT owner, host, pid, seen FROM owners WHERE flow=? AND owner<>?",
+            (self.flow, self.owner),
         ).fetchall():
-            if pid != os.getpid() and not pid_alive(pid):
+            if self.dialect.owners.dead(conn, owner, seen):
                 n = self._release(conn, owner)
-                self._taken(owner, n, f"its process {pid} is gone ({n} items freed)")
+                if owner not in self._stale:  # said already if its leases ran out first
+                    self._stale.add(owner)
+                    self._taken(
+                        owner,
+                        n,
+                        f"its liveness lock is free: its process (pid {pid} on {host}) is "
+                        f"gone ({n} items freed)",
+                    )
 
     def _release(self, conn: Any, owner: str) -> int:
         n = conn.execute(

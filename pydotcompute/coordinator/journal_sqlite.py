@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydotcompute.coordinator.journal_path import check_sqlite_path, open_error
+from pydotcompute.coordinator.liveness import FileLocks
 from pydotcompute.coordinator.retention import Retention, check_retention
 from pydotcompute.errors import JournalError
 
@@ -156,12 +157,14 @@ class SQLiteDialect:
     name = "sqlite"
     threaded = False  # see JournalWriter
     for_update = ""  # BEGIN IMMEDIATE already holds the only write lock
+    reconnect_timeout = 0.0  # a file has no server to lose (see ``unreachable``)
 
     def __init__(self, path: str, wal_limit: int = 64 * 2**20) -> None:
         self.path = path
         self.wal_limit = wal_limit
         self._checkpointing: asyncio.Task[None] | None = None
         self._emptying = False  # a TRUNCATE checkpoint runs: writes wait for it
+        self.owners = FileLocks(path)
 
     def writer(self) -> sqlite3.Connection:
         check_sqlite_path(self.path)  # before anything is written there
@@ -178,7 +181,10 @@ class SQLiteDialect:
         return conn
 
     def reader(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+        # Opened on the thread that opens the writer, used on the event loop's.
+        return sqlite3.connect(
+            self.path, isolation_level=None, timeout=60.0, check_same_thread=False
+        )
 
     def create(self, conn: sqlite3.Connection, schema: str) -> None:
         for statement in schema.split(";"):
@@ -214,6 +220,12 @@ class SQLiteDialect:
 
     def lost(self, conn: sqlite3.Connection) -> bool:
         return False  # a file does not go away under an open connection
+
+    def unreachable(self, exc: BaseException) -> bool:
+        return False  # a busy file is waited for (try_begin); other errors are real
+
+    def committed(self, conn: sqlite3.Connection, lost: sqlite3.Connection) -> bool | None:
+        return None  # never asked: a connection to a file is never lost mid-commit
 
     def rows(self, conn: sqlite3.Connection, cols: str, tail: str, args: list[Any]) -> list[Any]:
         return select_json(conn, f"SELECT json_array({cols}) AS j {tail}", args)

@@ -79,6 +79,7 @@ def ring_kernel(
     num_gpus: float = 0,
     num_cpus: float = 0,
     resources: dict[str, float] | None = None,
+    launch_timeout: float = 60.0,
     auto_register: bool = True,
     **extra: Any,
 ) -> Callable[[F], F]: ...
@@ -99,6 +100,7 @@ def ring_kernel(
     num_gpus: float = 0,
     num_cpus: float = 0,
     resources: dict[str, float] | None = None,
+    launch_timeout: float = 60.0,
     auto_register: bool = True,
     **extra: Any,
 ) -> Any:
@@ -107,9 +109,9 @@ def ring_kernel(
     On ``async def kernel(ctx)`` it is a host actor; on ``def handler(msg, out, state)``
     a compiled kernel for the ``cpu``/``cuda`` backends (``backend`` defaults to
     ``"auto"``). ``num_gpus``, ``num_cpus`` and ``resources`` are what the kernel's
-    Ray actor reserves on a cluster runtime (see ``RingKernelConfig``). The
-    configuration is validated here, so a bad strategy or queue size
-    fails at decoration time with ``InvalidConfigurationError``.
+    Ray actor reserves on a cluster runtime, waiting at most ``launch_timeout`` seconds
+    for them (see ``RingKernelConfig``). The configuration is validated here, so a
+    bad strategy or queue size fails at decoration time with ``InvalidConfigurationError``.
     ``input_queue_size`` (PyDotCompute's name) sets ``queue_size``; other options
     (``grid_size``, ``block_size`` ...) are kept in ``config.extra`` for the backends
     that read them, and host actors ignore them. The function is
@@ -136,6 +138,7 @@ def ring_kernel(
             num_gpus=num_gpus,
             num_cpus=num_cpus,
             resources={} if resources is None else resources,
+            launch_timeout=launch_timeout,
             extra=options,
         )
         check_backend_fits(kid, fn, chosen)

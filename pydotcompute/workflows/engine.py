@@ -536,7 +536,7 @@ class WorkflowEngine:
         self._answers[task_key] = fut
         try:
             while True:
-                rows = self.store.read(
+                rows = await self.store.aread(
                     "SELECT state, result FROM workflow_calls WHERE task_key=?", task_key
                 )
                 if rows and rows[0][0] == DONE:
@@ -564,7 +564,7 @@ class WorkflowEngine:
         workflow ended). An exception from the task's function is raised here and the
         item stays pending."""
         self._check_open()
-        rows = self.store.read(
+        rows = await self.store.aread(
             "SELECT args FROM workflow_calls WHERE task_key=? AND step=? AND state='waiting'",
             key,
             task.name,
@@ -590,7 +590,9 @@ class WorkflowEngine:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            rows = self.store.read("SELECT state, result, error FROM workflows WHERE key=?", key)
+            rows = await self.store.aread(
+                "SELECT state, result, error FROM workflows WHERE key=?", key
+            )
             if not rows:
                 raise WorkflowNotFoundError(f"no workflow {key!r} in the journal")
             state, blob, error = rows[0]
@@ -671,7 +673,7 @@ class WorkflowEngine:
             self._known[wf.name] = wf
         names = {wf.name for wf in workflows}
         resumed = []
-        for key, name in self.store.read(
+        for key, name in await self.store.aread(
             "SELECT key, name FROM workflows WHERE state='running' AND parent IS NULL "
             "ORDER BY created"
         ):

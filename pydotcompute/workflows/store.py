@@ -14,7 +14,7 @@ import os
 import socket
 from typing import Any
 
-from pydotcompute.coordinator.journal import JournalConfig, pid_alive
+from pydotcompute.coordinator.journal import JournalConfig, register_owner
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
 from pydotcompute.coordinator.retention import BATCH, GRAPH_FLOWS, Retention, prune_bound
 
@@ -43,6 +43,7 @@ CallRow = tuple[str, str, bytes, str, bytes | None, str | None, str | None]
 # (kind, step, args, state, result, error, task_key)
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+ENGINES = ""  # the ``flow`` of workflow engines in the journal's owners table
 STATES = (RUNNING, DONE, FAILED, CANCELLED)
 
 # The workflow and every workflow started from it, at any depth.
@@ -146,6 +147,12 @@ class WorkflowStore(JournalWriter):
     # ---- writer hooks -------------------------------------------------------------------
     def setup(self, conn: Any, now: float) -> None:
         self.dialect.create(conn, SCHEMA)
+        self.rejoin(conn, now)
+
+    def rejoin(self, conn: Any, now: float) -> None:
+        # Listed among the journal's owners (under no flow), holding a liveness lock:
+        # how other engines know for sure that this one died (``coordinator.liveness``).
+        register_owner(conn, self.dialect, self.owner, ENGINES, now)
 
     def apply(self, conn: Any, now: float, ops: list[Op]) -> list[Any]:
         results: list[Any] = []
@@ -177,12 +184,21 @@ class WorkflowStore(JournalWriter):
         if cur.rowcount != 1:
             raise LostOwnership(key)
 
-    def _claimable(self, row: tuple[Any, ...], now: float) -> bool:
-        owner, host, pid, until = row
+    def _claimable(self, conn: Any, row: tuple[Any, ...], now: float) -> bool:
+        owner, _host, _pid, until = row
         if owner is None or owner == self.owner or until < now:
             return True
-        # A process on this host that is gone cannot renew its lease: no need to wait.
-        return host == self.host and pid != self.pid and not pid_alive(pid)
+        # An engine whose liveness lock is free is gone and cannot renew its lease: free
+        # every workflow it held now instead of waiting for the lease.
+        seen = conn.execute("SELECT seen FROM owners WHERE owner=?", (owner,)).fetchone()
+        if seen is None or not self.dialect.owners.dead(conn, owner, seen[0]):
+            return False
+        conn.execute(
+            "UPDATE workflows SET owner=NULL, lease_until=0 WHERE owner=? AND state='running'",
+            (owner,),
+        )
+        conn.execute("DELETE FROM owners WHERE owner=?", (owner,))
+        return True
 
     def _claim(self, conn: Any, key: str, now: float) -> None:
         conn.execute(
@@ -227,7 +243,7 @@ class WorkflowStore(JournalWriter):
         ).fetchone()
         if row[0] != name:
             raise ValueError(f"workflow key {key!r} is already used by workflow {row[0]!r}")
-        if row[1] != RUNNING or not self._claimable(row[2:6], now):
+        if row[1] != RUNNING or not self._claimable(conn, row[2:6], now):
             return row[1], False, {}, None
         self._claim(conn, key, now)
         return RUNNING, True, self.history(conn, key), row[6]
@@ -353,6 +369,7 @@ class WorkflowStore(JournalWriter):
             "UPDATE workflows SET lease_until=? WHERE owner=? AND state='running'",
             (now + self.journal.lease, self.owner),
         )
+        conn.execute("UPDATE owners SET seen=? WHERE owner=?", (now, self.owner))
 
     def op_prune(
         self, conn: Any, now: float, rule: Retention, after: tuple[float, str] | None
@@ -362,3 +379,4 @@ class WorkflowStore(JournalWriter):
 
     def op_release(self, conn: Any, now: float) -> None:
         conn.execute("UPDATE workflows SET owner=NULL, lease_until=0 WHERE owner=?", (self.owner,))
+        conn.execute("DELETE FROM owners WHERE owner=?", (self.owner,))
