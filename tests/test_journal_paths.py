@@ -260,3 +260,43 @@ def test_sqlites_own_open_errors_are_told_apart(tmp_path, monkeypatch):
     monkeypatch.setattr(journal_path, "read_only_fs", lambda d: True)
     err = journal_path.open_error(path, sqlite3.OperationalError("unable to open database file"))
     assert "read-only file system" in str(err)
+
+
+# ---- the owners' lock folder beside an SQLite journal ---------------------------------
+
+
+def test_the_owners_lock_folder_is_accepted_and_a_bad_one_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "app.db"
+    make_journal(path)
+    owners = tmp_path / "app.db-owners"
+    assert owners.is_dir()  # made by the flow's writer for its liveness lock
+    assert list(owners.iterdir()) == []  # and its lock file gone with it
+    journal_path.check_sqlite_path(str(path))
+    make_journal(path)  # a second run on the same journal: the folder is reused
+    monkeypatch.setattr(journal_path, "_writable", lambda p: p != str(owners))
+    with pytest.raises(JournalError, match="app.db-owners is not writable") as err:
+        journal_path.check_sqlite_path(str(path))
+    assert "chmod u+rwx" in str(err.value)
+    monkeypatch.undo()
+    owners.rmdir()
+    owners.write_text("in the way")
+    for attempt in (
+        lambda: RingKernelRuntime(journal=path),
+        lambda: WorkflowEngine(None, str(path)),
+    ):
+        with pytest.raises(JournalError, match="app.db-owners is not a directory"):
+            attempt()
+
+
+def test_an_unwritable_owners_folder_is_refused_before_the_journal_is_written(tmp_path):
+    wrap = as_unprivileged(tmp_path)
+    make_journal(tmp_path / "app.db")
+    owners = tmp_path / "app.db-owners"
+    before = snapshot(tmp_path)
+    owners.chmod(0o555)
+    try:
+        lines = probe(tmp_path / "app.db", wrap=wrap)
+    finally:
+        owners.chmod(0o755)
+    refused(lines, "app.db-owners is not writable", "lock file")
+    assert snapshot(tmp_path) == before

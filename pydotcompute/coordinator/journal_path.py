@@ -1,8 +1,9 @@
 """Why an SQLite journal's path cannot be used, said before a byte is written there.
 
 Each reason gets its own message naming the path and what to do: a missing or
-unwritable directory, a read-only file system, a file this user may not write, and a
-file that is not an intact journal. SQLite itself would report most of these as
+unwritable directory, a read-only file system, a file this user may not write, an
+owners folder (``<journal>-owners/``, where writers keep their lock files) that is not a
+writable directory, and a file that is not an intact journal. SQLite itself would report most of these as
 "unable to open database file", or open an intact journal read-only and then fail on
 the first write, which reads like corruption.
 """
@@ -13,6 +14,7 @@ import os
 import sqlite3
 from pathlib import Path
 
+from pydotcompute.coordinator.liveness import owners_folder
 from pydotcompute.errors import JournalError
 
 __all__ = ["check_sqlite_path", "open_error"]
@@ -129,6 +131,21 @@ def check_sqlite_path(path: str) -> None:
             raise JournalError(
                 f"journal {path}: {target} is read-only for {_user()}; make it writable "
                 f"(chmod u+w {target}) or open the journal as its owner"
+            )
+    # Each process writing the journal holds a lock file in this folder (see
+    # ``coordinator.liveness``); it is made on first use, like -wal and -shm.
+    owners = owners_folder(path)
+    if os.path.lexists(owners):
+        if not os.path.isdir(owners):
+            raise JournalError(
+                f"journal {path}: {owners} is not a directory, and the processes writing "
+                "the journal keep their lock files there; move it away"
+            )
+        if not (_writable(owners) and os.access(owners, os.X_OK)):
+            raise JournalError(
+                f"journal {path}: {owners} is not writable by {_user()}, and each process "
+                f"writing the journal keeps a lock file there; make it writable (chmod "
+                f"u+rwx {owners}) or open the journal as its owner"
             )
 
 

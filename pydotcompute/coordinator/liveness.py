@@ -32,9 +32,14 @@ try:
 except ImportError:  # pragma: no cover - not on Windows: leases alone decide there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["AdvisoryLocks", "FileLocks"]
+__all__ = ["AdvisoryLocks", "FileLocks", "owners_folder"]
 
 LOCK_PREFIX = "pydotcompute/owner/"
+
+
+def owners_folder(journal_path: str) -> str:
+    """Where the owners of the SQLite journal at ``journal_path`` keep their lock files."""
+    return f"{journal_path}-owners"
 
 
 class AdvisoryLocks:
@@ -66,7 +71,7 @@ class FileLocks:
     """Owner locks as ``flock``-ed files beside an SQLite journal (see the module)."""
 
     def __init__(self, journal_path: str) -> None:
-        self.folder = f"{journal_path}-owners"
+        self.folder = owners_folder(journal_path)
         self._held: dict[str, int] = {}  # owner -> file descriptor holding its lock
 
     def _path(self, owner: str) -> str:
