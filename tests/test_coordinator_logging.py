@@ -8,6 +8,7 @@ import asyncio
 import logging
 import re
 import signal
+import time
 from typing import Any
 
 import pytest
@@ -15,6 +16,7 @@ import pytest
 from pydotcompute import RingKernelRuntime
 from pydotcompute.coordinator import deploy, stage
 from pydotcompute.coordinator.log_throttle import LogThrottle
+from pydotcompute.coordinator.records import encode
 from pydotcompute.workflows import activity, workflow
 from tests.test_coordinator_journal import journal_of, run_and_kill, slow, start_holder, tamper
 
@@ -132,6 +134,54 @@ async def test_a_stalled_owner_on_another_host_is_taken_over_when_its_lease_runs
         holder.wait()
     [line] = lines(caplog, "pydotcompute.coordinator", "leases ran out")
     assert "items held by owner" in line.getMessage() and "renewed no lease" in line.getMessage()
+
+
+async def test_an_owner_that_stalls_then_dies_is_said_taken_over_once(caplog, journal_at):
+    """Its lease runs out first (said), then, holding an item again, it dies and its
+    liveness lock comes free: that item is freed at once, but the takeover is not said a
+    second time."""
+    caplog.set_level(logging.INFO, logger="pydotcompute")
+    path = journal_at()
+    holder = start_holder(path, lease=0.5)
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        journal = journal_of(path, lease=0.5, poll=0.02)
+        async with await deploy(None, stage(slow), name="g", journal=journal) as f:
+            assert await f.result("five", timeout=10) == 10
+            for _ in range(100):
+                if lines(caplog, "pydotcompute.coordinator", "leases ran out"):
+                    break
+                await asyncio.sleep(0.05)
+            [(owner,)] = await f.journal.aread(
+                "SELECT owner FROM owners WHERE flow='g' AND pid=?", holder.pid
+            )
+            node = next(n.index for n in f.plan.nodes if n.name == "slow")
+            holder.kill()
+            holder.wait()
+            # The dead owner holds item "six" on a lease that would last an hour.
+            tamper(
+                path,
+                "INSERT INTO items(flow, key, state, submitted) VALUES('g', 'six', 'active', ?)",
+                time.time(),
+            )
+            tamper(
+                path,
+                "INSERT INTO tokens(flow, key, node, port, value, owner, lease_until) "
+                "VALUES('g', 'six', ?, 0, ?, ?, ?)",
+                node,
+                encode(6),
+                owner,
+                time.time() + 3600,
+            )
+            assert await f.result("six", timeout=10) == 12  # freed by its lock, not lease
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+    taken = lines(caplog, "pydotcompute.coordinator", "taken over")
+    assert len(taken) == 1 and "leases ran out" in taken[0].getMessage(), [
+        r.getMessage() for r in taken
+    ]
 
 
 RUNS: dict[str, int] = {}
