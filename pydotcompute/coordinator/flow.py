@@ -687,6 +687,8 @@ class Flow:
             return DONE, decode(blob[0][0])
         if rows[0][0] == DEAD:
             return DEAD, self.journal.dead_letters(key)[0]
+        if rows[0][0] == CANCELLED:
+            return CANCELLED, "cancelled in the journal"
         return None
 
     async def result(self, key: Any, timeout: float | None = None) -> Any:
