@@ -69,3 +69,11 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_an_error():
     err = proc.stderr.read().decode()
     proc.wait(timeout=60)
     assert "Traceback" not in err, err
+
+
+def test_version():
+    from pydotcompute import __version__
+
+    out = _cli("--version")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"pydotcompute {__version__}"

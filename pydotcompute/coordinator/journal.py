@@ -446,9 +446,7 @@ class JournalSession(JournalWriter):
         # A DELETE sees the tokens committed before it began: on PostgreSQL a hop of
         # another process may commit the item's next token meanwhile, so delete until
         # nothing is left (that hop's process then finds its token gone and stops).
-        while conn.execute(
-            "DELETE FROM tokens WHERE flow=? AND key=?", (self.flow, key)
-        ).rowcount:
+        while conn.execute("DELETE FROM tokens WHERE flow=? AND key=?", (self.flow, key)).rowcount:
             pass
         cur = conn.execute(
             "UPDATE items SET state=?, finished=? WHERE flow=? AND key=? "

@@ -37,7 +37,7 @@ class FlowSummary:
 
     name: str
     stages: list[str]
-    """Names of the graph's nodes, the final ``result`` node left out."""
+    """Names of the graph's nodes, entry first (the final ``result`` node left out)."""
     created: float
     items: dict[str, int]
     """Number of items per state: ``active``, ``done``, ``dead``, ``cancelled``."""
@@ -279,7 +279,9 @@ class JournalReader:
             out.append(
                 FlowSummary(
                     name=name,
-                    stages=list(json.loads(stages))[1:],
+                    # Nodes are numbered from the result backwards: reversed, each
+                    # comes before the nodes it sends to.
+                    stages=list(reversed(json.loads(stages)[1:])),
                     created=float(created),
                     items=counts.get(name, {}),
                     dead_letters=int(dead.get(name, 0)),
@@ -315,7 +317,8 @@ class JournalReader:
             sql += f" LIMIT {int(limit)}"
         rows = self.read(sql, *args)
         tokens: dict[str, list[TokenRow]] = {}
-        active = [r[0] for r in rows if r[1] == "active"]
+        # A dead item may still have tokens: the other branches of a fan-out go on.
+        active = [r[0] for r in rows if r[1] in ("active", "dead")]
         for i in range(0, len(active), 400):
             cond, more = self._among("key", active[i : i + 400])
             for key, node, port, failures, owner, until, not_before in self.read(

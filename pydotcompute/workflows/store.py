@@ -320,7 +320,9 @@ Read = Callable[..., list[Any]]
 WORKFLOW_COLUMNS = "key, name, state, calls, step, error, parent, created, updated"
 
 
-def read_workflows(read: Read, states: list[str] | None = None, limit: int | None = None) -> list[Any]:
+def read_workflows(
+    read: Read, states: list[str] | None = None, limit: int | None = None
+) -> list[Any]:
     """Workflows (``WORKFLOW_COLUMNS``), oldest first; only those in ``states`` if given."""
     sql = f"SELECT {WORKFLOW_COLUMNS} FROM workflows"
     args: list[Any] = []
