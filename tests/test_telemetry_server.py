@@ -65,7 +65,7 @@ def test_routes() -> None:
         )
         status, ctype, page = get(server.dashboard_url)
         assert status == 200 and ctype.startswith("text/html")
-        assert '<canvas id="throughput"' in page
+        assert '<main id="view">' in page
         assert get(f"http://{host}:{port}/dashboard")[2] == page
         status, ctype, body = get(f"http://{host}:{port}/api/scrape")
         data = json.loads(body)
@@ -239,7 +239,7 @@ async def test_on_a_loop_the_loop_itself_answers() -> None:
             assert r.read().decode().endswith("# EOF\n")
         status, ctype, page = await asyncio.to_thread(get, server.dashboard_url)
         assert status == 200 and ctype.startswith("text/html")
-        assert '<canvas id="throughput"' in page
+        assert '<main id="view">' in page
         data = json.loads((await asyncio.to_thread(get, f"http://{host}:{port}/api/scrape"))[2])
         assert data["kernels"]["echo"]["messages_processed"] == 17
         assert (await asyncio.to_thread(get, f"http://{host}:{port}/nope"))[0] == 404
@@ -254,8 +254,10 @@ async def test_on_a_loop_the_loop_itself_answers() -> None:
 
 async def test_on_a_loop_bad_requests_are_refused(caplog) -> None:
     with serve_metrics(CountingSource(), gpu=False, loop=asyncio.get_running_loop()) as server:
-        answer = await exchange(server.address, b"POST /metrics HTTP/1.1\r\n\r\n")
+        answer = await exchange(server.address, b"PUT /metrics HTTP/1.1\r\n\r\n")
         assert answer.startswith(b"HTTP/1.0 501 ")
+        answer = await exchange(server.address, b"POST /metrics HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 405 ")  # only actions take a POST
         assert (await exchange(server.address, b"nonsense\r\n\r\n")).startswith(b"HTTP/1.0 400 ")
         huge = b"GET /metrics HTTP/1.0\r\nX-Pad: " + b"x" * 20_000
         assert (await exchange(server.address, huge)).startswith(b"HTTP/1.0 431 ")

@@ -103,8 +103,12 @@ def flow_records(reader: JournalReader) -> list[dict[str, Any]]:
     return out
 
 
+DEAD_SHOWN = 500  # dead letters a flow's page shows in full (the newest)
+
+
 def flow_detail(reader: JournalReader, flow: str) -> dict[str, Any]:
-    """One flow: its summary, what waits at each stage, and its dead letters."""
+    """One flow: its summary, what waits at each stage, and its dead letters in full
+    (traceback and input; the newest ``DEAD_SHOWN``)."""
     summary = next((f for f in flow_records(reader) if f["flow"] == flow), None)
     if summary is None:
         reader.node_names(flow)  # raises, naming the flows there are
@@ -121,7 +125,7 @@ def flow_detail(reader: JournalReader, flow: str) -> dict[str, Any]:
         }
         for s in reader.stages(flow)
     ]
-    summary["dead"] = dead_letter_records(reader, flow)
+    summary["dead"] = dead_letter_records(reader, flow, full=True, newest=DEAD_SHOWN)
     return summary
 
 
@@ -159,12 +163,18 @@ def item_records(
 
 
 def dead_letter_records(
-    reader: JournalReader, flow: str | None = None, key: str | None = None, *, full: bool = False
+    reader: JournalReader,
+    flow: str | None = None,
+    key: str | None = None,
+    *,
+    full: bool = False,
+    newest: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Dead letters, oldest first: stage, attempts, the error's last line; ``full`` adds
-    the stored traceback and the input the stage had."""
+    """Dead letters, oldest first: stage, attempts, the error in one line; ``full`` adds
+    the stored traceback and the input the stage had; ``newest``: only that many."""
     out = []
-    for d in reader.dead_letters(flow, key):
+    rows = reader.dead_letters(flow, key)
+    for d in rows[-newest:] if newest else rows:
         rec: dict[str, Any] = {
             "flow": d.flow,
             "key": d.key,

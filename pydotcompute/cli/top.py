@@ -28,10 +28,24 @@ from pydotcompute.telemetry.scrape import (
     normalize_metrics_url,
     parse_metrics,
 )
+from pydotcompute.telemetry.server import DEFAULT_METRICS_PORT, default_metrics_port
 
-__all__ = ["register", "add_top_arguments", "run_top", "render_top", "DEFAULT_METRICS_URL"]
+__all__ = [
+    "register",
+    "add_top_arguments",
+    "run_top",
+    "render_top",
+    "DEFAULT_METRICS_URL",
+    "default_metrics_url",
+]
 
-DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
+DEFAULT_METRICS_URL = f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics"
+
+
+def default_metrics_url() -> str:
+    """Where ``top`` and ``dashboard`` look by default: where ``serve_metrics`` listens
+    by default (``PYDOTCOMPUTE_METRICS_PORT`` moves both)."""
+    return f"http://127.0.0.1:{default_metrics_port()}/metrics"
 
 _STATE_STYLE = {
     "active": "green",
@@ -51,11 +65,12 @@ def register(sub: Any) -> None:
 
 def add_top_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``top``'s arguments to a (sub)parser."""
+    url = default_metrics_url()
     parser.add_argument(
         "url",
         nargs="?",
-        default=DEFAULT_METRICS_URL,
-        help=f"the runtime's /metrics URL, or host:port (default {DEFAULT_METRICS_URL})",
+        default=url,
+        help=f"the runtime's /metrics URL, or host:port (default {url})",
     )
     parser.add_argument(
         "-n",

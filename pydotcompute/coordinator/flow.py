@@ -604,6 +604,25 @@ class Flow:
             out["in_flight"] = sum(len(c) for c in channels) + sum(list(self._busy.values()))
         return out
 
+    def stage_load(self) -> dict[str, dict[str, int]]:
+        """Per stage, the items this process has waiting at it (``queued``) and being run
+        by it (``running``). Safe to call from another thread."""
+        channels = list(self._channels.items())
+        busy = dict(self._busy)
+        return {
+            self.plan.nodes[i].name: {"queued": len(ch), "running": max(0, busy.get(i, 0))}
+            for i, ch in channels
+        }
+
+    def __repr__(self) -> str:
+        c = self.counters()
+        where = "in memory" if self._journal_cfg is None else f"journal {self._journal_cfg.where}"
+        state = "closed" if self._closed else "failed" if self._error is not None else "running"
+        return (
+            f"<Flow {self.name!r} {state}, {where}: submitted {c['submitted']}, "
+            f"completed {c['completed']}, dead {c['dead_lettered']}, in flight {c['in_flight']}>"
+        )
+
     def status(self) -> dict[str, int]:
         """Number of items per state (``active``, ``done``, ``dead``, ``cancelled``)."""
         if self.journal is None:
