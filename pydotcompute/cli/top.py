@@ -47,6 +47,7 @@ def default_metrics_url() -> str:
     by default (``PYDOTCOMPUTE_METRICS_PORT`` moves both)."""
     return f"http://127.0.0.1:{default_metrics_port()}/metrics"
 
+
 _STATE_STYLE = {
     "active": "green",
     "failed": "bold red",

@@ -125,6 +125,7 @@ class DashboardViews(Protocol):
 
     def act(self, what: str, form: Mapping[str, Any]) -> Any: ...
 
+
 logger = logging.getLogger("pydotcompute.telemetry")
 
 MetricsRenderer = Callable[[str], tuple[bytes, str]]
