@@ -49,6 +49,7 @@ def _build(
     rows: Sequence[Sequence[Any]],
     keep: list[int],
     short: bool,
+    cap: int | None,
     table_options: dict[str, Any],
 ) -> Table:
     table = Table(**table_options)
@@ -58,20 +59,26 @@ def _build(
         if col.number:
             widest = max([len(heading)] + [_cell_len(r[i]) for r in rows])
             table.add_column(heading, justify="right", no_wrap=True, min_width=widest)
-        else:
+        elif col.wrap:
             words = max(len(w) for w in heading.split()) if heading.strip() else 1
+            longest = max([1] + [_cell_len(r[i]) for r in rows])
+            table.add_column(
+                heading, overflow="fold", min_width=max(words, min(col.min_width, longest))
+            )
+        else:  # one line, shortened with an ellipsis beyond ``cap`` characters
+            longest = max([len(heading)] + [_cell_len(r[i]) for r in rows])
             table.add_column(
                 heading,
-                justify="left",
-                no_wrap=not col.wrap,
-                overflow="fold" if col.wrap else "ellipsis",
-                min_width=max(
-                    words, min(col.min_width, max([1] + [_cell_len(r[i]) for r in rows]))
-                ),
+                no_wrap=True,
+                overflow="ellipsis",
+                max_width=None if cap is None else max(col.min_width, min(cap, longest)),
             )
     for r in rows:
         table.add_row(*(r[i] if isinstance(r[i], Text) else Text(str(r[i])) for i in keep))
     return table
+
+
+NAME_CAP = 24  # one-line text is cut to this before any column is dropped
 
 
 def fit_table(
@@ -82,19 +89,28 @@ def fit_table(
 ) -> Table:
     """A rich ``Table`` of ``rows`` whose narrowest rendering fits in ``width`` cells
     (unless its always-kept columns alone are wider). ``table_options`` go to
-    ``Table`` (title, box, caption ...)."""
+    ``Table`` (title, box, caption ...).
+
+    In turn, until it fits: shorter headings, one-line text (names) cut at 24
+    characters, columns dropped by their ``drop`` order, then that text cut to its
+    ``min_width``.
+    """
     console = Console(file=io.StringIO(), width=max(width, 1))
     keep = list(range(len(columns)))
     droppable = sorted((i for i, c in enumerate(columns) if c.drop), key=lambda i: -columns[i].drop)
-    short = False
+    steps: list[tuple[bool, int | None]] = [(False, None), (True, None), (True, NAME_CAP)]
+    short, cap = steps[0]
     while True:
-        table = _build(columns, rows, keep, short, table_options)
+        table = _build(columns, rows, keep, short, cap, table_options)
         # Not Measurement.get: it clamps the minimum to the width it is given.
         if table.__rich_measure__(console, console.options).minimum <= width:
             return table
-        if not short and any(c.short for c in columns):
-            short = True
-            continue
-        if not droppable:
+        if len(steps) > 1:
+            steps.pop(0)
+            short, cap = steps[0]
+        elif droppable:
+            keep.remove(droppable.pop(0))
+        elif cap != 0:
+            cap = 0  # every one-line text down to its min_width
+        else:
             return table
-        keep.remove(droppable.pop(0))
