@@ -77,3 +77,38 @@ def test_version():
     out = _cli("--version")
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == f"pydotcompute {__version__}"
+
+
+def test_demo_serve_prints_both_urls_and_serves_while_it_runs():
+    import urllib.request
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pydotcompute", "demo", "--seconds", "4", "--serve", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        while not any(line.startswith("dashboard:") for line in lines):
+            line = proc.stdout.readline()
+            assert line, (lines, proc.poll())
+            lines.append(line)
+        metrics = next(line for line in lines if line.startswith("metrics:")).split()[1]
+        dashboard = next(line for line in lines if line.startswith("dashboard:")).split()[1]
+        assert metrics == dashboard + "metrics"
+        with urllib.request.urlopen(metrics, timeout=10) as r:
+            assert b'kernel="zscore"' in r.read()
+        with urllib.request.urlopen(dashboard, timeout=10) as r:
+            assert b'<main id="view">' in r.read()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "summary" in out

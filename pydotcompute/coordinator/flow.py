@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import pickle
 import time
@@ -22,6 +23,8 @@ from typing import Any
 from pydotcompute.coordinator.channel import Channel
 from pydotcompute.coordinator.journal import Dest, Events, JournalConfig, JournalSession
 from pydotcompute.coordinator.plan import Edge, Node, Plan
+from pydotcompute.coordinator.progress import ItemProgress
+from pydotcompute.coordinator.progress import stderr_is_terminal as _progress_shown
 from pydotcompute.coordinator.records import (
     ACTIVE,
     CANCELLED,
@@ -753,15 +756,31 @@ class Flow:
             "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.name
         )[0][0]
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Wait until no item is active (all done or dead-lettered)."""
+    def _finished_of(self) -> tuple[int, int]:
+        """(items finished, items in all): what a progress bar shows."""
+        counts = self.status()
+        total = sum(counts.values())
+        return total - counts.get(ACTIVE, 0), total
+
+    async def drain(self, timeout: float | None = None, *, progress: bool = False) -> None:
+        """Wait until no item is active (all done or dead-lettered).
+
+        ``progress=True`` shows a progress bar of the flow's items on stderr while it
+        waits, when stderr is a terminal (never in a log or a pipe)."""
+        with ItemProgress(f"flow {self.name}", progress) as bar:
+            await self._drain(timeout, bar)
+
+    async def _drain(self, timeout: float | None, bar: ItemProgress) -> None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             self._check_open()
             if self.journal is not None:
                 await self.journal.call(self.journal.op_flush)
-            if self._pending() == 0:
+            pending = self._pending()
+            if bar.shown and (pending == 0 or bar.due()):
+                bar.update(*self._finished_of())
+            if pending == 0:
                 return
             self._changed.clear()
             wait = None if self.journal is None else self.journal.journal.poll * 4
@@ -775,9 +794,26 @@ class Flow:
             except asyncio.TimeoutError:
                 pass
 
-    async def results(self) -> AsyncIterator[tuple[str, Any]]:
+    def results(self, *, progress: bool = False) -> AsyncIterator[tuple[str, Any]]:
         """(key, output) of every finished item in completion order, ending once no item
-        is active. Dead-lettered items are not yielded: see :meth:`dead_letters`."""
+        is active. Dead-lettered items are not yielded: see :meth:`dead_letters`.
+
+        ``progress=True`` shows a progress bar of the flow's items on stderr meanwhile,
+        when stderr is a terminal (never in a log or a pipe)."""
+        if progress and _progress_shown():
+            return self._results_with_bar()
+        return self._results()
+
+    async def _results_with_bar(self) -> AsyncIterator[tuple[str, Any]]:
+        with ItemProgress(f"flow {self.name}") as bar:
+            async with contextlib.aclosing(self._results()) as pairs:
+                async for pair in pairs:
+                    if bar.due():
+                        bar.update(*self._finished_of())
+                    yield pair
+            bar.update(*self._finished_of())
+
+    async def _results(self) -> AsyncIterator[tuple[str, Any]]:
         if self.journal is None:
             for i in itertools.count():
                 while i >= len(self._done_order):
