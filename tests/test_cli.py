@@ -44,6 +44,22 @@ def test_doctor_reports_backends():
     assert out.returncode == 0, out.stderr
     assert "numba" in out.stdout
     assert "cuda" in out.stdout and ("usable" in out.stdout)
+    # the optional pieces, each with what it is for or how to get it
+    lines = {line.split()[0]: line for line in out.stdout.splitlines() if line.strip()}
+    for piece in ("ray", "psycopg", "NVML", "chromium"):
+        assert piece in lines, out.stdout
+        assert "(" in lines[piece] or "not" in lines[piece]
+    assert "CUDA module loading: " in out.stdout
+
+
+def test_doctor_warns_of_lazy_cuda_module_loading():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_MODULE_LOADING": "LAZY"}
+    out = subprocess.run(
+        [sys.executable, "-m", "pydotcompute", "doctor"],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=120,
+    )  # fmt: skip
+    assert "CUDA module loading: LAZY (set in the environment)" in out.stdout
+    assert "warning: CUDA loads modules lazily" in out.stdout
 
 
 def test_unknown_command_fails_with_usage():
