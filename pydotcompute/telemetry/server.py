@@ -60,6 +60,7 @@ from pydotcompute.telemetry.scrape import (
     fetch_metrics,
     normalize_metrics_url,
     parse_metrics,
+    scrape_source,
 )
 
 __all__ = [
@@ -770,6 +771,14 @@ def serve_metrics(
         if monitor is not None:
             monitor.close()
 
+    def sample() -> Scrape:
+        # Straight from the snapshots: parsing the text back would cost about 30x more
+        # (benchmarks/dashboard_history.py). On a loop, the server refreshes NVML's
+        # readings on a worker thread before sampling; on a thread, it is done here.
+        if monitor is not None and not on_loop:
+            monitor.read()
+        return scrape_source(source, monitor)
+
     try:
         return MetricsServer(
             render,
@@ -779,6 +788,7 @@ def serve_metrics(
             loop=loop,
             gpu=monitor if on_loop else None,
             history=_history(history_interval, history_size),
+            sample=sample,
             views=views,
             actions=actions,
         )
