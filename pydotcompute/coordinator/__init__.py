@@ -18,6 +18,8 @@ from pydotcompute.coordinator.graph import (
     stage,
 )
 from pydotcompute.coordinator.journal import PostgresJournal, SQLiteJournal, open_journal
+from pydotcompute.coordinator.journal_reader import JournalReader
+from pydotcompute.coordinator.journal_repair import RepairOutcome, cancel_items, retry_items
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import DeadLetter
 from pydotcompute.coordinator.retry import RetryPolicy
@@ -30,13 +32,17 @@ __all__ = [
     "FanOut",
     "Flow",
     "Graph",
+    "JournalReader",
     "Pipeline",
     "RetryPolicy",
     "Route",
     "PostgresJournal",
+    "RepairOutcome",
     "SQLiteJournal",
     "Stage",
+    "cancel_items",
     "deploy",
+    "retry_items",
     "route",
     "stage",
 ]
