@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from pydotcompute.cli import journal_records as rec
-from pydotcompute.coordinator.journal import open_journal
+from pydotcompute.coordinator.journal import JournalConfig, open_journal
 from pydotcompute.coordinator.journal_reader import JournalReader
 from pydotcompute.errors import InvalidConfigurationError, JournalError, KernelNotFoundError
 
@@ -230,7 +230,7 @@ class RuntimeViews(_JournalPages):
         if placement is not None:
             placement = (
                 _plain(dataclasses.asdict(placement))
-                if dataclasses.is_dataclass(placement)
+                if dataclasses.is_dataclass(placement) and not isinstance(placement, type)
                 else repr(placement)
             )
         return {
@@ -365,13 +365,14 @@ class JournalViews(_JournalPages):
 
     def __init__(self, journal: Any) -> None:
         super().__init__()
-        self.journal = open_journal(journal)
-        if self.journal is None:
+        cfg = open_journal(journal)
+        if cfg is None:
             raise JournalError("no journal given: pass an SQLite path or a postgresql:// DSN")
-        self.reader(self.journal)  # refuses a missing or foreign journal now
+        self.journal: JournalConfig = cfg
+        self.reader(cfg)  # refuses a missing or foreign journal now
 
     def info(self) -> dict[str, Any]:
-        return {"kernels": False, "journal": self.journal.where, "workflows": True}  # type: ignore[union-attr]
+        return {"kernels": False, "journal": self.journal.where, "workflows": True}
 
     def get(self, what: str, query: Mapping[str, str]) -> Any:
         if what == "kernel":

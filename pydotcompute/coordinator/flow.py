@@ -17,7 +17,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from typing import Any
 
 from pydotcompute.coordinator.channel import Channel
@@ -813,7 +813,7 @@ class Flow:
                     yield pair
             bar.update(*self._finished_of())
 
-    async def _results(self) -> AsyncIterator[tuple[str, Any]]:
+    async def _results(self) -> AsyncGenerator[tuple[str, Any], None]:
         if self.journal is None:
             for i in itertools.count():
                 while i >= len(self._done_order):
