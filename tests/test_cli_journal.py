@@ -139,6 +139,12 @@ def test_retry_sends_a_dead_item_back_and_it_finishes(journal: str, capsys: Any)
     assert "a: no dead letters (it is done)" in out and "zz: no such item" in out
     code, out, _ = cli(capsys, "retry", journal, "etl", "c")
     assert code == 1 and "no dead letters (it is active)" in out  # never re-queued twice
+    code, out, _ = cli(capsys, "flows", journal, "--json")
+    [etl] = [f for f in json.loads(out) if f["flow"] == "etl"]
+    assert etl["oldest_active"] == "c" and etl["oldest_active_age_s"] >= 0
+    code, out, _ = cli(capsys, "items", journal, "etl", "--key", "c", "--json")
+    [item] = json.loads(out)
+    assert item["state"] == "active" and [t["stage"] for t in item["at"]] == ["parse"]
 
     async def finish() -> Any:
         # The flow's own process picks the retried item up; parse now fails again, so
