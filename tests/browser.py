@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -29,7 +30,7 @@ class Browser:
         if CHROMIUM is None:
             raise BrowserError("headless Chromium is not installed")
         self.width, self.height = width, height
-        self._profile = tempfile.TemporaryDirectory()
+        self._profile = tempfile.mkdtemp(prefix="pdc-chromium-")
         to_child, self._out = os.pipe()
         self._in, from_child = os.pipe()
 
@@ -50,11 +51,12 @@ class Browser:
                 "--disable-component-update",
                 "--disable-sync",
                 "--remote-debugging-pipe",
-                f"--user-data-dir={self._profile.name}",
+                f"--user-data-dir={self._profile}",
                 "about:blank",
             ],
             preexec_fn=pipes,
             close_fds=False,
+            start_new_session=True,  # its helper processes go with it (see close)
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -79,14 +81,24 @@ class Browser:
         self.console: list[str] = []
 
     def close(self) -> None:
+        try:
+            self.call("Browser.close", timeout=5)
+            self._proc.wait(timeout=10)
+        except (BrowserError, OSError, subprocess.TimeoutExpired):
+            pass
+        # Chromium's helpers (zygote, crash handler) share its session: end them all, or
+        # one may still write into the profile while it is removed.
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._proc.wait()
         for fd in (self._out, self._in):
             try:
                 os.close(fd)
             except OSError:
                 pass
-        self._proc.kill()
-        self._proc.wait()
-        self._profile.cleanup()
+        shutil.rmtree(self._profile, ignore_errors=True)
 
     def __enter__(self) -> Browser:
         return self
