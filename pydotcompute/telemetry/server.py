@@ -28,6 +28,7 @@ It answers from one of two places:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import errno
 import hmac
@@ -144,6 +145,7 @@ def dashboard_html() -> bytes:
 
 _READS_METRICS = frozenset(("/metrics", "/api/scrape"))
 _MAX_BODY = 65536
+_ACTION_TIMEOUT_S = 60.0  # a view or action the runtime's loop does not answer in time
 _TOKEN_HEADER = "x-pydotcompute-token"
 _LOOPBACK_NAMES = frozenset(("127.0.0.1", "localhost", "::1"))
 _JSON = "application/json"
@@ -327,7 +329,12 @@ class _Routes:
         loop of its own."""
         loop = self.views.loop if self.views is not None else None
         if loop is not None and loop.is_running():
-            return asyncio.run_coroutine_threadsafe(answer, loop).result()  # type: ignore[arg-type]
+            future = asyncio.run_coroutine_threadsafe(answer, loop)  # type: ignore[arg-type]
+            try:
+                return future.result(timeout=_ACTION_TIMEOUT_S)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                return _error(504, f"no answer from the runtime within {_ACTION_TIMEOUT_S:g} s")
         return asyncio.run(answer)  # type: ignore[arg-type]
 
 
