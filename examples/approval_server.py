@@ -5,7 +5,9 @@ The page lists the waiting claims and approves or rejects them; the workflows go
 from there. Stop the program at any time: the claims, waiting or not, are in the
 journal, and the next run resumes them.
 
-    python examples/approval_server.py [journal.db]     # then open the printed address
+    python examples/approval_server.py [journal.db] [port]   # then open the printed address
+
+Ctrl-C stops it: the runtime shuts down cleanly and the waiting claims stay in the journal.
 
 The server listens on 127.0.0.1 only, answers one request at a time, reads at most
 4 KiB per request and gives up on a client after 5 seconds.
@@ -221,14 +223,14 @@ CLAIMS = [
 ]
 
 
-async def main(path: str) -> None:
+async def main(path: str, port: int = 8765) -> None:
     async with RingKernelRuntime(journal=path) as rt:
         for claim in CLAIMS:  # known keys are not started twice
             await rt.start_workflow(expense, claim, key=claim["id"])
         print("resumed:", await rt.resume_workflows(expense))
-        with ApprovalServer(rt, port=0 if QUICK else 8765) as server:
+        with ApprovalServer(rt, port=0 if QUICK else port) as server:
             if not QUICK:
-                print(f"approve claims at {server.url} (Ctrl-C to stop)")
+                print(f"approve claims at {server.url} (Ctrl-C to stop)", flush=True)
                 await asyncio.Event().wait()
             # The short run plays the approver through the page's JSON side.
             while len(await asyncio.to_thread(get, server.url + "/pending")) < 2:
@@ -243,9 +245,18 @@ async def main(path: str) -> None:
             print(claim["id"], "->", await rt.workflow_result(claim["id"], timeout=10))
 
 
+def run(path: str) -> None:
+    port = int(sys.argv[2]) if len(sys.argv) > 2 else 8765
+    try:
+        asyncio.run(main(path, port))
+    except KeyboardInterrupt:
+        # asyncio.run cancelled main(): the server and the runtime closed on the way out.
+        print("\nstopped; waiting claims stay in the journal", path)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1:
-        asyncio.run(main(sys.argv[1]))
+        run(sys.argv[1])
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(main(os.path.join(tmp, "claims.db")))
+            run(os.path.join(tmp, "claims.db"))

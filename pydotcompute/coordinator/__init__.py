@@ -19,6 +19,8 @@ from pydotcompute.coordinator.graph import (
     stage,
 )
 from pydotcompute.coordinator.journal import PostgresJournal, SQLiteJournal, open_journal
+from pydotcompute.coordinator.journal_reader import JournalReader
+from pydotcompute.coordinator.journal_repair import RepairOutcome, cancel_items, retry_items
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import DeadLetter
 from pydotcompute.coordinator.retention import Pruned, Retention, prune_journal
@@ -32,16 +34,20 @@ __all__ = [
     "FanOut",
     "Flow",
     "Graph",
+    "JournalReader",
     "Pipeline",
     "Pruned",
     "Retention",
     "RetryPolicy",
     "Route",
     "PostgresJournal",
+    "RepairOutcome",
     "SQLiteJournal",
     "Stage",
+    "cancel_items",
     "deploy",
     "prune_journal",
+    "retry_items",
     "route",
     "stage",
 ]

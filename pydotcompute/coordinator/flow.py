@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import contextlib
 import itertools
 import logging
 import pickle
@@ -18,7 +19,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +33,8 @@ from pydotcompute.coordinator.journal import (
 )
 from pydotcompute.coordinator.log_throttle import LogThrottle
 from pydotcompute.coordinator.plan import Edge, Node, Plan
+from pydotcompute.coordinator.progress import ItemProgress
+from pydotcompute.coordinator.progress import stderr_is_terminal as _progress_shown
 from pydotcompute.coordinator.records import (
     ACTIVE,
     CANCELLED,
@@ -722,6 +725,25 @@ class Flow:
             out["in_flight"] = sum(len(c) for c in channels) + sum(list(self._busy.values()))
         return out
 
+    def stage_load(self) -> dict[str, dict[str, int]]:
+        """Per stage, the items this process has waiting at it (``queued``) and being run
+        by it (``running``). Safe to call from another thread."""
+        channels = list(self._channels.items())
+        busy = dict(self._busy)
+        return {
+            self.plan.nodes[i].name: {"queued": len(ch), "running": max(0, busy.get(i, 0))}
+            for i, ch in channels
+        }
+
+    def __repr__(self) -> str:
+        c = self.counters()
+        where = "in memory" if self._journal_cfg is None else f"journal {self._journal_cfg.where}"
+        state = "closed" if self._closed else "failed" if self._error is not None else "running"
+        return (
+            f"<Flow {self.name!r} {state}, {where}: submitted {c['submitted']}, "
+            f"completed {c['completed']}, dead {c['dead_lettered']}, in flight {c['in_flight']}>"
+        )
+
     def status(self) -> dict[str, int]:
         """Number of items per state (``active``, ``done``, ``dead``, ``cancelled``)."""
         if self.journal is None:
@@ -858,7 +880,9 @@ class Flow:
             )
             return DONE, decode(blob[0][0])
         if rows[0][0] == DEAD:
-            return DEAD, self.journal.dead_letters(key)[0]
+            return DEAD, (await self.journal.adead_letters(key))[0]
+        if rows[0][0] == CANCELLED:
+            return CANCELLED, "cancelled in the journal"
         return None
 
     async def result(self, key: Any, timeout: float | None = None) -> Any:
@@ -906,15 +930,38 @@ class Flow:
             )
         )[0][0]
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Wait until no item is active (all done or dead-lettered)."""
+    async def _finished_of(self) -> tuple[int, int]:
+        """(items finished, items in all): what a progress bar shows."""
+        if self.journal is None:
+            counts = self.status()
+        else:  # waits out a journal outage without holding up the event loop
+            counts = dict(
+                await self.journal.aread(
+                    "SELECT state, count(*) FROM items WHERE flow=? GROUP BY state", self.name
+                )
+            )
+        total = sum(counts.values())
+        return total - counts.get(ACTIVE, 0), total
+
+    async def drain(self, timeout: float | None = None, *, progress: bool = False) -> None:
+        """Wait until no item is active (all done or dead-lettered).
+
+        ``progress=True`` shows a progress bar of the flow's items on stderr while it
+        waits, when stderr is a terminal (never in a log or a pipe)."""
+        with ItemProgress(f"flow {self.name}", progress) as bar:
+            await self._drain(timeout, bar)
+
+    async def _drain(self, timeout: float | None, bar: ItemProgress) -> None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             self._check_open()
             if self.journal is not None:
                 await self.journal.call(self.journal.op_flush)
-            if await self._pending() == 0:
+            pending = await self._pending()
+            if bar.shown and (pending == 0 or bar.due()):
+                bar.update(*await self._finished_of())
+            if pending == 0:
                 return
             self._changed.clear()
             wait = None if self.journal is None else self.journal.journal.poll * 4
@@ -928,9 +975,26 @@ class Flow:
             except asyncio.TimeoutError:
                 pass
 
-    async def results(self) -> AsyncIterator[tuple[str, Any]]:
+    def results(self, *, progress: bool = False) -> AsyncIterator[tuple[str, Any]]:
         """(key, output) of every finished item in completion order, ending once no item
-        is active. Dead-lettered items are not yielded: see :meth:`dead_letters`."""
+        is active. Dead-lettered items are not yielded: see :meth:`dead_letters`.
+
+        ``progress=True`` shows a progress bar of the flow's items on stderr meanwhile,
+        when stderr is a terminal (never in a log or a pipe)."""
+        if progress and _progress_shown():
+            return self._results_with_bar()
+        return self._results()
+
+    async def _results_with_bar(self) -> AsyncIterator[tuple[str, Any]]:
+        with ItemProgress(f"flow {self.name}") as bar:
+            async with contextlib.aclosing(self._results()) as pairs:
+                async for pair in pairs:
+                    if bar.due():
+                        bar.update(*await self._finished_of())
+                    yield pair
+            bar.update(*await self._finished_of())
+
+    async def _results(self) -> AsyncGenerator[tuple[str, Any], None]:
         if self.journal is None:
             i = 0
             while True:

@@ -23,7 +23,7 @@ from pydotcompute.coordinator.journal_postgres import PostgresJournal, is_postgr
 from pydotcompute.coordinator.journal_sqlite import CHUNK, SQLiteJournal
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
 from pydotcompute.coordinator.plan import Node, Plan
-from pydotcompute.coordinator.records import DeadLetter, decode, encode
+from pydotcompute.coordinator.records import ACTIVE, CANCELLED, DEAD, DeadLetter, decode, encode
 from pydotcompute.coordinator.retention import ITEMS_INDEX, Retention, prune_items
 from pydotcompute.errors import JournalError
 
@@ -516,6 +516,34 @@ class JournalSession(JournalWriter):
             events.append(("joined", key))
         return took > 0, events
 
+    def op_cancel(self, conn: Any, now: float, key: str) -> tuple[str, Events]:
+        """Stop an unfinished item for good: its tokens and dead letters go, its row stays
+        as ``cancelled``. Returns ``cancelled``, or what kept it: ``done``, ``cancelled``
+        (already), ``unknown``."""
+        self._flush(conn, now)
+        row = conn.execute(
+            "SELECT state FROM items WHERE flow=? AND key=?" + self.dialect.for_update,
+            (self.flow, key),
+        ).fetchone()
+        if row is None:
+            return "unknown", []
+        if row[0] not in (ACTIVE, DEAD):
+            return row[0], []
+        # A DELETE sees the tokens committed before it began: on PostgreSQL a hop of
+        # another process may commit the item's next token meanwhile, so delete until
+        # nothing is left (that hop's process then finds its token gone and stops).
+        while conn.execute("DELETE FROM tokens WHERE flow=? AND key=?", (self.flow, key)).rowcount:
+            pass
+        cur = conn.execute(
+            "UPDATE items SET state=?, finished=? WHERE flow=? AND key=? "
+            "AND state IN ('active', 'dead')",
+            (CANCELLED, now, self.flow, key),
+        )
+        if cur.rowcount != 1:  # it finished while the tokens were being deleted
+            return "done", []
+        conn.execute("DELETE FROM dead_letters WHERE flow=? AND key=?", (self.flow, key))
+        return CANCELLED, [(CANCELLED, key)]
+
     def op_flush(self, conn: Any, now: float) -> tuple[None, Events]:
         return None, []
 
@@ -524,15 +552,26 @@ class JournalSession(JournalWriter):
         return prune_items(conn, self.dialect, now, rule, self.flow), []
 
     # ---- reads (event loop, committed state) ----------------------------------------
-    def dead_letters(self, key: str | None = None) -> list[DeadLetter]:
-        sql = (
-            "SELECT key, stage, node, error, traceback, attempts, failed_at, value "
-            "FROM dead_letters WHERE flow=?"
-        )
+    DEAD_LETTERS = (
+        "SELECT key, stage, node, error, traceback, attempts, failed_at, value "
+        "FROM dead_letters WHERE flow=?"
+    )
+
+    def _dead_letters_query(self, key: str | None) -> tuple[str, tuple[Any, ...]]:
         order = " ORDER BY failed_at, key, node"
-        rows = (
-            self.read(sql + " AND key=?" + order, self.flow, key)
-            if key
-            else self.read(sql + order, self.flow)
-        )
+        if key:
+            return self.DEAD_LETTERS + " AND key=?" + order, (self.flow, key)
+        return self.DEAD_LETTERS + order, (self.flow,)
+
+    def dead_letters(self, key: str | None = None) -> list[DeadLetter]:
+        sql, args = self._dead_letters_query(key)
+        return [
+            DeadLetter(k, s, n, e, t, a, f, decode(v))
+            for k, s, n, e, t, a, f, v in self.read(sql, *args)
+        ]
+
+    async def adead_letters(self, key: str | None = None) -> list[DeadLetter]:
+        """:meth:`dead_letters` that waits out an outage without holding up the loop."""
+        sql, args = self._dead_letters_query(key)
+        rows = await self.aread(sql, *args)
         return [DeadLetter(k, s, n, e, t, a, f, decode(v)) for k, s, n, e, t, a, f, v in rows]

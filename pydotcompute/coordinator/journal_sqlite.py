@@ -12,16 +12,17 @@ import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pydotcompute.coordinator.journal_path import check_sqlite_path, open_error
+from pydotcompute.coordinator.journal_path import check_header, check_sqlite_path, open_error
 from pydotcompute.coordinator.liveness import FileLocks
 from pydotcompute.coordinator.retention import Retention, check_retention
 from pydotcompute.errors import JournalError
 
-__all__ = ["SCHEMA", "SQLiteDialect", "SQLiteJournal"]
+__all__ = ["SCHEMA", "SQLiteDialect", "SQLiteJournal", "connect_read_only"]
 
 log = logging.getLogger("pydotcompute.coordinator")
 
@@ -139,6 +140,42 @@ def connect(path: str) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise open_error(path, exc) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect_read_only(path: str) -> sqlite3.Connection:
+    """A connection that reads the journal at ``path`` and cannot write to it. Refuses,
+    saying so, a missing file (it is never created here), a file that is not a journal
+    and a schema this version does not read."""
+    if not os.path.exists(path):
+        raise JournalError(
+            f"no journal at {path}: check the path (a flow or a workflow makes its journal "
+            "when it first runs)"
+        )
+    check_header(path)
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    try:
+        conn = sqlite3.connect(
+            uri, uri=True, isolation_level=None, timeout=60.0, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot open journal {path}: {exc}") from exc
+    try:
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if not tables or app != APPLICATION_ID:
+            raise JournalError(f"{path} is an SQLite file but not a journal")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {path} has schema {version}, this version reads {SCHEMA_VERSION}"
+            )
+    except sqlite3.Error as exc:
+        conn.close()
+        raise JournalError(f"cannot read journal {path}: {exc}") from exc
     except BaseException:
         conn.close()
         raise

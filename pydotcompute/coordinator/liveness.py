@@ -25,6 +25,7 @@ is left to its lease.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -35,6 +36,8 @@ except ImportError:  # pragma: no cover - not on Windows: leases alone decide th
 __all__ = ["AdvisoryLocks", "FileLocks", "owners_folder"]
 
 LOCK_PREFIX = "pydotcompute/owner/"
+
+Read = Callable[..., list[Any]]  # read(sql, *args): rows, on a reader or in a transaction
 
 
 def owners_folder(journal_path: str) -> str:
@@ -58,6 +61,18 @@ class AdvisoryLocks:
                 "ELSE pg_try_advisory_xact_lock(hashtextextended(?, 0)) END",
                 (seen, LOCK_PREFIX + owner),
             ).fetchone()[0]
+        )
+
+    def gone(self, read: Read, owner: str, seen: float) -> bool:
+        """``dead`` for those who only look (a journal reader, an operator's repair):
+        the test lock lasts the statement, or the transaction it runs in."""
+        return bool(
+            read(
+                "SELECT CASE WHEN ? < extract(epoch FROM pg_postmaster_start_time()) THEN false "
+                "ELSE pg_try_advisory_xact_lock(hashtextextended(?, 0)) END",
+                seen,
+                LOCK_PREFIX + owner,
+            )[0][0]
         )
 
     def forget(self, owner: str) -> None:
@@ -110,6 +125,26 @@ class FileLocks:
                 os.unlink(self._path(owner))
             except FileNotFoundError:
                 pass
+            return True
+        finally:
+            os.close(fd)
+
+    def gone(self, read: Read, owner: str, seen: float) -> bool:
+        """``dead`` for those who only look (a journal reader, an operator's repair): a
+        shared test lock, given back at once, and the file left for the owners' reaper
+        (without it, the reaper could no longer tell that this owner died)."""
+        if fcntl is None:
+            return False
+        try:
+            fd = os.open(self._path(owner), os.O_RDONLY)
+        except OSError:
+            return False  # no lock file (or none this user may read): its lease decides
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(fd, fcntl.LOCK_UN)
             return True
         finally:
             os.close(fd)

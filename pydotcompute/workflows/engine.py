@@ -14,9 +14,12 @@ import builtins
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import logging
+import os
 import pickle
 import random
+import sys
 import time
 import uuid
 from collections.abc import Awaitable
@@ -57,7 +60,7 @@ from pydotcompute.workflows.store import (
     WorkflowStore,
 )
 
-__all__ = ["WorkflowContext", "WorkflowEngine", "engine_for"]
+__all__ = ["WorkflowContext", "WorkflowEngine", "engine_for", "find_task"]
 
 log = logging.getLogger("pydotcompute.workflows")
 
@@ -211,16 +214,19 @@ class WorkflowContext:
         if kind == "task":
             await eng.record(self, pos, kind, name, blob, "waiting", None, None, call_key)
             return await eng.wait_task(call_key)
+        started = time.monotonic()
         try:
             out = await eng.run_step(kind, target, args, kwargs, call_key, self.key)
         except Exception as exc:
             if isinstance(exc, LostOwnership):
                 raise
             err_blob, text = pack_error(exc)
-            await eng.record(self, pos, kind, name, blob, FAILED, err_blob, text, None)
+            took = time.monotonic() - started
+            await eng.record(self, pos, kind, name, blob, FAILED, err_blob, text, None, took)
             raise
         out_blob = pack(out, f"result of {kind} {name}")
-        await eng.record(self, pos, kind, name, blob, DONE, out_blob, None, None)
+        took = time.monotonic() - started
+        await eng.record(self, pos, kind, name, blob, DONE, out_blob, None, None, took)
         return out
 
     async def all(self, *calls: Awaitable[Any]) -> list[Any]:
@@ -301,6 +307,7 @@ class WorkflowEngine:
         self.store = WorkflowStore(cfg, self.owner)
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._known: dict[str, Workflow] = {}
+        self._tasks: dict[str, Task] = {}  # tasks this engine's workflows called
         self._answers: dict[str, asyncio.Future[bytes]] = {}
         self._flows: dict[str, Flow] = {}
         self._flow_lock = asyncio.Lock()
@@ -437,6 +444,7 @@ class WorkflowEngine:
         if isinstance(step, Workflow):
             return "workflow", step.name, step
         if isinstance(step, Task):
+            self._tasks[step.name] = step
             return "task", step.name, step
         if isinstance(step, str):
             return "kernel", step, step
@@ -510,10 +518,22 @@ class WorkflowEngine:
         result: bytes | None,
         error: str | None,
         task_key: str | None,
+        took: float = 0.0,
     ) -> None:
+        """Journal one call; ``took``: seconds it ran (its record starts that long ago)."""
         try:
             await self.store.call(
-                self.store.op_call, ctx.key, pos, kind, step, args, state, result, error, task_key
+                self.store.op_call,
+                ctx.key,
+                pos,
+                kind,
+                step,
+                args,
+                state,
+                result,
+                error,
+                task_key,
+                took,
             )
         except LostOwnership:
             ctx.lost = True
@@ -547,6 +567,12 @@ class WorkflowEngine:
                     continue
         finally:
             self._answers.pop(task_key, None)
+
+    def task(self, name: str) -> Task:
+        """The task called ``name`` in the journal: one this engine's workflows called,
+        else found by its ``module:qualname`` (see :func:`find_task`)."""
+        known = self._tasks.get(name)
+        return known if known is not None else find_task(name)
 
     def pending(self, task: Task) -> list[PendingTask]:
         """Items of ``task`` waiting for an answer, oldest first (running workflows only)."""
@@ -740,6 +766,85 @@ class WorkflowEngine:
             raise InvalidConfigurationError(f"{name!r} is not a @workflow")
         self._known[name] = obj
         return obj
+
+
+def find_task(name: str, where: str | None = None) -> Task:
+    """The :class:`Task` the journal calls ``name``, whose function checks an answer.
+
+    ``where``: the module (``pkg.mod``) or the file (``path/to/app.py``) that declares
+    it; by default the module of a ``module:qualname`` name is imported (``__main__``
+    is the running program). A task whose script ran as ``__main__`` is found in that
+    file by its qualname. Raises ``InvalidConfigurationError`` saying what to give.
+    """
+    module_name, sep, qualname = name.partition(":")
+    if where is not None:
+        module = _load_module(where)
+        tasks = [v for v in vars(module).values() if isinstance(v, Task)]
+        for t in tasks:
+            if t.name == name:
+                return t
+        obj = _attribute(module, qualname) if sep else None
+        if isinstance(obj, Task):  # the same function, loaded under another module name
+            return Task(obj.fn, name=name)
+        names = ", ".join(sorted(t.name for t in tasks)) or "none"
+        raise InvalidConfigurationError(
+            f"{where} declares no task named {name!r} (its tasks: {names})"
+        )
+    if not sep:
+        raise InvalidConfigurationError(
+            f"task {name!r} does not say which module declares it: give the module or file "
+            f"that does, or, for a task declared without a function (task({name!r})), "
+            "take the answer as it is"
+        )
+    try:
+        module = sys.modules["__main__"] if module_name == "__main__" else None
+        module = module or importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidConfigurationError(
+            f"task {name!r}: module {module_name!r} cannot be imported here ({exc}); "
+            "run where it can (PYTHONPATH), or give the file that declares the task"
+        ) from exc
+    obj = _attribute(module, qualname)
+    if not isinstance(obj, Task):
+        hint = (
+            "it was declared in a script run as the main program: give that script's file"
+            if module_name == "__main__"
+            else f"{module_name} has no task {qualname!r}"
+        )
+        raise InvalidConfigurationError(f"task {name!r} is not found here: {hint}")
+    return obj
+
+
+def _attribute(module: Any, qualname: str) -> Any:
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _load_module(where: str) -> Any:
+    """A module by name, or a Python file loaded as a module of its own (its
+    ``if __name__ == "__main__"`` part does not run)."""
+    if where.endswith(".py") or os.sep in where:
+        path = os.path.abspath(where)
+        if not os.path.isfile(path):
+            raise InvalidConfigurationError(f"no Python file at {where}")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(f"_pydotcompute_tasks_{stem}", path)
+        if spec is None or spec.loader is None:
+            raise InvalidConfigurationError(f"{where} cannot be loaded as Python")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise InvalidConfigurationError(f"{where} failed to load: {exc!r}") from exc
+        return module
+    try:
+        return importlib.import_module(where)
+    except ImportError as exc:
+        raise InvalidConfigurationError(f"module {where!r} cannot be imported: {exc}") from exc
 
 
 _STATUS = "SELECT key, name, state, calls, step, error, parent, created, updated FROM workflows"

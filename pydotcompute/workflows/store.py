@@ -12,13 +12,23 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from pydotcompute.coordinator.journal import JournalConfig, register_owner
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
 from pydotcompute.coordinator.retention import BATCH, GRAPH_FLOWS, Retention, prune_bound
 
-__all__ = ["CallRow", "WorkflowStore", "forget_children", "prune_workflows"]
+__all__ = [
+    "CallRow",
+    "WorkflowStore",
+    "forget_children",
+    "prune_workflows",
+    "read_calls",
+    "read_pending_tasks",
+    "read_workflow",
+    "read_workflows",
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflows(
@@ -271,8 +281,11 @@ class WorkflowStore(JournalWriter):
         result: bytes | None,
         error: str | None,
         task_key: str | None,
+        took: float = 0.0,
     ) -> None:
-        """Record one call at ``pos``: done, failed, or (a task) waiting."""
+        """Record one call at ``pos``: done, failed, or (a task) waiting. ``took``: how
+        long it ran, measured by the caller; ``created`` is when it started by the
+        journal's clock, ``finished`` when it was recorded."""
         self._own(conn, key, now, step)
         conn.execute(
             "INSERT INTO workflow_calls VALUES(?,?,?,?,?,?,?,?,?,?,?)",
@@ -286,7 +299,7 @@ class WorkflowStore(JournalWriter):
                 result,
                 error,
                 task_key,
-                now,
+                now - max(0.0, took),
                 None if state == "waiting" else now,
             ),
         )
@@ -380,3 +393,57 @@ class WorkflowStore(JournalWriter):
     def op_release(self, conn: Any, now: float) -> None:
         conn.execute("UPDATE workflows SET owner=NULL, lease_until=0 WHERE owner=?", (self.owner,))
         conn.execute("DELETE FROM owners WHERE owner=?", (self.owner,))
+
+
+# ---- reads for people looking at a journal (the journal commands, the dashboard) --------
+Read = Callable[..., list[Any]]
+"""``read(sql, *args)``: rows of a query on committed state."""
+
+WORKFLOW_COLUMNS = "key, name, state, calls, step, error, parent, created, updated"
+
+
+def read_workflows(
+    read: Read, states: list[str] | None = None, limit: int | None = None
+) -> list[Any]:
+    """Workflows (``WORKFLOW_COLUMNS``), oldest first; only those in ``states`` if given."""
+    sql = f"SELECT {WORKFLOW_COLUMNS} FROM workflows"
+    args: list[Any] = []
+    if states:
+        sql += f" WHERE state IN ({','.join('?' * len(states))})"
+        args += states
+    sql += " ORDER BY created, key"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return read(sql, *args)
+
+
+def read_workflow(read: Read, key: str) -> Any | None:
+    """One workflow: ``WORKFLOW_COLUMNS``, then its pickled input and result; None if
+    the journal has no such key."""
+    rows = read(f"SELECT {WORKFLOW_COLUMNS}, input, result FROM workflows WHERE key=?", key)
+    return rows[0] if rows else None
+
+
+def read_calls(read: Read, key: str) -> list[Any]:
+    """The workflow's recorded calls in order: pos, kind, step, args, state, result,
+    error, task_key, created (when it started), finished."""
+    return read(
+        "SELECT pos, kind, step, args, state, result, error, task_key, created, finished "
+        "FROM workflow_calls WHERE workflow=? ORDER BY pos",
+        key,
+    )
+
+
+def read_pending_tasks(read: Read, step: str | None = None) -> list[Any]:
+    """Task items waiting for an answer in running workflows, oldest first: task_key,
+    step (the task's name), workflow, args (pickled ``((request,), {})``), created."""
+    sql = (
+        "SELECT c.task_key, c.step, c.workflow, c.args, c.created FROM workflow_calls c "
+        "JOIN workflows w ON w.key=c.workflow WHERE c.kind='task' AND c.state='waiting' "
+        "AND w.state='running'"
+    )
+    args: list[Any] = []
+    if step is not None:
+        sql += " AND c.step=?"
+        args.append(step)
+    return read(sql + " ORDER BY c.created, c.task_key", *args)
