@@ -387,3 +387,33 @@ def test_retry_and_cancel_refuse_an_item_a_live_process_holds(
         [item] = reader.items("held")
         assert item.state == "cancelled" and item.tokens == []
         assert reader.read("SELECT count(*) FROM results WHERE flow='held'")[0][0] == 0
+
+
+def test_a_lease_of_a_dead_process_does_not_hold_an_item(journal_at: Any, capsys: Any) -> None:
+    """Who holds an item is judged by the owners' liveness locks (not a host and pid):
+    a live holder is named; once it is killed, its lease (30 s more) no longer counts,
+    and looking at it leaves its lock file for the flows' reaper."""
+    from tests.test_coordinator_journal import start_holder
+
+    journal = journal_at("dead-holder")
+    proc = start_holder(journal, lease=30.0)  # holds item "five" of flow "g" at "slow"
+    try:
+        with JournalReader(journal) as reader:
+            [held] = reader.holders("g", ["five"])
+            assert held.pid == proc.pid and held.stage == "slow"
+            owner = held.owner
+    finally:
+        proc.kill()
+        proc.wait()
+    lock = pathlib.Path(f"{journal}-owners") / owner
+    deadline = time.monotonic() + 10
+    with JournalReader(journal) as reader:
+        while reader.holders("g", ["five"]):  # PostgreSQL: until the server sees it gone
+            assert time.monotonic() < deadline, "a killed process still holds the item"
+            time.sleep(0.05)
+        [token] = reader.items("g", keys=["five"])[0].tokens
+        assert token.owner == owner and token.lease_until > time.time() + 10
+    if not journal.startswith("postgresql://"):
+        assert lock.exists()  # looked at, not taken: the reaper's to remove
+    code, out, _ = cli(capsys, "cancel", journal, "g", "five")
+    assert code == 0 and "cancelled" in out and "taken from" not in out, out
