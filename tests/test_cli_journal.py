@@ -417,3 +417,22 @@ def test_a_lease_of_a_dead_process_does_not_hold_an_item(journal_at: Any, capsys
         assert lock.exists()  # looked at, not taken: the reaper's to remove
     code, out, _ = cli(capsys, "cancel", journal, "g", "five")
     assert code == 0 and "cancelled" in out and "taken from" not in out, out
+
+
+def test_a_look_is_not_confused_by_the_owners_folder_or_a_missing_directory(
+    tmp_path: pathlib.Path, capsys: Any
+) -> None:
+    path = str(tmp_path / "app.db")
+    asyncio.run(write_journal(path))
+    assert os.path.isdir(path + "-owners")  # the writers' liveness locks, beside it
+    code, out, _ = cli(capsys, "flows", path)
+    assert code == 0 and "etl" in out
+    code, _, err = cli(capsys, "flows", path + "-owners")
+    assert code == 1 and "is a directory, not a journal" in err and f"pass {path}" in err
+    code, _, err = cli(capsys, "items", str(tmp_path), "etl")
+    assert code == 1 and "is a directory, not a journal" in err
+    missing = tmp_path / "no" / "such" / "app.db"
+    code, _, err = cli(capsys, "flows", str(missing))
+    # A look says there is no journal; it does not advise making the directory.
+    assert code == 1 and "no journal at" in err and "mkdir" not in err, err
+    assert not (tmp_path / "no").exists()

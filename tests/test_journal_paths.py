@@ -300,3 +300,44 @@ def test_an_unwritable_owners_folder_is_refused_before_the_journal_is_written(tm
         owners.chmod(0o755)
     refused(lines, "app.db-owners is not writable", "lock file")
     assert snapshot(tmp_path) == before
+
+
+def look(path: Path, shell: str) -> subprocess.CompletedProcess[str]:
+    """``pydotcompute flows path --json`` in a mount namespace prepared by ``shell``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pydotcompute", "flows", str(path), "--json"]
+    wrap = ["unshare", "--user", "--map-root-user", "--mount"]
+    return subprocess.run(
+        [*wrap, "sh", "-c", f'{shell} && exec "$@"', "sh", *cmd],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+
+
+def test_a_journal_on_a_read_only_file_system_can_still_be_looked_at(tmp_path):
+    """The journal commands only read: the checks for writing do not stop them, and
+    SQLite is told that the file cannot change (it could not make its -shm file there)."""
+    why = namespaces("--user", "--map-root-user", "--mount")
+    if why:
+        pytest.skip(f"a read-only mount needs a user and mount namespace: {why}")
+    import json
+
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    make_journal(mnt / "app.db")
+    before = snapshot(mnt)
+    ro = f"mount --bind {mnt} {mnt} && mount -o remount,bind,ro {mnt}"
+    proc = look(mnt / "app.db", ro)
+    assert proc.returncode == 0, proc.stderr
+    [flow] = json.loads(proc.stdout)
+    assert flow["flow"] == "t" and flow["items"]["done"] == 1
+    assert snapshot(mnt) == before
+    # Commits still in the log cannot be read there: said, never silently left out.
+    keep = sqlite3.connect(mnt / "app.db", isolation_level=None)
+    try:
+        keep.execute("PRAGMA wal_autocheckpoint=0")
+        keep.execute("UPDATE items SET submitted=submitted + 1")
+        assert (mnt / "app.db-wal").stat().st_size > 0
+        proc = look(mnt / "app.db", ro)
+    finally:
+        keep.close()
+    assert proc.returncode == 1 and "app.db-wal" in proc.stderr and "copy" in proc.stderr

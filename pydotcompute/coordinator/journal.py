@@ -43,12 +43,13 @@ NEW_TOKEN = (
 )
 
 
-def open_journal(journal: Any) -> JournalConfig | None:
+def open_journal(journal: Any, *, for_writing: bool = True) -> JournalConfig | None:
     """Normalise a ``journal=`` argument: None, a path (SQLite), a ``postgresql://`` DSN,
     an SQLiteJournal or a PostgresJournal. An SQLite path is checked at once (see
     ``check_sqlite_path``): a journal that cannot be opened for writing is refused here,
-    with the reason and the fix, not at its first use. A DSN is only parsed: the server
-    is reached when the journal is opened."""
+    with the reason and the fix, not at its first use (``for_writing=False``: a journal
+    only read, which a read-only mount or file does not stop). A DSN is only parsed:
+    the server is reached when the journal is opened."""
     cfg: JournalConfig | None
     if journal is None or isinstance(journal, (SQLiteJournal, PostgresJournal)):
         cfg = journal
@@ -61,7 +62,7 @@ def open_journal(journal: Any) -> JournalConfig | None:
             "journal must be None, a path, a postgresql:// DSN, an SQLiteJournal or a "
             f"PostgresJournal, got {journal!r}"
         )
-    if isinstance(cfg, SQLiteJournal):
+    if for_writing and isinstance(cfg, SQLiteJournal):
         check_sqlite_path(cfg.path)
     return cfg
 

@@ -132,7 +132,9 @@ class JournalReader:
     config). Safe to share between threads: reads take turns on one connection."""
 
     def __init__(self, journal: Any) -> None:
-        cfg = open_journal(journal)
+        # Not checked for writing: a journal on a read-only mount, or one this user may
+        # only read, can be looked at (``connect_read_only`` says what is wrong instead).
+        cfg = open_journal(journal, for_writing=False)
         if cfg is None:
             raise JournalError("no journal given: pass an SQLite path or a postgresql:// DSN")
         self.journal: JournalConfig = cfg

@@ -17,8 +17,13 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pydotcompute.coordinator.journal_path import check_header, check_sqlite_path, open_error
-from pydotcompute.coordinator.liveness import FileLocks
+from pydotcompute.coordinator.journal_path import (
+    check_header,
+    check_sqlite_path,
+    open_error,
+    read_only_fs,
+)
+from pydotcompute.coordinator.liveness import FileLocks, owners_of
 from pydotcompute.coordinator.retention import Retention, check_retention
 from pydotcompute.errors import JournalError
 
@@ -147,16 +152,40 @@ def connect(path: str) -> sqlite3.Connection:
 
 
 def connect_read_only(path: str) -> sqlite3.Connection:
-    """A connection that reads the journal at ``path`` and cannot write to it. Refuses,
-    saying so, a missing file (it is never created here), a file that is not a journal
-    and a schema this version does not read."""
+    """A connection that reads the journal at ``path`` and cannot write to it, also on a
+    read-only mount. Refuses, saying so, a missing file (it is never created here), a
+    directory (the owners' lock folder beside a journal is named as such), a file that
+    is not a journal and a schema this version does not read."""
     if not os.path.exists(path):
         raise JournalError(
             f"no journal at {path}: check the path (a flow or a workflow makes its journal "
             "when it first runs)"
         )
+    if os.path.isdir(path):
+        owners = owners_of(path)
+        raise JournalError(
+            f"{path} is a directory, not a journal"
+            + (
+                f": it holds the lock files of the processes writing the journal {owners}; "
+                f"pass {owners}"
+                if owners is not None
+                else ""
+            )
+        )
     check_header(path)
     uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    if read_only_fs(os.path.dirname(os.path.abspath(path))):
+        # SQLite reads a WAL journal through its -shm file, which it cannot make on a
+        # read-only mount; nothing can change the file through that mount either. But
+        # then it ignores the log: commits still in one would be silently missing.
+        wal = path + "-wal"
+        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            raise JournalError(
+                f"journal {path} is on a read-only file system with commits still in "
+                f"{wal}, which SQLite cannot read there: copy the journal with its -wal "
+                "file to a writable directory and look at the copy"
+            )
+        uri += "&immutable=1"
     try:
         conn = sqlite3.connect(
             uri, uri=True, isolation_level=None, timeout=60.0, check_same_thread=False

@@ -33,16 +33,27 @@ try:
 except ImportError:  # pragma: no cover - not on Windows: leases alone decide there
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["AdvisoryLocks", "FileLocks", "owners_folder"]
+__all__ = ["AdvisoryLocks", "FileLocks", "owners_folder", "owners_of"]
 
 LOCK_PREFIX = "pydotcompute/owner/"
 
 Read = Callable[..., list[Any]]  # read(sql, *args): rows, on a reader or in a transaction
 
 
+OWNERS_SUFFIX = "-owners"
+
+
 def owners_folder(journal_path: str) -> str:
     """Where the owners of the SQLite journal at ``journal_path`` keep their lock files."""
-    return f"{journal_path}-owners"
+    return journal_path + OWNERS_SUFFIX
+
+
+def owners_of(folder: str) -> str | None:
+    """The journal whose owners' folder ``folder`` is, if it is one (else None)."""
+    path = folder.rstrip("/" + os.sep)
+    if path.endswith(OWNERS_SUFFIX) and os.path.isfile(path[: -len(OWNERS_SUFFIX)]):
+        return path[: -len(OWNERS_SUFFIX)]
+    return None
 
 
 class AdvisoryLocks:
