@@ -329,7 +329,10 @@ class _Routes:
         loop of its own."""
         loop = self.views.loop if self.views is not None else None
         if loop is not None and loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(answer, loop)  # type: ignore[arg-type]
+            future: concurrent.futures.Future[Response] = asyncio.run_coroutine_threadsafe(
+                answer,  # type: ignore[arg-type]
+                loop,
+            )
             try:
                 return future.result(timeout=_ACTION_TIMEOUT_S)
             except concurrent.futures.TimeoutError:
