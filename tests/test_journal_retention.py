@@ -123,6 +123,26 @@ async def test_prune_journal_by_path_or_dsn_prunes_every_flow(journal_at):
     assert rows(where, "SELECT count(*) FROM dead_letters")[0][0] == 0
 
 
+async def test_items_cancelled_by_an_operator_are_pruned_as_finished(journal_at):
+    from pydotcompute import cancel_items
+
+    where = journal_at()
+    gate = asyncio.Event()
+    flow = await finished_flow(where, gate)
+    try:
+        [outcome] = await cancel_items(where, "f", ["bad"])  # a dead item, cancelled
+        assert outcome.changed
+        assert flow.status() == {"done": 20, "cancelled": 1, "active": 1}
+        got = await asyncio.to_thread(prune_journal, where, older_than=0)
+        assert got == Pruned(items=21, workflows=0)
+        assert flow.status() == {"active": 1}  # "held" still runs, untouched
+        gate.set()
+        assert await flow.result("held", timeout=10) == 990
+    finally:
+        gate.set()
+        await flow.close()
+
+
 def test_prune_journal_refuses_what_is_not_a_journal(tmp_path, postgres_dsn):
     with pytest.raises(JournalError, match="no journal at"):
         prune_journal(tmp_path / "none.db", older_than=0)

@@ -811,7 +811,7 @@ class Flow:
         *,
         dead_letters: bool = False,
     ) -> int:
-        """Forget finished items: done ones (and dead-lettered ones with
+        """Forget finished items: done and cancelled ones (and dead-lettered ones with
         ``dead_letters=True``) that finished more than ``older_than`` seconds ago (or a
         ``timedelta``), and beyond the newest ``keep``; give one or both. Each goes with
         its result and dead letters; an unfinished item is never touched. A pruned key is

@@ -1,7 +1,7 @@
 """Keeping a journal bounded: finished items and workflows pruned by age or by count.
 
-Only what is finished goes: items that are ``done`` (and, when asked, ``dead``) with no
-token left anywhere in the graph, and top-level workflows that are ``done``, ``failed``
+Only what is finished goes: items that are ``done`` or ``cancelled`` (and, when asked,
+``dead``) with no token left anywhere in the graph, and top-level workflows that are ``done``, ``failed``
 or ``cancelled`` with no running workflow below them. Each goes whole, with its result,
 dead letters, call records, child workflows and the items its graph calls made, in
 transactions of a few hundred, so a running flow's writer is never held up for long.
@@ -120,7 +120,8 @@ def prune_items(
     """Inside an open write transaction: delete up to ``limit`` finished items of
     ``flow`` that ``rule`` lets go, with their results and dead letters. Returns how
     many went (fewer than ``limit``: none is left to prune now)."""
-    states = ("done", "dead") if rule.dead_letters else ("done",)
+    # Cancelled (by an operator: ``journal_repair``) is as finished as done.
+    states = ("done", "cancelled", "dead") if rule.dead_letters else ("done", "cancelled")
     marks = ",".join("?" * len(states))
     bound = prune_bound(
         conn,
