@@ -5,8 +5,9 @@ read (an SQLite journal is opened read-only; a missing path is an error, never a
 journal). ``retry``, ``cancel`` and ``answer`` change the journal through the same ops
 the API uses (``Flow.retry``'s, and ``WorkflowEngine.complete``), so their guarantees
 hold: nothing runs twice, and an item a live process holds is left alone unless
-``--force``. Every command takes an SQLite path or a ``postgresql://`` DSN, prints a
-table, or JSON with ``--json``.
+``--force``. ``prune`` removes finished work by age or count (``prune_journal``), never
+what is unfinished. Every command takes an SQLite path or a ``postgresql://`` DSN,
+prints a table, or JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -330,6 +332,133 @@ def _cancel(args: argparse.Namespace, console: Console) -> int:
     return _outcomes(outcomes, args, console)
 
 
+# ---- prune ---------------------------------------------------------------------------
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+AGE_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
+
+
+def parse_age(text: str) -> float:
+    """Seconds of an age written ``7d``, ``12h``, ``30m``, ``45s``, ``2w``, a sum of those
+    (``1d12h``) or a bare number of seconds."""
+    t = text.strip().lower()
+    try:
+        value = float(t)
+    except ValueError:
+        parts = AGE_PART.findall(t)
+        if not t or "".join(n + u for n, u in parts) != t:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not an age: write it as 7d, 12h, 30m, 45s or 2w, a sum such "
+                "as 1d12h, or a number of seconds"
+            ) from None
+        return sum(float(n) * AGE_UNITS[u] for n, u in parts)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age: it must be 0 or more")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count: give a whole number >= 0")
+    return n
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--finished-before",
+        metavar="AGE",
+        type=parse_age,
+        help="prune what finished more than AGE ago: 7d, 12h, 30m, 45s, 2w, 1d12h",
+    )
+    p.add_argument(
+        "--keep",
+        metavar="N",
+        type=_count,
+        help="always keep the newest N finished items of each flow, and N workflows",
+    )
+    p.add_argument(
+        "--flow",
+        metavar="FLOW",
+        help="only this flow's items (workflows are then left alone)",
+    )
+    p.add_argument(
+        "--dead-letters",
+        action="store_true",
+        help="also prune dead-lettered items with their dead letters (kept by default)",
+    )
+
+
+def _prune(args: argparse.Namespace, console: Console) -> int:
+    from pydotcompute.coordinator.retention import prune_journal
+
+    if args.finished_before is None and args.keep is None:
+        raise InvalidConfigurationError(
+            "prune needs --finished-before AGE, --keep N or both, e.g. "
+            f"`pydotcompute prune {args.journal} --finished-before 7d`"
+        )
+    # Checked read-only first: a wrong path is never made into a new journal, and an
+    # unknown flow is named with the flows there are.
+    with _reader(args) as reader:
+        if args.flow is not None:
+            reader.node_names(args.flow)
+        config = reader.journal
+    pruned = prune_journal(
+        config,
+        older_than=args.finished_before,
+        keep=args.keep,
+        flow=args.flow,
+        workflows=args.flow is None,
+        dead_letters=args.dead_letters,
+    )
+    with _reader(args) as reader:
+        flows = [f for f in reader.flows() if args.flow is None or f.name == args.flow]
+        active = sum(f.items.get("active", 0) for f in flows)
+        running = (
+            reader.read("SELECT count(*) FROM workflows WHERE state='running'")[0][0]
+            if args.flow is None and reader.has_table("workflows")
+            else None
+        )
+    rule = {
+        "finished_before_s": args.finished_before,
+        "keep": args.keep,
+        "flow": args.flow,
+        "dead_letters": args.dead_letters,
+    }
+    if args.json:
+        _print_json(
+            {
+                "journal": config.where,
+                "pruned": {"items": pruned.items, "workflows": pruned.workflows},
+                "rule": rule,
+                "left_unfinished": {"items": active, "workflows": running},
+            }
+        )
+        return 0
+    what = []
+    if args.finished_before is not None:
+        what.append(f"finished more than {_age(args.finished_before)} ago")
+    if args.keep is not None:
+        what.append(f"beyond the newest {args.keep}")
+    scope = f"flow {args.flow}" if args.flow is not None else "every flow and workflow"
+    console.print(
+        f"pruned {pruned.items} finished items"
+        + ("" if args.flow is not None else f" and {pruned.workflows} finished workflows")
+        + f" from {escape(config.where)} ({escape(scope)}: {' and '.join(what)}"
+        + (", dead-lettered items included" if args.dead_letters else "")
+        + ")",
+        soft_wrap=True,
+    )
+    console.print(
+        f"untouched: {active} unfinished items"
+        + ("" if running is None else f", {running} running workflows"),
+        soft_wrap=True,
+    )
+    return 0
+
+
 # ---- workflows, tasks ------------------------------------------------------------------
 def _workflows_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
@@ -519,8 +648,7 @@ def _answer(args: argparse.Namespace, console: Console) -> int:
     return 0 if done else 1
 
 
-# (name, help, example lines, arguments, run). The journal's prune command (finished
-# work by age) is to join this list once the journal can prune.
+# (name, help, example lines, arguments, run)
 VERBS: list[
     tuple[
         str,
@@ -570,6 +698,17 @@ VERBS: list[
         ["pydotcompute cancel app.db etl line-7", "pydotcompute cancel app.db etl line-7 --force"],
         _cancel_args,
         _cancel,
+    ),
+    (
+        "prune",
+        "prune finished items and workflows by age or count; unfinished work is never touched",
+        [
+            "pydotcompute prune app.db --finished-before 7d",
+            "pydotcompute prune postgresql://me@db/jobs --finished-before 12h --keep 1000 "
+            "--flow etl --dead-letters",
+        ],
+        _prune_args,
+        _prune,
     ),
     (
         "workflows",
