@@ -436,3 +436,23 @@ def test_a_look_is_not_confused_by_the_owners_folder_or_a_missing_directory(
     # A look says there is no journal; it does not advise making the directory.
     assert code == 1 and "no journal at" in err and "mkdir" not in err, err
     assert not (tmp_path / "no").exists()
+
+
+async def test_a_repair_session_that_reconnects_does_not_become_an_owner(journal: str) -> None:
+    """After an outage the writer rejoins on a new connection; a flow's session then
+    takes its liveness lock and owners row again, but an operator's repair session holds
+    no items: were it listed, flows would later say they took over from it."""
+    from pydotcompute.coordinator.journal_repair import RepairSession
+
+    with JournalReader(journal) as reader:
+        config = reader.journal
+        before = reader.read("SELECT owner FROM owners ORDER BY owner")
+    session = RepairSession(config, "etl")
+    await session.open()
+    try:
+        fresh = await session._off_loop(session._rejoin)  # what a reconnect runs
+        fresh.close()
+    finally:
+        await session.close()
+    with JournalReader(journal) as reader:
+        assert reader.read("SELECT owner FROM owners ORDER BY owner") == before
