@@ -173,7 +173,7 @@ async def _timed(
     """Run ``drive`` for about ``seconds`` under ``setting``."""
     scraper = None
     if setting == "scraped":
-        host, port = rt.serve_metrics()
+        host, port = rt.serve_metrics(port=0)
         scraper = Scraper(f"http://{host}:{port}/metrics")
         scraper.start()
     t0, cpu0 = time.perf_counter(), time.process_time()

@@ -5,7 +5,9 @@ The page lists the waiting claims and approves or rejects them; the workflows go
 from there. Stop the program at any time: the claims, waiting or not, are in the
 journal, and the next run resumes them.
 
-    python examples/approval_server.py [journal.db]     # then open the printed address
+    python examples/approval_server.py [journal.db] [port]   # then open the printed address
+
+Ctrl-C stops it: the runtime shuts down cleanly and the waiting claims stay in the journal.
 
 The server listens on 127.0.0.1 only, answers one request at a time, reads at most
 4 KiB per request and gives up on a client after 5 seconds.
@@ -121,17 +123,22 @@ class ApprovalServer:
                 if self.path != "/complete":
                     self._send(404, json.dumps({"error": "not found"}))
                     return
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    self._send(413, json.dumps({"error": f"at most {MAX_BODY} bytes"}))
+                try:
+                    length = body_length(self.headers.get("Content-Length"))
+                    key, answer = parse_completion(self.rfile.read(length), length)
+                except BadRequest as exc:
+                    self._send(exc.status, json.dumps({"error": str(exc)}))
                     return
-                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
-                key = form.get("key", [""])[0]
-                answer = {"decision": form.get("decision", [""])[0], "by": form.get("by", [""])[0]}
+                except TimeoutError:
+                    self._send(408, json.dumps({"error": "the body did not arrive in time"}))
+                    return
                 try:
                     done = server._on_loop(server.rt.complete_task(approval, key, answer))
                 except ValueError as exc:
                     self._send(400, json.dumps({"error": str(exc)}))
+                    return
+                except Exception as exc:  # the journal or the loop failed: say so, stay up
+                    self._send(503, json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
                     return
                 if not done:
                     self._send(404, json.dumps({"error": f"no pending claim {key!r}"}))
@@ -144,6 +151,40 @@ class ApprovalServer:
                     self._send(200, json.dumps({"completed": key}))
 
         return Handler
+
+
+class BadRequest(ValueError):
+    """A request the page refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+def body_length(header: str | None) -> int:
+    """The Content-Length a POST announced: 0 to MAX_BODY, else BadRequest."""
+    text = (header or "0").strip()
+    if not text.isascii() or not text.isdigit():
+        raise BadRequest(400, f"Content-Length must be a number of bytes, got {text[:20]!r}")
+    if int(text) > MAX_BODY:
+        raise BadRequest(413, f"at most {MAX_BODY} bytes")
+    return int(text)
+
+
+def parse_completion(body: bytes, length: int) -> tuple[str, dict]:
+    """(key, answer) from a form body ``key=..&decision=..&by=..``; BadRequest if the
+    body is short, not UTF-8, or not such a form."""
+    if len(body) != length:
+        raise BadRequest(400, f"the body has {len(body)} of the {length} bytes announced")
+    try:
+        text = body.decode("utf-8")
+        form = urllib.parse.parse_qs(text, max_num_fields=10, errors="strict")
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadRequest(400, f"the body is not a UTF-8 form: {exc}") from None
+    fields = {name: values[0] for name, values in form.items() if len(values) == 1}
+    if "key" not in fields or any(len(v) > 1 for v in form.values()):
+        raise BadRequest(400, "the form needs one key field (and one decision and by)")
+    return fields["key"], {"decision": fields.get("decision", ""), "by": fields.get("by", "")}
 
 
 def page(pending: list[dict]) -> str:
@@ -182,14 +223,14 @@ CLAIMS = [
 ]
 
 
-async def main(path: str) -> None:
+async def main(path: str, port: int = 8765) -> None:
     async with RingKernelRuntime(journal=path) as rt:
         for claim in CLAIMS:  # known keys are not started twice
             await rt.start_workflow(expense, claim, key=claim["id"])
         print("resumed:", await rt.resume_workflows(expense))
-        with ApprovalServer(rt, port=0 if QUICK else 8765) as server:
+        with ApprovalServer(rt, port=0 if QUICK else port) as server:
             if not QUICK:
-                print(f"approve claims at {server.url} (Ctrl-C to stop)")
+                print(f"approve claims at {server.url} (Ctrl-C to stop)", flush=True)
                 await asyncio.Event().wait()
             # The short run plays the approver through the page's JSON side.
             while len(await asyncio.to_thread(get, server.url + "/pending")) < 2:
@@ -204,9 +245,18 @@ async def main(path: str) -> None:
             print(claim["id"], "->", await rt.workflow_result(claim["id"], timeout=10))
 
 
+def run(path: str) -> None:
+    port = int(sys.argv[2]) if len(sys.argv) > 2 else 8765
+    try:
+        asyncio.run(main(path, port))
+    except KeyboardInterrupt:
+        # asyncio.run cancelled main(): the server and the runtime closed on the way out.
+        print("\nstopped; waiting claims stay in the journal", path)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1:
-        asyncio.run(main(sys.argv[1]))
+        run(sys.argv[1])
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            asyncio.run(main(os.path.join(tmp, "claims.db")))
+            run(os.path.join(tmp, "claims.db"))

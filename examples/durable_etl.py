@@ -54,7 +54,7 @@ async def main(path: str) -> None:
         lines[7] = "not a record"  # goes to the dead letters: parse raises
         # Known keys are skipped, so a restart submits nothing twice.
         await flow.submit_many(lines, keys=[f"line-{i}" for i in range(RECORDS)])
-        await flow.drain()
+        await flow.drain(progress=True)  # a bar when run in a terminal
         print("status:", flow.status())
         print("line-3:", await flow.result("line-3"))
         for rec in flow.dead_letters():
@@ -65,4 +65,7 @@ async def main(path: str) -> None:
 if __name__ == "__main__":
     target = sys.argv[1] if len(sys.argv) > 1 else os.path.join(tempfile.mkdtemp(), "etl.db")
     print("journal:", target)
-    asyncio.run(main(target))
+    try:
+        asyncio.run(main(target))
+    except KeyboardInterrupt:
+        print("\nstopped; run it again to resume from the journal", target)

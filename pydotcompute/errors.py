@@ -21,7 +21,9 @@ __all__ = [
     "ItemFailedError",
     "FlowClosedError",
     "JournalError",
+    "JournalUnavailableError",
     "NonDeterminismError",
+    "PlacementTimeoutError",
     "WorkflowFailedError",
     "WorkflowNotFoundError",
 ]
@@ -94,6 +96,11 @@ class BackendNotAvailableError(PyDotComputeError):
     """The requested backend cannot run here; the text gives the reason."""
 
 
+class PlacementTimeoutError(BackendNotAvailableError):
+    """A cluster kernel's resources exist but stayed taken for its whole
+    ``launch_timeout``; the text names what it asked for and what holds it."""
+
+
 class BufferSyncError(PyDotComputeError):
     """Both copies of a ``UnifiedBuffer`` were marked written since their last sync."""
 
@@ -115,6 +122,11 @@ class FlowClosedError(PyDotComputeError):
 
 class JournalError(PyDotComputeError):
     """A journal cannot be used: unreadable, corrupt, or written by a different graph."""
+
+
+class JournalUnavailableError(JournalError):
+    """The journal's server stayed unreachable for longer than its ``reconnect_timeout``;
+    nothing committed is lost, and deploying the flow again resumes it."""
 
 
 class NonDeterminismError(PyDotComputeError):

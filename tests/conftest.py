@@ -57,3 +57,13 @@ def journal_at(request, tmp_path):
         return lambda name="j": str(tmp_path / f"{name}.db")
     dsn = request.getfixturevalue("postgres_dsn")
     return lambda name="j": dsn
+
+
+@pytest.fixture(autouse=True, scope="session")
+def metrics_servers_take_any_free_port():
+    """Metrics and dashboard servers started without a port take any free one (and so do
+    the commands the tests start): suites running side by side never share a port."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYDOTCOMPUTE_METRICS_PORT", "0")
+        mp.setenv("PYDOTCOMPUTE_DASHBOARD_PORT", "0")
+        yield

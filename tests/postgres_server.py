@@ -54,9 +54,45 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class Server:
+    """A throwaway server that a test may stop, start and restart (as an operator or a
+    failover would) while clients are connected."""
+
+    def __init__(self, bin_dir: Path, data: Path, log: Path, prefix: list[str]) -> None:
+        self.bin_dir, self.data, self.log, self.prefix = bin_dir, data, log, prefix
+        self.dsn = ""
+        self.opts = ""  # the server's command-line options: port, socket directory
+        self.running = False
+
+    def run(self, *args: str) -> None:
+        proc = subprocess.run([*self.prefix, *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = self.log.read_text()[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"{args[0]} failed: {proc.stdout}{proc.stderr}{tail}")
+
+    def pg_ctl(self, *args: str) -> None:
+        self.run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data), *args)
+
+    def stop(self) -> None:
+        """Stop now: sessions are ended, open transactions rolled back (``-m fast``)."""
+        self.pg_ctl("-m", "fast", "-w", "stop")
+        self.running = False
+
+    def start(self) -> None:
+        """Start again, on the same port, with the same options; returns once it accepts
+        connections."""
+        self.pg_ctl("-l", str(self.log), "-o", self.opts, "-w", "-t", "60", "start")
+        self.running = True
+
+    def restart(self) -> None:
+        """``pg_ctl restart -m fast``: what an operator's restart does to clients."""
+        self.pg_ctl("-l", str(self.log), "-m", "fast", "-w", "-t", "60", "restart")
+        self.running = True
+
+
 @contextlib.contextmanager
-def throwaway_server() -> Iterator[str]:
-    """Start a server, yield the DSN of an empty database on it, then stop and remove it."""
+def throwaway() -> Iterator[Server]:
+    """Start a server with an empty database on it, then stop and remove it."""
     bin_dir = find_bin_dir()
     prefix: list[str] = []
     user = None
@@ -73,17 +109,11 @@ def throwaway_server() -> Iterator[str]:
         prefix = [runuser, "-u", "postgres", "--"]
     root = Path(tempfile.mkdtemp(prefix="pdc-pg-"))
     data, log = root / "data", root / "server.log"
+    srv = Server(bin_dir, data, log, prefix)
     try:
         if user is not None:
             os.chown(root, user.pw_uid, user.pw_gid)
-
-        def run(*args: str) -> None:
-            proc = subprocess.run([*prefix, *args], capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = log.read_text()[-2000:] if log.exists() else ""
-                raise RuntimeError(f"{args[0]} failed: {proc.stdout}{proc.stderr}{tail}")
-
-        run(
+        srv.run(
             str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres",
             "-E", "UTF8", "--locale=C", "--no-sync",
         )  # fmt: skip
@@ -93,9 +123,9 @@ def throwaway_server() -> Iterator[str]:
                 f"-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={root} "
                 "-c max_connections=200"
             )
+            srv.opts = opts
             try:
-                run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w",
-                    "-t", "60", "start")  # fmt: skip
+                srv.start()
                 break
             except RuntimeError:
                 if attempt == 4:  # a port taken between free_port and the server's bind
@@ -106,11 +136,20 @@ def throwaway_server() -> Iterator[str]:
             base = f"postgresql://postgres@127.0.0.1:{port}"
             with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
                 conn.execute(f"CREATE DATABASE {DATABASE}")
-            yield f"{base}/{DATABASE}"
+            srv.dsn = f"{base}/{DATABASE}"
+            yield srv
         finally:
-            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
+            if srv.running:
+                srv.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def throwaway_server() -> Iterator[str]:
+    """Start a server, yield the DSN of an empty database on it, then stop and remove it."""
+    with throwaway() as srv:
+        yield srv.dsn
 
 
 @contextlib.contextmanager

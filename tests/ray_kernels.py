@@ -58,3 +58,20 @@ async def breaks_on_13(ctx):  # type: ignore[no-untyped-def]
 async def answers_once(ctx):  # type: ignore[no-untyped-def]
     msg = await ctx.receive()
     await ctx.send(msg + 1)
+
+
+async def groups(ctx):  # type: ignore[no-untyped-def]
+    """Takes what has arrived together (waiting 50 ms for more after the first) and
+    answers each ``(x, sizes)`` with ``(10 x, sizes + [how many came together])``: a
+    caller that sends one request and waits for its reply sees groups of one."""
+    import asyncio
+
+    while not ctx.should_terminate:
+        held = [await ctx.receive()]
+        while len(held) < 64:
+            try:
+                held.append(await ctx.receive(timeout=0.05))
+            except asyncio.TimeoutError:
+                break
+        for x, sizes in held:
+            await ctx.send((x * 10, [*sizes, len(held)]))

@@ -51,6 +51,7 @@ def run_benchmark(script: str, *args: str, timeout: float = 240) -> str:
             ("--seconds", "0.05", "--repeats", "1"),
             ("async def host actor", "goal p50 <= 5"),
         ),
+        ("dashboard_history.py", ("--repeats", "2"), ("goal sample/scrape <= 5x",)),
         (
             "telemetry_overhead.py",
             ("--seconds", "0.05", "--rounds", "1"),

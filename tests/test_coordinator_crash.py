@@ -3,6 +3,7 @@ on SQLite and on PostgreSQL (where two workers share the journal and one is kill
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from pydotcompute.coordinator import deploy
 from tests.crash.coordinator_flow import GRAPH, expected, journal
@@ -20,11 +23,38 @@ N = 2000
 
 
 def child(
-    path: Path | str, log: Path | None = None, start_at: float = 0.0
+    path: Path | str, log: Path | None = None, start_at: float = 0.0, prefix: tuple[str, ...] = ()
 ) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COORD_START_AT": str(start_at)}
-    args = [sys.executable, str(SCRIPT), str(path)] + ([str(log)] if log else [])
+    args = [*prefix, sys.executable, str(SCRIPT), str(path)] + ([str(log)] if log else [])
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+UNSHARE = ("unshare", "--pid", "--fork", "--mount-proc")
+# Run the worker as a child of a first process in its namespace, numbered 30001: a pid
+# (or thread id) that the other worker's namespace does not have, where pid 1 exists.
+BEHIND_INIT = (
+    sys.executable,
+    "-c",
+    "import subprocess, sys\n"
+    "with open('/proc/sys/kernel/ns_last_pid', 'w') as f:\n"
+    "    f.write('30000')\n"
+    "sys.exit(subprocess.call(sys.argv[1:]))",
+)
+
+
+@functools.lru_cache(maxsize=1)
+def pid_namespaces() -> str:
+    """Why processes cannot be put into PID namespaces of their own here ('' if they can)."""
+    try:
+        proc = subprocess.run([*UNSHARE, "true"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        return "unshare (util-linux) is not installed"
+    except subprocess.TimeoutExpired:
+        return "unshare did not return"
+    if proc.returncode != 0:
+        return f"unshare --pid is not permitted here: {proc.stderr.strip()}"
+    return ""
 
 
 async def test_sigkill_at_five_random_moments_then_every_key_exactly_once(tmp_path):
@@ -80,6 +110,40 @@ async def test_two_processes_share_one_journal_and_run_each_stage_once(tmp_path,
     async with await deploy(None, GRAPH, name="crash", journal=journal(path)) as flow:
         assert flow.status() == {"done": 300}
         assert await flow.result("7") == expected(7)
+
+
+async def test_workers_in_other_pid_namespaces_on_one_host_never_take_each_other_for_dead(
+    tmp_path, journal_at
+):
+    """Containers share host names and number their processes alike: a worker must not
+    judge another by a pid it cannot see. With no crash, no stage runs twice."""
+    if pid_namespaces():
+        pytest.skip(pid_namespaces())
+    n = 600
+    path = journal_at("namespaces")
+    async with await deploy(None, GRAPH, name="crash", journal=journal(path)) as flow:
+        await flow.submit_many(range(n), keys=[str(i) for i in range(n)])
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    start_at = time.time() + 2.0
+    procs = [
+        child(path, logs[0], start_at, prefix=UNSHARE),  # pid 1 in its namespace
+        child(path, logs[1], start_at, prefix=UNSHARE + BEHIND_INIT),  # pid > 1 in its own
+    ]
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0 and "drained" in out, out
+    runs: dict[tuple[str, str], int] = {}
+    pids: set[str] = set()
+    for log in logs:
+        for line in log.read_text().splitlines():
+            name, x, pid = line.split()
+            runs[(name, x)] = runs.get((name, x), 0) + 1
+            pids.add(pid)
+    assert len(runs) == 4 * n
+    reran = sorted(k for k, v in runs.items() if v > 1)
+    assert not reran, f"{len(reran)} stage runs repeated without a crash, e.g. {reran[:5]}"
+    assert pids == {"1", "30001"}  # really two namespaces, both at work
+    await check_every_key_once(path, n)
 
 
 async def check_every_key_once(where: str, n: int) -> None:

@@ -129,3 +129,19 @@ async def test_the_workers_of_a_kernel_stage_have_their_requests_in_flight_toget
         await flow.drain(timeout=20)
         assert [await flow.result(k) for k in keys] == [10 * i for i in range(16)]
         assert flow.dead_letters() == []
+
+
+async def test_one_worker_of_a_kernel_stage_sends_the_items_it_took_together():
+    # One worker, as a pipeline stage on another node usually has: the items it takes
+    # travel together, not one request and reply at a time.
+    from tests.ray_kernels import groups
+
+    async with RingKernelRuntime() as rt:
+        await launched(rt, a=groups, b=groups)
+        flow = await rt.deploy(stage("a") >> "b", name="k")
+        keys = await flow.submit_many([(i, []) for i in range(64)])
+        await flow.drain(timeout=20)
+        outs = [await flow.result(k) for k in keys]
+        assert [x for x, _ in outs] == [100 * i for i in range(64)]
+        for at in (0, 1):  # one at a time, every group would be of one
+            assert max(sizes[at] for _, sizes in outs) > 8, outs

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from pydotcompute.coordinator import deploy, stage
 from pydotcompute.errors import InvalidConfigurationError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def cpu_bound(x: int) -> tuple[int, int]:
@@ -80,3 +86,73 @@ async def test_a_dead_worker_process_fails_its_item_and_is_replaced():
         [rec] = flow.dead_letters()
         assert rec.key == "2" and rec.attempts == 2 and "died" in rec.error
         assert await flow.result("1") == 10 and await flow.result("3") == 30
+
+
+UNGUARDED = """
+import asyncio
+from pydotcompute.coordinator import deploy, stage
+
+def double(x):
+    return 2 * x
+
+async def main():
+    async with await deploy(None, stage(double, processes=True), name="t", journal=JOURNAL) as f:
+        await f.submit(3, key="a")
+        print(await f.result("a", timeout=30))
+
+{run}
+"""
+
+
+def run_script(tmp_path, body: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "app.py"
+    script.write_text(body)
+    return subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def test_a_main_module_without_guard_is_named_as_the_cause(tmp_path):
+    journal = tmp_path / "j.db"
+    body = UNGUARDED.replace("JOURNAL", repr(str(journal)))
+    out = run_script(tmp_path, body.format(run="asyncio.run(main())"))
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("pydotcompute.errors.InvalidConfigurationError: stage 'double': ")
+    assert f'{tmp_path / "app.py"} has no `if __name__ == "__main__":` guard' in last
+    assert "ChildProcessDied" not in out.stderr  # not the old "worker process ... died"
+    assert "bootstrapping phase" not in out.stderr  # nor multiprocessing's own riddle
+    # The worker process never deployed: the journal holds the parent's flow only.
+    assert sqlite3.connect(journal).execute("SELECT count(*) FROM owners").fetchone()[0] == 0
+    # With the guard, the same program works.
+    out = run_script(
+        tmp_path, body.format(run='if __name__ == "__main__":\n    asyncio.run(main())')
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "6", out.stderr
+
+
+def test_a_worker_dying_while_importing_the_main_module_says_so(tmp_path):
+    body = UNGUARDED.replace("JOURNAL", "None").format(
+        run='if __name__ != "__main__":\n    raise RuntimeError("not importable")\n'
+        'if __name__ == "__main__":\n    asyncio.run(main())'
+    )
+    out = run_script(tmp_path, body)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "exited (status 1) while starting, before it ran any item" in last
+    assert f"the main module {tmp_path / 'app.py'}" in last
+    assert "RuntimeError: not importable" in out.stderr  # the child's own traceback
+
+
+def broken_state() -> dict:
+    raise OSError("model file missing")
+
+
+async def test_a_worker_that_cannot_load_its_stage_fails_the_deploy():
+    with pytest.raises(InvalidConfigurationError, match="cannot load the stage: OSError"):
+        await deploy(None, stage(with_state, processes=True, state=broken_state), name="p")

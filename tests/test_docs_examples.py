@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import subprocess
@@ -45,3 +46,32 @@ def test_doc_block_runs(name: str, code: str) -> None:
 def test_example_runs(path: pathlib.Path) -> None:
     out = _run([sys.executable, str(path)])
     assert out.returncode == 0, f"{path.name} failed:\n{out.stdout}\n{out.stderr}"
+
+
+def test_approval_example_stops_on_ctrl_c_without_a_traceback(tmp_path: pathlib.Path) -> None:
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PYDOTCOMPUTE_EXAMPLE_QUICK"}
+    env["PYTHONPATH"] = str(ROOT)
+    journal = str(tmp_path / "claims.db")
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "approval_server.py"), journal, str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        while "approve claims at" not in (line := proc.stdout.readline()):
+            assert line, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "Traceback" not in err, err
+    assert "stopped; waiting claims stay in the journal" in out
+    assert proc.returncode == 0

@@ -17,7 +17,7 @@ import pytest
 from pydotcompute import RingKernelRuntime
 from pydotcompute.coordinator import FanIn, FanOut, PostgresJournal, SQLiteJournal, deploy, stage
 from pydotcompute.coordinator.journal import open_journal
-from pydotcompute.errors import JournalError
+from pydotcompute.errors import JournalError, JournalUnavailableError
 from pydotcompute.workflows import WorkflowEngine, task, workflow
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,11 +52,29 @@ def test_dsn_strings_and_configs_are_normalised_and_passwords_stay_hidden():
         PostgresJournal("jobs.db")
 
 
-async def test_an_unreachable_server_is_a_journal_error_without_the_password():
+async def test_an_unreachable_server_is_waited_for_then_named_without_the_password(caplog):
     dsn = "postgresql://app:s3cret@127.0.0.1:1/jobs?connect_timeout=2"
-    with pytest.raises(JournalError, match="cannot connect") as err:
-        await deploy(None, stage(lambda x: x), name="f", journal=dsn)
-    assert "s3cret" not in str(err.value)
+    t0 = time.monotonic()
+    with pytest.raises(JournalUnavailableError, match="could not be reached") as err:
+        await deploy(
+            None, stage(lambda x: x), name="f", journal=PostgresJournal(dsn, reconnect_timeout=1)
+        )
+    assert time.monotonic() - t0 >= 1.0  # tried for the whole reconnect_timeout
+    text = str(err.value)
+    assert "127.0.0.1:1/jobs" in text and "s3cret" not in text
+    assert "deploy the flow again" in text and "reconnect_timeout" in text
+    tries = [r for r in caplog.records if r.name == "pydotcompute.coordinator.journal"]
+    assert len(tries) >= 3 and all("s3cret" not in r.getMessage() for r in tries)
+
+
+async def test_a_server_that_refuses_the_connection_for_good_is_not_waited_for(postgres_dsn):
+    """Up, but no such database: trying again for reconnect_timeout would not help."""
+    missing = postgres_dsn.split("?")[0].rsplit("/", 1)[0] + "/no_such_database"
+    t0 = time.monotonic()
+    with pytest.raises(JournalError, match="does not exist") as err:
+        await deploy(None, stage(lambda x: x), name="f", journal=missing)
+    assert not isinstance(err.value, JournalUnavailableError)
+    assert time.monotonic() - t0 < 30
 
 
 async def test_a_schema_with_other_tables_of_the_same_names_is_left_alone(postgres_dsn):
@@ -177,28 +195,42 @@ async def test_a_writer_whose_server_closed_the_connection_reconnects(postgres_d
         assert [kv async for kv in flow.results()] == [("one", 2), ("two", 3)]
 
 
-async def test_a_writer_that_loses_its_server_while_committing_says_so(postgres_dsn):
+async def test_a_commit_whose_answer_was_lost_is_looked_up_not_guessed(postgres_dsn):
+    """The connection goes while COMMIT is on its way: the server is asked (by the
+    transaction's id) whether it committed. Committed: the results stand and the batch is
+    not run again; not committed: it runs again. Either way the flow goes on."""
+    import psycopg
+
     async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
         dialect = flow.journal.dialect
         commit = dialect.commit
 
-        def commit_on_a_lost_connection(conn: Any) -> None:
+        def committed_then_lost(conn: Any) -> None:
+            dialect.commit = commit
+            commit(conn)
+            conn.raw.close()
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+        def lost_before_commit(conn: Any) -> None:
             dialect.commit = commit
             conn.raw.close()
             commit(conn)
 
-        dialect.commit = commit_on_a_lost_connection
-        with pytest.raises(JournalError, match="whether the batch was committed is unknown"):
-            await flow.submit(1, key="one")
-        # Not run again (it may have committed), but the writer has a new connection.
-        await flow.submit(2, key="two")
-        assert await flow.result("two", timeout=10) == 3
+        dialect.commit = committed_then_lost
+        assert await flow.submit_many([1, 2], keys=["one", "two"]) == ["one", "two"]
+        assert flow.counters()["submitted"] == 2  # the results of the committed batch
+        dialect.commit = lost_before_commit
+        await flow.submit(3, key="three")
+        assert flow.counters()["submitted"] == 3  # run again, and counted once
+        assert [await flow.result(k, timeout=10) for k in ("one", "two", "three")] == [2, 3, 4]
+        assert flow.status() == {"done": 3}
 
 
-async def test_a_writer_that_keeps_losing_its_server_before_committing_gives_up_plainly(
+async def test_a_writer_that_keeps_losing_its_server_gives_up_after_reconnect_timeout(
     postgres_dsn,
 ):
-    async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
+    journal = PostgresJournal(postgres_dsn, reconnect_timeout=1.0)
+    async with await deploy(None, stage(lambda x: x + 1), name="f", journal=journal) as flow:
         dialect = flow.journal.dialect
         begin = dialect.try_begin
 
@@ -207,38 +239,45 @@ async def test_a_writer_that_keeps_losing_its_server_before_committing_gives_up_
             return begin(conn)
 
         dialect.try_begin = begin_on_a_lost_connection
-        with pytest.raises(JournalError, match="write failed") as err:
+        with pytest.raises(JournalUnavailableError, match="could not be reached"):
             await flow.submit(1, key="one")
-        # Nothing was committing: the outcome is known (not written), not "unknown".
-        assert "unknown" not in str(err.value)
         dialect.try_begin = begin
+        # The flow has stopped, saying why; its journal is intact and a new deploy resumes.
+        with pytest.raises(JournalError, match="stopped: journal .* could not be reached"):
+            await flow.submit(2, key="two")
+    async with await deploy(None, stage(lambda x: x + 1), name="f", journal=journal) as flow:
         await flow.submit(2, key="two")
         assert await flow.result("two", timeout=10) == 3
+        assert flow.status() == {"done": 1}  # "one" never reached the journal
 
 
-async def test_a_writer_that_cannot_reconnect_yet_tries_again_with_the_next_batch(
-    postgres_dsn,
-):
-
+async def test_a_writer_that_cannot_reconnect_yet_keeps_trying_its_batch(postgres_dsn, caplog):
     async with await deploy(None, stage(lambda x: x + 1), name="f", journal=postgres_dsn) as flow:
         dialect = flow.journal.dialect
         close_from_the_server(postgres_dsn, flow.journal._writer)
         dsn, dialect.dsn = dialect.dsn, "postgresql://app:s3cret@127.0.0.1:1/x?connect_timeout=2"
-        with pytest.raises(JournalError, match="cannot connect") as err:
-            await flow.submit(1, key="one")
-        assert "s3cret" not in str(err.value)
+        submitted = asyncio.create_task(flow.submit(1, key="one"))
+        await asyncio.sleep(1.0)
+        assert not submitted.done()  # waiting for the server, not failed
         dialect.dsn = dsn  # the server is back
-        await flow.submit(2, key="two")
-        assert await flow.result("two", timeout=10) == 3
+        assert await submitted == "one"
+        assert await flow.result("one", timeout=10) == 2
+    tries = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(tries) >= 2 and not any("s3cret" in t for t in tries)
 
 
-async def test_a_read_with_the_server_gone_is_a_journal_error(postgres_dsn):
-
+async def test_a_read_with_the_server_gone_past_reconnect_timeout_is_a_journal_error(
+    postgres_dsn,
+):
     async with await deploy(None, stage(lambda x: x), name="f", journal=postgres_dsn) as flow:
         reader = flow.journal._reader
         close_from_the_server(postgres_dsn, reader)
-        flow.journal.dialect.dsn = "postgresql://app:s3cret@127.0.0.1:1/x?connect_timeout=2"
-        with pytest.raises(JournalError, match="cannot connect") as err:
+        dialect = flow.journal.dialect
+        dsn, dialect.dsn = dialect.dsn, "postgresql://app:s3cret@127.0.0.1:1/x?connect_timeout=2"
+        dialect.reconnect_timeout = 0.5
+        with pytest.raises(JournalUnavailableError, match="could not be reached") as err:
             flow.dead_letters()
         assert "s3cret" not in str(err.value)
         assert flow.journal._reader is reader  # kept, so the next read tries again
+        dialect.dsn = dsn
+        assert flow.dead_letters() == []

@@ -8,6 +8,7 @@ import importlib.util
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -183,3 +184,16 @@ async def test_a_receive_lets_a_fetch_that_just_landed_deliver() -> None:
     await asyncio.sleep(0)
     assert loop._fetch is not None and loop._fetch.done() and loop._buffered == 0
     assert await loop.get(timeout=1.0) == "out"
+
+
+def test_the_ray_extra_brings_what_a_ray_client_address_needs():
+    """cluster="ray://..." connects through Ray Client, which needs Ray's client extra
+    (grpcio); the dev extra, which the tests install, holds the same."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from 3.11")
+    root = Path(__file__).resolve().parent.parent
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    for extra in ("ray", "dev"):
+        rays = [r for r in extras[extra] if r.replace(" ", "").startswith("ray")]
+        assert rays and all(r.replace(" ", "").startswith("ray[client]") for r in rays), extra

@@ -35,6 +35,7 @@ from tests.ray_kernels import (  # noqa: E402
     answers_once,
     breaks_on_13,
     doubler,
+    groups,
     half,
     norm,
     plus_one,
@@ -121,6 +122,25 @@ async def test_stages_of_one_graph_run_on_kernels_on_two_nodes(cluster, tmp_path
         text = generate_latest(registry).decode()
         assert "pydotcompute_kernel_messages_processed_total{" in text
         assert 'kernel="half"' in text and 'kernel="norm"' in text
+
+
+async def test_pipeline_stages_on_two_nodes_move_items_in_batches(cluster, tmp_path):
+    """Each stage's one worker sends the items it took together, in one Ray call, and
+    gets the replies in batch fetches: its kernel sees them arrive together."""
+    address, _ = cluster
+    async with RingKernelRuntime(cluster=address) as rt:
+        for kid, node in (("a", "node_a"), ("b", "node_b")):
+            await rt.launch(kid, groups, resources={node: 1})
+            await rt.activate(kid)
+        graph = stage("a") >> stage("b")
+        for name, journal in (("mem", None), ("disk", str(tmp_path / "b.db"))):
+            flow = await rt.deploy(graph, name=name, journal=journal)
+            await flow.submit_many([(i, []) for i in range(64)], keys=[str(i) for i in range(64)])
+            await flow.drain(timeout=60)
+            outs = [await flow.result(str(i)) for i in range(64)]
+            assert [x for x, _ in outs] == [100 * i for i in range(64)]
+            for at in (0, 1):  # one at a time, every group would be of one
+                assert max(sizes[at] for _, sizes in outs) > 8, (name, outs)
 
 
 async def test_single_messages_and_batches_keep_their_order(cluster):

@@ -193,7 +193,8 @@ async def test_served_on_a_loop_without_nvml_no_scrape_waits_for_a_worker(monkey
             assert status == 200 and "pydotcompute_gpu_nvml_available 0.0" in text
     # The server learnt at its start that NVML is absent: the scrapes only looked at the
     # last readings, and none was handed to a worker thread.
-    assert reads == [False, False, False]
+    # (The history's samples read them the same way.)
+    assert len(reads) >= 3 and not any(reads)
 
 
 def test_nvml_module_absent_is_reported_once(monkeypatch, caplog) -> None:

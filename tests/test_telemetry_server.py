@@ -65,7 +65,7 @@ def test_routes() -> None:
         )
         status, ctype, page = get(server.dashboard_url)
         assert status == 200 and ctype.startswith("text/html")
-        assert '<canvas id="throughput"' in page
+        assert '<main id="view">' in page
         assert get(f"http://{host}:{port}/dashboard")[2] == page
         status, ctype, body = get(f"http://{host}:{port}/api/scrape")
         data = json.loads(body)
@@ -239,7 +239,7 @@ async def test_on_a_loop_the_loop_itself_answers() -> None:
             assert r.read().decode().endswith("# EOF\n")
         status, ctype, page = await asyncio.to_thread(get, server.dashboard_url)
         assert status == 200 and ctype.startswith("text/html")
-        assert '<canvas id="throughput"' in page
+        assert '<main id="view">' in page
         data = json.loads((await asyncio.to_thread(get, f"http://{host}:{port}/api/scrape"))[2])
         assert data["kernels"]["echo"]["messages_processed"] == 17
         assert (await asyncio.to_thread(get, f"http://{host}:{port}/nope"))[0] == 404
@@ -254,8 +254,10 @@ async def test_on_a_loop_the_loop_itself_answers() -> None:
 
 async def test_on_a_loop_bad_requests_are_refused(caplog) -> None:
     with serve_metrics(CountingSource(), gpu=False, loop=asyncio.get_running_loop()) as server:
-        answer = await exchange(server.address, b"POST /metrics HTTP/1.1\r\n\r\n")
+        answer = await exchange(server.address, b"PUT /metrics HTTP/1.1\r\n\r\n")
         assert answer.startswith(b"HTTP/1.0 501 ")
+        answer = await exchange(server.address, b"POST /metrics HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.0 405 ")  # only actions take a POST
         assert (await exchange(server.address, b"nonsense\r\n\r\n")).startswith(b"HTTP/1.0 400 ")
         huge = b"GET /metrics HTTP/1.0\r\nX-Pad: " + b"x" * 20_000
         assert (await exchange(server.address, huge)).startswith(b"HTTP/1.0 431 ")
@@ -342,3 +344,50 @@ def test_on_a_loop_stop_after_the_loop_closed() -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(server.address)
+
+
+# -- the default port that serve_metrics, top and dashboard agree on ---------------------
+
+
+def test_default_ports_without_the_environment(monkeypatch) -> None:
+    from pydotcompute.cli.top import default_metrics_url
+    from pydotcompute.telemetry.server import default_dashboard_port, default_metrics_port
+
+    monkeypatch.delenv("PYDOTCOMPUTE_METRICS_PORT", raising=False)
+    monkeypatch.delenv("PYDOTCOMPUTE_DASHBOARD_PORT", raising=False)
+    assert default_metrics_port() == 9464
+    assert default_dashboard_port() == 9465
+    assert default_metrics_url() == "http://127.0.0.1:9464/metrics"
+    monkeypatch.setenv("PYDOTCOMPUTE_METRICS_PORT", "ninety")
+    with pytest.raises(InvalidConfigurationError, match="PYDOTCOMPUTE_METRICS_PORT"):
+        default_metrics_port()
+
+
+def test_serve_metrics_and_top_agree_on_the_default(monkeypatch) -> None:
+    import argparse
+    import io
+
+    from rich.console import Console
+
+    from pydotcompute.cli.top import add_top_arguments, run_top
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    monkeypatch.setenv("PYDOTCOMPUTE_METRICS_PORT", str(free))
+    source = CountingSource()
+    source.processed = 5
+    with serve_metrics(source, gpu=False) as server:  # no port given
+        assert server.address[1] == free
+        parser = argparse.ArgumentParser()
+        add_top_arguments(parser)
+        args = parser.parse_args(["--once", "-n", "0.05"])  # no URL given
+        out = io.StringIO()
+        assert run_top(args, console=Console(file=out, width=160)) == 0
+    assert "echo" in out.getvalue() and f":{free}/metrics" in out.getvalue()
+
+
+def test_a_port_in_use_says_how_to_get_another() -> None:
+    with serve_metrics(CountingSource(), port=0, gpu=False) as first:
+        with pytest.raises(OSError, match="port=0"):
+            serve_metrics(CountingSource(), port=first.address[1], gpu=False)

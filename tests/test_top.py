@@ -276,3 +276,61 @@ def test_command_exits_cleanly_on_ctrl_c(endpoint: Fixture) -> None:
     assert proc.returncode == 0, err
     assert "Traceback" not in err
     assert "scale" in out
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """Every row of every table in ``out``, heading rows included, as stripped cells."""
+    rows = []
+    for line in out.splitlines():
+        sep = "│" if "│" in line else "┃" if "┃" in line else None
+        if sep is None:
+            continue
+        rows.append([c.strip() for c in line.strip().strip(sep).split(sep)])
+    return rows
+
+
+@pytest.mark.parametrize("width", [80, 100, 160])
+def test_top_fits_the_terminal_and_never_cuts_a_number(width: int) -> None:
+    from pydotcompute.cli.top import FLOW_COLUMNS, KERNEL_COLUMNS
+
+    first = parse_metrics(metrics_text(1000, (10, 10, 10)), now=100.0)
+    second = parse_metrics(metrics_text(987_654_321, (10, 210, 210)), now=102.0)
+    long_name = "ingest-normalise-and-enrich-sensor-readings"
+    second.kernels[long_name] = second.kernels["scale"]
+    wide = Console(file=io.StringIO(), width=400, record=True, color_system=None)
+    wide.print(render_top(first, second, "http://127.0.0.1:9464/metrics"))
+    narrow = Console(file=io.StringIO(), width=width, record=True, color_system=None)
+    narrow.print(render_top(first, second, "http://127.0.0.1:9464/metrics"))
+    out = narrow.export_text()
+    assert max(len(line.rstrip()) for line in out.splitlines()) <= width
+
+    names = {c.short or c.name: c.name for c in [*KERNEL_COLUMNS, *FLOW_COLUMNS]}
+    names.update({c.name: c.name for c in [*KERNEL_COLUMNS, *FLOW_COLUMNS]})
+    numbers = {c.name for c in [*KERNEL_COLUMNS, *FLOW_COLUMNS] if c.number}
+
+    def by_column(text: str) -> dict[str, dict[str, str]]:
+        table: dict[str, dict[str, str]] = {}
+        heading: list[str] = []
+        for row in table_rows(text):
+            if row[0] in ("kernel", "flow"):
+                heading = [names[h] for h in row]
+                continue
+            table[row[0]] = dict(zip(heading, row, strict=True))
+        return table
+
+    full, shown = by_column(wide.export_text()), by_column(out)
+    cut = [n for n in shown if n.endswith("…")]
+    assert set(shown) - set(cut) - {long_name} == {"scale", "sink", "etl"}
+    if width < 160:
+        assert cut and long_name.startswith(cut[0][:-1])  # the name is shortened ...
+    else:
+        assert long_name in shown
+    for name, cells in shown.items():
+        whole = full[long_name if name in cut else name]
+        for column, value in cells.items():
+            if column in numbers:
+                assert value == whole[column], (width, name, column)  # ... numbers never
+    kernel_columns = next(r for r in table_rows(out) if r[0] == "kernel")
+    assert {"msg/s", "queue", "p99"} <= set(kernel_columns)
+    if width == 160:
+        assert len(kernel_columns) == len(KERNEL_COLUMNS)

@@ -34,7 +34,10 @@ class RingKernelConfig:
     runtime places kernels on a Ray cluster (``RingKernelRuntime(cluster=...)``): the
     kernel's Ray actor reserves them, so ``resources={"node_a": 1}`` pins it to the
     nodes that offer that custom resource. They are ignored by a runtime without a
-    cluster, so one kernel definition runs in both.
+    cluster, so one kernel definition runs in both. ``launch_timeout`` is how long a
+    cluster launch waits for a node with those resources free (and for the actor's
+    process to start) before it fails with ``PlacementTimeoutError``, naming what it
+    asked for and what holds it.
 
     ``restart`` is the supervision policy: ``"never"`` (default: a kernel whose
     handler raises goes FAILED) or ``"on-failure"`` (it is restarted on the same
@@ -54,6 +57,7 @@ class RingKernelConfig:
     num_gpus: float = 0
     num_cpus: float = 0
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    launch_timeout: float = 60.0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     restart: str = "never"
     max_restarts: int = 3
@@ -105,6 +109,11 @@ class RingKernelConfig:
         object.__setattr__(
             self, "resources", dict(self.resources)
         )  # the caller's dict stays theirs
+        _check_amount("launch_timeout", self.launch_timeout)
+        if not self.launch_timeout > 0:
+            raise InvalidConfigurationError(
+                f"launch_timeout must be a number of seconds > 0, got {self.launch_timeout!r}"
+            )
         self._check_restart()
 
     def _check_restart(self) -> None:

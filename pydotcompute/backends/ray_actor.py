@@ -55,6 +55,14 @@ class KernelActor:
         self._crashed: asyncio.Event | None = None
         self._failure: BaseException | None = None
 
+    def __repr__(self) -> str:
+        # Ray records this name with the actor: what another driver's failed placement
+        # names as holding the resources it waited for.
+        return f"KernelActor({self._args[0]!r})"
+
+    def placed(self) -> None:
+        """Answers as soon as the actor runs: it has its resources and its process."""
+
     async def start(self) -> dict[str, Any]:
         """Start the loop, inactive; returns where it runs (``KernelPlacement`` fields)."""
         import ray  # present: this runs inside a Ray worker

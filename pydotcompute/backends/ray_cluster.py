@@ -17,7 +17,11 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.errors import BackendNotAvailableError, InvalidConfigurationError
+from pydotcompute.errors import (
+    BackendNotAvailableError,
+    InvalidConfigurationError,
+    PlacementTimeoutError,
+)
 
 if TYPE_CHECKING:
     from pydotcompute.backends.base import FailureCallback
@@ -69,7 +73,17 @@ class _ProcessConnection:
             else:
                 # "local" is Ray's own word for "start a new instance here"; a
                 # dashboard is for clusters that someone started on purpose.
-                ray.init(address=address, include_dashboard=False if address == "local" else None)
+                try:
+                    ray.init(
+                        address=address, include_dashboard=False if address == "local" else None
+                    )
+                except ConnectionError as exc:
+                    raise BackendNotAvailableError(
+                        f"cannot join the Ray cluster at {address}: {exc}. A cluster started "
+                        "with token authentication (Ray's default for `ray start --head` since "
+                        "2.59) also needs RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or "
+                        "the file ~/.ray/auth_token) in this process's environment"
+                    ) from exc
                 self._started = True
             self._users += 1
 
@@ -84,6 +98,67 @@ class _ProcessConnection:
 
 
 _CONNECTION = _ProcessConnection()
+
+
+def _needs(config: RingKernelConfig) -> dict[str, float]:
+    need = {"CPU": config.num_cpus, "GPU": config.num_gpus, **config.resources}
+    return {k: v for k, v in need.items() if v}
+
+
+def describe_holders(need: dict[str, float]) -> str:
+    """Which live nodes offer ``need``, how much of it each has free, and which actors
+    hold it there (kernels by id: ``KernelActor`` names itself so). Best effort: what
+    cannot be read (through a Ray Client connection, say) is said, not guessed."""
+    import ray
+
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+    except Exception as exc:  # a description must not mask the timeout
+        return f"(The cluster's nodes could not be listed: {exc}.)"
+    offering = {
+        n["NodeID"]: n
+        for n in nodes
+        if all(n.get("Resources", {}).get(k, 0) >= v for k, v in need.items())
+    }
+    try:
+        from ray._private.state import available_resources_per_node
+
+        free = available_resources_per_node()
+    except Exception:  # private API: say less rather than fail
+        free = {}
+    parts = []
+    for nid, n in offering.items():
+        have = ", ".join(
+            f"{k} {free.get(nid, {}).get(k, 0):g} of {n['Resources'][k]:g} free"
+            if nid in free
+            else f"{k} {n['Resources'][k]:g}"
+            for k in need
+        )
+        parts.append(f"node {nid[:12]} ({n.get('NodeManagerAddress', '?')}): {have}")
+    text = "Nodes that offer it: " + ("; ".join(parts) or "none now") + "."
+    try:
+        holders = _actors_holding(need, set(offering))
+    except Exception as exc:  # private API: say less rather than fail
+        return f"{text} (What holds it could not be listed: {exc}.)"
+    return f"{text} Held by: {'; '.join(holders) or 'nothing this driver can see'}."
+
+
+def _actors_holding(need: dict[str, float], nodes: set[str]) -> list[str]:
+    """Live actors on ``nodes`` that reserved any of ``need``, read from Ray's actor
+    table (which names the actor and what it reserved)."""
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+
+    out = []
+    for raw in state._connect_and_get_accessor().get_actor_table(None, "ALIVE"):
+        actor = gcs_pb2.ActorTableData.FromString(raw)  # type: ignore[attr-defined]
+        node = actor.address.node_id.hex()
+        reserved = dict(actor.required_resources)
+        held = {k: reserved[k] for k in need if reserved.get(k)}
+        if held and node in nodes:
+            name = actor.repr_name or actor.class_name
+            out.append(f"{name} (pid {actor.pid}, node {node[:12]}) with {held}")
+    return out
 
 
 def _check_same_cluster(ray: Any, address: str) -> None:
@@ -169,13 +244,30 @@ class RayCluster:
             options["resources"] = dict(config.resources)
         return self._actor_class.options(**options).remote(*args)
 
+    async def placed(self, kernel_id: str, config: RingKernelConfig, actor: Any) -> None:
+        """Wait until ``actor`` runs (a node had the kernel's resources free and started its
+        process), at most ``config.launch_timeout`` seconds; then ``PlacementTimeoutError``
+        naming what the kernel asked for and what holds it. The caller kills the actor
+        on any error, which withdraws its pending placement: nothing is left waiting."""
+        ref = actor.placed.remote()
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(ref.future()), config.launch_timeout)
+        except asyncio.TimeoutError:
+            need = _needs(config)
+            held = await asyncio.to_thread(describe_holders, need)
+            raise PlacementTimeoutError(
+                f"kernel {kernel_id!r} waited {config.launch_timeout:g} s (its launch_timeout) "
+                f"for {need or 'an actor process'}, which the cluster has but which stayed "
+                f"taken. {held} Terminate what holds them, add nodes that offer them, or "
+                "launch with a longer launch_timeout; this launch left nothing behind."
+            ) from None
+
     @staticmethod
     def _check_fits(kernel_id: str, config: RingKernelConfig) -> None:
         """Fail at launch, not hang, when no live node can ever hold the kernel."""
         import ray
 
-        need = {"CPU": config.num_cpus, "GPU": config.num_gpus, **config.resources}
-        need = {k: v for k, v in need.items() if v}
+        need = _needs(config)
         if not need:
             return
         nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]

@@ -167,6 +167,7 @@ class RayKernelLoop(KernelLoop):
         args = (self.kernel_id, self.func, self.config, *types)
         self._actor = await self._cluster.spawn(self.kernel_id, self.config, args)
         try:
+            await self._cluster.placed(self.kernel_id, self.config, self._actor)
             info = await self._actor.start.remote()
         except BaseException as exc:
             self._cluster.kill(self._actor)

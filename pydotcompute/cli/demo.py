@@ -108,6 +108,17 @@ def register(sub: Any) -> None:
         "--rate", type=int, default=0, help="readings per second (0: as fast as possible)"
     )
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument(
+        "--serve",
+        action="store_true",
+        help="serve /metrics and the dashboard while it runs (watch it with top or a browser)",
+    )
+    p.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="port for --serve (default 9464, where top and dashboard look; 0: any free one)",
+    )
     p.set_defaults(run=run)
 
 
@@ -140,8 +151,16 @@ def _table(rt: RingKernelRuntime, elapsed: float) -> Table:
     return table
 
 
-async def stream(seconds: float, rate: int, seed: int, console: Console) -> dict[str, Any]:
-    """Run the pipeline for ``seconds``; returns the summary numbers."""
+async def stream(
+    seconds: float,
+    rate: int,
+    seed: int,
+    console: Console,
+    serve: bool = False,
+    port: int | None = None,
+) -> dict[str, Any]:
+    """Run the pipeline for ``seconds``; returns the summary numbers. With ``serve``,
+    its metrics and dashboard are served meanwhile (on ``port``, by default 9464)."""
     rng = random.Random(seed)
     centres = [rng.uniform(-50, 50) for _ in range(N_SENSORS)]
     sent = planted = 0
@@ -149,6 +168,11 @@ async def stream(seconds: float, rate: int, seed: int, console: Console) -> dict
         for kid, fn in (("zscore", zscore), ("detect", detect), ("alerts", alerts)):
             await rt.launch(kid, fn, queue_size=4096)
             await rt.activate(kid)
+        if serve:
+            rt.serve_metrics(port=port)
+            url = rt.serve_dashboard()
+            console.print(f"metrics:   {url}metrics   (pydotcompute top {url}metrics)")
+            console.print(f"dashboard: {url}", soft_wrap=True)
 
         async def pump() -> None:  # zscore's output records feed the detect actor
             while True:
@@ -208,7 +232,13 @@ def run(args: argparse.Namespace) -> int:
         "[bold]pydotcompute demo[/]: sensors → zscore → detect → alerts "
         f"({N_SENSORS} sensors, {args.seconds:g} s)"
     )
-    summary = asyncio.run(stream(args.seconds, args.rate, args.seed, console))
+    try:
+        summary = asyncio.run(
+            stream(args.seconds, args.rate, args.seed, console, args.serve, args.port)
+        )
+    except OSError as exc:  # the port is taken
+        console.print(f"[red]cannot serve: {exc}[/red]")
+        return 1
     tele = summary["telemetry"]
     console.print(
         f"\n[bold]summary[/]: {summary['sent']:,} readings in {summary['elapsed']:.1f} s "

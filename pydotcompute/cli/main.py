@@ -15,15 +15,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pydotcompute", description="GPU actor runtime: ring kernels on CUDA, CPU and asyncio."
     )
+    parser.add_argument("--version", action="version", version=f"pydotcompute {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from pydotcompute.cli import dashboard, demo, doctor, top
+    from pydotcompute.cli import dashboard, demo, doctor, journal, top
 
     demo.register(sub)
     doctor.register(sub)
     top.register(sub)
     dashboard.register(sub)
+    journal.register(sub)
     return parser
+
+
+def _version() -> str:
+    from pydotcompute import __version__
+
+    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

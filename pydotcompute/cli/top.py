@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, ConsoleOptions, RenderableType, RenderResult
 from rich.live import Live
-from rich.table import Table
 from rich.text import Text
 
+from pydotcompute.cli.fit import Column, fit_table
 from pydotcompute.telemetry.scrape import (
     Scrape,
     bucket_delta,
@@ -28,10 +28,25 @@ from pydotcompute.telemetry.scrape import (
     normalize_metrics_url,
     parse_metrics,
 )
+from pydotcompute.telemetry.server import DEFAULT_METRICS_PORT, default_metrics_port
 
-__all__ = ["register", "add_top_arguments", "run_top", "render_top", "DEFAULT_METRICS_URL"]
+__all__ = [
+    "register",
+    "add_top_arguments",
+    "run_top",
+    "render_top",
+    "DEFAULT_METRICS_URL",
+    "default_metrics_url",
+]
 
-DEFAULT_METRICS_URL = "http://127.0.0.1:9464/metrics"
+DEFAULT_METRICS_URL = f"http://127.0.0.1:{DEFAULT_METRICS_PORT}/metrics"
+
+
+def default_metrics_url() -> str:
+    """Where ``top`` and ``dashboard`` look by default: where ``serve_metrics`` listens
+    by default (``PYDOTCOMPUTE_METRICS_PORT`` moves both)."""
+    return f"http://127.0.0.1:{default_metrics_port()}/metrics"
+
 
 _STATE_STYLE = {
     "active": "green",
@@ -51,11 +66,12 @@ def register(sub: Any) -> None:
 
 def add_top_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``top``'s arguments to a (sub)parser."""
+    url = default_metrics_url()
     parser.add_argument(
         "url",
         nargs="?",
-        default=DEFAULT_METRICS_URL,
-        help=f"the runtime's /metrics URL, or host:port (default {DEFAULT_METRICS_URL})",
+        default=url,
+        help=f"the runtime's /metrics URL, or host:port (default {url})",
     )
     parser.add_argument(
         "-n",
@@ -121,30 +137,73 @@ def _unreadable(url: str, exc: BaseException, then: str = "") -> Text:
     return Text(f"{url}: {what}: {exc}" + (f" ({then})" if then else ""), style="red")
 
 
+KERNEL_COLUMNS = [
+    Column("kernel", wrap=False, min_width=8),
+    Column("state", wrap=False, min_width=6),
+    Column("backend", drop=7, short="on", wrap=False, min_width=4),
+    Column("msg/s", number=True),
+    Column("queue", number=True),
+    Column("fill", number=True, drop=5),
+    Column("dropped", number=True, drop=3, short="drop"),
+    Column("rejected", number=True, drop=6, short="rej"),
+    Column("failed", number=True, drop=2, short="fail"),
+    Column("p50", number=True, drop=4),
+    Column("p99", number=True),
+    Column("restarts", number=True, drop=8, short="rst"),
+    Column("idle/s", number=True, drop=9),
+]
+"""``top``'s kernel columns: at 80 columns the low-priority ones go first (see ``fit``)."""
+
+FLOW_COLUMNS = [
+    Column("flow", wrap=False, min_width=8),
+    Column("submitted", number=True, drop=3, short="in"),
+    Column("completed", number=True, short="done"),
+    Column("items/s", number=True),
+    Column("retried", number=True, drop=2, short="retry"),
+    Column("dead", number=True),
+    Column("in flight", number=True, drop=1, short="flight"),
+]
+
+
+class TopFrame:
+    """One frame of ``top``: the kernel table, GPU lines and flows, laid out for the
+    width it is rendered at (numbers are never cut; see ``fit_table``)."""
+
+    def __init__(self, previous: Scrape | None, current: Scrape, url: str = "") -> None:
+        self.previous = previous
+        self.current = current
+        self.url = url
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        width = options.max_width
+        previous, current = self.previous, self.current
+        dt = current.time - previous.time if previous is not None else 0.0
+        yield fit_table(
+            KERNEL_COLUMNS,
+            _kernel_rows(previous, current, dt),
+            width,
+            title=f"pydotcompute · {self.url}" if self.url else "pydotcompute",
+            title_justify="left",
+            caption=None if current.kernels else "no kernels",
+        )
+        yield from _gpu_lines(current, width)
+        if current.flows:
+            yield fit_table(
+                FLOW_COLUMNS,
+                _flow_rows(previous, current, dt),
+                width,
+                title="flows",
+                title_justify="left",
+            )
+
+
 def render_top(previous: Scrape | None, current: Scrape, url: str = "") -> RenderableType:
     """One frame of ``top``: the kernel table, then GPU lines and flows."""
-    dt = current.time - previous.time if previous is not None else 0.0
-    table = Table(
-        title=f"pydotcompute · {url}" if url else "pydotcompute",
-        title_justify="left",
-        expand=False,
-    )
-    for name, justify in (
-        ("kernel", "left"),
-        ("state", "left"),
-        ("backend", "left"),
-        ("msg/s", "right"),
-        ("queue", "right"),
-        ("fill", "right"),
-        ("dropped", "right"),
-        ("rejected", "right"),
-        ("failed", "right"),
-        ("p50", "right"),
-        ("p99", "right"),
-        ("restarts", "right"),
-        ("idle/s", "right"),
-    ):
-        table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+    return TopFrame(previous, current, url)
+
+
+def _kernel_rows(previous: Scrape | None, current: Scrape, dt: float) -> list[list[Any]]:
+    rows: list[list[Any]] = []
     for name in sorted(current.kernels):
         k = current.kernels[name]
         p = previous.kernels.get(name) if previous is not None else None
@@ -156,30 +215,27 @@ def render_top(previous: Scrape | None, current: Scrape, url: str = "") -> Rende
             if window and window[-1][1] > 0:
                 buckets = window
         fill = k.queue_fill
-        table.add_row(
-            name,
-            Text(k.state, style=_STATE_STYLE.get(k.state, "")),
-            k.backend,
-            _si(rate),
-            f"{k.queue_depth:.0f}/{k.queue_capacity:.0f}",
-            Text(f"{fill:.0%}", style="red" if fill >= 1 else "yellow" if fill >= 0.8 else ""),
-            _count(k.messages_dropped),
-            _count(k.messages_rejected),
-            _count(k.errors),
-            _duration(histogram_quantile(0.5, buckets)),
-            _duration(histogram_quantile(0.99, buckets)),
-            _si(k.restarts),
-            _si(idle),
+        rows.append(
+            [
+                name,
+                Text(k.state, style=_STATE_STYLE.get(k.state, "")),
+                k.backend,
+                _si(rate),
+                f"{k.queue_depth:.0f}/{k.queue_capacity:.0f}",
+                Text(f"{fill:.0%}", style="red" if fill >= 1 else "yellow" if fill >= 0.8 else ""),
+                _count(k.messages_dropped),
+                _count(k.messages_rejected),
+                _count(k.errors),
+                _duration(histogram_quantile(0.5, buckets)),
+                _duration(histogram_quantile(0.99, buckets)),
+                _si(k.restarts),
+                _si(idle),
+            ]
         )
-    if not current.kernels:
-        table.caption = "no kernels"
-    parts: list[RenderableType] = [table, *_gpu_lines(current)]
-    if current.flows:
-        parts.append(_flow_table(previous, current, dt))
-    return Group(*parts)
+    return rows
 
 
-def _gpu_lines(scrape: Scrape) -> list[RenderableType]:
+def _gpu_lines(scrape: Scrape, width: int = 1000) -> list[RenderableType]:
     if not scrape.gpus:
         if scrape.nvml_available is False:
             return [Text("GPU: no readings here (NVML unavailable)", style="dim")]
@@ -190,35 +246,40 @@ def _gpu_lines(scrape: Scrape) -> list[RenderableType]:
         util = "–" if g.utilization is None else f"{g.utilization:.0%}"
         temp = "–" if g.temperature_celsius is None else f"{g.temperature_celsius:.0f}°C"
         power = "–" if g.power_watts is None else f"{g.power_watts:.0f} W"
-        lines.append(
-            Text(
-                f"GPU {gid}  util {util}  mem {_bytes(g.memory_used_bytes)}"
-                f"/{_bytes(g.memory_total_bytes)}  {temp}  {power}  "
-                f"PCIe tx {_per_second(g.pcie_tx_bytes_per_second)}"
-                f" rx {_per_second(g.pcie_rx_bytes_per_second)}"
-            )
-        )
+        parts = [
+            f"GPU {gid}",
+            f"util {util}",
+            f"mem {_bytes(g.memory_used_bytes)}/{_bytes(g.memory_total_bytes)}",
+            temp,
+            power,
+            f"PCIe tx {_per_second(g.pcie_tx_bytes_per_second)}"
+            f" rx {_per_second(g.pcie_rx_bytes_per_second)}",
+        ]
+        # The least needed readings go first when the line would not fit.
+        while len(parts) > 3 and len("  ".join(parts)) > width:
+            parts.pop()
+        lines.append(Text("  ".join(parts)))
     return lines
 
 
-def _flow_table(previous: Scrape | None, current: Scrape, dt: float) -> Table:
-    table = Table(title="flows", title_justify="left")
-    for name in ("flow", "submitted", "completed", "items/s", "retried", "dead", "in flight"):
-        table.add_column(name, justify="left" if name == "flow" else "right", no_wrap=True)
+def _flow_rows(previous: Scrape | None, current: Scrape, dt: float) -> list[list[Any]]:
+    rows: list[list[Any]] = []
     for name in sorted(current.flows):
         f = current.flows[name]
         p = previous.flows.get(name) if previous is not None else None
         rate = counter_rate(p.completed, f.completed, dt) if p else None
-        table.add_row(
-            name,
-            _si(f.submitted),
-            _si(f.completed),
-            _si(rate),
-            _si(f.retried),
-            _count(f.dead_lettered),
-            _si(f.in_flight),
+        rows.append(
+            [
+                name,
+                _si(f.submitted),
+                _si(f.completed),
+                _si(rate),
+                _si(f.retried),
+                _count(f.dead_lettered),
+                _si(f.in_flight),
+            ]
         )
-    return table
+    return rows
 
 
 def _count(v: float) -> Text:

@@ -1,5 +1,6 @@
 """The coordinator: pipelines, fan-out/fan-in, routes and DAGs of stages, run in memory or
-durably on a journal, with bounded buffers, retries and dead letters."""
+durably on a journal, with bounded buffers, retries and dead letters; finished work is
+pruned from a journal by ``prune_journal``, ``Flow.prune`` or a ``Retention`` rule."""
 
 from __future__ import annotations
 
@@ -18,8 +19,11 @@ from pydotcompute.coordinator.graph import (
     stage,
 )
 from pydotcompute.coordinator.journal import PostgresJournal, SQLiteJournal, open_journal
+from pydotcompute.coordinator.journal_reader import JournalReader
+from pydotcompute.coordinator.journal_repair import RepairOutcome, cancel_items, retry_items
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import DeadLetter
+from pydotcompute.coordinator.retention import Pruned, Retention, prune_journal
 from pydotcompute.coordinator.retry import RetryPolicy
 
 __all__ = [
@@ -30,13 +34,20 @@ __all__ = [
     "FanOut",
     "Flow",
     "Graph",
+    "JournalReader",
     "Pipeline",
+    "Pruned",
+    "Retention",
     "RetryPolicy",
     "Route",
     "PostgresJournal",
+    "RepairOutcome",
     "SQLiteJournal",
     "Stage",
+    "cancel_items",
     "deploy",
+    "prune_journal",
+    "retry_items",
     "route",
     "stage",
 ]

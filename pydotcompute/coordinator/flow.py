@@ -9,19 +9,32 @@ completed by the writer and retries whose back-off has passed.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import contextlib
 import itertools
+import logging
 import pickle
 import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
+from datetime import timedelta
 from typing import Any
 
 from pydotcompute.coordinator.channel import Channel
-from pydotcompute.coordinator.journal import Dest, Events, JournalConfig, JournalSession
+from pydotcompute.coordinator.journal import (
+    Dest,
+    Events,
+    JournalConfig,
+    JournalSession,
+    unreadable,
+)
+from pydotcompute.coordinator.log_throttle import LogThrottle
 from pydotcompute.coordinator.plan import Edge, Node, Plan
+from pydotcompute.coordinator.progress import ItemProgress
+from pydotcompute.coordinator.progress import stderr_is_terminal as _progress_shown
 from pydotcompute.coordinator.records import (
     ACTIVE,
     CANCELLED,
@@ -32,8 +45,9 @@ from pydotcompute.coordinator.records import (
     decode,
     encode,
 )
+from pydotcompute.coordinator.retention import BATCH, Retention, seconds
 from pydotcompute.coordinator.retry import RetryPolicy
-from pydotcompute.coordinator.runners import Runner, make_runner
+from pydotcompute.coordinator.runners import Runner, make_runner, refuse_deploy_while_spawning
 from pydotcompute.errors import (
     FlowClosedError,
     ItemFailedError,
@@ -42,6 +56,8 @@ from pydotcompute.errors import (
 )
 
 __all__ = ["Flow"]
+
+log = logging.getLogger("pydotcompute.coordinator")
 
 TAKE = 64  # items a single-worker stage takes per wake-up
 NO_RETRY = RetryPolicy()
@@ -96,10 +112,11 @@ class Admission:
 
 
 class _Item:
-    __slots__ = ("dead", "reason", "state", "value", "waiters")
+    __slots__ = ("dead", "finished", "reason", "state", "value", "waiters")
 
     def __init__(self) -> None:
         self.state = ACTIVE
+        self.finished = 0.0  # time.monotonic() when it stopped being active
         self.value: Any = None
         self.dead: dict[int, DeadLetter] = {}
         self.reason = ""
@@ -141,6 +158,7 @@ class Flow:
         )
         self._closed = False
         self._error: BaseException | None = None
+        self._log = LogThrottle(log)  # retries, dead letters, lost leases: not per item
         self._changed = asyncio.Event()  # something finished: drain/results/result look again
         self._claim_wake = asyncio.Event()
         self._hungry: set[int] = set()
@@ -148,6 +166,7 @@ class Flow:
         self._items: dict[str, _Item] = {}
         self._parts: dict[tuple[str, int], dict[int, Any]] = {}
         self._done_order: list[str] = []
+        self._done_base = 0  # entries of _done_order pruned from its front
         self._active = 0
         self._admission = Admission(0)
         self._local_waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -171,6 +190,7 @@ class Flow:
             for n in self.plan.calls
             if n.index in self._channels
         }
+        refuse_deploy_while_spawning()
         self._key_prefix = uuid.uuid4().hex[:16]
         self._key_count = itertools.count()
         try:
@@ -179,14 +199,29 @@ class Flow:
                 self.journal.on_events = self._on_events
                 self.journal.on_error = self._on_journal_error
                 await self.journal.open()
+                if self.journal.resumed:
+                    log.info(
+                        "flow %r on journal %s: %d unfinished items found; resuming them",
+                        self.name,
+                        self.journal.journal.where,
+                        self.journal.resumed,
+                    )
             for node in self.plan.calls:
                 for _ in range(self._workers(node)):
                     runner = make_runner(node.stage, self.runtime)
                     self._runners.append(runner)
                     await runner.start()
                     self._spawn(self._work(node, runner))
+            # Worker processes have started side by side; a deploy fails here if one
+            # cannot load its stage. (One by one: runners with nothing to wait for do not
+            # yield to the loop, so the flow's first ops go to the writer as before.)
+            for runner in self._runners:
+                await runner.ready()
             if self.journal is not None:
                 self._spawn(self._claim_loop())
+                rule = self.journal.journal.retention
+                if rule is not None:
+                    self._spawn(self._retention_loop(rule))
         except BaseException:
             await self._shutdown("deploy failed", cancel_items=False)
             raise
@@ -204,6 +239,7 @@ class Flow:
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
+            log.error("flow %r stopped: %s", self.name, exc, exc_info=exc)
             self._error = exc
             for t in self._tasks:
                 t.cancel()
@@ -245,10 +281,12 @@ class Flow:
             await r.close()
         if self.journal is not None:
             await self.journal.close()
+        self._log.flush()
         if cancel_items:
             for key, item in self._items.items():
                 if item.state == ACTIVE:
                     item.state, item.reason = CANCELLED, reason
+                    item.finished = time.monotonic()
                     self._wake(key, item)
             self._active = 0
         self._changed.set()
@@ -408,6 +446,7 @@ class Flow:
         nxt = self._direct.get(node.edges[0]) if self.journal is None else None
         nxt_node = node.edges[0][0]
         to_sink = self.journal is None and node.edges[0] == (self.plan.sink, 0)
+        many = getattr(runner, "call_many", None)  # kernels: the items taken go together
         while True:
             toks = await ch.take(take, node.batch_timeout)
             if i in self._hungry:
@@ -416,6 +455,12 @@ class Flow:
             if node.is_batch:
                 try:
                     await self._run_batch(node, runner, toks)
+                finally:
+                    busy[i] -= len(toks)
+                continue
+            if many is not None and len(toks) > 1:
+                try:
+                    await self._run_many(node, many, toks, nxt, nxt_node, to_sink)
                 finally:
                     busy[i] -= len(toks)
                 continue
@@ -440,6 +485,30 @@ class Flow:
             finally:
                 busy[i] -= left
 
+    async def _run_many(
+        self,
+        node: Node,
+        many: Any,
+        toks: list[Token],
+        nxt: Channel | None,
+        nxt_node: int,
+        to_sink: bool,
+    ) -> None:
+        """The items a worker took, sent to its kernel together (``call_many``), then
+        each passed on (or failed) as a single call would have."""
+        outs = await many([t.value for t in toks])
+        for tok, out in zip(toks, outs, strict=True):
+            if isinstance(out, Exception):
+                self._failed(node, tok, out)
+            elif nxt is not None:
+                nt = Token(tok.key, nxt_node, out)
+                if not nxt.try_put(nt):
+                    await nxt.put(nt)
+            elif to_sink:
+                self._finish_memory(tok.key, out)
+            else:
+                await self._forward(node, tok, out)
+
     async def _run_batch(self, node: Node, runner: Runner, toks: list[Token]) -> None:
         try:
             outs = await runner.call([t.value for t in toks])
@@ -459,6 +528,19 @@ class Flow:
     def _record(
         self, key: str, node: Node, value: Any, exc: BaseException, attempts: int
     ) -> DeadLetter:
+        """The dead letter of ``key`` (said in the log: every caller buries it)."""
+        self._log.log(
+            logging.ERROR,
+            ("dead", node.name),
+            "flow %r, stage %r: item %r failed after %d attempt(s), %s: %s; it is in the "
+            "dead letters",
+            self.name,
+            node.name,
+            key,
+            attempts,
+            type(exc).__name__,
+            exc,
+        )
         return DeadLetter(
             key=key,
             stage=node.name,
@@ -477,6 +559,19 @@ class Flow:
         if policy.should_retry(attempt, exc):
             self._counters["retried"] += 1
             delay = policy.delay(attempt)
+            self._log.log(
+                logging.WARNING,
+                ("retry", node.name),
+                "flow %r, stage %r: item %r failed (attempt %d of %d), %s: %s; retrying in %.3f s",
+                self.name,
+                node.name,
+                tok.key,
+                attempt,
+                policy.attempts,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
             tok.failures = attempt
             if self.journal is not None:
                 self.journal.post(
@@ -512,6 +607,7 @@ class Flow:
         item.dead[rec.node] = rec
         if item.state == ACTIVE:
             item.state = DEAD
+            item.finished = time.monotonic()
             self._counters["dead_lettered"] += 1
             self._settle(rec.key, item)
 
@@ -520,6 +616,7 @@ class Flow:
         if item.state != ACTIVE:
             return
         item.state, item.value = DONE, value
+        item.finished = time.monotonic()
         self._counters["completed"] += 1
         self._done_order.append(key)
         self._settle(key, item)
@@ -545,6 +642,15 @@ class Flow:
                 self._counters["dead_lettered"] += 1
             elif kind == "lost":
                 self._counters["lost_leases"] += 1
+                self._log.log(
+                    logging.WARNING,
+                    "lost",
+                    "flow %r: item %r was taken over by another process while this one ran "
+                    "it (its lease ran out: is the lease shorter than a stage's run?); this "
+                    "process's result for it was dropped",
+                    self.name,
+                    key,
+                )
             elif kind == "joined":
                 self._claim_wake.set()
             for fut in self._local_waiters.pop(key, ()):
@@ -578,7 +684,22 @@ class Flow:
                         self._channels[i].unreserve(n)
                 for key, node, blob, failures in rows:
                     got[node] += 1
-                    self._channels[node].put_nowait(Token(key, node, decode(blob), failures))
+                    try:
+                        value = decode(blob)
+                    except JournalError as exc:  # a damaged row fails its item only
+                        rec = unreadable(key, self.plan.nodes[node], blob, exc)
+                        self._log.log(
+                            logging.ERROR,
+                            ("dead", rec.stage),
+                            "flow %r, stage %r: item %r went to the dead letters: %s",
+                            self.name,
+                            rec.stage,
+                            key,
+                            rec.error,
+                        )
+                        journal.post(journal.op_dead, node, rec)
+                        continue
+                    self._channels[node].put_nowait(Token(key, node, value, failures))
             self._hungry.update(i for i, n in wants if got[i] == n)
             if any(got[i] == n for i, n in wants) or any(
                 self._channels[i].free() > 0 for i in self._channels if i not in asked
@@ -603,6 +724,25 @@ class Flow:
             channels = list(self._channels.values())
             out["in_flight"] = sum(len(c) for c in channels) + sum(list(self._busy.values()))
         return out
+
+    def stage_load(self) -> dict[str, dict[str, int]]:
+        """Per stage, the items this process has waiting at it (``queued``) and being run
+        by it (``running``). Safe to call from another thread."""
+        channels = list(self._channels.items())
+        busy = dict(self._busy)
+        return {
+            self.plan.nodes[i].name: {"queued": len(ch), "running": max(0, busy.get(i, 0))}
+            for i, ch in channels
+        }
+
+    def __repr__(self) -> str:
+        c = self.counters()
+        where = "in memory" if self._journal_cfg is None else f"journal {self._journal_cfg.where}"
+        state = "closed" if self._closed else "failed" if self._error is not None else "running"
+        return (
+            f"<Flow {self.name!r} {state}, {where}: submitted {c['submitted']}, "
+            f"completed {c['completed']}, dead {c['dead_lettered']}, in flight {c['in_flight']}>"
+        )
 
     def status(self) -> dict[str, int]:
         """Number of items per state (``active``, ``done``, ``dead``, ``cancelled``)."""
@@ -664,7 +804,59 @@ class Flow:
         self._claim_wake.set()
         return ok
 
-    def _final(self, key: str) -> tuple[str, Any] | None:
+    async def prune(
+        self,
+        older_than: float | timedelta | None = None,
+        keep: int | None = None,
+        *,
+        dead_letters: bool = False,
+    ) -> int:
+        """Forget finished items: done and cancelled ones (and dead-lettered ones with
+        ``dead_letters=True``) that finished more than ``older_than`` seconds ago (or a
+        ``timedelta``), and beyond the newest ``keep``; give one or both. Each goes with
+        its result and dead letters; an unfinished item is never touched. A pruned key is
+        forgotten: submitting it again runs it again. Returns how many went."""
+        self._check_open()
+        rule = Retention(seconds(older_than, "older_than"), keep, dead_letters)
+        if self.journal is None:
+            return self._prune_memory(rule)
+        total = 0
+        while True:  # a few hundred per transaction: the writer goes on in between
+            n = await self.journal.call(self.journal.op_prune, rule)
+            total += n
+            if n < BATCH:
+                return total
+
+    def _prune_memory(self, rule: Retention) -> int:
+        final = {DONE, CANCELLED, DEAD} if rule.dead_letters else {DONE, CANCELLED}
+        # Finish times are monotonic and _done_order is in finishing order: what goes
+        # of it is always a prefix.
+        finished = sorted(
+            (it.finished, k) for k, it in self._items.items() if it.state in final | {DEAD}
+        )
+        last = len(finished) if rule.keep is None else max(0, len(finished) - rule.keep)
+        if rule.older_than is not None:
+            cutoff = time.monotonic() - rule.older_than
+            last = min(last, bisect.bisect_left(finished, (cutoff, "")))
+        gone = [k for _, k in finished[:last] if self._items[k].state in final]
+        for k in gone:
+            del self._items[k]
+        head = 0
+        while head < len(self._done_order) and self._done_order[head] not in self._items:
+            head += 1
+        del self._done_order[:head]
+        self._done_base += head
+        return len(gone)
+
+    async def _retention_loop(self, rule: Retention) -> None:
+        """Prune by the journal's retention rule now and every ``rule.every`` seconds."""
+        while True:
+            n = await self.prune(rule.older_than, rule.keep, dead_letters=rule.dead_letters)
+            if n:
+                log.info("flow %r: pruned %d finished items (%s)", self.name, n, rule)
+            await asyncio.sleep(rule.every)
+
+    async def _final(self, key: str) -> tuple[str, Any] | None:
         """(state, value or record) once the item finished; None while active."""
         if self.journal is None:
             item = self._items.get(key)
@@ -677,16 +869,20 @@ class Flow:
             if item.state == CANCELLED:
                 return CANCELLED, item.reason
             return None
-        rows = self.journal.read("SELECT state FROM items WHERE flow=? AND key=?", self.name, key)
+        rows = await self.journal.aread(
+            "SELECT state FROM items WHERE flow=? AND key=?", self.name, key
+        )
         if not rows:
             raise KeyError(f"flow {self.name!r} has no item {key!r}")
         if rows[0][0] == DONE:
-            blob = self.journal.read(
+            blob = await self.journal.aread(
                 "SELECT value FROM results WHERE flow=? AND key=?", self.name, key
             )
             return DONE, decode(blob[0][0])
         if rows[0][0] == DEAD:
-            return DEAD, self.journal.dead_letters(key)[0]
+            return DEAD, (await self.journal.adead_letters(key))[0]
+        if rows[0][0] == CANCELLED:
+            return CANCELLED, "cancelled in the journal"
         return None
 
     async def result(self, key: Any, timeout: float | None = None) -> Any:
@@ -696,7 +892,7 @@ class Flow:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            final = self._final(key)
+            final = await self._final(key)
             if final is not None:
                 state, payload = final
                 if state == DONE:
@@ -725,22 +921,47 @@ class Flow:
                 if fut in waiters:  # a long wait must not pile up futures
                     waiters.remove(fut)
 
-    def _pending(self) -> int:
+    async def _pending(self) -> int:
         if self.journal is None:
             return self._active
-        return self.journal.read(
-            "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.name
+        return (
+            await self.journal.aread(
+                "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.name
+            )
         )[0][0]
 
-    async def drain(self, timeout: float | None = None) -> None:
-        """Wait until no item is active (all done or dead-lettered)."""
+    async def _finished_of(self) -> tuple[int, int]:
+        """(items finished, items in all): what a progress bar shows."""
+        if self.journal is None:
+            counts = self.status()
+        else:  # waits out a journal outage without holding up the event loop
+            counts = dict(
+                await self.journal.aread(
+                    "SELECT state, count(*) FROM items WHERE flow=? GROUP BY state", self.name
+                )
+            )
+        total = sum(counts.values())
+        return total - counts.get(ACTIVE, 0), total
+
+    async def drain(self, timeout: float | None = None, *, progress: bool = False) -> None:
+        """Wait until no item is active (all done or dead-lettered).
+
+        ``progress=True`` shows a progress bar of the flow's items on stderr while it
+        waits, when stderr is a terminal (never in a log or a pipe)."""
+        with ItemProgress(f"flow {self.name}", progress) as bar:
+            await self._drain(timeout, bar)
+
+    async def _drain(self, timeout: float | None, bar: ItemProgress) -> None:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             self._check_open()
             if self.journal is not None:
                 await self.journal.call(self.journal.op_flush)
-            if self._pending() == 0:
+            pending = await self._pending()
+            if bar.shown and (pending == 0 or bar.due()):
+                bar.update(*await self._finished_of())
+            if pending == 0:
                 return
             self._changed.clear()
             wait = None if self.journal is None else self.journal.journal.poll * 4
@@ -754,23 +975,44 @@ class Flow:
             except asyncio.TimeoutError:
                 pass
 
-    async def results(self) -> AsyncIterator[tuple[str, Any]]:
+    def results(self, *, progress: bool = False) -> AsyncIterator[tuple[str, Any]]:
         """(key, output) of every finished item in completion order, ending once no item
-        is active. Dead-lettered items are not yielded: see :meth:`dead_letters`."""
+        is active. Dead-lettered items are not yielded: see :meth:`dead_letters`.
+
+        ``progress=True`` shows a progress bar of the flow's items on stderr meanwhile,
+        when stderr is a terminal (never in a log or a pipe)."""
+        if progress and _progress_shown():
+            return self._results_with_bar()
+        return self._results()
+
+    async def _results_with_bar(self) -> AsyncIterator[tuple[str, Any]]:
+        with ItemProgress(f"flow {self.name}") as bar:
+            async with contextlib.aclosing(self._results()) as pairs:
+                async for pair in pairs:
+                    if bar.due():
+                        bar.update(*await self._finished_of())
+                    yield pair
+            bar.update(*await self._finished_of())
+
+    async def _results(self) -> AsyncGenerator[tuple[str, Any], None]:
         if self.journal is None:
-            for i in itertools.count():
-                while i >= len(self._done_order):
+            i = 0
+            while True:
+                i = max(i, self._done_base)  # what was pruned meanwhile is skipped
+                while i - self._done_base >= len(self._done_order):
                     if self._active == 0 or self._closed:
                         return
                     self._changed.clear()
                     await self._changed.wait()
-                key = self._done_order[i]
+                    i = max(i, self._done_base)
+                key = self._done_order[i - self._done_base]
+                i += 1
                 yield key, self._items[key].value
         journal = self.journal
         assert journal is not None  # the in-memory branch above always returns
         seq = 0
         while True:
-            rows = journal.read(
+            rows = await journal.aread(
                 "SELECT seq, key, value FROM results WHERE flow=? AND seq>? ORDER BY seq LIMIT 1000",
                 self.name,
                 seq,
@@ -780,9 +1022,9 @@ class Flow:
                 yield key, decode(blob)
             if rows:
                 continue
-            if self._pending() == 0:
+            if await self._pending() == 0:
                 # One more look: the last items may have committed between the two reads.
-                if not journal.read(
+                if not await journal.aread(
                     "SELECT 1 FROM results WHERE flow=? AND seq>? LIMIT 1", self.name, seq
                 ):
                     return

@@ -11,20 +11,25 @@ nothing, the lease was lost and nothing is written.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
+from pydotcompute.coordinator.journal_path import check_sqlite_path
 from pydotcompute.coordinator.journal_postgres import PostgresJournal, is_postgres_dsn
 from pydotcompute.coordinator.journal_sqlite import CHUNK, SQLiteJournal
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
-from pydotcompute.coordinator.plan import Plan
-from pydotcompute.coordinator.records import DeadLetter, decode, encode
+from pydotcompute.coordinator.plan import Node, Plan
+from pydotcompute.coordinator.records import ACTIVE, CANCELLED, DEAD, DeadLetter, decode, encode
+from pydotcompute.coordinator.retention import ITEMS_INDEX, Retention, prune_items
 from pydotcompute.errors import JournalError
 
 __all__ = ["JournalConfig", "JournalSession", "PostgresJournal", "SQLiteJournal", "open_journal"]
+
+log = logging.getLogger("pydotcompute.coordinator")
 
 JournalConfig = SQLiteJournal | PostgresJournal
 Dest = tuple[int, int, bytes]  # (node, port, encoded value)
@@ -38,18 +43,39 @@ NEW_TOKEN = (
 )
 
 
-def open_journal(journal: Any) -> JournalConfig | None:
+def open_journal(journal: Any, *, for_writing: bool = True) -> JournalConfig | None:
     """Normalise a ``journal=`` argument: None, a path (SQLite), a ``postgresql://`` DSN,
-    an SQLiteJournal or a PostgresJournal."""
+    an SQLiteJournal or a PostgresJournal. An SQLite path is checked at once (see
+    ``check_sqlite_path``): a journal that cannot be opened for writing is refused here,
+    with the reason and the fix, not at its first use (``for_writing=False``: a journal
+    only read, which a read-only mount or file does not stop). A DSN is only parsed:
+    the server is reached when the journal is opened."""
+    cfg: JournalConfig | None
     if journal is None or isinstance(journal, (SQLiteJournal, PostgresJournal)):
-        return journal
-    if is_postgres_dsn(journal):
-        return PostgresJournal(journal)
-    if isinstance(journal, (str, os.PathLike)):
-        return SQLiteJournal(os.fspath(journal))
-    raise JournalError(
-        "journal must be None, a path, a postgresql:// DSN, an SQLiteJournal or a "
-        f"PostgresJournal, got {journal!r}"
+        cfg = journal
+    elif is_postgres_dsn(journal):
+        cfg = PostgresJournal(journal)
+    elif isinstance(journal, (str, os.PathLike)):
+        cfg = SQLiteJournal(os.fspath(journal))
+    else:
+        raise JournalError(
+            "journal must be None, a path, a postgresql:// DSN, an SQLiteJournal or a "
+            f"PostgresJournal, got {journal!r}"
+        )
+    if for_writing and isinstance(cfg, SQLiteJournal):
+        check_sqlite_path(cfg.path)
+    return cfg
+
+
+def register_owner(conn: Any, dialect: Any, owner: str, flow: str, now: float) -> None:
+    """Hold ``owner``'s liveness lock and record it in ``owners`` (``seen``: now, by the
+    journal's clock). Host and pid are kept for people reading the table, never to
+    decide whether the owner lives."""
+    dialect.owners.hold(conn, owner)
+    conn.execute(
+        "INSERT INTO owners VALUES(?,?,?,?,?) ON CONFLICT(owner) DO UPDATE SET "
+        "flow=excluded.flow, host=excluded.host, pid=excluded.pid, seen=excluded.seen",
+        (owner, flow, socket.gethostname(), os.getpid(), now),
     )
 
 
@@ -61,14 +87,19 @@ def describe_change(old: list[str], new: list[str]) -> str:
     return f"stages added: {added or 'none'}; stages removed: {removed or 'none'}"
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def unreadable(key: str, node: Node, stored: Any, exc: JournalError) -> DeadLetter:
+    """The dead letter of an item whose stored input cannot be read back: its value is
+    the stored bytes, for a person to look at."""
+    return DeadLetter(
+        key=key,
+        stage=node.name,
+        node=node.index,
+        error=f"JournalError: its stored input cannot be read back: {exc}",
+        traceback="",
+        attempts=0,
+        failed_at=time.time(),
+        value=stored,
+    )
 
 
 class JournalSession(JournalWriter):
@@ -82,6 +113,8 @@ class JournalSession(JournalWriter):
         self.owner = owner
         self.on_events: Callable[[Events], None] = lambda events: None
         self.hops = 0
+        self.resumed = 0  # unfinished items found in the journal when it opened
+        self._stale: set[str] = set()  # owners whose lapsed leases were said
         # Tokens written and retired inside one transaction never need to reach the file:
         # they wait here until the end of the batch, and a hop that retires one drops it.
         self._pending: dict[tuple[str, int], tuple[bytes, float]] = {}
@@ -105,12 +138,18 @@ class JournalSession(JournalWriter):
                 f"journal {self.journal.where} holds flow {self.flow!r} with a different graph "
                 f"({change}); deploy it under a new name or use a new journal"
             )
+        self.dialect.create(conn, ITEMS_INDEX)  # journals made before pruning lack it
         self._reap(conn)
-        conn.execute(
-            "INSERT INTO owners VALUES(?,?,?,?,?) ON CONFLICT(owner) DO UPDATE SET "
-            "flow=excluded.flow, host=excluded.host, pid=excluded.pid, seen=excluded.seen",
-            (self.owner, self.flow, socket.gethostname(), os.getpid(), now),
-        )
+        self._take_over(conn, now, opening=True)
+        self.resumed = conn.execute(
+            "SELECT count(DISTINCT key) FROM tokens WHERE flow=?", (self.flow,)
+        ).fetchone()[0]
+        register_owner(conn, self.dialect, self.owner, self.flow, now)
+
+    def rejoin(self, conn: Any, now: float) -> None:
+        # A new connection after an outage: take the liveness lock again (a server restart
+        # released it) and say so, before anyone judges this owner by its lock.
+        register_owner(conn, self.dialect, self.owner, self.flow, now)
 
     def apply(self, conn: Any, now: float, ops: list[Op]) -> list[Any]:
         self._prepare(conn, ops)
@@ -131,6 +170,7 @@ class JournalSession(JournalWriter):
         )
         conn.execute("UPDATE owners SET seen=? WHERE owner=?", (now, self.owner))
         self._reap(conn)
+        self._take_over(conn, now)
 
     def release(self, conn: Any, now: float) -> tuple[None, Events]:
         self._release(conn, self.owner)
@@ -215,21 +255,61 @@ class JournalSession(JournalWriter):
             self._finished.clear()
 
     def _reap(self, conn: Any) -> None:
-        """Owners on this host whose process is gone cannot renew their leases: free
-        their items now instead of waiting for the leases to run out."""
-        for owner, pid in conn.execute(
-            "SELECT owner, pid FROM owners WHERE flow=? AND host=?",
-            (self.flow, socket.gethostname()),
+        """Owners whose liveness lock is free are dead (see ``coordinator.liveness``) and
+        cannot renew their leases: free their items now instead of waiting for the leases
+        to run out."""
+        for owner, host, pid, seen in conn.execute(
+            "SELECT owner, host, pid, seen FROM owners WHERE flow=? AND owner<>?",
+            (self.flow, self.owner),
         ).fetchall():
-            if pid != os.getpid() and not pid_alive(pid):
-                self._release(conn, owner)
+            if self.dialect.owners.dead(conn, owner, seen):
+                n = self._release(conn, owner)
+                if owner not in self._stale:  # said already if its leases ran out first
+                    self._stale.add(owner)
+                    self._taken(
+                        owner,
+                        n,
+                        f"its liveness lock is free: its process (pid {pid} on {host}) is "
+                        f"gone ({n} items freed)",
+                    )
 
-    def _release(self, conn: Any, owner: str) -> None:
-        conn.execute(
+    def _release(self, conn: Any, owner: str) -> int:
+        n = conn.execute(
             "UPDATE tokens SET owner=NULL, lease_until=0 WHERE flow=? AND owner=?",
             (self.flow, owner),
-        )
+        ).rowcount
         conn.execute("DELETE FROM owners WHERE owner=?", (owner,))
+        return int(n)
+
+    def _take_over(self, conn: Any, now: float, opening: bool = False) -> None:
+        """Say when another owner stops renewing its leases (a process on another host
+        that died, or one that stalls): its items are free to claim once each lease runs
+        out, and this frees those whose lease has. Said once per owner; owners long gone
+        when this one opens are said only if they still held items."""
+        for owner, host, pid, seen in conn.execute(
+            "SELECT owner, host, pid, seen FROM owners WHERE flow=? AND owner<>? AND seen<?",
+            (self.flow, self.owner, now - self.journal.lease),
+        ).fetchall():
+            if owner in self._stale:
+                continue
+            self._stale.add(owner)
+            n = conn.execute(
+                "UPDATE tokens SET owner=NULL, lease_until=0 WHERE flow=? AND owner=? "
+                "AND lease_until<?",
+                (self.flow, owner, now),
+            ).rowcount
+            self._taken(
+                owner,
+                n if opening else max(1, n),
+                f"it (pid {pid} on {host}) renewed no lease for {now - seen:.1f} s, so its "
+                f"leases ran out ({n} items freed now, the rest were claimed already)",
+            )
+
+    def _taken(self, owner: str, n: int, why: str) -> None:
+        if n:
+            log.warning(
+                "flow %r: the items held by owner %s are taken over: %s", self.flow, owner, why
+            )
 
     # ---- ops (run by the writer, inside a transaction) ------------------------
     def _apply(self, conn: Any, now: float, key: str, dests: list[Dest], events: Events) -> None:
@@ -254,11 +334,18 @@ class JournalSession(JournalWriter):
                 ).fetchall()
                 target = self.plan.nodes[node]
                 if len(parts) == target.parts:
-                    joined = self.plan.join_value(target, {p: decode(v) for p, v in parts})
                     conn.execute(
                         "DELETE FROM tokens WHERE flow=? AND key=? AND node=? AND port>0",
                         (flow, key, node),
                     )
+                    try:
+                        joined = self.plan.join_value(target, {p: decode(v) for p, v in parts})
+                    except JournalError as exc:
+                        # A damaged part fails this item, not the flow's whole batch.
+                        self._bury(
+                            conn, unreadable(key, target, [v for _, v in parts], exc), events
+                        )
+                        continue
                     # Unleased: whoever has room claims it, like a fresh submission.
                     conn.execute(
                         "INSERT INTO tokens(flow, key, node, port, value) VALUES(?,?,?,0,?) "
@@ -430,19 +517,62 @@ class JournalSession(JournalWriter):
             events.append(("joined", key))
         return took > 0, events
 
+    def op_cancel(self, conn: Any, now: float, key: str) -> tuple[str, Events]:
+        """Stop an unfinished item for good: its tokens and dead letters go, its row stays
+        as ``cancelled``. Returns ``cancelled``, or what kept it: ``done``, ``cancelled``
+        (already), ``unknown``."""
+        self._flush(conn, now)
+        row = conn.execute(
+            "SELECT state FROM items WHERE flow=? AND key=?" + self.dialect.for_update,
+            (self.flow, key),
+        ).fetchone()
+        if row is None:
+            return "unknown", []
+        if row[0] not in (ACTIVE, DEAD):
+            return row[0], []
+        # A DELETE sees the tokens committed before it began: on PostgreSQL a hop of
+        # another process may commit the item's next token meanwhile, so delete until
+        # nothing is left (that hop's process then finds its token gone and stops).
+        while conn.execute("DELETE FROM tokens WHERE flow=? AND key=?", (self.flow, key)).rowcount:
+            pass
+        cur = conn.execute(
+            "UPDATE items SET state=?, finished=? WHERE flow=? AND key=? "
+            "AND state IN ('active', 'dead')",
+            (CANCELLED, now, self.flow, key),
+        )
+        if cur.rowcount != 1:  # it finished while the tokens were being deleted
+            return "done", []
+        conn.execute("DELETE FROM dead_letters WHERE flow=? AND key=?", (self.flow, key))
+        return CANCELLED, [(CANCELLED, key)]
+
     def op_flush(self, conn: Any, now: float) -> tuple[None, Events]:
         return None, []
 
+    def op_prune(self, conn: Any, now: float, rule: Retention) -> tuple[int, Events]:
+        """Up to ``BATCH`` finished items of this flow that ``rule`` lets go."""
+        return prune_items(conn, self.dialect, now, rule, self.flow), []
+
     # ---- reads (event loop, committed state) ----------------------------------------
-    def dead_letters(self, key: str | None = None) -> list[DeadLetter]:
-        sql = (
-            "SELECT key, stage, node, error, traceback, attempts, failed_at, value "
-            "FROM dead_letters WHERE flow=?"
-        )
+    DEAD_LETTERS = (
+        "SELECT key, stage, node, error, traceback, attempts, failed_at, value "
+        "FROM dead_letters WHERE flow=?"
+    )
+
+    def _dead_letters_query(self, key: str | None) -> tuple[str, tuple[Any, ...]]:
         order = " ORDER BY failed_at, key, node"
-        rows = (
-            self.read(sql + " AND key=?" + order, self.flow, key)
-            if key
-            else self.read(sql + order, self.flow)
-        )
+        if key:
+            return self.DEAD_LETTERS + " AND key=?" + order, (self.flow, key)
+        return self.DEAD_LETTERS + order, (self.flow,)
+
+    def dead_letters(self, key: str | None = None) -> list[DeadLetter]:
+        sql, args = self._dead_letters_query(key)
+        return [
+            DeadLetter(k, s, n, e, t, a, f, decode(v))
+            for k, s, n, e, t, a, f, v in self.read(sql, *args)
+        ]
+
+    async def adead_letters(self, key: str | None = None) -> list[DeadLetter]:
+        """:meth:`dead_letters` that waits out an outage without holding up the loop."""
+        sql, args = self._dead_letters_query(key)
+        rows = await self.aread(sql, *args)
         return [DeadLetter(k, s, n, e, t, a, f, decode(v)) for k, s, n, e, t, a, f, v in rows]

@@ -20,6 +20,8 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from pydotcompute.coordinator.journal_sqlite import SCHEMA as SQLITE_SCHEMA
+from pydotcompute.coordinator.liveness import AdvisoryLocks
+from pydotcompute.coordinator.retention import Retention, check_retention
 from pydotcompute.errors import JournalError
 
 __all__ = ["PostgresJournal", "is_postgres_dsn", "pg_schema"]
@@ -32,6 +34,14 @@ SCHEMA_LOCK = 0x50444331  # "PDC1": one process at a time creates tables
 # SQLSTATEs of a transaction that lost a race and may simply run again:
 # serialization_failure, deadlock_detected, unique_violation.
 RACES = {"40001", "40P01", "23505"}
+# SQLSTATEs of a server that is going away or not ready yet (besides class 08, connection
+# exceptions): admin_shutdown, crash_shutdown, cannot_connect_now, too_many_connections,
+# and the connection failure of a hot standby that is being promoted.
+UNREACHABLE = {"57P01", "57P02", "57P03", "53300", "25006"}
+# What a server that is up says to a connection it refuses for good (bad credentials, a
+# missing database or role): no point in trying again. libpq gives no SQLSTATE for a
+# failed connection, only its text.
+REFUSED = ("authentication failed", "does not exist", "no pg_hba.conf entry", "permission denied")
 ARRAY_TYPES = {str: "TEXT[]", int: "BIGINT[]", float: "DOUBLE PRECISION[]", bytes: "BYTEA[]"}
 
 
@@ -60,7 +70,11 @@ class PostgresJournal:
     The journal's tables are made in the first schema of the connection's search path
     (``?options=-csearch_path%3Dname`` in the DSN picks another). ``lease``: seconds a
     claim lasts without a heartbeat (heartbeats come every ``lease / 3``); ``poll``: how
-    often idle workers look for claimable items. Needs ``pip install
+    often idle workers look for claimable items; ``reconnect_timeout``: how long every
+    journal operation keeps trying a server it lost (a restart, a failover) before the
+    flow stops with ``JournalUnavailableError`` (see ``coordinator.reconnect``).
+    ``retention``: what running flows and workflow engines keep of what is finished (a
+    :class:`Retention`); None keeps everything. Needs ``pip install
     "pydotcompute[postgres]"``.
     """
 
@@ -68,8 +82,11 @@ class PostgresJournal:
     lease: float = 30.0
     poll: float = 0.05
     max_batch: int = 8192
+    reconnect_timeout: float = 60.0
+    retention: Retention | None = None
 
     def __post_init__(self) -> None:
+        check_retention(self.retention)
         if not is_postgres_dsn(self.dsn):
             raise JournalError(
                 f"a PostgreSQL journal needs a postgresql:// DSN, got {redact(str(self.dsn))!r}"
@@ -78,7 +95,8 @@ class PostgresJournal:
     def __repr__(self) -> str:
         return (
             f"PostgresJournal({redact(self.dsn)!r}, lease={self.lease}, poll={self.poll}, "
-            f"max_batch={self.max_batch})"
+            f"max_batch={self.max_batch}, reconnect_timeout={self.reconnect_timeout}, "
+            f"retention={self.retention!r})"
         )
 
     @property
@@ -87,7 +105,7 @@ class PostgresJournal:
         return redact(self.dsn)
 
     def dialect(self) -> PostgresDialect:
-        return PostgresDialect(self.dsn)
+        return PostgresDialect(self.dsn, self.reconnect_timeout)
 
 
 def load_psycopg() -> Any:
@@ -126,6 +144,7 @@ class Connection:
 
     def __init__(self, raw: Any) -> None:
         self.raw = raw
+        self.xid: int | None = None  # the running write transaction's id (try_begin)
 
     def execute(self, sql: str, args: Any = ()) -> Any:
         if args:
@@ -143,9 +162,11 @@ class PostgresDialect:
     threaded = True  # see JournalWriter
     for_update = " FOR UPDATE"
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, reconnect_timeout: float = 60.0) -> None:
         self.dsn = dsn
+        self.reconnect_timeout = reconnect_timeout
         self.psycopg = load_psycopg()
+        self.owners = AdvisoryLocks()
 
     def _connect(self) -> Connection:
         try:
@@ -212,7 +233,38 @@ class PostgresDialect:
 
     def try_begin(self, conn: Connection) -> float:
         conn.execute("BEGIN")
-        return float(conn.execute("SELECT extract(epoch FROM clock_timestamp())").fetchone()[0])
+        # The transaction's id, asked for in the same round trip: if the connection is
+        # lost while COMMIT is on its way, ``committed`` asks the server what became of it.
+        now, conn.xid = conn.execute(
+            "SELECT extract(epoch FROM clock_timestamp()), txid_current()"
+        ).fetchone()
+        return float(now)
+
+    def committed(self, conn: Connection, lost: Connection) -> bool | None:
+        """Whether the transaction ``lost`` was committing when its connection went
+        committed (asked on ``conn``); None if the server cannot tell any more."""
+        xid = getattr(lost, "xid", None)
+        if xid is None:
+            return None
+        status = conn.execute("SELECT txid_status(?)", (xid,)).fetchone()[0]
+        if status == "committed":
+            return True
+        if status == "aborted":
+            return False
+        return None  # too old to know, or (impossible after a reconnect) in progress
+
+    def unreachable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (or what it wraps) says the server cannot be reached now but
+        may be soon: refused, shutting down, starting up, the connection broken."""
+        for e in (exc, exc.__cause__):
+            if not isinstance(e, self.psycopg.OperationalError):
+                continue
+            state = getattr(e, "sqlstate", None)
+            if state is None and any(words in str(e) for words in REFUSED):
+                return False
+            if state is None or state.startswith("08") or state in UNREACHABLE:
+                return True
+        return False
 
     def commit(self, conn: Connection) -> None:
         conn.execute("COMMIT")

@@ -8,21 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import sqlite3
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from pydotcompute.coordinator.journal_path import (
+    check_header,
+    check_sqlite_path,
+    open_error,
+    read_only_fs,
+)
+from pydotcompute.coordinator.liveness import FileLocks, owners_of
+from pydotcompute.coordinator.retention import Retention, check_retention
 from pydotcompute.errors import JournalError
 
-__all__ = ["SCHEMA", "SQLiteDialect", "SQLiteJournal"]
+__all__ = ["SCHEMA", "SQLiteDialect", "SQLiteJournal", "connect_read_only"]
+
+log = logging.getLogger("pydotcompute.coordinator")
 
 APPLICATION_ID = 0x50444331  # "PDC1": marks a file as ours
 SCHEMA_VERSION = 1
-SQLITE_MAGIC = b"SQLite format 3\x00"
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS flows(
@@ -55,15 +65,24 @@ class SQLiteJournal:
 
     ``lease``: seconds a claim lasts without a heartbeat (heartbeats come every
     ``lease / 3``); ``poll``: how often idle workers look for claimable items.
+    ``wal_limit``: bytes the write-ahead log (``path-wal``) may reach under steady load
+    before writes pause for a checkpoint that empties it (see ``SQLiteDialect``).
+    ``retention``: what running flows and workflow engines keep of what is finished (a
+    :class:`Retention`); None keeps everything.
     """
 
     path: str
     lease: float = 30.0
     poll: float = 0.05
     max_batch: int = 8192
+    wal_limit: int = 64 * 2**20
+    retention: Retention | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", os.fspath(self.path))
+        check_retention(self.retention)
+        if self.wal_limit < 2**20:
+            raise JournalError(f"wal_limit is at least 1 MiB (2**20), got {self.wal_limit}")
 
     @property
     def where(self) -> str:
@@ -71,7 +90,7 @@ class SQLiteJournal:
         return self.path
 
     def dialect(self) -> SQLiteDialect:
-        return SQLiteDialect(self.path)
+        return SQLiteDialect(self.path, self.wal_limit)
 
 
 def create_file(path: str) -> None:
@@ -89,36 +108,12 @@ def create_file(path: str) -> None:
             os.link(tmp, path)  # never replaces a file another process created meanwhile
         except FileExistsError:
             pass
+    except OSError as exc:  # the directory changed since check_sqlite_path looked
+        raise JournalError(f"journal {path} cannot be created: {exc}") from exc
     finally:
         for leftover in (tmp, tmp + "-wal", tmp + "-shm"):
             if os.path.exists(leftover):
                 os.unlink(leftover)
-
-
-def check_file(path: str) -> None:
-    """Refuse anything at ``path`` that is not an intact journal, before writing a byte."""
-    p = Path(path)
-    if not p.exists():
-        return
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(100)
-    if size == 0 or len(head) < 100:
-        raise JournalError(
-            f"journal {path} is truncated ({size} bytes); it was left untouched, "
-            "move it away to start a new journal"
-        )
-    if head[:16] != SQLITE_MAGIC:
-        raise JournalError(f"{path} is not a journal (not an SQLite file); it was left untouched")
-    page_size = int.from_bytes(head[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(head[28:32], "big")
-    wal = Path(path + "-wal")
-    if pages and page_size * pages > size and not (wal.exists() and wal.stat().st_size > 0):
-        raise JournalError(
-            f"journal {path} is truncated: header says {pages * page_size} bytes, file has "
-            f"{size}; it was left untouched"
-        )
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -149,9 +144,67 @@ def connect(path: str) -> sqlite3.Connection:
             )
     except sqlite3.DatabaseError as exc:
         conn.close()
+        raise open_error(path, exc) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect_read_only(path: str) -> sqlite3.Connection:
+    """A connection that reads the journal at ``path`` and cannot write to it, also on a
+    read-only mount. Refuses, saying so, a missing file (it is never created here), a
+    directory (the owners' lock folder beside a journal is named as such), a file that
+    is not a journal and a schema this version does not read."""
+    if not os.path.exists(path):
         raise JournalError(
-            f"journal {path} is corrupt or truncated: {exc}; it was left untouched"
-        ) from exc
+            f"no journal at {path}: check the path (a flow or a workflow makes its journal "
+            "when it first runs)"
+        )
+    if os.path.isdir(path):
+        owners = owners_of(path)
+        raise JournalError(
+            f"{path} is a directory, not a journal"
+            + (
+                f": it holds the lock files of the processes writing the journal {owners}; "
+                f"pass {owners}"
+                if owners is not None
+                else ""
+            )
+        )
+    check_header(path)
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    if read_only_fs(os.path.dirname(os.path.abspath(path))):
+        # SQLite reads a WAL journal through its -shm file, which it cannot make on a
+        # read-only mount; nothing can change the file through that mount either. But
+        # then it ignores the log: commits still in one would be silently missing.
+        wal = path + "-wal"
+        if os.path.exists(wal) and os.path.getsize(wal) > 0:
+            raise JournalError(
+                f"journal {path} is on a read-only file system with commits still in "
+                f"{wal}, which SQLite cannot read there: copy the journal with its -wal "
+                "file to a writable directory and look at the copy"
+            )
+        uri += "&immutable=1"
+    try:
+        conn = sqlite3.connect(
+            uri, uri=True, isolation_level=None, timeout=60.0, check_same_thread=False
+        )
+    except sqlite3.Error as exc:
+        raise JournalError(f"cannot open journal {path}: {exc}") from exc
+    try:
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if not tables or app != APPLICATION_ID:
+            raise JournalError(f"{path} is an SQLite file but not a journal")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version != SCHEMA_VERSION:
+            raise JournalError(
+                f"journal {path} has schema {version}, this version reads {SCHEMA_VERSION}"
+            )
+    except sqlite3.Error as exc:
+        conn.close()
+        raise JournalError(f"cannot read journal {path}: {exc}") from exc
     except BaseException:
         conn.close()
         raise
@@ -170,22 +223,34 @@ class SQLiteDialect:
     name = "sqlite"
     threaded = False  # see JournalWriter
     for_update = ""  # BEGIN IMMEDIATE already holds the only write lock
+    reconnect_timeout = 0.0  # a file has no server to lose (see ``unreachable``)
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, wal_limit: int = 64 * 2**20) -> None:
         self.path = path
+        self.wal_limit = wal_limit
         self._checkpointing: asyncio.Task[None] | None = None
+        self._emptying = False  # a TRUNCATE checkpoint runs: writes wait for it
+        self.owners = FileLocks(path)
 
     def writer(self) -> sqlite3.Connection:
+        check_sqlite_path(self.path)  # before anything is written there
         create_file(self.path)
-        check_file(self.path)
         conn = connect(self.path)
         # Short: a busy journal is waited for off SQLite (try_begin, then asyncio.sleep).
         conn.execute("PRAGMA busy_timeout=10")
         conn.execute("PRAGMA wal_autocheckpoint=0")  # after_commit checkpoints on a thread
+        # When the log starts over from its beginning, the file shrinks back to this.
+        conn.execute(f"PRAGMA journal_size_limit={self.wal_limit // 4}")
+        # A log left by a process that was killed is copied back and emptied now, unless
+        # another process is using the journal (then busy: it is emptied under load).
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
         return conn
 
     def reader(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+        # Opened on the thread that opens the writer, used on the event loop's.
+        return sqlite3.connect(
+            self.path, isolation_level=None, timeout=60.0, check_same_thread=False
+        )
 
     def create(self, conn: sqlite3.Connection, schema: str) -> None:
         for statement in schema.split(";"):
@@ -193,6 +258,8 @@ class SQLiteDialect:
                 conn.execute(statement)
 
     def try_begin(self, conn: sqlite3.Connection) -> float | None:
+        if self._emptying:
+            return None  # as if another process wrote: the writer waits off the loop
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
@@ -219,6 +286,12 @@ class SQLiteDialect:
 
     def lost(self, conn: sqlite3.Connection) -> bool:
         return False  # a file does not go away under an open connection
+
+    def unreachable(self, exc: BaseException) -> bool:
+        return False  # a busy file is waited for (try_begin); other errors are real
+
+    def committed(self, conn: sqlite3.Connection, lost: sqlite3.Connection) -> bool | None:
+        return None  # never asked: a connection to a file is never lost mid-commit
 
     def rows(self, conn: sqlite3.Connection, cols: str, tail: str, args: list[Any]) -> list[Any]:
         return select_json(conn, f"SELECT json_array({cols}) AS j {tail}", args)
@@ -280,17 +353,42 @@ class SQLiteDialect:
         return [(tid, key, bytes.fromhex(value), failures) for tid, key, value, failures in rows]
 
     def after_commit(self, commits: int) -> None:
-        if commits % 200 == 0 and (self._checkpointing is None or self._checkpointing.done()):
+        if self._checkpointing is not None and not self._checkpointing.done():
+            return
+        try:
+            wal = os.stat(self.path + "-wal").st_size
+        except OSError:
+            wal = 0
+        if wal > self.wal_limit // 2:
+            # Passive checkpoints alone let the log grow without end under steady load
+            # (measured: 240 MB for a 0.8 MB journal): it starts over from its beginning
+            # only once a checkpoint has copied all of it, and commits keep adding more.
+            # So at half the limit, this writer pauses (try_begin) while a TRUNCATE
+            # checkpoint copies the rest and empties the file; the other half is room
+            # for what other processes commit meanwhile.
+            self._emptying = True
+            self._checkpointing = asyncio.create_task(
+                asyncio.to_thread(self._checkpoint, "TRUNCATE")
+            )
+        elif commits % 200 == 0:
             # Copying the WAL back into the file costs fsyncs: do it on a thread, with its
             # own connection, so commits go on meanwhile (PASSIVE never blocks them).
-            self._checkpointing = asyncio.create_task(asyncio.to_thread(self._checkpoint))
+            self._checkpointing = asyncio.create_task(
+                asyncio.to_thread(self._checkpoint, "PASSIVE")
+            )
 
-    def _checkpoint(self) -> None:
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+    def _checkpoint(self, mode: str) -> None:
         try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            conn = sqlite3.connect(self.path, isolation_level=None, timeout=60.0)
+            try:
+                conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as exc:
+            # Not this commit's failure: the log is copied back by the next checkpoint.
+            log.warning("journal %s: %s checkpoint failed: %s", self.path, mode, exc)
         finally:
-            conn.close()
+            self._emptying = False
 
     async def aclose(self) -> None:
         if self._checkpointing is not None:

@@ -3,6 +3,10 @@
 Both users of a journal (a deployed flow's session and the workflow store) write through
 this one writer. What differs between SQLite and PostgreSQL (how to connect, how to begin,
 which errors mean "run the transaction again") is the journal's :class:`Dialect`.
+
+A server that goes away (a restart, a failover) is ridden through: the writer, the reads
+and opening the journal keep trying for the dialect's ``reconnect_timeout`` (see
+``coordinator.reconnect``), then every op fails with ``JournalUnavailableError``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from pydotcompute.errors import JournalError
+from pydotcompute.coordinator.reconnect import Outage
+from pydotcompute.errors import JournalError, JournalUnavailableError
 
 __all__ = ["Dialect", "JournalWriter", "Op"]
 
@@ -33,6 +38,8 @@ class Dialect(Protocol):
 
     name: str
     for_update: str  # appended to a SELECT whose rows this transaction will change
+    reconnect_timeout: float  # seconds a lost server is tried again (see ``unreachable``)
+    owners: Any  # the owners' liveness locks (``coordinator.liveness``)
 
     def writer(self) -> Any:
         """A connection for the writer, the journal's tables made if missing."""
@@ -64,6 +71,14 @@ class Dialect(Protocol):
 
     def lost(self, conn: Any) -> bool:
         """Whether ``conn`` lost its server (a new connection may work)."""
+
+    def unreachable(self, exc: BaseException) -> bool:
+        """Whether ``exc`` (or its ``__cause__``) says the server cannot be reached now
+        and may be soon: worth trying again until ``reconnect_timeout``."""
+
+    def committed(self, conn: Any, lost: Any) -> bool | None:
+        """Whether the transaction that was committing when ``lost`` went away was
+        committed, asked on the new connection ``conn``; None if it cannot be known."""
 
     def rows(self, conn: Any, cols: str, tail: str, args: list[Any]) -> list[Any]:
         """``SELECT cols tail`` as a list of rows (sequences), fetched in as few steps as
@@ -118,6 +133,8 @@ class JournalWriter:
         self.on_error: Callable[[BaseException], None] = lambda exc: None
         self.commits = 0
         self._committing = False  # the running transaction has sent its COMMIT
+        self._uncommitted: list[Any] = []  # that transaction's results
+        self._down: JournalError | None = None  # gave up on an outage: every op fails so
 
     # ---- hooks ------------------------------------------------------------------------
     def setup(self, conn: Any, now: float) -> None:
@@ -128,6 +145,9 @@ class JournalWriter:
 
     def heartbeat(self, conn: Any, now: float) -> None:
         """Renew this writer's leases (every ``lease / 3``)."""
+
+    def rejoin(self, conn: Any, now: float) -> None:
+        """Run in the first transaction of a new connection that replaced a lost one."""
 
     def reset(self) -> None:
         """Forget what a transaction that rolled back had gathered."""
@@ -149,13 +169,39 @@ class JournalWriter:
 
     # ---- lifetime -----------------------------------------------------------------------
     async def open(self) -> None:
-        self._started(await asyncio.to_thread(self._open_sync))
+        self._started(*await asyncio.to_thread(self._open_sync))
 
     def open_now(self) -> None:
         """``open`` without leaving the event loop (it blocks while the journal opens)."""
-        self._started(self._open_sync())
+        self._started(*self._open_sync())
 
-    def _open_sync(self) -> Any:
+    def _open_sync(self) -> tuple[Any, Any]:
+        """The writer's and the reader's connections; a server that is not up yet (or
+        restarting) is waited for, up to ``reconnect_timeout``."""
+        outage: Outage | None = None
+        while True:
+            try:
+                writer = self._open_writer()
+                try:
+                    reader = self.dialect.reader()
+                except BaseException:
+                    writer.close()
+                    raise
+            except Exception as exc:
+                if not self.dialect.unreachable(exc):
+                    raise
+                if outage is None:
+                    outage = self._outage(exc)
+                outage.wait_blocking(exc)
+                continue
+            if outage is not None:
+                outage.over()
+            return writer, reader
+
+    def _outage(self, exc: BaseException) -> Outage:
+        return Outage(self.what, self.journal.where, self.dialect.reconnect_timeout, exc)
+
+    def _open_writer(self) -> Any:
         conn = self.dialect.writer()
         try:
             for attempt in range(RETRIES + 1):
@@ -169,7 +215,8 @@ class JournalWriter:
                     self.dialect.commit(conn)
                     return conn
                 except Exception as exc:
-                    self.dialect.rollback(conn)
+                    if not self.dialect.lost(conn):
+                        self.dialect.rollback(conn)
                     if isinstance(exc, JournalError):
                         raise
                     if attempt == RETRIES or not self.dialect.retryable(exc):
@@ -180,14 +227,9 @@ class JournalWriter:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _started(self, writer: Any) -> None:
+    def _started(self, writer: Any, reader: Any) -> None:
         self._writer = writer
-        try:
-            self._reader = self.dialect.reader()
-        except BaseException:
-            writer.close()
-            self._writer = None
-            raise
+        self._reader = reader
         if self.dialect.threaded:
             # Its own thread: stages that fill the default executor never delay a commit.
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="pydotcompute-journal")
@@ -197,10 +239,11 @@ class JournalWriter:
         """Give back this writer's leases, then stop after what is queued."""
         if self._task is None:
             return
-        try:
-            await self.call(self.release)
-        except JournalError:
-            pass  # already reported through on_error; the leases will simply expire
+        if self._down is None:
+            try:
+                await self.call(self.release)
+            except JournalError:
+                pass  # already reported through on_error; the leases will simply expire
         self._stopping = True
         self._wake.set()
         try:
@@ -215,11 +258,14 @@ class JournalWriter:
                 if conn is not None:
                     conn.close()
             self._writer = self._reader = None
+            self.dialect.owners.close()
 
     # ---- queueing ops -------------------------------------------------------------------
     def post(
         self, fn: Callable[..., Any], *args: Any, want: bool = False
     ) -> asyncio.Future[Any] | None:
+        if self._down is not None:
+            raise self._down
         if self._task is None or self._stopping:
             raise JournalError(f"{self.what} is closed")
         fut = asyncio.get_running_loop().create_future() if want else None
@@ -258,16 +304,10 @@ class JournalWriter:
             beat_due = time.time() >= next_beat
             results: list[Any] = []
             attempt = 0
-            while True:
+            outage: Outage | None = None  # this batch's, from its first lost connection
+            while self._down is None:
                 try:
-                    if self._thread is not None:
-                        # The event loop goes on running stages meanwhile: their hops
-                        # gather for the next transaction.
-                        got = await asyncio.get_running_loop().run_in_executor(
-                            self._thread, self._transact, conn, ops, beat_due
-                        )
-                    else:
-                        got = self._transact(conn, ops, beat_due)
+                    got = await self._off_loop(self._transact, conn, ops, beat_due)
                     if got is None:  # another process holds the journal: wait off the loop
                         await asyncio.sleep(0.005)
                         continue
@@ -279,31 +319,50 @@ class JournalWriter:
                         attempt += 1
                         await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)
                         continue
-                    err = (
-                        exc
-                        if isinstance(exc, JournalError)
-                        else JournalError(f"{self.what} write failed: {exc!r}")
-                    )
-                    err.__cause__ = exc
-                    if self.dialect.lost(conn):
-                        # The server went away (restart, failover, idle timeout): it
-                        # rolled the transaction back unless it was already committing.
-                        conn, lost = await self._reconnect(conn)
-                        if lost is not None:
-                            err = lost
-                        elif self._committing:
-                            err = JournalError(
-                                f"{self.what} lost its server while committing: whether "
-                                f"the batch was committed is unknown ({exc!r})"
-                            )
-                            err.__cause__ = exc
-                        elif attempt < RETRIES:
-                            attempt += 1
-                            continue
-                    results = [err] * len(ops)
-                    if not ops:
-                        self.on_error(err)
+                    if not (self.dialect.lost(conn) or self.dialect.unreachable(exc)):
+                        err = (
+                            exc
+                            if isinstance(exc, JournalError)
+                            else JournalError(f"{self.what} write failed: {exc!r}")
+                        )
+                        err.__cause__ = exc
+                        results = [err] * len(ops)
+                        if not ops:
+                            self.on_error(err)
+                        break
+                    # The server went away (restart, failover, idle timeout): it rolled
+                    # the transaction back, unless it was committing. Wait for it, then
+                    # learn what became of a commit and run the batch again if it was
+                    # lost, renewing the leases at once.
+                    committing = self._committing
+                    if outage is None:
+                        outage = self._outage(exc)
+                    try:
+                        conn, verdict = await self._reconnect(conn, outage, exc, committing)
+                    except JournalError as failed:
+                        results = [failed] * len(ops)
+                        if isinstance(failed, JournalUnavailableError):
+                            self._down = failed  # every later op fails with it at once
+                            self.on_error(failed)  # the user of the journal stops
+                        elif not ops:
+                            self.on_error(failed)
+                        break
+                    if verdict is True:
+                        results = self._uncommitted
+                    elif verdict is None and committing:
+                        err = JournalError(
+                            f"{self.what} lost its server while committing and the server "
+                            f"cannot tell whether the batch was committed ({exc!r})"
+                        )
+                        err.__cause__ = exc
+                        results = [err] * len(ops)
+                    else:
+                        beat_due = True
+                        continue
                 break
+            if self._down is not None and not results:
+                results = [self._down] * len(ops)
+            self._uncommitted = []
             if beat_due:
                 next_beat = time.time() + beat
             self.commits += 1
@@ -311,6 +370,14 @@ class JournalWriter:
             self.dialect.after_commit(self.commits)
             if stop:
                 break
+
+    async def _off_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` where this dialect's transactions run: on the writer's thread
+        (the event loop goes on running stages meanwhile: their hops gather for the next
+        transaction), or right here."""
+        if self._thread is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+        return fn(*args)
 
     def _transact(self, conn: Any, ops: list[Op], beat_due: bool) -> list[Any] | None:
         """One transaction of the batch: the ops' results, or None if the journal is busy."""
@@ -323,6 +390,7 @@ class JournalWriter:
             if beat_due:
                 self.heartbeat(conn, now)
             self._committing = True
+            self._uncommitted = results
             self.dialect.commit(conn)
         except BaseException:
             self.reset()
@@ -331,31 +399,93 @@ class JournalWriter:
             raise
         return results
 
-    async def _reconnect(self, conn: Any) -> tuple[Any, JournalError | None]:
-        """A new writer connection for ``conn``, which lost its server; ``conn`` itself
-        and the reason when none can be had (the next failed batch tries again)."""
-        try:
-            if self._thread is not None:
-                fresh = await asyncio.get_running_loop().run_in_executor(
-                    self._thread, self.dialect.writer
-                )
+    async def _reconnect(
+        self, conn: Any, outage: Outage, exc: BaseException, committing: bool
+    ) -> tuple[Any, bool | None]:
+        """A new writer connection for ``conn``, which lost its server, tried until the
+        outage's deadline (``JournalUnavailableError`` then); with whether the batch that
+        was committing on ``conn`` (if ``committing``) was committed."""
+        last = exc
+        while True:
+            await outage.wait(last)
+            try:
+                fresh = await self._off_loop(self._rejoin)
+            except JournalError as e:
+                if not self.dialect.unreachable(e):
+                    raise
+                last = e
+            except self.dialect.driver_errors() as e:
+                if not self.dialect.unreachable(e):
+                    err = JournalError(f"{self.what} cannot reconnect: {e}")
+                    err.__cause__ = e
+                    raise err from e
+                last = e
             else:
-                fresh = self.dialect.writer()
-        except JournalError as exc:
-            return conn, exc
-        except self.dialect.driver_errors() as exc:
-            err = JournalError(f"{self.what} cannot reconnect: {exc}")
-            err.__cause__ = exc
-            return conn, err
+                break
         conn.close()
         self._writer = fresh
-        return fresh, None
+        verdict: bool | None = False
+        if committing:
+            try:
+                verdict = await self._off_loop(self.dialect.committed, fresh, conn)
+            except self.dialect.driver_errors():
+                verdict = None  # lost again at once: the next failure tells
+        outage.over()
+        return fresh, verdict
+
+    def _rejoin(self) -> Any:
+        """A new writer connection, with this writer's ``rejoin`` committed on it."""
+        conn = self.dialect.writer()
+        try:
+            while (now := self.dialect.try_begin(conn)) is None:
+                time.sleep(0.005)
+            self.rejoin(conn, now)
+            self.dialect.commit(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     # ---- reads (event loop, committed state) --------------------------------------------
     def read(self, sql: str, *args: Any) -> list[Any]:
         """Rows of a query on committed state. A reader whose server went away (restart,
-        idle timeout, failover) is replaced once: reads change nothing, so trying again
-        is safe. Driver errors come out as ``JournalError``."""
+        idle timeout, failover) is replaced: reads change nothing, so trying again is
+        safe. While the server cannot be reached this waits, blocking, up to
+        ``reconnect_timeout`` (async code uses :meth:`aread`). Driver errors come out as
+        ``JournalError``."""
+        outage: Outage | None = None
+        while True:
+            try:
+                rows = self._read_once(sql, args)
+            except JournalError as exc:
+                if not self.dialect.unreachable(exc):
+                    raise
+                if outage is None:
+                    outage = self._outage(exc)
+                outage.wait_blocking(exc)
+                continue
+            if outage is not None:
+                outage.over()
+            return rows
+
+    async def aread(self, sql: str, *args: Any) -> list[Any]:
+        """:meth:`read` that waits out an outage without holding up the event loop."""
+        outage: Outage | None = None
+        while True:
+            try:
+                rows = self._read_once(sql, args)
+            except JournalError as exc:
+                if not self.dialect.unreachable(exc):
+                    raise
+                if outage is None:
+                    outage = self._outage(exc)
+                await outage.wait(exc)
+                continue
+            if outage is not None:
+                outage.over()
+            return rows
+
+    def _read_once(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
         reader = self._reader
         if reader is None:
             raise JournalError(f"{self.what} is closed")

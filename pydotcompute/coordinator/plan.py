@@ -30,6 +30,9 @@ __all__ = ["Edge", "Node", "Plan", "compile_graph"]
 
 Edge = tuple[int, int]  # (node index, port)
 
+SINK = 0  # compile_graph makes the node where items finish first
+ROUTE_PREFIX = "route:"  # names a Route's split: the one kind of split node that can fail
+
 
 @dataclass(eq=False)
 class Node:
@@ -133,7 +136,7 @@ class _Builder:
         if isinstance(g, Route):
             no = self.build(g.if_false, out) if g.if_false is not None else out
             yes = self.build(g.if_true, out)
-            name = f"route:{getattr(g.predicate, '__name__', 'predicate')}"
+            name = f"{ROUTE_PREFIX}{getattr(g.predicate, '__name__', 'predicate')}"
             node = self.add(name, "split", mode="route", predicate=g.predicate, edges=[yes, no])
             return (node.index, 0)
         if isinstance(g, DAG):
@@ -209,5 +212,6 @@ def compile_graph(graph: Any) -> Plan:
     """Validate ``graph`` and compile it; raises InvalidConfigurationError before anything runs."""
     b = _Builder()
     sink = b.add("result", "sink")
+    assert sink.index == SINK
     entry = b.build(as_graph(graph), (sink.index, 0))
     return Plan(b.nodes, entry)

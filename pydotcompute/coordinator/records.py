@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pickle
+import zlib
 from dataclasses import dataclass
 from typing import Any
+
+from pydotcompute.errors import JournalError
 
 __all__ = ["ACTIVE", "CANCELLED", "DEAD", "DONE", "DeadLetter", "Token", "decode", "encode"]
 
@@ -40,10 +43,43 @@ class Token:
         self.failures = failures
 
 
+# A stored value: this mark, the CRC-32 of the pickle (4 bytes, big-endian), the pickle.
+# A row damaged on disk, in transit or by a bad write fails the check and is refused,
+# never read back as some other value. Rows written before the mark existed are bare
+# protocol-5 pickles (they start with PROTO 5) and are still read.
+ROW_MARK = b"\x01"
+BARE_PICKLE = b"\x80\x05"
+
+
 def encode(value: Any) -> bytes:
-    """Values cross the journal and process boundaries pickled: exact types, any object."""
-    return pickle.dumps(value, protocol=5)
+    """Values cross the journal and process boundaries pickled: exact types, any object.
+    The journal is trusted data (unpickling runs code): the checksum catches damage,
+    not forgery."""
+    body = pickle.dumps(value, protocol=5)
+    return ROW_MARK + zlib.crc32(body).to_bytes(4, "big") + body
 
 
-def decode(blob: bytes) -> Any:
-    return pickle.loads(blob)
+def decode(blob: bytes | bytearray | memoryview) -> Any:
+    """A value ``encode`` stored; ``JournalError`` if the bytes are damaged or cannot
+    be loaded here (e.g. the module that defines the value's type is missing)."""
+    data = bytes(blob)
+    if data[:1] == ROW_MARK:
+        body = data[5:]
+        if len(data) < 5 or zlib.crc32(body) != int.from_bytes(data[1:5], "big"):
+            raise JournalError(
+                f"a stored value is damaged ({len(data)} bytes, checksum does not match); "
+                "the journal row was changed or cut after it was written"
+            )
+    elif data[:2] == BARE_PICKLE:
+        body = data
+    else:
+        raise JournalError(
+            f"a stored value is damaged: {len(data)} bytes starting {data[:8]!r} are not "
+            "a value a journal holds"
+        )
+    try:
+        return pickle.loads(body)
+    except Exception as exc:
+        raise JournalError(
+            f"a stored value cannot be loaded here: {type(exc).__name__}: {exc}"
+        ) from exc

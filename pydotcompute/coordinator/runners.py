@@ -7,6 +7,7 @@ import asyncio
 import importlib
 import inspect
 import multiprocessing
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,15 @@ from typing import Any
 from pydotcompute.coordinator.graph import Stage
 from pydotcompute.errors import InvalidConfigurationError
 
-__all__ = ["FunctionRunner", "KernelRunner", "PassRunner", "ProcessRunner", "Runner", "make_runner"]
+__all__ = [
+    "FunctionRunner",
+    "KernelRunner",
+    "PassRunner",
+    "ProcessRunner",
+    "Runner",
+    "make_runner",
+    "refuse_deploy_while_spawning",
+]
 
 
 class Runner(abc.ABC):
@@ -22,6 +31,10 @@ class Runner(abc.ABC):
 
     async def start(self) -> None:  # noqa: B027 - a hook; most runners need no set-up
         """Prepare (create per-worker state, start a process)."""
+
+    async def ready(self) -> None:  # noqa: B027 - a hook; most runners are ready at once
+        """Wait until ``start``'s work is done (a process has imported the stage), so
+        that a deploy fails there, not on its first item."""
 
     @abc.abstractmethod
     async def call(self, value: Any) -> Any:
@@ -111,11 +124,60 @@ def resolve(ref: tuple[str, str]) -> Any:
     return obj.target if isinstance(obj, Stage) else obj
 
 
+STAGE_PROCESS = "pydotcompute-stage"  # how a stage's worker processes are named
+# Exit status of a stage's worker process that found the main module deploying a flow
+# while it imported it: the main module has no ``if __name__ == "__main__":`` guard.
+EXIT_UNGUARDED_MAIN = 86
+
+
+def main_module_file() -> str | None:
+    """The file of the program's main module (what a spawned process imports again; in
+    such a process, while it does, the module is ``__mp_main__``)."""
+    for name in ("__mp_main__", "__main__"):
+        where = getattr(sys.modules.get(name), "__file__", None)
+        if where:
+            return str(where)
+    return None
+
+
+def unguarded_main(what: str) -> str:
+    where = main_module_file() or "the main module"
+    return (
+        f'{where} has no `if __name__ == "__main__":` guard: {what}. With '
+        "processes=True every worker process starts by importing the main module again "
+        "(the 'spawn' start method), and this one deploys a flow as it is imported. Put "
+        "the code that starts the flow (e.g. asyncio.run(main())) under "
+        '`if __name__ == "__main__":`'
+    )
+
+
+def refuse_deploy_while_spawning() -> None:
+    """Called by ``deploy``: refuse to run in a process that is importing its parent's
+    main module (the import that ``spawn`` does before the process runs anything).
+    Such a deploy comes from a main module without a ``__main__`` guard; it would start
+    the whole program again in every worker process, journal writes included."""
+    me = multiprocessing.current_process()
+    if not getattr(me, "_inheriting", False):  # set by spawn while it imports the main module
+        return
+    text = unguarded_main("this worker process was about to deploy a flow again")
+    if me.name.startswith(STAGE_PROCESS):
+        # One of ours: the parent reads this exit status and says the same there.
+        print(f"pydotcompute: {text}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_UNGUARDED_MAIN)
+    raise InvalidConfigurationError(text)
+
+
 def serve(conn: Any, fn_ref: tuple[str, str], state_ref: tuple[str, str] | None) -> None:
-    """Child process main: answer each value with (True, output) or (False, exc, text)."""
-    fn = resolve(fn_ref)
-    with_state = wants_state(fn)
-    state = resolve(state_ref)() if state_ref else ({} if with_state else None)
+    """Child process main: say ready (or why not), then answer each value with
+    (True, output) or (False, exc, text)."""
+    try:
+        fn = resolve(fn_ref)
+        with_state = wants_state(fn)
+        state = resolve(state_ref)() if state_ref else ({} if with_state else None)
+    except Exception as exc:
+        conn.send((False, exc, traceback.format_exc()))
+        return
+    conn.send((True, None, ""))
     while True:
         try:
             value = conn.recv()
@@ -133,7 +195,7 @@ def serve(conn: Any, fn_ref: tuple[str, str], state_ref: tuple[str, str] | None)
 
 
 class ChildProcessDied(RuntimeError):
-    """The worker process exited while it held an item."""
+    """The worker process exited while it held an item (or while it started)."""
 
 
 class ProcessRunner(Runner):
@@ -148,15 +210,67 @@ class ProcessRunner(Runner):
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
+        self._started = False  # the process said it imported the stage
 
     async def start(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
-        self._proc = self._ctx.Process(
-            target=serve, args=(child, self._fn_ref, self._state_ref), daemon=True
+        proc = self._ctx.Process(
+            target=serve,
+            args=(child, self._fn_ref, self._state_ref),
+            daemon=True,
+            name=f"{STAGE_PROCESS}-{self._stage.name}",
         )
-        self._proc.start()
-        child.close()
-        self._conn = parent
+        try:
+            proc.start()
+        finally:
+            child.close()
+        self._proc, self._conn, self._started = proc, parent, False
+
+    async def ready(self) -> None:
+        if self._started:
+            return
+        try:
+            await self._readable()
+            ok, exc, text = self._conn.recv()
+        except (EOFError, OSError):
+            # The exit status and stderr say why, not the pipe's EOF: no chain.
+            raise InvalidConfigurationError(await self._died_starting()) from None
+        if not ok:
+            await self.close()
+            raise InvalidConfigurationError(
+                f"stage {self._stage.name!r}: its worker process cannot load the stage: "
+                f"{type(exc).__name__}: {exc}\nin worker process:\n{text}"
+            ) from exc
+        self._started = True
+
+    async def _died_starting(self) -> str:
+        """Why the process ended before it said it was ready (it is reaped here)."""
+        proc = self._proc
+        await self.close()
+        code = proc.exitcode if proc is not None else None
+        name = self._stage.name
+        if code == EXIT_UNGUARDED_MAIN:
+            return f"stage {name!r}: " + unguarded_main(
+                "the stage's worker process stopped while importing it"
+            )
+        where = main_module_file()
+        return (
+            f"worker process of stage {name!r} exited (status {code}) while starting, "
+            "before it ran any item: it failed importing "
+            + (
+                f"the main module {where} (processes=True starts each worker with "
+                "'spawn', which imports the main module again) or "
+                if where
+                else ""
+            )
+            + "the stage's function; its traceback is above, on stderr."
+            + (
+                f" If {where} runs code at import time, put that code under "
+                '`if __name__ == "__main__":`'
+                if where
+                else ""
+            )
+        )
 
     async def _readable(self) -> None:
         loop = asyncio.get_running_loop()
@@ -177,6 +291,11 @@ class ProcessRunner(Runner):
         if self._proc is None or not self._proc.is_alive():
             await self.close()
             await self.start()
+        if not self._started:
+            try:
+                await self.ready()
+            except InvalidConfigurationError as exc:
+                raise ChildProcessDied(str(exc)) from exc
         try:
             self._conn.send(value)
             await self._readable()
@@ -194,6 +313,7 @@ class ProcessRunner(Runner):
             self._conn.close()
             self._conn = None
         proc, self._proc = self._proc, None
+        self._started = False
         if proc is not None:
             proc.join(0.5)
             if proc.is_alive():
@@ -217,6 +337,20 @@ class KernelRunner(Runner):
         # The stage's workers have their requests in flight together; a reply owed to
         # one that timed out goes to nobody (see ``send_and_receive``).
         return await self._rt.send_and_receive(self._id, value, timeout=self._timeout)
+
+    async def call_many(self, values: list[Any]) -> list[Any]:
+        """Every value sent before any reply is awaited: on a cluster kernel the sends
+        of one turn of the event loop travel in one Ray call and the replies come back
+        in batch fetches, instead of two Ray round trips per item. One result per value:
+        its output, or the exception its call raised (each item fails on its own)."""
+        send = self._rt.send_and_receive
+        outs = await asyncio.gather(
+            *(send(self._id, v, timeout=self._timeout) for v in values), return_exceptions=True
+        )
+        for out in outs:
+            if isinstance(out, BaseException) and not isinstance(out, Exception):
+                raise out  # a cancellation is not an item's failure
+        return outs
 
 
 def make_runner(stage: Stage | None, runtime: Any) -> Runner:

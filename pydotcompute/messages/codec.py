@@ -54,7 +54,7 @@ _ExtType = msgpack.ExtType
 class _Plan:
     """What the codec needs to know about one message class, computed once."""
 
-    __slots__ = ("names", "count", "init_names", "required", "has_non_init")
+    __slots__ = ("names", "count", "init_names", "required", "has_non_init", "uuids")
 
     def __init__(self, cls: type) -> None:
         fields = dataclasses.fields(cls)
@@ -69,6 +69,14 @@ class _Plan:
             and f.default_factory is dataclasses.MISSING
         )
         self.has_non_init = len(self.init_names) != self.count
+        # Header ids typed UUID (unless the class typed them otherwise): a decoded
+        # message must hold a UUID there (or None where the type allows it), whatever
+        # the bytes said, as a constructed one does.
+        self.uuids = tuple(
+            (f.name, "None" in str(f.type) or "Optional" in str(f.type))
+            for f in fields
+            if f.name in ("message_id", "correlation_id") and "UUID" in str(f.type)
+        )
 
 
 def _plan(cls: type) -> _Plan:
@@ -315,7 +323,7 @@ def _build(obj: Any, expected: type | None) -> Any:
     if plan.has_non_init:
         fields = {k: v for k, v in fields.items() if k in plan.init_names}
     try:
-        return cls(**fields)
+        return _checked(cls(**fields), plan, name)
     except TypeError as exc:
         missing = [n for n in plan.required if n not in fields]
         if missing:
@@ -331,9 +339,21 @@ def _build(obj: Any, expected: type | None) -> Any:
     # Fields this class does not have (a newer writer's): ignored.
     known = {k: v for k, v in fields.items() if k in plan.init_names}
     try:
-        return cls(**known)
+        msg = cls(**known)
     except (TypeError, ValueError) as exc:
         raise MessageDeserializationError(f"cannot build {name}: {exc}") from exc
+    return _checked(msg, plan, name)
+
+
+def _checked(msg: Any, plan: _Plan, name: str) -> Any:
+    for field, optional in plan.uuids:
+        value = getattr(msg, field)
+        if type(value) is not uuid.UUID and not (optional and value is None):
+            raise MessageDeserializationError(
+                f"invalid {name}: {field} must be a UUID{' or None' if optional else ''}, "
+                f"got {_describe_type(type(value))}"
+            )
+    return msg
 
 
 def decode(data: bytes | bytearray | memoryview, expected: type[M] | None = None) -> M:

@@ -79,6 +79,7 @@ def ring_kernel(
     num_gpus: float = 0,
     num_cpus: float = 0,
     resources: dict[str, float] | None = None,
+    launch_timeout: float = 60.0,
     restart: str = "never",
     max_restarts: int = 3,
     restart_window: float = 60.0,
@@ -103,6 +104,7 @@ def ring_kernel(
     num_gpus: float = 0,
     num_cpus: float = 0,
     resources: dict[str, float] | None = None,
+    launch_timeout: float = 60.0,
     restart: str = "never",
     max_restarts: int = 3,
     restart_window: float = 60.0,
@@ -115,7 +117,8 @@ def ring_kernel(
     On ``async def kernel(ctx)`` it is a host actor; on ``def handler(msg, out, state)``
     a compiled kernel for the ``cpu``/``cuda`` backends (``backend`` defaults to
     ``"auto"``). ``num_gpus``, ``num_cpus`` and ``resources`` are what the kernel's
-    Ray actor reserves on a cluster runtime (see ``RingKernelConfig``).
+    Ray actor reserves on a cluster runtime, waiting at most ``launch_timeout`` seconds
+    for them (see ``RingKernelConfig``).
     ``restart="on-failure"`` has the runtime restart the kernel when its handler
     raises, on the same queues, up to ``max_restarts`` times within
     ``restart_window`` seconds, waiting ``restart_backoff`` seconds (doubling) before
@@ -147,6 +150,7 @@ def ring_kernel(
             num_gpus=num_gpus,
             num_cpus=num_cpus,
             resources={} if resources is None else resources,
+            launch_timeout=launch_timeout,
             extra=options,
             restart=restart,
             max_restarts=max_restarts,

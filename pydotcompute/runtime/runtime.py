@@ -183,6 +183,10 @@ class RingKernelRuntime:
         self.enable_telemetry = enable_telemetry
         self.default_queue_size = default_queue_size
         self.backend = backend
+        if journal is not None:
+            from pydotcompute.coordinator.journal import open_journal  # the layer above
+
+            open_journal(journal)  # a journal that cannot be written is refused now
         self.journal = journal
         self._cluster = RayCluster(cluster) if cluster is not None else None
         self._kernels: dict[str, _Kernel] = {}
@@ -195,6 +199,27 @@ class RingKernelRuntime:
         self._closed = False
         self._started = False
         self._workflows: Any = None  # the WorkflowEngine, made on first use
+
+    def __repr__(self) -> str:
+        states: dict[str, int] = {}
+        for k in list(self._kernels.values()):
+            states[k.state.name.lower()] = states.get(k.state.name.lower(), 0) + 1
+        kernels = ", ".join(f"{n} {s}" for s, n in sorted(states.items())) or "none"
+        parts = [f"backend={self.backend}", f"kernels: {kernels}"]
+        if self._flows:
+            parts.append(f"flows: {len(self._flows)}")
+        if self.journal is not None:
+            where = getattr(self.journal, "where", None) or str(self.journal)
+            if "://" in where:  # never show a DSN's password
+                from pydotcompute.coordinator.journal_postgres import redact
+
+                where = redact(where)
+            parts.append(f"journal {where}")
+        if self._metrics_server is not None:
+            parts.append(f"dashboard {self._metrics_server.dashboard_url}")
+        if self._closed:
+            parts.append("shut down")
+        return f"<RingKernelRuntime {', '.join(parts)}>"
 
     # -- context manager -------------------------------------------------------------
 
@@ -428,32 +453,62 @@ class RingKernelRuntime:
         self._flows[name] = flow
         return flow
 
+    @property
+    def flows(self) -> dict[str, Any]:
+        """The flows deployed on this runtime, by name (a copy)."""
+        return dict(self._flows)
+
     def get_flow_telemetry(self) -> dict[str, dict[str, int]]:
         """Counters of every flow deployed on this runtime, by flow name."""
         return {name: flow.counters() for name, flow in list(self._flows.items())}
 
     def serve_metrics(
-        self, port: int = 0, addr: str = "127.0.0.1", registry: Any = None
+        self,
+        port: int | None = None,
+        addr: str = "127.0.0.1",
+        registry: Any = None,
+        *,
+        actions: bool = False,
+        history_interval: float | None = 1.0,
     ) -> tuple[str, int]:
-        """Serve Prometheus metrics on ``/metrics`` (and the dashboard on ``/``) from
-        this runtime's event loop (call it there); returns the bound ``(host, port)``.
-        Nothing listens unless this is called; the server stops at shutdown. A second
-        call returns the running server's address. ``registry`` may be your own
-        ``CollectorRegistry``.
+        """Serve Prometheus metrics on ``/metrics`` and the dashboard on ``/`` from this
+        runtime's event loop (call it there); returns the bound ``(host, port)``.
+
+        ``port``: 9464 by default (``PYDOTCOMPUTE_METRICS_PORT`` overrides), where
+        ``pydotcompute top`` and ``dashboard`` look; 0 picks a free one. ``addr``:
+        loopback by default. The dashboard shows the kernels, the flows deployed here
+        and the journal's flows, workflows and pending tasks, with an hour of history
+        sampled every ``history_interval`` s; ``actions=True`` lets its retry buttons
+        and answer forms change state. Nothing listens unless this is called; the server
+        stops at shutdown. A second call returns the running server's address.
+        ``registry`` may be your own ``CollectorRegistry``.
         """
         self._check_open()
         if self._metrics_server is None:
+            from pydotcompute.cli.dashboard_views import RuntimeViews  # the layer above
             from pydotcompute.telemetry.server import serve_metrics
 
+            views = RuntimeViews(self)
             self._metrics_server = serve_metrics(
-                self, port=port, addr=addr, registry=registry, loop=asyncio.get_running_loop()
+                self,
+                port=port,
+                addr=addr,
+                registry=registry,
+                loop=asyncio.get_running_loop(),
+                history_interval=history_interval,
+                views=views,
+                actions=actions,
             )
             self.add_closer(self._metrics_server.stop)
+            self.add_closer(views.close)
         return self._metrics_server.address  # type: ignore[no-any-return]
 
-    def serve_dashboard(self, port: int = 0, addr: str = "127.0.0.1") -> str:
-        """Serve the live dashboard (with ``/metrics``); returns the page's URL."""
-        self.serve_metrics(port=port, addr=addr)
+    def serve_dashboard(
+        self, port: int | None = None, addr: str = "127.0.0.1", *, actions: bool = False
+    ) -> str:
+        """Serve the live dashboard (with ``/metrics``, see ``serve_metrics``); returns
+        the page's URL."""
+        self.serve_metrics(port=port, addr=addr, actions=actions)
         return self._metrics_server.dashboard_url  # type: ignore[no-any-return]
 
     # -- workflows (pydotcompute.workflows.engine, on the runtime's journal) --
@@ -675,6 +730,10 @@ class RingKernelRuntime:
     def get_placement(self, kernel_id: str) -> KernelPlacement | None:
         """Where a cluster kernel runs (Ray node, actor, GPUs); None without a cluster."""
         return getattr(self._get(kernel_id).loop, "placement", None)
+
+    def get_kernel_spec(self, kernel_id: str) -> RingKernelSpec:
+        """What the kernel was launched with: function, message types, configuration."""
+        return self._get(kernel_id).spec
 
     def get_error(self, kernel_id: str) -> BaseException | None:
         """The exception that made the kernel FAILED, if any."""

@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pydotcompute.telemetry.collector import TelemetryCollector, TelemetrySource
     from pydotcompute.telemetry.gpu import GpuMonitor, GpuReading
-    from pydotcompute.telemetry.scrape import Scrape, parse_metrics
+    from pydotcompute.telemetry.history import MetricsHistory
+    from pydotcompute.telemetry.scrape import Scrape, parse_metrics, scrape_source
     from pydotcompute.telemetry.server import (
+        DashboardViews,
         MetricsServer,
+        default_metrics_port,
         serve_dashboard_proxy,
         serve_metrics,
     )
@@ -29,21 +32,29 @@ _WHERE = {
     "GpuReading": "gpu",
     "Scrape": "scrape",
     "parse_metrics": "scrape",
+    "scrape_source": "scrape",
+    "MetricsHistory": "history",
+    "DashboardViews": "server",
+    "default_metrics_port": "server",
     "MetricsServer": "server",
     "serve_metrics": "server",
     "serve_dashboard_proxy": "server",
 }
 
 __all__ = [
+    "DashboardViews",
     "GpuMonitor",
     "GpuReading",
     "KernelTelemetry",
     "LatencyRecorder",
+    "MetricsHistory",
     "MetricsServer",
     "Scrape",
     "TelemetryCollector",
     "TelemetrySource",
+    "default_metrics_port",
     "parse_metrics",
+    "scrape_source",
     "serve_dashboard_proxy",
     "serve_metrics",
 ]

@@ -20,8 +20,10 @@ from pydotcompute.telemetry.collector import (
     KERNEL_GAUGES,
     LATENCY_METRIC,
     STATE_METRIC,
+    TelemetrySource,
 )
-from pydotcompute.telemetry.gpu import GPU_GAUGES, NVML_AVAILABLE_METRIC
+from pydotcompute.telemetry.gpu import GPU_GAUGES, NVML_AVAILABLE_METRIC, GpuMonitor
+from pydotcompute.telemetry.snapshot import LATENCY_BUCKETS_NS
 
 __all__ = [
     "KernelSample",
@@ -33,6 +35,7 @@ __all__ = [
     "histogram_quantile",
     "counter_rate",
     "normalize_metrics_url",
+    "scrape_source",
 ]
 
 # sample name as it appears in the text -> field name
@@ -213,3 +216,42 @@ def bucket_delta(
     if any(c < 0 for _, c in delta):
         return current
     return delta
+
+
+_BOUNDS_S = [ns / 1e9 for ns in LATENCY_BUCKETS_NS] + [math.inf]
+_KERNEL_ATTRS = [attr for attr in _KERNEL_FIELDS.values()]
+
+
+def scrape_source(
+    source: TelemetrySource, gpu: GpuMonitor | None = None, now: float | None = None
+) -> Scrape:
+    """What a scrape of ``source``'s ``/metrics`` would say, read straight from its
+    snapshots (no text written and parsed back: a fraction of the cost). ``gpu``: a
+    monitor whose last readings are taken as they are (refresh it elsewhere)."""
+    scrape = Scrape(time=time.time() if now is None else now)
+    for kid, t in source.get_all_telemetry().items():
+        k = KernelSample(kid, t.backend, t.state.lower())
+        for attr in _KERNEL_ATTRS:
+            setattr(k, attr, float(getattr(t, attr)))
+        if t.latency_buckets:
+            cumulative = 0.0
+            for bound, count in zip(_BOUNDS_S, t.latency_buckets, strict=False):
+                cumulative += count
+                k.latency_buckets.append((bound, cumulative))
+            k.latency_sum_s = t.latency_sum_s
+        scrape.kernels[kid] = k
+    flow_reader = getattr(source, "get_flow_telemetry", None)
+    if flow_reader is not None:
+        for name, counts in flow_reader().items():
+            f = scrape.flows[name] = FlowSample(name)
+            for key, value in counts.items():
+                if hasattr(f, key):
+                    setattr(f, key, float(value))
+    if gpu is not None:
+        readings = gpu.read(refresh=False)
+        scrape.nvml_available = bool(readings)
+        for r in readings:
+            scrape.gpus[str(r.index)] = GpuSample(
+                str(r.index), **{attr: getattr(r, attr) for attr, _ in GPU_GAUGES.values()}
+            )
+    return scrape

@@ -133,6 +133,25 @@ class KernelTelemetry:
         """Input queue depth as a fraction of its capacity."""
         return self.queue_depth / self.queue_capacity if self.queue_capacity else 0.0
 
+    def __repr__(self) -> str:
+        # The counters a person looks for, not the 26 latency buckets.
+        parts = [
+            f"{self.kernel_id!r} {self.backend} {self.state}",
+            f"processed={self.messages_processed}",
+            f"queue={self.queue_depth}/{self.queue_capacity}",
+        ]
+        for name in ("messages_dropped", "messages_rejected", "errors", "restarts"):
+            value = getattr(self, name)
+            if value:
+                parts.append(f"{name.replace('messages_', '')}={value}")
+        if self.throughput:
+            parts.append(f"{self.throughput:,.0f} msg/s")
+        if self.latency_p50_us is not None:
+            parts.append(f"p50={self.latency_p50_us:.1f}µs")
+        if self.latency_p99_us is not None:
+            parts.append(f"p99={self.latency_p99_us:.1f}µs")
+        return f"KernelTelemetry({', '.join(parts)})"
+
     @property
     def messages_failed(self) -> int:
         """Alias of ``errors``: messages whose handling raised."""

@@ -8,7 +8,7 @@ It sits beside the coordinator and shares its journal; the runtime reaches it th
 
 from __future__ import annotations
 
-from pydotcompute.workflows.engine import WorkflowContext, WorkflowEngine
+from pydotcompute.workflows.engine import WorkflowContext, WorkflowEngine, find_task
 from pydotcompute.workflows.steps import (
     Activity,
     PendingTask,
@@ -29,6 +29,7 @@ __all__ = [
     "WorkflowEngine",
     "WorkflowStatus",
     "activity",
+    "find_task",
     "task",
     "workflow",
 ]

@@ -14,19 +14,25 @@ import builtins
 import dataclasses
 import hashlib
 import importlib
+import importlib.util
 import logging
+import os
 import pickle
 import random
+import sys
 import time
 import uuid
 from collections.abc import Awaitable
+from datetime import timedelta
 from typing import Any
 
 from pydotcompute.coordinator.flow import Flow, check_key
 from pydotcompute.coordinator.graph import Graph
 from pydotcompute.coordinator.journal import JournalConfig, open_journal
+from pydotcompute.coordinator.log_throttle import LogThrottle
 from pydotcompute.coordinator.plan import compile_graph
 from pydotcompute.coordinator.records import decode, encode
+from pydotcompute.coordinator.retention import Retention, seconds
 from pydotcompute.errors import (
     FlowClosedError,
     InvalidConfigurationError,
@@ -54,7 +60,7 @@ from pydotcompute.workflows.store import (
     WorkflowStore,
 )
 
-__all__ = ["WorkflowContext", "WorkflowEngine", "engine_for"]
+__all__ = ["WorkflowContext", "WorkflowEngine", "engine_for", "find_task"]
 
 log = logging.getLogger("pydotcompute.workflows")
 
@@ -208,16 +214,19 @@ class WorkflowContext:
         if kind == "task":
             await eng.record(self, pos, kind, name, blob, "waiting", None, None, call_key)
             return await eng.wait_task(call_key)
+        started = time.monotonic()
         try:
             out = await eng.run_step(kind, target, args, kwargs, call_key, self.key)
         except Exception as exc:
             if isinstance(exc, LostOwnership):
                 raise
             err_blob, text = pack_error(exc)
-            await eng.record(self, pos, kind, name, blob, FAILED, err_blob, text, None)
+            took = time.monotonic() - started
+            await eng.record(self, pos, kind, name, blob, FAILED, err_blob, text, None, took)
             raise
         out_blob = pack(out, f"result of {kind} {name}")
-        await eng.record(self, pos, kind, name, blob, DONE, out_blob, None, None)
+        took = time.monotonic() - started
+        await eng.record(self, pos, kind, name, blob, DONE, out_blob, None, None, took)
         return out
 
     async def all(self, *calls: Awaitable[Any]) -> list[Any]:
@@ -298,20 +307,30 @@ class WorkflowEngine:
         self.store = WorkflowStore(cfg, self.owner)
         self._runs: dict[str, asyncio.Task[None]] = {}
         self._known: dict[str, Workflow] = {}
+        self._tasks: dict[str, Task] = {}  # tasks this engine's workflows called
         self._answers: dict[str, asyncio.Future[bytes]] = {}
         self._flows: dict[str, Flow] = {}
         self._flow_lock = asyncio.Lock()
+        self._retention: asyncio.Task[None] | None = None
+        self._log = LogThrottle(log)  # retries, failures, takeovers: not one line per workflow
         self._closed = False
 
     # ---- lifetime -------------------------------------------------------------------
     async def open(self) -> WorkflowEngine:
         await self.store.open()
+        self._opened()
         return self
 
     def open_now(self) -> WorkflowEngine:
         """``open`` from synchronous code running on the event loop."""
         self.store.open_now()
+        self._opened()
         return self
+
+    def _opened(self) -> None:
+        rule = self.journal.retention
+        if rule is not None:
+            self._retention = asyncio.create_task(self._retention_loop(rule))
 
     async def __aenter__(self) -> WorkflowEngine:
         return await self.open()
@@ -324,10 +343,14 @@ class WorkflowEngine:
         if self._closed:
             return
         self._closed = True
+        if self._retention is not None:
+            self._retention.cancel()
+            await asyncio.wait([self._retention])
         await self._stop([*self._runs])
         for flow in self._flows.values():
             await flow.close()
         await self.store.close()
+        self._log.flush()
 
     async def _stop(self, keys: list[str]) -> None:
         tasks = [t for k in keys if (t := self._runs.get(k)) is not None]
@@ -364,6 +387,16 @@ class WorkflowEngine:
         except ValueError as exc:
             raise InvalidConfigurationError(str(exc)) from None
         if claimed and key not in self._runs:
+            if stored is not None:
+                self._log.log(
+                    logging.INFO,
+                    "took over",
+                    "workflow %r (%s) taken over here from a process that is gone or whose "
+                    "lease ran out; replaying its %d recorded calls",
+                    key,
+                    wf.name,
+                    len(history),
+                )
             self._drive(wf, key, value if stored is None else decode(stored), history)
         return key
 
@@ -388,6 +421,15 @@ class WorkflowEngine:
             except Exception as exc:
                 if ctx.lost or isinstance(exc, LostOwnership):
                     return
+                self._log.log(
+                    logging.WARNING,
+                    ("failed", wf.name),
+                    "workflow %r (%s) failed, %s: %s",
+                    key,
+                    wf.name,
+                    type(exc).__name__,
+                    exc,
+                )
                 err_blob, text = pack_error(exc)
                 await self.store.call(self.store.op_finish, key, FAILED, err_blob, text)
                 return
@@ -402,6 +444,7 @@ class WorkflowEngine:
         if isinstance(step, Workflow):
             return "workflow", step.name, step
         if isinstance(step, Task):
+            self._tasks[step.name] = step
             return "task", step.name, step
         if isinstance(step, str):
             return "kernel", step, step
@@ -422,7 +465,23 @@ class WorkflowEngine:
         parent: str,
     ) -> Any:
         if kind == "activity":
-            return await target.run(*args, **kwargs)
+
+            def retrying(attempt: int, exc: BaseException, delay: float) -> None:
+                self._log.log(
+                    logging.WARNING,
+                    ("retry", target.name),
+                    "workflow %r: activity %s failed (attempt %d of %d), %s: %s; retrying "
+                    "in %.3f s",
+                    parent,
+                    target.name,
+                    attempt,
+                    target.retry.attempts,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+
+            return await target.run_with(args, kwargs, retrying)
         if kind == "workflow":
             await self.start(target, args[0], key=call_key, parent=parent)
             return await self.result(call_key)
@@ -459,10 +518,22 @@ class WorkflowEngine:
         result: bytes | None,
         error: str | None,
         task_key: str | None,
+        took: float = 0.0,
     ) -> None:
+        """Journal one call; ``took``: seconds it ran (its record starts that long ago)."""
         try:
             await self.store.call(
-                self.store.op_call, ctx.key, pos, kind, step, args, state, result, error, task_key
+                self.store.op_call,
+                ctx.key,
+                pos,
+                kind,
+                step,
+                args,
+                state,
+                result,
+                error,
+                task_key,
+                took,
             )
         except LostOwnership:
             ctx.lost = True
@@ -485,7 +556,7 @@ class WorkflowEngine:
         self._answers[task_key] = fut
         try:
             while True:
-                rows = self.store.read(
+                rows = await self.store.aread(
                     "SELECT state, result FROM workflow_calls WHERE task_key=?", task_key
                 )
                 if rows and rows[0][0] == DONE:
@@ -496,6 +567,12 @@ class WorkflowEngine:
                     continue
         finally:
             self._answers.pop(task_key, None)
+
+    def task(self, name: str) -> Task:
+        """The task called ``name`` in the journal: one this engine's workflows called,
+        else found by its ``module:qualname`` (see :func:`find_task`)."""
+        known = self._tasks.get(name)
+        return known if known is not None else find_task(name)
 
     def pending(self, task: Task) -> list[PendingTask]:
         """Items of ``task`` waiting for an answer, oldest first (running workflows only)."""
@@ -513,7 +590,7 @@ class WorkflowEngine:
         workflow ended). An exception from the task's function is raised here and the
         item stays pending."""
         self._check_open()
-        rows = self.store.read(
+        rows = await self.store.aread(
             "SELECT args FROM workflow_calls WHERE task_key=? AND step=? AND state='waiting'",
             key,
             task.name,
@@ -539,7 +616,9 @@ class WorkflowEngine:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            rows = self.store.read("SELECT state, result, error FROM workflows WHERE key=?", key)
+            rows = await self.store.aread(
+                "SELECT state, result, error FROM workflows WHERE key=?", key
+            )
             if not rows:
                 raise WorkflowNotFoundError(f"no workflow {key!r} in the journal")
             state, blob, error = rows[0]
@@ -620,7 +699,7 @@ class WorkflowEngine:
             self._known[wf.name] = wf
         names = {wf.name for wf in workflows}
         resumed = []
-        for key, name in self.store.read(
+        for key, name in await self.store.aread(
             "SELECT key, name FROM workflows WHERE state='running' AND parent IS NULL "
             "ORDER BY created"
         ):
@@ -633,7 +712,42 @@ class WorkflowEngine:
             if claimed and key not in self._runs:
                 self._drive(wf, key, decode(blob), history)
                 resumed.append(key)
+        if resumed:
+            log.info(
+                "workflows: resumed %d running workflows that no process held (%s%s)",
+                len(resumed),
+                ", ".join(repr(k) for k in resumed[:5]),
+                ", ..." if len(resumed) > 5 else "",
+            )
         return resumed
+
+    async def prune(
+        self, older_than: float | timedelta | None = None, keep: int | None = None
+    ) -> int:
+        """Forget finished top-level workflows (done, failed or cancelled) that ended
+        more than ``older_than`` seconds ago (or a ``timedelta``), and beyond the newest
+        ``keep``; give one or both. Each goes with its calls, child workflows and graph
+        items; one with a workflow still running below it stays. Returns how many went."""
+        self._check_open()
+        rule = Retention(seconds(older_than, "older_than"), keep)
+        total = 0
+        after = None
+        while True:  # a few hundred per transaction: other writes go on in between
+            n, after = await self.store.call(self.store.op_prune, rule, after)
+            total += n
+            if after is None:
+                return total
+
+    async def _retention_loop(self, rule: Retention) -> None:
+        """Prune by the journal's retention rule now and every ``rule.every`` seconds."""
+        while True:
+            try:
+                n = await self.prune(rule.older_than, rule.keep)
+            except FlowClosedError:
+                return
+            if n:
+                log.info("workflows: pruned %d finished workflows (%s)", n, rule)
+            await asyncio.sleep(rule.every)
 
     def _resolve(self, name: str) -> Workflow:
         wf = self._known.get(name)
@@ -652,6 +766,85 @@ class WorkflowEngine:
             raise InvalidConfigurationError(f"{name!r} is not a @workflow")
         self._known[name] = obj
         return obj
+
+
+def find_task(name: str, where: str | None = None) -> Task:
+    """The :class:`Task` the journal calls ``name``, whose function checks an answer.
+
+    ``where``: the module (``pkg.mod``) or the file (``path/to/app.py``) that declares
+    it; by default the module of a ``module:qualname`` name is imported (``__main__``
+    is the running program). A task whose script ran as ``__main__`` is found in that
+    file by its qualname. Raises ``InvalidConfigurationError`` saying what to give.
+    """
+    module_name, sep, qualname = name.partition(":")
+    if where is not None:
+        module = _load_module(where)
+        tasks = [v for v in vars(module).values() if isinstance(v, Task)]
+        for t in tasks:
+            if t.name == name:
+                return t
+        obj = _attribute(module, qualname) if sep else None
+        if isinstance(obj, Task):  # the same function, loaded under another module name
+            return Task(obj.fn, name=name)
+        names = ", ".join(sorted(t.name for t in tasks)) or "none"
+        raise InvalidConfigurationError(
+            f"{where} declares no task named {name!r} (its tasks: {names})"
+        )
+    if not sep:
+        raise InvalidConfigurationError(
+            f"task {name!r} does not say which module declares it: give the module or file "
+            f"that does, or, for a task declared without a function (task({name!r})), "
+            "take the answer as it is"
+        )
+    try:
+        module = sys.modules["__main__"] if module_name == "__main__" else None
+        module = module or importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InvalidConfigurationError(
+            f"task {name!r}: module {module_name!r} cannot be imported here ({exc}); "
+            "run where it can (PYTHONPATH), or give the file that declares the task"
+        ) from exc
+    obj = _attribute(module, qualname)
+    if not isinstance(obj, Task):
+        hint = (
+            "it was declared in a script run as the main program: give that script's file"
+            if module_name == "__main__"
+            else f"{module_name} has no task {qualname!r}"
+        )
+        raise InvalidConfigurationError(f"task {name!r} is not found here: {hint}")
+    return obj
+
+
+def _attribute(module: Any, qualname: str) -> Any:
+    obj: Any = module
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _load_module(where: str) -> Any:
+    """A module by name, or a Python file loaded as a module of its own (its
+    ``if __name__ == "__main__"`` part does not run)."""
+    if where.endswith(".py") or os.sep in where:
+        path = os.path.abspath(where)
+        if not os.path.isfile(path):
+            raise InvalidConfigurationError(f"no Python file at {where}")
+        stem = os.path.splitext(os.path.basename(path))[0]
+        spec = importlib.util.spec_from_file_location(f"_pydotcompute_tasks_{stem}", path)
+        if spec is None or spec.loader is None:
+            raise InvalidConfigurationError(f"{where} cannot be loaded as Python")
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            raise InvalidConfigurationError(f"{where} failed to load: {exc!r}") from exc
+        return module
+    try:
+        return importlib.import_module(where)
+    except ImportError as exc:
+        raise InvalidConfigurationError(f"module {where!r} cannot be imported: {exc}") from exc
 
 
 _STATUS = "SELECT key, name, state, calls, step, error, parent, created, updated FROM workflows"

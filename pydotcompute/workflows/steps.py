@@ -75,6 +75,15 @@ class Activity:
 
     async def run(self, *args: Any, **kwargs: Any) -> Any:
         """One call with this activity's retries, back-off and timeout."""
+        return await self.run_with(args, kwargs)
+
+    async def run_with(
+        self,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        on_retry: Callable[[int, BaseException, float], None] | None = None,
+    ) -> Any:
+        """``run``, telling ``on_retry(attempt, error, delay)`` before each retry."""
         attempt = 0
         while True:
             attempt += 1
@@ -83,7 +92,10 @@ class Activity:
             except Exception as exc:
                 if not self.retry.should_retry(attempt, exc):
                     raise
-                await asyncio.sleep(self.retry.delay(attempt))
+                delay = self.retry.delay(attempt)
+                if on_retry is not None:
+                    on_retry(attempt, exc, delay)
+                await asyncio.sleep(delay)
 
     async def _once(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.timeout is None:

@@ -12,12 +12,23 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
-from pydotcompute.coordinator.journal import JournalConfig, pid_alive
+from pydotcompute.coordinator.journal import JournalConfig, register_owner
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
+from pydotcompute.coordinator.retention import BATCH, GRAPH_FLOWS, Retention, prune_bound
 
-__all__ = ["CallRow", "WorkflowStore"]
+__all__ = [
+    "CallRow",
+    "WorkflowStore",
+    "forget_children",
+    "prune_workflows",
+    "read_calls",
+    "read_pending_tasks",
+    "read_workflow",
+    "read_workflows",
+]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS workflows(
@@ -27,6 +38,8 @@ CREATE TABLE IF NOT EXISTS workflows(
     created REAL NOT NULL, updated REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS workflows_state ON workflows(state, created);
 CREATE INDEX IF NOT EXISTS workflows_parent ON workflows(parent) WHERE parent IS NOT NULL;
+CREATE INDEX IF NOT EXISTS workflows_finished ON workflows(updated, key)
+    WHERE parent IS NULL AND state <> 'running';
 CREATE TABLE IF NOT EXISTS workflow_calls(
     workflow TEXT NOT NULL, pos INTEGER NOT NULL, kind TEXT NOT NULL, step TEXT NOT NULL,
     args BLOB NOT NULL, state TEXT NOT NULL, result BLOB, error TEXT, task_key TEXT,
@@ -40,12 +53,81 @@ CallRow = tuple[str, str, bytes, str, bytes | None, str | None, str | None]
 # (kind, step, args, state, result, error, task_key)
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
+ENGINES = ""  # the ``flow`` of workflow engines in the journal's owners table
 STATES = (RUNNING, DONE, FAILED, CANCELLED)
 
 # The workflow and every workflow started from it, at any depth.
 DESCENDANTS = """WITH RECURSIVE d(k) AS (
     SELECT key FROM workflows WHERE key=?
     UNION SELECT w.key FROM workflows w JOIN d ON w.parent = d.k) """
+
+
+def forget_children(conn: Any, key: str) -> None:
+    """Delete every record a workflow's calls made: call rows, child workflows (at any
+    depth) and the items its graph calls put into flows (keyed ``<key>/<pos>``)."""
+    keys = [r[0] for r in conn.execute(DESCENDANTS + "SELECT k FROM d", (key,)).fetchall()]
+    graphs = [
+        r[0]
+        for r in conn.execute("SELECT name FROM flows WHERE name LIKE ?", (GRAPH_FLOWS,)).fetchall()
+    ]
+    for k in keys:
+        conn.execute("DELETE FROM workflow_calls WHERE workflow=?", (k,))
+        # Keys from "<k>/" up to "<k>0" ("0" follows "/"): a range the (flow, key)
+        # indexes find, where a prefix test read every row of the table.
+        low, high = k + "/", k + "0"
+        for flow in graphs:
+            for table in ("items", "tokens", "results", "dead_letters"):
+                conn.execute(
+                    f"DELETE FROM {table} WHERE flow=? AND key>=? AND key<?", (flow, low, high)
+                )
+    conn.execute(
+        DESCENDANTS + "DELETE FROM workflows WHERE key IN (SELECT k FROM d) AND key<>?",
+        (key, key),
+    )
+
+
+def prune_workflows(
+    conn: Any,
+    dialect: Any,
+    now: float,
+    rule: Retention,
+    after: tuple[float, str] | None,
+    limit: int = BATCH,
+) -> tuple[int, tuple[float, str] | None]:
+    """Inside an open write transaction: delete up to ``limit`` finished top-level
+    workflows that ``rule`` lets go (after ``after``, the (updated, key) where the last
+    call stopped), each with everything it made; one with a workflow still running below
+    it stays. Returns how many went and where to go on (None: done for now)."""
+    finished = "parent IS NULL AND state <> 'running'"  # the workflows_finished index
+    bound = prune_bound(
+        conn,
+        f"SELECT updated, key FROM workflows WHERE {finished} "
+        "ORDER BY updated DESC, key DESC LIMIT 1 OFFSET ?",
+        [],
+        rule,
+        now,
+    )
+    if bound is None:
+        return 0, None
+    sql = f"SELECT key, updated FROM workflows WHERE {finished} AND (updated < ? OR (updated = ? AND key <= ?))"
+    args: list[Any] = [bound[0], bound[0], bound[1]]
+    if after is not None:
+        sql += " AND (updated > ? OR (updated = ? AND key > ?))"
+        args += [after[0], after[0], after[1]]
+    rows = conn.execute(
+        sql + " ORDER BY updated, key LIMIT ?" + dialect.for_update, [*args, limit]
+    ).fetchall()
+    gone = 0
+    for key, _ in rows:
+        busy = conn.execute(
+            DESCENDANTS + "SELECT 1 FROM workflows WHERE key IN (SELECT k FROM d) "
+            "AND state='running' LIMIT 1",
+            (key,),
+        ).fetchone()
+        if busy is None:
+            forget_children(conn, key)
+            gone += conn.execute("DELETE FROM workflows WHERE key=?", (key,)).rowcount
+    return gone, ((float(rows[-1][1]), rows[-1][0]) if len(rows) == limit else None)
 
 
 class LostOwnership(Exception):
@@ -75,6 +157,12 @@ class WorkflowStore(JournalWriter):
     # ---- writer hooks -------------------------------------------------------------------
     def setup(self, conn: Any, now: float) -> None:
         self.dialect.create(conn, SCHEMA)
+        self.rejoin(conn, now)
+
+    def rejoin(self, conn: Any, now: float) -> None:
+        # Listed among the journal's owners (under no flow), holding a liveness lock:
+        # how other engines know for sure that this one died (``coordinator.liveness``).
+        register_owner(conn, self.dialect, self.owner, ENGINES, now)
 
     def apply(self, conn: Any, now: float, ops: list[Op]) -> list[Any]:
         results: list[Any] = []
@@ -106,12 +194,21 @@ class WorkflowStore(JournalWriter):
         if cur.rowcount != 1:
             raise LostOwnership(key)
 
-    def _claimable(self, row: tuple[Any, ...], now: float) -> bool:
-        owner, host, pid, until = row
+    def _claimable(self, conn: Any, row: tuple[Any, ...], now: float) -> bool:
+        owner, _host, _pid, until = row
         if owner is None or owner == self.owner or until < now:
             return True
-        # A process on this host that is gone cannot renew its lease: no need to wait.
-        return host == self.host and pid != self.pid and not pid_alive(pid)
+        # An engine whose liveness lock is free is gone and cannot renew its lease: free
+        # every workflow it held now instead of waiting for the lease.
+        seen = conn.execute("SELECT seen FROM owners WHERE owner=?", (owner,)).fetchone()
+        if seen is None or not self.dialect.owners.dead(conn, owner, seen[0]):
+            return False
+        conn.execute(
+            "UPDATE workflows SET owner=NULL, lease_until=0 WHERE owner=? AND state='running'",
+            (owner,),
+        )
+        conn.execute("DELETE FROM owners WHERE owner=?", (owner,))
+        return True
 
     def _claim(self, conn: Any, key: str, now: float) -> None:
         conn.execute(
@@ -156,7 +253,7 @@ class WorkflowStore(JournalWriter):
         ).fetchone()
         if row[0] != name:
             raise ValueError(f"workflow key {key!r} is already used by workflow {row[0]!r}")
-        if row[1] != RUNNING or not self._claimable(row[2:6], now):
+        if row[1] != RUNNING or not self._claimable(conn, row[2:6], now):
             return row[1], False, {}, None
         self._claim(conn, key, now)
         return RUNNING, True, self.history(conn, key), row[6]
@@ -184,8 +281,11 @@ class WorkflowStore(JournalWriter):
         result: bytes | None,
         error: str | None,
         task_key: str | None,
+        took: float = 0.0,
     ) -> None:
-        """Record one call at ``pos``: done, failed, or (a task) waiting."""
+        """Record one call at ``pos``: done, failed, or (a task) waiting. ``took``: how
+        long it ran, measured by the caller; ``created`` is when it started by the
+        journal's clock, ``finished`` when it was recorded."""
         self._own(conn, key, now, step)
         conn.execute(
             "INSERT INTO workflow_calls VALUES(?,?,?,?,?,?,?,?,?,?,?)",
@@ -199,7 +299,7 @@ class WorkflowStore(JournalWriter):
                 result,
                 error,
                 task_key,
-                now,
+                now - max(0.0, took),
                 None if state == "waiting" else now,
             ),
         )
@@ -257,22 +357,7 @@ class WorkflowStore(JournalWriter):
         return keys
 
     def _forget_children(self, conn: Any, key: str) -> None:
-        """Delete every record a workflow's calls made: call rows, child workflows (at any
-        depth) and the items its graph calls put into flows (keyed ``<key>/<pos>``)."""
-        keys = [r[0] for r in conn.execute(DESCENDANTS + "SELECT k FROM d", (key,))]
-        for k in keys:
-            conn.execute("DELETE FROM workflow_calls WHERE workflow=?", (k,))
-            prefix = k + "/"
-            for table in ("items", "tokens", "results", "dead_letters"):
-                conn.execute(
-                    f"DELETE FROM {table} WHERE flow LIKE 'workflow-graph-%' "
-                    "AND substr(key, 1, ?)=?",
-                    (len(prefix), prefix),
-                )
-        conn.execute(
-            DESCENDANTS + "DELETE FROM workflows WHERE key IN (SELECT k FROM d) AND key<>?",
-            (key, key),
-        )
+        forget_children(conn, key)
 
     def op_restart(self, conn: Any, now: float, key: str) -> tuple[str, bytes]:
         """Forget everything the workflow did and run it again, owned by us: (name, input)."""
@@ -297,6 +382,68 @@ class WorkflowStore(JournalWriter):
             "UPDATE workflows SET lease_until=? WHERE owner=? AND state='running'",
             (now + self.journal.lease, self.owner),
         )
+        conn.execute("UPDATE owners SET seen=? WHERE owner=?", (now, self.owner))
+
+    def op_prune(
+        self, conn: Any, now: float, rule: Retention, after: tuple[float, str] | None
+    ) -> tuple[int, tuple[float, str] | None]:
+        """Up to ``BATCH`` finished top-level workflows that ``rule`` lets go."""
+        return prune_workflows(conn, self.dialect, now, rule, after)
 
     def op_release(self, conn: Any, now: float) -> None:
         conn.execute("UPDATE workflows SET owner=NULL, lease_until=0 WHERE owner=?", (self.owner,))
+        conn.execute("DELETE FROM owners WHERE owner=?", (self.owner,))
+
+
+# ---- reads for people looking at a journal (the journal commands, the dashboard) --------
+Read = Callable[..., list[Any]]
+"""``read(sql, *args)``: rows of a query on committed state."""
+
+WORKFLOW_COLUMNS = "key, name, state, calls, step, error, parent, created, updated"
+
+
+def read_workflows(
+    read: Read, states: list[str] | None = None, limit: int | None = None
+) -> list[Any]:
+    """Workflows (``WORKFLOW_COLUMNS``), oldest first; only those in ``states`` if given."""
+    sql = f"SELECT {WORKFLOW_COLUMNS} FROM workflows"
+    args: list[Any] = []
+    if states:
+        sql += f" WHERE state IN ({','.join('?' * len(states))})"
+        args += states
+    sql += " ORDER BY created, key"
+    if limit is not None:
+        sql += f" LIMIT {int(limit)}"
+    return read(sql, *args)
+
+
+def read_workflow(read: Read, key: str) -> Any | None:
+    """One workflow: ``WORKFLOW_COLUMNS``, then its pickled input and result; None if
+    the journal has no such key."""
+    rows = read(f"SELECT {WORKFLOW_COLUMNS}, input, result FROM workflows WHERE key=?", key)
+    return rows[0] if rows else None
+
+
+def read_calls(read: Read, key: str) -> list[Any]:
+    """The workflow's recorded calls in order: pos, kind, step, args, state, result,
+    error, task_key, created (when it started), finished."""
+    return read(
+        "SELECT pos, kind, step, args, state, result, error, task_key, created, finished "
+        "FROM workflow_calls WHERE workflow=? ORDER BY pos",
+        key,
+    )
+
+
+def read_pending_tasks(read: Read, step: str | None = None) -> list[Any]:
+    """Task items waiting for an answer in running workflows, oldest first: task_key,
+    step (the task's name), workflow, args (pickled ``((request,), {})``), created."""
+    sql = (
+        "SELECT c.task_key, c.step, c.workflow, c.args, c.created FROM workflow_calls c "
+        "JOIN workflows w ON w.key=c.workflow WHERE c.kind='task' AND c.state='waiting' "
+        "AND w.state='running'"
+    )
+    args: list[Any] = []
+    if step is not None:
+        sql += " AND c.step=?"
+        args.append(step)
+    return read(sql + " ORDER BY c.created, c.task_key", *args)
