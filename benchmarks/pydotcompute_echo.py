@@ -26,6 +26,10 @@ extracts it there with pip. uvloop must be installed (``pip install uvloop``).
 
     python benchmarks/pydotcompute_echo.py --reference DIR [--messages N] [--repeats R]
 
+A third side, the asyncio floor, runs the same messages through the cheapest asyncio
+actor that does the same work (two deques, a future per wait, no runtime at all): it
+is what the standard loop itself costs, and the p50 goal is measured against it too.
+
 Goals: throughput >= 2.2x PyDotCompute's, p50 latency <= 0.3x.
 """
 
@@ -40,12 +44,14 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 WINDOW = 256
 REFERENCE_VERSION = "0.2.0"
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_THROUGHPUT = 2.2
 GOAL_P50 = 0.3
+FLOOR = "asyncio floor"
 
 HOW_TO_GET_REFERENCE = (
     f"get PyDotCompute {REFERENCE_VERSION}'s source (never install it: its import name is this package's):\n"
@@ -148,6 +154,100 @@ def child(messages: int) -> None:
     print(json.dumps(asyncio.run(main())))
 
 
+def floor_child(messages: int) -> None:
+    """The same workload on the cheapest asyncio actor that does the same work: the
+    same messages (built the same way, ``uuid4`` ids included) through two deques,
+    one future per wait, on the standard loop; no lifecycle, timeouts, typing checks,
+    backpressure or telemetry. No runtime can go below it on this loop."""
+    import asyncio
+    import time
+    from collections import deque
+    from dataclasses import dataclass, field
+    from uuid import UUID, uuid4
+
+    @dataclass
+    class EchoRequest:
+        value: str
+        message_id: UUID = field(default_factory=uuid4)
+        priority: int = 128
+        correlation_id: UUID | None = None
+
+    @dataclass
+    class EchoResponse:
+        value: str
+        message_id: UUID = field(default_factory=uuid4)
+        priority: int = 128
+        correlation_id: UUID | None = None
+
+    async def main() -> dict[str, object]:
+        loop = asyncio.get_running_loop()
+        inbox: deque[EchoRequest] = deque()
+        outbox: deque[EchoResponse] = deque()
+        waiting: dict[str, asyncio.Future[None] | None] = {"in": None, "out": None}
+
+        def wake(side: str) -> None:
+            fut = waiting[side]
+            if fut is not None:
+                waiting[side] = None
+                fut.set_result(None)
+
+        async def take(q: deque[Any], side: str) -> Any:
+            while not q:
+                fut = loop.create_future()
+                waiting[side] = fut
+                await fut
+            return q.popleft()
+
+        async def actor() -> None:
+            while True:
+                msg = inbox.popleft() if inbox else await take(inbox, "in")
+                outbox.append(EchoResponse(value=msg.value, correlation_id=msg.message_id))
+                wake("out")
+
+        async def send(m: EchoRequest) -> None:
+            inbox.append(m)
+            wake("in")
+
+        async def throughput(n: int) -> float:
+            t0 = time.perf_counter()
+            for _ in range(WINDOW):
+                await send(EchoRequest(value="ping"))
+            for _ in range(n - WINDOW):
+                _ = outbox.popleft() if outbox else await take(outbox, "out")
+                await send(EchoRequest(value="ping"))
+            for _ in range(WINDOW):
+                _ = outbox.popleft() if outbox else await take(outbox, "out")
+            return n / (time.perf_counter() - t0)
+
+        async def latency(n: int) -> list[int]:
+            samples = []
+            clock = time.perf_counter_ns
+            for _ in range(n):
+                t0 = clock()
+                await send(EchoRequest(value="ping"))
+                reply = await take(outbox, "out")
+                samples.append(clock() - t0)
+                assert reply.value == "ping"
+            return samples
+
+        task = asyncio.ensure_future(actor())
+        await throughput(max(messages // 10, 2 * WINDOW))  # warm up
+        rate = await throughput(messages)
+        samples = sorted(await latency(max(messages // 10, 100)))
+        task.cancel()
+        loop_type = type(loop)
+        return {
+            "version": "-",
+            "path": "-",
+            "loop": f"{loop_type.__module__}.{loop_type.__qualname__}",
+            "throughput": rate,
+            "p50_us": samples[len(samples) // 2] / 1000,
+            "p99_us": samples[int(len(samples) * 0.99)] / 1000,
+        }
+
+    print(json.dumps(asyncio.run(main())))
+
+
 # -- the parent: finds both packages, runs the children, prints the ratios ---------------
 
 
@@ -188,13 +288,16 @@ def fetch_reference(dest: Path) -> Path:
     return dest / f"pydotcompute-{REFERENCE_VERSION}"
 
 
-def run_child(package_root: Path, messages: int) -> dict[str, object]:
+def run_child(package_root: Path | None, messages: int) -> dict[str, object]:
+    """One run in a child process: of the package at ``package_root``, or of the
+    asyncio floor when it is None."""
     # Only the package under test may be importable as pydotcompute: PYTHONPATH names
     # it alone, and the script's folder (sys.path[0]) holds no pydotcompute.
-    env = dict(os.environ, PYTHONPATH=str(package_root))
+    env = dict(os.environ, PYTHONPATH=str(package_root or ""))
+    mode = "--child" if package_root is not None else "--floor-child"
     with tempfile.TemporaryDirectory() as cwd:  # nothing importable in the cwd either
         proc = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", str(messages)],
+            [sys.executable, str(Path(__file__).resolve()), mode, str(messages)],
             env=env,
             cwd=cwd,
             capture_output=True,
@@ -206,6 +309,8 @@ def run_child(package_root: Path, messages: int) -> dict[str, object]:
             f"the run on {package_root} failed:\n{proc.stdout[-2000:]}{proc.stderr[-4000:]}"
         )
     result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    if package_root is None:
+        return result
     if Path(str(result["path"])).resolve() != (package_root / "pydotcompute").resolve():
         raise SystemExit(f"expected the package of {package_root}, ran {result['path']}")
     return result
@@ -217,7 +322,7 @@ def _spread(values: list[float], fmt: str) -> str:
 
 
 def main(messages: int, repeats: int, reference: Path | None, ours_only: bool) -> int:
-    sides = {"pydotcompute": ROOT}
+    sides: dict[str, Path | None] = {"pydotcompute": ROOT}
     if not ours_only:
         problems = [p for p in (reference_problem(reference), uvloop_problem()) if p]
         if problems:
@@ -229,6 +334,7 @@ def main(messages: int, repeats: int, reference: Path | None, ours_only: bool) -
             return 2
         assert reference is not None
         sides["PyDotCompute " + REFERENCE_VERSION] = reference
+    sides[FLOOR] = None
     names = list(sides)
     runs: dict[str, list[dict[str, object]]] = {name: [] for name in names}
     for r in range(repeats):
@@ -239,7 +345,10 @@ def main(messages: int, repeats: int, reference: Path | None, ours_only: bool) -
     print("median [lowest-highest] over the repetitions; ratios are per repetition\n")
     for name in names:
         first = runs[name][0]
-        print(f"{name} {first['version']} from {first['path']} on {first['loop']}")
+        if name == FLOOR:
+            print(f"{name}: the same messages through two deques on {first['loop']}")
+        else:
+            print(f"{name} {first['version']} from {first['path']} on {first['loop']}")
     metrics = (
         ("throughput", "msg/s, window of 256", ",.0f", f"goal >= {GOAL_THROUGHPUT}"),
         ("p50_us", "latency p50 (us), one at a time", ".1f", f"goal <= {GOAL_P50}"),
@@ -250,17 +359,27 @@ def main(messages: int, repeats: int, reference: Path | None, ours_only: bool) -
         for name in names:
             values = [float(run[key]) for run in runs[name]]  # type: ignore[arg-type]
             print(f"  {name:22}{_spread(values, fmt):>36}")
-        if len(names) == 2:
-            ours, theirs = ([float(run[key]) for run in runs[n]] for n in names)  # type: ignore[arg-type]
-            ratio = [o / t for o, t in zip(ours, theirs, strict=True)]
-            note = f"   ({goal})" if goal else ""
-            print(f"  {'ratio':22}{_spread(ratio, '.2f'):>36}{note}")
+        values = {n: [float(run[key]) for run in runs[n]] for n in names}  # type: ignore[arg-type]
+        pairs = [("pydotcompute", FLOOR, "vs the floor", "")]
+        if len(names) == 3:
+            theirs = names[1]
+            pairs = [
+                ("pydotcompute", theirs, "ratio", f"   ({goal})" if goal else ""),
+                (FLOOR, theirs, "floor ratio", "   (the same work with no runtime)"),
+                *pairs,
+            ]
+        for a, b, label, note in pairs:
+            ratio = [x / y for x, y in zip(values[a], values[b], strict=True)]
+            print(f"  {label:22}{_spread(ratio, '.2f'):>36}{note}")
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         child(int(sys.argv[2]))
+        sys.exit(0)
+    if len(sys.argv) == 3 and sys.argv[1] == "--floor-child":
+        floor_child(int(sys.argv[2]))
         sys.exit(0)
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--messages", type=int, default=100_000)
