@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 __all__ = [
     "PyDotComputeError",
@@ -67,7 +68,7 @@ class QueueFullError(PyDotComputeError):
 # asyncio.TimeoutError is the built-in TimeoutError from Python 3.11 on; on 3.10 it is a
 # separate class, and code may catch either, so derive from both there.
 _timeout_bases: tuple[type[BaseException], ...] = (asyncio.TimeoutError,)
-if asyncio.TimeoutError is not TimeoutError:  # pragma: no cover - Python 3.10 only
+if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10 only
     _timeout_bases += (TimeoutError,)
 
 

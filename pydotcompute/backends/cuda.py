@@ -95,7 +95,7 @@ def _non_blocking_stream() -> Any:
     flags = drv.binding.CUstream_flags.CU_STREAM_NON_BLOCKING.value
     handle = drv.driver.cuStreamCreate(flags)
     finalizer = drv._stream_finalizer(ctx.deallocations, handle)
-    return drv.Stream(handle, finalizer=finalizer)  # type: ignore[call-arg]
+    return drv.Stream(handle, finalizer=finalizer)
 
 
 def _mapped_bytes(nbytes: int) -> tuple[Any, np.ndarray]:
@@ -180,7 +180,7 @@ class CudaKernelLoop(RingFedLoop):
 
     def __new__(
         cls, kernel_id: str, func: Callable[..., Any], config: RingKernelConfig, *args: Any
-    ) -> Any:  # type: ignore[misc]
+    ) -> Any:
         # A kernel declared with ``cuda_source=`` is CUDA C++, not a numba-cuda loop.
         if cls is CudaKernelLoop and config.extra.get("cuda_source") is not None:
             from pydotcompute.backends.cuda_source import CudaSourceKernelLoop
@@ -506,7 +506,7 @@ class CudaKernelLoop(RingFedLoop):
             return self.state.copy()
         if self._copy_stream is None:
             return np.array(self._d_state.copy_to_host(), copy=True)
-        out = self._d_state.copy_to_host(stream=self._copy_stream)
+        out: np.ndarray = self._d_state.copy_to_host(stream=self._copy_stream)
         self._copy_stream.synchronize()
         return out
 

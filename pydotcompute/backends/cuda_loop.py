@@ -340,7 +340,7 @@ def compose_loop(
     device_handler = cuda.jit(device=True)(handler)
     on_gpu = not SIMULATOR
 
-    def simulated_handler(msg, out, state, side, position):  # type: ignore[no-untyped-def]
+    def simulated_handler(msg: Any, out: Any, state: Any, side: Any, position: int) -> Any:
         # Simulator only (plain Python): note which record raised for the host. The
         # round that raised never releases its claim, so the record stays in its slot.
         try:

@@ -92,6 +92,7 @@ class KernelContext(Generic[In, Out]):
                 self._loop.latency.record(_perf_ns() - t)
         inbox = self._inbox
         items = inbox.items
+        msg: In
         if items and not inbox.hold:  # no-wait path inline: this runs once per message
             t, msg = items.popleft()
             if inbox.putters:

@@ -151,7 +151,7 @@ def _actors_holding(need: dict[str, float], nodes: set[str]) -> list[str]:
 
     out = []
     for raw in state._connect_and_get_accessor().get_actor_table(None, "ALIVE"):
-        actor = gcs_pb2.ActorTableData.FromString(raw)  # type: ignore[attr-defined]
+        actor = gcs_pb2.ActorTableData.FromString(raw)
         node = actor.address.node_id.hex()
         reserved = dict(actor.required_resources)
         held = {k: reserved[k] for k in need if reserved.get(k)}

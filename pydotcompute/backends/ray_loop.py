@@ -311,9 +311,9 @@ class RayKernelLoop(KernelLoop):
 
     def _hold(self, encoded: Any) -> None:
         if self.records:
-            self._pending += encoded  # type: ignore[operator]
+            self._pending += encoded
         else:
-            self._pending.append(encoded)  # type: ignore[union-attr]
+            self._pending.append(encoded)
         self._pending_n += 1
         self._held += 1
         if self._flusher is None:

@@ -41,7 +41,9 @@ _RESIDENT: weakref.WeakKeyDictionary[object, tuple[str, int, Callable[[], bool]]
 
 
 # kernel loop -> the finalizer that releases its hold on numba's pending frees
-_FREE_HOLDS: weakref.WeakKeyDictionary[object, weakref.finalize] = weakref.WeakKeyDictionary()
+_FREE_HOLDS: weakref.WeakKeyDictionary[object, weakref.finalize[..., Any]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def launched(loop: object, kernel_id: str, device: int, done: Callable[[], bool]) -> None:

@@ -135,7 +135,7 @@ class RingFedLoop(KernelLoop):
         self._wake_receivers()  # they take what is left, then get the error
         return 0
 
-    def _records(self, records: Any) -> np.ndarray:
+    def _records(self, records: object) -> np.ndarray:
         """``records`` as a contiguous 1-d array of the input dtype, or ``TypeError``."""
         if not isinstance(records, np.ndarray):
             raise TypeError(
@@ -197,7 +197,7 @@ class RingFedLoop(KernelLoop):
         elif not records.flags.c_contiguous:
             records = np.ascontiguousarray(records)
         n = len(records)
-        placed = ring_push(self._in_buf, records, 0, n)
+        placed: int = ring_push(self._in_buf, records, 0, n)
         if placed == n or not self._in_waits:
             return placed
         return await self._push_rest(records, placed, timeout)

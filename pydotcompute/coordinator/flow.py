@@ -822,7 +822,7 @@ class Flow:
             return self._prune_memory(rule)
         total = 0
         while True:  # a few hundred per transaction: the writer goes on in between
-            n = await self.journal.call(self.journal.op_prune, rule)
+            n: int = await self.journal.call(self.journal.op_prune, rule)
             total += n
             if n < BATCH:
                 return total
@@ -924,11 +924,12 @@ class Flow:
     async def _pending(self) -> int:
         if self.journal is None:
             return self._active
-        return (
+        active: int = (
             await self.journal.aread(
                 "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.name
             )
         )[0][0]
+        return active
 
     async def _finished_of(self) -> tuple[int, int]:
         """(items finished, items in all): what a progress bar shows."""

@@ -372,7 +372,8 @@ class JournalSession(JournalWriter):
             "DELETE FROM tokens WHERE flow=? AND key=? AND node=? AND port=0 AND owner=?",
             (self.flow, key, node, self.owner),
         )
-        return cur.rowcount == 1
+        taken: bool = cur.rowcount == 1
+        return taken
 
     def op_submit(
         self, conn: Any, now: float, batch: list[tuple[str, list[Dest] | DeadLetter]]

@@ -286,7 +286,8 @@ class PostgresDialect:
         return bool(conn.raw.closed or conn.raw.broken)
 
     def rows(self, conn: Connection, cols: str, tail: str, args: list[Any]) -> list[Any]:
-        return conn.execute(f"SELECT {cols} {tail}", args).fetchall()
+        rows: list[Any] = conn.execute(f"SELECT {cols} {tail}", args).fetchall()
+        return rows
 
     def insert(
         self, conn: Connection, head: str, width: int, rows: list[tuple[Any, ...]], tail: str = ""

@@ -58,7 +58,7 @@ class UnifiedBuffer:
         device: int = 0,
         pool: MemoryPool | None = None,
     ) -> None:
-        self._host = np.zeros(shape, dtype=dtype)
+        self._host: np.ndarray = np.zeros(shape, dtype=dtype)
         self._device_array: Any = None
         self._device_id = pool.device if pool is not None else device
         self._pool = pool

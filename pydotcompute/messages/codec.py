@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import uuid
+from collections.abc import Callable
 from datetime import date, datetime
 from typing import Any, TypeVar
 
@@ -102,7 +103,8 @@ def _describe_type(t: type) -> str:
 def _packb(obj: Any) -> bytes:
     # Nested payloads get a fresh packer: the thread's shared one is busy with the outer
     # message while the ``default`` hook runs.
-    return msgpack.packb(obj, default=_default, strict_types=True)
+    packed: bytes = msgpack.packb(obj, default=_default, strict_types=True)
+    return packed
 
 
 def _dtype_descr(dt: np.dtype) -> Any:
@@ -115,12 +117,12 @@ def _array_payload(a: np.ndarray) -> bytes:
     if a.dtype.hasobject:
         raise TypeError("numpy arrays of dtype object are not supported")
     fortran = a.ndim > 1 and a.flags.f_contiguous and not a.flags.c_contiguous
-    header = msgpack.packb([_dtype_descr(a.dtype), list(a.shape), fortran])
+    header: bytes = msgpack.packb([_dtype_descr(a.dtype), list(a.shape), fortran])
     return len(header).to_bytes(4, "little") + header + a.tobytes("F" if fortran else "C")
 
 
 def _fields_of(msg: Any, plan: _Plan) -> dict[str, Any]:
-    d = getattr(msg, "__dict__", None)
+    d: dict[str, Any] | None = getattr(msg, "__dict__", None)
     if d is not None and len(d) == plan.count:
         return d
     return {n: getattr(msg, n) for n in plan.names}
@@ -180,7 +182,7 @@ def _explain(msg: Any, name: str, plan: _Plan, exc: BaseException) -> MessageSer
     return MessageSerializationError(f"cannot encode {name}: {_reason(msg, exc)}")
 
 
-def _encode_with(msg: Any, pack: Any) -> bytes:
+def _encode_with(msg: Any, pack: Callable[[Any], bytes]) -> bytes:
     cls = type(msg)
     plan = _plan(cls)
     name = cls.__dict__["__message_type__"]
@@ -226,7 +228,7 @@ def _uuid(
         raise ValueError(f"a UUID is 16 bytes, got {len(data)}")
     # uuid.UUID(bytes=...) re-validates what we already know is fine; this is what its
     # constructor ends with, at a fraction of the cost.
-    u = _new(_cls)
+    u: uuid.UUID = _new(_cls)
     _set(u, "int", _int(data, "big"))
     _set(u, "is_safe", _SAFE_UNKNOWN)
     return u
@@ -371,7 +373,8 @@ def decode(data: bytes | bytearray | memoryview, expected: type[M] | None = None
     except Exception as exc:
         why = str(exc) or type(exc).__name__  # msgpack's FormatError has no text
         raise MessageDeserializationError(f"not msgpack data: {why}") from exc
-    return _build(obj, expected)
+    msg: M = _build(obj, expected)
+    return msg
 
 
 def deserialize_message(data: bytes | bytearray | memoryview) -> Any:

@@ -69,7 +69,7 @@ def _new_id() -> uuid.UUID:
     u = _new(_UUID)
     _set(u, "int", hi << 64 | lo)
     _set(u, "is_safe", _SAFE_UNKNOWN)
-    return u  # type: ignore[no-any-return]
+    return u
 
 
 _gil_enabled = getattr(sys, "_is_gil_enabled", lambda: True)()

@@ -94,7 +94,7 @@ def _keyword_only_header(cls: type) -> None:
         value = cls.__dict__.get(name, dataclasses.MISSING)
         if isinstance(value, dataclasses.Field):
             value.kw_only = True
-            value.default_factory = faster_factory(value.default_factory)  # type: ignore[assignment]
+            value.default_factory = faster_factory(value.default_factory)
         elif value is dataclasses.MISSING:
             setattr(cls, name, dataclasses.field(kw_only=True))
         else:
@@ -146,7 +146,7 @@ class RingKernelMessage:
         super().__init_subclass__(**kwargs)
         post_init = cls.__post_init__
         if not getattr(post_init, _VALIDATES, False):
-            cls.__post_init__ = _validating(post_init)  # type: ignore[method-assign]
+            cls.__post_init__ = _validating(post_init)
         if cls.__eq__ is RingKernelMessage.__eq__:
             # Pinned so that a @dataclass written above @message keeps this equality.
             cls.__eq__ = RingKernelMessage.__eq__  # type: ignore[method-assign]

@@ -91,7 +91,7 @@ def _uuid_from(
     _cls: type = uuid.UUID,
 ) -> uuid.UUID:
     # What uuid.UUID(bytes=...) ends with, without re-validating 16 known-good bytes.
-    u = _new(_cls)
+    u: uuid.UUID = _new(_cls)
     _set(u, "int", _int(data, "big"))
     _set(u, "is_safe", _SAFE_UNKNOWN)
     return u
@@ -426,7 +426,8 @@ def has_record_layout(cls: type) -> bool:
 def to_record(msg: Any) -> np.void:
     """One message as a record: a ``numpy.void`` structured scalar, like ``arr[i]``."""
     layout = record_layout(type(msg))
-    return np.frombuffer(bytearray(layout.to_bytes(msg)), layout.dtype)[0]
+    rec: np.void = np.frombuffer(bytearray(layout.to_bytes(msg)), layout.dtype)[0]
+    return rec
 
 
 def from_record(cls: type[M], rec: Any) -> M:
@@ -439,7 +440,8 @@ def from_record(cls: type[M], rec: Any) -> M:
             raise TypeError(f"expected one record, got an array of {rec.size}")
     if rec.dtype != layout.dtype:
         layout.check(rec.dtype)
-    return layout.build(layout.unpack_from(rec))  # reads the record's own buffer
+    msg: M = layout.build(layout.unpack_from(rec))  # reads the record's own buffer
+    return msg
 
 
 def records_from_messages(msgs: Iterable[Any], cls: type | None = None) -> np.ndarray:

@@ -83,13 +83,12 @@ _PURE_SPIN_NS = 2_000  # ring_pop_spin: pause-only polls before it starts yieldi
 def backoff(spins: int) -> int:
     """One step of a spin-wait: pause, then yield the CPU, then sleep 20 µs.
     Returns the next step count."""
-    # (mypy reads Numba intrinsics as typing hooks, hence the ignores)
     if spins < 64:
-        cpu_pause()  # type: ignore[call-arg]
+        cpu_pause()
     elif spins < 256:
-        cpu_yield()  # type: ignore[call-arg]
+        cpu_yield()
     else:
-        sleep_us(20)  # type: ignore[call-arg]
+        sleep_us(20)
     return spins + 1
 
 
@@ -444,6 +443,6 @@ def ring_pop_spin(buf, dst, dst_off, max_n, spin_ns):  # type: ignore[no-untyped
         if waited >= spin_ns:
             return 0
         if waited < _PURE_SPIN_NS:
-            cpu_pause()  # type: ignore[call-arg]
+            cpu_pause()
         else:
-            cpu_yield()  # type: ignore[call-arg]
+            cpu_yield()

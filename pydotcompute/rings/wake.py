@@ -77,7 +77,7 @@ def wake_signal(words, base):  # type: ignore[no-untyped-def]
     """Called after publishing records: wake the receiver if one is armed.
 
     Costs a full barrier and one load when nobody sleeps."""
-    fence_seq_cst()  # type: ignore[call-arg]  # the publication is visible before the load
+    fence_seq_cst()  # the publication is visible before the load
     off = 8 * (base + ARMED)
     if load_acquire(words, off) != 0 and cas(words, off, 1, 0):
         fd_write(load_acquire(words, 8 * (base + FD)), words, 8 * (base + ONE), 8)
@@ -115,7 +115,7 @@ def wake_watch(words, base, buf, scratch):  # type: ignore[no-untyped-def]
             if load_acquire(words, 8 * (base + STOP)) != 0:
                 return 0
             if monotonic_ns() - start < _WATCH_SPIN_NS:
-                cpu_pause()  # type: ignore[call-arg]
+                cpu_pause()
             else:
-                sleep_us(sleep)  # type: ignore[call-arg]
+                sleep_us(sleep)
                 sleep = min(sleep * 2, _WATCH_MAX_SLEEP_US)

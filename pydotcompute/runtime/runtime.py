@@ -10,7 +10,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -42,6 +42,9 @@ from pydotcompute.runtime.registry import (
 )
 from pydotcompute.runtime.replies import ReplyQueue
 from pydotcompute.telemetry.snapshot import KernelTelemetry
+
+if TYPE_CHECKING:
+    from pydotcompute.workflows.engine import WorkflowEngine
 
 __all__ = ["RingKernelRuntime"]
 
@@ -513,7 +516,7 @@ class RingKernelRuntime:
 
     # -- workflows (pydotcompute.workflows.engine, on the runtime's journal) --
 
-    def workflows(self) -> Any:
+    def workflows(self) -> WorkflowEngine:
         """The ``WorkflowEngine`` on the runtime's journal (made on first use)."""
         from pydotcompute.workflows.engine import engine_for
 

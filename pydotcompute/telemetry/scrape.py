@@ -168,7 +168,8 @@ def fetch_metrics(url: str, timeout: float = 5.0) -> str:
     req = urllib.request.Request(url, headers={"Accept": "text/plain"})
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         charset = resp.headers.get_content_charset() or "utf-8"
-        return resp.read().decode(charset)
+        text: str = resp.read().decode(charset)
+        return text
 
 
 def counter_rate(previous: float | None, current: float, seconds: float) -> float:

@@ -365,7 +365,7 @@ class WorkflowEngine:
 
     # ---- starting and running ------------------------------------------------------
     async def start(
-        self, wf: Workflow, value: Any, *, key: Any = None, parent: str | None = None
+        self, wf: Workflow, value: Any, *, key: str | int | None = None, parent: str | None = None
     ) -> str:
         """Start ``wf(value)`` under ``key`` (default: a new one) and return the key.
 
@@ -730,7 +730,7 @@ class WorkflowEngine:
         items; one with a workflow still running below it stays. Returns how many went."""
         self._check_open()
         rule = Retention(seconds(older_than, "older_than"), keep)
-        total = 0
+        total: int = 0
         after = None
         while True:  # a few hundred per transaction: other writes go on in between
             n, after = await self.store.call(self.store.op_prune, rule, after)

@@ -375,7 +375,8 @@ class WorkflowStore(JournalWriter):
 
     def op_delete(self, conn: Any, now: float, key: str) -> bool:
         self._forget_children(conn, key)
-        return conn.execute("DELETE FROM workflows WHERE key=?", (key,)).rowcount == 1
+        deleted: bool = conn.execute("DELETE FROM workflows WHERE key=?", (key,)).rowcount == 1
+        return deleted
 
     def op_heartbeat(self, conn: Any, now: float) -> None:
         conn.execute(
