@@ -31,6 +31,7 @@ from pydotcompute.coordinator.journal import (
     JournalSession,
     unreadable,
 )
+from pydotcompute.coordinator.kernel_replies import FILTERED_OUT
 from pydotcompute.coordinator.log_throttle import LogThrottle
 from pydotcompute.coordinator.plan import Edge, Node, Plan
 from pydotcompute.coordinator.progress import ItemProgress
@@ -40,6 +41,7 @@ from pydotcompute.coordinator.records import (
     CANCELLED,
     DEAD,
     DONE,
+    FILTERED,
     DeadLetter,
     Token,
     decode,
@@ -51,6 +53,7 @@ from pydotcompute.coordinator.runners import Runner, make_runner, refuse_deploy_
 from pydotcompute.errors import (
     FlowClosedError,
     ItemFailedError,
+    ItemFilteredError,
     JournalError,
     MessageSerializationError,
 )
@@ -154,7 +157,7 @@ class Flow:
         self._runners: list[Runner] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._counters = dict.fromkeys(
-            ("submitted", "completed", "retried", "dead_lettered", "lost_leases"), 0
+            ("submitted", "completed", "filtered", "retried", "dead_lettered", "lost_leases"), 0
         )
         self._closed = False
         self._error: BaseException | None = None
@@ -472,7 +475,9 @@ class Flow:
                     except Exception as exc:
                         self._failed(node, tok, exc)
                     else:
-                        if nxt is not None:
+                        if out is FILTERED_OUT:
+                            self._filtered(node, tok)
+                        elif nxt is not None:
                             nt = Token(tok.key, nxt_node, out)
                             if not nxt.try_put(nt):
                                 await nxt.put(nt)
@@ -500,6 +505,8 @@ class Flow:
         for tok, out in zip(toks, outs, strict=True):
             if isinstance(out, Exception):
                 self._failed(node, tok, out)
+            elif out is FILTERED_OUT:
+                self._filtered(node, tok)
             elif nxt is not None:
                 nt = Token(tok.key, nxt_node, out)
                 if not nxt.try_put(nt):
@@ -587,6 +594,19 @@ class Flow:
         else:
             self._bury_memory(rec)
 
+    def _filtered(self, node: Node, tok: Token) -> None:
+        """The stage consumed the item without output: it ends here, neither failed nor
+        retried."""
+        if self.journal is not None:
+            self.journal.post(self.journal.op_filter, tok.key, node.index)
+            return
+        item = self._items[tok.key]
+        if item.state == ACTIVE:
+            item.state, item.reason = FILTERED, node.name
+            item.finished = time.monotonic()
+            self._counters["filtered"] += 1
+            self._settle(tok.key, item)
+
     def _later(self, delay: float, fn: Any, *args: Any) -> None:
         def fire() -> None:
             self._timers.discard(handle)
@@ -638,6 +658,8 @@ class Flow:
         for kind, key in events:
             if kind == "done":
                 self._counters["completed"] += 1
+            elif kind == FILTERED:
+                self._counters["filtered"] += 1
             elif kind == "dead":
                 self._counters["dead_lettered"] += 1
             elif kind == "lost":
@@ -745,7 +767,8 @@ class Flow:
         )
 
     def status(self) -> dict[str, int]:
-        """Number of items per state (``active``, ``done``, ``dead``, ``cancelled``)."""
+        """Number of items per state (``active``, ``done``, ``dead``, ``cancelled``,
+        ``filtered``)."""
         if self.journal is None:
             return dict(Counter(item.state for item in self._items.values()))
         rows = self.journal.read(
@@ -828,7 +851,7 @@ class Flow:
                 return total
 
     def _prune_memory(self, rule: Retention) -> int:
-        final = {DONE, CANCELLED, DEAD} if rule.dead_letters else {DONE, CANCELLED}
+        final = {DONE, CANCELLED, FILTERED} | ({DEAD} if rule.dead_letters else set())
         # Finish times are monotonic and _done_order is in finishing order: what goes
         # of it is always a prefix.
         finished = sorted(
@@ -868,6 +891,8 @@ class Flow:
                 return DEAD, next(iter(item.dead.values()))
             if item.state == CANCELLED:
                 return CANCELLED, item.reason
+            if item.state == FILTERED:
+                return FILTERED, item.reason
             return None
         rows = await self.journal.aread(
             "SELECT state FROM items WHERE flow=? AND key=?", self.name, key
@@ -883,11 +908,14 @@ class Flow:
             return DEAD, (await self.journal.adead_letters(key))[0]
         if rows[0][0] == CANCELLED:
             return CANCELLED, "cancelled in the journal"
+        if rows[0][0] == FILTERED:
+            return FILTERED, ""
         return None
 
     async def result(self, key: Any, timeout: float | None = None) -> Any:
         """The item's output once it finished; raises ItemFailedError if it went to the
-        dead letters, FlowClosedError if it was cancelled, TimeoutError after ``timeout``."""
+        dead letters, ItemFilteredError if a stage consumed it without output,
+        FlowClosedError if it was cancelled, TimeoutError after ``timeout``."""
         key = check_key(key)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -899,6 +927,8 @@ class Flow:
                     return payload
                 if state == DEAD:
                     raise ItemFailedError(payload)
+                if state == FILTERED:
+                    raise ItemFilteredError(key, payload)
                 raise FlowClosedError(f"item {key!r} was cancelled: {payload}")
             if self._error is not None or self._closed:
                 self._check_open()
