@@ -450,6 +450,10 @@ class Flow:
         nxt_node = node.edges[0][0]
         to_sink = self.journal is None and node.edges[0] == (self.plan.sink, 0)
         many = getattr(runner, "call_many", None)  # kernels: the items taken go together
+        # Kernels: the next items go while earlier ones are in the kernel, a few batches
+        # at a time, so a stage never waits for a round trip with items ready.
+        ahead = getattr(runner, "batches_in_flight", 1) if many is not None else 1
+        slots = asyncio.Semaphore(ahead) if ahead > 1 else None
         while True:
             toks = await ch.take(take, node.batch_timeout)
             if i in self._hungry:
@@ -460,6 +464,10 @@ class Flow:
                     await self._run_batch(node, runner, toks)
                 finally:
                     busy[i] -= len(toks)
+                continue
+            if slots is not None:
+                await slots.acquire()
+                self._spawn_many(node, many, toks, nxt, nxt_node, to_sink, slots)
                 continue
             if many is not None and len(toks) > 1:
                 try:
@@ -489,6 +497,29 @@ class Flow:
                     left -= 1
             finally:
                 busy[i] -= left
+
+    def _spawn_many(
+        self,
+        node: Node,
+        many: Any,
+        toks: list[Token],
+        nxt: Channel | None,
+        nxt_node: int,
+        to_sink: bool,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        """``_run_many`` as a task of its own, holding one of the stage's ``slots``."""
+        task = asyncio.create_task(self._run_many(node, many, toks, nxt, nxt_node, to_sink))
+        self._tasks.append(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            slots.release()
+            self._busy[node.index] -= len(toks)
+            if t in self._tasks:
+                self._tasks.remove(t)
+            self._task_done(t)
+
+        task.add_done_callback(done)
 
     async def _run_many(
         self,

@@ -341,6 +341,9 @@ class KernelRunner(Runner):
         self._timeout = stage.timeout
         self._replies: KernelReplies | None = None
 
+    batches_in_flight = 4
+    """Batches of one worker in the kernel at once (see ``Flow._work``)."""
+
     def _routed(self, value: Any) -> KernelReplies | None:
         """The kernel's reply table when ``value`` goes by identity, else None."""
         kr = self._replies
