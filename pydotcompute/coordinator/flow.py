@@ -766,7 +766,7 @@ class Flow:
 
     # ---- looking at items -------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """submitted, completed, retried, dead_lettered (by this process), in_flight
+        """submitted, completed, filtered, retried, dead_lettered (by this process), in_flight
         (items this process holds or, in memory, has not finished) and lost_leases."""
         # Also read from the metrics server's thread: take each container in one
         # C-level copy, never iterate one the event loop may change meanwhile.
