@@ -49,11 +49,12 @@ async def test_a_filtering_cuda_kernel_stage_matches_replies_by_identity() -> No
                         output_type=SimNum, queue_size=8)  # fmt: skip
         await rt.activate("even")
         flow = await rt.deploy(
-            stage(lambda i: SimNum(x=i)) >> stage("even", timeout=3) >> stage(lambda m: int(m.x)),
+            stage(lambda i: SimNum(x=i)) >> stage("even", timeout=8) >> stage(lambda m: int(m.x)),
             name="sim",
         )
         await flow.submit_many(range(6), keys=[str(i) for i in range(6)])
-        await flow.drain(timeout=60)
+        # A timeout with room for a loaded machine: the simulator is slow.
+        await flow.drain(timeout=90)
         # Each even item has its own output, whatever the odd ones did.
         assert [await flow.result(str(i)) for i in (0, 2, 4)] == [0, 20, 40]
         assert sorted(r.key for r in flow.dead_letters()) == ["1", "3", "5"]
