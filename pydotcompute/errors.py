@@ -20,6 +20,7 @@ __all__ = [
     "BackendNotAvailableError",
     "BufferSyncError",
     "ItemFailedError",
+    "ItemFilteredError",
     "FlowClosedError",
     "JournalError",
     "JournalUnavailableError",
@@ -115,6 +116,17 @@ class ItemFailedError(PyDotComputeError):
         error = getattr(record, "error", "")
         super().__init__(f"item {key!r} failed at stage {stage!r}: {error}")
         self.record = record
+
+
+class ItemFilteredError(PyDotComputeError):
+    """A flow item was dropped by a stage that filters (a compiled handler returned
+    False for it): it finished without an output. ``stage`` names that stage."""
+
+    def __init__(self, key: str, stage: str = "") -> None:
+        where = f" at stage {stage!r}" if stage else ""
+        super().__init__(f"item {key!r} was filtered out{where}: it has no output")
+        self.key = key
+        self.stage = stage
 
 
 class FlowClosedError(PyDotComputeError):

@@ -123,6 +123,7 @@ def _flows(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         _print_json(flows)
         return 0
+    filtered = any(f["items"].get("filtered") for f in flows)  # a column only when used
     rows = []
     for f in flows:
         items = f["items"]
@@ -140,6 +141,7 @@ def _flows(args: argparse.Namespace, console: Console) -> int:
                 str(items["done"]),
                 str(items["dead"]),
                 str(items["cancelled"]),
+                *([str(items.get("filtered", 0))] if filtered else []),
                 str(f["dead_letters"]),
                 oldest,
                 procs,
@@ -152,6 +154,7 @@ def _flows(args: argparse.Namespace, console: Console) -> int:
         ("done", "n"),
         ("dead", "n"),
         ("cancelled", "n"),
+        *([("filtered", "n")] if filtered else []),
         ("dead letters", "n"),
         ("oldest unfinished", "t"),
         ("processes", "t"),

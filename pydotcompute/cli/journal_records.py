@@ -39,7 +39,9 @@ __all__ = [
     "workflow_records",
 ]
 
-ITEM_STATES = ("active", "done", "dead", "cancelled")
+ITEM_STATES = ("active", "done", "dead", "cancelled", "filtered")
+# Counted in every flow's listing; other states (``filtered``) only where items have them.
+COUNTED_STATES = ITEM_STATES[:4]
 SHOWN_CHARS = 300  # a value's repr is cut after this many characters in listings
 
 
@@ -90,8 +92,8 @@ def flow_records(reader: JournalReader) -> list[dict[str, Any]]:
                 "flow": f.name,
                 "stages": f.stages,
                 "created": f.created,
-                "items": {s: f.items.get(s, 0) for s in ITEM_STATES}
-                | {s: n for s, n in f.items.items() if s not in ITEM_STATES},
+                "items": {s: f.items.get(s, 0) for s in COUNTED_STATES}
+                | {s: n for s, n in f.items.items() if s not in COUNTED_STATES},
                 "dead_letters": f.dead_letters,
                 "oldest_active": f.oldest_active,
                 "oldest_active_age_s": _since(now, f.oldest_active_since),

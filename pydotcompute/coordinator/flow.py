@@ -31,6 +31,7 @@ from pydotcompute.coordinator.journal import (
     JournalSession,
     unreadable,
 )
+from pydotcompute.coordinator.kernel_replies import FILTERED_OUT
 from pydotcompute.coordinator.log_throttle import LogThrottle
 from pydotcompute.coordinator.plan import Edge, Node, Plan
 from pydotcompute.coordinator.progress import ItemProgress
@@ -40,6 +41,7 @@ from pydotcompute.coordinator.records import (
     CANCELLED,
     DEAD,
     DONE,
+    FILTERED,
     DeadLetter,
     Token,
     decode,
@@ -51,6 +53,7 @@ from pydotcompute.coordinator.runners import Runner, make_runner, refuse_deploy_
 from pydotcompute.errors import (
     FlowClosedError,
     ItemFailedError,
+    ItemFilteredError,
     JournalError,
     MessageSerializationError,
 )
@@ -154,7 +157,7 @@ class Flow:
         self._runners: list[Runner] = []
         self._timers: set[asyncio.TimerHandle] = set()
         self._counters = dict.fromkeys(
-            ("submitted", "completed", "retried", "dead_lettered", "lost_leases"), 0
+            ("submitted", "completed", "filtered", "retried", "dead_lettered", "lost_leases"), 0
         )
         self._closed = False
         self._error: BaseException | None = None
@@ -447,6 +450,10 @@ class Flow:
         nxt_node = node.edges[0][0]
         to_sink = self.journal is None and node.edges[0] == (self.plan.sink, 0)
         many = getattr(runner, "call_many", None)  # kernels: the items taken go together
+        # Kernels: the next items go while earlier ones are in the kernel, a few batches
+        # at a time, so a stage never waits for a round trip with items ready.
+        ahead = getattr(runner, "batches_in_flight", 1) if many is not None else 1
+        slots = asyncio.Semaphore(ahead) if ahead > 1 else None
         while True:
             toks = await ch.take(take, node.batch_timeout)
             if i in self._hungry:
@@ -457,6 +464,10 @@ class Flow:
                     await self._run_batch(node, runner, toks)
                 finally:
                     busy[i] -= len(toks)
+                continue
+            if slots is not None:
+                await slots.acquire()
+                self._spawn_many(node, many, toks, nxt, nxt_node, to_sink, slots)
                 continue
             if many is not None and len(toks) > 1:
                 try:
@@ -472,7 +483,9 @@ class Flow:
                     except Exception as exc:
                         self._failed(node, tok, exc)
                     else:
-                        if nxt is not None:
+                        if out is FILTERED_OUT:
+                            self._filtered(node, tok)
+                        elif nxt is not None:
                             nt = Token(tok.key, nxt_node, out)
                             if not nxt.try_put(nt):
                                 await nxt.put(nt)
@@ -484,6 +497,29 @@ class Flow:
                     left -= 1
             finally:
                 busy[i] -= left
+
+    def _spawn_many(
+        self,
+        node: Node,
+        many: Any,
+        toks: list[Token],
+        nxt: Channel | None,
+        nxt_node: int,
+        to_sink: bool,
+        slots: asyncio.Semaphore,
+    ) -> None:
+        """``_run_many`` as a task of its own, holding one of the stage's ``slots``."""
+        task = asyncio.create_task(self._run_many(node, many, toks, nxt, nxt_node, to_sink))
+        self._tasks.append(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            slots.release()
+            self._busy[node.index] -= len(toks)
+            if t in self._tasks:
+                self._tasks.remove(t)
+            self._task_done(t)
+
+        task.add_done_callback(done)
 
     async def _run_many(
         self,
@@ -500,6 +536,8 @@ class Flow:
         for tok, out in zip(toks, outs, strict=True):
             if isinstance(out, Exception):
                 self._failed(node, tok, out)
+            elif out is FILTERED_OUT:
+                self._filtered(node, tok)
             elif nxt is not None:
                 nt = Token(tok.key, nxt_node, out)
                 if not nxt.try_put(nt):
@@ -587,6 +625,19 @@ class Flow:
         else:
             self._bury_memory(rec)
 
+    def _filtered(self, node: Node, tok: Token) -> None:
+        """The stage consumed the item without output: it ends here, neither failed nor
+        retried."""
+        if self.journal is not None:
+            self.journal.post(self.journal.op_filter, tok.key, node.index)
+            return
+        item = self._items[tok.key]
+        if item.state == ACTIVE:
+            item.state, item.reason = FILTERED, node.name
+            item.finished = time.monotonic()
+            self._counters["filtered"] += 1
+            self._settle(tok.key, item)
+
     def _later(self, delay: float, fn: Any, *args: Any) -> None:
         def fire() -> None:
             self._timers.discard(handle)
@@ -638,6 +689,8 @@ class Flow:
         for kind, key in events:
             if kind == "done":
                 self._counters["completed"] += 1
+            elif kind == FILTERED:
+                self._counters["filtered"] += 1
             elif kind == "dead":
                 self._counters["dead_lettered"] += 1
             elif kind == "lost":
@@ -713,7 +766,7 @@ class Flow:
 
     # ---- looking at items -------------------------------------------------------------
     def counters(self) -> dict[str, int]:
-        """submitted, completed, retried, dead_lettered (by this process), in_flight
+        """submitted, completed, filtered, retried, dead_lettered (by this process), in_flight
         (items this process holds or, in memory, has not finished) and lost_leases."""
         # Also read from the metrics server's thread: take each container in one
         # C-level copy, never iterate one the event loop may change meanwhile.
@@ -745,7 +798,8 @@ class Flow:
         )
 
     def status(self) -> dict[str, int]:
-        """Number of items per state (``active``, ``done``, ``dead``, ``cancelled``)."""
+        """Number of items per state (``active``, ``done``, ``dead``, ``cancelled``,
+        ``filtered``)."""
         if self.journal is None:
             return dict(Counter(item.state for item in self._items.values()))
         rows = self.journal.read(
@@ -828,7 +882,7 @@ class Flow:
                 return total
 
     def _prune_memory(self, rule: Retention) -> int:
-        final = {DONE, CANCELLED, DEAD} if rule.dead_letters else {DONE, CANCELLED}
+        final = {DONE, CANCELLED, FILTERED} | ({DEAD} if rule.dead_letters else set())
         # Finish times are monotonic and _done_order is in finishing order: what goes
         # of it is always a prefix.
         finished = sorted(
@@ -868,6 +922,8 @@ class Flow:
                 return DEAD, next(iter(item.dead.values()))
             if item.state == CANCELLED:
                 return CANCELLED, item.reason
+            if item.state == FILTERED:
+                return FILTERED, item.reason
             return None
         rows = await self.journal.aread(
             "SELECT state FROM items WHERE flow=? AND key=?", self.name, key
@@ -883,11 +939,14 @@ class Flow:
             return DEAD, (await self.journal.adead_letters(key))[0]
         if rows[0][0] == CANCELLED:
             return CANCELLED, "cancelled in the journal"
+        if rows[0][0] == FILTERED:
+            return FILTERED, ""
         return None
 
     async def result(self, key: Any, timeout: float | None = None) -> Any:
         """The item's output once it finished; raises ItemFailedError if it went to the
-        dead letters, FlowClosedError if it was cancelled, TimeoutError after ``timeout``."""
+        dead letters, ItemFilteredError if a stage consumed it without output,
+        FlowClosedError if it was cancelled, TimeoutError after ``timeout``."""
         key = check_key(key)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -899,6 +958,8 @@ class Flow:
                     return payload
                 if state == DEAD:
                     raise ItemFailedError(payload)
+                if state == FILTERED:
+                    raise ItemFilteredError(key, payload)
                 raise FlowClosedError(f"item {key!r} was cancelled: {payload}")
             if self._error is not None or self._closed:
                 self._check_open()

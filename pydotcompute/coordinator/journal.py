@@ -23,7 +23,15 @@ from pydotcompute.coordinator.journal_postgres import PostgresJournal, is_postgr
 from pydotcompute.coordinator.journal_sqlite import CHUNK, SQLiteJournal
 from pydotcompute.coordinator.journal_writer import JournalWriter, Op
 from pydotcompute.coordinator.plan import Node, Plan
-from pydotcompute.coordinator.records import ACTIVE, CANCELLED, DEAD, DeadLetter, decode, encode
+from pydotcompute.coordinator.records import (
+    ACTIVE,
+    CANCELLED,
+    DEAD,
+    FILTERED,
+    DeadLetter,
+    decode,
+    encode,
+)
 from pydotcompute.coordinator.retention import ITEMS_INDEX, Retention, prune_items
 from pydotcompute.errors import JournalError
 
@@ -33,7 +41,7 @@ log = logging.getLogger("pydotcompute.coordinator")
 
 JournalConfig = SQLiteJournal | PostgresJournal
 Dest = tuple[int, int, bytes]  # (node, port, encoded value)
-Events = list[tuple[str, str]]  # ("done" | "dead" | "joined" | "lost", key)
+Events = list[tuple[str, str]]  # ("done" | "dead" | "filtered" | "joined" | "lost", key)
 
 # What a second write of the same row replaces (SQLite's INSERT OR REPLACE, said in the
 # upsert both engines read).
@@ -475,6 +483,17 @@ class JournalSession(JournalWriter):
             return False, [("lost", rec.key)]
         self._bury(conn, rec, events)
         return True, events
+
+    def op_filter(self, conn: Any, now: float, key: str, node: int) -> tuple[bool, Events]:
+        """A stage consumed the item's token without output: the item ends as filtered."""
+        if not self._take(conn, key, node):
+            return False, [("lost", key)]
+        self._flush(conn, now)
+        conn.execute(
+            "UPDATE items SET state=?, finished=? WHERE flow=? AND key=? AND state='active'",
+            (FILTERED, now, self.flow, key),
+        )
+        return True, [(FILTERED, key)]
 
     def op_claim(
         self, conn: Any, now: float, wants: list[tuple[int, int]]

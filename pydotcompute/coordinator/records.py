@@ -9,12 +9,23 @@ from typing import Any
 
 from pydotcompute.errors import JournalError
 
-__all__ = ["ACTIVE", "CANCELLED", "DEAD", "DONE", "DeadLetter", "Token", "decode", "encode"]
+__all__ = [
+    "ACTIVE",
+    "CANCELLED",
+    "DEAD",
+    "DONE",
+    "FILTERED",
+    "DeadLetter",
+    "Token",
+    "decode",
+    "encode",
+]
 
 ACTIVE = "active"  # submitted, not finished
 DONE = "done"  # finished, result stored
 DEAD = "dead"  # a stage ran out of attempts; see the dead letters
 CANCELLED = "cancelled"  # in-memory flow cancelled or closed before the item finished
+FILTERED = "filtered"  # a stage consumed it without output (a handler returned False)
 
 
 @dataclass(frozen=True)

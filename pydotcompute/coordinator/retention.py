@@ -121,7 +121,8 @@ def prune_items(
     ``flow`` that ``rule`` lets go, with their results and dead letters. Returns how
     many went (fewer than ``limit``: none is left to prune now)."""
     # Cancelled (by an operator: ``journal_repair``) is as finished as done.
-    states = ("done", "cancelled", "dead") if rule.dead_letters else ("done", "cancelled")
+    # Filtered (a stage consumed it without output) too.
+    states = ("done", "cancelled", "filtered") + (("dead",) if rule.dead_letters else ())
     marks = ",".join("?" * len(states))
     bound = prune_bound(
         conn,

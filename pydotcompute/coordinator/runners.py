@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pydotcompute.coordinator.graph import Stage
+from pydotcompute.coordinator.kernel_replies import KernelReplies, replies_for
 from pydotcompute.errors import InvalidConfigurationError
 
 __all__ = [
@@ -322,27 +323,56 @@ class ProcessRunner(Runner):
 
 
 class KernelRunner(Runner):
-    """Sends the value to a launched kernel and waits for its reply."""
+    """Sends values to a launched kernel and waits for the reply to each.
+
+    Replies are matched to requests by identity (``coordinator.kernel_replies``):
+    compiled kernels between ``@message`` types, and host actors sent messages, get
+    their values in one ring operation per batch (compiled) and their replies routed
+    by correlation id; a request the kernel consumed without output comes back as
+    ``FILTERED``. Plain values to a host actor (no ids) keep ``send_and_receive``."""
 
     def __init__(self, stage: Stage, runtime: Any) -> None:
         if runtime is None:
             raise InvalidConfigurationError(
                 f"stage {stage.name!r} is a kernel id; deploy the graph through a runtime"
             )
-        self._id = stage.target
+        self._id: str = stage.target  # type: ignore[assignment]  # make_runner: a kernel id
         self._rt = runtime
         self._timeout = stage.timeout
+        self._replies: KernelReplies | None = None
+
+    batches_in_flight = 4
+    """Batches of one worker in the kernel at once (see ``Flow._work``)."""
+
+    def _routed(self, value: Any) -> KernelReplies | None:
+        """The kernel's reply table when ``value`` goes by identity, else None."""
+        kr = self._replies
+        if kr is None or not kr.current(self._rt):
+            kr = self._replies = replies_for(self._rt, self._id)
+        if kr.records or (kr.backend == "host" and getattr(value, "message_id", None)):
+            return kr
+        return None
 
     async def call(self, value: Any) -> Any:
-        # The stage's workers have their requests in flight together; a reply owed to
-        # one that timed out goes to nobody (see ``send_and_receive``).
-        return await self._rt.send_and_receive(self._id, value, timeout=self._timeout)
+        kr = self._routed(value)
+        if kr is None:
+            # The stage's workers have their requests in flight together; a reply owed
+            # to one that timed out goes to nobody (see ``send_and_receive``).
+            return await self._rt.send_and_receive(self._id, value, timeout=self._timeout)
+        [out] = await kr.request_many([value], self._timeout)
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     async def call_many(self, values: list[Any]) -> list[Any]:
-        """Every value sent before any reply is awaited: on a cluster kernel the sends
-        of one turn of the event loop travel in one Ray call and the replies come back
-        in batch fetches, instead of two Ray round trips per item. One result per value:
-        its output, or the exception its call raised (each item fails on its own)."""
+        """Every value sent before any reply is awaited: one ring operation for records
+        of a compiled kernel; on a cluster kernel the sends of one turn of the event loop
+        travel in one Ray call and the replies come back in batch fetches. One result
+        per value: its output, ``FILTERED``, or the exception its call raised (each item
+        fails on its own)."""
+        kr = self._routed(values[0]) if values else None
+        if kr is not None:
+            return await kr.request_many(values, self._timeout)
         send = self._rt.send_and_receive
         outs = await asyncio.gather(
             *(send(self._id, v, timeout=self._timeout) for v in values), return_exceptions=True

@@ -734,6 +734,10 @@ class RingKernelRuntime:
         """Where a cluster kernel runs (Ray node, actor, GPUs); None without a cluster."""
         return getattr(self._get(kernel_id).loop, "placement", None)
 
+    def kernel_handle(self, kernel_id: str) -> KernelHandle:
+        """A live view of the kernel launched under ``kernel_id`` (what ``launch`` returned)."""
+        return KernelHandle(self._get(kernel_id))
+
     def get_kernel_spec(self, kernel_id: str) -> RingKernelSpec:
         """What the kernel was launched with: function, message types, configuration."""
         return self._get(kernel_id).spec

@@ -94,6 +94,10 @@ LATENCY_METRIC = "pydotcompute_kernel_latency_seconds"
 FLOW_COUNTERS: dict[str, tuple[str, str]] = {
     "pydotcompute_flow_items_submitted": ("submitted", "Items submitted to the flow."),
     "pydotcompute_flow_items_completed": ("completed", "Items that left the flow's last stage."),
+    "pydotcompute_flow_items_filtered": (
+        "filtered",
+        "Items a stage consumed without output (a handler returned False).",
+    ),
     "pydotcompute_flow_items_retried": ("retried", "Stage attempts that were retried."),
     "pydotcompute_flow_items_dead_lettered": (
         "dead_lettered",

@@ -1,0 +1,114 @@
+"""Kernel stages through the coordinator: a compiled ``cpu`` kernel as a stage, against
+the same work as an async function stage, and a chain of kernel stages against one.
+
+Every graph is ``make >> <middle> >> unwrap`` over the same items, where ``make`` turns
+an int into an ``@message`` record and ``unwrap`` takes the int back out:
+
+- ``function``: the middle is an async function computing x + 1;
+- ``kernel``: the middle is a ``cpu`` kernel whose handler computes x + 1;
+- ``chain of 3``: the middle is three such kernels, one after the other;
+
+each in memory and durable (SQLite journal in a temporary folder), in this one run.
+Printed: items/s, kernel/function, and the chain's per-stage figure (items/s x 3
+stages) over one kernel stage's.
+
+    python benchmarks/kernel_stages.py [--items N] [--durable-items N] [--repeat R]
+
+Goals: kernel >= function; a chain per stage not slower than one stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+from pydotcompute import RingKernelRuntime, message
+from pydotcompute.coordinator import stage
+
+
+@message
+class Num:
+    x: np.int64
+
+
+def inc(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x + 1
+    return True
+
+
+async def inc_fn(m: Num) -> Num:
+    return Num(x=m.x + 1)
+
+
+def make(i: int) -> Num:
+    return Num(x=i)
+
+
+def unwrap(m: Num) -> int:
+    return int(m.x)
+
+
+async def run(graph: Any, rt: RingKernelRuntime, n: int, adds: int, name: str) -> float:
+    flow = await rt.deploy(graph, name=name)
+    async with flow:
+        t0 = time.perf_counter()
+        for i in range(0, n, 1000):
+            await flow.submit_many(range(i, min(n, i + 1000)))
+        await flow.drain()
+        elapsed = time.perf_counter() - t0
+        total = 0
+        async for _, v in flow.results():
+            total += v
+        assert total == sum(range(n)) + adds * n, "wrong results"
+    return n / elapsed
+
+
+async def measure(n: int, journal: str | None, kernels: int) -> dict[str, float]:
+    async with RingKernelRuntime(journal=journal) as rt:
+        for k in range(kernels):
+            await rt.launch(f"inc{k}", inc, backend="cpu", input_type=Num, output_type=Num)
+            await rt.activate(f"inc{k}")
+        # Compile and warm up off the clock.
+        await run(stage(make) >> "inc0" >> stage(unwrap), rt, 200, 1, "warm")
+        out = {}
+        out["function"] = await run(stage(make) >> stage(inc_fn) >> stage(unwrap), rt, n, 1, "f")
+        out["kernel"] = await run(stage(make) >> "inc0" >> stage(unwrap), rt, n, 1, "k")
+        chain = stage(make) >> "inc0" >> "inc1" >> "inc2" >> stage(unwrap)
+        out["chain of 3"] = await run(chain, rt, n, 3, "c")
+        return out
+
+
+def report(where: str, runs: list[dict[str, float]]) -> None:
+    best = {k: max(r[k] for r in runs) for k in runs[0]}
+    for k, v in best.items():
+        print(f"  {where:9s} {k:12s} {v:10.0f} items/s")
+    print(f"  {where:9s} kernel / function          {best['kernel'] / best['function']:.2f}x")
+    per_stage = best["chain of 3"] * 3 / best["kernel"]
+    print(f"  {where:9s} chain of 3, per stage / one {per_stage:.2f}x")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, default=20_000)
+    ap.add_argument("--durable-items", type=int, default=5_000)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    print(f"kernel stages, {os.cpu_count()} CPUs, best of {args.repeat}:")
+    mem = [asyncio.run(measure(args.items, None, 3)) for _ in range(args.repeat)]
+    report("in memory", mem)
+    with tempfile.TemporaryDirectory() as tmp:
+        dur = [
+            asyncio.run(measure(args.durable_items, os.path.join(tmp, f"k{i}.db"), 3))
+            for i in range(args.repeat)
+        ]
+    report("durable", dur)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,413 @@
+"""Requests to a kernel stage and their replies, matched by the request's identity.
+
+A kernel stage sends each item's value with its ``message_id`` and takes the replies
+that carry it back as their ``correlation_id`` (a compiled loop copies the input's id
+there before the handler runs; a host actor sets it itself). So a kernel may answer
+out of order, or not at all, without shifting anyone else's reply. A reply that names
+no waiting request (no correlation id, or one nobody sent) goes to the oldest waiting
+request: the order rule ``send_and_receive`` uses, for actors that set no ids.
+
+A request that gets no reply is *filtered* when the kernel can tell it consumed the
+request without output. A ``cpu`` kernel with one worker handles its ring in order,
+so a reply to a later request means every earlier one without a reply was dropped by
+the handler; and once its input ring is empty and the worker has gone on polling
+(its idle-poll counter moved by a whole chunk, which it only does between batches),
+every record sent before has been handled and its outputs are in the output ring.
+Other kernels (several workers, ``cuda``, host actors) cannot say that: a request
+they never answer times out (``QueueTimeoutError``), as a plain request does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import weakref
+from typing import Any
+
+import numpy as np
+
+from pydotcompute.errors import QueueFullError, QueueTimeoutError
+from pydotcompute.messages.message import RingKernelMessage
+from pydotcompute.messages.record import record_layout, uuid_offset
+
+__all__ = ["FILTERED_OUT", "KernelReplies", "Waiting", "replies_for"]
+
+
+class _Filtered:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "FILTERED_OUT"
+
+
+FILTERED_OUT: Any = _Filtered()
+"""What a request gets when its kernel consumed it without output."""
+
+_IDLE_CHUNK = 64  # a cpu worker adds idle polls to its counter 64 at a time (see cpu.py)
+_SETTLE_POLL_S = 0.002  # how often a reader with nothing to read looks for dropped records
+_READ_POLL_S = 0.05  # how often a reader that cannot detect drops looks for no waiters
+_BATCH = 1024
+
+
+_PENDING: Any = object()  # a place whose reply has not come
+
+
+class Batch:
+    """The replies owed to one ``request_many`` call: one result per value, and one
+    future, set when the last place is answered (a future per value cost as much as
+    the rest of a kernel stage's per-item work)."""
+
+    __slots__ = ("fut", "left", "results")
+
+    def __init__(self, n: int) -> None:
+        self.results: list[Any] = [_PENDING] * n
+        self.left = 0  # places waiting
+        self.fut: asyncio.Future[None] | None = None
+
+    def give(self, index: int, value: Any) -> None:
+        if self.results[index] is _PENDING:
+            self.results[index] = value
+            self.left -= 1
+            if self.left == 0 and self.fut is not None and not self.fut.done():
+                self.fut.set_result(None)
+
+
+class Place:
+    """Where the reply to one request goes: an index in a ``Batch``."""
+
+    __slots__ = ("batch", "index")
+
+    def __init__(self, batch: Batch, index: int) -> None:
+        self.batch, self.index = batch, index
+        batch.left += 1
+
+    def done(self) -> bool:
+        return self.batch.results[self.index] is not _PENDING
+
+    def result(self) -> Any:
+        return self.batch.results[self.index]
+
+
+class Waiting:
+    """Requests waiting for replies: by id (16 bytes; ids may repeat, the oldest is
+    answered first) and in the order they were sent (sequence numbers from 1)."""
+
+    __slots__ = ("_by_id", "_by_seq", "_next")
+
+    def __init__(self) -> None:
+        self._by_id: dict[bytes | None, collections.deque[int]] = {}
+        self._by_seq: dict[int, tuple[bytes | None, Place]] = {}
+        self._next = 1
+
+    def __len__(self) -> int:
+        return len(self._by_seq)
+
+    def expect(self, rid: bytes | None, place: Place | None = None) -> tuple[int, Place]:
+        """Wait for the reply to a request with id ``rid`` in ``place`` (a place of its
+        own when None): (sequence number, place)."""
+        if place is None:
+            place = Place(Batch(1), 0)
+        seq = self._next
+        self._next += 1
+        self._by_seq[seq] = (rid, place)
+        self._by_id.setdefault(rid, collections.deque()).append(seq)
+        return seq, place
+
+    def _pop(self, seq: int) -> Place:
+        rid, place = self._by_seq.pop(seq)
+        seqs = self._by_id[rid]
+        if seqs[0] == seq:
+            seqs.popleft()
+        else:
+            seqs.remove(seq)
+        if not seqs:
+            del self._by_id[rid]
+        return place
+
+    def answer(self, rid: bytes, value: Any) -> int | None:
+        """Give ``value`` to the oldest request with id ``rid``; its sequence number,
+        or None when no request waits with that id."""
+        seqs = self._by_id.get(rid)
+        if not seqs:
+            return None
+        seq = seqs[0]
+        place = self._pop(seq)
+        place.batch.give(place.index, value)
+        return seq
+
+    def answer_oldest(self, value: Any) -> int | None:
+        for seq in self._by_seq:
+            place = self._pop(seq)
+            place.batch.give(place.index, value)
+            return seq
+        return None
+
+    def settle_before(self, seq: int, value: Any = FILTERED_OUT) -> int:
+        """Give ``value`` to every request older than ``seq``; how many there were."""
+        n = 0
+        while self._by_seq:
+            oldest = next(iter(self._by_seq))
+            if oldest >= seq:
+                break
+            place = self._pop(oldest)
+            place.batch.give(place.index, value)
+            n += 1
+        return n
+
+    def forget(self, seq: int) -> None:
+        """Its caller gave up: a reply owed to it goes to nobody."""
+        if seq in self._by_seq:
+            self._pop(seq)
+
+    def fail_all(self, exc: BaseException) -> None:
+        """Every waiting request gets ``exc`` as its result (the kernel failed or ended)."""
+        by_seq = list(self._by_seq.values())
+        self._by_seq.clear()
+        self._by_id.clear()
+        for _, place in by_seq:
+            place.batch.give(place.index, exc)
+
+
+def _message_class(t: Any) -> type | None:
+    """``t`` when it is an ``@message`` class with a record layout."""
+    if isinstance(t, type) and issubclass(t, RingKernelMessage):
+        try:
+            record_layout(t)
+        except Exception:  # noqa: BLE001 - no layout: not sent as records
+            return None
+        return t
+    return None
+
+
+class KernelReplies:
+    """One kernel's requests from kernel stages and the one task reading its replies."""
+
+    def __init__(self, runtime: Any, kernel_id: str, launch: Any) -> None:
+        self.kernel_id = kernel_id
+        self._rt = runtime
+        self._launch = launch  # the spec of the launch this was made for
+        handle = runtime.kernel_handle(kernel_id)
+        self.backend: str = handle.backend
+        spec = runtime.get_kernel_spec(kernel_id)
+        in_cls = _message_class(spec.input_type)
+        out_cls = _message_class(spec.output_type)
+        # Records in one ring operation: compiled kernels between @message types, on
+        # this machine (a cluster kernel batches its own way).
+        self.records = (
+            self.backend in ("cpu", "cuda")
+            and in_cls is not None
+            and out_cls is not None
+            and runtime.get_placement(kernel_id) is None
+        )
+        self._in_cls = in_cls
+        if self.records:
+            assert in_cls is not None and out_cls is not None
+            self._in = record_layout(in_cls)
+            self._out = record_layout(out_cls)
+            self._id_at = uuid_offset(self._in.dtype, "message_id")
+            self._corr_at = uuid_offset(self._out.dtype, "correlation_id")
+        # Whether a request consumed without output can be told (see the module text).
+        self.tells_drops = (
+            self.records
+            and self.backend == "cpu"
+            and spec.config.workers == 1
+            and runtime.enable_telemetry
+        )
+        self._waiting = Waiting()
+        self._send_lock = asyncio.Lock()
+        self._sent = 0  # sequence number of the newest request in the kernel's ring
+        self._reader: asyncio.Task[None] | None = None
+        self._mark: tuple[int, int] | None = None  # (sent, idle polls) once the ring was empty
+
+    def current(self, runtime: Any) -> bool:
+        """Whether this still stands for the kernel launched under its id."""
+        try:
+            return runtime.get_kernel_spec(self.kernel_id) is self._launch
+        except Exception:  # noqa: BLE001 - terminated and gone: make a new one
+            return False
+
+    # -- requests --------------------------------------------------------------------
+
+    async def request_many(self, values: list[Any], timeout: float | None) -> list[Any]:
+        """One result per value: its reply, ``FILTERED_OUT``, or the exception for it."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
+        batch = Batch(len(values))
+        sent: list[int] = []  # sequence numbers of the requests in the kernel's ring
+        try:
+            async with self._send_lock:
+                if self.records:
+                    await self._send_records(values, batch, sent, left())
+                else:
+                    await self._send_each(values, batch, sent, left)
+            if batch.left:
+                self._start_reader()
+                batch.fut = loop.create_future()
+                await asyncio.wait([batch.fut], timeout=left())
+        finally:
+            if batch.left:  # timed out (or cancelled): late replies go to nobody
+                for seq in sent:
+                    self._waiting.forget(seq)
+                late = QueueTimeoutError(
+                    f"no reply from kernel {self.kernel_id!r} within {timeout} s"
+                )
+                batch.results = [late if r is _PENDING else r for r in batch.results]
+        return batch.results
+
+    async def _send_records(
+        self, values: list[Any], batch: Batch, sent: list[int], timeout: float | None
+    ) -> None:
+        cls = self._in_cls
+        assert cls is not None
+        pack = self._in.to_bytes
+        results = batch.results
+        parts: list[bytes] = []
+        where: list[int] = []
+        for i, v in enumerate(values):
+            if not isinstance(v, cls):
+                results[i] = TypeError(
+                    f"kernel {self.kernel_id!r} takes {cls.__name__}, got {type(v).__name__}"
+                )
+                continue
+            try:
+                parts.append(pack(v))
+            except Exception as exc:  # noqa: BLE001 - this item's failure
+                results[i] = exc
+                continue
+            where.append(i)
+        if not where:
+            return
+        blob = bytearray(b"".join(parts))
+        records = np.frombuffer(blob, self._in.dtype)
+        size, at = self._in.dtype.itemsize, self._id_at
+        expect = self._waiting.expect
+        mine = [
+            expect(bytes(blob[k * size + at : k * size + at + 16]), Place(batch, i))[0]
+            for k, i in enumerate(where)
+        ]
+        sent.extend(mine)
+        try:
+            placed = await self._rt.send_batch(self.kernel_id, records, timeout)
+        except Exception as exc:  # noqa: BLE001 - every item of the batch fails with it
+            for seq, i in zip(mine, where, strict=True):
+                self._waiting.forget(seq)
+                batch.give(i, exc)
+            return
+        for seq, i in zip(mine[placed:], where[placed:], strict=True):
+            # A DROP_NEWEST ring kept the older records.
+            self._waiting.forget(seq)
+            batch.give(
+                i, QueueFullError(f"input ring of {self.kernel_id!r} is full: record dropped")
+            )
+        if placed:
+            self._sent = mine[placed - 1]
+
+    async def _send_each(self, values: list[Any], batch: Batch, sent: list[int], left: Any) -> None:
+        for i, v in enumerate(values):
+            mid = getattr(v, "message_id", None)
+            seq, _ = self._waiting.expect(mid.bytes if mid is not None else None, Place(batch, i))
+            sent.append(seq)
+            try:
+                await self._rt.send(self.kernel_id, v, left())
+            except Exception as exc:  # noqa: BLE001 - this item's failure
+                self._waiting.forget(seq)
+                batch.give(i, exc)
+                continue
+            self._sent = seq
+
+    # -- replies ---------------------------------------------------------------------
+
+    def _start_reader(self) -> None:
+        if self._reader is None and len(self._waiting):
+            self._reader = asyncio.get_running_loop().create_task(
+                self._read(), name=f"pydotcompute-kernel-replies-{self.kernel_id}"
+            )
+
+    async def _read(self) -> None:
+        poll = _SETTLE_POLL_S if self.tells_drops else _READ_POLL_S
+        try:
+            while len(self._waiting):
+                try:
+                    got = await self._rt.receive_batch(self.kernel_id, _BATCH, poll)
+                except QueueTimeoutError:
+                    got = None
+                except Exception as exc:  # noqa: BLE001 - the kernel failed or ended
+                    self._waiting.fail_all(exc)
+                    return
+                if got is not None and len(got):
+                    self._mark = None
+                    self._route(got)
+                elif self.tells_drops:
+                    await self._settle()
+        finally:
+            self._reader = None
+
+    def _route(self, got: Any) -> None:
+        waiting = self._waiting
+        in_order = self.tells_drops
+        if not self.records:
+            for msg in got:
+                cid = getattr(msg, "correlation_id", None)
+                seq = waiting.answer(cid.bytes, msg) if cid is not None else None
+                if seq is None:
+                    waiting.answer_oldest(msg)
+            return
+        size, at = got.dtype.itemsize, self._corr_at
+        raw = got.tobytes()  # slicing bytes is ~10x cheaper than slicing an array
+        build, unpack = self._out.build, self._out.unpack_from
+        for k in range(len(got)):
+            msg = build(unpack(raw, k * size))
+            seq = waiting.answer(raw[k * size + at : k * size + at + 16], msg)
+            if seq is None:
+                seq = waiting.answer_oldest(msg)
+            if in_order and seq is not None:
+                # One worker answers in ring order: the requests before this one
+                # without a reply were consumed without output.
+                waiting.settle_before(seq)
+
+    async def _settle(self) -> None:
+        """Nothing came: once the input ring is empty and the worker has polled it
+        idle since, every request sent before got all the replies it will get."""
+        sent = self._sent
+        t = self._rt.get_telemetry(self.kernel_id)
+        if t is None or t.queue_depth != 0:
+            self._mark = None
+            return
+        if self._mark is None:
+            # The baseline is read after the ring was seen empty (telemetry reads the
+            # counters before the ring): idle polls counted from here came after.
+            again = self._rt.get_telemetry(self.kernel_id)
+            self._mark = (sent, again.idle_polls)
+            return
+        upto, idle = self._mark
+        if t.idle_polls - idle < _IDLE_CHUNK:
+            return
+        self._mark = None
+        while True:  # the outputs of what was handled are in the ring: route them first
+            try:
+                got = await self._rt.receive_batch(self.kernel_id, _BATCH, 0)
+            except QueueTimeoutError:
+                break
+            if not len(got):
+                break
+            self._route(got)
+        self._waiting.settle_before(upto + 1)
+
+
+# Per runtime, per kernel id: weak, so a runtime that goes away takes its tables along.
+_BY_RUNTIME: weakref.WeakKeyDictionary[Any, dict[str, KernelReplies]] = weakref.WeakKeyDictionary()
+
+
+def replies_for(runtime: Any, kernel_id: str) -> KernelReplies:
+    """The kernel's ``KernelReplies`` in ``runtime`` (one per launch, shared by every
+    stage that uses the kernel, so each reply reaches the stage that asked)."""
+    table = _BY_RUNTIME.setdefault(runtime, {})
+    kr = table.get(kernel_id)
+    if kr is None or not kr.current(runtime):
+        kr = KernelReplies(runtime, kernel_id, runtime.get_kernel_spec(kernel_id))
+        table[kernel_id] = kr
+    return kr

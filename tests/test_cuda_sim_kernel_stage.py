@@ -1,0 +1,63 @@
+"""A ``cuda`` kernel as a coordinator stage, on numba-cuda's simulator: replies are
+matched to items by correlation id, and a record the handler drops leaves its item to
+the stage's timeout (a ``cuda`` kernel cannot say it consumed a record without output).
+
+The simulator tests run in a child process with ``NUMBA_ENABLE_CUDASIM=1``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+sim = pytest.mark.skipif(not SIM, reason="runs in the simulator child process")
+
+
+@pytest.mark.skipif(SIM, reason="this is the parent of the simulator run")
+def test_simulator_suite() -> None:
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    cmd += ["-k", "not test_simulator_suite"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+def keep_even(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x * 10
+    return msg.x % 2 == 0
+
+
+@sim
+async def test_a_filtering_cuda_kernel_stage_matches_replies_by_identity() -> None:
+    from pydotcompute import RingKernelRuntime, message
+    from pydotcompute.coordinator import stage
+
+    @message
+    class SimNum:
+        x: np.int64
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("even", keep_even, backend="cuda", input_type=SimNum,
+                        output_type=SimNum, queue_size=8)  # fmt: skip
+        await rt.activate("even")
+        flow = await rt.deploy(
+            stage(lambda i: SimNum(x=i)) >> stage("even", timeout=8) >> stage(lambda m: int(m.x)),
+            name="sim",
+        )
+        await flow.submit_many(range(6), keys=[str(i) for i in range(6)])
+        # A timeout with room for a loaded machine: the simulator is slow.
+        await flow.drain(timeout=90)
+        # Each even item has its own output, whatever the odd ones did.
+        assert [await flow.result(str(i)) for i in (0, 2, 4)] == [0, 20, 40]
+        assert sorted(r.key for r in flow.dead_letters()) == ["1", "3", "5"]
+        assert all("QueueTimeoutError" in r.error for r in flow.dead_letters())
+        await flow.close()
+        await rt.terminate("even")

@@ -1,0 +1,154 @@
+"""Kernel stages match each reply to its request by identity, never by order.
+
+A compiled handler that returns False produces no output for that record: the item
+ends as *filtered* (counted, in the flow's status, not failed and not retried).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import numpy as np
+import pytest
+
+from pydotcompute import RingKernelRuntime, message
+from pydotcompute.coordinator import stage
+from pydotcompute.errors import ItemFilteredError
+
+
+@message
+class Num:
+    x: np.int64
+
+
+def keep_even(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x
+    return msg.x % 2 == 0
+
+
+def make(i: int) -> Num:
+    return Num(x=i)
+
+
+def unwrap(m: Num) -> int:
+    return int(m.x)
+
+
+async def launch_even(rt: RingKernelRuntime) -> None:
+    await rt.launch("even", keep_even, backend="cpu", input_type=Num, output_type=Num)
+    await rt.activate("even")
+
+
+async def test_a_filtering_cpu_kernel_as_the_middle_stage_ends_odd_items_as_filtered():
+    async with RingKernelRuntime() as rt:
+        await launch_even(rt)
+        flow = await rt.deploy(stage(make) >> stage("even", timeout=2) >> stage(unwrap), name="f")
+        keys = await flow.submit_many(range(6), keys=[str(i) for i in range(6)])
+        await flow.drain(timeout=20)
+        assert flow.status() == {"done": 3, "filtered": 3}
+        assert [await flow.result(k) for k in ("0", "2", "4")] == [0, 2, 4]
+        assert flow.items("filtered") == ["1", "3", "5"]
+        with pytest.raises(ItemFilteredError, match="even"):
+            await flow.result("3")
+        c = flow.counters()
+        assert c["filtered"] == 3 and c["completed"] == 3 and c["retried"] == 0
+        assert flow.dead_letters() == []
+        assert len(keys) == 6
+
+
+async def test_filtered_items_of_a_durable_flow_are_in_the_journal(tmp_path):
+    async with RingKernelRuntime(journal=str(tmp_path / "f.db")) as rt:
+        await launch_even(rt)
+        flow = await rt.deploy(stage(make) >> stage("even", timeout=2) >> stage(unwrap), name="f")
+        await flow.submit_many(range(40), keys=[str(i) for i in range(40)])
+        await flow.drain(timeout=30)
+        assert flow.status() == {"done": 20, "filtered": 20}
+        assert sorted(flow.items("filtered"), key=int) == [str(i) for i in range(1, 40, 2)]
+        assert [await flow.result(str(i)) for i in range(0, 40, 2)] == list(range(0, 40, 2))
+        with pytest.raises(ItemFilteredError):
+            await flow.result("7")
+        assert flow.dead_letters() == []
+
+
+async def test_many_items_through_a_filtering_kernel_keep_their_own_outputs():
+    async with RingKernelRuntime() as rt:
+        await launch_even(rt)
+        flow = await rt.deploy(stage(make) >> stage("even", timeout=5) >> stage(unwrap), name="f")
+        await flow.submit_many(range(2000), keys=[str(i) for i in range(2000)])
+        await flow.drain(timeout=60)
+        assert flow.status() == {"done": 1000, "filtered": 1000}
+        for i in (0, 2, 998, 1998):
+            assert await flow.result(str(i)) == i
+
+
+@message
+class Ask:
+    n: int
+
+
+@message
+class Answer:
+    n: int
+
+
+async def answers_pairs_backwards_and_drops_sevens(ctx):
+    # Holds two requests, then answers the second before the first; a 7 gets no answer.
+    while not ctx.should_terminate:
+        pair = [await ctx.receive(), await ctx.receive()]
+        for m in reversed(pair):
+            if m.n != 7:
+                await ctx.send(Answer(n=m.n * 10, correlation_id=m.message_id))
+
+
+async def test_a_host_actor_answering_out_of_order_or_not_at_all():
+    # Out of order: each reply goes to its own request by correlation id. No answer:
+    # a host actor cannot say it consumed a request without output, so that item
+    # times out (and goes to the dead letters) as before; the others are unaffected.
+    async with RingKernelRuntime() as rt:
+        await rt.launch("pairs", answers_pairs_backwards_and_drops_sevens)
+        await rt.activate("pairs")
+        flow = await rt.deploy(
+            stage(lambda i: Ask(n=i)) >> stage("pairs", timeout=1) >> stage(lambda a: a.n),
+            name="h",
+        )
+        await flow.submit_many(range(10), keys=[str(i) for i in range(10)])
+        await flow.drain(timeout=20)
+        assert [await flow.result(str(i)) for i in range(10) if i != 7] == [
+            10 * i for i in range(10) if i != 7
+        ]
+        [rec] = flow.dead_letters()
+        assert rec.key == "7" and "within 1" in rec.error
+
+
+def test_replies_keep_their_identity_with_repeated_ids():
+    from pydotcompute.coordinator.kernel_replies import FILTERED_OUT, Waiting
+
+    async def go() -> None:
+        w = Waiting()
+        a, b = uuid.uuid4().bytes, uuid.uuid4().bytes
+        (s1, fa1), (_s2, fa2), (s3, fb) = w.expect(a), w.expect(a), w.expect(b)
+        assert w.answer(b, "B") == s3
+        assert w.answer(a, "A1") == s1
+        assert fb.result() == "B" and fa1.result() == "A1" and not fa2.done()
+        assert w.answer(uuid.uuid4().bytes, "stray") is None
+        (s4, fc) = w.expect(None)
+        assert w.settle_before(s4) == 1  # the second "a": consumed without output
+        assert fa2.result() is FILTERED_OUT and not fc.done() and len(w) == 1
+
+    asyncio.run(go())
+
+
+async def test_the_journal_listing_counts_filtered_items(tmp_path):
+    from pydotcompute.cli.journal_records import flow_records
+    from pydotcompute.coordinator.journal_reader import JournalReader
+
+    where = str(tmp_path / "f.db")
+    async with RingKernelRuntime(journal=where) as rt:
+        await launch_even(rt)
+        flow = await rt.deploy(stage(make) >> stage("even", timeout=2) >> stage(unwrap), name="f")
+        await flow.submit_many(range(6), keys=[str(i) for i in range(6)])
+        await flow.drain(timeout=30)
+    with JournalReader(where) as reader:
+        [f] = flow_records(reader)
+    assert f["items"]["filtered"] == 3 and f["items"]["done"] == 3
