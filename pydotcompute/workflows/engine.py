@@ -850,12 +850,14 @@ def _load_module(where: str) -> Any:
 _STATUS = "SELECT key, name, state, calls, step, error, parent, created, updated FROM workflows"
 
 
+WORKFLOWS = "workflows"  # the name the engine is attached to a runtime under
+
+
 def engine_for(runtime: Any) -> WorkflowEngine:
     """The runtime's engine on its journal, made on first use and closed at shutdown."""
-    engine: WorkflowEngine | None = runtime._workflows
-    if engine is None or engine._closed:
-        runtime._check_open()
+    engine = runtime.extension(WORKFLOWS)
+    if not isinstance(engine, WorkflowEngine) or engine._closed:
+        runtime.check_open()
         engine = WorkflowEngine(runtime, runtime.journal).open_now()
-        runtime._workflows = engine
-        runtime.add_closer(engine.close)
+        runtime.attach(WORKFLOWS, engine)
     return engine
