@@ -50,7 +50,6 @@ class JournalLedger:
         self.hungry: set[int] = set()
         self.session = JournalSession(config, flow.name, flow.plan, flow.owner)
         self.poll: float | None = self.session.journal.poll
-        self._opened = False
         self.session.on_events = self._on_events
         self.session.on_error = flow._fail
         self._claim_wake = asyncio.Event()
@@ -59,7 +58,6 @@ class JournalLedger:
     # ---- lifetime -------------------------------------------------------------------
     async def open(self) -> None:
         session = self.session
-        self._opened = True
         await session.open()
         if session.resumed:
             log.info(
@@ -80,8 +78,7 @@ class JournalLedger:
         return None  # a durable submit waits for nothing but its commit
 
     async def close(self, reason: str, *, cancel_items: bool) -> None:
-        if self._opened:
-            await self.session.close()
+        await self.session.close()  # nothing to do when it never opened
 
     # ---- what the workers hand over ---------------------------------------------------
     async def submit(self, keys: list[str], values: list[Any]) -> None:
