@@ -379,7 +379,7 @@ async def test_result_times_out_without_leaving_waiters_behind():
         for _ in range(3):
             with pytest.raises(TimeoutError):
                 await flow.result("a", timeout=0.02)
-        assert flow._items["a"].waiters == []
+        assert flow._ledger.items_by_key["a"].waiters == []
 
 
 async def test_close_releases_a_submit_waiting_for_room():

@@ -29,6 +29,7 @@ from pydotcompute.cli import journal_records as rec
 from pydotcompute.cli.fit import Column, fit_table
 from pydotcompute.coordinator.journal_reader import JournalReader
 from pydotcompute.errors import InvalidConfigurationError, JournalError, PyDotComputeError
+from pydotcompute.workflows.store import count_workflows
 
 __all__ = ["register"]
 
@@ -420,7 +421,7 @@ def _prune(args: argparse.Namespace, console: Console) -> int:
         flows = [f for f in reader.flows() if args.flow is None or f.name == args.flow]
         active = sum(f.items.get("active", 0) for f in flows)
         running = (
-            reader.read("SELECT count(*) FROM workflows WHERE state='running'")[0][0]
+            count_workflows(reader.read, "running")
             if args.flow is None and reader.has_table("workflows")
             else None
         )

@@ -584,6 +584,62 @@ class JournalSession(JournalWriter):
             return self.DEAD_LETTERS + " AND key=?" + order, (self.flow, key)
         return self.DEAD_LETTERS + order, (self.flow,)
 
+    def state_counts(self) -> dict[str, int]:
+        """Number of this flow's items per state."""
+        return dict(self.read(self.STATE_COUNTS, self.flow))
+
+    async def astate_counts(self) -> dict[str, int]:
+        """:meth:`state_counts` that waits out an outage without holding up the loop."""
+        return dict(await self.aread(self.STATE_COUNTS, self.flow))
+
+    STATE_COUNTS = "SELECT state, count(*) FROM items WHERE flow=? GROUP BY state"
+
+    def keys(self, state: str | None = None) -> list[str]:
+        """Keys of this flow's items in ``state`` (all when None), in submission order."""
+        if state is None:
+            rows = self.read(
+                "SELECT key FROM items WHERE flow=? ORDER BY submitted, key", self.flow
+            )
+        else:
+            rows = self.read(
+                "SELECT key FROM items WHERE flow=? AND state=? ORDER BY submitted, key",
+                self.flow,
+                state,
+            )
+        return [r[0] for r in rows]
+
+    async def aitem_state(self, key: str) -> str | None:
+        """The state of item ``key``; None when the journal does not know it."""
+        rows = await self.aread("SELECT state FROM items WHERE flow=? AND key=?", self.flow, key)
+        return rows[0][0] if rows else None
+
+    async def aresult(self, key: str) -> Any:
+        """The stored output of the finished item ``key``."""
+        rows = await self.aread("SELECT value FROM results WHERE flow=? AND key=?", self.flow, key)
+        return decode(rows[0][0])
+
+    async def aactive(self) -> int:
+        """How many of this flow's items are active."""
+        rows = await self.aread(
+            "SELECT count(*) FROM items WHERE flow=? AND state='active'", self.flow
+        )
+        return int(rows[0][0])
+
+    async def aresults_after(self, seq: int, limit: int = 1000) -> list[tuple[int, str, bytes]]:
+        """(seq, key, stored output) of up to ``limit`` results after ``seq``, in order."""
+        return await self.aread(
+            f"SELECT seq, key, value FROM results WHERE flow=? AND seq>? ORDER BY seq "
+            f"LIMIT {int(limit)}",
+            self.flow,
+            seq,
+        )
+
+    async def ahas_results_after(self, seq: int) -> bool:
+        """Whether a result after ``seq`` is stored."""
+        return bool(
+            await self.aread("SELECT 1 FROM results WHERE flow=? AND seq>? LIMIT 1", self.flow, seq)
+        )
+
     def dead_letters(self, key: str | None = None) -> list[DeadLetter]:
         sql, args = self._dead_letters_query(key)
         return [

@@ -2,6 +2,7 @@
 
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.runtime.event_loop import get_loop_info
+from pydotcompute.runtime.extension import RuntimeExtension
 from pydotcompute.runtime.handle import KernelHandle
 from pydotcompute.runtime.lifecycle import KernelState
 from pydotcompute.runtime.registry import RingKernelSpec, registered_kernels, ring_kernel
@@ -13,6 +14,7 @@ __all__ = [
     "RingKernelConfig",
     "RingKernelRuntime",
     "RingKernelSpec",
+    "RuntimeExtension",
     "get_loop_info",
     "registered_kernels",
     "ring_kernel",

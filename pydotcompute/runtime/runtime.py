@@ -32,6 +32,7 @@ from pydotcompute.errors import (
     QueueTimeoutError,
 )
 from pydotcompute.runtime.event_loop import get_loop_info
+from pydotcompute.runtime.extension import RuntimeExtension
 from pydotcompute.runtime.handle import KernelHandle
 from pydotcompute.runtime.lifecycle import KernelState, check_transition
 from pydotcompute.runtime.registry import (
@@ -201,7 +202,7 @@ class RingKernelRuntime:
         self._metrics_server: Any = None
         self._closed = False
         self._started = False
-        self._workflows: Any = None  # the WorkflowEngine, made on first use
+        self._extensions: dict[str, RuntimeExtension] = {}
 
     def __repr__(self) -> str:
         states: dict[str, int] = {}
@@ -565,6 +566,25 @@ class RingKernelRuntime:
     def add_closer(self, close: Callable[[], Any]) -> None:
         """Register something to close at shutdown (before kernels terminate)."""
         self._closers.append(close)
+
+    # -- extensions (the layers above: workflows, ...) ------------------------------
+
+    def attach(self, name: str, extension: RuntimeExtension) -> None:
+        """Keep ``extension`` under ``name`` (replacing what was there) and close it at
+        shutdown, before kernels terminate. Raises KernelStateError once shut down."""
+        if not isinstance(extension, RuntimeExtension):
+            raise TypeError(f"an extension has a close() method, got {type(extension).__name__}")
+        self.check_open()
+        self._extensions[name] = extension
+        self.add_closer(extension.close)
+
+    def extension(self, name: str) -> RuntimeExtension | None:
+        """The extension attached under ``name``, or None."""
+        return self._extensions.get(name)
+
+    def check_open(self) -> None:
+        """Raise KernelStateError if the runtime is shut down."""
+        self._check_open()
 
     # -- messages --------------------------------------------------------------------
 

@@ -58,6 +58,8 @@ from pydotcompute.workflows.store import (
     CallRow,
     LostOwnership,
     WorkflowStore,
+    read_pending_tasks,
+    read_workflows,
 )
 
 __all__ = ["WorkflowContext", "WorkflowEngine", "engine_for", "find_task"]
@@ -556,11 +558,9 @@ class WorkflowEngine:
         self._answers[task_key] = fut
         try:
             while True:
-                rows = await self.store.aread(
-                    "SELECT state, result FROM workflow_calls WHERE task_key=?", task_key
-                )
-                if rows and rows[0][0] == DONE:
-                    return decode(rows[0][1])
+                outcome = await self.store.acall_outcome(task_key)
+                if outcome is not None and outcome[0] == DONE:
+                    return decode(outcome[1])
                 try:
                     return decode(await asyncio.wait_for(asyncio.shield(fut), TASK_POLL))
                 except asyncio.TimeoutError:
@@ -576,13 +576,8 @@ class WorkflowEngine:
 
     def pending(self, task: Task) -> list[PendingTask]:
         """Items of ``task`` waiting for an answer, oldest first (running workflows only)."""
-        rows = self.store.read(
-            "SELECT c.task_key, c.workflow, c.args, c.created FROM workflow_calls c "
-            "JOIN workflows w ON w.key=c.workflow WHERE c.kind='task' AND c.step=? "
-            "AND c.state='waiting' AND w.state='running' ORDER BY c.created, c.task_key",
-            task.name,
-        )
-        return [PendingTask(k, wf, decode(a)[0][0], t) for k, wf, a, t in rows]
+        rows = read_pending_tasks(self.store.read, task.name)
+        return [PendingTask(k, wf, decode(a)[0][0], t) for k, _, wf, a, t in rows]
 
     async def complete(self, task: Task, key: str, answer: Any) -> bool:
         """Answer the pending item ``key`` of ``task``; its workflow goes on with the
@@ -590,14 +585,10 @@ class WorkflowEngine:
         workflow ended). An exception from the task's function is raised here and the
         item stays pending."""
         self._check_open()
-        rows = await self.store.aread(
-            "SELECT args FROM workflow_calls WHERE task_key=? AND step=? AND state='waiting'",
-            key,
-            task.name,
-        )
-        if not rows:
+        args = await self.store.awaiting_args(key, task.name)
+        if args is None:
             return False
-        result = task.accept(decode(rows[0][0])[0][0], answer)
+        result = task.accept(decode(args)[0][0], answer)
         blob = pack(result, f"result of task item {key!r}")
         done = await self.store.call(self.store.op_complete, task.name, key, blob)
         if done is None:
@@ -616,12 +607,10 @@ class WorkflowEngine:
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
-            rows = await self.store.aread(
-                "SELECT state, result, error FROM workflows WHERE key=?", key
-            )
-            if not rows:
+            outcome = await self.store.aoutcome(key)
+            if outcome is None:
                 raise WorkflowNotFoundError(f"no workflow {key!r} in the journal")
-            state, blob, error = rows[0]
+            state, blob, error = outcome
             if state == DONE:
                 return decode(blob)
             if state == FAILED:
@@ -643,19 +632,16 @@ class WorkflowEngine:
 
     def status(self, key: Any) -> WorkflowStatus:
         """Where the workflow is: state, calls recorded, the last step reached."""
-        rows = self.store.read(_STATUS + " WHERE key=?", check_key(key))
-        if not rows:
+        row = self.store.workflow(check_key(key))
+        if row is None:
             raise WorkflowNotFoundError(f"no workflow {key!r} in the journal")
-        return WorkflowStatus(*rows[0])
+        return WorkflowStatus(*row)
 
     def list(self, state: str | None = None) -> list[WorkflowStatus]:
         """Every workflow (children included), oldest first; only ``state`` if given."""
-        if state is None:
-            rows = self.store.read(_STATUS + " ORDER BY created, key")
-        elif state in STATES:
-            rows = self.store.read(_STATUS + " WHERE state=? ORDER BY created, key", state)
-        else:
+        if state is not None and state not in STATES:
             raise InvalidConfigurationError(f"workflow state is one of {STATES}, got {state!r}")
+        rows = read_workflows(self.store.read, None if state is None else [state])
         return [WorkflowStatus(*r) for r in rows]
 
     async def cancel(self, key: Any, reason: str = "cancelled") -> bool:
@@ -699,10 +685,7 @@ class WorkflowEngine:
             self._known[wf.name] = wf
         names = {wf.name for wf in workflows}
         resumed = []
-        for key, name in await self.store.aread(
-            "SELECT key, name FROM workflows WHERE state='running' AND parent IS NULL "
-            "ORDER BY created"
-        ):
+        for key, name in await self.store.arunning_top_level():
             if (names and name not in names) or key in self._runs:
                 continue
             wf = self._resolve(name)
@@ -847,15 +830,14 @@ def _load_module(where: str) -> Any:
         raise InvalidConfigurationError(f"module {where!r} cannot be imported: {exc}") from exc
 
 
-_STATUS = "SELECT key, name, state, calls, step, error, parent, created, updated FROM workflows"
+WORKFLOWS = "workflows"  # the name the engine is attached to a runtime under
 
 
 def engine_for(runtime: Any) -> WorkflowEngine:
     """The runtime's engine on its journal, made on first use and closed at shutdown."""
-    engine: WorkflowEngine | None = runtime._workflows
-    if engine is None or engine._closed:
-        runtime._check_open()
+    engine = runtime.extension(WORKFLOWS)
+    if not isinstance(engine, WorkflowEngine) or engine._closed:
+        runtime.check_open()
         engine = WorkflowEngine(runtime, runtime.journal).open_now()
-        runtime._workflows = engine
-        runtime.add_closer(engine.close)
+        runtime.attach(WORKFLOWS, engine)
     return engine

@@ -22,6 +22,7 @@ from pydotcompute.coordinator.retention import BATCH, GRAPH_FLOWS, Retention, pr
 __all__ = [
     "CallRow",
     "WorkflowStore",
+    "count_workflows",
     "forget_children",
     "prune_workflows",
     "read_calls",
@@ -395,6 +396,41 @@ class WorkflowStore(JournalWriter):
         conn.execute("UPDATE workflows SET owner=NULL, lease_until=0 WHERE owner=?", (self.owner,))
         conn.execute("DELETE FROM owners WHERE owner=?", (self.owner,))
 
+    # ---- reads (event loop, committed state) ------------------------------------------
+    async def acall_outcome(self, task_key: str) -> tuple[str, Any] | None:
+        """(state, pickled result) of the recorded call ``task_key``; None if unknown."""
+        rows = await self.aread(
+            "SELECT state, result FROM workflow_calls WHERE task_key=?", task_key
+        )
+        return (rows[0][0], rows[0][1]) if rows else None
+
+    async def awaiting_args(self, task_key: str, step: str) -> bytes | None:
+        """The pickled arguments of task item ``task_key`` of ``step`` while it waits for
+        an answer; None when no such item waits."""
+        rows = await self.aread(
+            "SELECT args FROM workflow_calls WHERE task_key=? AND step=? AND state='waiting'",
+            task_key,
+            step,
+        )
+        return rows[0][0] if rows else None
+
+    async def aoutcome(self, key: str) -> tuple[str, Any, str | None] | None:
+        """(state, pickled result, error text) of workflow ``key``; None if unknown."""
+        rows = await self.aread("SELECT state, result, error FROM workflows WHERE key=?", key)
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+    def workflow(self, key: str) -> Any | None:
+        """Workflow ``key`` (``WORKFLOW_COLUMNS``); None if unknown."""
+        rows = self.read(f"SELECT {WORKFLOW_COLUMNS} FROM workflows WHERE key=?", key)
+        return rows[0] if rows else None
+
+    async def arunning_top_level(self) -> list[tuple[str, str]]:
+        """(key, name) of running workflows that no workflow started, oldest first."""
+        return await self.aread(
+            "SELECT key, name FROM workflows WHERE state='running' AND parent IS NULL "
+            "ORDER BY created"
+        )
+
 
 # ---- reads for people looking at a journal (the journal commands, the dashboard) --------
 Read = Callable[..., list[Any]]
@@ -416,6 +452,11 @@ def read_workflows(
     if limit is not None:
         sql += f" LIMIT {int(limit)}"
     return read(sql, *args)
+
+
+def count_workflows(read: Read, state: str) -> int:
+    """How many workflows are in ``state``."""
+    return int(read("SELECT count(*) FROM workflows WHERE state=?", state)[0][0])
 
 
 def read_workflow(read: Read, key: str) -> Any | None:
