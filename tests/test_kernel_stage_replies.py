@@ -152,3 +152,18 @@ async def test_the_journal_listing_counts_filtered_items(tmp_path):
     with JournalReader(where) as reader:
         [f] = flow_records(reader)
     assert f["items"]["filtered"] == 3 and f["items"]["done"] == 3
+
+
+async def test_reply_tables_belong_to_their_runtime():
+    from pydotcompute.coordinator.kernel_replies import KernelReplyTables
+
+    async with RingKernelRuntime() as rt:
+        await launch_even(rt)
+        flow = await rt.deploy(stage(make) >> stage("even", timeout=5) >> stage(unwrap), name="f")
+        await flow.submit_many(range(4), keys=[str(i) for i in range(4)])
+        await flow.drain(timeout=20)
+        tables = rt.extension(KernelReplyTables.NAME)
+        assert isinstance(tables, KernelReplyTables) and set(tables.by_kernel) == {"even"}
+        async with RingKernelRuntime() as other:
+            assert other.extension(KernelReplyTables.NAME) is None
+    assert tables.by_kernel == {}  # let go at shutdown

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import weakref
 from typing import Any
 
 import numpy as np
@@ -398,16 +397,29 @@ class KernelReplies:
         self._waiting.settle_before(upto + 1)
 
 
-# Per runtime, per kernel id: weak, so a runtime that goes away takes its tables along.
-_BY_RUNTIME: weakref.WeakKeyDictionary[Any, dict[str, KernelReplies]] = weakref.WeakKeyDictionary()
+class KernelReplyTables:
+    """The runtime's ``KernelReplies`` per kernel id, attached to it as an extension
+    (so two runtimes never share one). At shutdown the tables are let go; their readers
+    end on their own once the kernels terminate."""
+
+    NAME = "pydotcompute.kernel-replies"
+
+    def __init__(self) -> None:
+        self.by_kernel: dict[str, KernelReplies] = {}
+
+    def close(self) -> None:
+        self.by_kernel.clear()
 
 
 def replies_for(runtime: Any, kernel_id: str) -> KernelReplies:
     """The kernel's ``KernelReplies`` in ``runtime`` (one per launch, shared by every
     stage that uses the kernel, so each reply reaches the stage that asked)."""
-    table = _BY_RUNTIME.setdefault(runtime, {})
-    kr = table.get(kernel_id)
+    tables = runtime.extension(KernelReplyTables.NAME)
+    if not isinstance(tables, KernelReplyTables):
+        tables = KernelReplyTables()
+        runtime.attach(KernelReplyTables.NAME, tables)
+    kr = tables.by_kernel.get(kernel_id)
     if kr is None or not kr.current(runtime):
         kr = KernelReplies(runtime, kernel_id, runtime.get_kernel_spec(kernel_id))
-        table[kernel_id] = kr
+        tables.by_kernel[kernel_id] = kr
     return kr
