@@ -1,8 +1,10 @@
 """pydotcompute: a GPU actor runtime for Python."""
 
+from pydotcompute.backends.base import KernelBackend
 from pydotcompute.backends.host import KernelContext
 from pydotcompute.backends.probe import CudaAvailability, DeviceInfo, probe_cuda, require_cuda
 from pydotcompute.backends.ray_cluster import KernelPlacement
+from pydotcompute.backends.registry import backend_names, register_backend
 from pydotcompute.coordinator import (
     DAG,
     DeadLetter,
@@ -146,7 +148,10 @@ __all__ = [
     "probe_cuda",
     "require_cuda",
     "BackpressureStrategy",
+    "KernelBackend",
     "KernelContext",
+    "backend_names",
+    "register_backend",
     "KernelHandle",
     "KernelState",
     "KernelTelemetry",

@@ -1,10 +1,10 @@
-"""The contract between the runtime and a backend: one ``KernelLoop`` per launched kernel."""
+"""The contract between the runtime and a backend: one ``KernelBackend`` per launched kernel."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -12,15 +12,37 @@ from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["KernelLoop", "ErrorFactory", "FailureCallback", "kernel_record_dtype"]
+__all__ = [
+    "KernelBackend",
+    "KernelLoop",
+    "ErrorFactory",
+    "ExitCallback",
+    "FailureCallback",
+    "SendTo",
+    "kernel_record_dtype",
+]
 
 FailureCallback = Callable[[BaseException], None]
 """Called once per crash, on the event loop's thread, when a kernel's handler raises."""
+ExitCallback = Callable[[], None]
+"""Called when a kernel's handler returned on its own (the kernel is over)."""
+SendTo = Callable[[str, Any, "float | None"], Awaitable[None]]
+"""``send_to(kernel_id, message, timeout)``: how a kernel reaches another kernel."""
 ErrorFactory = Callable[[], BaseException]
 
 
-class KernelLoop(abc.ABC):
-    """A launched kernel's running loop.
+def _no_exit() -> None:
+    """The default ``on_exit``: nobody is told."""
+
+
+async def _no_send_to(kernel_id: str, msg: Any, timeout: float | None) -> None:
+    from pydotcompute.errors import KernelNotFoundError
+
+    raise KernelNotFoundError(f"kernel {kernel_id!r} is not reachable from this kernel")
+
+
+class KernelBackend(abc.ABC):
+    """One launched kernel on one backend: its queues and what runs its handler.
 
     The runtime owns the lifecycle state machine and calls these methods only in legal
     states; a loop never changes the kernel's state itself. When its handler raises,
@@ -32,7 +54,28 @@ class KernelLoop(abc.ABC):
     error that closed the loop for good (None while it may still run).
     """
 
+    # What every backend holds lives in slots, out of the instance dict: a subclass's
+    # per-message attributes then stay below the 30 at which CPython stops sharing
+    # instance dict keys (and every attribute load gets slower).
+    __slots__ = (
+        "__dict__",
+        "kernel_id",
+        "func",
+        "config",
+        "input_type",
+        "output_type",
+        "on_failure",
+        "send_to",
+        "on_exit",
+        "timed",
+        "failure",
+        "failed_input",
+    )
+
     backend: str = "?"
+    handler_kind: ClassVar[Literal["actor", "function"]] = "function"
+    """``"actor"`` for ``async def kernel(ctx)`` handlers, ``"function"`` for plain
+    ``def`` handlers (see ``backends.registry``)."""
     restartable: bool = False
     """Whether ``restart`` can run the handler again on the same queues."""
 
@@ -44,13 +87,24 @@ class KernelLoop(abc.ABC):
         input_type: type | None,
         output_type: type | None,
         on_failure: FailureCallback,
+        *,
+        send_to: SendTo | None = None,
+        on_exit: ExitCallback | None = None,
+        telemetry: bool = True,
     ) -> None:
+        """Every backend is made with these arguments (by the runtime, or by the Ray
+        actor hosting a placed kernel): ``send_to`` reaches other kernels of the same
+        runtime, ``on_exit`` is told when the handler returns on its own, and
+        ``telemetry=False`` asks the backend to skip latency measurement."""
         self.kernel_id = kernel_id
         self.func = func
         self.config = config
         self.input_type = input_type
         self.output_type = output_type
         self.on_failure = on_failure
+        self.send_to: SendTo = send_to if send_to is not None else _no_send_to
+        self.on_exit: ExitCallback = on_exit if on_exit is not None else _no_exit
+        self.timed = telemetry
         self.failure: BaseException | None = None
         self.failed_input: Any = None
 
@@ -112,6 +166,10 @@ class KernelLoop(abc.ABC):
     @abc.abstractmethod
     def telemetry(self, state: str) -> KernelTelemetry:
         """Read the loop's counters into a snapshot (never on the per-message path)."""
+
+
+KernelLoop = KernelBackend
+"""The former name of ``KernelBackend``."""
 
 
 def kernel_record_dtype(t: Any, role: str, kernel_id: str, backend: str) -> np.dtype:

@@ -7,12 +7,14 @@ from typing import Any
 
 import numpy as np
 
+from pydotcompute.backends.registry import AUTO, backend_entry
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 
 __all__ = ["RingKernelConfig", "BACKENDS", "RESTART_POLICIES", "MAX_RESTART_BACKOFF_S"]
 
 BACKENDS = ("host", "cpu", "cuda", "auto")
+"""The built-in backends and ``auto``; ``backends.registry`` knows every registered one."""
 RESTART_POLICIES = ("never", "on-failure")
 MAX_RESTART_BACKOFF_S = 30.0
 """The longest wait before a restart, however many came before it in the window."""
@@ -80,10 +82,8 @@ class RingKernelConfig:
                 f"output_queue_size must be an int >= 1, got {self.output_queue_size!r}"
             )
         object.__setattr__(self, "backpressure", BackpressureStrategy.parse(self.backpressure))
-        if self.backend not in BACKENDS:
-            raise InvalidConfigurationError(
-                f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}"
-            )
+        if self.backend != AUTO:
+            backend_entry(self.backend)  # raises, naming the registered backends
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise InvalidConfigurationError(f"workers must be an int >= 1, got {self.workers!r}")
         if self.state is not None and not isinstance(self.state, np.ndarray):

@@ -370,8 +370,9 @@ class CpuKernelLoop(RingFedLoop):
         input_type: type | None,
         output_type: type | None,
         on_failure: FailureCallback,
+        **links: Any,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
         self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cpu")
         self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cpu")
         extra = config.extra

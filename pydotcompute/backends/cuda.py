@@ -179,13 +179,18 @@ class CudaKernelLoop(RingFedLoop):
     get_spin_s = 50e-6
 
     def __new__(
-        cls, kernel_id: str, func: Callable[..., Any], config: RingKernelConfig, *args: Any
+        cls,
+        kernel_id: str,
+        func: Callable[..., Any],
+        config: RingKernelConfig,
+        *args: Any,
+        **links: Any,
     ) -> Any:  # type: ignore[misc]
         # A kernel declared with ``cuda_source=`` is CUDA C++, not a numba-cuda loop.
         if cls is CudaKernelLoop and config.extra.get("cuda_source") is not None:
             from pydotcompute.backends.cuda_source import CudaSourceKernelLoop
 
-            return CudaSourceKernelLoop(kernel_id, func, config, *args)
+            return CudaSourceKernelLoop(kernel_id, func, config, *args, **links)
         return super().__new__(cls)
 
     def __init__(
@@ -196,8 +201,9 @@ class CudaKernelLoop(RingFedLoop):
         input_type: type | None,
         output_type: type | None,
         on_failure: FailureCallback,
+        **links: Any,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
         self.simulator = require_cuda_backend()
         self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cuda")
         self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cuda")

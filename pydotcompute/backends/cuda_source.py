@@ -105,8 +105,9 @@ class CudaSourceKernelLoop(KernelLoop):
         input_type: type | None,
         output_type: type | None,
         on_failure: FailureCallback,
+        **links: Any,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
         extra = config.extra
         self.function = extra.get("cuda_function")
         if not isinstance(self.function, str) or not self.function:

@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
-from pydotcompute.backends.base import ErrorFactory, FailureCallback, KernelLoop
+from pydotcompute.backends.base import (
+    ErrorFactory,
+    ExitCallback,
+    FailureCallback,
+    KernelLoop,
+    SendTo,
+)
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.mailbox import Mailbox
 from pydotcompute.errors import KernelStateError
@@ -26,7 +32,6 @@ LATENCY_SAMPLE_EVERY = 64
 """Host actors time one message in this many (a power of two) for latency percentiles:
 the recorder's 4096-sample window then spans the last 262 144 messages."""
 _SAMPLE_MASK = LATENCY_SAMPLE_EVERY - 1
-SendTo = Callable[[str, Any, "float | None"], Awaitable[None]]
 In = TypeVar("In")
 Out = TypeVar("Out")
 
@@ -155,6 +160,7 @@ class HostKernelLoop(KernelLoop):
     """
 
     backend = "host"
+    handler_kind = "actor"
     restartable = True
 
     def __init__(
@@ -166,11 +172,21 @@ class HostKernelLoop(KernelLoop):
         output_type: type | None,
         on_failure: FailureCallback,
         *,
-        send_to: SendTo,
-        on_exit: Callable[[], None],
+        send_to: SendTo | None = None,
+        on_exit: ExitCallback | None = None,
         telemetry: bool = True,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        super().__init__(
+            kernel_id,
+            func,
+            config,
+            input_type,
+            output_type,
+            on_failure,
+            send_to=send_to,
+            on_exit=on_exit,
+            telemetry=telemetry,
+        )
         self.inbox = Mailbox(config.queue_size, config.backpressure, f"input of {kernel_id!r}")
         # REJECT protects senders into the kernel; the kernel's own output waits instead
         # of failing the actor. DROP strategies apply to both directions.
@@ -187,10 +203,8 @@ class HostKernelLoop(KernelLoop):
         self.active_event = asyncio.Event()
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
-        self.ctx: KernelContext[Any, Any] = KernelContext(self, send_to)
+        self.ctx: KernelContext[Any, Any] = KernelContext(self, self.send_to)
         self.try_get = self.outbox.try_get  # type: ignore[method-assign]  # one call less
-        self.on_exit = on_exit
-        self.timed = telemetry
         self.errors = 0
         self.dropped_at_stop = 0
         self.latency = LatencyRecorder()

@@ -23,6 +23,7 @@ import numpy as np
 
 from pydotcompute.backends.base import KernelLoop
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.registry import backend_class
 from pydotcompute.backends.select import resolve_backend
 from pydotcompute.errors import (
     KernelFailedError,
@@ -71,30 +72,17 @@ class KernelActor:
         backend = resolve_backend(config.backend)  # "auto" means this node's GPU, if any
         config = config.replace(backend=backend)
         self._crashed = asyncio.Event()
-        loop: KernelLoop
-        if backend == "host":
-            from pydotcompute.backends.host import HostKernelLoop
-
-            loop = HostKernelLoop(
-                kernel_id,
-                func,
-                config,
-                input_type,
-                output_type,
-                self._on_failure,
-                send_to=self._send_to,
-                on_exit=self._crashed.set,  # returned on its own: ``watch`` says so
-            )
-        elif backend == "cpu":
-            from pydotcompute.backends.cpu import CpuKernelLoop
-
-            loop = CpuKernelLoop(kernel_id, func, config, input_type, output_type, self._on_failure)
-        else:
-            from pydotcompute.backends.cuda import CudaKernelLoop
-
-            loop = CudaKernelLoop(
-                kernel_id, func, config, input_type, output_type, self._on_failure
-            )
+        # A host actor that returns on its own ends the kernel: ``watch`` says so.
+        loop = backend_class(backend)(
+            kernel_id,
+            func,
+            config,
+            input_type,
+            output_type,
+            self._on_failure,
+            send_to=self._send_to,
+            on_exit=self._crashed.set,
+        )
         self._loop = loop
         await loop.start()
         ctx = ray.get_runtime_context()

@@ -215,6 +215,13 @@ class RayCluster:
             self._actor_class = None
             await asyncio.to_thread(_CONNECTION.leave)
 
+    @staticmethod
+    def backend_class() -> type[RayKernelLoop]:
+        """The class that stands for a kernel placed on this cluster."""
+        from pydotcompute.backends.ray_loop import RayKernelLoop
+
+        return RayKernelLoop
+
     def kernel_loop(
         self,
         kernel_id: str,
@@ -223,12 +230,13 @@ class RayCluster:
         input_type: Any,
         output_type: Any,
         on_failure: FailureCallback,
+        **links: Any,
     ) -> RayKernelLoop:
-        """The loop that runs this kernel on an actor of this cluster."""
+        """The backend that runs this kernel on an actor of this cluster."""
         from pydotcompute.backends.ray_loop import RayKernelLoop
 
         return RayKernelLoop(
-            kernel_id, func, config, input_type, output_type, on_failure, cluster=self
+            kernel_id, func, config, input_type, output_type, on_failure, cluster=self, **links
         )
 
     async def spawn(self, kernel_id: str, config: RingKernelConfig, args: tuple[Any, ...]) -> Any:

@@ -103,8 +103,9 @@ class RayKernelLoop(KernelLoop):
         on_failure: FailureCallback,
         *,
         cluster: RayCluster,
+        **links: Any,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
         if config.backend == "cuda" and not config.num_gpus:
             raise InvalidConfigurationError(
                 f"cuda kernel {kernel_id!r} on a cluster must ask for a GPU (num_gpus=1, "
@@ -121,7 +122,6 @@ class RayKernelLoop(KernelLoop):
         self.capacity = config.queue_size
         self._reject = config.backpressure is BackpressureStrategy.REJECT
         self.placement: KernelPlacement | None = None
-        self.on_exit: Callable[[], None] = lambda: None
         self._actor: Any = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False

@@ -11,6 +11,7 @@ from typing import Any, TypeVar, overload
 import numpy as np
 
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.registry import AUTO, backend_entry, backend_names
 from pydotcompute.errors import InvalidConfigurationError, KernelNotFoundError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 
@@ -47,16 +48,19 @@ def default_backend(func: Callable[..., Any]) -> str:
 
 
 def check_backend_fits(kernel_id: str, func: Callable[..., Any], backend: str) -> None:
-    """An ``async def`` runs only on the host; a compiled handler never does."""
+    """An ``async def`` runs only on a backend of actors (``host``); a plain ``def``
+    handler only on a backend of functions (``cpu``, ``cuda``, ``auto`` ...)."""
     is_async = inspect.iscoroutinefunction(func)
-    if is_async and backend != "host":
+    kind = "function" if backend == AUTO else backend_entry(backend).handler
+    if is_async and kind != "actor":
+        actors = [n for n in backend_names() if backend_entry(n).handler == "actor"]
         raise InvalidConfigurationError(
-            f"kernel {kernel_id!r} is an async def actor, which runs on the 'host' "
-            f"backend only (got backend={backend!r})"
+            f"kernel {kernel_id!r} is an async def actor, which runs on the "
+            f"{' or '.join(repr(n) for n in actors)} backend only (got backend={backend!r})"
         )
-    if not is_async and backend == "host":
+    if not is_async and kind == "actor":
         raise InvalidConfigurationError(
-            f"kernel {kernel_id!r}: the 'host' backend runs 'async def kernel(ctx)' "
+            f"kernel {kernel_id!r}: the {backend!r} backend runs 'async def kernel(ctx)' "
             "actors; a plain 'def handler(msg, out, state)' runs on 'cpu', 'cuda' or 'auto'"
         )
 

@@ -14,15 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import KernelLoop
+from pydotcompute.backends.base import KernelBackend
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import describe_crash
 from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY, HostKernelLoop
 from pydotcompute.backends.mailbox import Mailbox
 from pydotcompute.backends.ray_cluster import KernelPlacement, RayCluster
+from pydotcompute.backends.registry import AUTO, backend_class, backend_entry
 from pydotcompute.backends.select import resolve_backend
 from pydotcompute.errors import (
-    BackendNotAvailableError,
     InvalidConfigurationError,
     KernelAlreadyExistsError,
     KernelFailedError,
@@ -98,7 +98,6 @@ class _Kernel:
     def __init__(
         self,
         spec: RingKernelSpec,
-        loop: KernelLoop,
         restarts: int,
         inputs: dict[str, tuple[Mailbox | None, type | None]],
         outputs: dict[str, Mailbox | None],
@@ -109,15 +108,8 @@ class _Kernel:
         # has its records checked by its ring backend, which names both dtypes.
         itype = spec.input_type
         self.input_type = itype if isinstance(itype, type) else None
-        self.loop = loop
-        # Host actors' mailboxes, for the inline no-wait paths of send/receive.
-        host = loop if isinstance(loop, HostKernelLoop) else None
-        self.inbox: Mailbox | None = host.inbox if host else None
-        self.outbox: Mailbox | None = host.outbox if host else None
         self._inputs = inputs
         self._outputs = outputs
-        self._input_port = (self.inbox, self.input_type)
-        self.state = KernelState.CREATED
         self.restarts = restarts
         self.error: BaseException | None = None  # what the handler last raised
         self.failed_input: Any = None  # the message it held then
@@ -128,6 +120,16 @@ class _Kernel:
         self.replies: ReplyQueue | None = None  # send_and_receive callers, once one came
         self.stop_task: asyncio.Task[None] | None = None
         self.wait_warned = False  # a wait on it while inactive was logged once
+
+    def attach(self, loop: KernelBackend) -> None:
+        """Take the kernel's backend, made with callbacks bound to this record."""
+        self.loop = loop
+        # Host actors' mailboxes, for the inline no-wait paths of send/receive.
+        host = loop if isinstance(loop, HostKernelLoop) else None
+        self.inbox: Mailbox | None = host.inbox if host else None
+        self.outbox: Mailbox | None = host.outbox if host else None
+        self._input_port = (self.inbox, self.input_type)
+        self.state = KernelState.CREATED
 
     @property
     def state(self) -> KernelState:
@@ -175,9 +177,10 @@ class RingKernelRuntime:
         journal: Any = None,
         cluster: str | None = None,
     ) -> None:
-        if backend not in ("auto", "cpu", "cuda"):
+        if backend != AUTO and backend_entry(backend).handler != "function":
             raise InvalidConfigurationError(
-                f"runtime backend must be 'auto', 'cpu' or 'cuda', got {backend!r}"
+                f"runtime backend must be 'auto' or a backend of function handlers "
+                f"('cpu', 'cuda' ...), got {backend!r}"
             )
         RingKernelConfig(queue_size=default_queue_size)  # validates
         self.enable_telemetry = enable_telemetry
@@ -282,19 +285,17 @@ class RingKernelRuntime:
                     f"predecessor is still running ({exc})"
                 ) from exc
         restarts = old.restarts + (1 if old.state is KernelState.FAILED else 0) if old else 0
-        loop = self._make_loop(spec)
-        if spec.config.restart != "never" and not loop.restartable:
-            where = "on a Ray cluster" if self._cluster is not None else f"on {loop.backend}"
+        if spec.config.restart != "never" and not self._backend_class(spec).restartable:
+            where = "on a Ray cluster" if self._cluster is not None else f"on {spec.config.backend}"
             raise InvalidConfigurationError(
                 f"kernel {kernel_id!r}: restart={spec.config.restart!r} is not supported "
                 f"{where} (host and cpu kernels can be restarted); a kernel that fails "
                 "stays FAILED, its outputs stay receivable, and launch() starts it again"
             )
-        k = _Kernel(spec, loop, restarts, self._inputs, self._outputs)
+        k = _Kernel(spec, restarts, self._inputs, self._outputs)
+        loop = self._make_backend(spec, k)
+        k.attach(loop)
         self._kernels[kernel_id] = k
-        loop.on_failure = lambda exc, k=k: self._on_failure(k, exc)  # type: ignore[misc]
-        if hasattr(loop, "on_exit"):  # loops whose actor can return on its own
-            loop.on_exit = lambda k=k: self._on_exit(k)  # this record, not the id's latest
         try:
             await loop.start()
         except BaseException as exc:
@@ -1018,50 +1019,21 @@ class RingKernelRuntime:
         check_backend_fits(kernel_id, spec.func, config.backend)
         return RingKernelSpec(kernel_id, spec.func, input_type, output_type, config)
 
-    def _make_loop(self, spec: RingKernelSpec) -> KernelLoop:
+    def _backend_class(self, spec: RingKernelSpec) -> type[KernelBackend]:
+        """The class that will run ``spec``: the cluster's placement, or its backend's."""
         if self._cluster is not None:
-            return self._cluster.kernel_loop(
-                spec.kernel_id,
-                spec.func,
-                spec.config,
-                spec.input_type,
-                spec.output_type,
-                lambda exc: None,  # replaced by launch() once the record exists
-            )
-        backend = spec.config.backend
-        if backend == "host":
-            loop: KernelLoop = HostKernelLoop(
-                spec.kernel_id,
-                spec.func,
-                spec.config,
-                spec.input_type,
-                spec.output_type,
-                on_failure=lambda exc: None,  # replaced by launch() once the record exists
-                send_to=self.send,
-                on_exit=lambda: None,  # replaced by launch() once the record exists
-                telemetry=self.enable_telemetry,
-            )
-            return loop
-        cls = _compiled_loop_class(backend)
-        return cls(
-            spec.kernel_id,
-            spec.func,
-            spec.config,
-            spec.input_type,
-            spec.output_type,
-            lambda exc: None,
-        )
+            return self._cluster.backend_class()
+        return backend_class(spec.config.backend)
 
-
-def _compiled_loop_class(backend: str) -> type[KernelLoop]:
-    """The loop class of a compiled backend (``cpu`` or ``cuda``)."""
-    try:
-        if backend == "cpu":
-            from pydotcompute.backends.cpu import CpuKernelLoop
-
-            return CpuKernelLoop
-        from pydotcompute.backends.cuda import CudaKernelLoop
-
-        return CudaKernelLoop
-    except ImportError as exc:
-        raise BackendNotAvailableError(f"the {backend!r} backend cannot be loaded: {exc}") from exc
+    def _make_backend(self, spec: RingKernelSpec, k: _Kernel) -> KernelBackend:
+        """The backend object of kernel record ``k``, told how to report to it."""
+        links: dict[str, Any] = {
+            "send_to": self.send,
+            "on_exit": functools.partial(self._on_exit, k),  # this record, not the id's latest
+            "telemetry": self.enable_telemetry,
+        }
+        on_failure = functools.partial(self._on_failure, k)
+        args = (spec.kernel_id, spec.func, spec.config, spec.input_type, spec.output_type)
+        if self._cluster is not None:
+            return self._cluster.kernel_loop(*args, on_failure, **links)
+        return backend_class(spec.config.backend)(*args, on_failure, **links)
