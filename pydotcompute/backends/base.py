@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import abc
+import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.errors import InvalidConfigurationError
-from pydotcompute.telemetry.snapshot import KernelTelemetry
+from pydotcompute.errors import InvalidConfigurationError, KernelFailedError, KernelStateError
+from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.rings.host_ring import Backoff
+from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
 
 __all__ = [
     "KernelBackend",
@@ -19,7 +23,9 @@ __all__ = [
     "ExitCallback",
     "FailureCallback",
     "SendTo",
+    "kernel_failed",
     "kernel_record_dtype",
+    "output_strategy",
 ]
 
 FailureCallback = Callable[[BaseException], None]
@@ -39,6 +45,29 @@ async def _no_send_to(kernel_id: str, msg: Any, timeout: float | None) -> None:
     from pydotcompute.errors import KernelNotFoundError
 
     raise KernelNotFoundError(f"kernel {kernel_id!r} is not reachable from this kernel")
+
+
+def kernel_failed(kernel_id: str, failure: BaseException) -> KernelFailedError:
+    """A fresh ``KernelFailedError`` for one refusal by a kernel that failed with
+    ``failure`` (each refusal gets its own, chained to the one cause)."""
+    if isinstance(failure, KernelFailedError):
+        exc = KernelFailedError(
+            *failure.args, kernel_id=failure.kernel_id, failed_message=failure.failed_message
+        )
+        exc.__cause__ = failure.__cause__
+    else:
+        exc = KernelFailedError(f"kernel {kernel_id!r} failed: {failure!r}", kernel_id=kernel_id)
+        exc.__cause__ = failure
+    return exc
+
+
+def output_strategy(config: RingKernelConfig) -> BackpressureStrategy:
+    """The strategy of a kernel's output queue. REJECT protects senders into the
+    kernel; the kernel's own output waits instead of failing the handler. DROP
+    strategies apply to both directions."""
+    if config.backpressure is BackpressureStrategy.REJECT:
+        return BackpressureStrategy.BLOCK
+    return config.backpressure
 
 
 class KernelBackend(abc.ABC):
@@ -70,6 +99,9 @@ class KernelBackend(abc.ABC):
         "timed",
         "failure",
         "failed_input",
+        "active_time",
+        "launched_at",
+        "_stopped",
     )
 
     backend: str = "?"
@@ -78,6 +110,14 @@ class KernelBackend(abc.ABC):
     ``def`` handlers (see ``backends.registry``)."""
     restartable: bool = False
     """Whether ``restart`` can run the handler again on the same queues."""
+    records: bool = False
+    """Whether ``put_batch``/``get_batch`` carry numpy record arrays (else lists)."""
+    placement: Any = None
+    """Where a kernel placed on a cluster runs (a ``KernelPlacement``); None here."""
+    poll: Callable[[Any], Any] | None = None
+    """``poll(default)``: an output that is ready now, taken without waiting, else
+    ``default``; None when a backend has nothing cheaper than ``get``. The runtime
+    calls it inline on every receive, so it must cost no more than a dict lookup."""
 
     def __init__(
         self,
@@ -105,8 +145,72 @@ class KernelBackend(abc.ABC):
         self.send_to: SendTo = send_to if send_to is not None else _no_send_to
         self.on_exit: ExitCallback = on_exit if on_exit is not None else _no_exit
         self.timed = telemetry
-        self.failure: BaseException | None = None
-        self.failed_input: Any = None
+        self.failure = None
+        self.failed_input = None
+        self.active_time = ActiveTime()
+        self.launched_at = time.monotonic()
+        self._stopped = False
+
+    failure: BaseException | None
+    failed_input: Any
+
+    # -- what every backend shares --------------------------------------------------
+
+    @property
+    def output_strategy(self) -> BackpressureStrategy:
+        """The output queue's strategy (see ``output_strategy``)."""
+        return output_strategy(self.config)
+
+    def failed_error(self) -> KernelFailedError:
+        """A fresh error for a refusal after the kernel failed (``failure`` is set)."""
+        assert self.failure is not None
+        return kernel_failed(self.kernel_id, self.failure)
+
+    def stopped_error(self) -> KernelStateError:
+        """The error a refusal raises once the kernel was terminated."""
+        return KernelStateError(f"kernel {self.kernel_id!r} is terminated")
+
+    def _check_open(self) -> None:
+        """Raise unless the kernel may still take input: it failed, or it stopped."""
+        if self.failure is not None:
+            raise self.failed_error()
+        if self._stopped:
+            raise self.stopped_error()
+
+    def _track_active(self, active: bool) -> None:
+        """Count ACTIVE time (the denominator of throughput)."""
+        if active:
+            self.active_time.start()
+        else:
+            self.active_time.pause()
+
+    async def _wait_exit(self, exited: Callable[[], bool], timeout: float, why: str) -> None:
+        """Wait, backing off, until ``exited()``; ``KernelStateError`` after ``timeout``
+        seconds, saying ``why`` the handler may still run."""
+        wait = Backoff(timeout)
+        while not exited():
+            if wait.expired():
+                raise KernelStateError(
+                    f"{self.backend} kernel {self.kernel_id!r} did not stop within "
+                    f"{timeout} s ({why})"
+                )
+            await asyncio.sleep(max(wait.pause(), 1e-4))
+
+    def _telemetry(self, state: str, processed: int, **fields: Any) -> KernelTelemetry:
+        """A snapshot with the fields every backend fills the same way: identity,
+        uptime and throughput over ACTIVE time; ``fields`` give the rest."""
+        active = self.active_time.seconds
+        return KernelTelemetry(
+            kernel_id=self.kernel_id,
+            backend=self.backend,
+            state=state,
+            messages_processed=processed,
+            throughput=processed / active if active > 0 else 0.0,
+            uptime_s=time.monotonic() - self.launched_at,
+            **fields,
+        )
+
+    # -- what each backend implements -----------------------------------------------
 
     @abc.abstractmethod
     async def start(self) -> None:
@@ -155,9 +259,30 @@ class KernelBackend(abc.ABC):
         """Enqueue a numpy record array; returns how many were accepted."""
         raise TypeError(f"{self.backend} kernels take message objects, not record batches")
 
-    async def get_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
-        """Dequeue up to ``max_items`` output records (at least one, or time out)."""
-        raise TypeError(f"{self.backend} kernels return message objects, not record batches")
+    async def get_batch(self, max_items: int, timeout: float | None) -> Any:
+        """Dequeue up to ``max_items`` outputs (at least one, or time out): a record
+        array where ``records`` is True, else a list of messages. The default waits
+        for one with ``get`` and takes what else is ready with ``try_get``."""
+        out = [await self.get(timeout)]
+        missing = object()
+        while len(out) < max_items:
+            try:
+                msg = self.try_get(missing)
+            except Exception:
+                break  # closed after draining: return what was taken; the next call raises
+            if msg is missing:
+                break
+            out.append(msg)
+        return out
+
+    async def drain_outputs(self) -> Any:
+        """Take every output still queued, without waiting (after ``stop``): a record
+        array where ``records`` is True, else a list."""
+        out = []
+        missing = object()
+        while (msg := self.try_get(missing)) is not missing:
+            out.append(msg)
+        return out
 
     def read_state(self) -> np.ndarray:
         """A copy of the kernel's persistent state array."""

@@ -36,7 +36,6 @@ from pydotcompute.backends.wakeup import ReplyWakeup
 from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelFailedError,
-    KernelStateError,
 )
 from pydotcompute.messages.record import output_header, uuid_offset
 from pydotcompute.rings.atomics import (
@@ -59,7 +58,7 @@ from pydotcompute.rings.host_ops import (
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
 from pydotcompute.rings.layout import OFF_BACKPRESSURE, aligned_buffer
 from pydotcompute.rings.wake import wake_signal
-from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
+from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __all__ = ["CpuKernelLoop", "ControlBlock", "compile_kernel_loop"]
 
@@ -380,19 +379,13 @@ class CpuKernelLoop(RingFedLoop):
         self.batch = int(extra.get("batch", 1024))
         if self.batch < 1:
             raise InvalidConfigurationError(f"batch must be >= 1, got {self.batch}")
-        # REJECT protects senders into the kernel; the kernel's own output waits.
-        out_strategy = (
-            BackpressureStrategy.BLOCK
-            if config.backpressure is BackpressureStrategy.REJECT
-            else config.backpressure
-        )
         self.in_ring = HostRing(
             ring_capacity_for(config.queue_size), self.in_dtype, backpressure=config.backpressure
         )
         self.out_ring = HostRing(
             ring_capacity_for(config.effective_output_queue_size),
             self.out_dtype,
-            backpressure=out_strategy,
+            backpressure=self.output_strategy,
         )
         self.control = ControlBlock()
         self.state = (
@@ -400,9 +393,6 @@ class CpuKernelLoop(RingFedLoop):
         )
         self._threads: list[threading.Thread] = []
         self._run: _Run | None = None
-        self._stopped = False
-        self._launched_at = time.monotonic()
-        self._active = ActiveTime()
         self._attach_rings(
             self.in_ring, self.out_ring, ReplyWakeup(self.control.words, ControlBlock.WAKE // 8)
         )
@@ -542,7 +532,7 @@ class CpuKernelLoop(RingFedLoop):
     def _report(self, run: _Run) -> None:
         if run is not self._run or run.crash is None:
             return
-        self._active.pause()
+        self.active_time.pause()
         failed = run.failed
         if failed is not None:
             self.failed_input = self._input_of(failed)
@@ -604,27 +594,19 @@ class CpuKernelLoop(RingFedLoop):
     def set_active(self, active: bool) -> None:
         if self.failure is not None or self._stopped:
             return
-        if active:
-            self._active.start()
-        else:
-            self._active.pause()
+        self._track_active(active)
         self.control.set_state(ControlBlock.ACTIVE if active else ControlBlock.INACTIVE)
 
     async def stop(self, timeout: float) -> None:
         self._stopped = True
-        self._active.pause()
+        self.active_time.pause()
         self._wake_receivers()
         self.control.set_state(ControlBlock.TERMINATE)
-        deadline = time.monotonic() + timeout
-        pause = 1e-4
-        while any(t.is_alive() for t in self._threads):
-            if time.monotonic() >= deadline:
-                raise KernelStateError(
-                    f"cpu kernel {self.kernel_id!r} did not stop within {timeout} s "
-                    "(its handler is still running; compiled code cannot be interrupted)"
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.01)
+        await self._wait_exit(
+            lambda: not any(t.is_alive() for t in self._threads),
+            timeout,
+            "its handler is still running; compiled code cannot be interrupted",
+        )
         for t in self._threads:
             t.join()
         dropped = self._drop_carried()  # terminated while it waited for its restart
@@ -642,12 +624,9 @@ class CpuKernelLoop(RingFedLoop):
         cb = self.control.snapshot()
         inc = self.in_ring.counters()
         outc = self.out_ring.counters()
-        active = self._active.seconds
-        return KernelTelemetry(
-            kernel_id=self.kernel_id,
-            backend=self.backend,
-            state=state,
-            messages_processed=cb["processed"],
+        return self._telemetry(
+            state,
+            cb["processed"],
             messages_sent=cb["emitted"],
             messages_dropped=inc.dropped + outc.dropped + cb["dropped"],
             messages_rejected=inc.rejected,
@@ -655,7 +634,5 @@ class CpuKernelLoop(RingFedLoop):
             queue_depth=inc.depth,
             queue_capacity=self.in_ring.capacity,
             output_queue_depth=outc.depth,
-            throughput=cb["processed"] / active if active > 0 else 0.0,
             idle_polls=cb["idle_polls"],
-            uptime_s=time.monotonic() - self._launched_at,
         )

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -45,12 +44,11 @@ from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
     KernelFailedError,
-    KernelStateError,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
 from pydotcompute.rings.layout import HEADER_SIZE, TAG_SIZE, RingSide, ring_nbytes, slot_size_for
-from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
+from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __all__ = ["CudaKernelLoop", "MappedRing", "MappedControl", "require_cuda_backend"]
 
@@ -237,9 +235,6 @@ class CudaKernelLoop(RingFedLoop):
         self._watcher: OutputWatcher | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
-        self._stopped = False
-        self._launched_at = time.monotonic()
-        self._active = ActiveTime()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -247,12 +242,6 @@ class CudaKernelLoop(RingFedLoop):
         from pydotcompute.backends.cuda_loop import ControlWords, SideWords, compile_loop
 
         cfg = self.config
-        # REJECT protects senders into the kernel; the kernel's own output waits.
-        out_strategy = (
-            BackpressureStrategy.BLOCK
-            if cfg.backpressure is BackpressureStrategy.REJECT
-            else cfg.backpressure
-        )
         self.in_ring = MappedRing(
             ring_capacity_for(cfg.queue_size),
             self.in_dtype,
@@ -263,7 +252,7 @@ class CudaKernelLoop(RingFedLoop):
         self.out_ring = MappedRing(
             ring_capacity_for(cfg.effective_output_queue_size),
             self.out_dtype,
-            out_strategy,
+            self.output_strategy,
             RingSide.DEVICE,
             RingSide.HOST,
         )
@@ -417,7 +406,7 @@ class CudaKernelLoop(RingFedLoop):
             if words[W.ERROR_CODE] == W.ERR_NONE:
                 words[W.ERROR_CODE] = W.ERR_HANDLER
             self.control.set_state(W.TERMINATE)  # the other blocks stop too
-        self._active.pause()
+        self.active_time.pause()
         self._wake_receivers()
         self.on_failure(exc)
 
@@ -447,17 +436,14 @@ class CudaKernelLoop(RingFedLoop):
 
         if self.failure is not None or self._stopped or self.control is None:
             return
-        if active:
-            self._active.start()
-        else:
-            self._active.pause()
+        self._track_active(active)
         self.control.set_state(ControlWords.ACTIVE if active else ControlWords.INACTIVE)
 
     async def stop(self, timeout: float) -> None:
         from pydotcompute.backends.cuda_loop import ControlWords
 
         self._stopped = True
-        self._active.pause()
+        self.active_time.pause()
         self._wake_receivers()
         if self._watcher is not None:
             self._watcher.stop()
@@ -465,23 +451,19 @@ class CudaKernelLoop(RingFedLoop):
         if self.control is None:
             return
         self.control.set_state(ControlWords.TERMINATE)
-        deadline = time.monotonic() + timeout
-        pause = 1e-4
         fault: BaseException | None = None
-        while True:
+
+        def gone() -> bool:
+            nonlocal fault
             try:
-                if self._kernel_done():
-                    break
+                return bool(self._kernel_done())
             except Exception as exc:  # the stream faulted: the kernel is gone
                 fault = exc
-                break
-            if time.monotonic() >= deadline:
-                raise KernelStateError(
-                    f"cuda kernel {self.kernel_id!r} did not exit within {timeout} s "
-                    "(a handler that never returns keeps a GPU kernel running)"
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.01)
+                return True
+
+        await self._wait_exit(
+            gone, timeout, "a handler that never returns keeps a GPU kernel running"
+        )
         self._stopping = True
         if self._monitor is not None:
             self._monitor.cancel()
@@ -524,13 +506,9 @@ class CudaKernelLoop(RingFedLoop):
         cb = self.control
         inc = self.in_ring.host.counters()
         outc = self.out_ring.host.counters()
-        active = self._active.seconds
-        processed = cb[W.PROCESSED]
-        return KernelTelemetry(
-            kernel_id=self.kernel_id,
-            backend=self.backend,
-            state=state,
-            messages_processed=processed,
+        return self._telemetry(
+            state,
+            cb[W.PROCESSED],
             messages_sent=cb[W.EMITTED],
             messages_dropped=inc.dropped + outc.dropped + cb[W.DROPPED],
             messages_rejected=inc.rejected,
@@ -538,7 +516,5 @@ class CudaKernelLoop(RingFedLoop):
             queue_depth=inc.depth,
             queue_capacity=self.in_ring.host.capacity,
             output_queue_depth=outc.depth,
-            throughput=processed / active if active > 0 else 0.0,
             idle_polls=cb[W.IDLE_POLLS],
-            uptime_s=time.monotonic() - self._launched_at,
         )

@@ -31,7 +31,6 @@ needs all its blocks resident must be given a grid that fits).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -96,6 +95,7 @@ class CudaSourceKernelLoop(KernelLoop):
     """A CUDA C++ ring kernel (see the module documentation for its ABI)."""
 
     backend = "cuda"
+    records = True
 
     def __init__(
         self,
@@ -137,8 +137,6 @@ class CudaSourceKernelLoop(KernelLoop):
         self._stream: Any = None
         self._event: Any = None
         self._monitor: asyncio.Task[None] | None = None
-        self._stopped = False
-        self._launched_at = time.monotonic()
 
     async def start(self) -> None:
         cp = self._cp
@@ -226,27 +224,26 @@ class CudaSourceKernelLoop(KernelLoop):
 
     def set_active(self, active: bool) -> None:
         if self.failure is None and not self._stopped:
+            self._track_active(active)
             self.control[_W.COMMAND] = _W.ACTIVE if active else _W.PAUSED
 
     async def stop(self, timeout: float) -> None:
         self._stopped = True
+        self.active_time.pause()
         if self._event is None:
             return
         self.control[_W.COMMAND] = _W.TERMINATE
-        wait = Backoff(timeout)
         fault: BaseException | None = None
-        while True:
+
+        def gone() -> bool:
+            nonlocal fault
             try:
-                if self._event.done:
-                    break
-            except Exception as exc:
+                return bool(self._event.done)
+            except Exception as exc:  # a CUDA error on the kernel's stream
                 fault = exc
-                break
-            if wait.expired():
-                raise KernelStateError(
-                    f"CUDA C++ kernel {self.kernel_id!r} did not exit within {timeout} s"
-                )
-            await asyncio.sleep(max(wait.pause(), 1e-4))
+                return True
+
+        await self._wait_exit(gone, timeout, "its CUDA C++ kernel does not return")
         if self._monitor is not None:
             self._monitor.cancel()
         if fault is None:
@@ -257,12 +254,6 @@ class CudaSourceKernelLoop(KernelLoop):
         exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None:
             self._fail(fault)
-
-    def _check_open(self) -> None:
-        if self.failure is not None:
-            raise KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
-        if self._stopped:
-            raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
 
     async def put(self, msg: Any, timeout: float | None) -> None:
         rec = np.asarray(msg, self.in_dtype).reshape(-1)
@@ -310,16 +301,13 @@ class CudaSourceKernelLoop(KernelLoop):
 
     def telemetry(self, state: str) -> KernelTelemetry:
         inc = self.in_ring.counters() if self.in_ring is not None else None
-        return KernelTelemetry(
-            kernel_id=self.kernel_id,
-            backend=self.backend,
-            state=state,
-            messages_processed=int(self.control[_W.PROCESSED]),
+        return self._telemetry(
+            state,
+            int(self.control[_W.PROCESSED]),
             messages_dropped=inc.dropped if inc else 0,
             messages_rejected=inc.rejected if inc else 0,
             errors=1 if self.failure is not None else 0,
             queue_depth=inc.depth if inc else 0,
             queue_capacity=inc.capacity if inc else 0,
             idle_polls=int(self.control[_W.IDLE_POLLS]),
-            uptime_s=time.monotonic() - self._launched_at,
         )

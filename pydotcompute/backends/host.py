@@ -20,7 +20,7 @@ from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.mailbox import Mailbox
 from pydotcompute.errors import KernelStateError
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry, LatencyRecorder
+from pydotcompute.telemetry.snapshot import KernelTelemetry, LatencyRecorder
 
 __all__ = ["KernelContext", "HostKernelLoop", "LATENCY_SAMPLE_EVERY"]
 
@@ -96,13 +96,8 @@ class KernelContext(Generic[In, Out]):
             if t != 1:
                 self._loop.latency.record(_perf_ns() - t)
         inbox = self._inbox
-        items = inbox.items
-        if items and not inbox.hold:  # no-wait path inline: this runs once per message
-            t, msg = items.popleft()
-            if inbox.putters:
-                inbox.wake_putter()
-        else:
-            t, msg = await inbox.get(timeout)
+        item = inbox.try_get(None)  # items are (enqueued, message) tuples, never None
+        t, msg = item if item is not None else await inbox.get(timeout)
         self._pending_t = t
         self._holding = msg
         return msg
@@ -115,13 +110,7 @@ class KernelContext(Generic[In, Out]):
                 f"kernel {self.kernel_id!r} sends {otype.__name__}, got {type(msg).__name__}"
             )
         outbox = self._outbox
-        items = outbox.items
-        if len(items) < outbox.room:  # no-wait path inline: this runs once per message
-            items.append(msg)
-            outbox.enqueued += 1
-            if outbox.getters:
-                outbox.wake_getter()
-        elif not outbox.try_put(msg):
+        if not outbox.try_put(msg):
             await outbox.put(msg, timeout)
         # The message in hand is done once its output is queued, not before.
         t = self._pending_t
@@ -188,15 +177,10 @@ class HostKernelLoop(KernelLoop):
             telemetry=telemetry,
         )
         self.inbox = Mailbox(config.queue_size, config.backpressure, f"input of {kernel_id!r}")
-        # REJECT protects senders into the kernel; the kernel's own output waits instead
-        # of failing the actor. DROP strategies apply to both directions.
-        out_strategy = (
-            BackpressureStrategy.BLOCK
-            if config.backpressure is BackpressureStrategy.REJECT
-            else config.backpressure
-        )
+        self.inbox.sample_mask = _SAMPLE_MASK
+        self.inbox.timed = telemetry
         self.outbox = Mailbox(
-            config.effective_output_queue_size, out_strategy, f"output of {kernel_id!r}"
+            config.effective_output_queue_size, self.output_strategy, f"output of {kernel_id!r}"
         )
         self.inbox.set_deliver(False)  # nothing is delivered before activate()
         self.active = False
@@ -204,12 +188,12 @@ class HostKernelLoop(KernelLoop):
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
         self.ctx: KernelContext[Any, Any] = KernelContext(self, self.send_to)
-        self.try_get = self.outbox.try_get  # type: ignore[method-assign]  # one call less
+        # The no-wait paths the runtime calls inline: the mailboxes' own methods.
+        self.try_put = self.inbox.try_put_stamped  # type: ignore[method-assign,assignment]
+        self.try_get = self.poll = self.outbox.try_get  # type: ignore[method-assign]
         self.errors = 0
         self.dropped_at_stop = 0
         self.latency = LatencyRecorder()
-        self.launched_at = time.monotonic()
-        self.active_time = ActiveTime()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -276,10 +260,7 @@ class HostKernelLoop(KernelLoop):
         return KernelStateError(f"kernel {self.kernel_id!r} has exited")
 
     def set_active(self, active: bool) -> None:
-        if active:
-            self.active_time.start()
-        else:
-            self.active_time.pause()
+        self._track_active(active)
         self.active = active
         self.inbox.set_deliver(active)
         if active:
@@ -294,7 +275,7 @@ class HostKernelLoop(KernelLoop):
         # Wake the actor wherever it waits for input: receive() raises CancelledError,
         # wait_active() returns and should_terminate is True. Its output stays open
         # until it has finished, so the message in hand still gets its reply.
-        discarded = self.inbox.close(asyncio.CancelledError, put_error=self._stopped_error)
+        discarded = self.inbox.close(asyncio.CancelledError, put_error=self.stopped_error)
         self.dropped_at_stop += discarded
         self.active_event.set()
         if discarded:
@@ -319,29 +300,23 @@ class HostKernelLoop(KernelLoop):
                 )
         finally:
             if self.failure is None:  # outputs already produced stay readable
-                self.outbox.close(self._stopped_error, drain=True)
+                self.outbox.close(self.stopped_error, drain=True)
 
     def _stopped_error(self) -> BaseException:
         return KernelStateError(f"kernel {self.kernel_id!r} is terminated")
 
     # -- messages --------------------------------------------------------------------
 
-    def _stamp(self) -> int:
-        # Latency is sampled on one message in LATENCY_SAMPLE_EVERY: enough for stable percentiles,
-        # and it keeps two clock reads off most messages. 1 marks "not timed".
-        return _perf_ns() if self.timed and not self.inbox.enqueued & _SAMPLE_MASK else 1
-
-    def try_put(self, msg: Any) -> bool:
-        inbox = self.inbox
-        return inbox.try_put(
-            (_perf_ns() if self.timed and not inbox.enqueued & _SAMPLE_MASK else 1, msg)
-        )
-
     async def put(self, msg: Any, timeout: float | None) -> None:
-        await self.inbox.put((self._stamp(), msg), timeout)
+        inbox = self.inbox
+        stamp = 1 if inbox.enqueued & _SAMPLE_MASK or not self.timed else _perf_ns()
+        await inbox.put((stamp, msg), timeout)
 
     async def get(self, timeout: float | None) -> Any:
         return await self.outbox.get(timeout)
+
+    async def drain_outputs(self) -> list[Any]:
+        return self.outbox.take_all()
 
     # -- telemetry -------------------------------------------------------------------
 
@@ -354,13 +329,10 @@ class HostKernelLoop(KernelLoop):
         )
 
     def telemetry(self, state: str) -> KernelTelemetry:
-        active = self.active_time.seconds
         p50, p99 = self.latency.percentiles(50, 99)
-        return KernelTelemetry(
-            kernel_id=self.kernel_id,
-            backend=self.backend,
-            state=state,
-            messages_processed=self.ctx.processed,
+        return self._telemetry(
+            state,
+            self.ctx.processed,
             messages_sent=self.sent,
             messages_dropped=self.inbox.dropped + self.outbox.dropped + self.dropped_at_stop,
             messages_rejected=self.inbox.rejected,
@@ -368,10 +340,8 @@ class HostKernelLoop(KernelLoop):
             queue_depth=len(self.inbox),
             queue_capacity=self.inbox.capacity,
             output_queue_depth=len(self.outbox),
-            throughput=self.ctx.processed / active if active > 0 else 0.0,
             latency_p50_us=p50,
             latency_p99_us=p99,
-            uptime_s=time.monotonic() - self.launched_at,
             latency_buckets=tuple(self.latency.buckets),
             latency_sum_s=self.latency.sum_ns / 1e9,
         )

@@ -14,6 +14,7 @@ when a runtime first needs one, so the package imports without Ray installed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pickle
 from collections.abc import Callable
@@ -21,12 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import KernelLoop
+from pydotcompute.backends.base import KernelLoop, kernel_failed
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.registry import backend_class
 from pydotcompute.backends.select import resolve_backend
 from pydotcompute.errors import (
-    KernelFailedError,
     KernelNotFoundError,
     QueueFullError,
     QueueTimeoutError,
@@ -100,9 +100,7 @@ class KernelActor:
         self._failure = exc
         assert self._crashed is not None
         if self._loop is not None:  # no supervision here: the kernel is over
-            self._loop.close_failed(
-                lambda: KernelFailedError(f"kernel {self._args[0]!r} failed: {exc!r}")
-            )
+            self._loop.close_failed(functools.partial(kernel_failed, self._args[0], exc))
         self._crashed.set()
 
     async def _send_to(self, kernel_id: str, msg: Any, timeout: float | None) -> None:
@@ -153,43 +151,21 @@ class KernelActor:
         """Up to ``max_items`` outputs, waiting up to ``wait_s`` for the first: a record
         array (empty when none came) or a list of messages."""
         loop = self._kernel
-        if loop.backend != "host":
-            try:
-                return await loop.get_batch(max_items, wait_s)
-            except QueueTimeoutError:
-                return np.empty(0, loop.out_dtype)  # type: ignore[attr-defined]
         try:
-            out = [await loop.get(wait_s)]
+            return await loop.get_batch(max_items, wait_s)
         except QueueTimeoutError:
-            return []
-        missing = object()
-        while len(out) < max_items:
-            msg = loop.try_get(missing)
-            if msg is missing:
-                break
-            out.append(msg)
-        return out
+            return np.empty(0, loop.out_dtype) if loop.records else []  # type: ignore[attr-defined]
 
     async def stop(self, timeout: float) -> tuple[Any, KernelTelemetry, np.ndarray | None]:
         """Stop the loop; returns the outputs still queued, the final counters and the
         state array, all of which go away with the actor."""
         loop = self._kernel
         await loop.stop(timeout)
-        if loop.backend != "host":
-            chunks = []
-            while True:
-                try:
-                    chunks.append(await loop.get_batch(1 << 20, 0.0))
-                except QueueTimeoutError:
-                    break
-            dtype = loop.out_dtype  # type: ignore[attr-defined]
-            outputs: Any = np.concatenate(chunks) if chunks else np.empty(0, dtype)
+        try:
             state: np.ndarray | None = loop.read_state()
-        else:
-            outbox = loop.outbox  # type: ignore[attr-defined]
-            outputs, state = list(outbox.items), None
-            outbox.items.clear()
-        return outputs, loop.telemetry("TERMINATED"), state
+        except TypeError:  # a backend without a state array (host actors)
+            state = None
+        return await loop.drain_outputs(), loop.telemetry("TERMINATED"), state
 
     def telemetry(self, state: str) -> KernelTelemetry:
         return self._kernel.telemetry(state)

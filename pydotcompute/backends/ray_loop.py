@@ -125,7 +125,7 @@ class RayKernelLoop(KernelLoop):
         self._actor: Any = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
-        self._stopped = False  # the actor is gone; what was fetched stays readable
+        # _stopped (the skeleton's): the actor is gone; what was fetched stays readable
         # Inputs: encoded records (or messages) not yet sealed into a batch, sealed
         # batches waiting for the flusher, and how many inputs are held here in all.
         self._pending: bytearray | list[Any] = bytearray() if self.records else []
@@ -148,7 +148,6 @@ class RayKernelLoop(KernelLoop):
         self._rejected = 0
         self._last: KernelTelemetry | None = None
         self._final_state: np.ndarray | None = None
-        self._launched_at = time.monotonic()
         self._exit_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -212,18 +211,13 @@ class RayKernelLoop(KernelLoop):
         if self.failure is not None or self._stopping:
             return
         self.failure = exc
-        self._discard_inputs(self._failed_error())
+        self._discard_inputs(self.failed_error())
         self.on_failure(exc)
 
     def close_failed(self, error: ErrorFactory) -> int:
         # A cluster kernel is closed at its crash already (_fail): it is never
         # restarted (Ray restarts actors, not the queues this side holds).
         return 0
-
-    def _failed_error(self) -> KernelFailedError:
-        err = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
-        err.__cause__ = self.failure
-        return err
 
     def _discard_inputs(self, error: BaseException) -> None:
         """Inputs not yet handed to the actor are discarded, counted as dropped, and
@@ -250,7 +244,7 @@ class RayKernelLoop(KernelLoop):
 
     async def stop(self, timeout: float) -> None:
         self._stopping = True
-        self._discard_inputs(KernelStateError(f"kernel {self.kernel_id!r} is terminated"))
+        self._discard_inputs(self.stopped_error())
         actor = self._actor
         if actor is None:
             return
@@ -283,10 +277,11 @@ class RayKernelLoop(KernelLoop):
     # -- input -----------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        # Input is refused from the moment a stop begins, not only once it is over.
         if self.failure is not None:
-            raise self._failed_error()
+            raise self.failed_error()
         if self._stopping:
-            raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
+            raise self.stopped_error()
 
     def _encode(self, msg: Any) -> Any:
         """One input as the bytes of its record (compiled kernels) or as itself."""
@@ -425,7 +420,7 @@ class RayKernelLoop(KernelLoop):
                         self._fail(cause)
                     if answer is not None and not answer.done():
                         answer.set_exception(
-                            self._failed_error() if self.failure is not None else cause
+                            self.failed_error() if self.failure is not None else cause
                         )
                         answer.exception()
                     continue
@@ -480,7 +475,7 @@ class RayKernelLoop(KernelLoop):
         deadline = None if timeout is None else loop.time() + timeout
         while not self._buffered:
             if self.failure is not None:
-                raise self._failed_error()
+                raise self.failed_error()
             if self._stopped or self._actor is None:
                 raise KernelStateError(
                     f"kernel {self.kernel_id!r} is terminated and has no outputs left"
@@ -604,7 +599,7 @@ class RayKernelLoop(KernelLoop):
             messages_rejected=base.messages_rejected + self._rejected,
             queue_depth=base.queue_depth + max(0, self._held),
             output_queue_depth=base.output_queue_depth + self._buffered,
-            uptime_s=time.monotonic() - self._launched_at,
+            uptime_s=time.monotonic() - self.launched_at,
             timestamp=time.time(),
         )
 

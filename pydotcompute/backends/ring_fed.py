@@ -16,12 +16,7 @@ import numpy as np
 
 from pydotcompute.backends.base import ErrorFactory, KernelLoop
 from pydotcompute.backends.wakeup import ReplyWakeup
-from pydotcompute.errors import (
-    KernelFailedError,
-    KernelStateError,
-    QueueFullError,
-    QueueTimeoutError,
-)
+from pydotcompute.errors import QueueFullError, QueueTimeoutError
 from pydotcompute.messages.message import RingKernelMessage
 from pydotcompute.messages.record import fill_message_ids, fresh_id_bytes, record_layout
 from pydotcompute.rings.backpressure import BackpressureStrategy
@@ -59,7 +54,8 @@ class RingFedLoop(KernelLoop):
 
     A subclass sets ``in_dtype``/``out_dtype`` and calls ``_attach_rings`` once the
     rings exist (before the runtime sends anything), with the ``ReplyWakeup`` its
-    publisher signals; it keeps ``failure`` and ``_stopped`` up to date and calls
+    publisher signals; it keeps ``failure`` and ``_stopped`` (the skeleton's) up to
+    date and calls
     ``_wake_receivers()`` when either changes. A receive that finds nothing spins
     natively for ``get_spin_s`` (the loop usually answers within microseconds), then
     sleeps on the wakeup: never on an ``asyncio.sleep``, which rounds to milliseconds.
@@ -71,7 +67,7 @@ class RingFedLoop(KernelLoop):
     outputs_have_ids = False
     """Whether the loop itself gives outputs their fresh ``message_id`` (else the host
     does, as they leave the output ring)."""
-    _stopped = False
+    records = True
     _wakeup: ReplyWakeup | None = None
 
     def _attach_rings(self, in_ring: HostRing, out_ring: HostRing, wakeup: ReplyWakeup) -> None:
@@ -106,26 +102,6 @@ class RingFedLoop(KernelLoop):
     def _in_capacity(self) -> int:
         # Read from the ring's header, not kept on the instance (see _attach_rings).
         return int(self._in_buf[OFF_CAPACITY : OFF_CAPACITY + 8].view(np.int64)[0])
-
-    def _check_open(self) -> None:
-        failure = self.failure
-        if failure is not None:
-            # A fresh error per refusal, each with the one cause.
-            if isinstance(failure, KernelFailedError):
-                exc = KernelFailedError(
-                    *failure.args,
-                    kernel_id=failure.kernel_id,
-                    failed_message=failure.failed_message,
-                )
-                cause = failure.__cause__
-            else:
-                exc = KernelFailedError(
-                    f"kernel {self.kernel_id!r} failed: {failure!r}", kernel_id=self.kernel_id
-                )
-                cause = failure
-            raise exc from cause
-        if self._stopped:
-            raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
 
     def close_failed(self, error: ErrorFactory) -> int:
         """Refuse input from now on; outputs in the ring stay receivable, then the
@@ -300,6 +276,12 @@ class RingFedLoop(KernelLoop):
                 out = out if got == max_items else out[:got]
                 return out if self.outputs_have_ids else fill_message_ids(out)
         return await self._sleep_for_batch(max_items, timeout)
+
+    async def drain_outputs(self) -> np.ndarray:
+        chunks = []
+        while (out := self._take(1 << 20)) is not None:
+            chunks.append(out)
+        return np.concatenate(chunks) if chunks else np.empty(0, self.out_dtype)
 
     async def _sleep_for_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
         """Sleep on the wakeup until outputs come, the kernel fails or stops, or

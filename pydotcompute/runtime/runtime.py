@@ -17,8 +17,7 @@ import numpy as np
 from pydotcompute.backends.base import KernelBackend
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import describe_crash
-from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY, HostKernelLoop
-from pydotcompute.backends.mailbox import Mailbox
+from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY
 from pydotcompute.backends.ray_cluster import KernelPlacement, RayCluster
 from pydotcompute.backends.registry import AUTO, backend_class, backend_entry
 from pydotcompute.backends.select import resolve_backend
@@ -81,8 +80,7 @@ class _Kernel:
         "_input_port",
         "input_type",
         "loop",
-        "inbox",
-        "outbox",
+        "poll",
         "restarts",
         "error",
         "failed_input",
@@ -99,8 +97,8 @@ class _Kernel:
         self,
         spec: RingKernelSpec,
         restarts: int,
-        inputs: dict[str, tuple[Mailbox | None, type | None]],
-        outputs: dict[str, Mailbox | None],
+        inputs: dict[str, tuple[Callable[[Any], bool], type | None]],
+        outputs: dict[str, Callable[[Any], Any] | None],
     ) -> None:
         self.kernel_id = spec.kernel_id
         self.spec = spec
@@ -124,11 +122,9 @@ class _Kernel:
     def attach(self, loop: KernelBackend) -> None:
         """Take the kernel's backend, made with callbacks bound to this record."""
         self.loop = loop
-        # Host actors' mailboxes, for the inline no-wait paths of send/receive.
-        host = loop if isinstance(loop, HostKernelLoop) else None
-        self.inbox: Mailbox | None = host.inbox if host else None
-        self.outbox: Mailbox | None = host.outbox if host else None
-        self._input_port = (self.inbox, self.input_type)
+        # The backend's no-wait paths, called inline by send and receive.
+        self._input_port = (loop.try_put, self.input_type)
+        self.poll = loop.poll
         self.state = KernelState.CREATED
 
     @property
@@ -143,7 +139,7 @@ class _Kernel:
             self._inputs[kid] = self._input_port
         else:
             self._inputs.pop(kid, None)
-        self._outputs[kid] = self.outbox
+        self._outputs[kid] = self.poll
 
 
 class RingKernelRuntime:
@@ -194,8 +190,8 @@ class RingKernelRuntime:
         self._cluster = RayCluster(cluster) if cluster is not None else None
         self._kernels: dict[str, _Kernel] = {}
         # Per-message lookups, kept by each kernel's state (see _Kernel).
-        self._inputs: dict[str, tuple[Mailbox | None, type | None]] = {}
-        self._outputs: dict[str, Mailbox | None] = {}
+        self._inputs: dict[str, tuple[Callable[[Any], bool], type | None]] = {}
+        self._outputs: dict[str, Callable[[Any], Any] | None] = {}
         self._closers: list[Callable[[], Any]] = []
         self._flows: dict[str, Any] = {}
         self._metrics_server: Any = None
@@ -575,7 +571,7 @@ class RingKernelRuntime:
         in the queue for the restarted handler).
         """
         try:
-            inbox, itype = self._inputs[kernel_id]
+            offer, itype = self._inputs[kernel_id]
         except KeyError:
             err = self._refusal(kernel_id, "send to")
             raise err from err.__cause__
@@ -583,25 +579,13 @@ class RingKernelRuntime:
             raise TypeError(
                 f"kernel {kernel_id!r} takes {itype.__name__}, got {type(message).__name__}"
             )
-        if inbox is not None:
-            # Host actor, no-wait path inline (this runs once per message). Latency is
-            # sampled on one message in LATENCY_SAMPLE_EVERY; 1 marks an untimed message.
-            items = inbox.items
-            if len(items) < inbox.room:
-                n = inbox.enqueued
-                inbox.enqueued = n + 1
-                items.append(
-                    (1 if n & _SAMPLE_MASK or not self.enable_telemetry else _perf_ns(), message)
-                )
-                if inbox.getters:
-                    inbox.wake_getter()
-                return
+        if offer(message):  # queued without waiting (or dropped by its strategy)
+            return
         k = self._kernels[kernel_id]
-        if not k.loop.try_put(message):
-            if k._state is _ACTIVE:
-                await k.loop.put(message, timeout)
-            else:
-                await self._wait_on(k, k.loop.put(message, timeout), timeout, "send to")
+        if k._state is _ACTIVE:
+            await k.loop.put(message, timeout)
+        else:
+            await self._wait_on(k, k.loop.put(message, timeout), timeout, "send to")
 
     async def receive(self, kernel_id: str, timeout: float | None = None) -> Any:
         """The kernel's next output message; ``QueueTimeoutError`` after ``timeout``.
@@ -611,22 +595,16 @@ class RingKernelRuntime:
         error says so, and a wait without a timeout logs a warning once after
         ``INACTIVE_WAIT_WARNING_S`` seconds."""
         try:
-            outbox = self._outputs[kernel_id]
+            poll = self._outputs[kernel_id]
         except KeyError:
             err = self._refusal(kernel_id, "receive from")
             raise err from err.__cause__
-        if outbox is None:  # a compiled kernel's ring
-            k = self._kernels[kernel_id]
-            waiting = k.loop.get(timeout)
-        else:
-            items = outbox.items
-            if items and not outbox.hold:  # host, no wait
-                msg = items.popleft()
-                if outbox.putters:
-                    outbox.wake_putter()
+        if poll is not None:
+            msg = poll(_MISSING)
+            if msg is not _MISSING:
                 return msg
-            k = self._kernels[kernel_id]
-            waiting = outbox.get(timeout)
+        k = self._kernels[kernel_id]
+        waiting = k.loop.get(timeout)
         if k._state is _ACTIVE:
             return await waiting
         return await self._wait_on(k, waiting, timeout, "receive from")
@@ -684,22 +662,9 @@ class RingKernelRuntime:
         k = self._kernels.get(kernel_id)
         if k is None:
             raise self._refusal(kernel_id, "receive from")
-        if k.loop.backend != "host":
-            if k.state is KernelState.ACTIVE:
-                return await k.loop.get_batch(max_items, timeout)
-            return await self._wait_on(
-                k, k.loop.get_batch(max_items, timeout), timeout, "receive from"
-            )
-        out = [await self.receive(kernel_id, timeout)]
-        while len(out) < max_items:
-            try:
-                msg = k.loop.try_get(_MISSING)
-            except Exception:
-                break  # closed after draining: return what was taken; the next call raises
-            if msg is _MISSING:
-                break
-            out.append(msg)
-        return out
+        if k.state is KernelState.ACTIVE:
+            return await k.loop.get_batch(max_items, timeout)
+        return await self._wait_on(k, k.loop.get_batch(max_items, timeout), timeout, "receive from")
 
     def read_state(self, kernel_id: str) -> np.ndarray:
         """A copy of a compiled kernel's ``state`` array, read while it runs."""
@@ -730,7 +695,7 @@ class RingKernelRuntime:
 
     def get_placement(self, kernel_id: str) -> KernelPlacement | None:
         """Where a cluster kernel runs (Ray node, actor, GPUs); None without a cluster."""
-        return getattr(self._get(kernel_id).loop, "placement", None)
+        return self._get(kernel_id).loop.placement  # type: ignore[no-any-return]
 
     def get_kernel_spec(self, kernel_id: str) -> RingKernelSpec:
         """What the kernel was launched with: function, message types, configuration."""
