@@ -211,3 +211,32 @@ def test_entry_points_register_backends(monkeypatch: pytest.MonkeyPatch) -> None
         assert "from_ep" in backend_names()
     finally:
         registry.unregister_backend("from_ep")
+
+
+@pytest.mark.parametrize(
+    ("module", "old", "new"),
+    [
+        ("pydotcompute.backends.base", "KernelLoop", "KernelBackend"),
+        ("pydotcompute.backends.host", "HostKernelLoop", "HostKernelBackend"),
+        ("pydotcompute.backends.ring_fed", "RingFedLoop", "RingFedBackend"),
+    ],
+)
+def test_former_backend_names_still_import_with_a_warning(module: str, old: str, new: str) -> None:
+    import importlib
+
+    mod = importlib.import_module(module)
+    with pytest.warns(DeprecationWarning, match=f"{old} is now {new}"):
+        assert getattr(mod, old) is getattr(mod, new)
+    with pytest.raises(AttributeError):
+        mod.no_such_name  # noqa: B018
+
+
+def test_no_module_shadows_the_standard_library() -> None:
+    import pkgutil
+
+    import pydotcompute
+
+    stdlib = sys.stdlib_module_names
+    for info in pkgutil.walk_packages(pydotcompute.__path__, "pydotcompute."):
+        leaf = info.name.rpartition(".")[2]
+        assert leaf not in stdlib or leaf in {"__main__"}, info.name

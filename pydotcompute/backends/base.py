@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import sys
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Literal
 
@@ -18,7 +20,7 @@ from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
 
 __all__ = [
     "KernelBackend",
-    "KernelLoop",
+    "KernelBackend",
     "ErrorFactory",
     "ExitCallback",
     "FailureCallback",
@@ -26,6 +28,7 @@ __all__ = [
     "kernel_failed",
     "kernel_record_dtype",
     "output_strategy",
+    "renamed",
 ]
 
 FailureCallback = Callable[[BaseException], None]
@@ -293,8 +296,21 @@ class KernelBackend(abc.ABC):
         """Read the loop's counters into a snapshot (never on the per-message path)."""
 
 
-KernelLoop = KernelBackend
-"""The former name of ``KernelBackend``."""
+def renamed(module: str, names: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that answers each former name in ``names`` with the
+    object of its new name, and a ``DeprecationWarning``."""
+
+    def __getattr__(name: str) -> Any:
+        new = names.get(name)
+        if new is None:
+            raise AttributeError(f"module {module!r} has no attribute {name!r}")
+        warnings.warn(f"{module}.{name} is now {new}", DeprecationWarning, stacklevel=2)
+        return sys.modules[module].__dict__[new]
+
+    return __getattr__
+
+
+__getattr__ = renamed(__name__, {"KernelLoop": "KernelBackend"})
 
 
 def kernel_record_dtype(t: Any, role: str, kernel_id: str, backend: str) -> np.dtype:

@@ -28,10 +28,10 @@ import numpy as np
 from numba import njit, typeof
 from numba.core.registry import CPUDispatcher
 
-from pydotcompute.backends.base import ErrorFactory, FailureCallback, kernel_record_dtype
+from pydotcompute.backends.base import ErrorFactory, FailureCallback, kernel_record_dtype, renamed
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import check_handler_source, compile_error
-from pydotcompute.backends.ring_fed import RingFedLoop
+from pydotcompute.backends.ring_fed import RingFedBackend
 from pydotcompute.backends.wakeup import ReplyWakeup
 from pydotcompute.errors import (
     InvalidConfigurationError,
@@ -60,7 +60,11 @@ from pydotcompute.rings.layout import OFF_BACKPRESSURE, aligned_buffer
 from pydotcompute.rings.wake import wake_signal
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["CpuKernelLoop", "ControlBlock", "compile_kernel_loop"]
+__all__ = ["CpuKernelBackend", "ControlBlock", "compile_kernel_loop"]
+
+__getattr__ = renamed(
+    __name__, {"CpuKernelLoop": "CpuKernelBackend"}
+)  # the former names, deprecated
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -344,7 +348,7 @@ class _Run:
         self.carried: list[np.ndarray] = []
 
 
-class CpuKernelLoop(RingFedLoop):
+class CpuKernelBackend(RingFedBackend):
     """A ``cpu`` ring kernel: ``workers`` threads running the compiled loop.
 
     With several workers, records of one input ring are processed concurrently:

@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import FailureCallback, kernel_record_dtype
+from pydotcompute.backends.base import FailureCallback, kernel_record_dtype, renamed
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import check_handler_source, compile_error
-from pydotcompute.backends.ring_fed import RingFedLoop
+from pydotcompute.backends.ring_fed import RingFedBackend
 from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
 from pydotcompute.errors import (
     BackendNotAvailableError,
@@ -50,7 +50,11 @@ from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
 from pydotcompute.rings.layout import HEADER_SIZE, TAG_SIZE, RingSide, ring_nbytes, slot_size_for
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["CudaKernelLoop", "MappedRing", "MappedControl", "require_cuda_backend"]
+__all__ = ["CudaKernelBackend", "MappedRing", "MappedControl", "require_cuda_backend"]
+
+__getattr__ = renamed(
+    __name__, {"CudaKernelLoop": "CudaKernelBackend"}
+)  # the former names, deprecated
 
 _MONITOR_PERIOD_S = 0.005
 _DEFAULT_MAX_BLOCKS = 1
@@ -170,7 +174,7 @@ def _positive(extra: dict[str, Any], name: str, default: int) -> int:
     return value
 
 
-class CudaKernelLoop(RingFedLoop):
+class CudaKernelBackend(RingFedBackend):
     """A ``cuda`` ring kernel: one persistent kernel launched at ``start()``."""
 
     backend = "cuda"
@@ -185,10 +189,10 @@ class CudaKernelLoop(RingFedLoop):
         **links: Any,
     ) -> Any:  # type: ignore[misc]
         # A kernel declared with ``cuda_source=`` is CUDA C++, not a numba-cuda loop.
-        if cls is CudaKernelLoop and config.extra.get("cuda_source") is not None:
-            from pydotcompute.backends.cuda_source import CudaSourceKernelLoop
+        if cls is CudaKernelBackend and config.extra.get("cuda_source") is not None:
+            from pydotcompute.backends.cuda_source import CudaSourceKernelBackend
 
-            return CudaSourceKernelLoop(kernel_id, func, config, *args, **links)
+            return CudaSourceKernelBackend(kernel_id, func, config, *args, **links)
         return super().__new__(cls)
 
     def __init__(

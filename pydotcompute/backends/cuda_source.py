@@ -39,8 +39,9 @@ import numpy as np
 from pydotcompute.backends.base import (
     ErrorFactory,
     FailureCallback,
-    KernelLoop,
+    KernelBackend,
     kernel_record_dtype,
+    renamed,
 )
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.errors import (
@@ -55,7 +56,11 @@ from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
 from pydotcompute.rings.layout import RingSide, ring_nbytes
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["CudaSourceKernelLoop", "SourceControl"]
+__all__ = ["CudaSourceKernelBackend", "SourceControl"]
+
+__getattr__ = renamed(
+    __name__, {"CudaSourceKernelLoop": "CudaSourceKernelBackend"}
+)  # the former names, deprecated
 
 
 class SourceControl:
@@ -91,7 +96,7 @@ def _source_text(source: str) -> str:
     return read_kernel_source(source)
 
 
-class CudaSourceKernelLoop(KernelLoop):
+class CudaSourceKernelBackend(KernelBackend):
     """A CUDA C++ ring kernel (see the module documentation for its ABI)."""
 
     backend = "cuda"

@@ -1,6 +1,6 @@
-"""The far side of a kernel placed on a Ray cluster: one ``KernelLoop`` in a Ray actor.
+"""The far side of a kernel placed on a Ray cluster: one ``KernelBackend`` in a Ray actor.
 
-``RayKernelLoop`` (the caller's side) starts one ``KernelActor`` per kernel. The actor
+``RayKernelBackend`` (the caller's side) starts one ``KernelActor`` per kernel. The actor
 runs the kernel's real loop (``cpu``, ``cuda`` or ``host``) on its own event loop and
 moves whole batches: records as numpy arrays, which Ray carries through its object
 store, and a host actor's messages as lists. The lifecycle state machine stays with
@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import KernelLoop, kernel_failed
+from pydotcompute.backends.base import KernelBackend, kernel_failed
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.backends.registry import backend_class
-from pydotcompute.backends.select import resolve_backend
+from pydotcompute.backends.registry import backend_class, resolve_backend
 from pydotcompute.errors import (
     KernelNotFoundError,
     QueueFullError,
@@ -52,7 +51,7 @@ class KernelActor:
         output_type: Any,
     ) -> None:
         self._args = (kernel_id, func, config, input_type, output_type)
-        self._loop: KernelLoop | None = None
+        self._loop: KernelBackend | None = None
         self._crashed: asyncio.Event | None = None
         self._failure: BaseException | None = None
 
@@ -110,7 +109,7 @@ class KernelActor:
         )
 
     @property
-    def _kernel(self) -> KernelLoop:
+    def _kernel(self) -> KernelBackend:
         assert self._loop is not None, "start() comes first"
         return self._loop
 

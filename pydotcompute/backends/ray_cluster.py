@@ -25,7 +25,7 @@ from pydotcompute.errors import (
 
 if TYPE_CHECKING:
     from pydotcompute.backends.base import FailureCallback
-    from pydotcompute.backends.ray_loop import RayKernelLoop
+    from pydotcompute.backends.ray_loop import RayKernelBackend
 
 __all__ = ["KernelPlacement", "RayCluster", "require_ray"]
 
@@ -216,11 +216,11 @@ class RayCluster:
             await asyncio.to_thread(_CONNECTION.leave)
 
     @staticmethod
-    def backend_class() -> type[RayKernelLoop]:
+    def backend_class() -> type[RayKernelBackend]:
         """The class that stands for a kernel placed on this cluster."""
-        from pydotcompute.backends.ray_loop import RayKernelLoop
+        from pydotcompute.backends.ray_loop import RayKernelBackend
 
-        return RayKernelLoop
+        return RayKernelBackend
 
     def kernel_loop(
         self,
@@ -231,11 +231,11 @@ class RayCluster:
         output_type: Any,
         on_failure: FailureCallback,
         **links: Any,
-    ) -> RayKernelLoop:
+    ) -> RayKernelBackend:
         """The backend that runs this kernel on an actor of this cluster."""
-        from pydotcompute.backends.ray_loop import RayKernelLoop
+        from pydotcompute.backends.ray_loop import RayKernelBackend
 
-        return RayKernelLoop(
+        return RayKernelBackend(
             kernel_id, func, config, input_type, output_type, on_failure, cluster=self, **links
         )
 

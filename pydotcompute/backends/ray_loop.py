@@ -1,4 +1,4 @@
-"""The caller's side of a kernel placed on a Ray actor: a ``KernelLoop`` that moves batches.
+"""The caller's side of a kernel placed on a Ray actor: a ``KernelBackend`` that moves batches.
 
 Messages cross to and from the actor (``ray_actor.KernelActor``) in batches, never one
 by one:
@@ -39,8 +39,9 @@ import numpy as np
 from pydotcompute.backends.base import (
     ErrorFactory,
     FailureCallback,
-    KernelLoop,
+    KernelBackend,
     kernel_record_dtype,
+    renamed,
 )
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.ray_cluster import KernelPlacement
@@ -51,15 +52,18 @@ from pydotcompute.errors import (
     QueueFullError,
     QueueTimeoutError,
 )
-from pydotcompute.messages.message import RingKernelMessage
-from pydotcompute.messages.record import record_layout
+from pydotcompute.messages.record_codec import RecordCodec
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 if TYPE_CHECKING:
     from pydotcompute.backends.ray_cluster import RayCluster
 
-__all__ = ["RayKernelLoop"]
+__all__ = ["RayKernelBackend"]
+
+__getattr__ = renamed(
+    __name__, {"RayKernelLoop": "RayKernelBackend"}
+)  # the former names, deprecated
 
 FETCH_WAIT_S = 0.2
 """Longest one fetch waits on the actor; a receive without timeout fetches again."""
@@ -88,7 +92,7 @@ def _reported_by_watch(exc: BaseException) -> bool:
     )
 
 
-class RayKernelLoop(KernelLoop):
+class RayKernelBackend(KernelBackend):
     """A kernel that runs on a Ray actor, reached through batches (see the module)."""
 
     backend = "ray"
@@ -117,8 +121,10 @@ class RayKernelLoop(KernelLoop):
         if self.records:
             self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cluster")
             self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cluster")
-            self._in_layout = _layout(input_type, self.in_dtype)
-            self._out_layout = _layout(output_type, self.out_dtype)
+            owner = f"kernel {kernel_id!r}"
+            # Outputs come from the actor with their ids already given.
+            self._in_codec = RecordCodec(input_type, self.in_dtype, owner)
+            self._out_codec = RecordCodec(output_type, self.out_dtype, owner, fill_ids=False)
         self.capacity = config.queue_size
         self._reject = config.backpressure is BackpressureStrategy.REJECT
         self.placement: KernelPlacement | None = None
@@ -287,22 +293,7 @@ class RayKernelLoop(KernelLoop):
         """One input as the bytes of its record (compiled kernels) or as itself."""
         if not self.records:
             return msg
-        if isinstance(msg, (np.void, np.ndarray)):
-            rec = np.asarray(msg)
-            if rec.dtype != self.in_dtype or rec.size != 1:
-                raise TypeError(
-                    f"kernel {self.kernel_id!r} takes one record of dtype {self.in_dtype}, "
-                    f"got {rec.size} of dtype {rec.dtype}"
-                )
-            return rec.tobytes()
-        if self._in_layout is not None:
-            if not isinstance(msg, self.input_type):  # type: ignore[arg-type]
-                raise TypeError(
-                    f"kernel {self.kernel_id!r} takes {self.input_type.__name__}, "  # type: ignore[union-attr]
-                    f"got {type(msg).__name__}"
-                )
-            return self._in_layout.to_bytes(msg)
-        return np.asarray(msg.to_record(), self.in_dtype).tobytes()
+        return self._in_codec.to_bytes(msg)
 
     def _hold(self, encoded: Any) -> None:
         if self.records:
@@ -516,13 +507,7 @@ class RayKernelLoop(KernelLoop):
         if self._chunk_pos == len(chunk):
             self._chunks.popleft()
             self._chunk_pos = 0
-        t = self.output_type
-        if self._out_layout is not None:
-            layout = self._out_layout
-            return layout.build(layout.struct.unpack_from(chunk, i * chunk.itemsize))
-        if t is None or isinstance(t, np.dtype):
-            return chunk[i : i + 1].copy()[0]
-        return t.from_record(chunk[i])  # type: ignore[attr-defined]
+        return self._out_codec.message_at(chunk, i)
 
     def _take_many(self, max_items: int) -> Any:
         if not self.records:
@@ -602,14 +587,6 @@ class RayKernelLoop(KernelLoop):
             uptime_s=time.monotonic() - self.launched_at,
             timestamp=time.time(),
         )
-
-
-def _layout(t: Any, dtype: np.dtype) -> Any:
-    """The record layout of an ``@message`` class (None for dtypes and other types)."""
-    if not isinstance(t, type) or not issubclass(t, RingKernelMessage):
-        return None
-    layout = record_layout(t)
-    return layout if layout.dtype == dtype else None
 
 
 async def _awaitable(ref: Any) -> Any:

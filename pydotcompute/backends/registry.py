@@ -38,8 +38,10 @@ __all__ = [
     "backend_class",
     "backend_entry",
     "backend_names",
+    "cuda_status",
     "is_backend",
     "register_backend",
+    "resolve_backend",
     "unregister_backend",
 ]
 
@@ -85,9 +87,9 @@ class BackendEntry:
 
 
 _BUILTIN = (
-    BackendEntry("host", "pydotcompute.backends.host:HostKernelLoop", "actor"),
-    BackendEntry("cpu", "pydotcompute.backends.cpu:CpuKernelLoop", "function"),
-    BackendEntry("cuda", "pydotcompute.backends.cuda:CudaKernelLoop", "function"),
+    BackendEntry("host", "pydotcompute.backends.host:HostKernelBackend", "actor"),
+    BackendEntry("cpu", "pydotcompute.backends.cpu:CpuKernelBackend", "function"),
+    BackendEntry("cuda", "pydotcompute.backends.cuda:CudaKernelBackend", "function"),
 )
 
 # Backend definitions, like @ring_kernel definitions: immutable entries any runtime may
@@ -204,3 +206,19 @@ def backend_names() -> tuple[str, ...]:
     """The registered backends' names, built-ins first."""
     _read_entry_points()
     return tuple(_ENTRIES)
+
+
+def cuda_status() -> tuple[bool, str]:
+    """Whether the cuda backend can run here, and why (not). Probes lazily."""
+    from pydotcompute.backends.probe import probe_cuda
+
+    status = probe_cuda()
+    return bool(status.usable), status.reason
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is usable, else ``cpu``; others unchanged."""
+    if backend != AUTO:
+        return backend
+    usable, _ = cuda_status()
+    return "cuda" if usable else "cpu"

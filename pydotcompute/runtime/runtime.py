@@ -19,8 +19,7 @@ from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import describe_crash
 from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY
 from pydotcompute.backends.ray_cluster import KernelPlacement, RayCluster
-from pydotcompute.backends.registry import AUTO, backend_class, backend_entry
-from pydotcompute.backends.select import resolve_backend
+from pydotcompute.backends.registry import AUTO, backend_class, backend_entry, resolve_backend
 from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelAlreadyExistsError,
