@@ -39,7 +39,7 @@ def _use_simulator_if_asked() -> bool:
 
 SIMULATOR = _use_simulator_if_asked()
 
-from pydotcompute.backends.probe import ask_for_eager_module_loading  # noqa: E402
+from pydotcompute.device.probe import ask_for_eager_module_loading  # noqa: E402
 
 # Before anything here touches CUDA (device_name() would initialise it): kernels must
 # load eagerly to launch beside a resident ring kernel.

@@ -2,9 +2,8 @@
 
 from pydotcompute.backends.base import KernelBackend
 from pydotcompute.backends.host import KernelContext
-from pydotcompute.backends.probe import CudaAvailability, DeviceInfo, probe_cuda, require_cuda
-from pydotcompute.backends.ray_cluster import KernelPlacement
 from pydotcompute.backends.registry import backend_names, register_backend
+from pydotcompute.cluster.placement import KernelPlacement
 from pydotcompute.coordinator import (
     DAG,
     DeadLetter,
@@ -26,6 +25,7 @@ from pydotcompute.coordinator import (
     route,
     stage,
 )
+from pydotcompute.device.probe import CudaAvailability, DeviceInfo, probe_cuda, require_cuda
 from pydotcompute.errors import (
     AmbiguousMessageTypeError,
     BackendNotAvailableError,

@@ -61,7 +61,7 @@ STATS = {"cuda_source": "stream_stats.cu", "cuda_function": "pdc_stream_stats"}
 async def test_a_cuda_cxx_kernel_is_routed_to_the_source_loop_and_refused_without_a_gpu() -> None:
     from pydotcompute.backends.config import RingKernelConfig
     from pydotcompute.backends.cuda import CudaKernelBackend
-    from pydotcompute.backends.probe import probe_cuda
+    from pydotcompute.device.probe import probe_cuda
 
     found = probe_cuda()
     if found.usable:

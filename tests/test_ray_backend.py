@@ -172,7 +172,7 @@ async def test_a_receive_lets_a_fetch_that_just_landed_deliver() -> None:
     # The fetch has landed but its done callback waits for the next turn of the event
     # loop. Awaiting a finished future does not yield (wait_for, Python 3.12+), so a
     # receive that only awaited it spun until its deadline and the outputs never came.
-    from pydotcompute.backends.ray_loop import RayKernelBackend
+    from pydotcompute.cluster.ray_backend import RayKernelBackend
 
     config = RingKernelConfig(queue_size=8)
     loop = RayKernelBackend("k", handler, config, None, None, lambda exc: None, cluster=None)  # type: ignore[arg-type]

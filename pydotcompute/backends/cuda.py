@@ -67,7 +67,7 @@ def require_cuda_backend() -> bool:
     """Check that the ``cuda`` backend can run here; True under the simulator.
 
     Raises ``BackendNotAvailableError`` with the reason otherwise."""
-    from pydotcompute.backends.probe import require_cuda
+    from pydotcompute.device.probe import require_cuda
 
     found = require_cuda(allow_simulator=True)
     return bool(found.simulator)
@@ -348,7 +348,7 @@ class CudaKernelBackend(RingFedBackend):
         )
 
     def _launch(self) -> None:
-        from pydotcompute.backends.resident import launched
+        from pydotcompute.device.resident import launched
 
         cuda = _cuda()
         self.kernel[self.blocks, self.threads, self._stream](*self._args(0))
@@ -481,7 +481,7 @@ class CudaKernelBackend(RingFedBackend):
         if fault is None:
             fault = self._device_error()
         if not self.simulator:
-            from pydotcompute.backends.resident import exited
+            from pydotcompute.device.resident import exited
 
             exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None and self.failure is None:

@@ -120,7 +120,7 @@ class CudaSourceKernelBackend(KernelBackend):
                 f"kernel {kernel_id!r}: cuda_source needs cuda_function, the name of the "
                 'extern "C" __global__ function to launch'
             )
-        from pydotcompute.backends.probe import probe_cuda
+        from pydotcompute.device.probe import probe_cuda
 
         self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cuda")
         self.source = _source_text(str(extra["cuda_source"]))
@@ -187,7 +187,7 @@ class CudaSourceKernelBackend(KernelBackend):
         kernel((self.blocks,), (self.threads,), args, stream=self._stream)
         self._event = event = cp.cuda.Event(disable_timing=True)
         event.record(self._stream)
-        from pydotcompute.backends.resident import launched
+        from pydotcompute.device.resident import launched
 
         launched(self, self.kernel_id, cp.cuda.Device().id, lambda: bool(event.done))
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
@@ -254,7 +254,7 @@ class CudaSourceKernelBackend(KernelBackend):
         if fault is None:
             self._stream.synchronize()
             fault = self._device_error()
-        from pydotcompute.backends.resident import exited
+        from pydotcompute.device.resident import exited
 
         exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None:

@@ -210,7 +210,7 @@ def backend_names() -> tuple[str, ...]:
 
 def cuda_status() -> tuple[bool, str]:
     """Whether the cuda backend can run here, and why (not). Probes lazily."""
-    from pydotcompute.backends.probe import probe_cuda
+    from pydotcompute.device.probe import probe_cuda
 
     status = probe_cuda()
     return bool(status.usable), status.reason

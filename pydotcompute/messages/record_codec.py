@@ -5,7 +5,7 @@ sends may be an ``@message`` instance, a record (``np.void``) or a record array,
 object of a class with ``to_record``/``from_record``; what it receives is the same
 kind it declared. ``RecordCodec`` does that conversion for one side of one kernel, so
 the host side of the rings (``backends.ring_fed``) and the Ray placement
-(``backends.ray_loop``) convert alike.
+(``cluster.ray_backend``) convert alike.
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ from pydotcompute.backends.base import KernelBackend
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import describe_crash
 from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY
-from pydotcompute.backends.ray_cluster import KernelPlacement, RayCluster
 from pydotcompute.backends.registry import AUTO, backend_class, backend_entry, resolve_backend
+from pydotcompute.cluster.placement import KernelPlacement
+from pydotcompute.cluster.ray_cluster import RayCluster
 from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelAlreadyExistsError,

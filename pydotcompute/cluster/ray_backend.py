@@ -44,7 +44,7 @@ from pydotcompute.backends.base import (
     renamed,
 )
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.backends.ray_cluster import KernelPlacement
+from pydotcompute.cluster.placement import KernelPlacement
 from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelFailedError,
@@ -57,7 +57,7 @@ from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 if TYPE_CHECKING:
-    from pydotcompute.backends.ray_cluster import RayCluster
+    from pydotcompute.cluster.ray_cluster import RayCluster
 
 __all__ = ["RayKernelBackend"]
 
