@@ -2,6 +2,7 @@
 
 from pydotcompute.backends.base import KernelBackend
 from pydotcompute.backends.host import KernelContext
+from pydotcompute.backends.options import BackendOptions, CpuOptions, CudaOptions
 from pydotcompute.backends.registry import backend_names, register_backend
 from pydotcompute.cluster.placement import KernelPlacement
 from pydotcompute.coordinator import (
@@ -148,6 +149,9 @@ __all__ = [
     "probe_cuda",
     "require_cuda",
     "BackpressureStrategy",
+    "BackendOptions",
+    "CpuOptions",
+    "CudaOptions",
     "KernelBackend",
     "KernelContext",
     "backend_names",

@@ -7,7 +7,7 @@ ring when the handler returns True, and keeps its counters in a control block.
 ``workers`` threads each run the loop on the one input ring. Python code is only
 involved to start, pause and stop the threads and to move records in and out.
 
-Options read from ``config.extra``: ``boundscheck`` (bool, compile the handler and
+Options (``CpuOptions``, ``@ring_kernel(options=CpuOptions(...))``): ``boundscheck`` (bool, compile the handler and
 the loop with Numba bounds checking so an out-of-range index fails the kernel
 instead of corrupting memory) and ``batch`` (records a worker takes per poll,
 default 1024).
@@ -31,10 +31,10 @@ from numba.core.registry import CPUDispatcher
 from pydotcompute.backends.base import ErrorFactory, FailureCallback, kernel_record_dtype, renamed
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import check_handler_source, compile_error
+from pydotcompute.backends.options import CpuOptions
 from pydotcompute.backends.ring_fed import RingFedBackend
 from pydotcompute.backends.wakeup import ReplyWakeup
 from pydotcompute.errors import (
-    InvalidConfigurationError,
     KernelFailedError,
 )
 from pydotcompute.messages.record import output_header, uuid_offset
@@ -321,11 +321,9 @@ class CpuKernelBackend(RingFedBackend):
         super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
         self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cpu")
         self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cpu")
-        extra = config.extra
-        self.boundscheck = bool(extra.get("boundscheck", False))
-        self.batch = int(extra.get("batch", 1024))
-        if self.batch < 1:
-            raise InvalidConfigurationError(f"batch must be >= 1, got {self.batch}")
+        options = config.options_for(CpuOptions)
+        self.boundscheck = options.boundscheck
+        self.batch = options.batch
         self.in_ring = HostRing(
             ring_capacity_for(config.queue_size), self.in_dtype, backpressure=config.backpressure
         )

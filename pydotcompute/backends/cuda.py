@@ -13,7 +13,7 @@ launched per message or per batch.
 
 Output order: FIFO with respect to the input ring (see ``cuda_loop``).
 
-Options read from ``config.extra``: ``threads`` (block size, default 128; 4 under
+Options (``CudaOptions``, ``@ring_kernel(options=CudaOptions(...))``): ``threads`` (block size, default 128; 4 under
 the simulator), ``items_per_thread`` (records one thread handles per round, default
 4; 2 under the simulator: a block claims up to ``threads * items_per_thread``
 records at once, fewer when they do not fit its staging in shared memory),
@@ -38,11 +38,11 @@ import numpy as np
 from pydotcompute.backends.base import FailureCallback, kernel_record_dtype, renamed
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import check_handler_source, compile_error
+from pydotcompute.backends.options import CudaOptions
 from pydotcompute.backends.ring_fed import RingFedBackend
 from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
 from pydotcompute.errors import (
     BackendNotAvailableError,
-    InvalidConfigurationError,
     KernelFailedError,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
@@ -167,13 +167,6 @@ class MappedControl:
         self.words[0] = value
 
 
-def _positive(extra: dict[str, Any], name: str, default: int) -> int:
-    value = extra.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidConfigurationError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
 class CudaKernelBackend(RingFedBackend):
     """A ``cuda`` ring kernel: one persistent kernel launched at ``start()``."""
 
@@ -189,7 +182,7 @@ class CudaKernelBackend(RingFedBackend):
         **links: Any,
     ) -> Any:  # type: ignore[misc]
         # A kernel declared with ``cuda_source=`` is CUDA C++, not a numba-cuda loop.
-        if cls is CudaKernelBackend and config.extra.get("cuda_source") is not None:
+        if cls is CudaKernelBackend and config.options_for(CudaOptions).cuda_source is not None:
             from pydotcompute.backends.cuda_source import CudaSourceKernelBackend
 
             return CudaSourceKernelBackend(kernel_id, func, config, *args, **links)
@@ -209,13 +202,11 @@ class CudaKernelBackend(RingFedBackend):
         self.simulator = require_cuda_backend()
         self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cuda")
         self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cuda")
-        extra = config.extra
-        self.threads = _positive(extra, "threads", 4 if self.simulator else 128)
-        self.items = _positive(extra, "items_per_thread", 2 if self.simulator else 4)
-        self.max_blocks = extra.get("blocks")
-        if self.max_blocks is not None:
-            self.max_blocks = _positive(extra, "blocks", 1)
-        self.idle_sleep_ns = _positive(extra, "idle_sleep_ns", 4000)
+        options = config.options_for(CudaOptions)
+        self.threads = options.threads or (4 if self.simulator else 128)
+        self.items = options.items_per_thread or (2 if self.simulator else 4)
+        self.max_blocks = options.blocks
+        self.idle_sleep_ns = options.idle_sleep_ns
         self.state = (
             np.zeros(1, np.float64) if config.state is None else np.array(config.state, copy=True)
         )

@@ -23,7 +23,7 @@ result words from 392 on). Such a kernel has no output ring: ``read_state()``
 returns its result words (``uint64``; view them as the kernel documents, e.g.
 ``.view(np.float64)``) read consistently under the lock.
 
-Options in ``config.extra``: ``cuda_source``, ``cuda_function`` (required),
+Options (``CudaOptions``): ``cuda_source``, ``cuda_function`` (required),
 ``threads`` (block size, default 256) and ``blocks`` (grid, default 1; a kernel that
 needs all its blocks resident must be given a grid that fits).
 """
@@ -44,6 +44,7 @@ from pydotcompute.backends.base import (
     renamed,
 )
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.options import CudaOptions
 from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
@@ -113,8 +114,8 @@ class CudaSourceKernelBackend(KernelBackend):
         **links: Any,
     ) -> None:
         super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
-        extra = config.extra
-        self.function = extra.get("cuda_function")
+        options = config.options_for(CudaOptions)
+        self.function = options.cuda_function
         if not isinstance(self.function, str) or not self.function:
             raise InvalidConfigurationError(
                 f"kernel {kernel_id!r}: cuda_source needs cuda_function, the name of the "
@@ -123,9 +124,9 @@ class CudaSourceKernelBackend(KernelBackend):
         from pydotcompute.device.probe import probe_cuda
 
         self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cuda")
-        self.source = _source_text(str(extra["cuda_source"]))
-        self.threads = int(extra.get("threads", 256))
-        self.blocks = int(extra.get("blocks", 1))
+        self.source = _source_text(str(options.cuda_source))
+        self.threads = options.threads or 256
+        self.blocks = options.blocks or 1
         found = probe_cuda()
         if not found.usable:
             why = found.reason
