@@ -39,7 +39,7 @@ def _use_simulator_if_asked() -> bool:
 
 SIMULATOR = _use_simulator_if_asked()
 
-from pydotcompute.backends.probe import ask_for_eager_module_loading  # noqa: E402
+from pydotcompute.device.probe import ask_for_eager_module_loading  # noqa: E402
 
 # Before anything here touches CUDA (device_name() would initialise it): kernels must
 # load eagerly to launch beside a resident ring kernel.
@@ -210,13 +210,13 @@ async def launch_persistent(queue_size: int, **extra: Any) -> Any:
     """A started, activated ``cuda`` kernel loop running ``affine`` (no runtime around
     it, so the benchmark can drive its mapped rings directly)."""
     from pydotcompute.backends.config import RingKernelConfig
-    from pydotcompute.backends.cuda import CudaKernelLoop
+    from pydotcompute.backends.cuda import CudaKernelBackend
 
     def failed(exc: BaseException) -> None:
         raise SystemExit(f"the persistent kernel failed: {exc!r}")
 
     config = RingKernelConfig(queue_size=queue_size, backend="cuda", extra=extra)
-    loop = CudaKernelLoop("bench", affine, config, REC, REC, failed)
+    loop = CudaKernelBackend("bench", affine, config, REC, REC, failed)
     t0 = time.perf_counter()
     await loop.start()
     loop.compile_s = time.perf_counter() - t0  # type: ignore[attr-defined]

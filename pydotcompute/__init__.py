@@ -1,8 +1,10 @@
 """pydotcompute: a GPU actor runtime for Python."""
 
+from pydotcompute.backends.base import KernelBackend
 from pydotcompute.backends.host import KernelContext
-from pydotcompute.backends.probe import CudaAvailability, DeviceInfo, probe_cuda, require_cuda
-from pydotcompute.backends.ray_cluster import KernelPlacement
+from pydotcompute.backends.options import BackendOptions, CpuOptions, CudaOptions
+from pydotcompute.backends.registry import backend_names, register_backend
+from pydotcompute.cluster.placement import KernelPlacement
 from pydotcompute.coordinator import (
     DAG,
     DeadLetter,
@@ -24,6 +26,7 @@ from pydotcompute.coordinator import (
     route,
     stage,
 )
+from pydotcompute.device.probe import CudaAvailability, DeviceInfo, probe_cuda, require_cuda
 from pydotcompute.errors import (
     AmbiguousMessageTypeError,
     BackendNotAvailableError,
@@ -149,7 +152,13 @@ __all__ = [
     "probe_cuda",
     "require_cuda",
     "BackpressureStrategy",
+    "BackendOptions",
+    "CpuOptions",
+    "CudaOptions",
+    "KernelBackend",
     "KernelContext",
+    "backend_names",
+    "register_backend",
     "KernelHandle",
     "KernelState",
     "KernelTelemetry",

@@ -3,7 +3,8 @@
 Code written for PyDotCompute imports from paths such as
 ``pydotcompute.ring_kernels.runtime`` or ``pydotcompute.exceptions``. ``MODULE_ALIASES``
 maps each such path to the names it is used for here; the package's own layout stays
-as it is. ``install()`` (run when ``pydotcompute`` is imported) appends one finder
+as it is. It also answers this package's own former paths (modules that moved), so
+code importing them keeps working. ``install()`` (run when ``pydotcompute`` is imported) appends one finder
 to ``sys.meta_path``. It is asked only after every other finder has failed, answers
 only for the paths below, and imports nothing until one of them is imported; each
 alias module is then made once, holding the very objects of the modules it names.
@@ -27,6 +28,12 @@ from typing import Any
 __all__ = ["MODULE_ALIASES", "install"]
 
 MODULE_ALIASES: dict[str, tuple[str, ...]] = {
+    # This package's own former paths.
+    "pydotcompute.backends.probe": ("pydotcompute.device.probe",),
+    "pydotcompute.backends.resident": ("pydotcompute.device.resident",),
+    "pydotcompute.backends.ray_cluster": ("pydotcompute.cluster.ray_cluster",),
+    "pydotcompute.backends.ray_loop": ("pydotcompute.cluster.ray_backend",),
+    "pydotcompute.backends.ray_actor": ("pydotcompute.cluster.ray_actor",),
     "pydotcompute.core": ("pydotcompute.memory",),
     "pydotcompute.core.memory_pool": ("pydotcompute.memory.memory_pool",),
     "pydotcompute.core.unified_buffer": ("pydotcompute.memory.unified_buffer",),

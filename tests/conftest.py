@@ -9,7 +9,7 @@ import pytest
 
 def _cuda_usable() -> bool:
     # The product's own probe: the simulator, a missing driver or CuPy all read as "no".
-    from pydotcompute.backends.probe import probe_cuda
+    from pydotcompute.device.probe import probe_cuda
 
     return probe_cuda().usable
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.backends.cpu import ControlBlock, CpuKernelLoop, compile_kernel_loop
+from pydotcompute.backends.cpu import ControlBlock, CpuKernelBackend, compile_kernel_loop
 from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelFailedError,
@@ -78,7 +78,7 @@ class Loops:
             extra=extra,
             **cfg,
         )
-        loop = CpuKernelLoop("k", handler, config, IN, OUT, self.failures.append)
+        loop = CpuKernelBackend("k", handler, config, IN, OUT, self.failures.append)
         self.loops.append(loop)
         await loop.start()
         if active:
@@ -323,13 +323,13 @@ async def test_a_handler_compiles_once():
 def test_input_type_needs_a_record_layout():
     cfg = RingKernelConfig(backend="cpu")
     with pytest.raises(InvalidConfigurationError, match="record layout"):
-        CpuKernelLoop("k", echo, cfg, None, OUT, lambda e: None)
+        CpuKernelBackend("k", echo, cfg, None, OUT, lambda e: None)
 
     class Loose:
         pass
 
     with pytest.raises(InvalidConfigurationError, match="Loose"):
-        CpuKernelLoop("k", echo, cfg, Loose, OUT, lambda e: None)
+        CpuKernelBackend("k", echo, cfg, Loose, OUT, lambda e: None)
 
 
 @dataclasses.dataclass
@@ -359,7 +359,7 @@ class Scaled:
 
 async def test_message_objects_in_and_out(loops):
     cfg = RingKernelConfig(backend="cpu", queue_size=16, state=np.zeros(4))
-    loop = CpuKernelLoop("m", halve_odd, cfg, Point, Scaled, loops.failures.append)
+    loop = CpuKernelBackend("m", halve_odd, cfg, Point, Scaled, loops.failures.append)
     loops.loops.append(loop)
     await loop.start()
     loop.set_active(True)

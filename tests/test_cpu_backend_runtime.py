@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from pydotcompute.backends.cpu import CpuKernelLoop
+from pydotcompute.backends.cpu import CpuKernelBackend
 from pydotcompute.errors import (
     KernelFailedError,
     QueueFullError,
@@ -251,7 +251,7 @@ async def test_relaunching_a_kernel_does_not_recompile(monkeypatch):
         await rt.terminate("a")
         await launch(rt, kid="a")
         assert calls == []
-        assert isinstance(rt._kernels["b"].loop, CpuKernelLoop)
+        assert isinstance(rt._kernels["b"].loop, CpuKernelBackend)
 
 
 async def test_message_classes_with_record_layouts():

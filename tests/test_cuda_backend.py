@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from pydotcompute.backends.select import cuda_status
+from pydotcompute.backends.registry import cuda_status
 from pydotcompute.errors import BackendNotAvailableError
 from pydotcompute.runtime.runtime import RingKernelRuntime
 
@@ -60,15 +60,15 @@ STATS = {"cuda_source": "stream_stats.cu", "cuda_function": "pdc_stream_stats"}
 
 async def test_a_cuda_cxx_kernel_is_routed_to_the_source_loop_and_refused_without_a_gpu() -> None:
     from pydotcompute.backends.config import RingKernelConfig
-    from pydotcompute.backends.cuda import CudaKernelLoop
-    from pydotcompute.backends.probe import probe_cuda
+    from pydotcompute.backends.cuda import CudaKernelBackend
+    from pydotcompute.device.probe import probe_cuda
 
     found = probe_cuda()
     if found.usable:
         pytest.skip("a GPU is usable here: the launch is tested in test_cuda_gpu.py")
     config = RingKernelConfig(backend="cuda", extra=STATS)
     with pytest.raises(BackendNotAvailableError) as info:
-        CudaKernelLoop("stats", stream_stats, config, np.dtype(np.float64), None, print)
+        CudaKernelBackend("stats", stream_stats, config, np.dtype(np.float64), None, print)
     assert "CUDA C++" in str(info.value)
     expected = "simulator" if found.simulator else found.reason
     assert expected in str(info.value)
@@ -76,12 +76,12 @@ async def test_a_cuda_cxx_kernel_is_routed_to_the_source_loop_and_refused_withou
 
 def test_a_cuda_cxx_kernel_needs_its_function_name() -> None:
     from pydotcompute.backends.config import RingKernelConfig
-    from pydotcompute.backends.cuda_source import CudaSourceKernelLoop
+    from pydotcompute.backends.cuda_source import CudaSourceKernelBackend
     from pydotcompute.errors import InvalidConfigurationError
 
     config = RingKernelConfig(backend="cuda", extra={"cuda_source": "stream_stats.cu"})
     with pytest.raises(InvalidConfigurationError, match="cuda_function"):
-        CudaSourceKernelLoop("stats", stream_stats, config, np.dtype(np.float64), None, print)
+        CudaSourceKernelBackend("stats", stream_stats, config, np.dtype(np.float64), None, print)
 
 
 @pytest.mark.parametrize("src_byte", range(8, 16))

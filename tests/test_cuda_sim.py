@@ -408,7 +408,7 @@ if SIM:
     async def test_a_kernel_asked_to_stop_is_not_reported_as_failed(monkeypatch) -> None:  # type: ignore[no-untyped-def]
         from pydotcompute.backends import cuda as cuda_backend
         from pydotcompute.backends.config import RingKernelConfig
-        from pydotcompute.backends.cuda import CudaKernelLoop
+        from pydotcompute.backends.cuda import CudaKernelBackend
 
         # The monitor polls on every event-loop turn, so it sees the kernel exit
         # before stop() does.
@@ -416,7 +416,7 @@ if SIM:
         failures: list[BaseException] = []
         config = RingKernelConfig(queue_size=4, backend="cuda", extra={"threads": 1})
         for _ in range(3):
-            loop = CudaKernelLoop("k", count_and_scale, config, IN, OUT, failures.append)
+            loop = CudaKernelBackend("k", count_and_scale, config, IN, OUT, failures.append)
             await loop.start()
             loop.set_active(True)
             await asyncio.sleep(0.02)  # the monitor is polling

@@ -21,7 +21,7 @@ from pydotcompute.backends.kernel_sources import (
     nvrtc_options,
     read_kernel_source,
 )
-from pydotcompute.backends.probe import probe_cuda
+from pydotcompute.device.probe import probe_cuda
 from pydotcompute.errors import InvalidConfigurationError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from pydotcompute import BackpressureStrategy
-from pydotcompute.backends.mailbox import Mailbox
+from pydotcompute.backends.mailboxes import Mailbox
 from pydotcompute.errors import QueueFullError, QueueTimeoutError
 
 BLOCK = BackpressureStrategy.BLOCK

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from pydotcompute.backends.probe import probe_cuda
+from pydotcompute.device.probe import probe_cuda
 from pydotcompute.errors import (
     BackendNotAvailableError,
     BufferSyncError,
@@ -221,7 +221,7 @@ def test_synchronize_is_refused_while_a_ring_kernel_runs_on_the_device(
     gpu: fake_cupy.FakeGpu,
 ) -> None:
     # cudaDeviceSynchronize beside a persistent kernel would never return.
-    from pydotcompute.backends.resident import note_resident
+    from pydotcompute.device.resident import note_resident
 
     class Loop:
         finished = False

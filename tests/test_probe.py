@@ -15,7 +15,7 @@ import numba.cuda
 import pytest
 from numba.cuda.cudadrv import nvvm
 
-from pydotcompute.backends.probe import (
+from pydotcompute.device.probe import (
     MIN_COMPUTE_CAPABILITY,
     CudaAvailability,
     probe_cuda,
@@ -87,7 +87,7 @@ def test_real_probe_with_cupy_but_no_driver() -> None:
 
 def test_import_probes_nothing() -> None:
     out = _run_python(
-        "import sys, pydotcompute.backends.probe, pydotcompute.memory;"
+        "import sys, pydotcompute.device.probe, pydotcompute.memory;"
         "print('cupy' in sys.modules, 'numba.cuda' in sys.modules)"
     )
     assert out.split() == ["False", "False"]
@@ -95,7 +95,7 @@ def test_import_probes_nothing() -> None:
 
 def test_simulator_is_reported_as_simulator() -> None:
     out = _run_python(
-        "from pydotcompute.backends.probe import probe_cuda, require_cuda\n"
+        "from pydotcompute.device.probe import probe_cuda, require_cuda\n"
         "from pydotcompute.errors import BackendNotAvailableError\n"
         "p = probe_cuda()\n"
         "print(p.usable, p.simulator, p.device_count, p.device_name)\n"
@@ -118,7 +118,7 @@ _LOADING_CODE = (
     "import os\n"
     "os.environ.pop('NUMBA_ENABLE_CUDASIM', None)\n"
     "{setup}\n"
-    "from pydotcompute.backends.probe import probe_cuda\n"
+    "from pydotcompute.device.probe import probe_cuda\n"
     "probe_cuda()\n"
     "print(os.environ.get('CUDA_MODULE_LOADING'))\n"
 )
@@ -142,7 +142,7 @@ def test_gpu_marked_tests_run_where_the_probe_finds_a_gpu() -> None:
 
 
 def test_lazy_loading_is_warned_at_launch(monkeypatch: pytest.MonkeyPatch) -> None:
-    from pydotcompute.backends import resident
+    from pydotcompute.device import resident
 
     monkeypatch.setattr(resident, "_lazy_loading", lambda: True)
     with pytest.warns(RuntimeWarning, match="kernel 'k'.*lazily.*CUDA_MODULE_LOADING=EAGER"):

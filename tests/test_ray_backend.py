@@ -172,10 +172,10 @@ async def test_a_receive_lets_a_fetch_that_just_landed_deliver() -> None:
     # The fetch has landed but its done callback waits for the next turn of the event
     # loop. Awaiting a finished future does not yield (wait_for, Python 3.12+), so a
     # receive that only awaited it spun until its deadline and the outputs never came.
-    from pydotcompute.backends.ray_loop import RayKernelLoop
+    from pydotcompute.cluster.ray_backend import RayKernelBackend
 
     config = RingKernelConfig(queue_size=8)
-    loop = RayKernelLoop("k", handler, config, None, None, lambda exc: None, cluster=None)  # type: ignore[arg-type]
+    loop = RayKernelBackend("k", handler, config, None, None, lambda exc: None, cluster=None)  # type: ignore[arg-type]
     loop._event_loop = asyncio.get_running_loop()
     get = _GetMethod()
     loop._actor = type("Actor", (), {"get": get})()

@@ -221,11 +221,11 @@ async def test_a_large_receive_finds_outputs_a_device_sealed_before_mirroring_pu
     mirrors about once a millisecond. A receive must find the sealed outputs anyway,
     whatever its max_items."""
     from pydotcompute.backends.config import RingKernelConfig
-    from pydotcompute.backends.ring_fed import RingFedLoop
+    from pydotcompute.backends.ring_fed import RingFedBackend
     from pydotcompute.rings.host_ops import ring_seal
     from pydotcompute.rings.layout import HEADER_SIZE, RingSide
 
-    class Loop(RingFedLoop):
+    class Loop(RingFedBackend):
         async def start(self) -> None: ...
 
         def set_active(self, active: bool) -> None: ...

@@ -10,7 +10,7 @@ import pytest
 from numba.cuda.cudadrv import driver
 from numba.cuda.cudadrv.driver import _PendingDeallocs
 
-from pydotcompute.backends.resident import exited, hold_frees
+from pydotcompute.device.resident import exited, hold_frees
 
 
 class _Loop:

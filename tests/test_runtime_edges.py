@@ -13,7 +13,7 @@ from pydotcompute import (
     KernelStateError,
     RingKernelRuntime,
 )
-from pydotcompute.backends.mailbox import Mailbox
+from pydotcompute.backends.mailboxes import Mailbox
 
 
 async def echo(ctx):

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
+from pydotcompute.backends.options import OPTION_TYPES, BackendOptions
+from pydotcompute.backends.registry import AUTO, backend_entry
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 
 __all__ = ["RingKernelConfig", "BACKENDS", "RESTART_POLICIES", "MAX_RESTART_BACKOFF_S"]
 
+OptionsT = TypeVar("OptionsT", bound=BackendOptions)
+
 BACKENDS = ("host", "cpu", "cuda", "auto")
+"""The built-in backends and ``auto``; ``backends.registry`` knows every registered one."""
 RESTART_POLICIES = ("never", "on-failure")
 MAX_RESTART_BACKOFF_S = 30.0
 """The longest wait before a restart, however many came before it in the window."""
@@ -39,6 +44,10 @@ class RingKernelConfig:
     process to start) before it fails with ``PlacementTimeoutError``, naming what it
     asked for and what holds it.
 
+    ``options`` are a backend's own settings, typed (``CpuOptions``, ``CudaOptions``;
+    one per backend, so a kernel declared ``auto`` may carry both); ``extra`` keeps
+    the former loose keywords, still read, and anything a backend does not know.
+
     ``restart`` is the supervision policy: ``"never"`` (default: a kernel whose
     handler raises goes FAILED) or ``"on-failure"`` (it is restarted on the same
     queues, nothing queued or produced is lost). ``max_restarts`` restarts are
@@ -59,6 +68,7 @@ class RingKernelConfig:
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
     launch_timeout: float = 60.0
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    options: tuple[BackendOptions, ...] = ()
     restart: str = "never"
     max_restarts: int = 3
     restart_window: float = 60.0
@@ -80,10 +90,8 @@ class RingKernelConfig:
                 f"output_queue_size must be an int >= 1, got {self.output_queue_size!r}"
             )
         object.__setattr__(self, "backpressure", BackpressureStrategy.parse(self.backpressure))
-        if self.backend not in BACKENDS:
-            raise InvalidConfigurationError(
-                f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}"
-            )
+        if self.backend != AUTO:
+            backend_entry(self.backend)  # raises, naming the registered backends
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
             raise InvalidConfigurationError(f"workers must be an int >= 1, got {self.workers!r}")
         if self.state is not None and not isinstance(self.state, np.ndarray):
@@ -115,6 +123,34 @@ class RingKernelConfig:
                 f"launch_timeout must be a number of seconds > 0, got {self.launch_timeout!r}"
             )
         self._check_restart()
+        self._check_options()
+
+    def _check_options(self) -> None:
+        given = self.options
+        if isinstance(given, BackendOptions):
+            given = (given,)
+        if not isinstance(given, (tuple, list)) or not all(
+            isinstance(o, BackendOptions) for o in given
+        ):
+            raise InvalidConfigurationError(
+                "options must be backend options (CpuOptions(...), CudaOptions(...)) or a "
+                f"tuple of them, got {self.options!r}"
+            )
+        kinds = [type(o).__name__ for o in given]
+        if len(set(kinds)) != len(kinds):
+            raise InvalidConfigurationError(f"options names one backend twice: {kinds}")
+        object.__setattr__(self, "options", tuple(given))
+        for kind in OPTION_TYPES:  # the former spelling, checked as strictly
+            kind.from_extra(self.extra)
+
+    def options_for(self, kind: type[OptionsT]) -> OptionsT:
+        """This kernel's options of type ``kind``: those given in ``options``, else
+        those spelled by loose ``extra`` keywords, else the defaults."""
+        for given in self.options:
+            if isinstance(given, kind):
+                return given
+        from_extra = kind.from_extra(self.extra)
+        return from_extra if from_extra is not None else kind()
 
     def _check_restart(self) -> None:
         if self.restart not in RESTART_POLICIES:

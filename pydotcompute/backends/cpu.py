@@ -7,7 +7,7 @@ ring when the handler returns True, and keeps its counters in a control block.
 ``workers`` threads each run the loop on the one input ring. Python code is only
 involved to start, pause and stop the threads and to move records in and out.
 
-Options read from ``config.extra``: ``boundscheck`` (bool, compile the handler and
+Options (``CpuOptions``, ``@ring_kernel(options=CpuOptions(...))``): ``boundscheck`` (bool, compile the handler and
 the loop with Numba bounds checking so an out-of-range index fails the kernel
 instead of corrupting memory) and ``batch`` (records a worker takes per poll,
 default 1024).
@@ -28,15 +28,14 @@ import numpy as np
 from numba import njit, typeof
 from numba.core.registry import CPUDispatcher
 
-from pydotcompute.backends.base import ErrorFactory, FailureCallback, kernel_record_dtype
+from pydotcompute.backends.base import ErrorFactory, FailureCallback, kernel_record_dtype, renamed
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import check_handler_source, compile_error
-from pydotcompute.backends.ring_fed import RingFedLoop
+from pydotcompute.backends.options import CpuOptions
+from pydotcompute.backends.ring_fed import RingFedBackend
 from pydotcompute.backends.wakeup import ReplyWakeup
 from pydotcompute.errors import (
-    InvalidConfigurationError,
     KernelFailedError,
-    KernelStateError,
 )
 from pydotcompute.messages.record import output_header, uuid_offset
 from pydotcompute.rings.atomics import (
@@ -49,6 +48,7 @@ from pydotcompute.rings.atomics import (
     store_word,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.rings.control import ControlBlock
 from pydotcompute.rings.host_ops import (
     backoff,
     ring_add_counter,
@@ -57,71 +57,17 @@ from pydotcompute.rings.host_ops import (
     ring_push,
 )
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
-from pydotcompute.rings.layout import OFF_BACKPRESSURE, aligned_buffer
+from pydotcompute.rings.layout import OFF_BACKPRESSURE
 from pydotcompute.rings.wake import wake_signal
-from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
+from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["CpuKernelLoop", "ControlBlock", "compile_kernel_loop"]
+__all__ = ["CpuKernelBackend", "ControlBlock", "compile_kernel_loop"]
+
+__getattr__ = renamed(
+    __name__, {"CpuKernelLoop": "CpuKernelBackend"}
+)  # the former names, deprecated
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
-
-
-class ControlBlock:
-    """A kernel's control block: one int64 array the loop and the host share.
-
-    Each field sits on its own 128-byte line (offsets below are in bytes), so the
-    host polling counters never contends with the workers' hot lines more than it
-    must. The state word is written by the host, everything else by the workers,
-    except the wake words (``rings.wake``) beside the state word, which a receiver
-    arms and the worker that publishes output disarms.
-    """
-
-    STATE = 0
-    WAKE = 8
-    PROCESSED = 128
-    EMITTED = 256
-    DROPPED = 384
-    IDLE_POLLS = 512
-    ERRORS = 640
-    HEARTBEAT = 768
-    ERROR_CODE = 896
-    NBYTES = 1024
-
-    INACTIVE = 0
-    ACTIVE = 1
-    TERMINATE = 2
-    HALT = 3
-    """A worker's handler raised: the others finish the batch in hand, queue its
-    outputs (waiting for room, unlike TERMINATE) and exit."""
-
-    ERR_NONE = 0
-    ERR_HANDLER = 1
-    """The handler (or the loop) raised; the exception is kept by the host side."""
-
-    def __init__(self) -> None:
-        self.words = aligned_buffer(self.NBYTES).view(np.int64)
-
-    def __getitem__(self, offset: int) -> int:
-        return int(self.words[offset // 8])
-
-    def set_state(self, value: int) -> None:
-        self.words[self.STATE // 8] = value
-
-    def snapshot(self) -> dict[str, int]:
-        """All fields by name."""
-        names = ("processed", "emitted", "dropped", "idle_polls", "errors", "heartbeat")
-        offs = (
-            self.PROCESSED,
-            self.EMITTED,
-            self.DROPPED,
-            self.IDLE_POLLS,
-            self.ERRORS,
-            self.HEARTBEAT,
-        )
-        out = {n: self[o] for n, o in zip(names, offs, strict=True)}
-        out["state"] = self[self.STATE]
-        out["error_code"] = self[self.ERROR_CODE]
-        return out
 
 
 _STATE = ControlBlock.STATE
@@ -345,7 +291,7 @@ class _Run:
         self.carried: list[np.ndarray] = []
 
 
-class CpuKernelLoop(RingFedLoop):
+class CpuKernelBackend(RingFedBackend):
     """A ``cpu`` ring kernel: ``workers`` threads running the compiled loop.
 
     With several workers, records of one input ring are processed concurrently:
@@ -370,28 +316,21 @@ class CpuKernelLoop(RingFedLoop):
         input_type: type | None,
         output_type: type | None,
         on_failure: FailureCallback,
+        **links: Any,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
         self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cpu")
         self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cpu")
-        extra = config.extra
-        self.boundscheck = bool(extra.get("boundscheck", False))
-        self.batch = int(extra.get("batch", 1024))
-        if self.batch < 1:
-            raise InvalidConfigurationError(f"batch must be >= 1, got {self.batch}")
-        # REJECT protects senders into the kernel; the kernel's own output waits.
-        out_strategy = (
-            BackpressureStrategy.BLOCK
-            if config.backpressure is BackpressureStrategy.REJECT
-            else config.backpressure
-        )
+        options = config.options_for(CpuOptions)
+        self.boundscheck = options.boundscheck
+        self.batch = options.batch
         self.in_ring = HostRing(
             ring_capacity_for(config.queue_size), self.in_dtype, backpressure=config.backpressure
         )
         self.out_ring = HostRing(
             ring_capacity_for(config.effective_output_queue_size),
             self.out_dtype,
-            backpressure=out_strategy,
+            backpressure=self.output_strategy,
         )
         self.control = ControlBlock()
         self.state = (
@@ -399,9 +338,6 @@ class CpuKernelLoop(RingFedLoop):
         )
         self._threads: list[threading.Thread] = []
         self._run: _Run | None = None
-        self._stopped = False
-        self._launched_at = time.monotonic()
-        self._active = ActiveTime()
         self._attach_rings(
             self.in_ring, self.out_ring, ReplyWakeup(self.control.words, ControlBlock.WAKE // 8)
         )
@@ -541,7 +477,7 @@ class CpuKernelLoop(RingFedLoop):
     def _report(self, run: _Run) -> None:
         if run is not self._run or run.crash is None:
             return
-        self._active.pause()
+        self.active_time.pause()
         failed = run.failed
         if failed is not None:
             self.failed_input = self._input_of(failed)
@@ -603,27 +539,19 @@ class CpuKernelLoop(RingFedLoop):
     def set_active(self, active: bool) -> None:
         if self.failure is not None or self._stopped:
             return
-        if active:
-            self._active.start()
-        else:
-            self._active.pause()
+        self._track_active(active)
         self.control.set_state(ControlBlock.ACTIVE if active else ControlBlock.INACTIVE)
 
     async def stop(self, timeout: float) -> None:
         self._stopped = True
-        self._active.pause()
+        self.active_time.pause()
         self._wake_receivers()
         self.control.set_state(ControlBlock.TERMINATE)
-        deadline = time.monotonic() + timeout
-        pause = 1e-4
-        while any(t.is_alive() for t in self._threads):
-            if time.monotonic() >= deadline:
-                raise KernelStateError(
-                    f"cpu kernel {self.kernel_id!r} did not stop within {timeout} s "
-                    "(its handler is still running; compiled code cannot be interrupted)"
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.01)
+        await self._wait_exit(
+            lambda: not any(t.is_alive() for t in self._threads),
+            timeout,
+            "its handler is still running; compiled code cannot be interrupted",
+        )
         for t in self._threads:
             t.join()
         dropped = self._drop_carried()  # terminated while it waited for its restart
@@ -641,12 +569,9 @@ class CpuKernelLoop(RingFedLoop):
         cb = self.control.snapshot()
         inc = self.in_ring.counters()
         outc = self.out_ring.counters()
-        active = self._active.seconds
-        return KernelTelemetry(
-            kernel_id=self.kernel_id,
-            backend=self.backend,
-            state=state,
-            messages_processed=cb["processed"],
+        return self._telemetry(
+            state,
+            cb["processed"],
             messages_sent=cb["emitted"],
             messages_dropped=inc.dropped + outc.dropped + cb["dropped"],
             messages_rejected=inc.rejected,
@@ -654,7 +579,5 @@ class CpuKernelLoop(RingFedLoop):
             queue_depth=inc.depth,
             queue_capacity=self.in_ring.capacity,
             output_queue_depth=outc.depth,
-            throughput=cb["processed"] / active if active > 0 else 0.0,
             idle_polls=cb["idle_polls"],
-            uptime_s=time.monotonic() - self._launched_at,
         )

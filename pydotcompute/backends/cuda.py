@@ -13,7 +13,7 @@ launched per message or per batch.
 
 Output order: FIFO with respect to the input ring (see ``cuda_loop``).
 
-Options read from ``config.extra``: ``threads`` (block size, default 128; 4 under
+Options (``CudaOptions``, ``@ring_kernel(options=CudaOptions(...))``): ``threads`` (block size, default 128; 4 under
 the simulator), ``items_per_thread`` (records one thread handles per round, default
 4; 2 under the simulator: a block claims up to ``threads * items_per_thread``
 records at once, fewer when they do not fit its staging in shared memory),
@@ -30,29 +30,31 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import FailureCallback, kernel_record_dtype
+from pydotcompute.backends.base import FailureCallback, kernel_record_dtype, renamed
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import check_handler_source, compile_error
-from pydotcompute.backends.ring_fed import RingFedLoop
+from pydotcompute.backends.options import CudaOptions
+from pydotcompute.backends.ring_fed import RingFedBackend
 from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
 from pydotcompute.errors import (
     BackendNotAvailableError,
-    InvalidConfigurationError,
     KernelFailedError,
-    KernelStateError,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
 from pydotcompute.rings.layout import HEADER_SIZE, TAG_SIZE, RingSide, ring_nbytes, slot_size_for
-from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
+from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["CudaKernelLoop", "MappedRing", "MappedControl", "require_cuda_backend"]
+__all__ = ["CudaKernelBackend", "MappedRing", "MappedControl", "require_cuda_backend"]
+
+__getattr__ = renamed(
+    __name__, {"CudaKernelLoop": "CudaKernelBackend"}
+)  # the former names, deprecated
 
 _MONITOR_PERIOD_S = 0.005
 _DEFAULT_MAX_BLOCKS = 1
@@ -65,7 +67,7 @@ def require_cuda_backend() -> bool:
     """Check that the ``cuda`` backend can run here; True under the simulator.
 
     Raises ``BackendNotAvailableError`` with the reason otherwise."""
-    from pydotcompute.backends.probe import require_cuda
+    from pydotcompute.device.probe import require_cuda
 
     found = require_cuda(allow_simulator=True)
     return bool(found.simulator)
@@ -165,27 +167,25 @@ class MappedControl:
         self.words[0] = value
 
 
-def _positive(extra: dict[str, Any], name: str, default: int) -> int:
-    value = extra.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidConfigurationError(f"{name} must be an int >= 1, got {value!r}")
-    return value
-
-
-class CudaKernelLoop(RingFedLoop):
+class CudaKernelBackend(RingFedBackend):
     """A ``cuda`` ring kernel: one persistent kernel launched at ``start()``."""
 
     backend = "cuda"
     get_spin_s = 50e-6
 
     def __new__(
-        cls, kernel_id: str, func: Callable[..., Any], config: RingKernelConfig, *args: Any
+        cls,
+        kernel_id: str,
+        func: Callable[..., Any],
+        config: RingKernelConfig,
+        *args: Any,
+        **links: Any,
     ) -> Any:
         # A kernel declared with ``cuda_source=`` is CUDA C++, not a numba-cuda loop.
-        if cls is CudaKernelLoop and config.extra.get("cuda_source") is not None:
-            from pydotcompute.backends.cuda_source import CudaSourceKernelLoop
+        if cls is CudaKernelBackend and config.options_for(CudaOptions).cuda_source is not None:
+            from pydotcompute.backends.cuda_source import CudaSourceKernelBackend
 
-            return CudaSourceKernelLoop(kernel_id, func, config, *args)
+            return CudaSourceKernelBackend(kernel_id, func, config, *args, **links)
         return super().__new__(cls)
 
     def __init__(
@@ -196,18 +196,17 @@ class CudaKernelLoop(RingFedLoop):
         input_type: type | None,
         output_type: type | None,
         on_failure: FailureCallback,
+        **links: Any,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
         self.simulator = require_cuda_backend()
         self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cuda")
         self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cuda")
-        extra = config.extra
-        self.threads = _positive(extra, "threads", 4 if self.simulator else 128)
-        self.items = _positive(extra, "items_per_thread", 2 if self.simulator else 4)
-        self.max_blocks = extra.get("blocks")
-        if self.max_blocks is not None:
-            self.max_blocks = _positive(extra, "blocks", 1)
-        self.idle_sleep_ns = _positive(extra, "idle_sleep_ns", 4000)
+        options = config.options_for(CudaOptions)
+        self.threads = options.threads or (4 if self.simulator else 128)
+        self.items = options.items_per_thread or (2 if self.simulator else 4)
+        self.max_blocks = options.blocks
+        self.idle_sleep_ns = options.idle_sleep_ns
         self.state = (
             np.zeros(1, np.float64) if config.state is None else np.array(config.state, copy=True)
         )
@@ -231,9 +230,6 @@ class CudaKernelLoop(RingFedLoop):
         self._watcher: OutputWatcher | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
-        self._stopped = False
-        self._launched_at = time.monotonic()
-        self._active = ActiveTime()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -241,12 +237,6 @@ class CudaKernelLoop(RingFedLoop):
         from pydotcompute.backends.cuda_loop import ControlWords, SideWords, compile_loop
 
         cfg = self.config
-        # REJECT protects senders into the kernel; the kernel's own output waits.
-        out_strategy = (
-            BackpressureStrategy.BLOCK
-            if cfg.backpressure is BackpressureStrategy.REJECT
-            else cfg.backpressure
-        )
         self.in_ring = MappedRing(
             ring_capacity_for(cfg.queue_size),
             self.in_dtype,
@@ -257,7 +247,7 @@ class CudaKernelLoop(RingFedLoop):
         self.out_ring = MappedRing(
             ring_capacity_for(cfg.effective_output_queue_size),
             self.out_dtype,
-            out_strategy,
+            self.output_strategy,
             RingSide.DEVICE,
             RingSide.HOST,
         )
@@ -349,7 +339,7 @@ class CudaKernelLoop(RingFedLoop):
         )
 
     def _launch(self) -> None:
-        from pydotcompute.backends.resident import launched
+        from pydotcompute.device.resident import launched
 
         cuda = _cuda()
         self.kernel[self.blocks, self.threads, self._stream](*self._args(0))
@@ -411,7 +401,7 @@ class CudaKernelLoop(RingFedLoop):
             if words[W.ERROR_CODE] == W.ERR_NONE:
                 words[W.ERROR_CODE] = W.ERR_HANDLER
             self.control.set_state(W.TERMINATE)  # the other blocks stop too
-        self._active.pause()
+        self.active_time.pause()
         self._wake_receivers()
         self.on_failure(exc)
 
@@ -441,17 +431,14 @@ class CudaKernelLoop(RingFedLoop):
 
         if self.failure is not None or self._stopped or self.control is None:
             return
-        if active:
-            self._active.start()
-        else:
-            self._active.pause()
+        self._track_active(active)
         self.control.set_state(ControlWords.ACTIVE if active else ControlWords.INACTIVE)
 
     async def stop(self, timeout: float) -> None:
         from pydotcompute.backends.cuda_loop import ControlWords
 
         self._stopped = True
-        self._active.pause()
+        self.active_time.pause()
         self._wake_receivers()
         if self._watcher is not None:
             self._watcher.stop()
@@ -459,23 +446,19 @@ class CudaKernelLoop(RingFedLoop):
         if self.control is None:
             return
         self.control.set_state(ControlWords.TERMINATE)
-        deadline = time.monotonic() + timeout
-        pause = 1e-4
         fault: BaseException | None = None
-        while True:
+
+        def gone() -> bool:
+            nonlocal fault
             try:
-                if self._kernel_done():
-                    break
+                return bool(self._kernel_done())
             except Exception as exc:  # the stream faulted: the kernel is gone
                 fault = exc
-                break
-            if time.monotonic() >= deadline:
-                raise KernelStateError(
-                    f"cuda kernel {self.kernel_id!r} did not exit within {timeout} s "
-                    "(a handler that never returns keeps a GPU kernel running)"
-                )
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.01)
+                return True
+
+        await self._wait_exit(
+            gone, timeout, "a handler that never returns keeps a GPU kernel running"
+        )
         self._stopping = True
         if self._monitor is not None:
             self._monitor.cancel()
@@ -489,7 +472,7 @@ class CudaKernelLoop(RingFedLoop):
         if fault is None:
             fault = self._device_error()
         if not self.simulator:
-            from pydotcompute.backends.resident import exited
+            from pydotcompute.device.resident import exited
 
             exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None and self.failure is None:
@@ -518,13 +501,9 @@ class CudaKernelLoop(RingFedLoop):
         cb = self.control
         inc = self.in_ring.host.counters()
         outc = self.out_ring.host.counters()
-        active = self._active.seconds
-        processed = cb[W.PROCESSED]
-        return KernelTelemetry(
-            kernel_id=self.kernel_id,
-            backend=self.backend,
-            state=state,
-            messages_processed=processed,
+        return self._telemetry(
+            state,
+            cb[W.PROCESSED],
             messages_sent=cb[W.EMITTED],
             messages_dropped=inc.dropped + outc.dropped + cb[W.DROPPED],
             messages_rejected=inc.rejected,
@@ -532,7 +511,5 @@ class CudaKernelLoop(RingFedLoop):
             queue_depth=inc.depth,
             queue_capacity=self.in_ring.host.capacity,
             output_queue_depth=outc.depth,
-            throughput=processed / active if active > 0 else 0.0,
             idle_polls=cb[W.IDLE_POLLS],
-            uptime_s=time.monotonic() - self._launched_at,
         )

@@ -54,9 +54,9 @@ from typing import Any
 import numpy as np
 from numba import cuda
 
-from pydotcompute.backends.cpu import ControlBlock as _Layout
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.messages.record import output_header
+from pydotcompute.rings.control import ControlBlock as _Layout
 from pydotcompute.rings.device import (
     HEADER_WORDS,
     RING_OK,
@@ -97,7 +97,7 @@ __all__ = [
 
 
 class ControlWords:
-    """Word indices of the control block: the ``cpu`` backend's ``ControlBlock`` layout
+    """Word indices of the control block: the ``rings.control.ControlBlock`` layout
     (one field per 128-byte line), as word indices for device code. The host writes
     ``STATE``; the device writes the rest."""
 

@@ -23,7 +23,7 @@ result words from 392 on). Such a kernel has no output ring: ``read_state()``
 returns its result words (``uint64``; view them as the kernel documents, e.g.
 ``.view(np.float64)``) read consistently under the lock.
 
-Options in ``config.extra``: ``cuda_source``, ``cuda_function`` (required),
+Options (``CudaOptions``): ``cuda_source``, ``cuda_function`` (required),
 ``threads`` (block size, default 256) and ``blocks`` (grid, default 1; a kernel that
 needs all its blocks resident must be given a grid that fits).
 """
@@ -31,7 +31,6 @@ needs all its blocks resident must be given a grid that fits).
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,10 +39,12 @@ import numpy as np
 from pydotcompute.backends.base import (
     ErrorFactory,
     FailureCallback,
-    KernelLoop,
+    KernelBackend,
     kernel_record_dtype,
+    renamed,
 )
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.options import CudaOptions
 from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
@@ -56,7 +57,11 @@ from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
 from pydotcompute.rings.layout import RingSide, ring_nbytes
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["CudaSourceKernelLoop", "SourceControl"]
+__all__ = ["CudaSourceKernelBackend", "SourceControl"]
+
+__getattr__ = renamed(
+    __name__, {"CudaSourceKernelLoop": "CudaSourceKernelBackend"}
+)  # the former names, deprecated
 
 
 class SourceControl:
@@ -92,10 +97,11 @@ def _source_text(source: str) -> str:
     return read_kernel_source(source)
 
 
-class CudaSourceKernelLoop(KernelLoop):
+class CudaSourceKernelBackend(KernelBackend):
     """A CUDA C++ ring kernel (see the module documentation for its ABI)."""
 
     backend = "cuda"
+    records = True
 
     def __init__(
         self,
@@ -105,21 +111,22 @@ class CudaSourceKernelLoop(KernelLoop):
         input_type: type | None,
         output_type: type | None,
         on_failure: FailureCallback,
+        **links: Any,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
-        extra = config.extra
-        self.function = extra.get("cuda_function")
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
+        options = config.options_for(CudaOptions)
+        self.function = options.cuda_function
         if not isinstance(self.function, str) or not self.function:
             raise InvalidConfigurationError(
                 f"kernel {kernel_id!r}: cuda_source needs cuda_function, the name of the "
                 'extern "C" __global__ function to launch'
             )
-        from pydotcompute.backends.probe import probe_cuda
+        from pydotcompute.device.probe import probe_cuda
 
         self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cuda")
-        self.source = _source_text(str(extra["cuda_source"]))
-        self.threads = int(extra.get("threads", 256))
-        self.blocks = int(extra.get("blocks", 1))
+        self.source = _source_text(str(options.cuda_source))
+        self.threads = options.threads or 256
+        self.blocks = options.blocks or 1
         found = probe_cuda()
         if not found.usable:
             why = found.reason
@@ -136,8 +143,6 @@ class CudaSourceKernelLoop(KernelLoop):
         self._stream: Any = None
         self._event: Any = None
         self._monitor: asyncio.Task[None] | None = None
-        self._stopped = False
-        self._launched_at = time.monotonic()
 
     async def start(self) -> None:
         cp = self._cp
@@ -183,7 +188,7 @@ class CudaSourceKernelLoop(KernelLoop):
         kernel((self.blocks,), (self.threads,), args, stream=self._stream)
         self._event = event = cp.cuda.Event(disable_timing=True)
         event.record(self._stream)
-        from pydotcompute.backends.resident import launched
+        from pydotcompute.device.resident import launched
 
         launched(self, self.kernel_id, cp.cuda.Device().id, lambda: bool(event.done))
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
@@ -225,43 +230,36 @@ class CudaSourceKernelLoop(KernelLoop):
 
     def set_active(self, active: bool) -> None:
         if self.failure is None and not self._stopped:
+            self._track_active(active)
             self.control[_W.COMMAND] = _W.ACTIVE if active else _W.PAUSED
 
     async def stop(self, timeout: float) -> None:
         self._stopped = True
+        self.active_time.pause()
         if self._event is None:
             return
         self.control[_W.COMMAND] = _W.TERMINATE
-        wait = Backoff(timeout)
         fault: BaseException | None = None
-        while True:
+
+        def gone() -> bool:
+            nonlocal fault
             try:
-                if self._event.done:
-                    break
-            except Exception as exc:
+                return bool(self._event.done)
+            except Exception as exc:  # a CUDA error on the kernel's stream
                 fault = exc
-                break
-            if wait.expired():
-                raise KernelStateError(
-                    f"CUDA C++ kernel {self.kernel_id!r} did not exit within {timeout} s"
-                )
-            await asyncio.sleep(max(wait.pause(), 1e-4))
+                return True
+
+        await self._wait_exit(gone, timeout, "its CUDA C++ kernel does not return")
         if self._monitor is not None:
             self._monitor.cancel()
         if fault is None:
             self._stream.synchronize()
             fault = self._device_error()
-        from pydotcompute.backends.resident import exited
+        from pydotcompute.device.resident import exited
 
         exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None:
             self._fail(fault)
-
-    def _check_open(self) -> None:
-        if self.failure is not None:
-            raise KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
-        if self._stopped:
-            raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
 
     async def put(self, msg: Any, timeout: float | None) -> None:
         rec = np.asarray(msg, self.in_dtype).reshape(-1)
@@ -309,16 +307,13 @@ class CudaSourceKernelLoop(KernelLoop):
 
     def telemetry(self, state: str) -> KernelTelemetry:
         inc = self.in_ring.counters() if self.in_ring is not None else None
-        return KernelTelemetry(
-            kernel_id=self.kernel_id,
-            backend=self.backend,
-            state=state,
-            messages_processed=int(self.control[_W.PROCESSED]),
+        return self._telemetry(
+            state,
+            int(self.control[_W.PROCESSED]),
             messages_dropped=inc.dropped if inc else 0,
             messages_rejected=inc.rejected if inc else 0,
             errors=1 if self.failure is not None else 0,
             queue_depth=inc.depth if inc else 0,
             queue_capacity=inc.capacity if inc else 0,
             idle_polls=int(self.control[_W.IDLE_POLLS]),
-            uptime_s=time.monotonic() - self._launched_at,
         )

@@ -5,18 +5,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
-from pydotcompute.backends.base import ErrorFactory, FailureCallback, KernelLoop
+from pydotcompute.backends.base import (
+    ErrorFactory,
+    ExitCallback,
+    FailureCallback,
+    KernelBackend,
+    SendTo,
+    renamed,
+)
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.backends.mailbox import Mailbox
+from pydotcompute.backends.mailboxes import Mailbox
 from pydotcompute.errors import KernelStateError
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry, LatencyRecorder
+from pydotcompute.telemetry.snapshot import KernelTelemetry, LatencyRecorder
 
-__all__ = ["KernelContext", "HostKernelLoop", "LATENCY_SAMPLE_EVERY"]
+__all__ = ["KernelContext", "HostKernelBackend", "LATENCY_SAMPLE_EVERY"]
+
+__getattr__ = renamed(
+    __name__, {"HostKernelLoop": "HostKernelBackend"}
+)  # the former names, deprecated
 
 log = logging.getLogger("pydotcompute.backends")
 
@@ -26,7 +37,6 @@ LATENCY_SAMPLE_EVERY = 64
 """Host actors time one message in this many (a power of two) for latency percentiles:
 the recorder's 4096-sample window then spans the last 262 144 messages."""
 _SAMPLE_MASK = LATENCY_SAMPLE_EVERY - 1
-SendTo = Callable[[str, Any, "float | None"], Awaitable[None]]
 In = TypeVar("In")
 Out = TypeVar("Out")
 
@@ -55,7 +65,7 @@ class KernelContext(Generic[In, Out]):
         "processed",
     )
 
-    def __init__(self, loop: HostKernelLoop, send_to: SendTo) -> None:
+    def __init__(self, loop: HostKernelBackend, send_to: SendTo) -> None:
         self._loop = loop
         self._inbox = loop.inbox
         self._outbox = loop.outbox
@@ -65,7 +75,7 @@ class KernelContext(Generic[In, Out]):
         self._send_to = send_to
         self.kernel_id: str = loop.kernel_id
         # Counted here, on the actor's side, where the per-message work happens. What
-        # it sent is counted by its output mailbox (see HostKernelLoop.sent).
+        # it sent is counted by its output mailbox (see HostKernelBackend.sent).
         self.processed = 0
 
     # Read on every turn of an actor's loop: a property whose getter is C code costs
@@ -93,7 +103,9 @@ class KernelContext(Generic[In, Out]):
         inbox = self._inbox
         items = inbox.items
         msg: In
-        if items and not inbox.hold:  # no-wait path inline: this runs once per message
+        # The mailbox's no-wait get, inline: this runs once per message (a call costs
+        # a measurable part of a round trip). Keep it in step with Mailbox.try_get.
+        if len(items) > inbox.hold:
             t, msg = items.popleft()
             if inbox.putters:
                 inbox.wake_putter()
@@ -112,7 +124,9 @@ class KernelContext(Generic[In, Out]):
             )
         outbox = self._outbox
         items = outbox.items
-        if len(items) < outbox.room:  # no-wait path inline: this runs once per message
+        # The mailbox's no-wait put, inline (see receive). Keep it in step with
+        # Mailbox.try_put.
+        if len(items) < outbox.room:
             items.append(msg)
             outbox.enqueued += 1
             if outbox.getters:
@@ -143,7 +157,7 @@ class KernelContext(Generic[In, Out]):
             self._finish(self._pending_t)
 
 
-class HostKernelLoop(KernelLoop):
+class HostKernelBackend(KernelBackend):
     """Runs one ``async def`` actor as a task between an input and an output mailbox.
 
     Latency of a message is measured from its enqueue to the moment the actor is done
@@ -156,6 +170,7 @@ class HostKernelLoop(KernelLoop):
     """
 
     backend = "host"
+    handler_kind = "actor"
     restartable = True
 
     def __init__(
@@ -167,36 +182,40 @@ class HostKernelLoop(KernelLoop):
         output_type: type | None,
         on_failure: FailureCallback,
         *,
-        send_to: SendTo,
-        on_exit: Callable[[], None],
+        send_to: SendTo | None = None,
+        on_exit: ExitCallback | None = None,
         telemetry: bool = True,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
-        self.inbox = Mailbox(config.queue_size, config.backpressure, f"input of {kernel_id!r}")
-        # REJECT protects senders into the kernel; the kernel's own output waits instead
-        # of failing the actor. DROP strategies apply to both directions.
-        out_strategy = (
-            BackpressureStrategy.BLOCK
-            if config.backpressure is BackpressureStrategy.REJECT
-            else config.backpressure
+        super().__init__(
+            kernel_id,
+            func,
+            config,
+            input_type,
+            output_type,
+            on_failure,
+            send_to=send_to,
+            on_exit=on_exit,
+            telemetry=telemetry,
         )
+        self.inbox = Mailbox(config.queue_size, config.backpressure, f"input of {kernel_id!r}")
+        self.inbox.sample_mask = _SAMPLE_MASK
+        self.inbox.timed = telemetry
         self.outbox = Mailbox(
-            config.effective_output_queue_size, out_strategy, f"output of {kernel_id!r}"
+            config.effective_output_queue_size, self.output_strategy, f"output of {kernel_id!r}"
         )
         self.inbox.set_deliver(False)  # nothing is delivered before activate()
         self.active = False
         self.active_event = asyncio.Event()
         self.stopping = False
         self.task: asyncio.Task[None] | None = None
-        self.ctx: KernelContext[Any, Any] = KernelContext(self, send_to)
-        self.try_get = self.outbox.try_get  # type: ignore[method-assign]  # one call less
-        self.on_exit = on_exit
-        self.timed = telemetry
+        self.ctx: KernelContext[Any, Any] = KernelContext(self, self.send_to)
+        # The no-wait paths the runtime calls inline: the mailboxes' own methods.
+        self.try_put = self.inbox.try_put_stamped  # type: ignore[method-assign,assignment]
+        self.try_get = self.poll = self.outbox.try_get  # type: ignore[method-assign]
+        self.get = self.outbox.get  # type: ignore[method-assign]  # no coroutine of our own
         self.errors = 0
         self.dropped_at_stop = 0
         self.latency = LatencyRecorder()
-        self.launched_at = time.monotonic()
-        self.active_time = ActiveTime()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -263,10 +282,7 @@ class HostKernelLoop(KernelLoop):
         return KernelStateError(f"kernel {self.kernel_id!r} has exited")
 
     def set_active(self, active: bool) -> None:
-        if active:
-            self.active_time.start()
-        else:
-            self.active_time.pause()
+        self._track_active(active)
         self.active = active
         self.inbox.set_deliver(active)
         if active:
@@ -281,7 +297,7 @@ class HostKernelLoop(KernelLoop):
         # Wake the actor wherever it waits for input: receive() raises CancelledError,
         # wait_active() returns and should_terminate is True. Its output stays open
         # until it has finished, so the message in hand still gets its reply.
-        discarded = self.inbox.close(asyncio.CancelledError, put_error=self._stopped_error)
+        discarded = self.inbox.close(asyncio.CancelledError, put_error=self.stopped_error)
         self.dropped_at_stop += discarded
         self.active_event.set()
         if discarded:
@@ -306,29 +322,23 @@ class HostKernelLoop(KernelLoop):
                 )
         finally:
             if self.failure is None:  # outputs already produced stay readable
-                self.outbox.close(self._stopped_error, drain=True)
+                self.outbox.close(self.stopped_error, drain=True)
 
     def _stopped_error(self) -> BaseException:
         return KernelStateError(f"kernel {self.kernel_id!r} is terminated")
 
     # -- messages --------------------------------------------------------------------
 
-    def _stamp(self) -> int:
-        # Latency is sampled on one message in LATENCY_SAMPLE_EVERY: enough for stable percentiles,
-        # and it keeps two clock reads off most messages. 1 marks "not timed".
-        return _perf_ns() if self.timed and not self.inbox.enqueued & _SAMPLE_MASK else 1
-
-    def try_put(self, msg: Any) -> bool:
-        inbox = self.inbox
-        return inbox.try_put(
-            (_perf_ns() if self.timed and not inbox.enqueued & _SAMPLE_MASK else 1, msg)
-        )
-
     async def put(self, msg: Any, timeout: float | None) -> None:
-        await self.inbox.put((self._stamp(), msg), timeout)
+        inbox = self.inbox
+        stamp = 1 if inbox.enqueued & _SAMPLE_MASK or not self.timed else _perf_ns()
+        await inbox.put((stamp, msg), timeout)
 
     async def get(self, timeout: float | None) -> Any:
-        return await self.outbox.get(timeout)
+        return await self.outbox.get(timeout)  # replaced by the mailbox's own in __init__
+
+    async def drain_outputs(self) -> list[Any]:
+        return self.outbox.take_all()
 
     # -- telemetry -------------------------------------------------------------------
 
@@ -341,13 +351,10 @@ class HostKernelLoop(KernelLoop):
         )
 
     def telemetry(self, state: str) -> KernelTelemetry:
-        active = self.active_time.seconds
         p50, p99 = self.latency.percentiles(50, 99)
-        return KernelTelemetry(
-            kernel_id=self.kernel_id,
-            backend=self.backend,
-            state=state,
-            messages_processed=self.ctx.processed,
+        return self._telemetry(
+            state,
+            self.ctx.processed,
             messages_sent=self.sent,
             messages_dropped=self.inbox.dropped + self.outbox.dropped + self.dropped_at_stop,
             messages_rejected=self.inbox.rejected,
@@ -355,10 +362,8 @@ class HostKernelLoop(KernelLoop):
             queue_depth=len(self.inbox),
             queue_capacity=self.inbox.capacity,
             output_queue_depth=len(self.outbox),
-            throughput=self.ctx.processed / active if active > 0 else 0.0,
             latency_p50_us=p50,
             latency_p99_us=p99,
-            uptime_s=time.monotonic() - self.launched_at,
             latency_buckets=tuple(self.latency.buckets),
             latency_sum_s=self.latency.sum_ns / 1e9,
         )

@@ -14,16 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import ErrorFactory, KernelLoop
+from pydotcompute.backends.base import ErrorFactory, KernelBackend, renamed
 from pydotcompute.backends.wakeup import ReplyWakeup
-from pydotcompute.errors import (
-    KernelFailedError,
-    KernelStateError,
-    QueueFullError,
-    QueueTimeoutError,
-)
-from pydotcompute.messages.message import RingKernelMessage
-from pydotcompute.messages.record import fill_message_ids, fresh_id_bytes, record_layout
+from pydotcompute.errors import QueueFullError, QueueTimeoutError
+from pydotcompute.messages.record import fill_message_ids
+from pydotcompute.messages.record_codec import RecordCodec
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ops import (
     ring_add_counter,
@@ -40,26 +35,20 @@ from pydotcompute.rings.layout import (
     OFF_REJECTED,
 )
 
-__all__ = ["RingFedLoop"]
+__all__ = ["RingFedBackend"]
+
+__getattr__ = renamed(__name__, {"RingFedLoop": "RingFedBackend"})  # the former names, deprecated
 
 _DROP_OLDEST_WAIT_S = 1.0
-_NO_ID = bytes(16)
 
 
-def _message_layout(t: Any, dtype: np.dtype) -> Any:
-    """The record layout of an ``@message`` class (None for other types)."""
-    if not isinstance(t, type) or not issubclass(t, RingKernelMessage):
-        return None
-    layout = record_layout(t)
-    return layout if layout.dtype == dtype else None
-
-
-class RingFedLoop(KernelLoop):
+class RingFedBackend(KernelBackend):
     """A kernel loop fed through an input ring and read through an output ring.
 
     A subclass sets ``in_dtype``/``out_dtype`` and calls ``_attach_rings`` once the
     rings exist (before the runtime sends anything), with the ``ReplyWakeup`` its
-    publisher signals; it keeps ``failure`` and ``_stopped`` up to date and calls
+    publisher signals; it keeps ``failure`` and ``_stopped`` (the skeleton's) up to
+    date and calls
     ``_wake_receivers()`` when either changes. A receive that finds nothing spins
     natively for ``get_spin_s`` (the loop usually answers within microseconds), then
     sleeps on the wakeup: never on an ``asyncio.sleep``, which rounds to milliseconds.
@@ -71,7 +60,7 @@ class RingFedLoop(KernelLoop):
     outputs_have_ids = False
     """Whether the loop itself gives outputs their fresh ``message_id`` (else the host
     does, as they leave the output ring)."""
-    _stopped = False
+    records = True
     _wakeup: ReplyWakeup | None = None
 
     def _attach_rings(self, in_ring: HostRing, out_ring: HostRing, wakeup: ReplyWakeup) -> None:
@@ -81,13 +70,12 @@ class RingFedLoop(KernelLoop):
         self._in_buf = in_ring.buffer
         self._out_buf = out_ring.buffer
         self._wakeup = wakeup
-        # @message classes: pack and unpack record bytes directly (what to_record and
-        # from_record do, without the intermediate numpy scalar).
-        self._in_layout = _message_layout(self.input_type, self.in_dtype)
-        self._out_layout = _message_layout(self.output_type, self.out_dtype)
-        self._one_in = np.zeros(1, self.in_dtype)
-        self._one_in_bytes = memoryview(self._one_in.view(np.uint8))  # type: ignore[arg-type]
-        self._one_out = np.zeros(1, self.out_dtype)
+        owner = f"kernel {self.kernel_id!r}"
+        self._in_codec = RecordCodec(self.input_type, self.in_dtype, owner)
+        self._out_codec = RecordCodec(
+            self.output_type, self.out_dtype, owner, fill_ids=not self.outputs_have_ids
+        )
+        self._record_of = self._in_codec.record_of  # bound once: called per message
 
     # -- input -----------------------------------------------------------------------
 
@@ -107,26 +95,6 @@ class RingFedLoop(KernelLoop):
         # Read from the ring's header, not kept on the instance (see _attach_rings).
         return int(self._in_buf[OFF_CAPACITY : OFF_CAPACITY + 8].view(np.int64)[0])
 
-    def _check_open(self) -> None:
-        failure = self.failure
-        if failure is not None:
-            # A fresh error per refusal, each with the one cause.
-            if isinstance(failure, KernelFailedError):
-                exc = KernelFailedError(
-                    *failure.args,
-                    kernel_id=failure.kernel_id,
-                    failed_message=failure.failed_message,
-                )
-                cause = failure.__cause__
-            else:
-                exc = KernelFailedError(
-                    f"kernel {self.kernel_id!r} failed: {failure!r}", kernel_id=self.kernel_id
-                )
-                cause = failure
-            raise exc from cause
-        if self._stopped:
-            raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
-
     def close_failed(self, error: ErrorFactory) -> int:
         """Refuse input from now on; outputs in the ring stay receivable, then the
         error is raised. Inputs still in the ring are left there (their count shows as
@@ -134,44 +102,6 @@ class RingFedLoop(KernelLoop):
         self.failure = error()
         self._wake_receivers()  # they take what is left, then get the error
         return 0
-
-    def _records(self, records: object) -> np.ndarray:
-        """``records`` as a contiguous 1-d array of the input dtype, or ``TypeError``."""
-        if not isinstance(records, np.ndarray):
-            raise TypeError(
-                f"kernel {self.kernel_id!r} takes record arrays of dtype {self.in_dtype}, "
-                f"got {type(records).__name__}"
-            )
-        if records.dtype != self.in_dtype:
-            raise TypeError(
-                f"kernel {self.kernel_id!r} takes records of dtype {self.in_dtype}, "
-                f"got dtype {records.dtype}"
-            )
-        if records.ndim != 1 or not records.flags.c_contiguous:
-            records = np.ascontiguousarray(records.reshape(-1))
-        return records
-
-    def _record_of(self, msg: Any) -> np.ndarray:
-        """One input message as a 1-record array. For ``@message`` classes the bytes
-        are packed straight into a reused scratch record, and so is a record of the
-        input dtype: callers copy it into the ring before they yield, or take a copy."""
-        if type(msg) is np.void and msg.dtype == self.in_dtype:
-            one = self._one_in
-            one[0] = msg  # half the cost of viewing it as an array
-            return one
-        if isinstance(msg, (np.void, np.ndarray)):
-            return self._records(np.asarray(msg).reshape(-1))
-        t = self.input_type
-        if t is not None and not isinstance(t, np.dtype) and not isinstance(msg, t):
-            raise TypeError(
-                f"kernel {self.kernel_id!r} takes {t.__name__}, got {type(msg).__name__}"
-            )
-        if self._in_layout is not None:
-            self._one_in_bytes[:] = self._in_layout.to_bytes(msg)
-            return self._one_in
-        one = np.empty(1, self.in_dtype)
-        one[0] = msg.to_record()
-        return one
 
     def try_put(self, msg: Any) -> bool:
         if self.failure is not None or self._stopped:
@@ -193,7 +123,7 @@ class RingFedLoop(KernelLoop):
         if self.failure is not None or self._stopped:
             self._check_open()
         if type(records) is not np.ndarray or records.dtype != self.in_dtype or records.ndim != 1:
-            records = self._records(records)
+            records = self._in_codec.records(records)
         elif not records.flags.c_contiguous:
             records = np.ascontiguousarray(records)
         n = len(records)
@@ -236,33 +166,17 @@ class RingFedLoop(KernelLoop):
             self._wakeup.notify()
 
     def try_get(self, default: Any) -> Any:
-        out = self._one_out if self._out_layout is not None else np.empty(1, self.out_dtype)
+        out = self._out_codec.scratch()
         if not ring_pop(self._out_buf, out, 0, 1):
             return default
-        return self._message_of(out)
-
-    def _message_of(self, one: np.ndarray) -> Any:
-        """The output message in a 1-record array (the record itself for dtypes)."""
-        t = self.output_type
-        if self._out_layout is not None:
-            layout = self._out_layout
-            v = layout.unpack_from(one)
-            if v[0] == _NO_ID and not self.outputs_have_ids:
-                # message_id leads every layout; the handler set none.
-                v = (fresh_id_bytes(), *v[1:])
-            return layout.build(v)
-        if not self.outputs_have_ids:
-            fill_message_ids(one)
-        if t is None or isinstance(t, np.dtype):
-            return one[0]
-        return t.from_record(one[0])  # type: ignore[attr-defined]
+        return self._out_codec.message_of(out)
 
     async def get(self, timeout: float | None) -> Any:
         # One compiled call takes the reply, spinning for it natively a little.
-        one = self._one_out if self._out_layout is not None else np.empty(1, self.out_dtype)
+        one = self._out_codec.scratch()
         if ring_pop_spin(self._out_buf, one, 0, 1, self._spin_ns(timeout)):
-            return self._message_of(one)
-        return self._message_of(await self._sleep_for_batch(1, timeout))
+            return self._out_codec.message_of(one)
+        return self._out_codec.message_of(await self._sleep_for_batch(1, timeout))
 
     def _spin_ns(self, timeout: float | None) -> int:
         spin = self.get_spin_s if timeout is None else min(self.get_spin_s, timeout)
@@ -300,6 +214,12 @@ class RingFedLoop(KernelLoop):
                 out = out if got == max_items else out[:got]
                 return out if self.outputs_have_ids else fill_message_ids(out)
         return await self._sleep_for_batch(max_items, timeout)
+
+    async def drain_outputs(self) -> np.ndarray:
+        chunks = []
+        while (out := self._take(1 << 20)) is not None:
+            chunks.append(out)
+        return np.concatenate(chunks) if chunks else np.empty(0, self.out_dtype)
 
     async def _sleep_for_batch(self, max_items: int, timeout: float | None) -> np.ndarray:
         """Sleep on the wakeup until outputs come, the kernel fails or stops, or

@@ -84,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     print("backends:")
     print("  host          usable (asyncio)")
     print("  cpu           usable (numba)")
-    from pydotcompute.backends.probe import LAZY_LOADING_HAZARD
-    from pydotcompute.backends.select import cuda_status
+    from pydotcompute.backends.registry import cuda_status
+    from pydotcompute.device.probe import LAZY_LOADING_HAZARD
 
     asked = os.environ.get("CUDA_MODULE_LOADING")
     usable, reason = cuda_status()

@@ -36,7 +36,7 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pydotcompute`` console script."""
-    from pydotcompute.backends.probe import ask_for_eager_module_loading
+    from pydotcompute.device.probe import ask_for_eager_module_loading
 
     # Before any command can initialise CUDA: kernels must load eagerly to run
     # beside a resident ring kernel (probe.LAZY_LOADING_HAZARD).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydotcompute.backends.probe import CudaAvailability, DeviceInfo, probe_cuda
+from pydotcompute.device.probe import CudaAvailability, DeviceInfo, probe_cuda
 from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
@@ -65,7 +65,7 @@ class Accelerator:
         Refused with ``KernelStateError`` while a ring kernel of this process runs on
         the device: it never finishes, so the wait would never end. Synchronize the
         streams of your own work instead, or terminate the ring kernels first."""
-        from pydotcompute.backends.resident import resident_kernels
+        from pydotcompute.device.resident import resident_kernels
 
         self.device(index)
         running = resident_kernels(index)

@@ -7,7 +7,7 @@ import importlib
 from collections.abc import Iterator
 from types import ModuleType
 
-from pydotcompute.backends.probe import ask_for_eager_module_loading, probe_cuda
+from pydotcompute.device.probe import ask_for_eager_module_loading, probe_cuda
 from pydotcompute.errors import BackendNotAvailableError
 
 __all__ = ["import_cupy", "cuda_required"]

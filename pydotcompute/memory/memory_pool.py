@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.probe import require_cuda
+from pydotcompute.device.probe import require_cuda
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.memory.cuda_guard import import_cupy
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 import numpy as np
 
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.backends.options import BackendOptions, legacy_option_names
+from pydotcompute.backends.registry import AUTO, backend_entry, backend_names
 from pydotcompute.errors import InvalidConfigurationError, KernelNotFoundError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 
@@ -47,16 +50,19 @@ def default_backend(func: Callable[..., Any]) -> str:
 
 
 def check_backend_fits(kernel_id: str, func: Callable[..., Any], backend: str) -> None:
-    """An ``async def`` runs only on the host; a compiled handler never does."""
+    """An ``async def`` runs only on a backend of actors (``host``); a plain ``def``
+    handler only on a backend of functions (``cpu``, ``cuda``, ``auto`` ...)."""
     is_async = inspect.iscoroutinefunction(func)
-    if is_async and backend != "host":
+    kind = "function" if backend == AUTO else backend_entry(backend).handler
+    if is_async and kind != "actor":
+        actors = [n for n in backend_names() if backend_entry(n).handler == "actor"]
         raise InvalidConfigurationError(
-            f"kernel {kernel_id!r} is an async def actor, which runs on the 'host' "
-            f"backend only (got backend={backend!r})"
+            f"kernel {kernel_id!r} is an async def actor, which runs on the "
+            f"{' or '.join(repr(n) for n in actors)} backend only (got backend={backend!r})"
         )
-    if not is_async and backend == "host":
+    if not is_async and kind == "actor":
         raise InvalidConfigurationError(
-            f"kernel {kernel_id!r}: the 'host' backend runs 'async def kernel(ctx)' "
+            f"kernel {kernel_id!r}: the {backend!r} backend runs 'async def kernel(ctx)' "
             "actors; a plain 'def handler(msg, out, state)' runs on 'cpu', 'cuda' or 'auto'"
         )
 
@@ -85,6 +91,7 @@ def ring_kernel(
     restart_window: float = 60.0,
     restart_backoff: float = 0.1,
     auto_register: bool = True,
+    options: BackendOptions | tuple[BackendOptions, ...] = (),
     **extra: Any,
 ) -> Callable[[F], F]: ...
 
@@ -110,6 +117,7 @@ def ring_kernel(
     restart_window: float = 60.0,
     restart_backoff: float = 0.1,
     auto_register: bool = True,
+    options: BackendOptions | tuple[BackendOptions, ...] = (),
     **extra: Any,
 ) -> Any:
     """Declare a ring kernel.
@@ -124,9 +132,11 @@ def ring_kernel(
     ``restart_window`` seconds, waiting ``restart_backoff`` seconds (doubling) before
     each (see ``RingKernelConfig``). The configuration is validated here, so a bad
     strategy or queue size fails at decoration time with ``InvalidConfigurationError``.
-    ``input_queue_size`` (PyDotCompute's name) sets ``queue_size``; other options
-    (``grid_size``, ``block_size`` ...) are kept in ``config.extra`` for the backends
-    that read them, and host actors ignore them. The function is
+    ``input_queue_size`` (PyDotCompute's name) sets ``queue_size``. ``options`` are
+    the backend's own settings (``CpuOptions``, ``CudaOptions``), checked here; other
+    keywords (``grid_size``, ``block_size`` ...) are kept in ``config.extra``, and the
+    former loose spelling of backend options (``batch=``, ``threads=`` ...) still
+    works with a ``DeprecationWarning``. The function is
     returned unchanged, carrying its spec as ``__ring_kernel__``; with
     ``auto_register`` it can be launched by id alone.
     """
@@ -138,8 +148,16 @@ def ring_kernel(
         if not isinstance(kid, str) or not kid:
             raise InvalidConfigurationError(f"kernel_id must be a non-empty str, got {kid!r}")
         chosen = backend if backend is not None else default_backend(fn)
-        options = dict(extra)
-        input_queue_size = options.pop("input_queue_size", None)  # PyDotCompute's name
+        loose = dict(extra)
+        input_queue_size = loose.pop("input_queue_size", None)  # PyDotCompute's name
+        legacy = legacy_option_names(loose)
+        if legacy:
+            warnings.warn(
+                f"kernel {kid!r}: {', '.join(legacy)} as loose keywords are deprecated; "
+                "pass options=CpuOptions(...) or options=CudaOptions(...)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
         config = RingKernelConfig(
             queue_size=queue_size if input_queue_size is None else input_queue_size,
             backpressure=backpressure,  # type: ignore[arg-type]
@@ -151,7 +169,8 @@ def ring_kernel(
             num_cpus=num_cpus,
             resources={} if resources is None else resources,
             launch_timeout=launch_timeout,
-            extra=options,
+            extra=loose,
+            options=options if isinstance(options, tuple) else (options,),
             restart=restart,
             max_restarts=max_restarts,
             restart_window=restart_window,

@@ -14,15 +14,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pydotcompute.backends.base import KernelLoop
+from pydotcompute.backends.base import KernelBackend
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import describe_crash
-from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY, HostKernelLoop
-from pydotcompute.backends.mailbox import Mailbox
-from pydotcompute.backends.ray_cluster import KernelPlacement, RayCluster
-from pydotcompute.backends.select import resolve_backend
+from pydotcompute.backends.host import LATENCY_SAMPLE_EVERY
+from pydotcompute.backends.registry import AUTO, backend_class, backend_entry, resolve_backend
+from pydotcompute.cluster.placement import KernelPlacement
+from pydotcompute.cluster.ray_cluster import RayCluster
 from pydotcompute.errors import (
-    BackendNotAvailableError,
     InvalidConfigurationError,
     KernelAlreadyExistsError,
     KernelFailedError,
@@ -85,8 +84,7 @@ class _Kernel:
         "_input_port",
         "input_type",
         "loop",
-        "inbox",
-        "outbox",
+        "poll",
         "restarts",
         "error",
         "failed_input",
@@ -102,10 +100,9 @@ class _Kernel:
     def __init__(
         self,
         spec: RingKernelSpec,
-        loop: KernelLoop,
         restarts: int,
-        inputs: dict[str, tuple[Mailbox | None, type | None]],
-        outputs: dict[str, Mailbox | None],
+        inputs: dict[str, tuple[Callable[[Any], bool], type | None]],
+        outputs: dict[str, Callable[[Any], Any] | None],
     ) -> None:
         self.kernel_id = spec.kernel_id
         self.spec = spec
@@ -113,15 +110,8 @@ class _Kernel:
         # has its records checked by its ring backend, which names both dtypes.
         itype = spec.input_type
         self.input_type = itype if isinstance(itype, type) else None
-        self.loop = loop
-        # Host actors' mailboxes, for the inline no-wait paths of send/receive.
-        host = loop if isinstance(loop, HostKernelLoop) else None
-        self.inbox: Mailbox | None = host.inbox if host else None
-        self.outbox: Mailbox | None = host.outbox if host else None
         self._inputs = inputs
         self._outputs = outputs
-        self._input_port = (self.inbox, self.input_type)
-        self.state = KernelState.CREATED
         self.restarts = restarts
         self.error: BaseException | None = None  # what the handler last raised
         self.failed_input: Any = None  # the message it held then
@@ -132,6 +122,14 @@ class _Kernel:
         self.replies: ReplyQueue | None = None  # send_and_receive callers, once one came
         self.stop_task: asyncio.Task[None] | None = None
         self.wait_warned = False  # a wait on it while inactive was logged once
+
+    def attach(self, loop: KernelBackend) -> None:
+        """Take the kernel's backend, made with callbacks bound to this record."""
+        self.loop = loop
+        # The backend's no-wait paths, called inline by send and receive.
+        self._input_port = (loop.try_put, self.input_type)
+        self.poll = loop.poll
+        self.state = KernelState.CREATED
 
     @property
     def state(self) -> KernelState:
@@ -145,7 +143,7 @@ class _Kernel:
             self._inputs[kid] = self._input_port
         else:
             self._inputs.pop(kid, None)
-        self._outputs[kid] = self.outbox
+        self._outputs[kid] = self.poll
 
 
 class RingKernelRuntime:
@@ -179,9 +177,10 @@ class RingKernelRuntime:
         journal: Any = None,
         cluster: str | None = None,
     ) -> None:
-        if backend not in ("auto", "cpu", "cuda"):
+        if backend != AUTO and backend_entry(backend).handler != "function":
             raise InvalidConfigurationError(
-                f"runtime backend must be 'auto', 'cpu' or 'cuda', got {backend!r}"
+                f"runtime backend must be 'auto' or a backend of function handlers "
+                f"('cpu', 'cuda' ...), got {backend!r}"
             )
         RingKernelConfig(queue_size=default_queue_size)  # validates
         self.enable_telemetry = enable_telemetry
@@ -195,8 +194,8 @@ class RingKernelRuntime:
         self._cluster = RayCluster(cluster) if cluster is not None else None
         self._kernels: dict[str, _Kernel] = {}
         # Per-message lookups, kept by each kernel's state (see _Kernel).
-        self._inputs: dict[str, tuple[Mailbox | None, type | None]] = {}
-        self._outputs: dict[str, Mailbox | None] = {}
+        self._inputs: dict[str, tuple[Callable[[Any], bool], type | None]] = {}
+        self._outputs: dict[str, Callable[[Any], Any] | None] = {}
         self._closers: list[Callable[[], Any]] = []
         self._flows: dict[str, Any] = {}
         self._metrics_server: Any = None
@@ -286,19 +285,17 @@ class RingKernelRuntime:
                     f"predecessor is still running ({exc})"
                 ) from exc
         restarts = old.restarts + (1 if old.state is KernelState.FAILED else 0) if old else 0
-        loop = self._make_loop(spec)
-        if spec.config.restart != "never" and not loop.restartable:
-            where = "on a Ray cluster" if self._cluster is not None else f"on {loop.backend}"
+        if spec.config.restart != "never" and not self._backend_class(spec).restartable:
+            where = "on a Ray cluster" if self._cluster is not None else f"on {spec.config.backend}"
             raise InvalidConfigurationError(
                 f"kernel {kernel_id!r}: restart={spec.config.restart!r} is not supported "
                 f"{where} (host and cpu kernels can be restarted); a kernel that fails "
                 "stays FAILED, its outputs stay receivable, and launch() starts it again"
             )
-        k = _Kernel(spec, loop, restarts, self._inputs, self._outputs)
+        k = _Kernel(spec, restarts, self._inputs, self._outputs)
+        loop = self._make_backend(spec, k)
+        k.attach(loop)
         self._kernels[kernel_id] = k
-        loop.on_failure = lambda exc, k=k: self._on_failure(k, exc)  # type: ignore[misc]
-        if hasattr(loop, "on_exit"):  # loops whose actor can return on its own
-            loop.on_exit = lambda k=k: self._on_exit(k)  # this record, not the id's latest
         try:
             await loop.start()
         except BaseException as exc:
@@ -597,7 +594,7 @@ class RingKernelRuntime:
         in the queue for the restarted handler).
         """
         try:
-            inbox, itype = self._inputs[kernel_id]
+            offer, itype = self._inputs[kernel_id]
         except KeyError:
             err = self._refusal(kernel_id, "send to")
             raise err from err.__cause__
@@ -605,25 +602,13 @@ class RingKernelRuntime:
             raise TypeError(
                 f"kernel {kernel_id!r} takes {itype.__name__}, got {type(message).__name__}"
             )
-        if inbox is not None:
-            # Host actor, no-wait path inline (this runs once per message). Latency is
-            # sampled on one message in LATENCY_SAMPLE_EVERY; 1 marks an untimed message.
-            items = inbox.items
-            if len(items) < inbox.room:
-                n = inbox.enqueued
-                inbox.enqueued = n + 1
-                items.append(
-                    (1 if n & _SAMPLE_MASK or not self.enable_telemetry else _perf_ns(), message)
-                )
-                if inbox.getters:
-                    inbox.wake_getter()
-                return
+        if offer(message):  # queued without waiting (or dropped by its strategy)
+            return
         k = self._kernels[kernel_id]
-        if not k.loop.try_put(message):
-            if k._state is _ACTIVE:
-                await k.loop.put(message, timeout)
-            else:
-                await self._wait_on(k, k.loop.put(message, timeout), timeout, "send to")
+        if k._state is _ACTIVE:
+            await k.loop.put(message, timeout)
+        else:
+            await self._wait_on(k, k.loop.put(message, timeout), timeout, "send to")
 
     async def receive(self, kernel_id: str, timeout: float | None = None) -> Any:
         """The kernel's next output message; ``QueueTimeoutError`` after ``timeout``.
@@ -633,22 +618,16 @@ class RingKernelRuntime:
         error says so, and a wait without a timeout logs a warning once after
         ``INACTIVE_WAIT_WARNING_S`` seconds."""
         try:
-            outbox = self._outputs[kernel_id]
+            poll = self._outputs[kernel_id]
         except KeyError:
             err = self._refusal(kernel_id, "receive from")
             raise err from err.__cause__
-        if outbox is None:  # a compiled kernel's ring
-            k = self._kernels[kernel_id]
-            waiting = k.loop.get(timeout)
-        else:
-            items = outbox.items
-            if items and not outbox.hold:  # host, no wait
-                msg = items.popleft()
-                if outbox.putters:
-                    outbox.wake_putter()
+        if poll is not None:
+            msg = poll(_MISSING)
+            if msg is not _MISSING:
                 return msg
-            k = self._kernels[kernel_id]
-            waiting = outbox.get(timeout)
+        k = self._kernels[kernel_id]
+        waiting = k.loop.get(timeout)
         if k._state is _ACTIVE:
             return await waiting
         return await self._wait_on(k, waiting, timeout, "receive from")
@@ -706,22 +685,9 @@ class RingKernelRuntime:
         k = self._kernels.get(kernel_id)
         if k is None:
             raise self._refusal(kernel_id, "receive from")
-        if k.loop.backend != "host":
-            if k.state is KernelState.ACTIVE:
-                return await k.loop.get_batch(max_items, timeout)
-            return await self._wait_on(
-                k, k.loop.get_batch(max_items, timeout), timeout, "receive from"
-            )
-        out = [await self.receive(kernel_id, timeout)]
-        while len(out) < max_items:
-            try:
-                msg = k.loop.try_get(_MISSING)
-            except Exception:
-                break  # closed after draining: return what was taken; the next call raises
-            if msg is _MISSING:
-                break
-            out.append(msg)
-        return out
+        if k.state is KernelState.ACTIVE:
+            return await k.loop.get_batch(max_items, timeout)
+        return await self._wait_on(k, k.loop.get_batch(max_items, timeout), timeout, "receive from")
 
     def read_state(self, kernel_id: str) -> np.ndarray:
         """A copy of a compiled kernel's ``state`` array, read while it runs."""
@@ -752,7 +718,7 @@ class RingKernelRuntime:
 
     def get_placement(self, kernel_id: str) -> KernelPlacement | None:
         """Where a cluster kernel runs (Ray node, actor, GPUs); None without a cluster."""
-        return getattr(self._get(kernel_id).loop, "placement", None)
+        return self._get(kernel_id).loop.placement  # type: ignore[no-any-return]
 
     def kernel_handle(self, kernel_id: str) -> KernelHandle:
         """A live view of the kernel launched under ``kernel_id`` (what ``launch`` returned)."""
@@ -1045,50 +1011,21 @@ class RingKernelRuntime:
         check_backend_fits(kernel_id, spec.func, config.backend)
         return RingKernelSpec(kernel_id, spec.func, input_type, output_type, config)
 
-    def _make_loop(self, spec: RingKernelSpec) -> KernelLoop:
+    def _backend_class(self, spec: RingKernelSpec) -> type[KernelBackend]:
+        """The class that will run ``spec``: the cluster's placement, or its backend's."""
         if self._cluster is not None:
-            return self._cluster.kernel_loop(
-                spec.kernel_id,
-                spec.func,
-                spec.config,
-                spec.input_type,
-                spec.output_type,
-                lambda exc: None,  # replaced by launch() once the record exists
-            )
-        backend = spec.config.backend
-        if backend == "host":
-            loop: KernelLoop = HostKernelLoop(
-                spec.kernel_id,
-                spec.func,
-                spec.config,
-                spec.input_type,
-                spec.output_type,
-                on_failure=lambda exc: None,  # replaced by launch() once the record exists
-                send_to=self.send,
-                on_exit=lambda: None,  # replaced by launch() once the record exists
-                telemetry=self.enable_telemetry,
-            )
-            return loop
-        cls = _compiled_loop_class(backend)
-        return cls(
-            spec.kernel_id,
-            spec.func,
-            spec.config,
-            spec.input_type,
-            spec.output_type,
-            lambda exc: None,
-        )
+            return self._cluster.backend_class()
+        return backend_class(spec.config.backend)
 
-
-def _compiled_loop_class(backend: str) -> type[KernelLoop]:
-    """The loop class of a compiled backend (``cpu`` or ``cuda``)."""
-    try:
-        if backend == "cpu":
-            from pydotcompute.backends.cpu import CpuKernelLoop
-
-            return CpuKernelLoop
-        from pydotcompute.backends.cuda import CudaKernelLoop
-
-        return CudaKernelLoop
-    except ImportError as exc:
-        raise BackendNotAvailableError(f"the {backend!r} backend cannot be loaded: {exc}") from exc
+    def _make_backend(self, spec: RingKernelSpec, k: _Kernel) -> KernelBackend:
+        """The backend object of kernel record ``k``, told how to report to it."""
+        links: dict[str, Any] = {
+            "send_to": self.send,
+            "on_exit": functools.partial(self._on_exit, k),  # this record, not the id's latest
+            "telemetry": self.enable_telemetry,
+        }
+        on_failure = functools.partial(self._on_failure, k)
+        args = (spec.kernel_id, spec.func, spec.config, spec.input_type, spec.output_type)
+        if self._cluster is not None:
+            return self._cluster.kernel_loop(*args, on_failure, **links)
+        return backend_class(spec.config.backend)(*args, on_failure, **links)

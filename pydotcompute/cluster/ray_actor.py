@@ -1,6 +1,6 @@
-"""The far side of a kernel placed on a Ray cluster: one ``KernelLoop`` in a Ray actor.
+"""The far side of a kernel placed on a Ray cluster: one ``KernelBackend`` in a Ray actor.
 
-``RayKernelLoop`` (the caller's side) starts one ``KernelActor`` per kernel. The actor
+``RayKernelBackend`` (the caller's side) starts one ``KernelActor`` per kernel. The actor
 runs the kernel's real loop (``cpu``, ``cuda`` or ``host``) on its own event loop and
 moves whole batches: records as numpy arrays, which Ray carries through its object
 store, and a host actor's messages as lists. The lifecycle state machine stays with
@@ -14,6 +14,7 @@ when a runtime first needs one, so the package imports without Ray installed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import pickle
 from collections.abc import Callable
@@ -21,11 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import KernelLoop
+from pydotcompute.backends.base import KernelBackend, kernel_failed
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.backends.select import resolve_backend
+from pydotcompute.backends.registry import backend_class, resolve_backend
 from pydotcompute.errors import (
-    KernelFailedError,
     KernelNotFoundError,
     QueueFullError,
     QueueTimeoutError,
@@ -51,7 +51,7 @@ class KernelActor:
         output_type: Any,
     ) -> None:
         self._args = (kernel_id, func, config, input_type, output_type)
-        self._loop: KernelLoop | None = None
+        self._loop: KernelBackend | None = None
         self._crashed: asyncio.Event | None = None
         self._failure: BaseException | None = None
 
@@ -71,30 +71,17 @@ class KernelActor:
         backend = resolve_backend(config.backend)  # "auto" means this node's GPU, if any
         config = config.replace(backend=backend)
         self._crashed = asyncio.Event()
-        loop: KernelLoop
-        if backend == "host":
-            from pydotcompute.backends.host import HostKernelLoop
-
-            loop = HostKernelLoop(
-                kernel_id,
-                func,
-                config,
-                input_type,
-                output_type,
-                self._on_failure,
-                send_to=self._send_to,
-                on_exit=self._crashed.set,  # returned on its own: ``watch`` says so
-            )
-        elif backend == "cpu":
-            from pydotcompute.backends.cpu import CpuKernelLoop
-
-            loop = CpuKernelLoop(kernel_id, func, config, input_type, output_type, self._on_failure)
-        else:
-            from pydotcompute.backends.cuda import CudaKernelLoop
-
-            loop = CudaKernelLoop(
-                kernel_id, func, config, input_type, output_type, self._on_failure
-            )
+        # A host actor that returns on its own ends the kernel: ``watch`` says so.
+        loop = backend_class(backend)(
+            kernel_id,
+            func,
+            config,
+            input_type,
+            output_type,
+            self._on_failure,
+            send_to=self._send_to,
+            on_exit=self._crashed.set,
+        )
         self._loop = loop
         await loop.start()
         ctx = ray.get_runtime_context()
@@ -112,9 +99,7 @@ class KernelActor:
         self._failure = exc
         assert self._crashed is not None
         if self._loop is not None:  # no supervision here: the kernel is over
-            self._loop.close_failed(
-                lambda: KernelFailedError(f"kernel {self._args[0]!r} failed: {exc!r}")
-            )
+            self._loop.close_failed(functools.partial(kernel_failed, self._args[0], exc))
         self._crashed.set()
 
     async def _send_to(self, kernel_id: str, msg: Any, timeout: float | None) -> None:
@@ -124,7 +109,7 @@ class KernelActor:
         )
 
     @property
-    def _kernel(self) -> KernelLoop:
+    def _kernel(self) -> KernelBackend:
         assert self._loop is not None, "start() comes first"
         return self._loop
 
@@ -165,43 +150,21 @@ class KernelActor:
         """Up to ``max_items`` outputs, waiting up to ``wait_s`` for the first: a record
         array (empty when none came) or a list of messages."""
         loop = self._kernel
-        if loop.backend != "host":
-            try:
-                return await loop.get_batch(max_items, wait_s)
-            except QueueTimeoutError:
-                return np.empty(0, loop.out_dtype)  # type: ignore[attr-defined]
         try:
-            out = [await loop.get(wait_s)]
+            return await loop.get_batch(max_items, wait_s)
         except QueueTimeoutError:
-            return []
-        missing = object()
-        while len(out) < max_items:
-            msg = loop.try_get(missing)
-            if msg is missing:
-                break
-            out.append(msg)
-        return out
+            return np.empty(0, loop.out_dtype) if loop.records else []  # type: ignore[attr-defined]
 
     async def stop(self, timeout: float) -> tuple[Any, KernelTelemetry, np.ndarray | None]:
         """Stop the loop; returns the outputs still queued, the final counters and the
         state array, all of which go away with the actor."""
         loop = self._kernel
         await loop.stop(timeout)
-        if loop.backend != "host":
-            chunks = []
-            while True:
-                try:
-                    chunks.append(await loop.get_batch(1 << 20, 0.0))
-                except QueueTimeoutError:
-                    break
-            dtype = loop.out_dtype  # type: ignore[attr-defined]
-            outputs: Any = np.concatenate(chunks) if chunks else np.empty(0, dtype)
+        try:
             state: np.ndarray | None = loop.read_state()
-        else:
-            outbox = loop.outbox  # type: ignore[attr-defined]
-            outputs, state = list(outbox.items), None
-            outbox.items.clear()
-        return outputs, loop.telemetry("TERMINATED"), state
+        except TypeError:  # a backend without a state array (host actors)
+            state = None
+        return await loop.drain_outputs(), loop.telemetry("TERMINATED"), state
 
     def telemetry(self, state: str) -> KernelTelemetry:
         return self._kernel.telemetry(state)

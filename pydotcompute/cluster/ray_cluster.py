@@ -11,12 +11,12 @@ never kernels: each kernel is an unnamed actor owned by the runtime that launche
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import importlib.util
 import threading
 from typing import TYPE_CHECKING, Any
 
 from pydotcompute.backends.config import RingKernelConfig
+from pydotcompute.cluster.placement import KernelPlacement
 from pydotcompute.errors import (
     BackendNotAvailableError,
     InvalidConfigurationError,
@@ -25,7 +25,7 @@ from pydotcompute.errors import (
 
 if TYPE_CHECKING:
     from pydotcompute.backends.base import FailureCallback
-    from pydotcompute.backends.ray_loop import RayKernelLoop
+    from pydotcompute.cluster.ray_backend import RayKernelBackend
 
 __all__ = ["KernelPlacement", "RayCluster", "require_ray"]
 
@@ -42,18 +42,6 @@ def require_ray() -> None:
         raise BackendNotAvailableError(
             f"placing kernels on a cluster needs Ray, which is not installed: {INSTALL_HINT}"
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelPlacement:
-    """Where a cluster kernel runs: its Ray node, actor, process and GPUs."""
-
-    node_id: str
-    node_ip: str
-    actor_id: str
-    pid: int
-    gpu_ids: tuple[str, ...]
-    backend: str
 
 
 class _ProcessConnection:
@@ -204,7 +192,7 @@ class RayCluster:
             self._joined = True
             import ray
 
-            from pydotcompute.backends.ray_actor import KernelActor
+            from pydotcompute.cluster.ray_actor import KernelActor
 
             self._actor_class = ray.remote(KernelActor)
 
@@ -215,6 +203,13 @@ class RayCluster:
             self._actor_class = None
             await asyncio.to_thread(_CONNECTION.leave)
 
+    @staticmethod
+    def backend_class() -> type[RayKernelBackend]:
+        """The class that stands for a kernel placed on this cluster."""
+        from pydotcompute.cluster.ray_backend import RayKernelBackend
+
+        return RayKernelBackend
+
     def kernel_loop(
         self,
         kernel_id: str,
@@ -223,12 +218,13 @@ class RayCluster:
         input_type: Any,
         output_type: Any,
         on_failure: FailureCallback,
-    ) -> RayKernelLoop:
-        """The loop that runs this kernel on an actor of this cluster."""
-        from pydotcompute.backends.ray_loop import RayKernelLoop
+        **links: Any,
+    ) -> RayKernelBackend:
+        """The backend that runs this kernel on an actor of this cluster."""
+        from pydotcompute.cluster.ray_backend import RayKernelBackend
 
-        return RayKernelLoop(
-            kernel_id, func, config, input_type, output_type, on_failure, cluster=self
+        return RayKernelBackend(
+            kernel_id, func, config, input_type, output_type, on_failure, cluster=self, **links
         )
 
     async def spawn(self, kernel_id: str, config: RingKernelConfig, args: tuple[Any, ...]) -> Any:

@@ -1,4 +1,4 @@
-"""The caller's side of a kernel placed on a Ray actor: a ``KernelLoop`` that moves batches.
+"""The caller's side of a kernel placed on a Ray actor: a ``KernelBackend`` that moves batches.
 
 Messages cross to and from the actor (``ray_actor.KernelActor``) in batches, never one
 by one:
@@ -39,11 +39,12 @@ import numpy as np
 from pydotcompute.backends.base import (
     ErrorFactory,
     FailureCallback,
-    KernelLoop,
+    KernelBackend,
     kernel_record_dtype,
+    renamed,
 )
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.backends.ray_cluster import KernelPlacement
+from pydotcompute.cluster.placement import KernelPlacement
 from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelFailedError,
@@ -51,15 +52,18 @@ from pydotcompute.errors import (
     QueueFullError,
     QueueTimeoutError,
 )
-from pydotcompute.messages.message import RingKernelMessage
-from pydotcompute.messages.record import record_layout
+from pydotcompute.messages.record_codec import RecordCodec
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 if TYPE_CHECKING:
-    from pydotcompute.backends.ray_cluster import RayCluster
+    from pydotcompute.cluster.ray_cluster import RayCluster
 
-__all__ = ["RayKernelLoop"]
+__all__ = ["RayKernelBackend"]
+
+__getattr__ = renamed(
+    __name__, {"RayKernelLoop": "RayKernelBackend"}
+)  # the former names, deprecated
 
 FETCH_WAIT_S = 0.2
 """Longest one fetch waits on the actor; a receive without timeout fetches again."""
@@ -88,7 +92,7 @@ def _reported_by_watch(exc: BaseException) -> bool:
     )
 
 
-class RayKernelLoop(KernelLoop):
+class RayKernelBackend(KernelBackend):
     """A kernel that runs on a Ray actor, reached through batches (see the module)."""
 
     backend = "ray"
@@ -103,8 +107,9 @@ class RayKernelLoop(KernelLoop):
         on_failure: FailureCallback,
         *,
         cluster: RayCluster,
+        **links: Any,
     ) -> None:
-        super().__init__(kernel_id, func, config, input_type, output_type, on_failure)
+        super().__init__(kernel_id, func, config, input_type, output_type, on_failure, **links)
         if config.backend == "cuda" and not config.num_gpus:
             raise InvalidConfigurationError(
                 f"cuda kernel {kernel_id!r} on a cluster must ask for a GPU (num_gpus=1, "
@@ -116,16 +121,17 @@ class RayKernelLoop(KernelLoop):
         if self.records:
             self.in_dtype = kernel_record_dtype(input_type, "input", kernel_id, "cluster")
             self.out_dtype = kernel_record_dtype(output_type, "output", kernel_id, "cluster")
-            self._in_layout = _layout(input_type, self.in_dtype)
-            self._out_layout = _layout(output_type, self.out_dtype)
+            owner = f"kernel {kernel_id!r}"
+            # Outputs come from the actor with their ids already given.
+            self._in_codec = RecordCodec(input_type, self.in_dtype, owner)
+            self._out_codec = RecordCodec(output_type, self.out_dtype, owner, fill_ids=False)
         self.capacity = config.queue_size
         self._reject = config.backpressure is BackpressureStrategy.REJECT
         self.placement: KernelPlacement | None = None
-        self.on_exit: Callable[[], None] = lambda: None
         self._actor: Any = None
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
-        self._stopped = False  # the actor is gone; what was fetched stays readable
+        # _stopped (the skeleton's): the actor is gone; what was fetched stays readable
         # Inputs: encoded records (or messages) not yet sealed into a batch, sealed
         # batches waiting for the flusher, and how many inputs are held here in all.
         self._pending: bytearray | list[Any] = bytearray() if self.records else []
@@ -148,7 +154,6 @@ class RayKernelLoop(KernelLoop):
         self._rejected = 0
         self._last: KernelTelemetry | None = None
         self._final_state: np.ndarray | None = None
-        self._launched_at = time.monotonic()
         self._exit_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -212,18 +217,13 @@ class RayKernelLoop(KernelLoop):
         if self.failure is not None or self._stopping:
             return
         self.failure = exc
-        self._discard_inputs(self._failed_error())
+        self._discard_inputs(self.failed_error())
         self.on_failure(exc)
 
     def close_failed(self, error: ErrorFactory) -> int:
         # A cluster kernel is closed at its crash already (_fail): it is never
         # restarted (Ray restarts actors, not the queues this side holds).
         return 0
-
-    def _failed_error(self) -> KernelFailedError:
-        err = KernelFailedError(f"kernel {self.kernel_id!r} failed: {self.failure!r}")
-        err.__cause__ = self.failure
-        return err
 
     def _discard_inputs(self, error: BaseException) -> None:
         """Inputs not yet handed to the actor are discarded, counted as dropped, and
@@ -250,7 +250,7 @@ class RayKernelLoop(KernelLoop):
 
     async def stop(self, timeout: float) -> None:
         self._stopping = True
-        self._discard_inputs(KernelStateError(f"kernel {self.kernel_id!r} is terminated"))
+        self._discard_inputs(self.stopped_error())
         actor = self._actor
         if actor is None:
             return
@@ -283,31 +283,17 @@ class RayKernelLoop(KernelLoop):
     # -- input -----------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        # Input is refused from the moment a stop begins, not only once it is over.
         if self.failure is not None:
-            raise self._failed_error()
+            raise self.failed_error()
         if self._stopping:
-            raise KernelStateError(f"kernel {self.kernel_id!r} is terminated")
+            raise self.stopped_error()
 
     def _encode(self, msg: Any) -> Any:
         """One input as the bytes of its record (compiled kernels) or as itself."""
         if not self.records:
             return msg
-        if isinstance(msg, (np.void, np.ndarray)):
-            rec = np.asarray(msg)
-            if rec.dtype != self.in_dtype or rec.size != 1:
-                raise TypeError(
-                    f"kernel {self.kernel_id!r} takes one record of dtype {self.in_dtype}, "
-                    f"got {rec.size} of dtype {rec.dtype}"
-                )
-            return rec.tobytes()
-        if self._in_layout is not None:
-            if not isinstance(msg, self.input_type):  # type: ignore[arg-type]
-                raise TypeError(
-                    f"kernel {self.kernel_id!r} takes {self.input_type.__name__}, "  # type: ignore[union-attr]
-                    f"got {type(msg).__name__}"
-                )
-            return self._in_layout.to_bytes(msg)
-        return np.asarray(msg.to_record(), self.in_dtype).tobytes()
+        return self._in_codec.to_bytes(msg)
 
     def _hold(self, encoded: Any) -> None:
         if self.records:
@@ -425,7 +411,7 @@ class RayKernelLoop(KernelLoop):
                         self._fail(cause)
                     if answer is not None and not answer.done():
                         answer.set_exception(
-                            self._failed_error() if self.failure is not None else cause
+                            self.failed_error() if self.failure is not None else cause
                         )
                         answer.exception()
                     continue
@@ -480,7 +466,7 @@ class RayKernelLoop(KernelLoop):
         deadline = None if timeout is None else loop.time() + timeout
         while not self._buffered:
             if self.failure is not None:
-                raise self._failed_error()
+                raise self.failed_error()
             if self._stopped or self._actor is None:
                 raise KernelStateError(
                     f"kernel {self.kernel_id!r} is terminated and has no outputs left"
@@ -521,13 +507,7 @@ class RayKernelLoop(KernelLoop):
         if self._chunk_pos == len(chunk):
             self._chunks.popleft()
             self._chunk_pos = 0
-        t = self.output_type
-        if self._out_layout is not None:
-            layout = self._out_layout
-            return layout.build(layout.struct.unpack_from(chunk, i * chunk.itemsize))
-        if t is None or isinstance(t, np.dtype):
-            return chunk[i : i + 1].copy()[0]
-        return t.from_record(chunk[i])  # type: ignore[attr-defined]
+        return self._out_codec.message_at(chunk, i)
 
     def _take_many(self, max_items: int) -> Any:
         if not self.records:
@@ -604,17 +584,9 @@ class RayKernelLoop(KernelLoop):
             messages_rejected=base.messages_rejected + self._rejected,
             queue_depth=base.queue_depth + max(0, self._held),
             output_queue_depth=base.output_queue_depth + self._buffered,
-            uptime_s=time.monotonic() - self._launched_at,
+            uptime_s=time.monotonic() - self.launched_at,
             timestamp=time.time(),
         )
-
-
-def _layout(t: Any, dtype: np.dtype) -> Any:
-    """The record layout of an ``@message`` class (None for dtypes and other types)."""
-    if not isinstance(t, type) or not issubclass(t, RingKernelMessage):
-        return None
-    layout = record_layout(t)
-    return layout if layout.dtype == dtype else None
 
 
 async def _awaitable(ref: Any) -> Any:

@@ -92,7 +92,7 @@ def _lazy_loading() -> bool:
 def warn_if_lazy_loading(kernel_id: str) -> None:
     """Warn that other kernels may hang beside this resident one: CUDA was initialised
     with lazy module loading."""
-    from pydotcompute.backends.probe import LAZY_LOADING_HAZARD
+    from pydotcompute.device.probe import LAZY_LOADING_HAZARD
 
     if _lazy_loading():
         warnings.warn(
