@@ -30,7 +30,10 @@ A third side, the asyncio floor, runs the same messages through the cheapest asy
 actor that does the same work (two deques, a future per wait, no runtime at all): it
 is what the standard loop itself costs, and the p50 goal is measured against it too.
 
-Goals: throughput >= 2.2x PyDotCompute's, p50 latency <= 0.3x.
+Goals: throughput >= 2.2x PyDotCompute's, p50 latency <= 0.3x, and p50 latency
+<= 1.1x the asyncio floor. The floor itself is about 0.3x PyDotCompute's p50 on the
+standard loop (0.30-0.31 measured), so 0.3x can only be met when the runtime costs
+nothing; the floor-relative goal says how close to that it gets.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ REFERENCE_VERSION = "0.2.0"
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_THROUGHPUT = 2.2
 GOAL_P50 = 0.3
+GOAL_P50_VS_FLOOR = 1.1
 FLOOR = "asyncio floor"
 
 HOW_TO_GET_REFERENCE = (
@@ -360,7 +364,8 @@ def main(messages: int, repeats: int, reference: Path | None, ours_only: bool) -
             values = [float(run[key]) for run in runs[name]]  # type: ignore[arg-type]
             print(f"  {name:22}{_spread(values, fmt):>36}")
         values = {n: [float(run[key]) for run in runs[n]] for n in names}  # type: ignore[arg-type]
-        pairs = [("pydotcompute", FLOOR, "vs the floor", "")]
+        floor_goal = f"   (goal <= {GOAL_P50_VS_FLOOR})" if key == "p50_us" else ""
+        pairs = [("pydotcompute", FLOOR, "vs the floor", floor_goal)]
         if len(names) == 3:
             theirs = names[1]
             pairs = [
