@@ -93,6 +93,7 @@ class _Kernel:
         "restart_times",
         "restart_task",
         "replies",
+        "error_watchers",
         "stop_task",
         "wait_warned",
     )
@@ -120,6 +121,8 @@ class _Kernel:
         self.restart_times: list[float] = []  # crashes restarted, within the window
         self.restart_task: asyncio.Task[None] | None = None
         self.replies: ReplyQueue | None = None  # send_and_receive callers, once one came
+        # Told of each message the handler raised on (see watch_handler_errors).
+        self.error_watchers: list[Callable[[Any, KernelFailedError], None]] = []
         self.stop_task: asyncio.Task[None] | None = None
         self.wait_warned = False  # a wait on it while inactive was logged once
 
@@ -579,6 +582,15 @@ class RingKernelRuntime:
         """The extension attached under ``name``, or None."""
         return self._extensions.get(name)
 
+    def watch_handler_errors(
+        self, kernel_id: str, watcher: Callable[[Any, KernelFailedError], None]
+    ) -> None:
+        """Call ``watcher(message, error)`` each time the handler of the kernel now
+        launched under ``kernel_id`` raises on ``message``: that message gets no output,
+        whether the kernel then restarts or fails. ``error`` is the kernel's
+        ``KernelFailedError``. The watcher ends with this launch."""
+        self._get(kernel_id).error_watchers.append(watcher)
+
     def check_open(self) -> None:
         """Raise KernelStateError if the runtime is shut down."""
         self._check_open()
@@ -899,6 +911,7 @@ class RingKernelRuntime:
                     unread = k.loop.telemetry(k.state.name).output_queue_depth
                     k.replies.no_reply(unread, self._failed_error(k))
                 self._schedule_restart(k, len(recent) + 1)
+                self._tell_error_watchers(k)
                 return
             text += (
                 f"\ngave up restarting it: {len(recent)} restart(s) within the last "
@@ -906,6 +919,15 @@ class RingKernelRuntime:
             )
         k.last_error = text
         self._fail_for_good(k, logging.ERROR)
+        self._tell_error_watchers(k)
+
+    def _tell_error_watchers(self, k: _Kernel) -> None:
+        """After the kernel restarts or fails: the message that raised has no output."""
+        if k.failed_input is None or not k.error_watchers:
+            return
+        error = self._failed_error(k)
+        for watcher in k.error_watchers:
+            watcher(k.failed_input, error)
 
     def _fail_for_good(self, k: _Kernel, level: int) -> None:
         """FAILED: the loop's queues close (outputs already produced stay receivable)."""
