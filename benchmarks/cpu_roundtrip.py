@@ -83,7 +83,7 @@ async def run(messages: int, repeats: int) -> None:
             await rt.launch(kid, affine, backend="cpu", input_type=t, output_type=t,
                             queue_size=64)  # fmt: skip
             await rt.activate(kid)
-        loop = rt._kernels["rec"].loop
+        loop = rt._kernels["rec"].kernel_backend
         one = np.zeros(1, REC)
         rec = one[0]
         obj = Sample(x=1.0, seq=1)

@@ -77,7 +77,7 @@ async def test_a_cpu_kernel_runs_with_its_options() -> None:
             output_type=REC,
             options=CpuOptions(batch=2, boundscheck=True),
         )
-        loop = rt._kernels["k"].loop
+        loop = rt._kernels["k"].kernel_backend
         assert (loop.batch, loop.boundscheck) == (2, True)
         await rt.activate("k")
         records = np.zeros(5, REC)

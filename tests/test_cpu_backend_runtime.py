@@ -122,7 +122,7 @@ async def test_a_kernel_loop_keeps_its_instance_dict_keys_shared():
     # attribute load on the per-message path gets slower.
     async with RingKernelRuntime() as rt:
         await rt.launch("k", scale, backend="cpu", input_type=IN, output_type=OUT)
-        assert len(vars(rt._kernels["k"].loop)) < 30
+        assert len(vars(rt._kernels["k"].kernel_backend)) < 30
 
 
 async def test_message_objects_through_send_and_receive():
@@ -251,7 +251,7 @@ async def test_relaunching_a_kernel_does_not_recompile(monkeypatch):
         await rt.terminate("a")
         await launch(rt, kid="a")
         assert calls == []
-        assert isinstance(rt._kernels["b"].loop, CpuKernelBackend)
+        assert isinstance(rt._kernels["b"].kernel_backend, CpuKernelBackend)
 
 
 async def test_message_classes_with_record_layouts():

@@ -68,7 +68,7 @@ async def test_one_launch_serves_many_batches_in_fifo_order() -> None:
     async with RingKernelRuntime(backend="cuda") as rt:
         await rt.launch("aff", affine, backend="cuda", input_type=REC, output_type=REC,
                         queue_size=1 << 14)  # fmt: skip
-        loop = rt._kernels["aff"].loop
+        loop = rt._kernels["aff"].kernel_backend
         await rt.activate("aff")
         total = 0
         outs = []
@@ -151,14 +151,14 @@ async def test_grid_is_sized_from_occupancy() -> None:
 
     async with RingKernelRuntime() as rt:
         await rt.launch("g", affine, backend="cuda", input_type=REC, output_type=REC)
-        loop = rt._kernels["g"].loop
+        loop = rt._kernels["g"].kernel_backend
         compiled = next(iter(loop.kernel.overloads.values()))
         fits = compiled.max_cooperative_grid_blocks(loop.threads)
         sms = cuda.get_current_device().MULTIPROCESSOR_COUNT
         assert loop.blocks == 1  # by default one small block
         await rt.launch("wide", affine, backend="cuda", input_type=REC, output_type=REC,
                         extra={"blocks": 1 << 20})  # fmt: skip
-        assert rt._kernels["wide"].loop.blocks == min(fits, sms)
+        assert rt._kernels["wide"].kernel_backend.blocks == min(fits, sms)
 
 
 async def test_second_kernel_launches_and_runs_while_the_first_runs() -> None:
@@ -237,7 +237,7 @@ async def test_terminate_returns_with_the_stream_idle_even_when_outputs_are_not_
     async with RingKernelRuntime() as rt:
         await rt.launch("full", affine, backend="cuda", input_type=REC, output_type=REC,
                         queue_size=1024, output_queue_size=16)  # fmt: skip
-        loop = rt._kernels["full"].loop
+        loop = rt._kernels["full"].kernel_backend
         await rt.activate("full")
         await rt.send_batch("full", records(1000), timeout=10)
         await asyncio.sleep(0.2)  # output ring full: the kernel waits for room

@@ -379,7 +379,7 @@ if SIM:
             await rt.deactivate("scale")
             await rt.terminate("scale")
             assert rt.get_state("scale") is KernelState.TERMINATED
-            loop = rt._kernels["scale"].loop
+            loop = rt._kernels["scale"].kernel_backend
             assert not loop._thread.is_alive()
 
     @sim
@@ -392,7 +392,7 @@ if SIM:
         async with RingKernelRuntime() as rt:
             await rt.launch("w", count_and_scale, backend="cuda", input_type=IN,
                             output_type=OUT, queue_size=8, extra={"threads": 1})  # fmt: skip
-            loop = rt._kernels["w"].loop
+            loop = rt._kernels["w"].kernel_backend
             waiting = asyncio.ensure_future(rt.receive_batch("w", 4, timeout=20))
             await _wait_for(lambda: loop._wakeup.words[ARMED] == 1)  # asleep
             await rt.send_batch("w", records([7]), timeout=10)
@@ -447,14 +447,14 @@ if SIM:
                 await rt.launch(kid, count_and_scale, backend="cuda", input_type=IN,
                                 output_type=OUT, queue_size=2, backpressure=bp)  # fmt: skip
                 recs = records(range(3))
-                loop = rt._kernels[kid].loop
+                loop = rt._kernels[kid].kernel_backend
                 assert loop.try_put(recs[0]) and loop.try_put(recs[1])
                 if bp == "reject":
                     with pytest.raises(QueueFullError):
                         loop.try_put(recs[2])
                 else:
                     assert loop.try_put(recs[2])  # dropped, counted
-                c = rt._kernels[kid].loop.in_ring.host.counters()
+                c = rt._kernels[kid].kernel_backend.in_ring.host.counters()
                 assert c.enqueued == 2 and c.rejected + c.dropped_newest == 1
                 await rt.terminate(kid)
 
@@ -469,7 +469,7 @@ if SIM:
         async with RingKernelRuntime() as rt:
             await rt.launch("rej", count_and_scale, backend="cuda", input_type=IN,
                             output_type=OUT, queue_size=2, backpressure="reject")  # fmt: skip
-            loop = rt._kernels["rej"].loop
+            loop = rt._kernels["rej"].kernel_backend
             attempts = []
             push = ring_fed.ring_push
             monkeypatch.setattr(ring_fed, "ring_push", lambda *a: attempts.append(1) or push(*a))
@@ -493,7 +493,7 @@ if SIM:
                             output_type=OUT, queue_size=2, backpressure="drop_oldest")  # fmt: skip
             for r in records(range(3)):
                 await rt.send("do", r)
-            ring = rt._kernels["do"].loop.in_ring.host
+            ring = rt._kernels["do"].kernel_backend.in_ring.host
             # The device's counters reach the header when it mirrors them (~1 ms).
             await _wait_for(lambda: ring.counters().dropped_oldest == 1)
             c = ring.counters()
@@ -634,5 +634,5 @@ if SIM:
                 )  # fmt: skip
                 await rt.terminate(name)
             assert len(calls) == 1
-            assert rt._kernels["a"].loop.kernel is rt._kernels["b"].loop.kernel
-            assert rt._kernels["a"].loop.blocks == 1  # one block under the simulator
+            assert rt._kernels["a"].kernel_backend.kernel is rt._kernels["b"].kernel_backend.kernel
+            assert rt._kernels["a"].kernel_backend.blocks == 1  # one block under the simulator

@@ -167,3 +167,97 @@ async def test_reply_tables_belong_to_their_runtime():
         async with RingKernelRuntime() as other:
             assert other.extension(KernelReplyTables.NAME) is None
     assert tables.by_kernel == {}  # let go at shutdown
+
+
+# -- a handler that raises on a kernel that restarts ------------------------------------
+
+
+def keep_even_refuse_three(msg, out, state):  # type: ignore[no-untyped-def]
+    if msg.x == 3:
+        raise ValueError("three is refused")
+    out.x = msg.x
+    return msg.x % 2 == 0
+
+
+async def test_an_item_whose_record_raised_in_a_restarting_cpu_kernel_fails_not_filtered():
+    # The record that raised produced no output, but it was not filtered: its item
+    # fails with the handler's error (retried, then dead-lettered), the kernel
+    # restarts, and the items around it end as they would have.
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "even3",
+            keep_even_refuse_three,
+            backend="cpu",
+            input_type=Num,
+            output_type=Num,
+            restart="on-failure",
+            restart_backoff=0.0,
+        )
+        await rt.activate("even3")
+        flow = await rt.deploy(
+            stage(make) >> stage("even3", timeout=10, retries=2, backoff=0.0) >> stage(unwrap),
+            name="f",
+        )
+        await flow.submit_many(range(6), keys=[str(i) for i in range(6)])
+        await flow.drain(timeout=30)
+        assert flow.status() == {"done": 3, "filtered": 2, "dead": 1}
+        assert [await flow.result(k) for k in ("0", "2", "4")] == [0, 2, 4]
+        assert flow.items("filtered") == ["1", "5"]
+        [rec] = flow.dead_letters()
+        assert rec.key == "3" and "three is refused" in rec.error
+        assert "QueueTimeoutError" not in rec.error
+        assert flow.counters()["retried"] == 1
+        tele = rt.get_telemetry("even3")
+        assert (tele.restarts, tele.errors) == (2, 2)  # once per run of item 3
+        assert tele.state == "ACTIVE"
+
+
+async def answers_tenfold_refuses_three(ctx):  # type: ignore[no-untyped-def]
+    while True:
+        m = await ctx.receive()
+        if m.n == 3:
+            raise ValueError("three is refused")
+        await ctx.send(Answer(n=m.n * 10, correlation_id=m.message_id))
+
+
+async def test_an_item_whose_message_raised_in_a_restarting_host_actor_fails():
+    # Messages with ids go by identity (no order to rely on): the one the actor raised
+    # on is told so at once, instead of waiting out the stage's timeout.
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "tenfold", answers_tenfold_refuses_three, restart="on-failure", restart_backoff=0.0
+        )
+        await rt.activate("tenfold")
+        flow = await rt.deploy(
+            stage(lambda i: Ask(n=i)) >> stage("tenfold", timeout=30) >> stage(lambda a: a.n),
+            name="h",
+        )
+        await flow.submit_many(range(6), keys=[str(i) for i in range(6)])
+        await flow.drain(timeout=20)
+        assert flow.status() == {"done": 5, "dead": 1}
+        assert [await flow.result(str(i)) for i in (0, 1, 2, 4, 5)] == [0, 10, 20, 40, 50]
+        [rec] = flow.dead_letters()
+        assert rec.key == "3" and "three is refused" in rec.error
+        assert rt.get_telemetry("tenfold").restarts == 1
+
+
+async def tenfold_refuses_three(ctx):  # type: ignore[no-untyped-def]
+    while True:
+        n = await ctx.receive()
+        if n == 3:
+            raise ValueError("three is refused")
+        await ctx.send(n * 10)
+
+
+async def test_an_item_whose_plain_value_raised_in_a_restarting_host_actor_fails():
+    # Values without ids go in order (send_and_receive): the same outcome.
+    async with RingKernelRuntime() as rt:
+        await rt.launch("plain", tenfold_refuses_three, restart="on-failure", restart_backoff=0.0)
+        await rt.activate("plain")
+        flow = await rt.deploy(stage("plain", timeout=30), name="p")
+        await flow.submit_many(range(6), keys=[str(i) for i in range(6)])
+        await flow.drain(timeout=20)
+        assert flow.status() == {"done": 5, "dead": 1}
+        assert [await flow.result(str(i)) for i in (0, 1, 2, 4, 5)] == [0, 10, 20, 40, 50]
+        [rec] = flow.dead_letters()
+        assert rec.key == "3" and "three is refused" in rec.error

@@ -142,7 +142,7 @@ async def test_the_reply_path_never_sleeps_on_the_event_loop_clock(monkeypatch) 
         waiting = asyncio.ensure_future(rt.receive_batch("e", 1, timeout=10))
         one = asyncio.ensure_future(rt.receive("e", timeout=10))
         await real_sleep(0.02)
-        loop = rt._kernels["e"].loop
+        loop = rt._kernels["e"].kernel_backend
         assert loop.control.words[1 + ARMED] == 1  # both receivers are asleep
         await rt.send_batch("e", np.array([(1, 1.5), (2, 2.5)], REC))
         await rt.activate("e")

@@ -132,6 +132,28 @@ async def test_restarts_beyond_the_limit_leave_the_kernel_failed(caplog) -> None
     assert [r.levelno for r in failed] == [logging.ERROR]
 
 
+async def test_error_watchers_hear_each_message_that_raised_restarted_or_not() -> None:
+    async with RingKernelRuntime() as rt:
+        await rt.launch("a", poisoned, restart="on-failure", max_restarts=1, restart_backoff=0.0)
+        heard: list[tuple[object, KernelFailedError]] = []
+        rt.watch_handler_errors("a", lambda m, e: heard.append((m, e)))
+        await rt.activate("a")
+        for i in range(1, 8):
+            await rt.send("a", i)
+        assert await drain(rt, "a") == [10, 20, 40, 50]
+        assert [m for m, _ in heard] == [3, 6]  # restarted after 3, failed after 6
+        assert all(isinstance(e, KernelFailedError) for _, e in heard)
+        assert heard[0][1].failed_message == 3 and "gave up" not in str(heard[0][1])
+        assert "gave up restarting" in str(heard[1][1])
+        # A watcher belongs to its launch: the next kernel under the id starts with none.
+        await rt.terminate("a")
+        await rt.launch("a", poisoned)
+        await rt.activate("a")
+        await rt.send("a", 9)
+        await wait_for(lambda: rt.get_state("a") is KernelState.FAILED)
+        assert len(heard) == 2
+
+
 async def test_crashes_older_than_the_window_are_forgotten() -> None:
     async with RingKernelRuntime() as rt:
         await rt.launch(

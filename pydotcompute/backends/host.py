@@ -54,7 +54,7 @@ class KernelContext(Generic[In, Out]):
     """
 
     __slots__ = (
-        "_loop",
+        "_backend",
         "_inbox",
         "_outbox",
         "_output_type",
@@ -65,15 +65,15 @@ class KernelContext(Generic[In, Out]):
         "processed",
     )
 
-    def __init__(self, loop: HostKernelBackend, send_to: SendTo) -> None:
-        self._loop = loop
-        self._inbox = loop.inbox
-        self._outbox = loop.outbox
-        self._output_type = loop.output_type
+    def __init__(self, backend: HostKernelBackend, send_to: SendTo) -> None:
+        self._backend = backend
+        self._inbox = backend.inbox
+        self._outbox = backend.outbox
+        self._output_type = backend.output_type
         self._pending_t = 0
         self._holding: Any = None  # the last message received: named if the actor raises
         self._send_to = send_to
-        self.kernel_id: str = loop.kernel_id
+        self.kernel_id: str = backend.kernel_id
         # Counted here, on the actor's side, where the per-message work happens. What
         # it sent is counted by its output mailbox (see HostKernelBackend.sent).
         self.processed = 0
@@ -81,16 +81,16 @@ class KernelContext(Generic[In, Out]):
     # Read on every turn of an actor's loop: a property whose getter is C code costs
     # half what a Python getter does (measured 0.2 us of a 15 us round trip).
     should_terminate = property(
-        attrgetter("_loop.stopping"), doc="True once the runtime asked this kernel to stop."
+        attrgetter("_backend.stopping"), doc="True once the runtime asked this kernel to stop."
     )
     is_active = property(
-        attrgetter("_loop.active"),  # the loop keeps it False once stopping
+        attrgetter("_backend.active"),  # the backend keeps it False once stopping
         doc="True while the kernel is ACTIVE (not launched-only, deactivated or stopping).",
     )
 
     async def wait_active(self) -> None:
         """Wait until the kernel is ACTIVE, or until it is asked to terminate."""
-        await self._loop.active_event.wait()
+        await self._backend.active_event.wait()
 
     async def receive(self, timeout: float | None = None) -> In:
         """The next input message; ``QueueTimeoutError`` if none within ``timeout`` s."""
@@ -99,7 +99,7 @@ class KernelContext(Generic[In, Out]):
             self._pending_t = 0
             self.processed += 1
             if t != 1:
-                self._loop.latency.record(_perf_ns() - t)
+                self._backend.latency.record(_perf_ns() - t)
         inbox = self._inbox
         items = inbox.items
         msg: In
@@ -139,13 +139,13 @@ class KernelContext(Generic[In, Out]):
             self._pending_t = 0
             self.processed += 1
             if t != 1:
-                self._loop.latency.record(_perf_ns() - t)
+                self._backend.latency.record(_perf_ns() - t)
 
     def _finish(self, t_enqueued: int) -> None:
         self._pending_t = 0
         self.processed += 1
         if t_enqueued != 1:
-            self._loop.latency.record(_perf_ns() - t_enqueued)
+            self._backend.latency.record(_perf_ns() - t_enqueued)
 
     async def send_to(self, kernel_id: str, msg: Any, timeout: float | None = None) -> None:
         """Send ``msg`` to another kernel's input queue (its backpressure applies)."""

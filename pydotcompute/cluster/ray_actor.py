@@ -1,7 +1,7 @@
 """The far side of a kernel placed on a Ray cluster: one ``KernelBackend`` in a Ray actor.
 
 ``RayKernelBackend`` (the caller's side) starts one ``KernelActor`` per kernel. The actor
-runs the kernel's real loop (``cpu``, ``cuda`` or ``host``) on its own event loop and
+runs the kernel's real backend (``cpu``, ``cuda`` or ``host``) on its own event loop and
 moves whole batches: records as numpy arrays, which Ray carries through its object
 store, and a host actor's messages as lists. The lifecycle state machine stays with
 the caller's runtime; the actor follows its calls and reports a crash through
@@ -36,7 +36,7 @@ __all__ = ["KernelActor"]
 
 
 class KernelActor:
-    """Hosts one kernel's loop in a Ray actor process; every method is one Ray call.
+    """Hosts one kernel's backend in a Ray actor process; every method is one Ray call.
 
     Compiled kernels are given their record dtypes, not their message classes, so only
     the handler has to be importable (or picklable) on the node.
@@ -51,7 +51,7 @@ class KernelActor:
         output_type: Any,
     ) -> None:
         self._args = (kernel_id, func, config, input_type, output_type)
-        self._loop: KernelBackend | None = None
+        self._backend: KernelBackend | None = None
         self._crashed: asyncio.Event | None = None
         self._failure: BaseException | None = None
 
@@ -64,7 +64,7 @@ class KernelActor:
         """Answers as soon as the actor runs: it has its resources and its process."""
 
     async def start(self) -> dict[str, Any]:
-        """Start the loop, inactive; returns where it runs (``KernelPlacement`` fields)."""
+        """Start the backend, inactive; returns where it runs (``KernelPlacement`` fields)."""
         import ray  # present: this runs inside a Ray worker
 
         kernel_id, func, config, input_type, output_type = self._args
@@ -72,7 +72,7 @@ class KernelActor:
         config = config.replace(backend=backend)
         self._crashed = asyncio.Event()
         # A host actor that returns on its own ends the kernel: ``watch`` says so.
-        loop = backend_class(backend)(
+        kernel_backend = backend_class(backend)(
             kernel_id,
             func,
             config,
@@ -82,8 +82,8 @@ class KernelActor:
             send_to=self._send_to,
             on_exit=self._crashed.set,
         )
-        self._loop = loop
-        await loop.start()
+        self._backend = kernel_backend
+        await kernel_backend.start()
         ctx = ray.get_runtime_context()
         gpus = ctx.get_accelerator_ids().get("GPU", [])
         return {
@@ -98,8 +98,8 @@ class KernelActor:
     def _on_failure(self, exc: BaseException) -> None:
         self._failure = exc
         assert self._crashed is not None
-        if self._loop is not None:  # no supervision here: the kernel is over
-            self._loop.close_failed(functools.partial(kernel_failed, self._args[0], exc))
+        if self._backend is not None:  # no supervision here: the kernel is over
+            self._backend.close_failed(functools.partial(kernel_failed, self._args[0], exc))
         self._crashed.set()
 
     async def _send_to(self, kernel_id: str, msg: Any, timeout: float | None) -> None:
@@ -110,11 +110,11 @@ class KernelActor:
 
     @property
     def _kernel(self) -> KernelBackend:
-        assert self._loop is not None, "start() comes first"
-        return self._loop
+        assert self._backend is not None, "start() comes first"
+        return self._backend
 
     async def watch(self) -> BaseException | None:
-        """Returns when the loop ends on its own: the exception it failed with, or None
+        """Returns when the kernel ends on its own: the exception it failed with, or None
         when a host actor returned. Exceptions that do not pickle come back as text."""
         assert self._crashed is not None
         await self._crashed.wait()
@@ -133,13 +133,13 @@ class KernelActor:
     async def put(self, batch: Any, timeout: float | None) -> int:
         """Enqueue a record array or a list of messages, in order; returns how many the
         kernel's backpressure strategy accepted."""
-        loop = self._kernel
+        kernel_backend = self._kernel
         if isinstance(batch, np.ndarray):
-            return await loop.put_batch(batch, timeout)
+            return await kernel_backend.put_batch(batch, timeout)
         for i, msg in enumerate(batch):
             try:
-                if not loop.try_put(msg):
-                    await loop.put(msg, timeout)
+                if not kernel_backend.try_put(msg):
+                    await kernel_backend.put(msg, timeout)
             except QueueFullError:
                 if i == 0:
                     raise
@@ -149,22 +149,22 @@ class KernelActor:
     async def get(self, max_items: int, wait_s: float) -> Any:
         """Up to ``max_items`` outputs, waiting up to ``wait_s`` for the first: a record
         array (empty when none came) or a list of messages."""
-        loop = self._kernel
+        kernel_backend = self._kernel
         try:
-            return await loop.get_batch(max_items, wait_s)
+            return await kernel_backend.get_batch(max_items, wait_s)
         except QueueTimeoutError:
-            return np.empty(0, loop.out_dtype) if loop.records else []  # type: ignore[attr-defined]
+            return np.empty(0, kernel_backend.out_dtype) if kernel_backend.records else []  # type: ignore[attr-defined]
 
     async def stop(self, timeout: float) -> tuple[Any, KernelTelemetry, np.ndarray | None]:
-        """Stop the loop; returns the outputs still queued, the final counters and the
+        """Stop the backend; returns the outputs still queued, the final counters and the
         state array, all of which go away with the actor."""
-        loop = self._kernel
-        await loop.stop(timeout)
+        kernel_backend = self._kernel
+        await kernel_backend.stop(timeout)
         try:
-            state: np.ndarray | None = loop.read_state()
+            state: np.ndarray | None = kernel_backend.read_state()
         except TypeError:  # a backend without a state array (host actors)
             state = None
-        return await loop.drain_outputs(), loop.telemetry("TERMINATED"), state
+        return await kernel_backend.drain_outputs(), kernel_backend.telemetry("TERMINATED"), state
 
     def telemetry(self, state: str) -> KernelTelemetry:
         return self._kernel.telemetry(state)

@@ -7,10 +7,12 @@ out of order, or not at all, without shifting anyone else's reply. A reply that 
 no waiting request (no correlation id, or one nobody sent) goes to the oldest waiting
 request: the order rule ``send_and_receive`` uses, for actors that set no ids.
 
-A request that gets no reply is *filtered* when the kernel can tell it consumed the
-request without output. A ``cpu`` kernel with one worker handles its ring in order,
-so a reply to a later request means every earlier one without a reply was dropped by
-the handler; and once its input ring is empty and the worker has gone on polling
+A request whose handling raised gets the kernel's ``KernelFailedError`` (the runtime
+tells the table which message raised, whether the kernel restarts or fails), so it
+fails and is retried like any failed call. A request that gets no reply otherwise
+is *filtered* when the kernel can tell it consumed the request without output. A
+``cpu`` kernel with one worker handles its ring in order, so a reply to a later
+request means every earlier one without a reply was dropped by the handler; and once its input ring is empty and the worker has gone on polling
 (its idle-poll counter moved by a whole chunk, which it only does between batches),
 every record sent before has been handled and its outputs are in the output ring.
 Other kernels (several workers, ``cuda``, host actors) cannot say that: a request
@@ -217,6 +219,8 @@ class KernelReplies:
         self._sent = 0  # sequence number of the newest request in the kernel's ring
         self._reader: asyncio.Task[None] | None = None
         self._mark: tuple[int, int] | None = None  # (sent, idle polls) once the ring was empty
+        # A request whose handling raised has no reply, yet it was not filtered out.
+        runtime.watch_handler_errors(kernel_id, self._raised_on)
 
     def current(self, runtime: Any) -> bool:
         """Whether this still stands for the kernel launched under its id."""
@@ -367,6 +371,26 @@ class KernelReplies:
                 # One worker answers in ring order: the requests before this one
                 # without a reply were consumed without output.
                 waiting.settle_before(seq)
+
+    def _raised_on(self, message: Any, error: BaseException) -> None:
+        """The handler raised on ``message``: its request gets ``error``. Told before
+        a restarted kernel handles the requests sent after it, so a later reply never
+        settles it as filtered."""
+        rid = self._id_of(message)
+        if rid is not None:
+            self._waiting.answer(rid, error)
+
+    def _id_of(self, message: Any) -> bytes | None:
+        """The 16 bytes a request was expected under, read from the message it became."""
+        if self.records:
+            at = self._id_at
+            if isinstance(message, np.void):  # a record that did not decode
+                return message.tobytes()[at : at + 16]
+            if self._in_cls is not None and isinstance(message, self._in_cls):
+                return self._in.to_bytes(message)[at : at + 16]
+            return None
+        mid = getattr(message, "message_id", None)
+        return mid.bytes if mid is not None else None
 
     async def _settle(self) -> None:
         """Nothing came: once the input ring is empty and the worker has polled it

@@ -17,7 +17,7 @@ class _Launch(Protocol):
     state: KernelState
     error: BaseException | None
     spec: Any
-    loop: Any
+    kernel_backend: Any
 
 
 class KernelHandle:
@@ -63,7 +63,7 @@ class KernelHandle:
     @property
     def backend(self) -> str:
         """Where it runs: ``host``, ``cpu`` or ``cuda``."""
-        return self._launch.loop.backend  # type: ignore[no-any-return]
+        return self._launch.kernel_backend.backend  # type: ignore[no-any-return]
 
     @property
     def error(self) -> BaseException | None:

@@ -70,7 +70,7 @@ class _Kernel:
     Its state also decides whether the kernel is in the runtime's per-message
     tables, ``inputs`` (kernels that may be sent to) and ``outputs`` (kernels that
     may be received from: every one, since a FAILED kernel's outputs stay receivable
-    and its loop raises once they are taken): send and receive look a kernel up there
+    and its backend raises once they are taken): send and receive look a kernel up there
     and check no state themselves. A record only leaves a final state by being
     replaced, so an old record never overwrites its successor's entries.
     """
@@ -83,7 +83,7 @@ class _Kernel:
         "_outputs",
         "_input_port",
         "input_type",
-        "loop",
+        "kernel_backend",
         "poll",
         "restarts",
         "error",
@@ -93,6 +93,7 @@ class _Kernel:
         "restart_times",
         "restart_task",
         "replies",
+        "error_watchers",
         "stop_task",
         "wait_warned",
     )
@@ -120,15 +121,17 @@ class _Kernel:
         self.restart_times: list[float] = []  # crashes restarted, within the window
         self.restart_task: asyncio.Task[None] | None = None
         self.replies: ReplyQueue | None = None  # send_and_receive callers, once one came
+        # Told of each message the handler raised on (see watch_handler_errors).
+        self.error_watchers: list[Callable[[Any, KernelFailedError], None]] = []
         self.stop_task: asyncio.Task[None] | None = None
         self.wait_warned = False  # a wait on it while inactive was logged once
 
-    def attach(self, loop: KernelBackend) -> None:
+    def attach(self, kernel_backend: KernelBackend) -> None:
         """Take the kernel's backend, made with callbacks bound to this record."""
-        self.loop = loop
+        self.kernel_backend = kernel_backend
         # The backend's no-wait paths, called inline by send and receive.
-        self._input_port = (loop.try_put, self.input_type)
-        self.poll = loop.poll
+        self._input_port = (kernel_backend.try_put, self.input_type)
+        self.poll = kernel_backend.poll
         self.state = KernelState.CREATED
 
     @property
@@ -256,7 +259,7 @@ class RingKernelRuntime:
         kernel_func: Callable[..., Any] | None = None,
         **overrides: Any,
     ) -> KernelHandle:
-        """Allocate a kernel's queues and start its loop, inactive (state LAUNCHED).
+        """Allocate a kernel's queues and start its handler, inactive (state LAUNCHED).
 
         Without ``kernel_func`` the kernel is looked up among ``@ring_kernel``
         definitions. The decorator's configuration applies either way; ``overrides``
@@ -277,7 +280,7 @@ class RingKernelRuntime:
             )
         spec = self._resolve_spec(kernel_id, kernel_func, overrides)
         if old is not None and old.state is KernelState.FAILED:
-            try:  # a failed actor may still be unwinding: its loop must be gone first
+            try:  # a failed actor may still be unwinding: it must be gone first
                 await self.terminate(kernel_id, timeout=1.0)
             except Exception as exc:
                 raise KernelStateError(
@@ -293,11 +296,11 @@ class RingKernelRuntime:
                 "stays FAILED, its outputs stay receivable, and launch() starts it again"
             )
         k = _Kernel(spec, restarts, self._inputs, self._outputs)
-        loop = self._make_backend(spec, k)
-        k.attach(loop)
+        kernel_backend = self._make_backend(spec, k)
+        k.attach(kernel_backend)
         self._kernels[kernel_id] = k
         try:
-            await loop.start()
+            await kernel_backend.start()
         except BaseException as exc:
             # Raised to the caller, so logged below WARNING: it is told once, not twice.
             k.error = exc
@@ -313,7 +316,7 @@ class RingKernelRuntime:
             raise KernelFailedError(k.last_error, kernel_id=kernel_id) from exc
         if k.state is KernelState.CREATED:
             k.state = KernelState.LAUNCHED
-        log.info("launched kernel %r on the %s backend", kernel_id, loop.backend)
+        log.info("launched kernel %r on the %s backend", kernel_id, kernel_backend.backend)
         return KernelHandle(k)
 
     @contextlib.asynccontextmanager
@@ -365,7 +368,7 @@ class RingKernelRuntime:
         if restarting:
             k.resume = target  # applied by the restart
             return
-        k.loop.set_active(target is KernelState.ACTIVE)
+        k.kernel_backend.set_active(target is KernelState.ACTIVE)
         k.state = target
 
     async def terminate(self, kernel_id: str, timeout: float = 5.0) -> None:
@@ -397,7 +400,7 @@ class RingKernelRuntime:
         if k.restart_task is not None:  # cancelled by terminate: let it unwind first
             await asyncio.gather(k.restart_task, return_exceptions=True)
         try:
-            await k.loop.stop(timeout)
+            await k.kernel_backend.stop(timeout)
         except Exception as exc:
             if not k.state.is_final:
                 k.error, k.failed_input = exc, None
@@ -579,6 +582,15 @@ class RingKernelRuntime:
         """The extension attached under ``name``, or None."""
         return self._extensions.get(name)
 
+    def watch_handler_errors(
+        self, kernel_id: str, watcher: Callable[[Any, KernelFailedError], None]
+    ) -> None:
+        """Call ``watcher(message, error)`` each time the handler of the kernel now
+        launched under ``kernel_id`` raises on ``message``: that message gets no output,
+        whether the kernel then restarts or fails. ``error`` is the kernel's
+        ``KernelFailedError``. The watcher ends with this launch."""
+        self._get(kernel_id).error_watchers.append(watcher)
+
     def check_open(self) -> None:
         """Raise KernelStateError if the runtime is shut down."""
         self._check_open()
@@ -606,9 +618,9 @@ class RingKernelRuntime:
             return
         k = self._kernels[kernel_id]
         if k._state is _ACTIVE:
-            await k.loop.put(message, timeout)
+            await k.kernel_backend.put(message, timeout)
         else:
-            await self._wait_on(k, k.loop.put(message, timeout), timeout, "send to")
+            await self._wait_on(k, k.kernel_backend.put(message, timeout), timeout, "send to")
 
     async def receive(self, kernel_id: str, timeout: float | None = None) -> Any:
         """The kernel's next output message; ``QueueTimeoutError`` after ``timeout``.
@@ -627,7 +639,7 @@ class RingKernelRuntime:
             if msg is not _MISSING:
                 return msg
         k = self._kernels[kernel_id]
-        waiting = k.loop.get(timeout)
+        waiting = k.kernel_backend.get(timeout)
         if k._state is _ACTIVE:
             return await waiting
         return await self._wait_on(k, waiting, timeout, "receive from")
@@ -670,7 +682,7 @@ class RingKernelRuntime:
             k = self._kernels.get(kernel_id)
             if k is None or k.state not in _SENDABLE:
                 raise self._refusal(kernel_id, "send to")
-            return await k.loop.put_batch(messages, timeout)
+            return await k.kernel_backend.put_batch(messages, timeout)
         for m in messages:
             await self.send(kernel_id, m, timeout)
         return len(messages)
@@ -686,13 +698,15 @@ class RingKernelRuntime:
         if k is None:
             raise self._refusal(kernel_id, "receive from")
         if k.state is KernelState.ACTIVE:
-            return await k.loop.get_batch(max_items, timeout)
-        return await self._wait_on(k, k.loop.get_batch(max_items, timeout), timeout, "receive from")
+            return await k.kernel_backend.get_batch(max_items, timeout)
+        return await self._wait_on(
+            k, k.kernel_backend.get_batch(max_items, timeout), timeout, "receive from"
+        )
 
     def read_state(self, kernel_id: str) -> np.ndarray:
         """A copy of a compiled kernel's ``state`` array, read while it runs."""
         k = self._get(kernel_id)
-        return k.loop.read_state()
+        return k.kernel_backend.read_state()
 
     # -- queries ---------------------------------------------------------------------
 
@@ -718,7 +732,7 @@ class RingKernelRuntime:
 
     def get_placement(self, kernel_id: str) -> KernelPlacement | None:
         """Where a cluster kernel runs (Ray node, actor, GPUs); None without a cluster."""
-        return self._get(kernel_id).loop.placement  # type: ignore[no-any-return]
+        return self._get(kernel_id).kernel_backend.placement  # type: ignore[no-any-return]
 
     def kernel_handle(self, kernel_id: str) -> KernelHandle:
         """A live view of the kernel launched under ``kernel_id`` (what ``launch`` returned)."""
@@ -790,7 +804,7 @@ class RingKernelRuntime:
 
     @staticmethod
     def _snapshot(k: _Kernel) -> KernelTelemetry:
-        snap = k.loop.telemetry(k.state.name)
+        snap = k.kernel_backend.telemetry(k.state.name)
         if k.restarts or k.last_error is not None:
             snap = dataclasses.replace(snap, restarts=k.restarts, last_error=k.last_error)
         return snap
@@ -884,7 +898,7 @@ class RingKernelRuntime:
         if k.state.is_final or k.state is KernelState.RESTARTING:
             return  # a second report of one crash (another worker of the same run)
         k.error = exc
-        k.failed_input = k.loop.failed_input
+        k.failed_input = k.kernel_backend.failed_input
         text = describe_crash(k.kernel_id, exc, k.spec.func, k.failed_input)
         cfg = k.spec.config
         if cfg.restart == "on-failure" and k.state in _RUNNING:
@@ -896,9 +910,10 @@ class RingKernelRuntime:
                 if k.replies is not None and k.failed_input is not None:
                     # Outputs not yet read answer the requests before the one that
                     # raised (one reply per request): its caller is the next in line.
-                    unread = k.loop.telemetry(k.state.name).output_queue_depth
+                    unread = k.kernel_backend.telemetry(k.state.name).output_queue_depth
                     k.replies.no_reply(unread, self._failed_error(k))
                 self._schedule_restart(k, len(recent) + 1)
+                self._tell_error_watchers(k)
                 return
             text += (
                 f"\ngave up restarting it: {len(recent)} restart(s) within the last "
@@ -906,14 +921,23 @@ class RingKernelRuntime:
             )
         k.last_error = text
         self._fail_for_good(k, logging.ERROR)
+        self._tell_error_watchers(k)
+
+    def _tell_error_watchers(self, k: _Kernel) -> None:
+        """After the kernel restarts or fails: the message that raised has no output."""
+        if k.failed_input is None or not k.error_watchers:
+            return
+        error = self._failed_error(k)
+        for watcher in k.error_watchers:
+            watcher(k.failed_input, error)
 
     def _fail_for_good(self, k: _Kernel, level: int) -> None:
-        """FAILED: the loop's queues close (outputs already produced stay receivable)."""
+        """FAILED: the backend's queues close (outputs already produced stay receivable)."""
         if k.state.is_final:
             return
         check_transition(k.kernel_id, k.state, KernelState.FAILED)
         k.state = KernelState.FAILED
-        discarded = k.loop.close_failed(functools.partial(self._failed_error, k))
+        discarded = k.kernel_backend.close_failed(functools.partial(self._failed_error, k))
         if discarded:
             k.last_error = f"{k.last_error}\n{discarded} queued message(s) discarded"
         log.log(level, "%s", k.last_error)
@@ -944,7 +968,7 @@ class RingKernelRuntime:
     async def _restart(self, k: _Kernel, delay: float) -> None:
         await asyncio.sleep(delay)
         try:
-            await k.loop.restart()
+            await k.kernel_backend.restart()
         except Exception as exc:
             if k.state is KernelState.RESTARTING:
                 k.error, k.failed_input = exc, None
@@ -956,12 +980,12 @@ class RingKernelRuntime:
         finally:
             k.restart_task = None
         if k.state is not KernelState.RESTARTING:
-            return  # terminated meanwhile: its stop ends the restarted loop
+            return  # terminated meanwhile: its stop ends the restarted handler
         target = k.resume
         check_transition(k.kernel_id, KernelState.RESTARTING, target)
         k.restarts += 1
         k.state = target
-        k.loop.set_active(target is KernelState.ACTIVE)
+        k.kernel_backend.set_active(target is KernelState.ACTIVE)
         log.info("kernel %r restarted (%d restart(s) since launch)", k.kernel_id, k.restarts)
 
     def _on_exit(self, k: _Kernel) -> None:
