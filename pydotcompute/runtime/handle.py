@@ -65,6 +65,12 @@ class KernelHandle:
         """Where it runs: ``host``, ``cpu`` or ``cuda``."""
         return self._launch.loop.backend  # type: ignore[no-any-return]
 
+    def stage_counts(self) -> dict[str, dict[str, int]] | None:
+        """A fused kernel's counts per stage (``processed``, ``emitted``, ``dropped``);
+        None for a kernel of one handler."""
+        reader = getattr(self._launch.loop, "stage_counts", None)
+        return None if reader is None else reader()  # type: ignore[no-any-return]
+
     @property
     def error(self) -> BaseException | None:
         """What made it FAILED, if it failed."""
