@@ -284,8 +284,8 @@ def compile_fused_loop(
         in_batch = np.zeros(1, steps[0].in_dtype)
         out_batch = np.zeros(1, steps[-1].out_dtype)
         xs, blanks = _scratch(steps)
-        args = (buf, buf, words, state, in_batch, out_batch, out_batch, words)
-        args += (np.zeros(1, np.uint64), words, *(s.state for s in steps), *xs, *blanks)
+        args: tuple[np.ndarray, ...] = (buf, buf, words, state, in_batch, out_batch, out_batch)
+        args += (words, np.zeros(1, np.uint64), words, *(s.state for s in steps), *xs, *blanks)
         loop.compile(tuple(typeof(a) for a in args))
         _FUSED[key] = loop
     return loop  # type: ignore[no-any-return]

@@ -69,7 +69,7 @@ class KernelHandle:
         """A fused kernel's counts per stage (``processed``, ``emitted``, ``dropped``);
         None for a kernel of one handler."""
         reader = getattr(self._launch.loop, "stage_counts", None)
-        return None if reader is None else reader()  # type: ignore[no-any-return]
+        return None if reader is None else reader()
 
     @property
     def error(self) -> BaseException | None:
