@@ -12,6 +12,8 @@ import asyncio
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pydotcompute import (
     FusedStageError,
@@ -22,6 +24,7 @@ from pydotcompute import (
 )
 from pydotcompute.coordinator import FanOut, deploy, stage
 from pydotcompute.errors import ItemFailedError, ItemFilteredError
+from pydotcompute.telemetry.collector import TelemetryCollector
 
 
 @message
@@ -130,6 +133,17 @@ async def test_a_handler_returning_false_mid_chain_ends_that_item_filtered():
         assert rt.kernel_handle(flow.explain().fused[0].kernel_id).stage_counts() == (
             flow.stage_counts()
         )
+        registry = CollectorRegistry()
+        registry.register(TelemetryCollector(rt))
+        samples = {
+            (s.name, s.labels["stage"], s.labels["outcome"]): s.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for s in family.samples
+            if s.name == "pydotcompute_flow_fused_stage_records_total"
+        }
+        name = "pydotcompute_flow_fused_stage_records_total"
+        assert samples[(name, "even", "dropped")] == 20
+        assert samples[(name, "c", "processed")] == 20
 
 
 async def test_an_error_in_a_fused_handler_names_the_stage_that_raised():

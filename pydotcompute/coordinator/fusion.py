@@ -176,7 +176,8 @@ def plan_fusion(plan: Plan, runtime: Any) -> FusionPlan:
     incoming[plan.entry[0]] += 1
     nxt: dict[int, Node] = {}
     not_fused: list[NotFused] = []
-    for n in plan.calls:
+    # Nodes are numbered from the graph's end: reversed, a pipeline reads in order.
+    for n in reversed(plan.calls):
         if len(n.edges) != 1 or n.edges[0][0] == plan.sink:
             continue
         m = plan.nodes[n.edges[0][0]]
@@ -187,7 +188,7 @@ def plan_fusion(plan: Plan, runtime: Any) -> FusionPlan:
             not_fused.append(NotFused(n.name, m.name, reason))
     inner = {m.index for m in nxt.values()}
     segments: list[list[Node]] = []
-    for n in plan.calls:
+    for n in reversed(plan.calls):
         if n.index in nxt and n.index not in inner:
             seg = [n]
             while seg[-1].index in nxt:
