@@ -297,3 +297,25 @@ async def test_items_a_journal_holds_at_an_inner_stage_resume_unfused(tmp_path):
             # They ran at "b" and "c" unfused, not again from the segment's start.
             assert flow.stage_counts()["a"]["processed"] == 0
             assert rt.get_telemetry("b").messages_processed == 20
+
+
+async def test_a_restarting_fused_kernel_goes_on_with_the_other_items():
+    async with RingKernelRuntime() as rt:
+        for kid, fn in (("a", inc), ("check", fails_on_13), ("c", inc)):
+            await rt.launch(
+                kid, fn, backend="cpu", input_type=Num, output_type=Num, restart="on-failure"
+            )
+            await rt.activate(kid)
+        g = stage(make) >> stage("a", timeout=10, retries=2, backoff=0.01)
+        g = g >> stage("check", timeout=10, retries=2, backoff=0.01)
+        g = g >> stage("c", timeout=10, retries=2, backoff=0.01) >> stage(unwrap)
+        flow = await rt.deploy(g, name="f")
+        [seg] = flow.explain().fused
+        await flow.submit_many(range(30), keys=[str(i) for i in range(30)])
+        await flow.drain(timeout=60)
+        assert flow.status()["done"] == 29 and "12" not in flow.items("done")
+        assert [await flow.result(str(i)) for i in range(30) if i != 12] == [
+            i + 2 for i in range(30) if i != 12
+        ]
+        t = rt.get_telemetry(seg.kernel_id)
+        assert t.restarts == 1 and "stage 'check' (handler fails_on_13)" in (t.last_error or "")
