@@ -299,7 +299,7 @@ async def test_items_a_journal_holds_at_an_inner_stage_resume_unfused(tmp_path):
             assert rt.get_telemetry("b").messages_processed == 20
 
 
-async def test_a_restarting_fused_kernel_goes_on_with_the_other_items():
+async def test_a_restarting_fused_kernel_fails_the_item_that_raised_and_goes_on():
     async with RingKernelRuntime() as rt:
         for kid, fn in (("a", inc), ("check", fails_on_13), ("c", inc)):
             await rt.launch(
@@ -313,9 +313,12 @@ async def test_a_restarting_fused_kernel_goes_on_with_the_other_items():
         [seg] = flow.explain().fused
         await flow.submit_many(range(30), keys=[str(i) for i in range(30)])
         await flow.drain(timeout=60)
-        assert flow.status()["done"] == 29 and "12" not in flow.items("done")
+        assert flow.status() == {"done": 29, "dead": 1}
+        [dead] = flow.dead_letters()
+        assert dead.key == "12" and dead.attempts == 2
+        assert "stage 'check' (handler fails_on_13) raised ValueError" in dead.error
         assert [await flow.result(str(i)) for i in range(30) if i != 12] == [
             i + 2 for i in range(30) if i != 12
         ]
         t = rt.get_telemetry(seg.kernel_id)
-        assert t.restarts == 1 and "stage 'check' (handler fails_on_13)" in (t.last_error or "")
+        assert t.errors == 2 and "stage 'check' (handler fails_on_13)" in (t.last_error or "")

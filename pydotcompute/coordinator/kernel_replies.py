@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.errors import QueueFullError, QueueTimeoutError
+from pydotcompute.errors import KernelFailedError, QueueFullError, QueueTimeoutError
 from pydotcompute.messages.message import RingKernelMessage
 from pydotcompute.messages.record import record_layout, uuid_offset
 
@@ -213,6 +213,9 @@ class KernelReplies:
             and runtime.enable_telemetry
         )
         self._waiting = Waiting()
+        # The input its handler last raised on, once answered (a restarting kernel goes
+        # on, and the replies after it would settle that request as filtered).
+        self._failure_seen: Any = handle.failed_input
         self._send_lock = asyncio.Lock()
         self._sent = 0  # sequence number of the newest request in the kernel's ring
         self._reader: asyncio.Task[None] | None = None
@@ -345,8 +348,27 @@ class KernelReplies:
         finally:
             self._reader = None
 
+    def _answer_failure(self) -> None:
+        """The request whose record the handler raised on gets the kernel's error,
+        before later replies or an idle ring could settle it as filtered."""
+        handle = self._rt.kernel_handle(self.kernel_id)
+        failed = handle.failed_input
+        if failed is None or failed is self._failure_seen:
+            return
+        self._failure_seen = failed
+        mid = getattr(failed, "message_id", None)
+        if mid is None:
+            return
+        t = self._rt.get_telemetry(self.kernel_id)
+        text = getattr(t, "last_error", None) or f"kernel {self.kernel_id!r} failed"
+        err = KernelFailedError(text, kernel_id=self.kernel_id, failed_message=failed)
+        err.__cause__ = handle.error
+        self._waiting.answer(mid.bytes, err)
+
     def _route(self, got: Any) -> None:
         waiting = self._waiting
+        if self.tells_drops:
+            self._answer_failure()
         in_order = self.tells_drops
         if not self.records:
             for msg in got:
@@ -372,6 +394,7 @@ class KernelReplies:
         """Nothing came: once the input ring is empty and the worker has polled it
         idle since, every request sent before got all the replies it will get."""
         sent = self._sent
+        self._answer_failure()
         t = self._rt.get_telemetry(self.kernel_id)
         if t is None or t.queue_depth != 0:
             self._mark = None
