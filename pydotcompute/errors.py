@@ -68,9 +68,7 @@ class FusedStageError(PyDotComputeError):
     did; the original exception is its ``__cause__``."""
 
     def __init__(self, stage: str, handler: str, exc: BaseException) -> None:
-        super().__init__(
-            f"stage {stage!r} (handler {handler}) raised {type(exc).__name__}: {exc}"
-        )
+        super().__init__(f"stage {stage!r} (handler {handler}) raised {type(exc).__name__}: {exc}")
         self.stage = stage
         self.handler = handler
 

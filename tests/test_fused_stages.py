@@ -186,7 +186,9 @@ async def test_fuse_false_keeps_a_stage_apart():
         assert report.counts() == {}
         await flow.submit_many(range(30), keys=[str(i) for i in range(30)])
         await flow.drain(timeout=30)
-        assert [await flow.result(str(i)) for i in range(30)] == [(i + 1) * 2 + 1 for i in range(30)]
+        assert [await flow.result(str(i)) for i in range(30)] == [
+            (i + 1) * 2 + 1 for i in range(30)
+        ]
         assert rt.get_telemetry("b").messages_processed == 30
 
 

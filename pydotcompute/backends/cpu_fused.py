@@ -62,7 +62,7 @@ class FusedHandlers:
         return f"<{self.__name__}>"
 
 
-_TEMPLATE = '''
+_TEMPLATE = """
 def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, progress, ids,
                counts, {params}):
     batch = in_batch.shape[0]
@@ -135,7 +135,7 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
                     wake_signal(ctrl, WAKE)
                 placed += more
         fetch_add(ctrl, EMITTED_WORD, k)
-'''
+"""
 
 # One step's call: reset its output record to its blank header (the input's id as
 # correlation id, as an unfused loop would), call it, count, stop the record on False.
