@@ -11,6 +11,7 @@ __all__ = [
     "KernelAlreadyExistsError",
     "KernelStateError",
     "KernelFailedError",
+    "FusedStageError",
     "QueueFullError",
     "QueueTimeoutError",
     "MessageSerializationError",
@@ -60,6 +61,16 @@ class KernelFailedError(PyDotComputeError):
         super().__init__(*args)
         self.kernel_id = kernel_id
         self.failed_message = failed_message
+
+
+class FusedStageError(PyDotComputeError):
+    """A handler of a fused chain raised: ``stage`` and ``handler`` name the one that
+    did; the original exception is its ``__cause__``."""
+
+    def __init__(self, stage: str, handler: str, exc: BaseException) -> None:
+        super().__init__(f"stage {stage!r} (handler {handler}) raised {type(exc).__name__}: {exc}")
+        self.stage = stage
+        self.handler = handler
 
 
 class QueueFullError(PyDotComputeError):

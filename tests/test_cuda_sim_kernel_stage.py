@@ -61,3 +61,34 @@ async def test_a_filtering_cuda_kernel_stage_matches_replies_by_identity() -> No
         assert all("QueueTimeoutError" in r.error for r in flow.dead_letters())
         await flow.close()
         await rt.terminate("even")
+
+
+def plus_one(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x + 1
+    return True
+
+
+@sim
+async def test_a_cuda_stage_stays_apart_and_the_cpu_stages_after_it_fuse() -> None:
+    from pydotcompute import RingKernelRuntime, message
+    from pydotcompute.coordinator import stage
+
+    @message
+    class SimNum:
+        x: np.int64
+
+    async with RingKernelRuntime() as rt:
+        # The simulator runs one cuda kernel at a time: one cuda stage, two cpu stages.
+        for kid, backend in (("g1", "cuda"), ("c1", "cpu"), ("c2", "cpu")):
+            await rt.launch(kid, plus_one, backend=backend, input_type=SimNum,
+                            output_type=SimNum, queue_size=8)  # fmt: skip
+            await rt.activate(kid)
+        g = stage(lambda i: SimNum(x=i)) >> "g1" >> "c1" >> "c2" >> stage(lambda m: int(m.x))
+        flow = await rt.deploy(g, name="sim")
+        report = flow.explain()
+        assert [s.stages for s in report.fused] == [("c1", "c2")]
+        assert report.reason("g1", "c1") == "different backend: 'g1' runs on cuda, 'c1' on cpu"
+        await flow.submit_many([1, 5], keys=["one", "five"])
+        assert await flow.result("one", timeout=90) == 4
+        assert await flow.result("five", timeout=90) == 8
+        assert report.counts()["c2"]["processed"] == 2

@@ -261,3 +261,34 @@ async def test_an_item_whose_plain_value_raised_in_a_restarting_host_actor_fails
         assert [await flow.result(str(i)) for i in (0, 1, 2, 4, 5)] == [0, 10, 20, 40, 50]
         [rec] = flow.dead_letters()
         assert rec.key == "3" and "three is refused" in rec.error
+
+
+def fails_on_13(msg, out, state):  # type: ignore[no-untyped-def]
+    if msg.x == 13:
+        raise ValueError("thirteen")
+    out.x = msg.x
+    return True
+
+
+async def test_the_record_a_restarting_kernel_raised_on_fails_its_item_not_filters_it():
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "check",
+            fails_on_13,
+            backend="cpu",
+            input_type=Num,
+            output_type=Num,
+            restart="on-failure",
+        )
+        await rt.activate("check")
+        g = stage(make) >> stage("check", timeout=10, retries=2, backoff=0.01) >> stage(unwrap)
+        flow = await rt.deploy(g, name="f")
+        await flow.submit_many(range(30), keys=[str(i) for i in range(30)])
+        await flow.drain(timeout=60)
+        assert flow.status() == {"done": 29, "dead": 1}
+        [dead] = flow.dead_letters()
+        assert dead.key == "13" and dead.attempts == 2
+        assert "ValueError: thirteen" in dead.error and "KernelFailedError" in dead.error
+        assert [await flow.result(str(i)) for i in range(30) if i != 13] == [
+            i for i in range(30) if i != 13
+        ]

@@ -9,6 +9,7 @@ import re
 from pydotcompute.telemetry.collector import (
     FLOW_COUNTERS,
     FLOW_GAUGES,
+    FUSED_STAGE_COUNTER,
     KERNEL_COUNTERS,
     KERNEL_GAUGES,
     LATENCY_METRIC,
@@ -25,7 +26,7 @@ EXPORTED = (
     | set(KERNEL_GAUGES)
     | set(FLOW_GAUGES)
     | set(GPU_GAUGES)
-    | {STATE_METRIC, NVML_AVAILABLE_METRIC, LATENCY_METRIC}
+    | {STATE_METRIC, NVML_AVAILABLE_METRIC, LATENCY_METRIC, f"{FUSED_STAGE_COUNTER}_total"}
     | {f"{LATENCY_METRIC}_{s}" for s in ("bucket", "sum", "count")}
 )
 NAME = re.compile(r"pydotcompute_[a-z_]+")

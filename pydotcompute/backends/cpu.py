@@ -87,6 +87,8 @@ _P_CARRIED = 0
 _P_AT = 1
 _P_GOT = 2
 _P_EMITTED = 3
+_P_STAGE = 4  # a fused kernel: the index of the handler running (see cpu_fused)
+_PROGRESS_WORDS = 5
 # Fresh message ids for outputs, made in the loop: a splitmix64 stream per worker,
 # seeded from os.urandom (drawing them on the host instead, 16 random bytes and numpy
 # masking per batch, cut end-to-end throughput from 31 to 6 M msg/s and made a
@@ -308,6 +310,14 @@ class CpuKernelBackend(RingFedBackend):
     restartable = True
     outputs_have_ids = _LITTLE_ENDIAN
 
+    def __new__(cls, kernel_id: str, func: Any, *args: Any, **kwargs: Any) -> CpuKernelBackend:
+        # A chain of handlers (the coordinator's fused stages) runs in a loop of its own.
+        if cls is CpuKernelBackend and getattr(func, "fused_handlers", False):
+            from pydotcompute.backends.cpu_fused import FusedCpuKernelBackend
+
+            cls = FusedCpuKernelBackend
+        return super().__new__(cls)
+
     def __init__(
         self,
         kernel_id: str,
@@ -347,16 +357,9 @@ class CpuKernelBackend(RingFedBackend):
     async def start(self) -> None:
         event_loop = asyncio.get_running_loop()
         try:
-            check_handler_source(self.func, self.kernel_id, "cpu")
+            self._check_source()
             # Compiling takes a while the first time; keep the event loop responsive.
-            loop_fn = await asyncio.to_thread(
-                compile_kernel_loop,
-                self.func,
-                self.in_dtype,
-                self.out_dtype,
-                self.state,
-                boundscheck=self.boundscheck,
-            )
+            loop_fn = await asyncio.to_thread(self._compile_loop)
             for ring in (self.in_ring, self.out_ring):
                 await asyncio.to_thread(ring.prepare)
         except KernelFailedError as refused:  # before compiling: already explained
@@ -371,6 +374,24 @@ class CpuKernelBackend(RingFedBackend):
         blank, _, _ = output_header(self.in_dtype, self.out_dtype)
         self._start_workers(_Run(event_loop, loop_fn, blank), np.zeros(0, self.in_dtype))
 
+    def _check_source(self) -> None:
+        """Refuse a handler the backend cannot compile, before compiling it."""
+        check_handler_source(self.func, self.kernel_id, "cpu")
+
+    def _compile_loop(self) -> Callable[..., None]:
+        """The compiled loop the workers run (on a thread: compiling takes a while)."""
+        return compile_kernel_loop(
+            self.func, self.in_dtype, self.out_dtype, self.state, boundscheck=self.boundscheck
+        )
+
+    def _worker_args(self) -> tuple[Any, ...]:
+        """Arguments after the loop's usual ones, one set per worker."""
+        return ()
+
+    def _crash_error(self, exc: BaseException, progress: np.ndarray) -> BaseException:
+        """What the kernel reports when its handler raised ``exc``."""
+        return exc
+
     def _start_workers(self, run: _Run, carried: np.ndarray) -> None:
         """Start ``workers`` threads of ``run``; worker 0 handles ``carried`` first."""
         self._run = run
@@ -380,14 +401,14 @@ class CpuKernelBackend(RingFedBackend):
         for w in range(self.config.workers):
             n = max(width, len(carried)) if w == 0 else width
             in_batch, out_batch = np.zeros(n, self.in_dtype), np.zeros(n, self.out_dtype)
-            progress = np.zeros(4, np.int64)
+            progress = np.zeros(_PROGRESS_WORDS, np.int64)
             ids = np.frombuffer(os.urandom(8), np.uint64).copy()  # a stream per worker
             if w == 0 and len(carried):
                 in_batch[: len(carried)] = carried
                 progress[_P_CARRIED] = len(carried)
             t = threading.Thread(
                 target=self._work,
-                args=(run, in_batch, out_batch, progress, ids),
+                args=(run, in_batch, out_batch, progress, ids, self._worker_args()),
                 name=f"pydotcompute-cpu-{self.kernel_id}-{w}",
                 daemon=True,  # never keep the interpreter alive; stop() joins them
             )
@@ -402,6 +423,7 @@ class CpuKernelBackend(RingFedBackend):
         out_batch: np.ndarray,
         progress: np.ndarray,
         ids: np.ndarray,
+        extra: tuple[Any, ...],
     ) -> None:
         try:
             run.loop_fn(
@@ -414,9 +436,10 @@ class CpuKernelBackend(RingFedBackend):
                 run.blank,
                 progress,
                 ids,
+                *extra,
             )
         except BaseException as exc:  # reported, never swallowed: the kernel goes FAILED
-            self._crashed(run, exc, in_batch, out_batch, progress)
+            self._crashed(run, self._crash_error(exc, progress), in_batch, out_batch, progress)
         finally:
             with run.lock:
                 run.alive -= 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydotcompute.coordinator.flow import Flow
+from pydotcompute.coordinator.fusion import FusedSegment, FusionReport, NotFused
 from pydotcompute.coordinator.graph import (
     DAG,
     FanIn,
@@ -33,8 +34,11 @@ __all__ = [
     "FanIn",
     "FanOut",
     "Flow",
+    "FusedSegment",
+    "FusionReport",
     "Graph",
     "JournalReader",
+    "NotFused",
     "Pipeline",
     "Pruned",
     "Retention",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -21,6 +22,14 @@ from datetime import timedelta
 from typing import Any
 
 from pydotcompute.coordinator.channel import Channel
+from pydotcompute.coordinator.fusion import (
+    FusedSegment,
+    FusionPlan,
+    FusionReport,
+    fused_node,
+    launch_segment,
+    plan_fusion,
+)
 from pydotcompute.coordinator.journal import JournalConfig, JournalSession
 from pydotcompute.coordinator.kernel_replies import FILTERED_OUT
 from pydotcompute.coordinator.ledger import Ledger, SplitFailed
@@ -39,6 +48,7 @@ from pydotcompute.errors import (
     ItemFailedError,
     ItemFilteredError,
     JournalError,
+    PyDotComputeError,
 )
 
 __all__ = ["Admission", "Flow"]
@@ -87,6 +97,8 @@ class Flow:
         self._error: BaseException | None = None
         self._log = LogThrottle(log)  # retries, dead letters, lost leases: not per item
         self._changed = asyncio.Event()  # something finished: drain/results/result look again
+        self._fusion: FusionPlan | None = None
+        self._fused_kernels: list[str] = []  # launched by this flow, terminated when it closes
         self._ledger: Ledger = (
             MemoryLedger(self) if journal is None else JournalLedger(self, journal)
         )
@@ -114,12 +126,14 @@ class Flow:
             if isinstance(ledger, JournalLedger):
                 self.journal = ledger.session
             await ledger.open()
+            heads = await self._fuse()
             for node in self.plan.calls:
+                run_as = heads.get(node.index, node)
                 for _ in range(self._workers(node)):
-                    runner = make_runner(node.stage, self.runtime)
+                    runner = make_runner(run_as.stage, self.runtime)
                     self._runners.append(runner)
                     await runner.start()
-                    self._spawn(self._work(node, runner))
+                    self._spawn(self._work(run_as, runner))
             # Worker processes have started side by side; a deploy fails here if one
             # cannot load its stage. (One by one: runners with nothing to wait for do not
             # yield to the loop, so the flow's first ops go to the writer as before.)
@@ -131,6 +145,40 @@ class Flow:
             await self._shutdown("deploy failed", cancel_items=False)
             raise
         return self
+
+    async def _fuse(self) -> dict[int, Node]:
+        """Launch a kernel per fused segment; the nodes its first stage runs as, by index."""
+        fusion = plan_fusion(self.plan, self.runtime)
+        heads: dict[int, Node] = {}
+        segments: list[FusedSegment] = []
+        for seg, info in zip(fusion.segments, fusion.report.fused, strict=True):
+            kid = f"{self.name}:fused:{seg[0].name}..{seg[-1].name}:{self.owner[:8]}"
+            await launch_segment(self.runtime, seg, kid)
+            self._fused_kernels.append(kid)
+            heads[seg[0].index] = fused_node(seg, kid)
+            segments.append(dataclasses.replace(info, kernel_id=kid))
+        report = FusionReport(tuple(segments), fusion.report.not_fused, self.stage_counts)
+        self._fusion = FusionPlan(report, fusion.segments)
+        return heads
+
+    def explain(self) -> FusionReport:
+        """Which stages run fused (one kernel per segment), why each other adjacent pair
+        does not, and per fused stage its counts (``counts()``)."""
+        if self._fusion is None:
+            return plan_fusion(self.plan, self.runtime).report
+        return self._fusion.report
+
+    def stage_counts(self) -> dict[str, dict[str, int]]:
+        """Per stage of a fused segment: records ``processed``, ``emitted`` and
+        ``dropped`` by its handler in the fused kernel."""
+        out: dict[str, dict[str, int]] = {}
+        for kid in self._fused_kernels:
+            try:
+                counts = self.runtime.kernel_handle(kid).stage_counts()
+            except PyDotComputeError:
+                continue  # terminated with its runtime: nothing to read any more
+            out.update(counts or {})
+        return out
 
     def _capacity(self) -> int:
         """How many items the flow's channels and workers hold at most."""
@@ -190,6 +238,11 @@ class Flow:
             await asyncio.wait(self._tasks, timeout=timeout)
         for r in self._runners:
             await r.close()
+        for kid in self._fused_kernels:
+            try:
+                await self.runtime.terminate(kid)
+            except PyDotComputeError as exc:  # the runtime is shutting down and got there first
+                log.debug("flow %r: fused kernel %r: %s", self.name, kid, exc)
         await self._ledger.close(reason, cancel_items=cancel_items)
         self._log.flush()
         self._changed.set()

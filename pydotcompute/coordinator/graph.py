@@ -48,6 +48,7 @@ class Stage(Graph):
     waiting for them. ``state`` is a factory called once per worker (default: an empty
     dict for two-argument functions). ``processes=True`` runs a sync, module-level
     function in ``workers`` child processes. ``timeout`` bounds one kernel round trip.
+    ``fuse=False`` keeps a kernel stage out of fused chains (see ``coordinator.fusion``).
     """
 
     target: Callable[..., Any] | str
@@ -58,6 +59,7 @@ class Stage(Graph):
     processes: bool = False
     state: Callable[[], Any] | None = None
     timeout: float | None = None
+    fuse: bool = True
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -95,11 +97,13 @@ def stage(
     state: Callable[[], Any] | None = None,
     timeout: float | None = None,
     name: str | None = None,
+    fuse: bool = True,
 ) -> Any:
     """Wrap a function or kernel id as a :class:`Stage`; usable as ``@stage`` or ``@stage(...)``.
 
     ``retries`` is the most runs an item gets at this stage (``retries=3``: three runs, then
-    the dead letters), or a full :class:`RetryPolicy`.
+    the dead letters), or a full :class:`RetryPolicy`. ``fuse=False`` keeps this stage
+    out of fused chains of compiled kernels.
     """
     policy = (
         retries
@@ -117,6 +121,7 @@ def stage(
             processes=processes,
             state=state,
             timeout=timeout,
+            fuse=fuse,
         )
 
     return wrap if fn is None else wrap(fn)

@@ -16,6 +16,7 @@ class _Launch(Protocol):
     kernel_id: str
     state: KernelState
     error: BaseException | None
+    failed_input: Any
     spec: Any
     kernel_backend: Any
 
@@ -64,6 +65,18 @@ class KernelHandle:
     def backend(self) -> str:
         """Where it runs: ``host``, ``cpu`` or ``cuda``."""
         return self._launch.kernel_backend.backend  # type: ignore[no-any-return]
+
+    @property
+    def failed_input(self) -> Any:
+        """The message (or record) its handler last raised on, where known; kept
+        after a restart, until the next failure."""
+        return self._launch.failed_input
+
+    def stage_counts(self) -> dict[str, dict[str, int]] | None:
+        """A fused kernel's counts per stage (``processed``, ``emitted``, ``dropped``);
+        None for a kernel of one handler."""
+        reader = getattr(self._launch.kernel_backend, "stage_counts", None)
+        return None if reader is None else reader()
 
     @property
     def error(self) -> BaseException | None:

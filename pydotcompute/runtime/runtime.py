@@ -466,6 +466,16 @@ class RingKernelRuntime:
         """Counters of every flow deployed on this runtime, by flow name."""
         return {name: flow.counters() for name, flow in list(self._flows.items())}
 
+    def get_fused_stage_telemetry(self) -> dict[str, dict[str, dict[str, int]]]:
+        """Per flow with fused stages: each fused stage's ``processed``, ``emitted`` and
+        ``dropped`` records."""
+        out = {}
+        for name, flow in list(self._flows.items()):
+            counts = flow.stage_counts()
+            if counts:
+                out[name] = counts
+        return out
+
     def serve_metrics(
         self,
         port: int | None = None,

@@ -108,6 +108,10 @@ FLOW_COUNTERS: dict[str, tuple[str, str]] = {
         "Item leases this process lost to another worker (it stalled past its lease).",
     ),
 }
+FUSED_STAGE_COUNTER = "pydotcompute_flow_fused_stage_records"
+"""Records per stage of a fused chain (labels flow, stage, outcome: processed, emitted,
+dropped), from ``get_fused_stage_telemetry()`` when the source offers it."""
+_FUSED_STAGE_DOC = "Records a stage of a fused chain handled (processed), passed on or dropped."
 FLOW_GAUGES: dict[str, tuple[str, str]] = {
     "pydotcompute_flow_items_in_flight": ("in_flight", "Items inside the flow right now."),
 }
@@ -126,7 +130,8 @@ class TelemetrySource(Protocol):
     """What the collector reads: a runtime, or anything shaped like one.
 
     A source may also offer ``get_flow_telemetry() -> dict[str, dict[str, int]]``
-    (coordinator counters per flow); the collector uses it when present.
+    (coordinator counters per flow) and ``get_fused_stage_telemetry()`` (per flow, the
+    counts of each fused stage); the collector uses them when present.
 
     Both are called on the metrics server's thread, while the runtime keeps working on
     its own: they must not need the event loop, and must copy any container the runtime
@@ -192,6 +197,16 @@ class TelemetryCollector(Collector):
                     if key in counts[flow]:
                         flows[name].add_metric([flow], float(counts[flow][key]))
             yield from flows.values()
+        fused_reader = getattr(self._source, "get_fused_stage_telemetry", None)
+        if fused_reader is not None:
+            fused = CounterMetricFamily(
+                FUSED_STAGE_COUNTER, _FUSED_STAGE_DOC, labels=("flow", "stage", "outcome")
+            )
+            for flow, stages in sorted(fused_reader().items()):
+                for stage_name, counts in stages.items():
+                    for outcome, n in counts.items():
+                        fused.add_metric([flow, stage_name, outcome], float(n))
+            yield fused
 
         if self._gpu is not None:
             yield from self._gpu.collect(self._refresh_gpu)
