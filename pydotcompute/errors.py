@@ -12,6 +12,7 @@ __all__ = [
     "KernelStateError",
     "KernelFailedError",
     "FusedStageError",
+    "KernelLinkError",
     "QueueFullError",
     "QueueTimeoutError",
     "MessageSerializationError",
@@ -71,6 +72,11 @@ class FusedStageError(PyDotComputeError):
         super().__init__(f"stage {stage!r} (handler {handler}) raised {type(exc).__name__}: {exc}")
         self.stage = stage
         self.handler = handler
+
+
+class KernelLinkError(PyDotComputeError):
+    """Two kernels cannot be linked (or unlinked) as asked, or a send or receive went to
+    the inner end of a link; the text names the kernels and why."""
 
 
 class QueueFullError(PyDotComputeError):

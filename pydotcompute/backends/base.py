@@ -287,6 +287,15 @@ class KernelBackend(abc.ABC):
             out.append(msg)
         return out
 
+    links_output: bool = False
+    """Whether ``relink_output`` can send the loop's outputs into another kernel's
+    input (``RingKernelRuntime.link``)."""
+
+    async def relink_output(self, peer: KernelBackend | None) -> None:
+        """Send the loop's outputs straight into ``peer``'s input, or back to this
+        kernel's own output queue (None)."""
+        raise NotImplementedError(f"{self.backend} kernels cannot be linked")
+
     def read_state(self) -> np.ndarray:
         """A copy of the kernel's persistent state array."""
         raise TypeError(f"{self.backend} kernels have no state array")

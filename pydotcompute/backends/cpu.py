@@ -28,7 +28,13 @@ import numpy as np
 from numba import njit, typeof
 from numba.core.registry import CPUDispatcher
 
-from pydotcompute.backends.base import ErrorFactory, FailureCallback, kernel_record_dtype, renamed
+from pydotcompute.backends.base import (
+    ErrorFactory,
+    FailureCallback,
+    KernelBackend,
+    kernel_record_dtype,
+    renamed,
+)
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import check_handler_source, compile_error
 from pydotcompute.backends.options import CpuOptions
@@ -125,6 +131,7 @@ def _compose(
     id_at: int,
     corr_at: int,
     out_id_at: int,
+    carry_at: int = -1,
 ) -> Any:
     """The persistent loop around one compiled handler.
 
@@ -138,10 +145,14 @@ def _compose(
     the record to test it cost the loop 60 % of its speed (58 against 146 M records
     per CPU-second for 56-byte records in cache, same machine), this way about 10 %.
     ``progress`` tells the host, should the handler raise, which record it was on and
-    what the batch had produced.
+    what the batch had produced. With ``carry_at`` >= 0 (a kernel whose outputs feed
+    another kernel through a link) each output keeps the input's ``message_id`` from
+    byte ``carry_at`` instead of a fresh one, so the kernel after it answers with the
+    id the request entered the linked chain with.
     """
     correlate = id_at >= 0
-    make_ids = out_id_at >= 0
+    carry = carry_at >= 0 and out_id_at >= 0
+    make_ids = out_id_at >= 0 and not carry
 
     def kernel_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, progress, ids):  # type: ignore[no-untyped-def]
         batch = in_batch.shape[0]
@@ -192,6 +203,10 @@ def _compose(
                     lo = (_mix(seed) & _VAR_KEEP) | _VAR_SET
                     store_word(out_batch, k * out_rs + out_id_at, np.int64(hi))
                     store_word(out_batch, k * out_rs + out_id_at + 8, np.int64(lo))
+                if carry:
+                    copy_bytes(
+                        out_batch, k * out_rs + out_id_at, in_batch, i * in_rs + carry_at, 16
+                    )
                 if correlate:
                     copy_bytes(out_batch, k * out_rs + corr_at, in_batch, i * in_rs + id_at, 16)
                 if handler(in_batch[i], out_batch[k], state):
@@ -235,11 +250,13 @@ def compile_kernel_loop(
     state: np.ndarray,
     *,
     boundscheck: bool = False,
+    carry_ids: bool = False,
 ) -> Callable[..., None]:
     """Compile ``func`` and the loop around it for these record dtypes (cached).
 
     The handler is compiled alone first, so numba's error, when it does not compile
-    for them, is located in the handler rather than in the loop's call to it."""
+    for them, is located in the handler rather than in the loop's call to it.
+    ``carry_ids``: outputs keep their input's ``message_id`` (a linked kernel's loop)."""
     in_batch = np.zeros(1, in_dtype)
     out_batch = np.zeros(1, out_dtype)
     buf = np.zeros(8, np.uint8)
@@ -248,7 +265,7 @@ def compile_kernel_loop(
     sig = tuple(
         typeof(a) for a in (buf, buf, ctrl, state, in_batch, out_batch, out_batch, ctrl, ids)
     )
-    key = (sig, bool(boundscheck))
+    key = (sig, bool(boundscheck), bool(carry_ids))
     with _LOOPS_LOCK:
         per_func = _LOOPS.setdefault(func, {})
         loop = per_func.get(key)
@@ -267,6 +284,7 @@ def compile_kernel_loop(
                 id_at,
                 corr_at,
                 out_id_at,
+                uuid_offset(in_dtype, "message_id") if carry_ids else -1,
             )
             loop.compile(sig)
             per_func[key] = loop
@@ -293,6 +311,46 @@ class _Run:
         self.carried: list[np.ndarray] = []
 
 
+class _Mover:
+    """Moves records from one ring into another on the host, in order, under the
+    target's strategy, holding what did not fit (the records a kernel produced before
+    it was linked go ahead of what it produces after)."""
+
+    __slots__ = ("src", "dst", "held", "scratch")
+
+    def __init__(self, src: HostRing, dst: HostRing) -> None:
+        self.src, self.dst = src, dst
+        self.scratch = np.empty(min(1024, src.capacity), src.dtype)
+        self.held: np.ndarray | None = None
+
+    def step(self) -> bool:
+        """Move what can move now; True once the source is empty and nothing is held."""
+        if self.held is None:
+            got = int(ring_pop(self.src.buffer, self.scratch, 0, len(self.scratch)))
+            if got == 0:
+                return True
+            self.held = self.scratch[:got].copy()
+        placed = int(ring_push(self.dst.buffer, self.held, 0, len(self.held)))
+        if placed == len(self.held) or self.dst.backpressure is not BackpressureStrategy.BLOCK:
+            self.held = None  # the rest was dropped or refused, and counted by the ring
+        else:
+            self.held = self.held[placed:]
+        return False
+
+
+class _Outlet:
+    """Where a kernel's workers push their outputs: its own output ring, or the input
+    ring of the kernel it is linked to (``peer``), and the transition between them."""
+
+    __slots__ = ("ring", "peer", "relinking", "want_active")
+
+    def __init__(self, ring: HostRing) -> None:
+        self.ring = ring
+        self.peer: CpuKernelBackend | None = None
+        self.relinking = False
+        self.want_active = False  # what set_active asked for while relinking
+
+
 class CpuKernelBackend(RingFedBackend):
     """A ``cpu`` ring kernel: ``workers`` threads running the compiled loop.
 
@@ -309,6 +367,7 @@ class CpuKernelBackend(RingFedBackend):
     backend = "cpu"
     restartable = True
     outputs_have_ids = _LITTLE_ENDIAN
+    links_output = True
 
     def __new__(cls, kernel_id: str, func: Any, *args: Any, **kwargs: Any) -> CpuKernelBackend:
         # A chain of handlers (the coordinator's fused stages) runs in a loop of its own.
@@ -348,6 +407,7 @@ class CpuKernelBackend(RingFedBackend):
         )
         self._threads: list[threading.Thread] = []
         self._run: _Run | None = None
+        self._outlet = _Outlet(self.out_ring)
         self._attach_rings(
             self.in_ring, self.out_ring, ReplyWakeup(self.control.words, ControlBlock.WAKE // 8)
         )
@@ -378,10 +438,16 @@ class CpuKernelBackend(RingFedBackend):
         """Refuse a handler the backend cannot compile, before compiling it."""
         check_handler_source(self.func, self.kernel_id, "cpu")
 
-    def _compile_loop(self) -> Callable[..., None]:
-        """The compiled loop the workers run (on a thread: compiling takes a while)."""
+    def _compile_loop(self, carry_ids: bool = False) -> Callable[..., None]:
+        """The compiled loop the workers run (on a thread: compiling takes a while);
+        ``carry_ids`` for a kernel linked to another (see ``relink_output``)."""
         return compile_kernel_loop(
-            self.func, self.in_dtype, self.out_dtype, self.state, boundscheck=self.boundscheck
+            self.func,
+            self.in_dtype,
+            self.out_dtype,
+            self.state,
+            boundscheck=self.boundscheck,
+            carry_ids=carry_ids,
         )
 
     def _worker_args(self) -> tuple[Any, ...]:
@@ -428,7 +494,7 @@ class CpuKernelBackend(RingFedBackend):
         try:
             run.loop_fn(
                 self.in_ring.buffer,
-                self.out_ring.buffer,
+                self._outlet.ring.buffer,
                 self.control.words,
                 self.state,
                 in_batch,
@@ -480,12 +546,13 @@ class CpuKernelBackend(RingFedBackend):
         """Push ``k`` outputs as the loop would: waiting for room under BLOCK unless
         the kernel is terminated (then they are counted as dropped), and waking a
         receiver asleep on the output ring after each push that placed any."""
-        buf, rs, words = self.out_ring.buffer, out_batch.dtype.itemsize, self.control.words
+        ring = self._outlet.ring
+        buf, rs, words = ring.buffer, out_batch.dtype.itemsize, self.control.words
         placed = int(ring_push(buf, out_batch, 0, k))
         if placed:
             wake_signal(words, _WAKE)
         pause = 1e-5
-        while placed < k and self.out_ring.backpressure is BackpressureStrategy.BLOCK:
+        while placed < k and ring.backpressure is BackpressureStrategy.BLOCK:
             if self.control[ControlBlock.STATE] == ControlBlock.TERMINATE:
                 ring_add_counter(words, _DROPPED, k - placed)
                 return
@@ -563,7 +630,97 @@ class CpuKernelBackend(RingFedBackend):
         if self.failure is not None or self._stopped:
             return
         self._track_active(active)
+        if self._outlet.relinking:  # the workers are being re-pointed: applied after
+            self._outlet.want_active = active
+            return
         self.control.set_state(ControlBlock.ACTIVE if active else ControlBlock.INACTIVE)
+
+    # -- links -----------------------------------------------------------------------
+
+    @property
+    def linked_to(self) -> CpuKernelBackend | None:
+        """The kernel whose input ring this one's workers push into, if linked."""
+        return self._outlet.peer
+
+    def consuming(self) -> bool:
+        """Whether workers may still take records from the input ring."""
+        return any(t.is_alive() for t in self._threads)
+
+    async def relink_output(self, peer: KernelBackend | None) -> None:
+        """Push outputs into ``peer``'s input ring (a link), or into this kernel's own
+        output ring again (None).
+
+        The workers finish the batch in hand, placing its outputs where they went until
+        now (waiting for room under BLOCK), exit, and start again on the new ring with
+        the loop for it (a linked loop keeps each input's ``message_id`` on its
+        outputs). Outputs still in the own output ring move into ``peer``'s ring first,
+        in order, under its strategy. When the old peer has stopped consuming, what
+        this kernel leaves in its ring is discarded and counted as its dropped records.
+        A kernel that crashed and awaits its restart is re-pointed without threads:
+        the restart starts them on the new ring."""
+        run = self._run
+        assert run is not None, "relink_output needs a started kernel"
+        assert peer is None or isinstance(peer, CpuKernelBackend)
+        outlet = self._outlet
+        old_peer = outlet.peer
+        new_ring = self.out_ring if peer is None else peer.in_ring
+        loop_fn = await asyncio.to_thread(self._compile_loop, peer is not None)
+        if peer is not None:
+            await asyncio.to_thread(peer.in_ring.prepare)
+        outlet.want_active = self.control[ControlBlock.STATE] == ControlBlock.ACTIVE
+        outlet.relinking = True
+        moving = _Mover(self.out_ring, new_ring) if peer is not None else None
+        try:
+            if self.control[ControlBlock.STATE] != ControlBlock.TERMINATE:
+                self.control.set_state(ControlBlock.HALT)  # finish the batch, then exit
+            pause = 1e-4
+            while any(t.is_alive() for t in self._threads):
+                # Make room for a worker waiting to place the batch it holds.
+                if moving is not None and outlet.ring is self.out_ring:
+                    moving.step()
+                elif old_peer is not None and not old_peer.consuming():
+                    old_peer.discard_inputs()
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 2e-3)
+            for t in self._threads:
+                t.join()
+            if old_peer is not None and not old_peer.consuming():
+                old_peer.discard_inputs()  # what the last batch placed there
+            old_ring = outlet.ring
+            # From here a restart (after a crash meanwhile) starts on the new ring.
+            outlet.ring, outlet.peer = new_ring, peer
+            run.loop_fn = loop_fn
+            if moving is not None and old_ring is self.out_ring:
+                pause = 1e-4
+                while not moving.step():
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 2e-3)
+        finally:
+            outlet.relinking = False
+        state = ControlBlock.ACTIVE if outlet.want_active else ControlBlock.INACTIVE
+        if self.failure is not None or self._stopped:
+            return
+        if self._run is not run:  # restarted meanwhile, on the new ring
+            self.control.set_state(state)
+            return
+        if run.crash is not None:
+            return  # the restart (or the failure) to come takes it from here
+        self.control.set_state(ControlBlock.INACTIVE)
+        self._start_workers(_Run(run.event_loop, loop_fn, run.blank), np.zeros(0, self.in_dtype))
+        self.control.set_state(state)
+
+    def discard_inputs(self) -> int:
+        """Take and discard what waits in the input ring, counted as dropped (only once
+        no worker consumes it: a stopped kernel a linked one still feeds)."""
+        if self.consuming():
+            return 0
+        scratch = np.empty(min(1024, self.in_ring.capacity), self.in_dtype)
+        discarded = 0
+        while got := int(ring_pop(self.in_ring.buffer, scratch, 0, len(scratch))):
+            discarded += got
+        if discarded:
+            ring_add_counter(self.control.words, _DROPPED, discarded)
+        return discarded
 
     async def stop(self, timeout: float) -> None:
         self._stopped = True

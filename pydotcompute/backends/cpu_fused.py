@@ -308,7 +308,10 @@ class FusedCpuKernelBackend(cpu.CpuKernelBackend):
         for s in self.chain.steps:
             check_handler_source(s.handler, self.kernel_id, "cpu")
 
-    def _compile_loop(self) -> Callable[..., None]:
+    links_output = False  # its loop makes fresh ids; it may still be linked *to*
+
+    def _compile_loop(self, carry_ids: bool = False) -> Callable[..., None]:
+        assert not carry_ids, "a fused kernel's outputs are not linked"
         return compile_fused_loop(self.chain, self.state, boundscheck=self.boundscheck)
 
     def _worker_args(self) -> tuple[Any, ...]:

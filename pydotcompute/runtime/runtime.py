@@ -25,6 +25,7 @@ from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelAlreadyExistsError,
     KernelFailedError,
+    KernelLinkError,
     KernelNotFoundError,
     KernelStateError,
     QueueFullError,
@@ -96,6 +97,8 @@ class _Kernel:
         "error_watchers",
         "stop_task",
         "wait_warned",
+        "link_to",
+        "fed_by",
     )
 
     def __init__(
@@ -125,6 +128,9 @@ class _Kernel:
         self.error_watchers: list[Callable[[Any, KernelFailedError], None]] = []
         self.stop_task: asyncio.Task[None] | None = None
         self.wait_warned = False  # a wait on it while inactive was logged once
+        # A link (rt.link): the kernel this one's outputs go to, the one feeding it.
+        self.link_to: _Kernel | None = None
+        self.fed_by: _Kernel | None = None
 
     def attach(self, kernel_backend: KernelBackend) -> None:
         """Take the kernel's backend, made with callbacks bound to this record."""
@@ -142,11 +148,20 @@ class _Kernel:
     def state(self, state: KernelState) -> None:
         self._state = state
         kid = self.kernel_id
-        if state in _SENDABLE:
+        # The inner ends of a link take no sends (its input is the other's output) and
+        # give no receives (its outputs went on): refused by ``_refusal``.
+        if state in _SENDABLE and self.fed_by is None:
             self._inputs[kid] = self._input_port
         else:
             self._inputs.pop(kid, None)
-        self._outputs[kid] = self.poll
+        if self.link_to is None:
+            self._outputs[kid] = self.poll
+        else:
+            self._outputs.pop(kid, None)
+
+    def relinked(self) -> None:
+        """Update the per-message tables after ``link_to`` or ``fed_by`` changed."""
+        self.state = self._state
 
 
 class RingKernelRuntime:
@@ -410,9 +425,136 @@ class RingKernelRuntime:
         finally:
             if k.replies is not None:
                 await k.replies.close()
+            await self._cut_links(k)
         if k.state is KernelState.TERMINATING:
             k.state = KernelState.TERMINATED
             log.info("terminated kernel %r", k.kernel_id)
+
+    # -- links (compiled kernels feeding each other without the host) ---------------
+
+    async def link(self, producer: str, consumer: str) -> None:
+        """Feed ``consumer``'s input ring straight from ``producer``'s compiled loop.
+
+        Both are ``cpu`` kernels of this runtime (not placed on a cluster), running,
+        and ``producer``'s output record dtype is ``consumer``'s input record dtype.
+        From then on ``producer``'s workers push every output into ``consumer``'s input
+        ring, under ``consumer``'s backpressure strategy (BLOCK: ``producer`` waits for
+        room; the others drop or refuse and count it in that ring), with no Python per
+        record. Outputs keep their input's ``message_id``, so ``consumer``'s reply
+        correlates with the message sent to ``producer``. Outputs ``producer`` had
+        queued move to ``consumer`` first, in order. While linked, sends to
+        ``consumer`` and receives from ``producer`` raise ``KernelLinkError``; chains
+        (``a`` to ``b``, ``b`` to ``c``) are allowed, cycles are not. Terminating
+        either kernel, or ``unlink``, ends the link. Raises ``KernelLinkError`` naming
+        the kernels when they cannot be linked.
+        """
+        self._check_open()
+        a, b = self._get(producer), self._get(consumer)
+        why = self._link_problem(a, b)
+        if why is not None:
+            raise KernelLinkError(f"cannot link kernel {producer!r} to {consumer!r}: {why}")
+        a.link_to, b.fed_by = b, a
+        a.relinked()
+        b.relinked()
+        try:
+            await a.kernel_backend.relink_output(b.kernel_backend)
+        except BaseException:
+            a.link_to, b.fed_by = None, None
+            a.relinked()
+            b.relinked()
+            raise
+        log.info("linked kernel %r to %r", producer, consumer)
+
+    async def unlink(self, producer: str, consumer: str | None = None) -> None:
+        """End the link from ``producer`` (to ``consumer``, when given, which must be the
+        kernel it feeds): its workers finish the batch in hand, placing its outputs in
+        the linked ring, and send later outputs to its own output ring again. What the
+        linked ring holds stays there for its kernel. Raises ``KernelLinkError`` when
+        there is no such link."""
+        a = self._get(producer)
+        b = a.link_to
+        if b is None or (consumer is not None and b.kernel_id != consumer):
+            to = "any kernel" if consumer is None else repr(consumer)
+            raise KernelLinkError(f"kernel {producer!r} is not linked to {to}")
+        await self._unlink(a, b)
+
+    @property
+    def links(self) -> dict[str, str]:
+        """The links in place: producer id to consumer id."""
+        return {
+            kid: k.link_to.kernel_id for kid, k in self._kernels.items() if k.link_to is not None
+        }
+
+    async def _unlink(self, a: _Kernel, b: _Kernel) -> None:
+        try:
+            if a.state in _SENDABLE and not a.kernel_backend._stopped:
+                await a.kernel_backend.relink_output(None)
+        finally:
+            if a.link_to is b:
+                a.link_to, b.fed_by = None, None
+                a.relinked()
+                b.relinked()
+                log.info("unlinked kernel %r from %r", a.kernel_id, b.kernel_id)
+
+    async def _cut_links(self, k: _Kernel) -> None:
+        """A kernel stopped: links from and to it end (what a stopped consumer's ring
+        holds, or what its producer still places there, is discarded and counted)."""
+        if k.link_to is not None:
+            b = k.link_to
+            k.link_to, b.fed_by = None, None
+            k.relinked()
+            b.relinked()
+        if k.fed_by is not None:
+            await self._unlink(k.fed_by, k)
+
+    @staticmethod
+    def _link_problem(a: _Kernel, b: _Kernel) -> str | None:
+        """Why ``a`` cannot be linked to ``b``, or None."""
+        if a is b:
+            return "a kernel cannot feed itself"
+        for k in (a, b):
+            if k.kernel_backend.placement is not None:
+                return f"{k.kernel_id!r} is placed on a cluster (links join kernels of one process)"
+            if k.kernel_backend.backend != "cpu":
+                return (
+                    f"{k.kernel_id!r} runs on {k.kernel_backend.backend} (links join cpu kernels)"
+                )
+            if k.state not in _RUNNING:
+                return f"{k.kernel_id!r} is {k.state.name}"
+        if not a.kernel_backend.links_output:
+            return f"{a.kernel_id!r} is a fused chain, whose outputs cannot be linked"
+        if a.link_to is not None:
+            return f"{a.kernel_id!r} already feeds {a.link_to.kernel_id!r}"
+        if b.fed_by is not None:
+            return f"{b.kernel_id!r} is already fed by {b.fed_by.kernel_id!r}"
+        out_dt = getattr(a.kernel_backend, "out_dtype", None)
+        in_dt = getattr(b.kernel_backend, "in_dtype", None)
+        if out_dt != in_dt:
+            return f"{a.kernel_id!r} outputs records {out_dt}, {b.kernel_id!r} takes {in_dt}"
+        c: _Kernel | None = b
+        while c is not None:
+            if c is a:
+                return "the link would close a cycle"
+            c = c.link_to
+        return None
+
+    @staticmethod
+    def _link_refusal(k: _Kernel, what: str) -> KernelLinkError | None:
+        """The error for a send to a linked consumer or a receive from a producer."""
+        kid = k.kernel_id
+        if what == "send to" and k.fed_by is not None:
+            src = k.fed_by.kernel_id
+            return KernelLinkError(
+                f"kernel {kid!r} is fed by kernel {src!r} through a link: send to {src!r}, "
+                f"or rt.unlink({src!r}) first"
+            )
+        if what == "receive from" and k.link_to is not None:
+            dst = k.link_to.kernel_id
+            return KernelLinkError(
+                f"kernel {kid!r} sends its outputs to kernel {dst!r} through a link: "
+                f"receive from {dst!r}, or rt.unlink({kid!r}) first"
+            )
+        return None
 
     async def terminate_all(self, timeout: float = 10.0) -> None:
         """Terminate every kernel concurrently within ``timeout`` seconds."""
@@ -690,7 +832,7 @@ class RingKernelRuntime:
         """
         if isinstance(messages, np.ndarray):
             k = self._kernels.get(kernel_id)
-            if k is None or k.state not in _SENDABLE:
+            if k is None or k.state not in _SENDABLE or k.fed_by is not None:
                 raise self._refusal(kernel_id, "send to")
             return await k.kernel_backend.put_batch(messages, timeout)
         for m in messages:
@@ -705,7 +847,7 @@ class RingKernelRuntime:
         if max_items < 1:
             raise ValueError(f"max_items must be >= 1, got {max_items}")
         k = self._kernels.get(kernel_id)
-        if k is None:
+        if k is None or k.link_to is not None:
             raise self._refusal(kernel_id, "receive from")
         if k.state is KernelState.ACTIVE:
             return await k.kernel_backend.get_batch(max_items, timeout)
@@ -886,6 +1028,9 @@ class RingKernelRuntime:
             k = self._get(kernel_id)
         except KernelNotFoundError as exc:
             return exc
+        link = self._link_refusal(k, what)
+        if link is not None:
+            return link
         if k.state is KernelState.FAILED:
             return self._failed_error(k)
         return KernelStateError(f"cannot {what} kernel {kernel_id!r} in state {k.state.name}")
