@@ -26,9 +26,13 @@ from pydotcompute.coordinator.fusion import (
     FusedSegment,
     FusionPlan,
     FusionReport,
+    LinkedSegment,
+    NotFused,
     fused_node,
     launch_segment,
+    linked_node,
     plan_fusion,
+    plan_links,
 )
 from pydotcompute.coordinator.journal import JournalConfig, JournalSession
 from pydotcompute.coordinator.kernel_replies import FILTERED_OUT
@@ -99,6 +103,8 @@ class Flow:
         self._changed = asyncio.Event()  # something finished: drain/results/result look again
         self._fusion: FusionPlan | None = None
         self._fused_kernels: list[str] = []  # launched by this flow, terminated when it closes
+        self._links: list[tuple[str, str]] = []  # made by this flow, unlinked when it closes
+        self._chains: dict[int, tuple[str, ...]] = {}  # head node: its linked kernels
         self._ledger: Ledger = (
             MemoryLedger(self) if journal is None else JournalLedger(self, journal)
         )
@@ -129,8 +135,9 @@ class Flow:
             heads = await self._fuse()
             for node in self.plan.calls:
                 run_as = heads.get(node.index, node)
+                chain = self._chains.get(node.index, ())
                 for _ in range(self._workers(node)):
-                    runner = make_runner(run_as.stage, self.runtime)
+                    runner = make_runner(run_as.stage, self.runtime, chain)
                     self._runners.append(runner)
                     await runner.start()
                     self._spawn(self._work(run_as, runner))
@@ -157,9 +164,44 @@ class Flow:
             self._fused_kernels.append(kid)
             heads[seg[0].index] = fused_node(seg, kid)
             segments.append(dataclasses.replace(info, kernel_id=kid))
-        report = FusionReport(tuple(segments), fusion.report.not_fused, self.stage_counts)
+        linked, not_linked = await self._link(fusion, heads)
+        report = FusionReport(
+            tuple(segments),
+            fusion.report.not_fused,
+            self.stage_counts,
+            linked=linked,
+            not_linked=not_linked,
+        )
         self._fusion = FusionPlan(report, fusion.segments)
         return heads
+
+    async def _link(
+        self, fusion: FusionPlan, heads: dict[int, Node]
+    ) -> tuple[tuple[LinkedSegment, ...], tuple[NotFused, ...]]:
+        """Link the kernels of each run of kernel stages that did not fuse (in memory),
+        so records go from kernel to kernel without the event loop; the run's first
+        node sends to its first kernel and takes the last one's replies."""
+        durable = self._journal_cfg is not None
+        chains, not_linked = plan_links(self.plan, self.runtime, fusion, durable=durable)
+        linked: list[LinkedSegment] = []
+        refused = list(not_linked)
+        for chain in chains:
+            kernels = tuple(str(x.stage.target) for x in chain if x.stage is not None)
+            done = 0
+            try:
+                for a, b in itertools.pairwise(kernels):
+                    await self.runtime.link(a, b)
+                    self._links.append((a, b))
+                    done += 1
+            except PyDotComputeError as exc:  # e.g. a kernel failed meanwhile: unlinked
+                refused.append(NotFused(chain[done].name, chain[done + 1].name, str(exc)))
+                chain, kernels = chain[: done + 1], kernels[: done + 1]
+                if done == 0:
+                    continue
+            heads[chain[0].index] = linked_node(chain)
+            self._chains[chain[0].index] = kernels
+            linked.append(LinkedSegment(tuple(x.name for x in chain), kernels))
+        return tuple(linked), tuple(refused)
 
     def explain(self) -> FusionReport:
         """Which stages run fused (one kernel per segment), why each other adjacent pair
@@ -238,6 +280,21 @@ class Flow:
             await asyncio.wait(self._tasks, timeout=timeout)
         for r in self._runners:
             await r.close()
+        for a, b in reversed(self._links):
+            try:
+                await asyncio.wait_for(self.runtime.unlink(a, b), timeout)
+            except PyDotComputeError as exc:  # terminated meanwhile: the link went with it
+                log.debug("flow %r: link %r -> %r: %s", self.name, a, b, exc)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "flow %r: kernel %r did not place its last batch in %r within %g s; "
+                    "the link is left to terminate",
+                    self.name,
+                    a,
+                    b,
+                    timeout,
+                )
+        self._links.clear()
         for kid in self._fused_kernels:
             try:
                 await self.runtime.terminate(kid)

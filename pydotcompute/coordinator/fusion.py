@@ -20,7 +20,15 @@ from typing import Any
 
 from pydotcompute.coordinator.plan import Node, Plan
 
-__all__ = ["FusedSegment", "FusionPlan", "FusionReport", "NotFused", "plan_fusion"]
+__all__ = [
+    "FusedSegment",
+    "FusionPlan",
+    "FusionReport",
+    "LinkedSegment",
+    "NotFused",
+    "plan_fusion",
+    "plan_links",
+]
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,16 @@ class FusedSegment:
     stages: tuple[str, ...]
     kernels: tuple[str, ...]
     kernel_id: str = ""
+
+
+@dataclass(frozen=True)
+class LinkedSegment:
+    """Stages whose kernels are linked (``RingKernelRuntime.link``): each kernel's loop
+    feeds the next one's input ring, and the items cross the event loop once for the
+    whole segment. Their names and kernels, in order."""
+
+    stages: tuple[str, ...]
+    kernels: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -52,11 +70,23 @@ class FusionReport:
     reader: Callable[[], dict[str, dict[str, int]]] | None = field(
         default=None, repr=False, compare=False
     )
+    linked: tuple[LinkedSegment, ...] = ()
+    """Runs of adjacent kernel stages that did not fuse and run linked instead."""
+    not_linked: tuple[NotFused, ...] = ()
+    """Adjacent kernel stages that neither fused nor run linked, and why not linked."""
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per stage of a fused segment: records ``processed``, ``emitted`` (passed on)
         and ``dropped`` (its handler returned False), since the flow started."""
         return {} if self.reader is None else self.reader()
+
+    def link_reason(self, before: str, after: str) -> str | None:
+        """Why the kernels of ``before`` and ``after`` (adjacent, not fused) were not
+        linked (None when they were, or are not such a pair)."""
+        for nf in self.not_linked:
+            if nf.before == before and nf.after == after:
+                return nf.reason
+        return None
 
     def reason(self, before: str, after: str) -> str | None:
         """Why ``before`` and ``after`` were not fused (None when they were, or are not
@@ -245,3 +275,112 @@ async def launch_segment(runtime: Any, segment: list[Node], kernel_id: str) -> N
         output_type=last.output_type,
     )
     await runtime.activate(kernel_id)
+
+
+def _link_reason(
+    runtime: Any,
+    n: Node,
+    m: Node,
+    uses: Counter[str],
+    fused: set[int],
+    durable: bool,
+) -> str | None:
+    """Why ``n``'s kernel cannot feed ``m``'s through a link; None when it can."""
+    assert n.stage is not None and m.stage is not None
+    for s in (n.stage, m.stage):
+        if not s.link:
+            return f"link=False on {s.name!r}"
+    for x in (n, m):
+        if x.index in fused:
+            return f"{x.name!r} runs in a fused chain"
+    a_id, b_id = str(n.stage.target), str(m.stage.target)
+    for kid in (a_id, b_id):
+        if uses[kid] > 1:
+            return f"kernel used elsewhere: {kid!r} runs several stages"
+    a = _kernel_info(runtime, a_id)
+    if isinstance(a, str):
+        return a
+    b = _kernel_info(runtime, b_id)
+    if isinstance(b, str):
+        return b
+    (a_spec, _, a_backend), (b_spec, _, b_backend) = a, b
+    for kid, backend in ((a_id, a_backend), (b_id, b_backend)):
+        if backend != "cpu":
+            return f"backend {backend} does not link (only cpu): {kid!r}"
+    out_dt, in_dt = _record_dtype(a_spec.output_type), _record_dtype(b_spec.input_type)
+    if out_dt is None or in_dt is None or _record_dtype(a_spec.input_type) is None:
+        return "not @message records"
+    if _record_dtype(b_spec.output_type) is None:
+        return "not @message records"
+    if out_dt != in_dt:
+        return (
+            f"record types differ: {a_id!r} sends {a_spec.output_type.__name__}, "
+            f"{b_id!r} takes {b_spec.input_type.__name__}"
+        )
+    from pydotcompute.rings.backpressure import BackpressureStrategy
+
+    if b_spec.config.backpressure is not BackpressureStrategy.BLOCK:
+        # A record a link drops would read as filtered: only a waiting ring is linked.
+        return f"{b_id!r} drops or refuses records when full ({b_spec.config.backpressure.name})"
+    sa, sb = n.stage, m.stage
+    if (sa.retry, sa.timeout, sa.workers) != (sb.retry, sb.timeout, sb.workers):
+        return "different options: the stages' retries, timeout or workers differ"
+    if durable:
+        return "durable flow: kernels are linked only in memory"
+    links = runtime.links
+    if a_id in links or b_id in links.values():
+        return f"already linked: {a_id!r} or {b_id!r} has a link of its own"
+    return None
+
+
+def plan_links(
+    plan: Plan, runtime: Any, fusion: FusionPlan, *, durable: bool
+) -> tuple[list[list[Node]], tuple[NotFused, ...]]:
+    """Runs of adjacent kernel stages that did not fuse and whose kernels can be linked
+    (head first), and why each other such pair cannot."""
+    if runtime is None:
+        return [], ()
+    uses: Counter[str] = Counter(
+        str(n.stage.target)
+        for n in plan.calls
+        if n.stage is not None and isinstance(n.stage.target, str)
+    )
+    fused = {x.index for seg in fusion.segments for x in seg}
+    apart = {(nf.before, nf.after) for nf in fusion.report.not_fused}
+    nxt: dict[int, Node] = {}
+    not_linked: list[NotFused] = []
+    for n in reversed(plan.calls):
+        if len(n.edges) != 1 or n.edges[0][0] == plan.sink:
+            continue
+        m = plan.nodes[n.edges[0][0]]
+        if (n.name, m.name) not in apart or m.kind != "call" or n.stage is None:
+            continue
+        if m.stage is None or not isinstance(n.stage.target, str):
+            continue
+        if not isinstance(m.stage.target, str) or m.parts > 1 or n.edges[0][1] != 0:
+            continue
+        if n.is_batch or m.is_batch or n.stage.processes or m.stage.processes:
+            continue
+        if sum(1 for x in plan.nodes for e in x.edges if e[0] == m.index) > 1:
+            continue
+        reason = _link_reason(runtime, n, m, uses, fused, durable)
+        if reason is None:
+            nxt[n.index] = m
+        else:
+            not_linked.append(NotFused(n.name, m.name, reason))
+    inner = {m.index for m in nxt.values()}
+    chains: list[list[Node]] = []
+    for n in reversed(plan.calls):
+        if n.index in nxt and n.index not in inner:
+            chain = [n]
+            while chain[-1].index in nxt:
+                chain.append(nxt[chain[-1].index])
+            chains.append(chain)
+    return chains, tuple(not_linked)
+
+
+def linked_node(chain: list[Node]) -> Node:
+    """The chain's first node as its worker runs it: the first kernel as its stage and
+    the last node's edges as its own (the items leave the last kernel)."""
+    head, tail = chain[0], chain[-1]
+    return dataclasses.replace(head, edges=list(tail.edges))

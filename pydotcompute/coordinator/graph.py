@@ -48,7 +48,8 @@ class Stage(Graph):
     waiting for them. ``state`` is a factory called once per worker (default: an empty
     dict for two-argument functions). ``processes=True`` runs a sync, module-level
     function in ``workers`` child processes. ``timeout`` bounds one kernel round trip.
-    ``fuse=False`` keeps a kernel stage out of fused chains (see ``coordinator.fusion``).
+    ``fuse=False`` keeps a kernel stage out of fused chains (see ``coordinator.fusion``);
+    ``link=False`` keeps it from being linked to its neighbours' kernels.
     """
 
     target: Callable[..., Any] | str
@@ -60,6 +61,7 @@ class Stage(Graph):
     state: Callable[[], Any] | None = None
     timeout: float | None = None
     fuse: bool = True
+    link: bool = True
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -98,12 +100,14 @@ def stage(
     timeout: float | None = None,
     name: str | None = None,
     fuse: bool = True,
+    link: bool = True,
 ) -> Any:
     """Wrap a function or kernel id as a :class:`Stage`; usable as ``@stage`` or ``@stage(...)``.
 
     ``retries`` is the most runs an item gets at this stage (``retries=3``: three runs, then
     the dead letters), or a full :class:`RetryPolicy`. ``fuse=False`` keeps this stage
-    out of fused chains of compiled kernels.
+    out of fused chains of compiled kernels; ``link=False`` keeps its kernel from being
+    linked to the kernels of the stages beside it.
     """
     policy = (
         retries
@@ -122,6 +126,7 @@ def stage(
             state=state,
             timeout=timeout,
             fuse=fuse,
+            link=link,
         )
 
     return wrap if fn is None else wrap(fn)

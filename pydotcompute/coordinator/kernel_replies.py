@@ -17,6 +17,13 @@ request means every earlier one without a reply was dropped by the handler; and 
 every record sent before has been handled and its outputs are in the output ring.
 Other kernels (several workers, ``cuda``, host actors) cannot say that: a request
 they never answer times out (``QueueTimeoutError``), as a plain request does.
+
+A *linked chain* (``cpu`` kernels joined by ``RingKernelRuntime.link``) is asked like
+one kernel: requests go to its first kernel and replies come from its last, which
+answers with the id the request entered with (a linked loop carries each input's
+``message_id`` to its outputs). With one worker everywhere the chain is in order end
+to end, and the end of a burst is seen kernel by kernel: the first one's ring empty
+and polled idle since, then the next one's, and so on.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.errors import QueueFullError, QueueTimeoutError
+from pydotcompute.errors import KernelFailedError, QueueFullError, QueueTimeoutError
 from pydotcompute.messages.message import RingKernelMessage
 from pydotcompute.messages.record import record_layout, uuid_offset
+from pydotcompute.runtime.lifecycle import KernelState
 
 __all__ = ["FILTERED_OUT", "KernelReplies", "Waiting", "replies_for"]
 
@@ -183,15 +191,22 @@ def _message_class(t: Any) -> type | None:
 class KernelReplies:
     """One kernel's requests from kernel stages and the one task reading its replies."""
 
-    def __init__(self, runtime: Any, kernel_id: str, launch: Any) -> None:
+    def __init__(
+        self, runtime: Any, kernel_id: str, launch: Any, chain: tuple[str, ...] = ()
+    ) -> None:
         self.kernel_id = kernel_id
+        # A linked chain: requests go to its first kernel, replies come from its last.
+        self.chain = chain or (kernel_id,)
+        self.reply_from = self.chain[-1]
         self._rt = runtime
         self._launch = launch  # the spec of the launch this was made for
+        self._launches = tuple(runtime.get_kernel_spec(k) for k in self.chain[1:])
         handle = runtime.kernel_handle(kernel_id)
         self.backend: str = handle.backend
         spec = runtime.get_kernel_spec(kernel_id)
+        specs = [spec, *self._launches]
         in_cls = _message_class(spec.input_type)
-        out_cls = _message_class(spec.output_type)
+        out_cls = _message_class(specs[-1].output_type)
         # Records in one ring operation: compiled kernels between @message types, on
         # this machine (a cluster kernel batches its own way).
         self.records = (
@@ -210,22 +225,28 @@ class KernelReplies:
         # Whether a request consumed without output can be told (see the module text).
         self.tells_drops = (
             self.records
-            and self.backend == "cpu"
-            and spec.config.workers == 1
+            and all(runtime.kernel_handle(k).backend == "cpu" for k in self.chain)
+            and all(sp.config.workers == 1 for sp in specs)
             and runtime.enable_telemetry
         )
         self._waiting = Waiting()
         self._send_lock = asyncio.Lock()
         self._sent = 0  # sequence number of the newest request in the kernel's ring
         self._reader: asyncio.Task[None] | None = None
-        self._mark: tuple[int, int] | None = None  # (sent, idle polls) once the ring was empty
+        # (sent, kernel of the chain, its idle polls) once that kernel's ring was empty
+        self._mark: tuple[int, int, int] | None = None
         # A request whose handling raised has no reply, yet it was not filtered out.
         runtime.watch_handler_errors(kernel_id, self._raised_on)
+        for kid, sp in zip(self.chain[1:], self._launches, strict=True):
+            runtime.watch_handler_errors(kid, self._raised_inside(sp.input_type))
 
     def current(self, runtime: Any) -> bool:
-        """Whether this still stands for the kernel launched under its id."""
+        """Whether this still stands for the kernels launched under its ids."""
         try:
-            return runtime.get_kernel_spec(self.kernel_id) is self._launch
+            return runtime.get_kernel_spec(self.kernel_id) is self._launch and all(
+                runtime.get_kernel_spec(k) is sp
+                for k, sp in zip(self.chain[1:], self._launches, strict=True)
+            )
         except Exception:  # noqa: BLE001 - terminated and gone: make a new one
             return False
 
@@ -335,7 +356,7 @@ class KernelReplies:
         try:
             while len(self._waiting):
                 try:
-                    got = await self._rt.receive_batch(self.kernel_id, _BATCH, poll)
+                    got = await self._rt.receive_batch(self.reply_from, _BATCH, poll)
                 except QueueTimeoutError:
                     got = None
                 except Exception as exc:  # noqa: BLE001 - the kernel failed or ended
@@ -344,7 +365,12 @@ class KernelReplies:
                 if got is not None and len(got):
                     self._mark = None
                     self._route(got)
-                elif self.tells_drops:
+                    continue
+                failed = self._inner_failure()
+                if failed is not None:
+                    self._waiting.fail_all(failed)
+                    return
+                if self.tells_drops:
                     await self._settle()
         finally:
             self._reader = None
@@ -372,6 +398,39 @@ class KernelReplies:
                 # without a reply were consumed without output.
                 waiting.settle_before(seq)
 
+    def _inner_failure(self) -> KernelFailedError | None:
+        """The error of a kernel of the chain before its last that failed for good (its
+        requests will get no reply), or None."""
+        for kid in self.chain[:-1]:
+            if self._rt.get_kernel_state(kid) is KernelState.FAILED:
+                err = self._rt.get_error(kid)
+                exc = KernelFailedError(
+                    f"kernel {kid!r} of the linked chain {' >> '.join(self.chain)} failed: "
+                    f"{type(err).__name__}: {err}",
+                    kernel_id=kid,
+                )
+                exc.__cause__ = err
+                return exc
+        return None
+
+    def _raised_inside(self, input_type: Any) -> Any:
+        """A watcher for a kernel inside the chain: its input carries the request's id."""
+        cls = _message_class(input_type)
+
+        def raised(message: Any, error: BaseException) -> None:
+            rid: bytes | None = None
+            if cls is not None:
+                layout = record_layout(cls)
+                at = uuid_offset(layout.dtype, "message_id")
+                if isinstance(message, np.void):
+                    rid = message.tobytes()[at : at + 16]
+                elif isinstance(message, cls):
+                    rid = layout.to_bytes(message)[at : at + 16]
+            if rid is not None:
+                self._waiting.answer(rid, error)
+
+        return raised
+
     def _raised_on(self, message: Any, error: BaseException) -> None:
         """The handler raised on ``message``: its request gets ``error``. Told before
         a restarted kernel handles the requests sent after it, so a later reply never
@@ -395,24 +454,33 @@ class KernelReplies:
     async def _settle(self) -> None:
         """Nothing came: once the input ring is empty and the worker has polled it
         idle since, every request sent before got all the replies it will get."""
-        sent = self._sent
-        t = self._rt.get_telemetry(self.kernel_id)
-        if t is None or t.queue_depth != 0:
-            self._mark = None
-            return
+        tele = self._rt.get_telemetry
         if self._mark is None:
+            upto, j = self._sent, 0
+        else:
+            upto, j, idle = self._mark
+            t = tele(self.chain[j])
+            if t is None or t.queue_depth != 0:
+                self._mark = None
+                return
+            if t.idle_polls - idle < _IDLE_CHUNK:
+                return
+            j += 1  # what kernel j was sent has gone on: the next kernel now
+        if j < len(self.chain):
+            t = tele(self.chain[j])
+            if t is None or t.queue_depth != 0:
+                if j == 0:
+                    self._mark = None
+                return  # the next one still has records to take: look again
             # The baseline is read after the ring was seen empty (telemetry reads the
             # counters before the ring): idle polls counted from here came after.
-            again = self._rt.get_telemetry(self.kernel_id)
-            self._mark = (sent, again.idle_polls)
-            return
-        upto, idle = self._mark
-        if t.idle_polls - idle < _IDLE_CHUNK:
+            again = tele(self.chain[j])
+            self._mark = (upto, j, again.idle_polls)
             return
         self._mark = None
         while True:  # the outputs of what was handled are in the ring: route them first
             try:
-                got = await self._rt.receive_batch(self.kernel_id, _BATCH, 0)
+                got = await self._rt.receive_batch(self.reply_from, _BATCH, 0)
             except QueueTimeoutError:
                 break
             if not len(got):
@@ -435,15 +503,17 @@ class KernelReplyTables:
         self.by_kernel.clear()
 
 
-def replies_for(runtime: Any, kernel_id: str) -> KernelReplies:
+def replies_for(runtime: Any, kernel_id: str, chain: tuple[str, ...] = ()) -> KernelReplies:
     """The kernel's ``KernelReplies`` in ``runtime`` (one per launch, shared by every
-    stage that uses the kernel, so each reply reaches the stage that asked)."""
+    stage that uses the kernel, so each reply reaches the stage that asked); with
+    ``chain`` (``kernel_id`` first), those of the linked chain."""
     tables = runtime.extension(KernelReplyTables.NAME)
     if not isinstance(tables, KernelReplyTables):
         tables = KernelReplyTables()
         runtime.attach(KernelReplyTables.NAME, tables)
-    kr = tables.by_kernel.get(kernel_id)
+    key = " >> ".join(chain) if len(chain) > 1 else kernel_id
+    kr = tables.by_kernel.get(key)
     if kr is None or not kr.current(runtime):
-        kr = KernelReplies(runtime, kernel_id, runtime.get_kernel_spec(kernel_id))
-        tables.by_kernel[kernel_id] = kr
+        kr = KernelReplies(runtime, kernel_id, runtime.get_kernel_spec(kernel_id), chain)
+        tables.by_kernel[key] = kr
     return kr

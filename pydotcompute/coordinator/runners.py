@@ -331,7 +331,7 @@ class KernelRunner(Runner):
     by correlation id; a request the kernel consumed without output comes back as
     ``FILTERED``. Plain values to a host actor (no ids) keep ``send_and_receive``."""
 
-    def __init__(self, stage: Stage, runtime: Any) -> None:
+    def __init__(self, stage: Stage, runtime: Any, chain: tuple[str, ...] = ()) -> None:
         if runtime is None:
             raise InvalidConfigurationError(
                 f"stage {stage.name!r} is a kernel id; deploy the graph through a runtime"
@@ -340,6 +340,7 @@ class KernelRunner(Runner):
         self._rt = runtime
         self._timeout = stage.timeout
         self._replies: KernelReplies | None = None
+        self._chain = chain  # a linked chain of kernels, this one first (or empty)
 
     batches_in_flight = 4
     """Batches of one worker in the kernel at once (see ``Flow._work``)."""
@@ -348,7 +349,7 @@ class KernelRunner(Runner):
         """The kernel's reply table when ``value`` goes by identity, else None."""
         kr = self._replies
         if kr is None or not kr.current(self._rt):
-            kr = self._replies = replies_for(self._rt, self._id)
+            kr = self._replies = replies_for(self._rt, self._id, self._chain)
         if kr.records or (kr.backend == "host" and getattr(value, "message_id", None)):
             return kr
         return None
@@ -383,11 +384,12 @@ class KernelRunner(Runner):
         return outs
 
 
-def make_runner(stage: Stage | None, runtime: Any) -> Runner:
+def make_runner(stage: Stage | None, runtime: Any, chain: tuple[str, ...] = ()) -> Runner:
+    """The runner of ``stage``; ``chain``: the kernels linked from its kernel on."""
     if stage is None:
         return PassRunner()
     if isinstance(stage.target, str):
-        return KernelRunner(stage, runtime)
+        return KernelRunner(stage, runtime, chain)
     if stage.processes:
         return ProcessRunner(stage)
     return FunctionRunner(stage)
