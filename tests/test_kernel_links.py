@@ -15,6 +15,9 @@ import numpy as np
 import pytest
 
 from pydotcompute import KernelLinkError, RingKernelRuntime, message
+from pydotcompute.coordinator import deploy, stage
+from pydotcompute.coordinator.ledger_journal import JournalLedger
+from pydotcompute.errors import ItemFailedError, ItemFilteredError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 
 
@@ -320,3 +323,126 @@ async def test_a_restarting_producer_stays_linked() -> None:
         got = await _receive_all(rt, "b", 19)
         assert got == [v * 2 for v in range(20) if v != 13]
         assert rt.links == {"a": "b"}
+
+
+# -- the coordinator ---------------------------------------------------------------------
+
+
+async def _run_flow(rt: RingKernelRuntime, graph, name: str, n: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    flow = await rt.deploy(graph, name=name)
+    keys = await flow.submit_many(range(n), keys=[str(i) for i in range(n)])
+    await asyncio.wait_for(flow.drain(), 30)
+    out: dict[str, object] = {}
+    for k in keys:
+        try:
+            out[k] = await flow.result(k)
+        except (ItemFilteredError, ItemFailedError) as exc:
+            out[k] = type(exc).__name__
+    await flow.close()
+    return out
+
+
+async def test_a_flow_links_kernel_stages_that_do_not_fuse() -> None:
+    """fuse=False keeps the stages apart; their kernels are linked instead, and the
+    results (filtered items included) equal those of the same graph unlinked."""
+    n = 300
+    async with RingKernelRuntime() as rt:
+        for kid, fn in (("a", inc), ("b", keep_even), ("c", double)):
+            await _launch(rt, kid, fn)
+
+        def graph(link: bool):  # type: ignore[no-untyped-def]
+            return (
+                stage(lambda i: Num(x=i))
+                >> stage("a", fuse=False, link=link)
+                >> stage("b", fuse=False, link=link)
+                >> stage("c", fuse=False, link=link)
+                >> (lambda m: int(m.x))
+            )
+
+        flow = await rt.deploy(graph(True), name="linked")
+        report = flow.explain()
+        assert [s.stages for s in report.linked] == [("a", "b", "c")]
+        assert report.fused == ()
+        assert report.reason("a", "b") == "fuse=False on 'a'"
+        assert rt.links == {"a": "b", "b": "c"}
+        await flow.close()
+        assert rt.links == {}  # the flow's links end with it
+
+        linked = await _run_flow(rt, graph(True), "linked2", n)
+        unlinked_flow = await rt.deploy(graph(False), name="apart")
+        assert unlinked_flow.explain().linked == ()
+        assert unlinked_flow.explain().link_reason("a", "b") == "link=False on 'a'"
+        await unlinked_flow.close()
+        unlinked = await _run_flow(rt, graph(False), "apart2", n)
+        assert linked == unlinked
+        assert linked["3"] == 8 and linked["2"] == "ItemFilteredError"
+
+
+async def test_kernels_with_different_workers_link_where_they_cannot_fuse() -> None:
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc, workers=2)
+        await _launch(rt, "b", double)
+        graph = stage(lambda i: Num(x=i)) >> "a" >> "b" >> (lambda m: int(m.x))
+        flow = await rt.deploy(graph, name="w")
+        report = flow.explain()
+        assert report.reason("a", "b").startswith("different options")
+        assert [s.kernels for s in report.linked] == [("a", "b")]
+        await flow.submit_many(range(200), keys=[str(i) for i in range(200)])
+        await asyncio.wait_for(flow.drain(), 30)
+        assert [await flow.result(str(i)) for i in range(200)] == [(i + 1) * 2 for i in range(200)]
+        await flow.close()
+
+
+async def test_a_handler_raising_inside_the_linked_chain_fails_its_item_only() -> None:
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc)
+        await _launch(rt, "b", fails_on_13, restart="on-failure")
+        graph = (
+            stage(lambda i: Num(x=i))
+            >> stage("a", fuse=False)
+            >> stage("b", fuse=False, retries=1)
+            >> (lambda m: int(m.x))
+        )
+        flow = await rt.deploy(graph, name="err")
+        assert [s.kernels for s in flow.explain().linked] == [("a", "b")]
+        await flow.submit_many(range(30), keys=[str(i) for i in range(30)])
+        await asyncio.wait_for(flow.drain(), 30)
+        assert flow.status() == {"done": 29, "dead": 1}
+        with pytest.raises(ItemFailedError) as info:
+            await flow.result("12")
+        assert (
+            "thirteen" in info.value.record.error or "KernelFailedError" in info.value.record.error
+        )
+        assert await flow.result("20") == 21
+        await flow.close()
+
+
+async def test_a_durable_flow_does_not_link_and_says_why(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc)
+        await _launch(rt, "b", double)
+        graph = stage(lambda i: Num(x=i)) >> stage("a", fuse=False) >> "b" >> (lambda m: int(m.x))
+        flow = await deploy(rt, graph, name="d", journal=str(tmp_path / "j.db"))
+        assert isinstance(flow._ledger, JournalLedger)
+        report = flow.explain()
+        assert report.linked == ()
+        assert report.link_reason("a", "b") == "durable flow: kernels are linked only in memory"
+        await flow.submit_many(range(10), keys=[str(i) for i in range(10)])
+        await asyncio.wait_for(flow.drain(), 30)
+        assert [await flow.result(str(i)) for i in range(10)] == [(i + 1) * 2 for i in range(10)]
+        await flow.close()
+
+
+async def test_a_failed_first_kernel_fails_the_items_waiting_on_the_chain() -> None:
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", fails_on_13)  # no restart: a fails for good
+        await _launch(rt, "b", double)
+        graph = stage(lambda i: Num(x=i)) >> stage("a", fuse=False) >> "b" >> (lambda m: int(m.x))
+        flow = await rt.deploy(graph, name="fail")
+        await flow.submit_many(range(13, 40), keys=[str(i) for i in range(13, 40)])
+        await asyncio.wait_for(flow.drain(), 30)
+        assert flow.status().get("done", 0) == 0
+        assert flow.status()["dead"] == 27
+        with pytest.raises(ItemFailedError, match="KernelFailedError"):
+            await flow.result("20")
+        await flow.close()
