@@ -7,19 +7,23 @@ an int into an ``@message`` record and ``unwrap`` takes the int back out:
 - ``function``: the middle is an async function computing x + 1;
 - ``kernel``: the middle is a ``cpu`` kernel whose handler computes x + 1;
 - ``unfused x3``: the middle is three such kernels, one after the other, each its
-  own stage (``fuse=False``);
+  own stage (``fuse=False, link=False``: every record goes back through the host);
 - ``fused x3``: the same three stages fused (the default): one kernel whose compiled
   loop calls the three handlers in order;
+- in memory only, ``2 linked`` and ``2 unlinked``: two such kernel stages that do not
+  fuse (``fuse=False``), their kernels linked (the default: the first kernel's loop
+  feeds the second's input ring) or not (``link=False``);
 
 each in memory and durable (SQLite journal in a temporary folder), in this one run.
 Printed: items/s, kernel/function, the unfused chain's per-stage figure (items/s x 3
-stages) over one kernel stage's, and the fused chain's items/s over one kernel
-stage's and over the unfused chain's.
+stages) over one kernel stage's, the fused chain's items/s over one kernel stage's
+and over the unfused chain's, and the linked pair's over the unlinked pair's.
 
     python benchmarks/kernel_stages.py [--items N] [--durable-items N] [--repeat R]
 
 Goals: kernel >= function; a chain per stage not slower than one stage; the fused
-chain of three at least 0.8x one kernel stage.
+chain of three at least 0.8x one kernel stage; two linked stages faster than the same
+two unlinked.
 """
 
 from __future__ import annotations
@@ -81,15 +85,23 @@ async def measure(n: int, journal: str | None, kernels: int) -> dict[str, float]
             await rt.activate(f"inc{k}")
         # Compile and warm up off the clock.
         fused = stage(make) >> "inc0" >> "inc1" >> "inc2" >> stage(unwrap)
-        apart = [stage(f"inc{k}", fuse=False) for k in range(3)]
+        apart = [stage(f"inc{k}", fuse=False, link=False) for k in range(3)]
         unfused = stage(make) >> apart[0] >> apart[1] >> apart[2] >> stage(unwrap)
+        pair = [stage(f"inc{k}", fuse=False) for k in range(2)]
+        linked = stage(make) >> pair[0] >> pair[1] >> stage(unwrap)
+        unlinked = stage(make) >> apart[0] >> apart[1] >> stage(unwrap)
         await run(stage(make) >> "inc0" >> stage(unwrap), rt, 200, 1, "warm")
         await run(fused, rt, 200, 3, "warm-fused")
+        if journal is None:
+            await run(linked, rt, 200, 2, "warm-linked")
         out = {}
         out["function"] = await run(stage(make) >> stage(inc_fn) >> stage(unwrap), rt, n, 1, "f")
         out["kernel"] = await run(stage(make) >> "inc0" >> stage(unwrap), rt, n, 1, "k")
         out["unfused x3"] = await run(unfused, rt, n, 3, "c")
         out["fused x3"] = await run(fused, rt, n, 3, "fc")
+        if journal is None:  # a durable flow does not link
+            out["2 linked"] = await run(linked, rt, n, 2, "l2")
+            out["2 unlinked"] = await run(unlinked, rt, n, 2, "u2")
         return out
 
 
@@ -102,6 +114,9 @@ def report(where: str, runs: list[dict[str, float]]) -> None:
     print(f"  {where:9s} unfused x3, per stage / one {per_stage:.2f}x")
     print(f"  {where:9s} fused x3 / one stage       {best['fused x3'] / best['kernel']:.2f}x")
     print(f"  {where:9s} fused x3 / unfused x3      {best['fused x3'] / best['unfused x3']:.2f}x")
+    if "2 linked" in best:
+        ratio = best["2 linked"] / best["2 unlinked"]
+        print(f"  {where:9s} 2 linked / 2 unlinked      {ratio:.2f}x")
 
 
 def main() -> None:
