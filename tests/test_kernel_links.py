@@ -125,7 +125,12 @@ async def test_block_holds_the_producer_and_loses_nothing() -> None:
 
 
 @pytest.mark.parametrize(
-    "strategy", [BackpressureStrategy.DROP_NEWEST, BackpressureStrategy.DROP_OLDEST]
+    "strategy",
+    [
+        BackpressureStrategy.DROP_NEWEST,
+        BackpressureStrategy.DROP_OLDEST,
+        BackpressureStrategy.REJECT,
+    ],
 )
 async def test_drop_strategies_count_what_the_link_drops(strategy: BackpressureStrategy) -> None:
     n = 50
@@ -151,13 +156,18 @@ async def test_drop_strategies_count_what_the_link_drops(strategy: BackpressureS
         await asyncio.sleep(0.02)
         b_ring = rt._kernels["b"].kernel_backend.in_ring  # type: ignore[attr-defined]
         c = b_ring.counters()
-        assert c.dropped == n - 4 and c.depth == 4
+        lost = c.rejected if strategy is BackpressureStrategy.REJECT else c.dropped
+        assert lost == n - 4 and c.depth == 4
         await rt.activate("b")
         got = await _receive_all(rt, "b", 4)
         kept = range(n - 4, n) if strategy is BackpressureStrategy.DROP_OLDEST else range(4)
         assert got == [(v + 1) * 2 for v in kept]
         tb = rt.get_telemetry("b")
-        assert tb is not None and tb.messages_dropped == n - 4
+        assert tb is not None
+        counted = (
+            tb.messages_rejected if strategy is BackpressureStrategy.REJECT else tb.messages_dropped
+        )
+        assert counted == n - 4
 
 
 async def test_replies_correlate_with_the_message_sent_to_the_first_kernel() -> None:
@@ -446,3 +456,37 @@ async def test_a_failed_first_kernel_fails_the_items_waiting_on_the_chain() -> N
         with pytest.raises(ItemFailedError, match="KernelFailedError"):
             await flow.result("20")
         await flow.close()
+
+
+async def test_several_producer_workers_deliver_each_record_once() -> None:
+    n = 10_000
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc, workers=2)
+        await _launch(rt, "b", double, queue_size=8)
+        await rt.link("a", "b")
+        sender = asyncio.create_task(rt.send_batch("a", _num_records(range(n)), 30))
+        got = await _receive_all(rt, "b", n)
+        await sender
+        assert sorted(got) == [(v + 1) * 2 for v in range(n)]
+
+
+async def test_a_paused_producer_stays_paused_across_link_and_unlink() -> None:
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc)
+        await _launch(rt, "b", double)
+        await rt.deactivate("a")
+        await rt.link("a", "b")
+        await rt.send_batch("a", _num_records(range(5)))
+        await asyncio.sleep(0.05)
+        t = rt.get_telemetry("a")
+        assert t is not None and t.messages_processed == 0 and t.queue_depth == 5
+        await rt.reactivate("a")
+        assert await _receive_all(rt, "b", 5) == [(v + 1) * 2 for v in range(5)]
+        await rt.deactivate("a")
+        await rt.unlink("a", "b")
+        await rt.send("a", Num(x=1))
+        await asyncio.sleep(0.05)
+        t = rt.get_telemetry("a")
+        assert t is not None and t.messages_processed == 5
+        await rt.reactivate("a")
+        assert (await rt.receive("a", 5)).x == 2

@@ -657,7 +657,11 @@ class CpuKernelBackend(RingFedBackend):
         in order, under its strategy. When the old peer has stopped consuming, what
         this kernel leaves in its ring is discarded and counted as its dropped records.
         A kernel that crashed and awaits its restart is re-pointed without threads:
-        the restart starts them on the new ring."""
+        the restart starts them on the new ring. Cancelling the call does not cancel
+        the re-pointing (workers half-way would be left stopped)."""
+        await asyncio.shield(asyncio.ensure_future(self._relink(peer)))
+
+    async def _relink(self, peer: KernelBackend | None) -> None:
         run = self._run
         assert run is not None, "relink_output needs a started kernel"
         assert peer is None or isinstance(peer, CpuKernelBackend)
