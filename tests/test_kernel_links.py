@@ -14,10 +14,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from pydotcompute import KernelLinkError, RingKernelRuntime, message
+from pydotcompute import CpuOptions, KernelLinkError, RingKernelRuntime, message
 from pydotcompute.coordinator import deploy, stage
 from pydotcompute.coordinator.ledger_journal import JournalLedger
-from pydotcompute.errors import ItemFailedError, ItemFilteredError
+from pydotcompute.errors import ItemFailedError, ItemFilteredError, KernelFailedError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 
 
@@ -490,3 +490,41 @@ async def test_a_paused_producer_stays_paused_across_link_and_unlink() -> None:
         assert t is not None and t.messages_processed == 5
         await rt.reactivate("a")
         assert (await rt.receive("a", 5)).x == 2
+
+
+async def test_unlink_from_a_consumer_that_failed_for_good_discards_and_goes_on() -> None:
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc)
+        await _launch(rt, "b", fails_on_13, queue_size=4)
+        await rt.link("a", "b")
+        await rt.send("a", Num(x=12))  # b gets 13 and fails
+        with pytest.raises(KernelFailedError):
+            await _receive_all(rt, "b", 1, 5)
+        await rt.send_batch("a", _num_records(range(20)))  # a fills b's ring and waits
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(rt.unlink("a", "b"), 10)
+        t = rt.get_telemetry("a")
+        assert t is not None and t.messages_processed == 21
+        await rt.send("a", Num(x=1))
+        assert await _receive_all(rt, "a", 1, 5) == [2]
+        tb = rt.get_telemetry("b")
+        assert tb is not None and tb.messages_dropped == 20  # what a placed after it failed
+
+
+async def test_unlink_from_a_restarting_consumer_keeps_its_queue() -> None:
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc)
+        await _launch(
+            rt,
+            "b",
+            fails_on_13,
+            restart="on-failure",
+            restart_backoff=0.3,
+            options=CpuOptions(batch=1),  # the rest stays in the ring, not in b's batch
+        )
+        await rt.link("a", "b")
+        await rt.send_batch("a", _num_records(range(10, 20)))  # b raises on 13 (from 12)
+        await asyncio.sleep(0.05)
+        await rt.unlink("a", "b")  # while b waits for its restart
+        got = await _receive_all(rt, "b", 9)
+        assert got == [v + 1 for v in range(10, 20) if v + 1 != 13]

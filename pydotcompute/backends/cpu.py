@@ -646,6 +646,11 @@ class CpuKernelBackend(RingFedBackend):
         """Whether workers may still take records from the input ring."""
         return any(t.is_alive() for t in self._threads)
 
+    def ended(self) -> bool:
+        """Stopped or failed for good, and no worker runs: nothing will take its input
+        (a kernel waiting for its restart has not ended: its queue waits for it)."""
+        return (self._stopped or self.failure is not None) and not self.consuming()
+
     async def relink_output(self, peer: KernelBackend | None) -> None:
         """Push outputs into ``peer``'s input ring (a link), or into this kernel's own
         output ring again (None).
@@ -682,13 +687,13 @@ class CpuKernelBackend(RingFedBackend):
                 # Make room for a worker waiting to place the batch it holds.
                 if moving is not None and outlet.ring is self.out_ring:
                     moving.step()
-                elif old_peer is not None and not old_peer.consuming():
+                elif old_peer is not None and old_peer.ended():
                     old_peer.discard_inputs()
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, 2e-3)
             for t in self._threads:
                 t.join()
-            if old_peer is not None and not old_peer.consuming():
+            if old_peer is not None and old_peer.ended():
                 old_peer.discard_inputs()  # what the last batch placed there
             old_ring = outlet.ring
             # From here a restart (after a crash meanwhile) starts on the new ring.
@@ -714,9 +719,9 @@ class CpuKernelBackend(RingFedBackend):
         self.control.set_state(state)
 
     def discard_inputs(self) -> int:
-        """Take and discard what waits in the input ring, counted as dropped (only once
-        no worker consumes it: a stopped kernel a linked one still feeds)."""
-        if self.consuming():
+        """Take and discard what waits in the input ring, counted as dropped, once the
+        kernel has ended (a stopped or failed kernel a linked one still feeds)."""
+        if not self.ended():
             return 0
         scratch = np.empty(min(1024, self.in_ring.capacity), self.in_dtype)
         discarded = 0
