@@ -10,9 +10,10 @@ an int into an ``@message`` record and ``unwrap`` takes the int back out:
   own stage (``fuse=False, link=False``: every record goes back through the host);
 - ``fused x3``: the same three stages fused (the default): one kernel whose compiled
   loop calls the three handlers in order;
-- in memory only, ``2 linked`` and ``2 unlinked``: two such kernel stages that do not
-  fuse (``fuse=False``), their kernels linked (the default: the first kernel's loop
-  feeds the second's input ring) or not (``link=False``);
+- ``2 linked`` and ``2 unlinked``: two such kernel stages that do not fuse
+  (``fuse=False``), their kernels linked (the default: the first kernel's loop feeds
+  the second's input ring; a durable flow links copies of them) or not
+  (``link=False``);
 
 each in memory and durable (SQLite journal in a temporary folder), in this one run.
 Printed: items/s, kernel/function, the unfused chain's per-stage figure (items/s x 3
@@ -92,16 +93,14 @@ async def measure(n: int, journal: str | None, kernels: int) -> dict[str, float]
         unlinked = stage(make) >> apart[0] >> apart[1] >> stage(unwrap)
         await run(stage(make) >> "inc0" >> stage(unwrap), rt, 200, 1, "warm")
         await run(fused, rt, 200, 3, "warm-fused")
-        if journal is None:
-            await run(linked, rt, 200, 2, "warm-linked")
+        await run(linked, rt, 200, 2, "warm-linked")
         out = {}
         out["function"] = await run(stage(make) >> stage(inc_fn) >> stage(unwrap), rt, n, 1, "f")
         out["kernel"] = await run(stage(make) >> "inc0" >> stage(unwrap), rt, n, 1, "k")
         out["unfused x3"] = await run(unfused, rt, n, 3, "c")
         out["fused x3"] = await run(fused, rt, n, 3, "fc")
-        if journal is None:  # a durable flow does not link
-            out["2 linked"] = await run(linked, rt, n, 2, "l2")
-            out["2 unlinked"] = await run(unlinked, rt, n, 2, "u2")
+        out["2 linked"] = await run(linked, rt, n, 2, "l2")
+        out["2 unlinked"] = await run(unlinked, rt, n, 2, "u2")
         return out
 
 
@@ -114,9 +113,8 @@ def report(where: str, runs: list[dict[str, float]]) -> None:
     print(f"  {where:9s} unfused x3, per stage / one {per_stage:.2f}x")
     print(f"  {where:9s} fused x3 / one stage       {best['fused x3'] / best['kernel']:.2f}x")
     print(f"  {where:9s} fused x3 / unfused x3      {best['fused x3'] / best['unfused x3']:.2f}x")
-    if "2 linked" in best:
-        ratio = best["2 linked"] / best["2 unlinked"]
-        print(f"  {where:9s} 2 linked / 2 unlinked      {ratio:.2f}x")
+    ratio = best["2 linked"] / best["2 unlinked"]
+    print(f"  {where:9s} 2 linked / 2 unlinked      {ratio:.2f}x")
 
 
 def main() -> None:

@@ -427,20 +427,92 @@ async def test_a_handler_raising_inside_the_linked_chain_fails_its_item_only() -
         await flow.close()
 
 
-async def test_a_durable_flow_does_not_link_and_says_why(tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_durable_flow_links_copies_and_each_item_is_one_hop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "j.db")
     async with RingKernelRuntime() as rt:
         await _launch(rt, "a", inc)
+        await _launch(rt, "b", keep_even)
+        await _launch(rt, "c", double)
+        graph = (
+            stage(lambda i: Num(x=i))
+            >> stage("a", fuse=False)
+            >> stage("b", fuse=False)
+            >> "c"
+            >> (lambda m: int(m.x))
+        )
+        async with await deploy(rt, graph, name="d", journal=path) as flow:
+            assert isinstance(flow._ledger, JournalLedger)
+            [seg] = flow.explain().linked
+            assert seg.stages == ("a", "b", "c") and seg.kernels == ("a", "b", "c")
+            assert len(seg.copies) == 3 and seg.copies[0] != "a"
+            # the copies are linked; the graph's kernels stay free for inner items
+            assert rt.links == {seg.copies[0]: seg.copies[1], seg.copies[1]: seg.copies[2]}
+            await flow.submit_many(range(100), keys=[str(i) for i in range(100)])
+            await asyncio.wait_for(flow.drain(), 60)
+            assert flow.status() == {"done": 50, "filtered": 50}
+            assert await flow.result("3") == 8
+            copy_a = rt.get_telemetry(seg.copies[0])
+            assert copy_a is not None and copy_a.messages_processed == 100
+            for kid in ("a", "b", "c"):  # no item was held at an inner stage
+                t = rt.get_telemetry(kid)
+                assert t is not None and t.messages_processed == 0
+        assert rt.links == {}
+        assert seg.copies[0] not in rt.kernel_ids  # terminated with the flow
+        async with await deploy(rt, graph, name="d", journal=path) as flow:
+            await asyncio.wait_for(flow.drain(), 30)
+            assert flow.status() == {"done": 50, "filtered": 50}
+            [seg2] = flow.explain().linked
+            copy_a = rt.get_telemetry(seg2.copies[0])
+            assert copy_a is not None and copy_a.messages_processed == 0  # nothing ran again
+
+
+async def test_items_a_journal_holds_at_an_inner_stage_run_on_the_graphs_kernels(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = str(tmp_path / "j.db")
+
+    async def stuck(ctx):  # type: ignore[no-untyped-def]
+        while not ctx.should_terminate:
+            await asyncio.sleep(0.01)
+
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc)
+        await _launch(rt, "c", inc)
+        await rt.launch("b", stuck)
+        await rt.activate("b")
+        graph = (
+            stage(lambda i: Num(x=i))
+            >> stage("a", fuse=False)
+            >> stage("b", fuse=False)
+            >> "c"
+            >> (lambda m: int(m.x))
+        )
+        flow = await deploy(rt, graph, name="f", journal=path)
+        assert flow.explain().linked == ()  # b runs on host
+        assert flow.explain().link_reason("a", "b") == "backend host does not link (only cpu): 'b'"
+        await flow.submit_many(range(20), keys=[str(i) for i in range(20)])
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while sum(flow.stage_load()["b"].values()) < 20:
+            assert loop.time() < deadline, flow.stage_load()
+            await asyncio.sleep(0.02)
+        await flow.close()  # the items wait at "b" in the journal
+        await rt.terminate("b")
         await _launch(rt, "b", double)
-        graph = stage(lambda i: Num(x=i)) >> stage("a", fuse=False) >> "b" >> (lambda m: int(m.x))
-        flow = await deploy(rt, graph, name="d", journal=str(tmp_path / "j.db"))
-        assert isinstance(flow._ledger, JournalLedger)
-        report = flow.explain()
-        assert report.linked == ()
-        assert report.link_reason("a", "b") == "durable flow: kernels are linked only in memory"
-        await flow.submit_many(range(10), keys=[str(i) for i in range(10)])
-        await asyncio.wait_for(flow.drain(), 30)
-        assert [await flow.result(str(i)) for i in range(10)] == [(i + 1) * 2 for i in range(10)]
-        await flow.close()
+        async with await deploy(rt, graph, name="f", journal=path) as flow:
+            [seg] = flow.explain().linked
+            assert seg.stages == ("a", "b", "c")
+            await flow.submit_many([100], keys=["new"])
+            await asyncio.wait_for(flow.drain(), 60)
+            assert flow.status() == {"done": 21}
+            assert [await flow.result(str(i)) for i in range(20)] == [
+                (i + 1) * 2 + 1 for i in range(20)
+            ]
+            assert await flow.result("new") == 203
+            # The old items ran at "b" and "c" on the graph's kernels; the new one
+            # through the linked copies.
+            tb = rt.get_telemetry("b")
+            assert tb is not None and tb.messages_processed == 20
+            head = rt.get_telemetry(seg.copies[0])
+            assert head is not None and head.messages_processed == 1
 
 
 async def test_a_failed_first_kernel_fails_the_items_waiting_on_the_chain() -> None:

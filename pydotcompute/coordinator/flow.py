@@ -29,6 +29,7 @@ from pydotcompute.coordinator.fusion import (
     LinkedSegment,
     NotFused,
     fused_node,
+    launch_copy,
     launch_segment,
     linked_node,
     plan_fusion,
@@ -178,29 +179,40 @@ class Flow:
     async def _link(
         self, fusion: FusionPlan, heads: dict[int, Node]
     ) -> tuple[tuple[LinkedSegment, ...], tuple[NotFused, ...]]:
-        """Link the kernels of each run of kernel stages that did not fuse (in memory),
-        so records go from kernel to kernel without the event loop; the run's first
-        node sends to its first kernel and takes the last one's replies."""
+        """Link the kernels of each run of kernel stages that did not fuse, so records go
+        from kernel to kernel without the event loop; the run's first node sends to its
+        first kernel and takes the last one's replies. In memory the graph's kernels are
+        linked; a durable flow launches a copy of each and links the copies, so that the
+        graph's kernels stay free for the items its journal holds at inner stages (the
+        segment is one journal hop, as a fused one is)."""
         durable = self._journal_cfg is not None
         chains, not_linked = plan_links(self.plan, self.runtime, fusion, durable=durable)
         linked: list[LinkedSegment] = []
         refused = list(not_linked)
         for chain in chains:
             kernels = tuple(str(x.stage.target) for x in chain if x.stage is not None)
+            run_on = kernels
+            if durable:
+                tag = self.owner[:8]
+                run_on = tuple(f"{self.name}:linked:{x.name}:{tag}" for x in chain)
+                for kid, cid in zip(kernels, run_on, strict=True):
+                    self._fused_kernels.append(cid)  # terminated when the flow closes
+                    await launch_copy(self.runtime, kid, cid)
             done = 0
             try:
-                for a, b in itertools.pairwise(kernels):
+                for a, b in itertools.pairwise(run_on):
                     await self.runtime.link(a, b)
                     self._links.append((a, b))
                     done += 1
             except PyDotComputeError as exc:  # e.g. a kernel failed meanwhile: unlinked
                 refused.append(NotFused(chain[done].name, chain[done + 1].name, str(exc)))
-                chain, kernels = chain[: done + 1], kernels[: done + 1]
+                chain, kernels, run_on = chain[: done + 1], kernels[: done + 1], run_on[: done + 1]
                 if done == 0:
                     continue
-            heads[chain[0].index] = linked_node(chain)
-            self._chains[chain[0].index] = kernels
-            linked.append(LinkedSegment(tuple(x.name for x in chain), kernels))
+            heads[chain[0].index] = linked_node(chain, run_on[0])
+            self._chains[chain[0].index] = run_on
+            copies = run_on if durable else ()
+            linked.append(LinkedSegment(tuple(x.name for x in chain), kernels, copies))
         return tuple(linked), tuple(refused)
 
     def explain(self) -> FusionReport:

@@ -49,6 +49,10 @@ class LinkedSegment:
 
     stages: tuple[str, ...]
     kernels: tuple[str, ...]
+    copies: tuple[str, ...] = ()
+    """A durable flow's: the kernels it launched (one per stage, each like the stage's
+    own) and linked to run the segment; the graph's kernels run items the journal
+    holds at the inner stages. Empty where the graph's own kernels are linked."""
 
 
 @dataclass(frozen=True)
@@ -325,10 +329,8 @@ def _link_reason(
     sa, sb = n.stage, m.stage
     if (sa.retry, sa.timeout, sa.workers) != (sb.retry, sb.timeout, sb.workers):
         return "different options: the stages' retries, timeout or workers differ"
-    if durable:
-        return "durable flow: kernels are linked only in memory"
     links = runtime.links
-    if a_id in links or b_id in links.values():
+    if not durable and (a_id in links or b_id in links.values()):
         return f"already linked: {a_id!r} or {b_id!r} has a link of its own"
     return None
 
@@ -379,8 +381,25 @@ def plan_links(
     return chains, tuple(not_linked)
 
 
-def linked_node(chain: list[Node]) -> Node:
-    """The chain's first node as its worker runs it: the first kernel as its stage and
-    the last node's edges as its own (the items leave the last kernel)."""
+def linked_node(chain: list[Node], kernel_id: str) -> Node:
+    """The chain's first node as its worker runs it: the first linked kernel as its
+    stage and the last node's edges as its own (the items leave the last kernel; the
+    journal retires them at the first node and writes them where the last node would)."""
     head, tail = chain[0], chain[-1]
-    return dataclasses.replace(head, edges=list(tail.edges))
+    assert head.stage is not None
+    st = dataclasses.replace(head.stage, target=kernel_id)
+    return dataclasses.replace(head, stage=st, edges=list(tail.edges))
+
+
+async def launch_copy(runtime: Any, kernel_id: str, copy_id: str) -> None:
+    """Launch and activate a kernel made like ``kernel_id`` (its handler, types and
+    configuration, its declared state) under ``copy_id``."""
+    spec = runtime.get_kernel_spec(kernel_id)
+    await runtime.launch(
+        copy_id,
+        spec.func,
+        config=spec.config,
+        input_type=spec.input_type,
+        output_type=spec.output_type,
+    )
+    await runtime.activate(copy_id)
