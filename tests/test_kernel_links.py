@@ -600,3 +600,25 @@ async def test_unlink_from_a_restarting_consumer_keeps_its_queue() -> None:
         await rt.unlink("a", "b")  # while b waits for its restart
         got = await _receive_all(rt, "b", 9)
         assert got == [v + 1 for v in range(10, 20) if v + 1 != 13]
+
+
+async def test_items_filtered_at_the_end_of_a_burst_settle_through_the_chain() -> None:
+    """No later reply settles them: the chain is seen drained kernel by kernel."""
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc)
+        await _launch(rt, "b", keep_even)
+        await _launch(rt, "c", double)
+        graph = (
+            stage(lambda i: Num(x=i))
+            >> stage("a", fuse=False)
+            >> stage("b", fuse=False)
+            >> stage("c", fuse=False, timeout=None)
+            >> (lambda m: int(m.x))
+        )
+        flow = await rt.deploy(graph, name="burst")
+        assert [s.kernels for s in flow.explain().linked] == [("a", "b", "c")]
+        evens = [2 * i for i in range(50)]  # a makes them odd; b drops them all
+        await flow.submit_many(evens, keys=[str(v) for v in evens])
+        await asyncio.wait_for(flow.drain(), 30)
+        assert flow.status() == {"filtered": 50}
+        await flow.close()
