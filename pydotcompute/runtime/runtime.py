@@ -457,8 +457,9 @@ class RingKernelRuntime:
         a.relinked()
         b.relinked()
         try:
+            # Cancelling this call leaves the re-pointing to finish (and the link made).
             await a.kernel_backend.relink_output(b.kernel_backend)
-        except BaseException:
+        except Exception:
             a.link_to, b.fed_by = None, None
             a.relinked()
             b.relinked()
