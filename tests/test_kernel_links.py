@@ -75,6 +75,21 @@ async def _receive_all(rt: RingKernelRuntime, kid: str, n: int, timeout: float =
     return got
 
 
+async def _until(check, timeout: float = 20.0) -> None:  # type: ignore[no-untyped-def]
+    """Wait until ``check()`` holds (the kernels' threads run on their own time)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.002)
+
+
+def _processed(rt: RingKernelRuntime, kid: str) -> int:
+    t = rt.get_telemetry(kid)
+    assert t is not None
+    return t.messages_processed
+
+
 def _num_records(values: range) -> np.ndarray:
     from pydotcompute.messages.record import record_layout
 
@@ -109,15 +124,10 @@ async def test_block_holds_the_producer_and_loses_nothing() -> None:
         await rt.launch("b", double, backend="cpu", input_type=Num, output_type=Num, queue_size=4)
         await rt.link("a", "b")  # b stays LAUNCHED: it consumes nothing
         await rt.send_batch("a", _num_records(range(100)), 5)
-        a = rt.get_telemetry("a")
-        for _ in range(200):
-            await asyncio.sleep(0.005)
-            a = rt.get_telemetry("a")
-            if a is not None and a.messages_processed > 0:
-                break
-        await asyncio.sleep(0.05)
         b_ring = rt._kernels["b"].kernel_backend.in_ring  # type: ignore[attr-defined]
-        assert b_ring.depth == 4  # full; the producer waits for room
+        await _until(lambda: b_ring.depth == 4)  # full; the producer waits for room
+        await asyncio.sleep(0.05)
+        assert b_ring.depth == 4
         assert b_ring.counters().dropped == 0 and b_ring.counters().rejected == 0
         await rt.activate("b")
         got = await _receive_all(rt, "b", 100)
@@ -147,16 +157,15 @@ async def test_drop_strategies_count_what_the_link_drops(strategy: BackpressureS
         )
         await rt.link("a", "b")
         await rt.send_batch("a", _num_records(range(n)), 5)
-        for _ in range(400):
-            t = rt.get_telemetry("a")
-            assert t is not None
-            if t.messages_processed == n:
-                break
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0.02)
         b_ring = rt._kernels["b"].kernel_backend.in_ring  # type: ignore[attr-defined]
+
+        def lost_now() -> int:
+            c = b_ring.counters()
+            return c.rejected if strategy is BackpressureStrategy.REJECT else c.dropped
+
+        await _until(lambda: lost_now() == n - 4)
         c = b_ring.counters()
-        lost = c.rejected if strategy is BackpressureStrategy.REJECT else c.dropped
+        lost = lost_now()
         assert lost == n - 4 and c.depth == 4
         await rt.activate("b")
         got = await _receive_all(rt, "b", 4)
@@ -264,12 +273,13 @@ async def test_outputs_queued_before_the_link_go_first() -> None:
         await _launch(rt, "a", inc)
         await _launch(rt, "b", double)
         await rt.send_batch("a", _num_records(range(50)))
-        for _ in range(400):
+
+        def queued() -> int:
             t = rt.get_telemetry("a")
             assert t is not None
-            if t.output_queue_depth == 50:
-                break
-            await asyncio.sleep(0.005)
+            return t.output_queue_depth
+
+        await _until(lambda: queued() == 50)
         await rt.link("a", "b")
         await rt.send_batch("a", _num_records(range(50, 100)))
         assert await _receive_all(rt, "b", 100) == [(v + 1) * 2 for v in range(100)]
@@ -281,7 +291,7 @@ async def test_terminating_the_consumer_ends_the_link() -> None:
         await rt.launch("b", double, backend="cpu", input_type=Num, output_type=Num, queue_size=4)
         await rt.link("a", "b")
         await rt.send_batch("a", _num_records(range(20)))
-        await asyncio.sleep(0.05)  # a fills b's ring and waits for room
+        await _until(lambda: _processed(rt, "a") == 20)  # b's ring is full; a waits
         await asyncio.wait_for(rt.terminate("b"), 10)
         assert rt.links == {}
         # a is back on its own output ring and goes on
@@ -573,7 +583,7 @@ async def test_unlink_from_a_consumer_that_failed_for_good_discards_and_goes_on(
         with pytest.raises(KernelFailedError):
             await _receive_all(rt, "b", 1, 5)
         await rt.send_batch("a", _num_records(range(20)))  # a fills b's ring and waits
-        await asyncio.sleep(0.05)
+        await _until(lambda: _processed(rt, "a") == 21)
         await asyncio.wait_for(rt.unlink("a", "b"), 10)
         t = rt.get_telemetry("a")
         assert t is not None and t.messages_processed == 21
@@ -596,7 +606,7 @@ async def test_unlink_from_a_restarting_consumer_keeps_its_queue() -> None:
         )
         await rt.link("a", "b")
         await rt.send_batch("a", _num_records(range(10, 20)))  # b raises on 13 (from 12)
-        await asyncio.sleep(0.05)
+        await _until(lambda: _processed(rt, "a") == 10)
         await rt.unlink("a", "b")  # while b waits for its restart
         got = await _receive_all(rt, "b", 9)
         assert got == [v + 1 for v in range(10, 20) if v + 1 != 13]
