@@ -146,5 +146,7 @@ async def send_to(address: str) -> dict[str, Any]:
 
 if __name__ == "__main__":
     what, address = sys.argv[1], sys.argv[2]
-    result = asyncio.run({"placement": placement, "client": client, "send_to": send_to}[what](address))
+    result = asyncio.run(
+        {"placement": placement, "client": client, "send_to": send_to}[what](address)
+    )
     print(json.dumps(result), flush=True)

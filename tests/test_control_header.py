@@ -70,9 +70,7 @@ def test_a_cxx_compiler_reads_the_same_layout(tmp_path: Path):
         "kStatusFailed": ControlBlock.STATUS_FAILED,
         "kErrHandler": ControlBlock.ERR_HANDLER,
     }
-    prints = "\n".join(
-        f'  std::printf("{n} %llu\\n", pdc::control::{n});' for n in names
-    )
+    prints = "\n".join(f'  std::printf("{n} %llu\\n", pdc::control::{n});' for n in names)
     source = tmp_path / "layout.cpp"
     source.write_text(f'#include <cstdio>\n#include "control.cuh"\nint main() {{\n{prints}\n}}\n')
     exe = tmp_path / "layout"

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pydotcompute.backends.cuda_source import SourceControl
 from pydotcompute.backends.kernel_sources import (
     kernel_files,
     kernels_dir,
     nvrtc_options,
     read_kernel_source,
 )
-from pydotcompute.backends.cuda_source import SourceControl
 from pydotcompute.device.probe import probe_cuda
 from pydotcompute.errors import InvalidConfigurationError
 from pydotcompute.rings.control import ControlBlock
