@@ -46,3 +46,24 @@ async def test_send_to_between_cluster_kernels_is_relayed_in_order_exactly_once(
         await rt.activate("held")
         assert await _outputs(rt, "held", 100) == [2 * i for i in range(100)]
         assert rt.get_telemetry("fwd").messages_dropped == 0
+
+
+async def test_a_delivery_that_fails_later_is_raised_by_the_senders_next_send_to():
+    async with RingKernelRuntime(cluster="local") as rt:
+        await rt.launch("fwd", forwards, queue_size=8)
+        await rt.launch("gone", doubler, queue_size=8)
+        await rt.activate("fwd")
+        await rt.send("fwd", ("gone", 1))
+        assert await rt.receive("fwd", timeout=30) == ("queued", 1)
+        await rt.terminate("gone")
+        # The target was reached before: this send_to queues and returns; its delivery
+        # fails at the driver, and the sender hears of it at a following send_to.
+        await rt.send("fwd", ("gone", 1))
+        assert await rt.receive("fwd", timeout=30) == ("queued", 1)
+        seen: tuple[object, ...] = ()
+        for _ in range(20):
+            await rt.send("fwd", ("gone", 1))
+            seen = await rt.receive("fwd", timeout=30)
+            if seen[0] == "error":
+                break
+        assert seen[0] == "error" and "gone" in str(seen[2])
