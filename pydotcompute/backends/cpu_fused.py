@@ -56,7 +56,7 @@ class FusedHandlers:
         self.__name__ = "fused(" + " >> ".join(s.stage for s in steps) + ")"
 
     def __call__(self, *args: Any) -> Any:
-        raise TypeError(f"{self.__name__} runs only as a compiled cpu kernel")
+        raise TypeError(f"{self.__name__} runs only as a compiled cpu or cuda kernel")
 
     def __repr__(self) -> str:
         return f"<{self.__name__}>"
