@@ -169,3 +169,29 @@ async def test_a_handler_that_raises_names_its_stage() -> None:
         assert failure.stage == "check" and failure.handler == "fails_on_3"
         assert isinstance(failure.__cause__, ValueError)
         assert "stage 'check' (handler fails_on_3) raised ValueError" in str(info.value)
+
+
+@sim
+async def test_cuda_stages_with_different_options_or_a_cpu_neighbour_stay_apart() -> None:
+    from pydotcompute import CudaOptions, RingKernelRuntime, message
+    from pydotcompute.coordinator import stage
+
+    @message
+    class SimNum:
+        x: np.int64
+
+    async with RingKernelRuntime() as rt:
+        for kid, backend, opts in (
+            ("g1", "cuda", CudaOptions(threads=4)),
+            ("g2", "cuda", CudaOptions(threads=8)),
+            ("g3", "cuda", CudaOptions(threads=8)),
+            ("c1", "cpu", None),
+        ):
+            more = {} if opts is None else {"options": opts}
+            await rt.launch(kid, plus_one, backend=backend, input_type=SimNum,
+                            output_type=SimNum, queue_size=8, **more)  # fmt: skip
+        g = stage(lambda i: SimNum(x=i)) >> "g1" >> "g2" >> "g3" >> "c1" >> stage(int)
+        report = (await rt.deploy(g, name="apart")).explain()
+        assert [s.stages for s in report.fused] == [("g2", "g3")]
+        assert report.reason("g1", "g2") == "different options: the kernels' cuda options differ"
+        assert report.reason("g3", "c1") == "different backend: 'g3' runs on cuda, 'c1' on cpu"
