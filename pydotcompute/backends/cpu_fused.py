@@ -47,7 +47,7 @@ class FusedStep:
 class FusedHandlers:
     """The function of a fused kernel: the chain's steps, in order."""
 
-    fused_handlers = True  # how the cpu backend tells a chain from a handler
+    fused_handlers = True  # how the cpu and cuda backends tell a chain from a handler
 
     def __init__(self, steps: Sequence[FusedStep]) -> None:
         if len(steps) < 2:

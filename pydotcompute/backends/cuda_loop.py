@@ -37,6 +37,13 @@ Then it writes its outputs. The output ring is therefore **FIFO with respect to 
 input ring**, whatever the number of blocks and threads, and needs no fence: the host
 takes an output once its tag seals it.
 
+**A chain of handlers** (the coordinator's fused ``cuda`` stages, see ``cuda_fused``)
+runs in the same loop: ``compose_chain_loop`` generates a record step that calls the
+handlers in order, each inner record in a per-thread scratch of shared memory reset as
+whole words; a handler returning False ends the record, and per handler the records
+it passed on are counted in shared memory, then in device memory once per round. One
+handler is a chain of one.
+
 Counters live in device memory and are mirrored into the control block and the ring
 headers by the agent about once a millisecond, and by the last block to exit.
 
