@@ -26,33 +26,30 @@
 // kernel initialises it from the ring itself. The ring's dequeued/dropped_oldest
 // counters are mirrored into its header about once a millisecond and at exit.
 //
-// Control block: 512 bytes, 8-byte little-endian words at these byte offsets, one
-// writer per 128-byte line (the host writes line 0, the kernel lines 1-3):
+// Control block: the one of every ring kernel (control.cuh, generated from
+// pydotcompute.rings.control.ControlBlock): 8-byte little-endian words, one writer
+// per 128-byte line. This kernel uses these words (pdc::control::k...):
 //
-//   line 0, written by the host
-//     0    command      0 = paused, 1 = active (consume), 2 = terminate.
-//                       Start with 0 or 1; write 2 and wait for status 2 or 3.
-//   line 1, written by the kernel
-//     128  status       0 = not started, 1 = running (line 3 is valid from here on),
-//                       2 = exited, 3 = failed
-//     136  error        0, or why it failed: 1..9 = ring.cuh Status of ring_attach
-//                       (bad buffer), 100 = wrong ring sides or record size,
-//                       101 = block size not a power of two in [32, 512]
-//     144  heartbeat    incremented on every poll
-//   line 2, written by the kernel (counters; read them any time)
-//     256  processed    values folded into the statistics
-//     264  idle_polls   polls that found the ring empty while active
-//     272  batches      non-empty polls
-//   line 3, written by the kernel: the statistics, under a sequence lock
-//     384  seq          odd while the fields below are being rewritten; a reader
-//                       reads seq, the fields, then seq again, and retries unless
-//                       both reads are the same even number
-//     392  count        (u64)
-//     400  mean         (f64 bits)
-//     408  m2           (f64 bits) sum of squared deviations: population variance
-//                       = m2 / count, sample variance = m2 / (count - 1)
-//     416  min          (f64 bits; +inf while count is 0)
-//     424  max          (f64 bits; -inf while count is 0)
+//   State        written by the host: 0 = paused, 1 = active (consume), 2 = terminate.
+//                Start with 0 or 1; write 2 and wait for Status 2 or 3.
+//   Status       0 = not started, 1 = running (the results are valid from here on),
+//                2 = exited, 3 = failed
+//   ErrorCode    0, or why it failed: 1..9 = ring.cuh Status of ring_attach
+//                (bad buffer), 100 = wrong ring sides or record size,
+//                101 = block size not a power of two in [32, 512]
+//   Heartbeat    incremented on every poll
+//   Processed    values folded into the statistics
+//   IdlePolls    polls that found the ring empty while active
+//   Batches      non-empty polls
+//   ResultsSeq   odd while the results are being rewritten; a reader reads it, the
+//                results, then it again, and retries unless both reads are the same
+//                even number
+//   Results + 0  count (u64)
+//           + 1  mean  (f64 bits)
+//           + 2  m2    (f64 bits) sum of squared deviations: population variance
+//                      = m2 / count, sample variance = m2 / (count - 1)
+//           + 3  min   (f64 bits; +inf while count is 0)
+//           + 4  max   (f64 bits; -inf while count is 0)
 //
 // Warp 0 takes the records: its lanes check the slots' tags and copy whole words
 // together, lane 0 claims and releases each batch once. While paused the kernel
@@ -60,6 +57,7 @@
 // across sides needs the consumer for that). While idle it backs off with
 // __nanosleep (32 ns doubling to 1 us). A NaN value propagates into mean and m2
 // (IEEE arithmetic); min and max skip it (fmin/fmax).
+#include "control.cuh"
 #include "ring.cuh"
 
 namespace {
@@ -68,25 +66,27 @@ using pdc::ring::u64;
 
 constexpr unsigned kMaxThreads = 512;
 
-constexpr u64 kCommand = 0;
-constexpr u64 kStatus = 128 / 8;
-constexpr u64 kError = 136 / 8;
-constexpr u64 kHeartbeat = 144 / 8;
-constexpr u64 kProcessed = 256 / 8;
-constexpr u64 kIdlePolls = 264 / 8;
-constexpr u64 kBatches = 272 / 8;
-constexpr u64 kSeq = 384 / 8;
-constexpr u64 kCount = 392 / 8;
-constexpr u64 kMean = 400 / 8;
-constexpr u64 kM2 = 408 / 8;
-constexpr u64 kMin = 416 / 8;
-constexpr u64 kMax = 424 / 8;
+namespace ctl = pdc::control;
+constexpr u64 kCommand = ctl::kState;
+constexpr u64 kStatus = ctl::kStatus;
+constexpr u64 kError = ctl::kErrorCode;
+constexpr u64 kHeartbeat = ctl::kHeartbeat;
+constexpr u64 kProcessed = ctl::kProcessed;
+constexpr u64 kIdlePolls = ctl::kIdlePolls;
+constexpr u64 kBatches = ctl::kBatches;
+constexpr u64 kSeq = ctl::kResultsSeq;
+constexpr u64 kCount = ctl::kResults + 0;
+constexpr u64 kMean = ctl::kResults + 1;
+constexpr u64 kM2 = ctl::kResults + 2;
+constexpr u64 kMin = ctl::kResults + 3;
+constexpr u64 kMax = ctl::kResults + 4;
+static_assert(kMax < ctl::kWords, "the results fit in the control block");
 
-constexpr u64 kCommandActive = 1;
-constexpr u64 kCommandTerminate = 2;
-constexpr u64 kStatusRunning = 1;
-constexpr u64 kStatusExited = 2;
-constexpr u64 kStatusFailed = 3;
+constexpr u64 kCommandActive = ctl::kActive;
+constexpr u64 kCommandTerminate = ctl::kTerminate;
+constexpr u64 kStatusRunning = ctl::kStatusRunning;
+constexpr u64 kStatusExited = ctl::kStatusExited;
+constexpr u64 kStatusFailed = ctl::kStatusFailed;
 constexpr u64 kErrorRingShape = 100;
 constexpr u64 kErrorBlockSize = 101;
 

@@ -1,6 +1,6 @@
 """Ray drivers run as child processes by test_ray_nodes.py against a two-node cluster.
 
-``python ray_drivers.py placement|client ADDRESS`` prints one JSON object with what it
+``python ray_drivers.py placement|client|send_to ADDRESS`` prints one JSON object with what it
 saw. Each runs in a process of its own because a Ray driver's connection (and its
 authentication token) belongs to the process. The kernels are defined here, in the
 script, so Ray ships them by value: the nodes need not import the tests.
@@ -25,6 +25,21 @@ def double(msg, out, state):  # type: ignore[no-untyped-def]
     out.seq = msg.seq
     out.value = msg.value * 2.0
     return True
+
+
+async def forwards(ctx):  # type: ignore[no-untyped-def]
+    """Takes ``(target, n)``: sends ``0 .. n-1`` to ``target`` with ``send_to``, then
+    answers ``n``."""
+    while not ctx.should_terminate:
+        target, n = await ctx.receive()
+        for i in range(n):
+            await ctx.send_to(target, i)
+        await ctx.send(n)
+
+
+async def collects(ctx):  # type: ignore[no-untyped-def]
+    while not ctx.should_terminate:
+        await ctx.send(await ctx.receive())
 
 
 async def launch(rt: RingKernelRuntime, kid: str, **options: Any) -> None:
@@ -107,7 +122,31 @@ async def client(address: str) -> dict[str, Any]:
         }
 
 
+async def send_to(address: str) -> dict[str, Any]:
+    """A host actor on node_b sends to one on node_a through the driver."""
+    async with RingKernelRuntime(cluster=address) as rt:
+        await rt.launch("to_a", collects, resources={"node_a": 0.5}, queue_size=16)
+        await rt.launch("from_b", forwards, resources={"node_b": 0.5}, queue_size=16)
+        for kid in ("to_a", "from_b"):
+            await rt.activate(kid)
+        await rt.send("from_b", ("to_a", 500))
+        got = [await rt.receive("to_a", timeout=60) for _ in range(500)]
+        done = await rt.receive("from_b", timeout=60)
+        try:
+            extra = await rt.receive("to_a", timeout=0.5)
+        except Exception as exc:  # noqa: BLE001 - a timeout is what should come
+            extra = type(exc).__name__
+        return {
+            "nodes": len({rt.get_placement(k).node_id for k in ("to_a", "from_b")}),
+            "in_order": got == list(range(500)),
+            "done": done,
+            "extra": extra,
+        }
+
+
 if __name__ == "__main__":
     what, address = sys.argv[1], sys.argv[2]
-    result = asyncio.run({"placement": placement, "client": client}[what](address))
+    result = asyncio.run(
+        {"placement": placement, "client": client, "send_to": send_to}[what](address)
+    )
     print(json.dumps(result), flush=True)

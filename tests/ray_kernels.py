@@ -75,3 +75,17 @@ async def groups(ctx):  # type: ignore[no-untyped-def]
                 break
         for x, sizes in held:
             await ctx.send((x * 10, [*sizes, len(held)]))
+
+
+async def forwards(ctx):  # type: ignore[no-untyped-def]
+    """Takes ``(target, n)``: sends ``0 .. n-1`` to kernel ``target`` with ``send_to``,
+    then answers ``("queued", n)``, or ``("error", name, text)`` when a send_to fails."""
+    while not ctx.should_terminate:
+        target, n = await ctx.receive()
+        try:
+            for i in range(n):
+                await ctx.send_to(target, i)
+        except Exception as exc:  # noqa: BLE001 - the test reads what the sender saw
+            await ctx.send(("error", type(exc).__name__, str(exc)))
+            continue
+        await ctx.send(("queued", n))

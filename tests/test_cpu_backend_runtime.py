@@ -144,19 +144,6 @@ async def test_send_batch_with_the_wrong_dtype_names_both():
         assert str(IN) in str(e.value) and str(OUT) in str(e.value)
 
 
-async def test_deactivate_holds_messages_until_reactivated():
-    async with RingKernelRuntime() as rt:
-        await launch(rt)
-        await rt.deactivate("k")
-        await asyncio.sleep(0.005)
-        await rt.send_batch("k", samples([0, 2, 4]))
-        await asyncio.sleep(0.03)
-        assert rt.get_telemetry("k").queue_depth == 3
-        assert rt.get_telemetry("k").messages_processed == 0
-        await rt.reactivate("k")
-        assert list((await rt.receive_batch("k", 8, timeout=5.0))["a"])[:1] == [0]
-
-
 async def test_several_workers_one_ring():
     async with RingKernelRuntime() as rt:
         await launch(rt, state=np.zeros(2), workers=3, queue_size=256)

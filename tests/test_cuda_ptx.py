@@ -215,3 +215,83 @@ def test_the_floor_benchmark_kernels_compile() -> None:
     ops = _ops(cuda.compile_ptx(gpu_floor._echo_record.py_func,
                                 (words, words, types.int64), cc=CC)[0])  # fmt: skip
     assert ops["ld.acquire.sys.b64"] and ops["st.release.sys.b64"]
+
+
+MID = np.dtype([("id", "<u4"), ("flag", "<u1"), ("s", "<f4")], align=True)  # a byte field
+
+
+def to_mid(msg, out, state):  # type: ignore[no-untyped-def]
+    out.id = msg.id
+    out.s = msg.x * msg.y
+    return True
+
+
+def mid_filter(msg, out, state):  # type: ignore[no-untyped-def]
+    out.id = msg.id
+    out.s = msg.s + state[0]
+    return msg.id % 3 != 0
+
+
+def mid_to_out(msg, out, state):  # type: ignore[no-untyped-def]
+    out.id = msg.id
+    out.s = msg.s * state[0]
+    return True
+
+
+def _chain_ptx(handlers, dtypes) -> str:  # type: ignore[no-untyped-def]
+    from numba import cuda
+    from numba.cuda import dispatcher
+
+    from pydotcompute.backends.cuda_loop import compose_chain_loop, loop_signature
+
+    states = tuple(np.zeros(1) for _ in handlers)
+    with mock.patch.object(dispatcher, "get_current_device", _Device):
+        loop = compose_chain_loop(handlers, dtypes, 64, 8, 4000)
+        ptx, _ = cuda.compile_ptx(loop, loop_signature(dtypes[0], dtypes[-1], states), cc=CC)
+    return str(ptx)
+
+
+def test_a_fused_chain_loop_compiles_and_moves_records_as_whole_words() -> None:
+    """Three handlers in one device loop (IN -> MID -> MID -> OUT): the rings are read
+    and written as 8-byte .sys words as in the one-handler loop, the inner records are
+    reset as whole words in shared memory, and per-stage counts are shared-memory
+    atomics; no byte load or store though MID has a one-byte field (handlers here do
+    not write it)."""
+    ptx = _chain_ptx((to_mid, mid_filter, mid_to_out), (IN, MID, MID, OUT))
+    ops = _ops(ptx)
+    assert ".entry" in ptx
+    narrow = [op for op in ops if re.search(r"\.(u8|s8|b8|u16|s16|b16)$", op)]
+    assert narrow == [], narrow
+    ring = {op: n for op, n in ops.items() if ".sys." in op}
+    assert ring and all(op.endswith(".b64") for op in ring), ring
+    assert ops["ld.relaxed.sys.b64"] and ops["st.relaxed.sys.b64"]
+    assert 1 <= ops["st.release.sys.b64"] <= 4
+    assert not any(op.startswith(("membar", "fence")) for op in ops)
+    assert ops["atom.global.cas.b64"] == 1  # still one claim: one poller, one loop
+    assert ops["ld.shared.u64"] and ops["st.shared.u64"]
+    assert any(op.startswith("atom.shared.add") for op in ops), ops  # per-stage counts
+    plain_global = {op for op, n in ops.items() if op.startswith("ld.global.") and n}
+    assert plain_global <= {"ld.global.f64"}, plain_global  # the handlers' states
+
+
+def test_a_fused_chain_of_message_records_writes_headers_as_whole_words() -> None:
+    """Inner and final records of ``@message`` types start as the blank header with the
+    first input's message_id as correlation_id (at byte 17): shifted and merged words."""
+    from pydotcompute.messages import message
+
+    @message
+    class Req:
+        value: float
+        sensor: int
+
+    def scale(msg, out, state):  # type: ignore[no-untyped-def]
+        out.value = msg.value * 2.0
+        out.sensor = msg.sensor
+        return msg.sensor != 7
+
+    dt = Req.__record_dtype__
+    ops = _ops(_chain_ptx((scale, scale, scale), (dt, dt, dt, dt)))
+    narrow = [op for op in ops if re.search(r"\.(u8|s8|b8|u16|s16|b16)$", op)]
+    assert narrow == [], narrow
+    plain_global = {op for op, n in ops.items() if op.startswith("ld.global.") and n}
+    assert plain_global <= {"ld.global.f64"}, plain_global

@@ -432,6 +432,12 @@ if SIM:
         async with RingKernelRuntime() as rt:
             opts = dict(backend="cuda", input_type=IN, output_type=OUT, queue_size=4)
             await rt.launch("first", count_and_scale, **opts)
+            # Launched, not activated: its loop has not started, so it holds nothing.
+            await rt.launch("idle", count_and_scale, **opts)
+            await rt.activate("first")
+            await asyncio.sleep(0.05)  # the first kernel's thread is in the simulator
+            with pytest.raises(BackendNotAvailableError, match="one kernel at a time"):
+                await rt.activate("idle")
             with pytest.raises(KernelFailedError) as info:
                 await rt.launch("second", count_and_scale, **opts)
             assert isinstance(info.value.__cause__, BackendNotAvailableError)

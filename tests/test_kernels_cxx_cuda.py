@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pydotcompute.backends.cuda_source import SourceControl
 from pydotcompute.backends.kernel_sources import (
     kernel_files,
     kernels_dir,
@@ -23,6 +24,7 @@ from pydotcompute.backends.kernel_sources import (
 )
 from pydotcompute.device.probe import probe_cuda
 from pydotcompute.errors import InvalidConfigurationError
+from pydotcompute.rings.control import ControlBlock
 
 ROOT = Path(__file__).resolve().parent.parent
 ARCH = "sm_75"  # the oldest architecture CUDA 13 still targets; nanosleep needs sm_70+
@@ -211,23 +213,24 @@ REAL = probe_cuda()
 
 
 class StatsControl:
-    """Host view of the stream_stats control block (layout: top of stream_stats.cu)."""
+    """Host view of the stream_stats control block (``ControlBlock``'s layout; the
+    result words: top of stream_stats.cu)."""
 
     def __init__(self, words: np.ndarray) -> None:
         self.w = words
 
     def command(self, value: int) -> None:
-        self.w[0] = value
+        self.w[SourceControl.COMMAND] = value
 
     @property
     def status(self) -> int:
-        return int(self.w[16])
+        return int(self.w[SourceControl.STATUS])
 
     def snapshot(self) -> tuple[int, float, float, float, float]:
         while True:
-            seq = int(self.w[48])
-            fields = self.w[49:54].copy()
-            if seq % 2 == 0 and int(self.w[48]) == seq:
+            seq = int(self.w[SourceControl.SEQ])
+            fields = self.w[SourceControl.RESULTS : SourceControl.RESULTS + 5].copy()
+            if seq % 2 == 0 and int(self.w[SourceControl.SEQ]) == seq:
                 count = int(fields[0])
                 mean, m2, lo, hi = fields[1:].view(np.float64).tolist()
                 return count, mean, m2, lo, hi
@@ -247,7 +250,7 @@ def test_gpu_stream_stats_through_rawmodule() -> None:
 
     ring = HostRing(1024, np.float64, buffer=mapped(ring_nbytes(1024, 8, crossing=True)),
                     consumer_side=RingSide.DEVICE)  # fmt: skip
-    control = StatsControl(mapped(512).view(np.uint64))
+    control = StatsControl(mapped(ControlBlock.NBYTES).view(np.uint64))
     control.w[:] = 0
     side_counters = cupy.zeros(16, dtype=np.uint64)  # pdc::ring::SideCounters
     module = cupy.RawModule(code=read_kernel_source("stream_stats.cu"))

@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pydotcompute.backends.cuda_source import SourceControl
 from pydotcompute.backends.kernel_sources import kernels_dir
 from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.rings.control import ControlBlock
 from pydotcompute.rings.host_ring import HostRing
 from pydotcompute.rings.layout import (
     HEADER_SIZE,
@@ -607,10 +609,11 @@ def block(lib, tmp_path_factory: pytest.TempPathFactory) -> ctypes.CDLL:
 
 
 class StreamStats:
-    """The host side of a stream_stats launch (control block layout: top of the .cu)."""
+    """The host side of a stream_stats launch (``ControlBlock``'s layout; the result
+    words: top of the .cu)."""
 
     def __init__(self, block: ctypes.CDLL, ring_buffer: np.ndarray, threads: int = 32):
-        self.control = np.zeros(64, dtype=np.uint64)
+        self.control = np.zeros(SourceControl.NWORDS, dtype=np.uint64)
         self.side_counters = np.zeros(16, dtype=np.uint64)  # pdc::ring::SideCounters
         self.thread, _ = _run_thread(
             block.run_block,
@@ -622,19 +625,21 @@ class StreamStats:
         )
 
     def command(self, value: int) -> None:
-        self.control[0] = value
+        self.control[SourceControl.COMMAND] = value
 
     def status(self) -> tuple[int, int]:
-        return int(self.control[16]), int(self.control[17])
+        return int(self.control[SourceControl.STATUS]), int(self.control[SourceControl.ERROR])
 
     def counters(self) -> tuple[int, int, int]:
-        return int(self.control[32]), int(self.control[33]), int(self.control[34])
+        c = self.control
+        batches = ControlBlock.BATCHES // 8
+        return int(c[SourceControl.PROCESSED]), int(c[SourceControl.IDLE_POLLS]), int(c[batches])
 
     def snapshot(self) -> tuple[int, float, float, float, float]:
         while True:
-            seq = int(self.control[48])
-            fields = self.control[49:54].copy()
-            if seq % 2 == 0 and int(self.control[48]) == seq:
+            seq = int(self.control[SourceControl.SEQ])
+            fields = self.control[SourceControl.RESULTS : SourceControl.RESULTS + 5].copy()
+            if seq % 2 == 0 and int(self.control[SourceControl.SEQ]) == seq:
                 mean, m2, lo, hi = fields[1:].view(np.float64).tolist()
                 return int(fields[0]), mean, m2, lo, hi
 
@@ -686,7 +691,8 @@ def test_stream_stats_kernel_on_cpu(launch) -> None:
     kernel.wait(lambda: kernel.counters()[1] > 0)
     processed, idle_polls, batches = kernel.counters()
     assert processed == values.size and 1 <= batches <= values.size and idle_polls > 0
-    assert int(kernel.control[18]) > batches  # the heartbeat beats on every poll
+    # The heartbeat beats on every poll.
+    assert int(kernel.control[SourceControl.HEARTBEAT]) > batches
     kernel.terminate()
     assert kernel.status() == (2, 0)  # exited cleanly
     c = ring.counters()

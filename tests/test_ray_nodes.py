@@ -1,6 +1,7 @@
 """A two-node Ray cluster started with ``ray start`` as docs/scale-out.md says (token
 authentication on), driven by child processes: placements that wait and fail within
-their launch timeout, a Ray Client (``ray://``) driver, and ``ray_hop.py --address``.
+their launch timeout, a Ray Client (``ray://``) driver, a host actor's ``send_to`` from one
+node to the other, and ``ray_hop.py --address``.
 
 One cluster serves the module; its nodes are stopped at the end, whatever happened, by
 ending the processes they started (never ``ray stop``, which would end any other Ray on
@@ -73,6 +74,11 @@ def test_a_ray_client_driver_places_kernels_on_both_nodes(nodes):
     if "skip" in seen:
         pytest.skip(seen["skip"])
     assert seen == {"nodes": 2, "sums": [3000.0, 3000.0]}
+
+
+def test_a_host_actor_on_one_node_sends_to_a_kernel_on_another(nodes):
+    seen = drive(nodes, "send_to", nodes.gcs)
+    assert seen == {"nodes": 2, "in_order": True, "done": 500, "extra": "QueueTimeoutError"}
 
 
 def test_ray_hop_benchmark_measures_a_cluster_given_by_address(nodes):

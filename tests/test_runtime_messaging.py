@@ -1,4 +1,7 @@
-"""Messaging through host actors: backpressure, deactivation, failure, shutdown, telemetry."""
+"""Messaging through host actors: failure, shutdown, telemetry, routing.
+
+Backpressure and deactivation, the same on every backend, are in
+test_backend_conformance.py."""
 
 from __future__ import annotations
 
@@ -10,11 +13,9 @@ import time
 import pytest
 
 from pydotcompute import (
-    BackpressureStrategy,
     InvalidConfigurationError,
     KernelFailedError,
     KernelState,
-    QueueFullError,
     QueueTimeoutError,
     RingKernelRuntime,
     ring_kernel,
@@ -32,80 +33,6 @@ async def never_reads(ctx):
     # on something else is given shutdown's whole timeout before it is cancelled).
     while not ctx.should_terminate:
         await ctx.wait_active()
-
-
-async def test_deactivated_kernel_receives_nothing_and_resumes_in_order():
-    got = []
-
-    async def recorder(ctx):  # never looks at is_active: the runtime must hold delivery
-        while True:
-            got.append(await ctx.receive())
-
-    async with RingKernelRuntime() as rt:
-        await rt.launch("r", recorder)
-        await rt.activate("r")
-        await rt.send("r", 0)
-        await asyncio.sleep(0.01)
-        await rt.deactivate("r")
-        for i in range(1, 6):
-            await rt.send("r", i)
-        await asyncio.sleep(0.05)
-        assert got == [0]
-        assert rt.get_telemetry("r").queue_depth == 5
-        await rt.reactivate("r")
-        await asyncio.sleep(0.01)
-        assert got == [0, 1, 2, 3, 4, 5]
-
-
-async def test_block_waits_for_room_and_times_out_with_queue_full():
-    async with RingKernelRuntime() as rt:
-        await rt.launch("b", echo, queue_size=2, backpressure="block")
-        await rt.send("b", 1)
-        await rt.send("b", 2)
-        t0 = time.monotonic()
-        with pytest.raises(QueueFullError):
-            await rt.send("b", 3, timeout=0.05)
-        assert time.monotonic() - t0 >= 0.04
-        # a blocked sender proceeds once the kernel drains its queue
-        sender = asyncio.ensure_future(rt.send("b", 3))
-        await asyncio.sleep(0.01)
-        assert not sender.done()
-        await rt.activate("b")
-        await asyncio.wait_for(sender, 1)
-        assert [await rt.receive("b", timeout=1) for _ in range(3)] == [1, 2, 3]
-        assert rt.get_telemetry("b").messages_dropped == 0
-
-
-async def test_reject_raises_at_once_and_counts():
-    async with RingKernelRuntime() as rt:
-        await rt.launch("r", never_reads, queue_size=2, backpressure=BackpressureStrategy.REJECT)
-        await rt.send("r", 1)
-        await rt.send("r", 2)
-        for _ in range(3):
-            with pytest.raises(QueueFullError):
-                await rt.send("r", 3, timeout=10)  # no waiting, whatever the timeout
-        t = rt.get_telemetry("r")
-        assert (t.messages_rejected, t.queue_depth) == (3, 2)
-
-
-async def test_drop_oldest_keeps_the_newest():
-    async with RingKernelRuntime() as rt:
-        await rt.launch("d", echo, queue_size=3, backpressure="drop_oldest")
-        for i in range(10):
-            await rt.send("d", i)
-        assert rt.get_telemetry("d").messages_dropped == 7
-        await rt.activate("d")
-        assert [await rt.receive("d", timeout=1) for _ in range(3)] == [7, 8, 9]
-
-
-async def test_drop_newest_keeps_the_oldest():
-    async with RingKernelRuntime() as rt:
-        await rt.launch("d", echo, queue_size=3, backpressure="DROP_NEWEST")
-        for i in range(10):
-            await rt.send("d", i)
-        assert rt.get_telemetry("d").messages_dropped == 7
-        await rt.activate("d")
-        assert [await rt.receive("d", timeout=1) for _ in range(3)] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("bad", [dict(backpressure="sometimes"), dict(queue_size=0)])

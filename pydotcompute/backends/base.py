@@ -300,6 +300,11 @@ class KernelBackend(abc.ABC):
         """A copy of the kernel's persistent state array."""
         raise TypeError(f"{self.backend} kernels have no state array")
 
+    def stage_counts(self) -> dict[str, dict[str, int]] | None:
+        """Per stage of a fused kernel: ``processed``, ``emitted``, ``dropped``; None
+        for a kernel of one handler (every backend but a fused one)."""
+        return None
+
     @abc.abstractmethod
     def telemetry(self, state: str) -> KernelTelemetry:
         """Read the loop's counters into a snapshot (never on the per-message path)."""

@@ -47,7 +47,7 @@ class FusedStep:
 class FusedHandlers:
     """The function of a fused kernel: the chain's steps, in order."""
 
-    fused_handlers = True  # how the cpu backend tells a chain from a handler
+    fused_handlers = True  # how the cpu and cuda backends tell a chain from a handler
 
     def __init__(self, steps: Sequence[FusedStep]) -> None:
         if len(steps) < 2:
@@ -56,7 +56,7 @@ class FusedHandlers:
         self.__name__ = "fused(" + " >> ".join(s.stage for s in steps) + ")"
 
     def __call__(self, *args: Any) -> Any:
-        raise TypeError(f"{self.__name__} runs only as a compiled cpu kernel")
+        raise TypeError(f"{self.__name__} runs only as a compiled cpu or cuda kernel")
 
     def __repr__(self) -> str:
         return f"<{self.__name__}>"

@@ -73,6 +73,15 @@ def require_cuda_backend() -> bool:
     return bool(found.simulator)
 
 
+def device_state(state: Any) -> np.ndarray:
+    """A kernel's ``state`` as the device gets it: a copy, 1-d with at least one element
+    to point at (zeros(1) for none)."""
+    arr = np.zeros(1, np.float64) if state is None else np.array(state, copy=True)
+    if arr.ndim == 0 or arr.size == 0:
+        arr = arr.reshape(-1) if arr.size else np.zeros(1, arr.dtype)
+    return arr
+
+
 def _cuda() -> Any:
     from numba import cuda
 
@@ -186,6 +195,11 @@ class CudaKernelBackend(RingFedBackend):
             from pydotcompute.backends.cuda_source import CudaSourceKernelBackend
 
             return CudaSourceKernelBackend(kernel_id, func, config, *args, **links)
+        # A chain of handlers (the coordinator's fused stages) runs in a loop of its own.
+        if cls is CudaKernelBackend and getattr(func, "fused_handlers", False):
+            from pydotcompute.backends.cuda_fused import FusedCudaKernelBackend
+
+            cls = FusedCudaKernelBackend
         return super().__new__(cls)
 
     def __init__(
@@ -207,14 +221,7 @@ class CudaKernelBackend(RingFedBackend):
         self.items = options.items_per_thread or (2 if self.simulator else 4)
         self.max_blocks = options.blocks
         self.idle_sleep_ns = options.idle_sleep_ns
-        self.state = (
-            np.zeros(1, np.float64) if config.state is None else np.array(config.state, copy=True)
-        )
-        # The device needs a 1-d array with at least one element to point at.
-        if self.state.ndim == 0 or self.state.size == 0:
-            self.state = (
-                self.state.reshape(-1) if self.state.size else np.zeros(1, self.state.dtype)
-            )
+        self.state = device_state(config.state)
         self.blocks = 0
         self.kernel: Any = None
         self.in_ring: MappedRing | None = None
@@ -234,7 +241,7 @@ class CudaKernelBackend(RingFedBackend):
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        from pydotcompute.backends.cuda_loop import ControlWords, SideWords, compile_loop
+        from pydotcompute.backends.cuda_loop import ControlWords, SideWords
 
         cfg = self.config
         self.in_ring = MappedRing(
@@ -257,17 +264,8 @@ class CudaKernelBackend(RingFedBackend):
         self._attach_rings(self.in_ring.host, self.out_ring.host, wakeup)
         self.control = MappedControl()
         try:
-            check_handler_source(self.func, self.kernel_id, "cuda", gpu=not self.simulator)
-            self.kernel = await asyncio.to_thread(
-                compile_loop,
-                self.func,
-                self.in_dtype,
-                self.out_dtype,
-                self.state,
-                self.threads,
-                self.items,
-                self.idle_sleep_ns,
-            )
+            self._check_source()
+            self.kernel = await asyncio.to_thread(self._compile_loop)
         except KernelFailedError as refused:  # before compiling: already explained
             self.failure = refused
             raise
@@ -280,31 +278,23 @@ class CudaKernelBackend(RingFedBackend):
         cuda = _cuda()
         # The kernel's own words start from the rings' indices and counters (3.1).
         side = SideWords.initial(
-            self.in_ring.host, self.out_ring.host, self.control[ControlWords.STATE]
+            self.in_ring.host, self.out_ring.host, self.control[ControlWords.STATE], self.stages
         )
-        args_host = (side, self.state)
         if self.simulator:
-            from numba.cuda.simulator.kernel import _get_kernel_context
-
-            if _get_kernel_context() is not None:
-                raise BackendNotAvailableError(
-                    "the numba-cuda simulator runs one kernel at a time in a process; "
-                    "terminate the running cuda kernel first (a GPU has no such limit)"
-                )
-            self._side, self._d_state = (cuda.to_device(a) for a in args_host)
+            self._refuse_a_second_simulated_kernel()
+            self._side = cuda.to_device(side)
+            self._d_state = self._state_to_device(None)
             self.blocks = 1
-            self._thread = threading.Thread(
-                target=self._run_simulated,
-                name=f"pydotcompute-cuda-sim-{self.kernel_id}",
-                daemon=True,
-            )
-            self._thread.start()
+            # The simulator runs one kernel at a time in a process: the loop starts
+            # when the kernel first has work (its activation or its first input), so
+            # kernels that never do (a fused chain's stages, say) hold none.
         else:
             self._stream = _non_blocking_stream()
             self._copy_stream = _non_blocking_stream()
             # Every device buffer the kernel uses is held here for its whole life: a
             # buffer freed while the persistent kernel runs would be used after free.
-            self._side, self._d_state = (cuda.to_device(a, stream=self._stream) for a in args_host)
+            self._side = cuda.to_device(side, stream=self._stream)
+            self._d_state = self._state_to_device(self._stream)
             self._stream.synchronize()  # the copies are done before the kernel runs
             self.blocks = self._grid_size()
             self._launch()
@@ -313,6 +303,42 @@ class CudaKernelBackend(RingFedBackend):
         )
         self._watcher.start()
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
+
+    stages = 1
+    """Handlers the loop calls per record (a fused chain has several)."""
+
+    def _check_source(self) -> None:
+        check_handler_source(self.func, self.kernel_id, "cuda", gpu=not self.simulator)
+
+    def _compile_loop(self) -> Any:
+        from pydotcompute.backends.cuda_loop import compile_loop
+
+        return compile_loop(
+            self.func,
+            self.in_dtype,
+            self.out_dtype,
+            self.state,
+            self.threads,
+            self.items,
+            self.idle_sleep_ns,
+        )
+
+    def _state_to_device(self, stream: Any) -> Any:
+        """The handler's state in device memory (the kernel's ``state`` argument)."""
+        if stream is None:
+            return _cuda().to_device(self.state)
+        return _cuda().to_device(self.state, stream=stream)
+
+    def _read_side(self) -> np.ndarray | None:
+        """The kernel's own words (``SideWords``), copied out of device memory while it
+        runs (on a stream of its own); None before the launch."""
+        if self._side is None:
+            return None
+        if self._copy_stream is None:
+            return np.array(self._side.copy_to_host(), copy=True)
+        out: np.ndarray = self._side.copy_to_host(stream=self._copy_stream)
+        self._copy_stream.synchronize()
+        return out
 
     def _grid_size(self) -> int:
         """Blocks that are resident at once (occupancy), at most ``blocks``/one per SM."""
@@ -347,6 +373,36 @@ class CudaKernelBackend(RingFedBackend):
         event.record(self._stream)
         launched(self, self.kernel_id, cuda.get_current_device().id, event.query)
 
+    def _refuse_a_second_simulated_kernel(self) -> None:
+        from numba.cuda.simulator.kernel import _get_kernel_context
+
+        if _get_kernel_context() is not None:
+            raise BackendNotAvailableError(
+                "the numba-cuda simulator runs one kernel at a time in a process; "
+                "terminate the running cuda kernel first (a GPU has no such limit)"
+            )
+
+    def _start_simulated(self) -> None:
+        if self._stopped or self.control is None:
+            return  # stopped or never started: the send or activation says so itself
+        self._refuse_a_second_simulated_kernel()
+        self._thread = threading.Thread(
+            target=self._run_simulated,
+            name=f"pydotcompute-cuda-sim-{self.kernel_id}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def try_put(self, msg: Any) -> bool:
+        if self.simulator and self._thread is None and self.failure is None:
+            self._start_simulated()
+        return super().try_put(msg)
+
+    async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
+        if self.simulator and self._thread is None and self.failure is None:
+            self._start_simulated()
+        return await super().put_batch(records, timeout)
+
     def _run_simulated(self) -> None:
         try:
             self.kernel[1, self.threads](*self._args(0))
@@ -356,7 +412,9 @@ class CudaKernelBackend(RingFedBackend):
     def _kernel_done(self) -> bool:
         """Whether the kernel has exited; raises the CUDA error of a faulted stream."""
         if self.simulator:
-            return self._thread is None or not self._thread.is_alive()
+            if self._thread is None:  # never activated: nothing ran, nothing to exit
+                return self._stopped
+            return not self._thread.is_alive()
         return self._done_event is None or bool(self._done_event.query())  # None: never ran
 
     def _device_error(self) -> BaseException | None:
@@ -431,6 +489,8 @@ class CudaKernelBackend(RingFedBackend):
 
         if self.failure is not None or self._stopped or self.control is None:
             return
+        if active and self.simulator and self._thread is None:
+            self._start_simulated()
         self._track_active(active)
         self.control.set_state(ControlWords.ACTIVE if active else ControlWords.INACTIVE)
 

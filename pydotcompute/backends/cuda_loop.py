@@ -37,6 +37,13 @@ Then it writes its outputs. The output ring is therefore **FIFO with respect to 
 input ring**, whatever the number of blocks and threads, and needs no fence: the host
 takes an output once its tag seals it.
 
+**A chain of handlers** (the coordinator's fused ``cuda`` stages, see ``cuda_fused``)
+runs in the same loop: ``compose_chain_loop`` generates a record step that calls the
+handlers in order, each inner record in a per-thread scratch of shared memory reset as
+whole words; a handler returning False ends the record, and per handler the records
+it passed on are counted in shared memory, then in device memory once per round. One
+handler is a chain of one.
+
 Counters live in device memory and are mirrored into the control block and the ring
 headers by the agent about once a millisecond, and by the last block to exit.
 
@@ -48,7 +55,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,7 +96,9 @@ __all__ = [
     "ControlWords",
     "SideWords",
     "compose_loop",
+    "compose_chain_loop",
     "compile_loop",
+    "compile_chain_loop",
     "slot_dtype",
     "loop_shape",
     "ERROR_TEXT",
@@ -173,12 +182,17 @@ class SideWords:
     HEARTBEAT = 21
     FAILED_AT = 22
     """Simulator only: 1 + the input position whose handler raised (0: none)."""
+    FAILED_STAGE = 23
+    """Simulator only: which handler of a chain raised (its index)."""
     NWORDS = 32
+    PASSED = NWORDS
+    """A chain of handlers only: from here, per handler, the records it passed on."""
 
     @classmethod
-    def initial(cls, in_ring: Any, out_ring: Any, command: int) -> np.ndarray:
-        """The words for a launch on these rings (``HostRing`` views of them)."""
-        w = np.zeros(cls.NWORDS, np.int64)
+    def initial(cls, in_ring: Any, out_ring: Any, command: int, stages: int = 1) -> np.ndarray:
+        """The words for a launch on these rings (``HostRing`` views of them), with a
+        word per handler after ``NWORDS`` for a chain of ``stages`` handlers."""
+        w = np.zeros(cls.NWORDS + (stages if stages > 1 else 0), np.int64)
         inc, outc = in_ring.counters(), out_ring.counters()
         w[cls.AVAIL] = w[cls.CLAIM] = w[cls.IN_DONE] = inc.released
         w[cls.OUT_NEXT] = w[cls.OUT_PUBLISHED] = outc.published
@@ -230,6 +244,8 @@ _S_OUT_HIGH_WATER = SideWords.OUT_HIGH_WATER
 _S_MIRRORED_AT = SideWords.MIRRORED_AT
 _S_HEARTBEAT = SideWords.HEARTBEAT
 _S_FAILED_AT = SideWords.FAILED_AT
+_S_FAILED_STAGE = SideWords.FAILED_STAGE
+_S_PASSED = SideWords.PASSED
 _BLOCK = 0
 _DROP_OLDEST = 2
 _DROP_NEWEST = 3
@@ -309,17 +325,102 @@ def slot_dtype(dtype: np.dtype) -> np.dtype:
     )
 
 
-def loop_shape(in_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: int) -> int:
+def loop_shape(
+    in_dtype: np.dtype, out_dtype: np.dtype, threads: int, items: int, scratch_bytes: int = 0
+) -> int:
     """Records a block takes per round: ``threads * items``, as many as fit the block's
-    staging in shared memory. Raises for records too large to stage at all."""
+    staging in shared memory (less ``scratch_bytes``, a chain's inner records). Raises
+    for records too large to stage at all."""
     per_slot = slot_dtype(in_dtype).itemsize + slot_dtype(out_dtype).itemsize + 8
-    fits = _STAGING_BYTES // per_slot
+    fits = (_STAGING_BYTES - scratch_bytes) // per_slot
     if fits < 1:
         raise InvalidConfigurationError(
-            f"records of {in_dtype.itemsize} and {out_dtype.itemsize} bytes do not fit the "
-            f"cuda loop's {_STAGING_BYTES} bytes of staging in shared memory"
+            f"records of {in_dtype.itemsize} and {out_dtype.itemsize} bytes"
+            + (f" and {scratch_bytes} bytes of inner records" if scratch_bytes else "")
+            + f" do not fit the cuda loop's {_STAGING_BYTES} bytes of staging in shared memory"
         )
     return max(1, min(threads * items, fits))
+
+
+# The record step of a chain of handlers, generated per chain length: each handler
+# reads the record the one before wrote (inner records sit in a per-thread scratch of
+# shared memory, reset to their blank slot as whole words) and a handler returning
+# False ends the record. It returns how many handlers passed the record on.
+_CHAIN_STEP = """\
+    for w in range(SW{j}):
+        scratch[s + AT{j} + w] = ZERO{j}[w]
+    if CORRELATE{j}:
+        corr{j}(stage_in, in_at, scratch, s + AT{j})
+    x{j} = view{j}(scratch[s + AT{j} : s + AT{j} + SW{j}])[0]
+"""
+
+
+def chain_step_source(n: int) -> str:
+    """The Python source of the record step of a chain of ``n`` handlers."""
+    lines = ["def step(msg, out, states, scratch, s, stage_in, in_at, side, position):\n"]
+    for j in range(n):
+        src = "msg" if j == 0 else f"x{j}"
+        if j < n - 1:
+            lines.append(_CHAIN_STEP.format(j=j + 1))
+            dst = f"x{j + 1}"
+        else:
+            dst = "out"
+        st = "states" if n == 1 else f"states[{j}]"
+        lines.append(f"    if not h{j}({src}, {dst}, {st}, side, position):\n")
+        lines.append(f"        return {j}\n")
+    lines.append(f"    return {n}\n")
+    return "".join(lines)
+
+
+def _chain_step(
+    handlers: Sequence[Callable[..., Any]], dtypes: Sequence[np.dtype]
+) -> tuple[Any, int]:
+    """(The record step of the chain as a device function, the words of scratch each
+    thread needs for the inner records.) ``dtypes`` are the chain's record types, the
+    first input to the last output."""
+    n = len(handlers)
+    ns: dict[str, Any] = {}
+    at = 0
+    first = dtypes[0]
+    for j in range(1, n):
+        inner = dtypes[j]
+        zero = blank_slot(first, inner)
+        _, id_at, corr_at = output_header(first, inner)
+        ns[f"SW{j}"] = slot_dtype(inner).itemsize // 8
+        ns[f"AT{j}"] = at
+        ns[f"ZERO{j}"] = zero
+        ns[f"CORRELATE{j}"] = id_at >= 0
+        ns[f"corr{j}"] = uuid_copy(TAG_SIZE + max(id_at, 0), TAG_SIZE + max(corr_at, 0), zero)
+        ns[f"view{j}"] = records_view(slot_dtype(inner))
+        at += ns[f"SW{j}"]
+    for j, h in enumerate(handlers):
+        ns[f"h{j}"] = _device_handler(h, j)
+    exec(compile(chain_step_source(n), "<cuda chain step>", "exec"), ns)  # noqa: S102 - our own template
+    return cuda.jit(device=True)(ns["step"]), at
+
+
+def _device_handler(handler: Callable[..., Any], stage: int) -> Any:
+    """``handler`` as a device function of ``(msg, out, state, side, position)``; under
+    the simulator (plain Python) a handler that raises notes for the host which record
+    and which handler of a chain it was. The round that raised never releases its
+    claim, so the record stays in its slot."""
+    device = cuda.jit(device=True)(handler)
+    if not SIMULATOR:
+
+        def on_gpu(msg, out, state, side, position):  # type: ignore[no-untyped-def]
+            return device(msg, out, state)
+
+        return cuda.jit(device=True)(on_gpu)
+
+    def simulated(msg: Any, out: Any, state: Any, side: Any, position: int) -> Any:
+        try:
+            return device(msg, out, state)
+        except BaseException:
+            side[_S_FAILED_STAGE] = stage
+            side[_S_FAILED_AT] = position + 1
+            raise
+
+    return simulated
 
 
 def compose_loop(
@@ -337,17 +438,28 @@ def compose_loop(
     (``SideWords``, device memory), ``state`` (the handler's state array, device memory)
     and ``max_iterations``.
     """
-    device_handler = cuda.jit(device=True)(handler)
-    on_gpu = not SIMULATOR
+    return compose_chain_loop((handler,), (in_dtype, out_dtype), threads, items, idle_sleep_ns)
 
-    def simulated_handler(msg: Any, out: Any, state: Any, side: Any, position: int) -> Any:
-        # Simulator only (plain Python): note which record raised for the host. The
-        # round that raised never releases its claim, so the record stays in its slot.
-        try:
-            return device_handler(msg, out, state)
-        except BaseException:
-            side[_S_FAILED_AT] = position + 1
-            raise
+
+def compose_chain_loop(
+    handlers: Sequence[Callable[..., Any]],
+    dtypes: Sequence[np.dtype],
+    threads: int,
+    items: int,
+    idle_sleep_ns: int,
+) -> Any:
+    """The persistent kernel around a chain of handlers called in order for each record
+    (one handler: ``compose_loop``), not yet compiled. ``dtypes`` are the record types
+    from the first handler's input to the last one's output; the kernel's ``state`` is
+    then a tuple of the handlers' state arrays, and ``side`` has a word per handler
+    after ``SideWords.NWORDS`` (records it passed on)."""
+    if len(dtypes) != len(handlers) + 1:
+        raise ValueError("a chain of n handlers has n + 1 record types")
+    in_dtype, out_dtype = dtypes[0], dtypes[-1]
+    nstages = len(handlers)
+    chained = nstages > 1
+    step, chain_sw = _chain_step(handlers, dtypes)
+    on_gpu = not SIMULATOR
 
     # Every output starts as ``out_zero``, the blank slot (default priority: see
     # messages.record's output_header), a constant array, so its loads are ld.const
@@ -362,7 +474,8 @@ def compose_loop(
     in_rs, out_rs = in_dtype.itemsize, out_dtype.itemsize
     in_sw, out_sw = in_slot.itemsize // 8, out_slot.itemsize // 8
     nthreads = threads
-    per_round = loop_shape(in_dtype, out_dtype, threads, items)
+    per_round = loop_shape(in_dtype, out_dtype, threads, items, threads * chain_sw * 8)
+    scratch_words = max(1, threads * chain_sw)
     items_t = (per_round + threads - 1) // threads  # records per thread and round
     lanes = min(_POLL_LANES, threads)
     win_slots = max(1, min(_WINDOW_WORDS // in_sw, per_round))
@@ -395,6 +508,9 @@ def compose_loop(
         held = cuda.local.array(in_per_thread, np.int64)
         held_out = cuda.local.array(out_per_thread, np.int64)
         held_win = cuda.local.array(win_per_lane, np.int64)
+        scratch = cuda.shared.array(scratch_words, np.int64)  # a chain's inner records
+        passed_sh = cuda.shared.array(nstages, np.int64)  # per handler: passed this round
+        passed = cuda.local.array(nstages, np.int64)
         in_recs = in_view(stage_in)
         out_recs = out_view(stage_out)
         in_cap = (in_words.shape[0] - HEADER_WORDS) // in_sw
@@ -528,6 +644,9 @@ def compose_loop(
                 sh[2] = stale
                 sh[3] = 1 if (agent and c == base and stale == 0 and k <= k0) else 0
                 sh[7] = 0
+                if chained:
+                    for j in range(nstages):
+                        passed_sh[j] = 0
             cuda.syncthreads()
             k = sh[0]
             c = sh[1]
@@ -580,6 +699,9 @@ def compose_loop(
                     use_window = 0
                 # -- 4. the handlers: thread t takes records t*items_t .. +items_t-1
                 count = 0
+                if chained:
+                    for j in range(nstages):
+                        passed[j] = 0
                 for j in range(items_t):
                     i = tid * items_t + j
                     emit = 0
@@ -589,14 +711,23 @@ def compose_loop(
                             stage_out[at + w] = out_zero[w]
                         if correlate:
                             correlation(stage_in, i * in_sw, stage_out, at)
-                        if on_gpu:
-                            if device_handler(in_recs[i], out_recs[i], state):
-                                emit = 1
-                        elif simulated_handler(in_recs[i], out_recs[i], state, side, first + i):
+                        reached = step(
+                            in_recs[i], out_recs[i], state, scratch, tid * chain_sw,
+                            stage_in, i * in_sw, side, first + i,
+                        )  # fmt: skip
+                        if reached == nstages:
                             emit = 1
+                        if chained:
+                            for h in range(nstages):
+                                if h < reached:
+                                    passed[h] += 1
                     if i < per_round:
                         flags[i] = emit
                     count += emit
+                if chained:
+                    for h in range(nstages):
+                        if passed[h] != 0:
+                            cuda.atomic.add(passed_sh, h, passed[h])
                 # Block-wide inclusive prefix sum of the counts (Hillis-Steele): thread
                 # tid's outputs take places scan[tid] - count .. scan[tid] - 1.
                 scan[tid] = count
@@ -688,6 +819,9 @@ def compose_loop(
                     if placed > 0:  # the depth this block can vouch for
                         depth = r + fit - load_gpu(side, _S_OUT_SEEN)
                         cuda.atomic.max(side, _S_OUT_HIGH_WATER, depth)
+                    if chained:
+                        for h in range(nstages):
+                            cuda.atomic.add(side, _S_PASSED + h, passed_sh[h])
             if lead:
                 if agent:
                     store_gpu(side, _S_HEARTBEAT, iteration + 1)
@@ -802,10 +936,53 @@ def compile_loop(
     return kernel
 
 
-def loop_signature(in_dtype: np.dtype, out_dtype: np.dtype, state: np.ndarray) -> tuple[Any, ...]:
-    """Argument types of the composed kernel (see ``compose_loop``)."""
+def loop_signature(
+    in_dtype: np.dtype, out_dtype: np.dtype, state: np.ndarray | tuple[np.ndarray, ...]
+) -> tuple[Any, ...]:
+    """Argument types of the composed kernel (see ``compose_loop``); for a chain,
+    ``state`` is the tuple of its handlers' state arrays."""
     from numba import typeof, types
 
+    def array_t(a: np.ndarray) -> Any:
+        return types.Array(typeof(a).dtype, a.ndim, "C")
+
     words = types.int64[::1]
-    state_t = types.Array(typeof(state).dtype, state.ndim, "C")
+    if isinstance(state, tuple):
+        state_t = types.Tuple([array_t(a) for a in state])
+    else:
+        state_t = array_t(state)
     return (words, words, words, words, state_t, types.int64)
+
+
+# One compiled loop per chain: (handlers, record dtypes, state types, block size,
+# back-off). Keyed by the handlers themselves, as the cpu backend's fused loops are.
+_CHAINS: dict[tuple[Any, ...], Any] = {}
+
+
+def compile_chain_loop(
+    handlers: Sequence[Callable[..., Any]],
+    dtypes: Sequence[np.dtype],
+    states: tuple[np.ndarray, ...],
+    threads: int,
+    items: int,
+    idle_sleep_ns: int,
+) -> Any:
+    """The persistent kernel for a chain of handlers (see ``compose_chain_loop``),
+    compiled once per chain and types (cached)."""
+    pys = tuple(getattr(h, "py_func", h) for h in handlers)
+    key = (
+        pys,
+        tuple(dtypes),
+        tuple((a.dtype, a.ndim) for a in states),
+        threads,
+        items,
+        idle_sleep_ns,
+    )
+    with _LOOPS_LOCK:
+        kernel = _CHAINS.get(key)
+        if kernel is None:
+            kernel = cuda.jit(compose_chain_loop(pys, dtypes, threads, items, idle_sleep_ns))
+            if not SIMULATOR:
+                kernel.compile(loop_signature(dtypes[0], dtypes[-1], states))
+            _CHAINS[key] = kernel
+    return kernel

@@ -14,14 +14,14 @@ The C++ kernel must follow this ABI (the one of ``kernels/stream_stats.cu``)::
                                  pdc::ring::SideCounters* side_counters);
 
 with a host-to-device input ring (``docs/ring-protocol.md``; the kernel's own words
-for it, 128 bytes of device memory, in ``side_counters``) and a 512-byte control
-block of 8-byte words: the host writes ``command`` (byte 0: 0 paused, 1 active,
-2 terminate); the kernel writes ``status`` (128: 1 running, 2 exited, 3 failed),
-``error`` (136), ``heartbeat`` (144), ``processed`` (256), ``idle_polls`` (264) and
-its results in line 3 under a sequence lock (``seq`` at 384, odd while writing;
-result words from 392 on). Such a kernel has no output ring: ``read_state()``
-returns its result words (``uint64``; view them as the kernel documents, e.g.
-``.view(np.float64)``) read consistently under the lock.
+for it, 128 bytes of device memory, in ``side_counters``) and the control block of
+every ring kernel (``rings.control.ControlBlock``; ``#include "control.cuh"`` for its
+word indices): the host writes ``STATE`` (0 paused, 1 active, 2 terminate); the kernel
+writes ``STATUS`` (1 running, 2 exited, 3 failed), ``ERROR_CODE``, ``HEARTBEAT``,
+``PROCESSED``, ``IDLE_POLLS`` and its results from ``RESULTS`` on under a sequence
+lock (``RESULTS_SEQ``, odd while writing). Such a kernel has no output ring:
+``read_state()`` returns its result words (``uint64``; view them as the kernel
+documents, e.g. ``.view(np.float64)``) read consistently under the lock.
 
 Options (``CudaOptions``): ``cuda_source``, ``cuda_function`` (required),
 ``threads`` (block size, default 256) and ``blocks`` (grid, default 1; a kernel that
@@ -53,6 +53,7 @@ from pydotcompute.errors import (
     QueueFullError,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.rings.control import ControlBlock
 from pydotcompute.rings.host_ring import Backoff, HostRing, ring_capacity_for
 from pydotcompute.rings.layout import RingSide, ring_nbytes
 from pydotcompute.telemetry.snapshot import KernelTelemetry
@@ -65,24 +66,24 @@ __getattr__ = renamed(
 
 
 class SourceControl:
-    """Word indices of a C++ ring kernel's 512-byte control block."""
+    """Word indices of a C++ ring kernel's control block: ``ControlBlock``'s layout."""
 
-    COMMAND = 0
-    STATUS = 16
-    ERROR = 17
-    HEARTBEAT = 18
-    PROCESSED = 32
-    IDLE_POLLS = 33
-    SEQ = 48
-    RESULTS = 49
-    NWORDS = 64
+    COMMAND = ControlBlock.STATE // 8
+    STATUS = ControlBlock.STATUS // 8
+    ERROR = ControlBlock.ERROR_CODE // 8
+    HEARTBEAT = ControlBlock.HEARTBEAT // 8
+    PROCESSED = ControlBlock.PROCESSED // 8
+    IDLE_POLLS = ControlBlock.IDLE_POLLS // 8
+    SEQ = ControlBlock.RESULTS_SEQ // 8
+    RESULTS = ControlBlock.RESULTS // 8
+    NWORDS = ControlBlock.NBYTES // 8
 
-    PAUSED = 0
-    ACTIVE = 1
-    TERMINATE = 2
-    RUNNING = 1
-    EXITED = 2
-    FAILED = 3
+    PAUSED = ControlBlock.INACTIVE
+    ACTIVE = ControlBlock.ACTIVE
+    TERMINATE = ControlBlock.TERMINATE
+    RUNNING = ControlBlock.STATUS_RUNNING
+    EXITED = ControlBlock.STATUS_EXITED
+    FAILED = ControlBlock.STATUS_FAILED
 
 
 _W = SourceControl
@@ -296,7 +297,7 @@ class CudaSourceKernelBackend(KernelBackend):
         )
 
     def read_state(self) -> np.ndarray:
-        """The kernel's result words (line 3 of the control block), read under its
+        """The kernel's result words (from ``RESULTS`` of the control block), read under its
         sequence lock: retried while the kernel is rewriting them."""
         for _ in range(100000):
             seq = int(self.control[_W.SEQ])

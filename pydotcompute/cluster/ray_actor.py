@@ -7,6 +7,13 @@ store, and a host actor's messages as lists. The lifecycle state machine stays w
 the caller's runtime; the actor follows its calls and reports a crash through
 ``watch``.
 
+A host actor's ``ctx.send_to`` reaches the runtime's other kernels through the driver:
+the message waits in the actor's bounded outbox, which the driver's side
+(``RayKernelBackend``) long-polls with ``outbox`` and delivers from with the runtime's
+``send``, in order. The first message to each target waits for its delivery, so a
+target the runtime does not know fails that ``send_to`` at once; a later delivery that
+fails is raised by the sender's next ``send_to``.
+
 This module does not import Ray: ``RayCluster`` turns the class into a Ray actor class
 when a runtime first needs one, so the package imports without Ray installed.
 """
@@ -14,6 +21,7 @@ when a runtime first needs one, so the package imports without Ray installed.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import os
 import pickle
@@ -26,13 +34,29 @@ from pydotcompute.backends.base import KernelBackend, kernel_failed
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.registry import backend_class, resolve_backend
 from pydotcompute.errors import (
-    KernelNotFoundError,
+    KernelStateError,
     QueueFullError,
     QueueTimeoutError,
 )
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
-__all__ = ["KernelActor"]
+__all__ = ["RELAY_BATCH", "KernelActor", "OutboxItem", "picklable"]
+
+RELAY_BATCH = 1024
+"""Most messages one ``outbox`` call hands over."""
+
+OutboxItem = tuple[int, str, Any, float | None, bool]
+"""One message for the driver to deliver: sequence number, target kernel, message,
+the sender's timeout, and whether the sender waits for the delivery's outcome."""
+
+
+def picklable(exc: BaseException) -> BaseException:
+    """``exc``, or its text in a ``RuntimeError`` when it does not pickle."""
+    try:
+        pickle.dumps(exc)
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
 
 
 class KernelActor:
@@ -54,6 +78,15 @@ class KernelActor:
         self._backend: KernelBackend | None = None
         self._crashed: asyncio.Event | None = None
         self._failure: BaseException | None = None
+        # The relay outbox (see the module): at most queue_size messages wait here.
+        self._outbox: collections.deque[OutboxItem] = collections.deque()
+        self._outbox_room: asyncio.Event | None = None
+        self._outbox_ready: asyncio.Event | None = None
+        self._outbox_closed = False  # the handler is over: what is queued is all there is
+        self._next_seq = 0
+        self._confirming: dict[int, asyncio.Future[None]] = {}
+        self._reachable: set[str] = set()  # targets a delivery has reached
+        self._relay_error: BaseException | None = None
 
     def __repr__(self) -> str:
         # Ray records this name with the actor: what another driver's failed placement
@@ -71,6 +104,8 @@ class KernelActor:
         backend = resolve_backend(config.backend)  # "auto" means this node's GPU, if any
         config = config.replace(backend=backend)
         self._crashed = asyncio.Event()
+        self._outbox_room = asyncio.Event()
+        self._outbox_ready = asyncio.Event()
         # A host actor that returns on its own ends the kernel: ``watch`` says so.
         kernel_backend = backend_class(backend)(
             kernel_id,
@@ -100,13 +135,79 @@ class KernelActor:
         assert self._crashed is not None
         if self._backend is not None:  # no supervision here: the kernel is over
             self._backend.close_failed(functools.partial(kernel_failed, self._args[0], exc))
+        self._close_outbox()
         self._crashed.set()
 
+    def _close_outbox(self) -> None:
+        self._outbox_closed = True
+        if self._outbox_ready is not None:
+            self._outbox_ready.set()  # a waiting ``outbox`` call answers now
+
     async def _send_to(self, kernel_id: str, msg: Any, timeout: float | None) -> None:
-        raise KernelNotFoundError(
-            f"kernel {kernel_id!r} is not reachable from a kernel placed on a Ray actor: "
-            "route messages between cluster kernels with the coordinator"
-        )
+        """Queue ``msg`` for the driver to deliver to ``kernel_id`` (see the module);
+        waits for room while the outbox is full (``QueueFullError`` after ``timeout``)."""
+        if self._relay_error is not None:
+            error, self._relay_error = self._relay_error, None
+            raise error
+        if self._outbox_closed:
+            raise KernelStateError(f"kernel {self._args[0]!r} has stopped: send_to refused")
+        room, ready = self._outbox_room, self._outbox_ready
+        assert room is not None and ready is not None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while len(self._outbox) >= self._args[2].queue_size:
+            room.clear()
+            left = None if deadline is None else deadline - loop.time()
+            try:
+                if left is not None and left <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(room.wait(), left)
+            except asyncio.TimeoutError:
+                raise QueueFullError(
+                    f"the relay outbox of {self._args[0]!r} stayed full for {timeout} s"
+                ) from None
+        self._next_seq += 1
+        seq = self._next_seq
+        confirm = kernel_id not in self._reachable
+        self._outbox.append((seq, kernel_id, msg, timeout, confirm))
+        ready.set()
+        if confirm:
+            answer: asyncio.Future[None] = loop.create_future()
+            self._confirming[seq] = answer
+            await answer
+            self._reachable.add(kernel_id)
+
+    async def outbox(
+        self, wait_s: float, results: list[tuple[int, str, BaseException | None]]
+    ) -> tuple[list[OutboxItem], bool]:
+        """Take the outcomes of the last deliveries, then hand over up to ``RELAY_BATCH``
+        queued messages, waiting up to ``wait_s`` for the first. Also says whether the
+        outbox is closed: once it is, an empty answer means nothing more will come."""
+        for seq, target, error in results:
+            answer = self._confirming.pop(seq, None)
+            if answer is not None:
+                if not answer.done():
+                    if error is None:
+                        answer.set_result(None)
+                    else:
+                        answer.set_exception(error)
+            elif error is not None:
+                self._reachable.discard(target)
+                if self._relay_error is None:  # the first failure is the one to report
+                    self._relay_error = error
+        ready, room = self._outbox_ready, self._outbox_room
+        assert ready is not None and room is not None
+        if not self._outbox and not self._outbox_closed:
+            ready.clear()
+            try:
+                await asyncio.wait_for(ready.wait(), wait_s)
+            except asyncio.TimeoutError:
+                return [], self._outbox_closed  # nothing came: the driver asks again
+        n = min(len(self._outbox), RELAY_BATCH)
+        items = [self._outbox.popleft() for _ in range(n)]
+        if n:
+            room.set()
+        return items, self._outbox_closed
 
     @property
     def _kernel(self) -> KernelBackend:
@@ -121,11 +222,7 @@ class KernelActor:
         exc = self._failure
         if exc is None:
             return None
-        try:
-            pickle.dumps(exc)
-        except Exception:
-            return RuntimeError(f"{type(exc).__name__}: {exc}")
-        return exc
+        return picklable(exc)
 
     def set_active(self, active: bool) -> None:
         self._kernel.set_active(active)
@@ -160,6 +257,7 @@ class KernelActor:
         state array, all of which go away with the actor."""
         kernel_backend = self._kernel
         await kernel_backend.stop(timeout)
+        self._close_outbox()  # the driver still collects what the handler queued
         try:
             state: np.ndarray | None = kernel_backend.read_state()
         except TypeError:  # a backend without a state array (host actors)

@@ -23,6 +23,13 @@ whatever many callers send in one turn of the event loop travels as one batch.
 A crash of the kernel's loop on the actor, or the death of the actor (its process or
 node), makes the kernel FAILED with that exception as the cause, as on any backend.
 Inputs still buffered here are then discarded and counted as dropped.
+
+A host actor's ``ctx.send_to`` is relayed here: a task long-polls the actor's outbox
+(``KernelActor.outbox``) and delivers each message with the runtime's ``send``, one at
+a time, in the order the actor sent them, and hands the outcomes back with the next
+poll. While a delivery waits for room, the outbox fills and the actor's ``send_to``
+waits in turn. At stop the relay delivers what the actor had queued; a message that
+cannot be delivered then is logged and counted as dropped.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -45,6 +53,7 @@ from pydotcompute.backends.base import (
 )
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.cluster.placement import KernelPlacement
+from pydotcompute.cluster.ray_actor import OutboxItem, picklable
 from pydotcompute.errors import (
     InvalidConfigurationError,
     KernelFailedError,
@@ -68,6 +77,10 @@ __getattr__ = renamed(
 FETCH_WAIT_S = 0.2
 """Longest one fetch waits on the actor; a receive without timeout fetches again."""
 _CALL_TIMEOUT_S = 10.0  # telemetry and state reads, which the caller waits for
+RELAY_WAIT_S = 0.5
+"""Longest one poll of a host actor's outbox waits for a message."""
+
+log = logging.getLogger(__name__)
 
 
 def _cause(exc: BaseException) -> BaseException:
@@ -155,6 +168,7 @@ class RayKernelBackend(KernelBackend):
         self._last: KernelTelemetry | None = None
         self._final_state: np.ndarray | None = None
         self._exit_task: asyncio.Task[None] | None = None
+        self._relay: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -186,6 +200,49 @@ class RayKernelBackend(KernelBackend):
         self.backend = self.placement.backend
         watch = self._actor.watch.remote().future()
         watch.add_done_callback(self._watched_threadsafe)
+        if not self.records:
+            self._relay = self._event_loop.create_task(
+                self._relay_outbox(self._actor), name=f"pydotcompute-ray-relay-{self.kernel_id}"
+            )
+
+    async def _relay_outbox(self, actor: Any) -> None:
+        """Deliver what the actor's ``ctx.send_to`` queued, in order (see the module)."""
+        results: list[tuple[int, str, BaseException | None]] = []
+        while True:
+            try:
+                items, closed = await actor.outbox.remote(RELAY_WAIT_S, results)
+            except Exception as exc:  # noqa: BLE001 - the actor is gone; watch reports why
+                log.debug("kernel %r: relay ends with its actor: %r", self.kernel_id, exc)
+                return
+            results = []
+            for item in items:
+                outcome = await self._deliver(item, closed)
+                if outcome is not None:
+                    results.append(outcome)
+            if closed and not items:
+                return
+
+    async def _deliver(
+        self, item: OutboxItem, closed: bool
+    ) -> tuple[int, str, BaseException | None] | None:
+        """Send one relayed message; the outcome the actor must hear, if any."""
+        seq, target, msg, timeout, confirm = item
+        if closed:  # nobody waits any more: do not let one full queue hold the stop
+            timeout = _CALL_TIMEOUT_S if timeout is None else min(timeout, _CALL_TIMEOUT_S)
+        try:
+            await self.send_to(target, msg, timeout)
+        except Exception as exc:  # noqa: BLE001 - the sender is told, or it is logged
+            if closed:
+                self._dropped += 1
+                log.warning(
+                    "kernel %r stopped with a message for %r it could not deliver: %r",
+                    self.kernel_id,
+                    target,
+                    exc,
+                )
+                return None
+            return seq, target, picklable(exc)
+        return (seq, target, None) if confirm else None
 
     def _watched_threadsafe(self, fut: Any) -> None:
         loop = self._event_loop
@@ -273,6 +330,8 @@ class RayKernelBackend(KernelBackend):
                 self._add_outputs(outputs)
                 self._last = final
                 self._final_state = state
+            if self._relay is not None:  # delivers what the actor had queued, then ends
+                await asyncio.wait({self._relay}, timeout=_CALL_TIMEOUT_S + RELAY_WAIT_S)
             if self._flusher is not None:  # its call ends now that the actor has stopped
                 await asyncio.wait({self._flusher}, timeout=_CALL_TIMEOUT_S)
         finally:

@@ -210,7 +210,7 @@ class RayCluster:
 
         return RayKernelBackend
 
-    def kernel_loop(
+    def kernel_backend(
         self,
         kernel_id: str,
         func: Any,

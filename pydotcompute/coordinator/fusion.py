@@ -1,11 +1,11 @@
-"""Fused chains: adjacent compiled ``cpu`` kernel stages run as one kernel.
+"""Fused chains: adjacent compiled ``cpu`` (or ``cuda``) kernel stages run as one kernel.
 
 ``plan_fusion(plan, runtime)`` looks at every pair of adjacent nodes of a compiled
 graph and says whether the second can run in the first's kernel, and if not, why.
 Maximal runs of pairs that can make *segments*; the flow launches one kernel per
-segment whose compiled loop calls the stages' handlers in order
-(``backends.cpu_fused``), and the segment's first node runs it, sending its outputs
-where the segment's last node would. The graph's nodes are left as they are (same
+segment whose compiled loop calls the stages' handlers in order (``backends.cpu_fused``;
+on ``cuda`` one resident device loop, ``backends.cuda_fused``), and the segment's first
+node runs it, sending its outputs where the segment's last node would. The graph's nodes are left as they are (same
 journal fingerprint): the inner nodes keep their own unfused workers for items a
 journal already holds there.
 """
@@ -109,6 +109,11 @@ class FusionPlan:
     segments: list[list[Node]]
 
 
+# The backends whose kernels fuse with a neighbour on the same backend: each runs a
+# chain of compiled handlers in one loop (``cpu_fused``, ``cuda_fused``).
+_FUSING_BACKENDS = ("cpu", "cuda")
+
+
 def _kernel_info(runtime: Any, kid: str) -> tuple[Any, Any, str] | str:
     """(spec, handle, backend) of a launched kernel, or why it cannot be fused."""
     try:
@@ -172,8 +177,14 @@ def _pair_reason(
     (a_spec, _, a_backend), (b_spec, _, b_backend) = a, b
     if a_backend != b_backend:
         return f"different backend: {a_id!r} runs on {a_backend}, {b_id!r} on {b_backend}"
-    if a_backend != "cpu":
-        return f"backend {a_backend} does not fuse (only cpu)"
+    if a_backend not in _FUSING_BACKENDS:
+        return f"backend {a_backend} does not fuse (only cpu and cuda)"
+    if a_backend == "cuda":
+        from pydotcompute.backends.options import CudaOptions
+
+        for kid, spec in ((a_id, a_spec), (b_id, b_spec)):
+            if spec.config.options_for(CudaOptions).cuda_source is not None:
+                return f"kernel {kid!r} runs CUDA C++ (cuda_source)"
     out_dt, in_dt = _record_dtype(a_spec.output_type), _record_dtype(b_spec.input_type)
     if out_dt is None or in_dt is None or _record_dtype(a_spec.input_type) is None:
         return "not @message records"
@@ -185,9 +196,12 @@ def _pair_reason(
             f"{b_id!r} takes {b_spec.input_type.__name__}"
         )
     ac, bc = a_spec.config, b_spec.config
-    from pydotcompute.backends.options import CpuOptions
+    from pydotcompute.backends.options import CpuOptions, CudaOptions
 
-    if ac.workers != bc.workers or ac.options_for(CpuOptions) != bc.options_for(CpuOptions):
+    if a_backend == "cuda":
+        if ac.options_for(CudaOptions) != bc.options_for(CudaOptions):
+            return "different options: the kernels' cuda options differ"
+    elif ac.workers != bc.workers or ac.options_for(CpuOptions) != bc.options_for(CpuOptions):
         return "different options: the kernels' workers or cpu options differ"
     sa, sb = n.stage, m.stage
     if (sa.retry, sa.timeout, sa.workers) != (sb.retry, sb.timeout, sb.workers):

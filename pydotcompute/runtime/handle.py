@@ -75,8 +75,7 @@ class KernelHandle:
     def stage_counts(self) -> dict[str, dict[str, int]] | None:
         """A fused kernel's counts per stage (``processed``, ``emitted``, ``dropped``);
         None for a kernel of one handler."""
-        reader = getattr(self._launch.kernel_backend, "stage_counts", None)
-        return None if reader is None else reader()
+        return self._launch.kernel_backend.stage_counts()  # type: ignore[no-any-return]
 
     @property
     def error(self) -> BaseException | None:

@@ -1207,5 +1207,5 @@ class RingKernelRuntime:
         on_failure = functools.partial(self._on_failure, k)
         args = (spec.kernel_id, spec.func, spec.config, spec.input_type, spec.output_type)
         if self._cluster is not None:
-            return self._cluster.kernel_loop(*args, on_failure, **links)
+            return self._cluster.kernel_backend(*args, on_failure, **links)
         return backend_class(spec.config.backend)(*args, on_failure, **links)
