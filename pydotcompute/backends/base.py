@@ -287,9 +287,10 @@ class KernelBackend(abc.ABC):
             out.append(msg)
         return out
 
-    links_output: bool = False
-    """Whether ``relink_output`` can send the loop's outputs into another kernel's
-    input (``RingKernelRuntime.link``)."""
+    def link_refusal(self, peer: KernelBackend) -> str | None:
+        """Why this kernel's outputs cannot go straight into ``peer``'s input
+        (``RingKernelRuntime.link``), or None when ``relink_output(peer)`` can do it."""
+        return f"{self.kernel_id!r} runs on {self.backend}, whose outputs cannot be linked"
 
     async def relink_output(self, peer: KernelBackend | None) -> None:
         """Send the loop's outputs straight into ``peer``'s input, or back to this

@@ -367,7 +367,6 @@ class CpuKernelBackend(RingFedBackend):
     backend = "cpu"
     restartable = True
     outputs_have_ids = _LITTLE_ENDIAN
-    links_output = True
 
     def __new__(cls, kernel_id: str, func: Any, *args: Any, **kwargs: Any) -> CpuKernelBackend:
         # A chain of handlers (the coordinator's fused stages) runs in a loop of its own.
@@ -650,6 +649,18 @@ class CpuKernelBackend(RingFedBackend):
         """Stopped or failed for good, and no worker runs: nothing will take its input
         (a kernel waiting for its restart has not ended: its queue waits for it)."""
         return (self._stopped or self.failure is not None) and not self.consuming()
+
+    def link_refusal(self, peer: KernelBackend) -> str | None:
+        """Outputs feed another ``cpu`` kernel of this process whose input records are
+        this kernel's output records."""
+        if not isinstance(peer, CpuKernelBackend):
+            return f"{peer.kernel_id!r} runs on {peer.backend} (links join cpu kernels)"
+        if self.out_dtype != peer.in_dtype:
+            return (
+                f"{self.kernel_id!r} outputs records {self.out_dtype}, "
+                f"{peer.kernel_id!r} takes {peer.in_dtype}"
+            )
+        return None
 
     async def relink_output(self, peer: KernelBackend | None) -> None:
         """Push outputs into ``peer``'s input ring (a link), or into this kernel's own

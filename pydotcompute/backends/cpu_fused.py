@@ -21,6 +21,7 @@ from numba import njit, typeof
 from numba.core.registry import CPUDispatcher
 
 from pydotcompute.backends import cpu
+from pydotcompute.backends.base import KernelBackend
 from pydotcompute.backends.handler_errors import check_handler_source
 from pydotcompute.errors import FusedStageError
 from pydotcompute.messages.record import output_header, uuid_offset
@@ -308,7 +309,10 @@ class FusedCpuKernelBackend(cpu.CpuKernelBackend):
         for s in self.chain.steps:
             check_handler_source(s.handler, self.kernel_id, "cpu")
 
-    links_output = False  # its loop makes fresh ids; it may still be linked *to*
+    def link_refusal(self, peer: KernelBackend) -> str | None:
+        # Its loop makes fresh ids, so replies could not be matched past it; it may
+        # still be linked *to*.
+        return f"{self.kernel_id!r} is a fused chain, whose outputs cannot be linked"
 
     def _compile_loop(self, carry_ids: bool = False) -> Callable[..., None]:
         assert not carry_ids, "a fused kernel's outputs are not linked"

@@ -516,22 +516,15 @@ class RingKernelRuntime:
         for k in (a, b):
             if k.kernel_backend.placement is not None:
                 return f"{k.kernel_id!r} is placed on a cluster (links join kernels of one process)"
-            if k.kernel_backend.backend != "cpu":
-                return (
-                    f"{k.kernel_id!r} runs on {k.kernel_backend.backend} (links join cpu kernels)"
-                )
             if k.state not in _RUNNING:
                 return f"{k.kernel_id!r} is {k.state.name}"
-        if not a.kernel_backend.links_output:
-            return f"{a.kernel_id!r} is a fused chain, whose outputs cannot be linked"
+        refusal = a.kernel_backend.link_refusal(b.kernel_backend)
+        if refusal is not None:
+            return refusal
         if a.link_to is not None:
             return f"{a.kernel_id!r} already feeds {a.link_to.kernel_id!r}"
         if b.fed_by is not None:
             return f"{b.kernel_id!r} is already fed by {b.fed_by.kernel_id!r}"
-        out_dt = getattr(a.kernel_backend, "out_dtype", None)
-        in_dt = getattr(b.kernel_backend, "in_dtype", None)
-        if out_dt != in_dt:
-            return f"{a.kernel_id!r} outputs records {out_dt}, {b.kernel_id!r} takes {in_dt}"
         c: _Kernel | None = b
         while c is not None:
             if c is a:
