@@ -207,7 +207,13 @@ async def test_an_item_whose_record_raised_in_a_restarting_cpu_kernel_fails_not_
         assert rec.key == "3" and "three is refused" in rec.error
         assert "QueueTimeoutError" not in rec.error
         assert flow.counters()["retried"] == 1
-        tele = rt.get_telemetry("even3")
+        # The stage hears of the error before the supervisor's restart is done: wait
+        # for the second restart rather than read it at once.
+        for _ in range(500):
+            tele = rt.get_telemetry("even3")
+            if tele.restarts == 2 and tele.state == "ACTIVE":
+                break
+            await asyncio.sleep(0.01)
         assert (tele.restarts, tele.errors) == (2, 2)  # once per run of item 3
         assert tele.state == "ACTIVE"
 
