@@ -234,14 +234,7 @@ def plan_fusion(plan: Plan, runtime: Any) -> FusionPlan:
             nxt[n.index] = m
         else:
             not_fused.append(NotFused(n.name, m.name, reason))
-    inner = {m.index for m in nxt.values()}
-    segments: list[list[Node]] = []
-    for n in reversed(plan.calls):
-        if n.index in nxt and n.index not in inner:
-            seg = [n]
-            while seg[-1].index in nxt:
-                seg.append(nxt[seg[-1].index])
-            segments.append(seg)
+    segments = _chains(plan, nxt)
     fused = tuple(
         FusedSegment(
             tuple(x.name for x in seg),
@@ -384,6 +377,11 @@ def plan_links(
             nxt[n.index] = m
         else:
             not_linked.append(NotFused(n.name, m.name, reason))
+    return _chains(plan, nxt), tuple(not_linked)
+
+
+def _chains(plan: Plan, nxt: dict[int, Node]) -> list[list[Node]]:
+    """The maximal chains the pairs ``node -> nxt[node]`` make, in graph order."""
     inner = {m.index for m in nxt.values()}
     chains: list[list[Node]] = []
     for n in reversed(plan.calls):
@@ -392,7 +390,7 @@ def plan_links(
             while chain[-1].index in nxt:
                 chain.append(nxt[chain[-1].index])
             chains.append(chain)
-    return chains, tuple(not_linked)
+    return chains
 
 
 def linked_node(chain: list[Node], kernel_id: str) -> Node:
