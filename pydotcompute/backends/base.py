@@ -13,7 +13,12 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 
 from pydotcompute.backends.config import RingKernelConfig
-from pydotcompute.errors import InvalidConfigurationError, KernelFailedError, KernelStateError
+from pydotcompute.errors import (
+    InvalidConfigurationError,
+    KernelFailedError,
+    KernelLinkError,
+    KernelStateError,
+)
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ring import Backoff
 from pydotcompute.telemetry.snapshot import ActiveTime, KernelTelemetry
@@ -295,7 +300,8 @@ class KernelBackend(abc.ABC):
     async def relink_output(self, peer: KernelBackend | None) -> None:
         """Send the loop's outputs straight into ``peer``'s input, or back to this
         kernel's own output queue (None)."""
-        raise NotImplementedError(f"{self.backend} kernels cannot be linked")
+        refusal = None if peer is None else self.link_refusal(peer)
+        raise KernelLinkError(refusal or f"{self.kernel_id!r} ({self.backend}) cannot be linked")
 
     def read_state(self) -> np.ndarray:
         """A copy of the kernel's persistent state array."""
