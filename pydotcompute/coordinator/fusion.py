@@ -128,6 +128,24 @@ def _kernel_info(runtime: Any, kid: str) -> tuple[Any, Any, str] | str:
     return spec, handle, handle.backend
 
 
+def _kernel_pair(
+    runtime: Any, a_id: str, b_id: str, uses: Counter[str]
+) -> tuple[tuple[Any, Any, str], tuple[Any, Any, str]] | str:
+    """Both kernels' (spec, handle, backend), or why the pair cannot be joined (fused
+    or linked): a kernel that runs other stages too, or one :func:`_kernel_info`
+    refuses."""
+    for kid in (a_id, b_id):
+        if uses[kid] > 1:
+            return f"kernel used elsewhere: {kid!r} runs several stages"
+    a = _kernel_info(runtime, a_id)
+    if isinstance(a, str):
+        return a
+    b = _kernel_info(runtime, b_id)
+    if isinstance(b, str):
+        return b
+    return a, b
+
+
 def _record_dtype(t: Any) -> Any:
     from pydotcompute.messages.message import RingKernelMessage
     from pydotcompute.messages.record import record_layout
@@ -165,16 +183,10 @@ def _pair_reason(
     if runtime is None:
         return "no runtime"
     a_id, b_id = str(n.stage.target), str(m.stage.target)
-    for kid in (a_id, b_id):
-        if uses[kid] > 1:
-            return f"kernel used elsewhere: {kid!r} runs several stages"
-    a = _kernel_info(runtime, a_id)
-    if isinstance(a, str):
-        return a
-    b = _kernel_info(runtime, b_id)
-    if isinstance(b, str):
-        return b
-    (a_spec, _, a_backend), (b_spec, _, b_backend) = a, b
+    pair = _kernel_pair(runtime, a_id, b_id, uses)
+    if isinstance(pair, str):
+        return pair
+    (a_spec, _, a_backend), (b_spec, _, b_backend) = pair
     if a_backend != b_backend:
         return f"different backend: {a_id!r} runs on {a_backend}, {b_id!r} on {b_backend}"
     if a_backend not in _FUSING_BACKENDS:
@@ -305,16 +317,10 @@ def _link_reason(
         if x.index in fused:
             return f"{x.name!r} runs in a fused chain"
     a_id, b_id = str(n.stage.target), str(m.stage.target)
-    for kid in (a_id, b_id):
-        if uses[kid] > 1:
-            return f"kernel used elsewhere: {kid!r} runs several stages"
-    a = _kernel_info(runtime, a_id)
-    if isinstance(a, str):
-        return a
-    b = _kernel_info(runtime, b_id)
-    if isinstance(b, str):
-        return b
-    (a_spec, _, a_backend), (b_spec, _, b_backend) = a, b
+    pair = _kernel_pair(runtime, a_id, b_id, uses)
+    if isinstance(pair, str):
+        return pair
+    (a_spec, _, a_backend), (b_spec, _, b_backend) = pair
     for kid, backend in ((a_id, a_backend), (b_id, b_backend)):
         if backend != "cpu":
             return f"backend {backend} does not link (only cpu): {kid!r}"
