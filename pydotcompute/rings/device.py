@@ -19,7 +19,11 @@ Memory operations on a GPU (sm_70 or newer), all on whole 8-byte words:
 - ``store_release_sys`` (``st.release.sys.b64``): ``released`` of the input ring,
   once per batch, after the batch's reads.
 - ``load_gpu``/``store_gpu`` (``ld.acquire.gpu``/``st.release.gpu``): words in
-  device memory that blocks of one kernel hand to each other.
+  device memory that blocks of one kernel hand to each other, and the indices of a
+  link ring (device memory, between two kernels of one GPU).
+- ``load_relaxed_gpu``/``store_relaxed_gpu`` (``ld.relaxed.gpu``/``st.relaxed.gpu``):
+  the slots of a link ring, as the ``sys`` pair for a ring in host memory; GPU scope
+  is enough there, and the words never cross PCIe.
 
 Inline PTX is used rather than ``cuda.ldcv`` because a ``.cv`` load is only a cache
 hint on a weak load: it forces a fresh fetch but orders nothing after it.
@@ -73,6 +77,8 @@ __all__ = [
     "store_release_sys",
     "load_gpu",
     "store_gpu",
+    "load_relaxed_gpu",
+    "store_relaxed_gpu",
     "pause",
     "global_ns",
     "seal_words",
@@ -163,6 +169,16 @@ if SIMULATOR:
         words[i] = value
 
     @_device
+    def load_relaxed_gpu(words, i):  # type: ignore[no-untyped-def]
+        """A word another kernel writes, whole, unordered (device memory)."""
+        return words[i]
+
+    @_device
+    def store_relaxed_gpu(words, i, value):  # type: ignore[no-untyped-def]
+        """A word another kernel reads, whole, unordered (device memory)."""
+        words[i] = value
+
+    @_device
     def pause(ns):  # type: ignore[no-untyped-def]
         """Back off for about ``ns`` nanoseconds."""
         time.sleep(ns * 1e-9)
@@ -219,6 +235,8 @@ else:
     store_release_sys = _storer("st.release.sys.b64 [$0], $1;")
     load_gpu = _loader("ld.acquire.gpu.b64 $0, [$1];")
     store_gpu = _storer("st.release.gpu.b64 [$0], $1;")
+    load_relaxed_gpu = _loader("ld.relaxed.gpu.b64 $0, [$1];")
+    store_relaxed_gpu = _storer("st.relaxed.gpu.b64 [$0], $1;")
 
     @intrinsic
     def _globaltimer(typingctx):  # type: ignore[no-untyped-def]

@@ -21,6 +21,7 @@ from pydotcompute.rings.host_ops import (
 )
 from pydotcompute.rings.layout import (
     HEADER_SIZE,
+    OFF_CAPACITY,
     OFF_CLAIM,
     OFF_DEQUEUED,
     OFF_DROP_BEFORE,
@@ -61,6 +62,24 @@ class RingCounters:
     rejected: int
     high_water: int
     drop_before: int
+
+    @classmethod
+    def of_header(cls, header: np.ndarray) -> RingCounters:
+        """The counters in a copy of a ring's header (its first ``HEADER_SIZE`` bytes,
+        any dtype), as ``HostRing.counters`` reads them from the ring itself."""
+        w = np.ascontiguousarray(header).view("<u8")
+        return cls(
+            capacity=int(w[OFF_CAPACITY // 8]),
+            published=int(w[OFF_PUBLISHED // 8]),
+            released=int(w[OFF_RELEASED // 8]),
+            enqueued=int(w[OFF_ENQUEUED // 8]),
+            dequeued=int(w[OFF_DEQUEUED // 8]),
+            dropped_newest=int(w[OFF_DROPPED_NEWEST // 8]),
+            dropped_oldest=int(w[OFF_DROPPED_OLDEST // 8]),
+            rejected=int(w[OFF_REJECTED // 8]),
+            high_water=int(w[OFF_HIGH_WATER // 8]),
+            drop_before=int(w[OFF_DROP_BEFORE // 8]),
+        )
 
     @property
     def depth(self) -> int:
@@ -305,19 +324,7 @@ class HostRing:
 
     def counters(self) -> RingCounters:
         """Read the header's indices and counters (no synchronisation with traffic)."""
-        w = self._words
-        return RingCounters(
-            capacity=self.capacity,
-            published=int(w[OFF_PUBLISHED // 8]),
-            released=int(w[OFF_RELEASED // 8]),
-            enqueued=int(w[OFF_ENQUEUED // 8]),
-            dequeued=int(w[OFF_DEQUEUED // 8]),
-            dropped_newest=int(w[OFF_DROPPED_NEWEST // 8]),
-            dropped_oldest=int(w[OFF_DROPPED_OLDEST // 8]),
-            rejected=int(w[OFF_REJECTED // 8]),
-            high_water=int(w[OFF_HIGH_WATER // 8]),
-            drop_before=int(w[OFF_DROP_BEFORE // 8]),
-        )
+        return RingCounters.of_header(self._words)
 
     @property
     def depth(self) -> int:

@@ -55,6 +55,11 @@ class RingSide(enum.IntEnum):
 
     HOST = 0
     DEVICE = 1
+    LINK = 2
+    """The consumer of a *link ring*: a resident kernel fed by another kernel on the
+    device through a ring in device memory. Producer and consumer are separate kernels
+    whose stores reach each other in no particular order, so the ring is crossing
+    (tagged), as between host and device."""
 
 
 RING_MAGIC = int.from_bytes(b"PDCRING1", "little")
