@@ -61,14 +61,14 @@ def handler(msg, out, state):  # type: ignore[no-untyped-def]
     return True
 
 
-def _ptx(fn) -> str:  # type: ignore[no-untyped-def]
+def _ptx(fn, in_link: bool = False, out_link: bool = False) -> str:  # type: ignore[no-untyped-def]
     from numba import cuda
     from numba.cuda import dispatcher
 
     from pydotcompute.backends.cuda_loop import compose_loop, loop_signature
 
     with mock.patch.object(dispatcher, "get_current_device", _Device):
-        loop = compose_loop(fn, IN, OUT, 64, 8, 4000)
+        loop = compose_loop(fn, IN, OUT, 64, 8, 4000, in_link, out_link)
         ptx, _ = cuda.compile_ptx(loop, loop_signature(IN, OUT, np.zeros(1)), cc=CC)
     return str(ptx)
 
@@ -95,6 +95,25 @@ def test_loop_compiles_with_the_protocol_memory_operations() -> None:
     assert "nanosleep.u32" in ptx  # idle back-off
     assert "%globaltimer" in ptx  # counters mirrored on a period
     assert "bar.sync" in ptx
+
+
+def test_a_linked_loop_moves_link_records_at_gpu_scope() -> None:
+    """A link ring is device memory between two kernels of one GPU: its slots are read
+    (ld.relaxed.gpu) and written (st.relaxed.gpu) and its ``released`` stored
+    (st.release.gpu) at GPU scope; system scope stays for the host's words (the state
+    word, the header checks at launch, mirrored counters)."""
+    host = _ops(_ptx(handler))
+    fed = _ops(_ptx(handler, in_link=True))
+    feeding = _ops(_ptx(handler, out_link=True))
+    assert fed["ld.relaxed.gpu.b64"] > 0 and host["ld.relaxed.gpu.b64"] == 0
+    assert fed["ld.relaxed.sys.b64"] < host["ld.relaxed.sys.b64"]  # no slot read there
+    assert fed["st.release.sys.b64"] == host["st.release.sys.b64"] - 1  # released
+    assert fed["ld.acquire.sys.b64"] < host["ld.acquire.sys.b64"]  # published, drop_before
+    assert feeding["st.relaxed.gpu.b64"] > 0 and host["st.relaxed.gpu.b64"] == 0
+    assert feeding["st.relaxed.sys.b64"] < host["st.relaxed.sys.b64"]  # no slot written
+    for ops in (fed, feeding):
+        assert not any(op.startswith(("membar", "fence")) for op in ops)
+        assert not [op for op in ops if re.search(r"\.(u8|s8|b8|u16|s16|b16)$", op)]
 
 
 def test_records_move_as_whole_words_never_bytes() -> None:

@@ -22,8 +22,15 @@ number of SMs and what the occupancy calculator says fits at once: extra blocks 
 compute, never pollers) and ``idle_sleep_ns`` (longest ``nanosleep`` of an idle
 agent, default 4000).
 
-Under the numba-cuda simulator (``NUMBA_ENABLE_CUDASIM=1``) the same loop runs on a
-host thread (the simulator launches synchronously), with one block.
+Under the numba-cuda simulator (``NUMBA_ENABLE_CUDASIM=1``) the same loop runs with
+one block, launched in slices by the one simulated device (``cuda_simulated``), so that
+several kernels take turns.
+
+**Links.** ``RingKernelRuntime.link(a, b)`` on two ``cuda`` kernels makes ``a``'s loop
+write its outputs into a ring in device memory that ``b``'s loop reads
+(``cuda_link.LinkRing``): both loops finish the batch in hand (HALT), exit, and are
+launched again on the new rings, recompiled for them once per kernel type. Every
+kernel of a process runs on the current device, so a link never spans two GPUs.
 """
 
 from __future__ import annotations
@@ -35,19 +42,29 @@ from typing import Any
 
 import numpy as np
 
-from pydotcompute.backends.base import FailureCallback, kernel_record_dtype, renamed
+from pydotcompute.backends.base import (
+    FailureCallback,
+    KernelBackend,
+    kernel_record_dtype,
+    renamed,
+)
 from pydotcompute.backends.config import RingKernelConfig
 from pydotcompute.backends.handler_errors import check_handler_source, compile_error
 from pydotcompute.backends.options import CudaOptions
 from pydotcompute.backends.ring_fed import RingFedBackend
 from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
-from pydotcompute.errors import (
-    BackendNotAvailableError,
-    KernelFailedError,
-)
+from pydotcompute.errors import KernelFailedError
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
-from pydotcompute.rings.layout import HEADER_SIZE, TAG_SIZE, RingSide, ring_nbytes, slot_size_for
+from pydotcompute.rings.host_ops import ring_pop
+from pydotcompute.rings.host_ring import HostRing, RingCounters, ring_capacity_for
+from pydotcompute.rings.layout import (
+    HEADER_SIZE,
+    OFF_CLAIM,
+    TAG_SIZE,
+    RingSide,
+    ring_nbytes,
+    slot_size_for,
+)
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __all__ = ["CudaKernelBackend", "MappedRing", "MappedControl", "require_cuda_backend"]
@@ -57,6 +74,8 @@ __getattr__ = renamed(
 )  # the former names, deprecated
 
 _MONITOR_PERIOD_S = 0.005
+_SLICE_ROUNDS = 64
+"""Simulator: rounds a slice may run (it ends sooner, at its first idle round)."""
 _DEFAULT_MAX_BLOCKS = 1
 """One block by default: it alone polls host memory (as the agent would in any grid),
 and an idle kernel then holds one SM's worth of resources at most. More blocks add
@@ -92,6 +111,12 @@ def _simulator() -> bool:
     from pydotcompute.rings.device import SIMULATOR
 
     return SIMULATOR
+
+
+def _rebased_side(old: np.ndarray, inc: RingCounters, outc: RingCounters, state: int) -> Any:
+    from pydotcompute.backends.cuda_loop import SideWords
+
+    return SideWords.rebased(old, inc, outc, state)
 
 
 def _non_blocking_stream() -> Any:
@@ -232,8 +257,15 @@ class CudaKernelBackend(RingFedBackend):
         self._stream: Any = None
         self._copy_stream: Any = None
         self._done_event: Any = None
-        self._thread: threading.Thread | None = None
         self._thread_error: BaseException | None = None
+        self._sim_left = threading.Event()  # simulator: the loop has left the device
+        self._in_words: Any = None  # the rings the loop runs on: its own, or links
+        self._out_words: Any = None
+        self._in_link: Any = None  # cuda_link.LinkRing this kernel reads, if fed by a link
+        self._out_link: Any = None  # the LinkRing it writes into, if linked
+        self._link_peer: CudaKernelBackend | None = None
+        self._relink_task: asyncio.Future[None] | None = None
+        self._halting = False
         self._watcher: OutputWatcher | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
@@ -262,6 +294,7 @@ class CudaKernelBackend(RingFedBackend):
         # polls the output ring for it, only while a receiver is asleep.
         wakeup = ReplyWakeup()
         self._attach_rings(self.in_ring.host, self.out_ring.host, wakeup)
+        self._in_words, self._out_words = self.in_ring.words, self.out_ring.words
         self.control = MappedControl()
         try:
             self._check_source()
@@ -281,13 +314,10 @@ class CudaKernelBackend(RingFedBackend):
             self.in_ring.host, self.out_ring.host, self.control[ControlWords.STATE], self.stages
         )
         if self.simulator:
-            self._refuse_a_second_simulated_kernel()
             self._side = cuda.to_device(side)
             self._d_state = self._state_to_device(None)
             self.blocks = 1
-            # The simulator runs one kernel at a time in a process: the loop starts
-            # when the kernel first has work (its activation or its first input), so
-            # kernels that never do (a fused chain's stages, say) hold none.
+            self._run_simulated()
         else:
             self._stream = _non_blocking_stream()
             self._copy_stream = _non_blocking_stream()
@@ -310,7 +340,8 @@ class CudaKernelBackend(RingFedBackend):
     def _check_source(self) -> None:
         check_handler_source(self.func, self.kernel_id, "cuda", gpu=not self.simulator)
 
-    def _compile_loop(self) -> Any:
+    def _compile_loop(self, in_link: bool = False, out_link: bool = False) -> Any:
+        """The loop for these rings: host-mapped ones, or links (``in_link``/``out_link``)."""
         from pydotcompute.backends.cuda_loop import compile_loop
 
         return compile_loop(
@@ -321,6 +352,8 @@ class CudaKernelBackend(RingFedBackend):
             self.threads,
             self.items,
             self.idle_sleep_ns,
+            in_link,
+            out_link,
         )
 
     def _state_to_device(self, stream: Any) -> Any:
@@ -354,10 +387,10 @@ class CudaKernelBackend(RingFedBackend):
         return min(fits, sms, self.max_blocks or _DEFAULT_MAX_BLOCKS)
 
     def _args(self, max_iterations: int) -> tuple[Any, ...]:
-        assert self.in_ring and self.out_ring and self.control
+        assert self._in_words is not None and self._out_words is not None and self.control
         return (
-            self.in_ring.words,
-            self.out_ring.words,
+            self._in_words,
+            self._out_words,
             self.control.device,
             self._side,
             self._d_state,
@@ -373,48 +406,73 @@ class CudaKernelBackend(RingFedBackend):
         event.record(self._stream)
         launched(self, self.kernel_id, cuda.get_current_device().id, event.query)
 
-    def _refuse_a_second_simulated_kernel(self) -> None:
-        from numba.cuda.simulator.kernel import _get_kernel_context
-
-        if _get_kernel_context() is not None:
-            raise BackendNotAvailableError(
-                "the numba-cuda simulator runs one kernel at a time in a process; "
-                "terminate the running cuda kernel first (a GPU has no such limit)"
-            )
-
-    def _start_simulated(self) -> None:
-        if self._stopped or self.control is None:
-            return  # stopped or never started: the send or activation says so itself
-        self._refuse_a_second_simulated_kernel()
-        self._thread = threading.Thread(
-            target=self._run_simulated,
-            name=f"pydotcompute-cuda-sim-{self.kernel_id}",
-            daemon=True,
-        )
-        self._thread.start()
-
-    def try_put(self, msg: Any) -> bool:
-        if self.simulator and self._thread is None and self.failure is None:
-            self._start_simulated()
-        return super().try_put(msg)
-
-    async def put_batch(self, records: np.ndarray, timeout: float | None) -> int:
-        if self.simulator and self._thread is None and self.failure is None:
-            self._start_simulated()
-        return await super().put_batch(records, timeout)
+    # -- simulator -------------------------------------------------------------------
 
     def _run_simulated(self) -> None:
+        from pydotcompute.backends.cuda_simulated import SimulatedDevice
+
+        self._sim_left.clear()
+        SimulatedDevice.run(self)
+
+    def simulated_turn(self) -> int:
+        """(Simulator) one slice of the loop if it has something to do: input it has
+        not claimed while active, a state word it has not seen, stale records to skip;
+        never while its output ring lacks room for a round under BLOCK."""
+        from pydotcompute.backends.cuda_loop import ControlWords as W
+        from pydotcompute.backends.cuda_loop import SideWords as S
+        from pydotcompute.backends.cuda_simulated import EXITED, IDLE, RAN, SimulatedDevice
+        from pydotcompute.rings.device import (
+            W_DROP_BEFORE,
+            W_PUBLISHED,
+        )
+
+        if self._thread_error is not None or self.control is None:
+            return EXITED
+        side = self._side._ary
+        state = self.control[W.STATE]
+        rounds = self._rounds_with_room()
+        due = state != side[S.COMMAND] or state in (W.TERMINATE, W.HALT)
+        if not due:
+            inw = self._in_words._ary
+            claim = side[S.CLAIM]
+            due = inw[W_DROP_BEFORE] > claim or (
+                state == W.ACTIVE and inw[W_PUBLISHED] > claim and rounds > 0
+            )
+        if not due:
+            return IDLE
+        side[S.EXITED] = 0  # each slice's last block out mirrors the counters
         try:
-            self.kernel[1, self.threads](*self._args(0))
+            with SimulatedDevice.launching:
+                self.kernel[1, self.threads](*self._args(-max(rounds, 1)))
         except BaseException as exc:  # kept and reported by the monitor: never swallowed
             self._thread_error = exc
+            return EXITED
+        if side[S.COMMAND] in (W.TERMINATE, W.HALT) or side[S.ERROR_CODE] != 0:
+            return EXITED
+        return RAN
+
+    def _rounds_with_room(self) -> int:
+        """(Simulator) rounds that cannot wait for room in the output ring: each places
+        at most a claim's worth of outputs (every round, under a dropping strategy)."""
+        from pydotcompute.backends.cuda_loop import SideWords as S
+        from pydotcompute.rings.device import W_BACKPRESSURE, W_CAPACITY, W_RELEASED
+
+        out = self._out_words._ary
+        if out[W_BACKPRESSURE] not in (BackpressureStrategy.BLOCK, BackpressureStrategy.REJECT):
+            return _SLICE_ROUNDS  # a full ring drops: a round never waits for room
+        cap = int(out[W_CAPACITY])
+        room = cap - (int(self._side._ary[S.OUT_NEXT]) - int(out[W_RELEASED]))
+        return min(_SLICE_ROUNDS, room // min(self.threads * self.items, cap))
+
+    def simulated_left(self) -> None:
+        self._sim_left.set()
 
     def _kernel_done(self) -> bool:
         """Whether the kernel has exited; raises the CUDA error of a faulted stream."""
         if self.simulator:
-            if self._thread is None:  # never activated: nothing ran, nothing to exit
+            if self._side is None:  # never started: nothing ran, nothing to exit
                 return self._stopped
-            return not self._thread.is_alive()
+            return self._sim_left.is_set()
         return self._done_event is None or bool(self._done_event.query())  # None: never ran
 
     def _device_error(self) -> BaseException | None:
@@ -439,7 +497,7 @@ class CudaKernelBackend(RingFedBackend):
                 err = self._device_error()
             except Exception as exc:  # a CUDA error on the kernel's stream
                 done, err = True, exc
-            if err is None and done and not self._stopped:  # not asked to stop
+            if err is None and done and not self._stopped and not self._halting:
                 err = KernelFailedError(f"cuda kernel {self.kernel_id!r} exited on its own")
             if err is not None:
                 self._fail(err)
@@ -461,6 +519,9 @@ class CudaKernelBackend(RingFedBackend):
             self.control.set_state(W.TERMINATE)  # the other blocks stop too
         self.active_time.pause()
         self._wake_receivers()
+        if self._link_peer is not None and not self._halting:
+            # The kernel it fed reads its own input ring again, after what is left.
+            self._relinking(None)
         self.on_failure(exc)
 
     def _failed_record(self) -> Any:
@@ -473,7 +534,7 @@ class CudaKernelBackend(RingFedBackend):
         at = int(self._side.copy_to_host()[SideWords.FAILED_AT]) - 1
         if at < 0:
             return None
-        ring = self.in_ring.host
+        ring = self.in_ring.host if self._in_link is None else self._in_link.snapshot()
         size = self.in_dtype.itemsize
         slot = HEADER_SIZE + (at & (ring.capacity - 1)) * slot_size_for(size, crossing=True)
         start = slot + TAG_SIZE  # the record follows the slot's tag (protocol 4.4)
@@ -489,10 +550,183 @@ class CudaKernelBackend(RingFedBackend):
 
         if self.failure is not None or self._stopped or self.control is None:
             return
-        if active and self.simulator and self._thread is None:
-            self._start_simulated()
         self._track_active(active)
         self.control.set_state(ControlWords.ACTIVE if active else ControlWords.INACTIVE)
+
+    # -- links -----------------------------------------------------------------------
+
+    @property
+    def linked_to(self) -> CudaKernelBackend | None:
+        """The kernel whose loop reads this one's outputs through a link ring, if any."""
+        return self._link_peer
+
+    def link_refusal(self, peer: KernelBackend) -> str | None:
+        """Outputs feed another ``cuda`` kernel (a numba-cuda loop, fused or not) of this
+        process whose input records are this kernel's output records."""
+        if not isinstance(peer, CudaKernelBackend):
+            return f"{peer.kernel_id!r} runs on {peer.backend} (links join cuda kernels)"
+        if self.out_dtype != peer.in_dtype:
+            return (
+                f"{self.kernel_id!r} outputs records {self.out_dtype}, "
+                f"{peer.kernel_id!r} takes {peer.in_dtype}"
+            )
+        return None
+
+    async def relink_output(self, peer: KernelBackend | None) -> None:
+        """Write outputs into a link ring that ``peer``'s loop reads, or into this
+        kernel's own output ring again (None).
+
+        Both loops finish the batch in hand (its outputs wait for room where they go),
+        exit, and are launched again on the new rings. Making a link, the ring starts
+        with what ``peer`` had not taken from its input ring, then what this kernel had
+        queued for the host, in order. Ending it, what the link ring still holds goes
+        to ``peer``'s own input ring first, under its strategy, or is discarded and
+        counted as ``peer``'s dropped records when ``peer`` has stopped. Cancelling the
+        call does not cancel the relaunch (a kernel half-way would be left stopped)."""
+        await asyncio.shield(self._relinking(peer))
+
+    def _relinking(self, peer: KernelBackend | None) -> asyncio.Future[None]:
+        """The relink as a task of its own (kept: it must run to its end)."""
+        task = asyncio.ensure_future(self._relink(peer))
+        self._relink_task = task
+        return task
+
+    async def _relink(self, peer: KernelBackend | None) -> None:
+        if peer is not None:
+            assert isinstance(peer, CudaKernelBackend)
+            await self._link(peer)
+        elif self._link_peer is not None:
+            await self._unlink()
+
+    async def _link(self, peer: CudaKernelBackend) -> None:
+        from pydotcompute.backends.cuda_link import LinkRing
+
+        mine = await asyncio.to_thread(self._compile_loop, self._in_link is not None, True)
+        theirs = await asyncio.to_thread(peer._compile_loop, True, peer._out_link is not None)
+        queued: list[np.ndarray] = []
+        # A loop waiting for room in its output ring finishes once the host takes it.
+        a_state = await self._halt(lambda: queued.append(self._take_outputs()))
+        b_state = await peer._halt()
+        queued.append(self._take_outputs())
+        seed = np.concatenate([peer._take_inputs(), *queued])
+        rounds = 2 * self.threads * self.items  # a round never waits on a short ring
+        cap = max(ring_capacity_for(peer.config.queue_size), ring_capacity_for(len(seed) + rounds))
+        link = LinkRing(cap, self.out_dtype, peer.config.backpressure, seed, self._copy_stream)
+        peer._in_link, peer._in_words = link, link.words
+        self._out_link, self._out_words, self._link_peer = link, link.words, peer
+        peer._relaunch(theirs, b_state)
+        self._relaunch(mine, a_state)
+
+    async def _unlink(self) -> None:
+        peer, link = self._link_peer, self._out_link
+        assert peer is not None and link is not None
+        assert self.out_ring is not None and peer.in_ring is not None
+        gone = peer._stopped or peer.failure is not None
+        mine: Any = None
+        a_state: int | None = None  # None: its loop has exited for good (stopped, failed)
+        if not (self._stopped or self.failure is not None):
+            mine = await asyncio.to_thread(self._compile_loop, self._in_link is not None, False)
+            # Outputs that find no room in the ring of a stopped peer are dropped.
+            a_state = await self._halt(terminate=gone)
+        self._out_link, self._out_words, self._link_peer = None, self.out_ring.words, None
+        if gone:
+            peer._count_dropped(len(link.leftovers()))
+        else:
+            theirs = await asyncio.to_thread(peer._compile_loop, False, peer._out_link is not None)
+            b_state = await peer._halt()
+            left = link.leftovers()
+            peer._in_link, peer._in_words = None, peer.in_ring.words
+            peer._relaunch(theirs, b_state)
+            if len(left):
+                await peer.put_batch(left, None)
+        if a_state is not None:
+            self._relaunch(mine, a_state)
+
+    async def _halt(self, drain: Callable[[], None] | None = None, terminate: bool = False) -> int:
+        """Have the loop finish the batch in hand and exit, to be relaunched on other
+        rings; returns the state word to launch it with again. ``drain`` runs while it
+        is waited for; ``terminate``: outputs that find no room are dropped (counted)
+        rather than waited for."""
+        from pydotcompute.backends.cuda_loop import ControlWords as W
+
+        assert self.control is not None
+        state = self.control[W.STATE]
+        self._halting = True
+        self.control.set_state(W.TERMINATE if terminate else W.HALT)
+        pause = 1e-4
+        while not self._kernel_done():
+            if drain is not None:
+                drain()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 2e-3)
+        if not self.simulator:
+            from pydotcompute.device.resident import exited
+
+            exited(self)
+        err = self._device_error()
+        if err is not None:
+            self._halting = False
+            self._fail(err)
+            raise err
+        return state
+
+    def _relaunch(self, loop: Any, state: int) -> None:
+        """Launch ``loop`` again on the rings now in ``_in_words``/``_out_words``."""
+        assert self.control is not None
+        old = self._read_side()
+        assert old is not None
+        side = _rebased_side(old, self._in_counters(), self._out_counters(), state)
+        self.kernel = loop
+        self.control.set_state(state)
+        if self.simulator:
+            self._side = _cuda().to_device(side)
+            self._halting = False
+            self._run_simulated()
+            return
+        self._side = _cuda().to_device(side, stream=self._stream)
+        self._stream.synchronize()
+        self._halting = False
+        self._launch()
+
+    def _take_outputs(self) -> np.ndarray:
+        """What the loop has placed in its own output ring and the host has not taken."""
+        assert self.out_ring is not None
+        out = []
+        while len(got := self.out_ring.host.pop_batch(1024, 0.0)):
+            out.append(got)
+        return np.concatenate(out) if out else np.zeros(0, self.out_dtype)
+
+    def _take_inputs(self) -> np.ndarray:
+        """What the host placed in the input ring and the loop has not taken; only
+        while the loop has exited (the host plays the consumer once)."""
+        assert self.in_ring is not None
+        if self._in_link is not None:
+            left: np.ndarray = self._in_link.leftovers()
+            return left
+        ring = self.in_ring.host
+        words = ring.buffer[:HEADER_SIZE].view(np.int64)
+        words[OFF_CLAIM // 8] = ring.counters().released  # the loop claimed in its own words
+        out = []
+        scratch = np.empty(min(1024, ring.capacity), self.in_dtype)
+        while got := int(ring_pop(ring.buffer, scratch, 0, len(scratch))):
+            out.append(scratch[:got].copy())
+        return np.concatenate(out) if out else np.zeros(0, self.in_dtype)
+
+    def _in_counters(self) -> RingCounters:
+        assert self.in_ring is not None
+        return self.in_ring.host.counters() if self._in_link is None else self._in_link.counters()
+
+    def _out_counters(self) -> RingCounters:
+        assert self.out_ring is not None
+        link = self._out_link
+        return self.out_ring.host.counters() if link is None else link.counters()
+
+    def _count_dropped(self, n: int) -> None:
+        """Records discarded for this kernel by the host (it has stopped)."""
+        from pydotcompute.backends.cuda_loop import ControlWords as W
+
+        if n and self.control is not None:
+            self.control.words[W.DROPPED] += n
 
     async def stop(self, timeout: float) -> None:
         from pydotcompute.backends.cuda_loop import ControlWords
@@ -522,8 +756,6 @@ class CudaKernelBackend(RingFedBackend):
         self._stopping = True
         if self._monitor is not None:
             self._monitor.cancel()
-        if self._thread is not None:
-            self._thread.join()
         if self._stream is not None and fault is None:
             try:
                 self._stream.synchronize()  # returns at once: the kernel has exited
@@ -537,6 +769,9 @@ class CudaKernelBackend(RingFedBackend):
             exited(self)  # the kernel is gone: frees held while it ran may run now
         if fault is not None and self.failure is None:
             self._fail(fault)
+        if self._link_peer is not None:
+            # The kernel it fed reads its own input ring again, after what is left.
+            await asyncio.wait_for(asyncio.shield(self._relinking(None)), timeout)
         if self._wakeup is not None:
             self._wakeup.close()
 
@@ -559,8 +794,7 @@ class CudaKernelBackend(RingFedBackend):
         if self.control is None or self.in_ring is None or self.out_ring is None:
             return KernelTelemetry(kernel_id=self.kernel_id, backend=self.backend, state=state)
         cb = self.control
-        inc = self.in_ring.host.counters()
-        outc = self.out_ring.host.counters()
+        inc, outc = self._in_counters(), self._out_counters()
         return self._telemetry(
             state,
             cb[W.PROCESSED],
@@ -569,7 +803,7 @@ class CudaKernelBackend(RingFedBackend):
             messages_rejected=inc.rejected,
             errors=cb[W.ERRORS],
             queue_depth=inc.depth,
-            queue_capacity=self.in_ring.host.capacity,
+            queue_capacity=inc.capacity,
             output_queue_depth=outc.depth,
             idle_polls=cb[W.IDLE_POLLS],
         )

@@ -43,7 +43,7 @@ class FusedCudaKernelBackend(CudaKernelBackend):
         for s in self.chain.steps:
             check_handler_source(s.handler, self.kernel_id, "cuda", gpu=not self.simulator)
 
-    def _compile_loop(self) -> Any:
+    def _compile_loop(self, in_link: bool = False, out_link: bool = False) -> Any:
         from pydotcompute.backends.cuda_loop import compile_chain_loop
 
         steps = self.chain.steps
@@ -55,6 +55,8 @@ class FusedCudaKernelBackend(CudaKernelBackend):
             self.threads,
             self.items,
             self.idle_sleep_ns,
+            in_link,
+            out_link,
         )
 
     def _state_to_device(self, stream: Any) -> Any:

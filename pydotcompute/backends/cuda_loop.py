@@ -44,15 +44,28 @@ whole words; a handler returning False ends the record, and per handler the reco
 it passed on are counted in shared memory, then in device memory once per round. One
 handler is a chain of one.
 
+**Links.** A loop compiled with ``in_link`` reads a *link ring* instead of a ring in
+host memory: a ring in device memory (producer ``DEVICE``, consumer ``LINK``) that
+another resident kernel, compiled with ``out_link``, writes its outputs into. The
+protocol is the same (tagged slots, ``released`` stored once per batch); its words are
+read and written at GPU scope (``ld.relaxed.gpu``, ``st.release.gpu``...) and never
+cross PCIe, and the consumer's poll covers a whole claim (reading device memory is
+cheap), so it does not wait for the producer's ``published``, which is only mirrored.
+
 Counters live in device memory and are mirrored into the control block and the ring
 headers by the agent about once a millisecond, and by the last block to exit.
 
 ``max_iterations`` > 0 bounds the number of rounds of each block; it exists for the
-simulator, which launches synchronously. Zero means run until TERMINATE.
+simulator, which launches synchronously. Below zero it bounds them by
+``-max_iterations`` and ends the launch at the first round that found nothing to do
+(a *slice*: how the simulator takes turns between kernels). Zero means run until
+TERMINATE, or HALT (finish the batch in hand, then exit: the host relaunches the loop
+on other rings).
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -62,7 +75,7 @@ import numpy as np
 from numba import cuda
 
 from pydotcompute.errors import InvalidConfigurationError
-from pydotcompute.messages.record import output_header
+from pydotcompute.messages.record import output_header, uuid_offset
 from pydotcompute.rings.control import ControlBlock as _Layout
 from pydotcompute.rings.device import (
     HEADER_WORDS,
@@ -81,12 +94,14 @@ from pydotcompute.rings.device import (
     global_ns,
     load_acquire_sys,
     load_gpu,
+    load_relaxed_gpu,
     load_relaxed_sys,
     pause,
     records_view,
     ring_check,
     seal_words,
     store_gpu,
+    store_relaxed_gpu,
     store_relaxed_sys,
     store_release_sys,
 )
@@ -123,6 +138,9 @@ class ControlWords:
     INACTIVE = _Layout.INACTIVE
     ACTIVE = _Layout.ACTIVE
     TERMINATE = _Layout.TERMINATE
+    HALT = _Layout.HALT
+    """Finish the batch in hand (waiting for output room, unlike TERMINATE) and exit:
+    the host relaunches the kernel on other rings (a link made or ended)."""
 
     ERR_NONE = _Layout.ERR_NONE
     ERR_HANDLER = _Layout.ERR_HANDLER
@@ -193,7 +211,12 @@ class SideWords:
         """The words for a launch on these rings (``HostRing`` views of them), with a
         word per handler after ``NWORDS`` for a chain of ``stages`` handlers."""
         w = np.zeros(cls.NWORDS + (stages if stages > 1 else 0), np.int64)
-        inc, outc = in_ring.counters(), out_ring.counters()
+        cls._from_rings(w, in_ring.counters(), out_ring.counters(), command)
+        return w
+
+    @classmethod
+    def _from_rings(cls, w: np.ndarray, inc: Any, outc: Any, command: int) -> None:
+        """Positions and ring counters from the rings' ``RingCounters``."""
         w[cls.AVAIL] = w[cls.CLAIM] = w[cls.IN_DONE] = inc.released
         w[cls.OUT_NEXT] = w[cls.OUT_PUBLISHED] = outc.published
         w[cls.OUT_SEEN] = outc.released
@@ -205,6 +228,22 @@ class SideWords:
         w[cls.OUT_ENQUEUED] = outc.enqueued
         w[cls.OUT_DROPPED_NEWEST] = outc.dropped_newest
         w[cls.OUT_HIGH_WATER] = outc.high_water
+
+    # What a relaunch on other rings carries over: the kernel's own counters.
+    _KEPT = (PROCESSED, EMITTED, DROPPED, IDLE_POLLS, HEARTBEAT)
+
+    @classmethod
+    def rebased(
+        cls, old: np.ndarray, in_counters: Any, out_counters: Any, command: int
+    ) -> np.ndarray:
+        """The words for a relaunch of a loop that exited with ``old`` on rings whose
+        counters (``RingCounters``) are these: positions from the rings, the kernel's
+        counters (and a chain's per-handler ones) carried over."""
+        w = np.zeros_like(old)
+        cls._from_rings(w, in_counters, out_counters, command)
+        for i in cls._KEPT:
+            w[i] = old[i]
+        w[cls.NWORDS :] = old[cls.NWORDS :]
         return w
 
 
@@ -221,6 +260,7 @@ _C_IDLE_POLLS = ControlWords.IDLE_POLLS
 _C_PROCESSED = ControlWords.PROCESSED
 _C_STATE = ControlWords.STATE
 _C_TERMINATE = ControlWords.TERMINATE
+_C_HALT = ControlWords.HALT
 _S_AVAIL = SideWords.AVAIL
 _S_CLAIM = SideWords.CLAIM
 _S_IN_DONE = SideWords.IN_DONE
@@ -306,6 +346,15 @@ def uuid_copy(src_byte: int, dst_byte: int, blank: np.ndarray) -> Any:
             dst[d + 2] = above | ((hi >> (64 - ds)) & low_dst)
 
     return cuda.jit(device=True)(copy)
+
+
+def _apart(a: int, b: int) -> bool:
+    """Whether 16-byte fields at bytes ``a`` and ``b`` of a record share no 8-byte word
+    of its slot (each copy writes whole words, taking the rest of them from the blank)."""
+    if b < 0:
+        return True
+    words_a = range((TAG_SIZE + a) // 8, (TAG_SIZE + a + 15) // 8 + 1)
+    return not set(words_a) & set(range((TAG_SIZE + b) // 8, (TAG_SIZE + b + 15) // 8 + 1))
 
 
 def slot_dtype(dtype: np.dtype) -> np.dtype:
@@ -430,15 +479,20 @@ def compose_loop(
     threads: int,
     items: int,
     idle_sleep_ns: int,
+    in_link: bool = False,
+    out_link: bool = False,
 ) -> Any:
     """The persistent kernel around ``handler`` (a Python function), not yet compiled.
 
     Arguments of the kernel: ``in_words``/``out_words`` (int64 views of the whole ring
     buffers, in mapped host memory), ``ctrl`` (int64 control block, mapped), ``side``
     (``SideWords``, device memory), ``state`` (the handler's state array, device memory)
-    and ``max_iterations``.
+    and ``max_iterations``. ``in_link``/``out_link``: that ring is a link ring in
+    device memory instead (see the module's docstring).
     """
-    return compose_chain_loop((handler,), (in_dtype, out_dtype), threads, items, idle_sleep_ns)
+    return compose_chain_loop(
+        (handler,), (in_dtype, out_dtype), threads, items, idle_sleep_ns, in_link, out_link
+    )
 
 
 def compose_chain_loop(
@@ -447,6 +501,8 @@ def compose_chain_loop(
     threads: int,
     items: int,
     idle_sleep_ns: int,
+    in_link: bool = False,
+    out_link: bool = False,
 ) -> Any:
     """The persistent kernel around a chain of handlers called in order for each record
     (one handler: ``compose_loop``), not yet compiled. ``dtypes`` are the record types
@@ -469,6 +525,15 @@ def compose_chain_loop(
     _, id_at, corr_at = output_header(in_dtype, out_dtype)
     correlate = id_at >= 0
     correlation = uuid_copy(TAG_SIZE + max(id_at, 0), TAG_SIZE + max(corr_at, 0), out_zero)
+    # Feeding a link, an output keeps its input's message_id as its own, so the far
+    # kernel's output correlates with the message that entered the linked chain.
+    out_id_at = uuid_offset(out_dtype, "message_id")
+    carry = out_link and id_at >= 0 and out_id_at >= 0
+    if carry and not _apart(out_id_at, corr_at):
+        raise InvalidConfigurationError(
+            "the output record's message_id and correlation_id share an 8-byte word"
+        )
+    carry_id = uuid_copy(TAG_SIZE + max(id_at, 0), TAG_SIZE + max(out_id_at, 0), out_zero)
     in_slot, out_slot = slot_dtype(in_dtype), slot_dtype(out_dtype)
     in_view, out_view = records_view(in_slot), records_view(out_slot)
     in_rs, out_rs = in_dtype.itemsize, out_dtype.itemsize
@@ -478,7 +543,8 @@ def compose_chain_loop(
     scratch_words = max(1, threads * chain_sw)
     items_t = (per_round + threads - 1) // threads  # records per thread and round
     lanes = min(_POLL_LANES, threads)
-    win_slots = max(1, min(_WINDOW_WORDS // in_sw, per_round))
+    # A link ring is in device memory: the agent's poll may cover a whole claim.
+    win_slots = per_round if in_link else max(1, min(_WINDOW_WORDS // in_sw, per_round))
     win_words = win_slots * in_sw
     win_per_lane = (win_words + lanes - 1) // lanes
     in_per_thread = (per_round * in_sw + threads - 1) // threads
@@ -488,6 +554,13 @@ def compose_chain_loop(
     max_sleep = idle_sleep_ns
     lane_drop = 1 % lanes
     lane_state = 2 % lanes
+    # Sides the rings' headers must declare, and the scope of their words.
+    in_sides = (1, 2) if in_link else (0, 1)
+    out_sides = (1, 2) if out_link else (1, 0)
+    in_load = load_relaxed_gpu if in_link else load_relaxed_sys
+    in_acquire = load_gpu if in_link else load_acquire_sys
+    in_release = store_gpu if in_link else store_release_sys
+    out_store = store_relaxed_gpu if out_link else store_relaxed_sys
 
     def ring_loop(in_words, out_words, ctrl, side, state, max_iterations):  # type: ignore[no-untyped-def]
         tid = cuda.threadIdx.x
@@ -522,11 +595,13 @@ def compose_chain_loop(
             if cuda.blockDim.x != nthreads:
                 code = _C_ERR_BLOCK_SIZE
             else:
-                chk = ring_check(in_words, in_cap, in_rs, in_sw * 8, 0, 1)
+                chk = ring_check(in_words, in_cap, in_rs, in_sw * 8, in_sides[0], in_sides[1])
                 if chk != RING_OK:
                     code = _C_ERR_INPUT_RING + chk
                 else:
-                    chk = ring_check(out_words, out_cap, out_rs, out_sw * 8, 1, 0)
+                    chk = ring_check(
+                        out_words, out_cap, out_rs, out_sw * 8, out_sides[0], out_sides[1]
+                    )
                     if chk != RING_OK:
                         code = _C_ERR_OUTPUT_RING + chk
             sh[0] = code
@@ -560,11 +635,11 @@ def compose_chain_loop(
                         if i < win_words:
                             s = i // in_sw
                             at = HEADER_WORDS + ((base + s) & in_mask) * in_sw + (i - s * in_sw)
-                            held_win[j] = load_relaxed_sys(in_words, at)
+                            held_win[j] = in_load(in_words, at)
                     if tid == 0:
-                        sh[8] = load_acquire_sys(in_words, W_PUBLISHED)
+                        sh[8] = in_acquire(in_words, W_PUBLISHED)
                     if tid == lane_drop and in_drop_oldest:
-                        sh[9] = load_acquire_sys(in_words, W_DROP_BEFORE)
+                        sh[9] = in_acquire(in_words, W_DROP_BEFORE)
                     if tid == lane_state and sh[13] != 0:
                         sh[10] = load_acquire_sys(ctrl, _C_STATE)
                     for j in range(win_per_lane):
@@ -600,7 +675,9 @@ def compose_chain_loop(
                 stale = 0
                 if (
                     command == _C_TERMINATE
+                    or command == _C_HALT
                     or (max_iterations > 0 and iteration >= max_iterations)
+                    or (max_iterations < 0 and (iteration >= -max_iterations or idle > 0))
                     or load_gpu(side, _S_ERROR_CODE) != 0
                 ):
                     k = -1
@@ -667,7 +744,7 @@ def compose_chain_loop(
                             if i < words:
                                 s = i // in_sw
                                 at = HEADER_WORDS + ((first + s) & in_mask) * in_sw
-                                held[j] = load_relaxed_sys(in_words, at + i - s * in_sw)
+                                held[j] = in_load(in_words, at + i - s * in_sw)
                         for j in range(in_per_thread):
                             i = tid + j * nthreads
                             if i < words:
@@ -711,6 +788,8 @@ def compose_chain_loop(
                             stage_out[at + w] = out_zero[w]
                         if correlate:
                             correlation(stage_in, i * in_sw, stage_out, at)
+                        if carry:
+                            carry_id(stage_in, i * in_sw, stage_out, at)
                         reached = step(
                             in_recs[i], out_recs[i], state, scratch, tid * chain_sw,
                             stage_in, i * in_sw, side, first + i,
@@ -774,7 +853,7 @@ def compose_chain_loop(
                             cuda.atomic.add(side, which, lost)
                         if final:
                             # The batch's reads are done: one release store for it.
-                            store_release_sys(in_words, W_RELEASED, c + k)
+                            in_release(in_words, W_RELEASED, c + k)
                             store_gpu(side, _S_IN_DONE, c + k)  # the next claim's turn
                         sh[4] = r
                         sh[5] = fit
@@ -802,7 +881,7 @@ def compose_chain_loop(
                         if i < words:
                             s = i // out_sw
                             at = HEADER_WORDS + ((r + s) & out_mask) * out_sw + i - s * out_sw
-                            store_relaxed_sys(out_words, at, held_out[j])
+                            out_store(out_words, at, held_out[j])
                     done += fit + lost
                     lost_total += lost
                     cuda.syncthreads()
@@ -909,6 +988,16 @@ _LOOPS: weakref.WeakKeyDictionary[Callable[..., Any], dict[tuple[Any, ...], Any]
 _LOOPS_LOCK = threading.Lock()
 
 
+def _composing() -> Any:
+    """What composing device code holds: nothing on a GPU; under the simulator, the
+    launch lock (no simulated kernel runs meanwhile: see ``SimulatedDevice.launching``)."""
+    if not SIMULATOR:
+        return contextlib.nullcontext()
+    from pydotcompute.backends.cuda_simulated import SimulatedDevice
+
+    return SimulatedDevice.launching
+
+
 def compile_loop(
     handler: Callable[..., Any],
     in_dtype: np.dtype,
@@ -917,6 +1006,8 @@ def compile_loop(
     threads: int,
     items: int,
     idle_sleep_ns: int,
+    in_link: bool = False,
+    out_link: bool = False,
 ) -> Any:
     """The persistent kernel for this handler and these types, compiled once (cached).
 
@@ -924,12 +1015,17 @@ def compile_loop(
     there is nothing to compile. Raises numba's typing error when the handler does
     not compile for these record dtypes."""
     py = getattr(handler, "py_func", handler)
-    key = (in_dtype, out_dtype, state.dtype, state.ndim, threads, items, idle_sleep_ns)
-    with _LOOPS_LOCK:
+    key: tuple[Any, ...] = (in_dtype, out_dtype, state.dtype, state.ndim, threads, items)
+    key += (idle_sleep_ns, in_link, out_link)
+    with _LOOPS_LOCK, _composing():
         per_handler = _LOOPS.setdefault(py, {})
         kernel = per_handler.get(key)
         if kernel is None:
-            kernel = cuda.jit(compose_loop(py, in_dtype, out_dtype, threads, items, idle_sleep_ns))
+            kernel = cuda.jit(
+                compose_loop(
+                    py, in_dtype, out_dtype, threads, items, idle_sleep_ns, in_link, out_link
+                )
+            )
             if not SIMULATOR:
                 kernel.compile(loop_signature(in_dtype, out_dtype, state))
             per_handler[key] = kernel
@@ -966,6 +1062,8 @@ def compile_chain_loop(
     threads: int,
     items: int,
     idle_sleep_ns: int,
+    in_link: bool = False,
+    out_link: bool = False,
 ) -> Any:
     """The persistent kernel for a chain of handlers (see ``compose_chain_loop``),
     compiled once per chain and types (cached)."""
@@ -977,11 +1075,15 @@ def compile_chain_loop(
         threads,
         items,
         idle_sleep_ns,
+        in_link,
+        out_link,
     )
-    with _LOOPS_LOCK:
+    with _LOOPS_LOCK, _composing():
         kernel = _CHAINS.get(key)
         if kernel is None:
-            kernel = cuda.jit(compose_chain_loop(pys, dtypes, threads, items, idle_sleep_ns))
+            kernel = cuda.jit(
+                compose_chain_loop(pys, dtypes, threads, items, idle_sleep_ns, in_link, out_link)
+            )
             if not SIMULATOR:
                 kernel.compile(loop_signature(dtypes[0], dtypes[-1], states))
             _CHAINS[key] = kernel

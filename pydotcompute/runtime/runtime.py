@@ -433,14 +433,15 @@ class RingKernelRuntime:
     # -- links (compiled kernels feeding each other without the host) ---------------
 
     async def link(self, producer: str, consumer: str) -> None:
-        """Feed ``consumer``'s input ring straight from ``producer``'s compiled loop.
+        """Feed ``consumer``'s input straight from ``producer``'s compiled loop.
 
-        Both are ``cpu`` kernels of this runtime (not placed on a cluster), running,
-        and ``producer``'s output record dtype is ``consumer``'s input record dtype.
-        From then on ``producer``'s workers push every output into ``consumer``'s input
-        ring, under ``consumer``'s backpressure strategy (BLOCK: ``producer`` waits for
-        room; the others drop or refuse and count it in that ring), with no Python per
-        record. Outputs keep their input's ``message_id``, so ``consumer``'s reply
+        Both are ``cpu`` kernels, or both ``cuda`` kernels, of this runtime (not placed
+        on a cluster), running, and ``producer``'s output record dtype is
+        ``consumer``'s input record dtype. From then on ``producer``'s loop places every
+        output in ``consumer``'s input ring (``cpu``) or in a ring in device memory that
+        ``consumer``'s loop reads (``cuda``: both loops are relaunched on it), under
+        ``consumer``'s backpressure strategy (BLOCK: ``producer`` waits for room; the
+        others drop or refuse and count it in that ring), with no Python per record. Outputs keep their input's ``message_id``, so ``consumer``'s reply
         correlates with the message sent to ``producer``. Outputs ``producer`` had
         queued move to ``consumer`` first, in order. While linked, sends to
         ``consumer`` and receives from ``producer`` raise ``KernelLinkError``; chains

@@ -1,0 +1,228 @@
+"""Links between ``cuda`` kernels on numba-cuda's simulator: ``rt.link(a, b)`` relaunches
+``a``'s loop writing into a ring in device memory that ``b``'s loop reads. Records keep
+their order and arrive once, what either kernel held at the link goes first, a full
+link holds the producer back (BLOCK), and ending the link (``unlink``, or the producer
+stopping) gives the consumer what the link still held, then its own input ring.
+
+The simulator tests run in a child process with ``NUMBA_ENABLE_CUDASIM=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+sim = pytest.mark.skipif(not SIM, reason="runs in the simulator child process")
+
+
+@pytest.mark.skipif(SIM, reason="this is the parent of the simulator run")
+def test_simulator_suite() -> None:
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    cmd += ["-k", "not test_simulator_suite"]
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+
+
+REC = np.dtype([("x", "<i8")])
+WIDE = np.dtype([("x", "<i8"), ("y", "<i8")])
+
+
+def plus_one(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x + 1
+    return True
+
+
+def times_ten(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x * 10
+    return True
+
+
+def widen(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x
+    out.y = msg.x
+    return True
+
+
+def one(x: int) -> np.void:
+    rec = np.zeros(1, REC)
+    rec["x"] = x
+    return rec[0]
+
+
+async def _wait_for(cond, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def _receive_all(rt, kid: str, n: int) -> list[int]:  # type: ignore[no-untyped-def]
+    got: list[int] = []
+    while len(got) < n:
+        batch = await rt.receive_batch(kid, n - len(got), timeout=60)
+        got += [int(v) for v in batch["x"]]
+    return got
+
+
+async def _nothing_more(rt, kid: str) -> None:  # type: ignore[no-untyped-def]
+    from pydotcompute.errors import QueueTimeoutError
+
+    with pytest.raises(QueueTimeoutError):
+        await rt.receive(kid, timeout=0.3)
+
+
+async def _launch_pair(rt, queue_size: int = 16, activate_b: bool = True) -> None:  # type: ignore[no-untyped-def]
+    opts = dict(backend="cuda", input_type=REC, output_type=REC, queue_size=queue_size)
+    await rt.launch("a", plus_one, **opts)
+    await rt.launch("b", times_ten, **opts)
+    await rt.activate("a")
+    if activate_b:
+        await rt.activate("b")
+
+
+@sim
+async def test_a_link_keeps_order_and_what_both_kernels_held() -> None:
+    from pydotcompute import RingKernelRuntime
+    from pydotcompute.backends.cuda import CudaKernelBackend
+
+    async with RingKernelRuntime() as rt:
+        await _launch_pair(rt, activate_b=False)
+        for x in (100, 101):  # b is paused: these wait in its own input ring
+            await rt.send("b", one(x))
+        for x in range(3):  # a answers these into its own output ring
+            await rt.send("a", one(x))
+        await _wait_for(lambda: rt.get_telemetry("a").output_queue_depth == 3)
+        await rt.link("a", "b")
+        assert rt.links == {"a": "b"}
+        a = rt._get("a").kernel_backend
+        b = rt._get("b").kernel_backend
+        assert isinstance(a, CudaKernelBackend) and a.linked_to is b
+        assert a._out_words is b._in_words  # one ring in device memory between them
+        await rt.activate("b")
+        for x in range(3, 40):
+            await rt.send("a", one(x))
+        got = await _receive_all(rt, "b", 2 + 40)
+        assert got == [1000, 1010] + [(x + 1) * 10 for x in range(40)]
+        await _nothing_more(rt, "b")
+        ta, tb = rt.get_telemetry("a"), rt.get_telemetry("b")
+        assert ta.messages_processed == 40 and tb.messages_processed == 42
+        assert ta.messages_dropped == 0 and tb.messages_dropped == 0
+
+
+@sim
+async def test_a_full_link_holds_the_producer_back() -> None:
+    from pydotcompute import RingKernelRuntime
+
+    async with RingKernelRuntime() as rt:
+        await _launch_pair(rt, queue_size=16)
+        await rt.link("a", "b")
+        await rt.deactivate("b")
+
+        async def send_all() -> None:
+            for x in range(80):
+                await rt.send("a", one(x), timeout=60)
+
+        sends = asyncio.ensure_future(send_all())
+        cap = rt.get_telemetry("b").queue_capacity
+        # The link fills up and stays full while b is paused; a waits, nothing drops.
+        await _wait_for(lambda: rt.get_telemetry("b").queue_depth == cap)
+        await asyncio.sleep(0.3)
+        assert rt.get_telemetry("b").queue_depth == cap
+        assert rt.get_telemetry("a").messages_processed < 80
+        await rt.reactivate("b")
+        got = await _receive_all(rt, "b", 80)  # the sends finish as room frees up
+        await sends
+        assert got == [(x + 1) * 10 for x in range(80)]
+        await _nothing_more(rt, "b")
+        for kid in ("a", "b"):
+            assert rt.get_telemetry(kid).messages_dropped == 0
+
+
+@sim
+async def test_unlink_gives_the_consumer_what_the_link_held() -> None:
+    from pydotcompute import RingKernelRuntime
+
+    async with RingKernelRuntime() as rt:
+        await _launch_pair(rt)
+        await rt.link("a", "b")
+        await rt.deactivate("b")
+        for x in range(6):
+            await rt.send("a", one(x))
+        await _wait_for(lambda: rt.get_telemetry("a").messages_processed == 6)
+        await rt.unlink("a", "b")
+        assert rt.links == {}
+        await rt.reactivate("b")
+        await rt.send("b", one(7))  # b's own input ring again, after what the link held
+        assert await _receive_all(rt, "b", 7) == [(x + 1) * 10 for x in range(6)] + [70]
+        await rt.send("a", one(9))  # a answers the host again
+        assert await _receive_all(rt, "a", 1) == [10]
+        await _nothing_more(rt, "b")
+
+
+@sim
+async def test_a_producer_that_stops_hands_the_consumer_back_its_input() -> None:
+    from pydotcompute import RingKernelRuntime
+
+    async with RingKernelRuntime() as rt:
+        await _launch_pair(rt)
+        await rt.link("a", "b")
+        for x in range(5):
+            await rt.send("a", one(x))
+        assert await _receive_all(rt, "b", 5) == [(x + 1) * 10 for x in range(5)]
+        await rt.terminate("a")
+        assert rt.links == {}
+        await rt.send("b", one(3))
+        assert await _receive_all(rt, "b", 1) == [30]
+
+
+@sim
+async def test_links_refuse_what_they_cannot_join() -> None:
+    from pydotcompute import RingKernelRuntime
+    from pydotcompute.errors import KernelLinkError
+
+    async with RingKernelRuntime() as rt:
+        opts = dict(backend="cuda", input_type=REC, queue_size=8)
+        await rt.launch("a", plus_one, output_type=REC, **opts)
+        await rt.launch("w", widen, output_type=WIDE, **opts)
+        await rt.launch("c", times_ten, backend="cpu", input_type=REC, output_type=REC)
+        with pytest.raises(KernelLinkError, match="runs on cpu"):
+            await rt.link("a", "c")
+        with pytest.raises(KernelLinkError, match="outputs records"):
+            await rt.link("w", "a")
+
+
+@sim
+async def test_the_far_kernels_reply_correlates_with_the_message_sent() -> None:
+    # The producer's outputs keep their input's message_id, so what the consumer
+    # answers names, as its correlation_id, the message that entered the link.
+    from pydotcompute import RingKernelRuntime, message
+
+    @message
+    class LinkNum:
+        x: np.int64
+
+    async with RingKernelRuntime() as rt:
+        opts = dict(backend="cuda", input_type=LinkNum, output_type=LinkNum, queue_size=16)
+        await rt.launch("a", plus_one, **opts)
+        await rt.launch("b", times_ten, **opts)
+        for kid in ("a", "b"):
+            await rt.activate(kid)
+        await rt.link("a", "b")
+        sent = [LinkNum(x=x) for x in range(6)]
+        for m in sent:
+            await rt.send("a", m)
+        got = [await rt.receive("b", timeout=60) for _ in sent]
+        assert [g.x for g in got] == [(m.x + 1) * 10 for m in sent]
+        assert [g.correlation_id for g in got] == [m.message_id for m in sent]
+        assert len({g.message_id for g in got}) == len(sent)  # replies have ids of their own
