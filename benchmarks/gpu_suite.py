@@ -11,7 +11,9 @@ every thread when it stalls (``faulthandler``):
 3. ``gpu_throughput.py``  the throughput matrix: batches 1, 8, 64 and large, raw rings and
                           through ``RingKernelRuntime``, against a launch per batch;
 4. ``gpu_idle.py``        an 8192 x 8192 float32 matmul alone and beside an idle kernel;
-5. the ``gpu``-marked tests (pytest).
+5. ``gpu_chain.py``       three kernels linked in device memory against one, and against
+                          the same three with the host between them;
+6. the ``gpu``-marked tests (pytest).
 
 It writes one JSON file (every step's results, output tails, timings, the versions) and
 prints a table of the goals, each measured against the floor or baseline of the same
@@ -57,10 +59,11 @@ class Step:
 
 STEPS = (
     Step("floor", "gpu_floor.py", 50, 120),
-    Step("roundtrip", "gpu_roundtrip.py", 80, 180),
-    Step("throughput", "gpu_throughput.py", 130, 180),
-    Step("idle", "gpu_idle.py", 60, 120),
-    Step("gpu tests", "pytest", 160, 180),  # every test compiles its own loop
+    Step("roundtrip", "gpu_roundtrip.py", 70, 180),
+    Step("throughput", "gpu_throughput.py", 110, 180),
+    Step("idle", "gpu_idle.py", 50, 120),
+    Step("chain", "gpu_chain.py", 60, 240),
+    Step("gpu tests", "pytest", 140, 180),  # every test compiles its own loop
 )
 assert sum(s.timeout_s for s in STEPS) <= BUDGET_S  # the suite's promise: 8 minutes
 
@@ -205,6 +208,12 @@ def goals(steps: dict[str, Any]) -> list[dict[str, Any]]:
     beside = (steps.get("idle", {}).get("results") or {}).get("beside") or []
     slow = beside[0].get("slowdown_pct") if beside else None
     add("8192^2 matmul beside an idle kernel: slowdown %", slow, "<= 5", lambda v: v <= 5)
+    add("linked x3 / one kernel, records/s",
+        _get(steps, "chain", "linked_x3_throughput_ratio"), ">= 0.8x",
+        lambda v: v >= 0.8)  # fmt: skip
+    add("linked x3 / one kernel, round trip p50",
+        _get(steps, "chain", "linked_x3_roundtrip_ratio"), "<= 1.3x",
+        lambda v: v <= 1.3)  # fmt: skip
     tests = steps.get("gpu tests", {}).get("results")
     failed = None if tests is None else tests["failures"] + tests["errors"]
     add("gpu-marked tests failing", failed, "0 (and some ran)",

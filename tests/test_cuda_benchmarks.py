@@ -34,7 +34,7 @@ def test_gpu_suite_rehearsal_on_the_simulator(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["simulate"] and "simulator" in report["device"]
     steps = report["steps"]
-    assert list(steps) == ["floor", "roundtrip", "throughput", "idle", "gpu tests"]
+    assert list(steps) == ["floor", "roundtrip", "throughput", "idle", "chain", "gpu tests"]
     assert all(s["status"] == "ok" for s in steps.values()), {
         n: (s["status"], s["stderr_tail"][-500:]) for n, s in steps.items()
     }
@@ -42,8 +42,10 @@ def test_gpu_suite_rehearsal_on_the_simulator(tmp_path: Path) -> None:
     assert floor["pingpong_word_us"][0] > 0 and floor["zero_copy_h2d_GBps"] > 0
     assert "rings_blocks_per_sm_us" in steps["roundtrip"]["results"]
     assert [r["batch"] for r in steps["throughput"]["results"]["matrix"]] == [1, 4]
+    chain = steps["chain"]["results"]
+    assert chain["linked_x3_rps"] > 0 and chain["linked_x3_us"][0] > 0
     assert steps["gpu tests"]["results"]["skipped"] > 0  # no GPU: they skip, cleanly
     # every goal of the table is computed from the steps (verdicts mean nothing here)
-    assert len(report["goals"]) == 12
+    assert len(report["goals"]) == 14
     for goal in report["goals"]:
         assert goal["goal"] in proc.stdout

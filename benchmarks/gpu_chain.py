@@ -1,0 +1,136 @@
+"""Three resident kernels in a chain against one: linked in device memory, and through
+the host.
+
+Measured in one run, every kernel running ``affine`` (y = 2x + 1) on 16-byte records:
+
+* ``one``: one kernel; a record sent with ``rt.send`` and its reply taken with
+  ``rt.receive`` (round trip p50/p99), and a stream of records in batches
+  (``send_batch`` while ``receive_batch`` takes the replies: records/s);
+* ``linked x3``: three kernels joined by ``rt.link`` (``k1`` to ``k2`` to ``k3``): records
+  go from ``k1``'s loop to ``k2``'s and on to ``k3``'s through rings in device memory;
+  sent to ``k1``, taken from ``k3``;
+* ``host x3``: the same three kernels unlinked, the host taking each kernel's replies
+  and sending them to the next (what a chain costs without links).
+
+    python benchmarks/gpu_chain.py [--messages N] [--records N] [--simulator] [--json P]
+
+Goals (on a GPU, same run): linked x3 moves >= 0.8x the records/s of one kernel, and
+its round trip p50 is <= 1.3x one kernel's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import gpu_common as gc
+import numpy as np
+
+BATCH = 4096
+
+
+async def _kernels(rt: Any, names: list[str]) -> None:
+    for kid in names:
+        await rt.launch(kid, gc.affine, backend="cuda", input_type=gc.REC,
+                        output_type=gc.REC, queue_size=BATCH * 2)  # fmt: skip
+        await rt.activate(kid)
+
+
+async def _round_trips(rt: Any, first: str, last: str, hops: list[str], n: int) -> list[int]:
+    """``n`` round trips of one record, in at ``first``, out of ``last``; ``hops``: kernels
+    whose replies the host forwards to the next (the unlinked chain)."""
+    one = gc.records(1)
+    samples = []
+    for i in range(n):
+        one["seq"] = i
+        t0 = time.perf_counter_ns()
+        await rt.send(first, one[0], timeout=30)
+        for a, b in zip(hops, hops[1:]):
+            await rt.send(b, await rt.receive(a, timeout=30), timeout=30)
+        got = await rt.receive(last, timeout=30)
+        samples.append(time.perf_counter_ns() - t0)
+        assert got["seq"] == i
+    return samples
+
+
+async def _stream(rt: Any, first: str, last: str, hops: list[str], total: int, depth: int) -> float:
+    """Records/s of ``total`` records in batches, replies taken as they come."""
+    data = gc.records(total)
+
+    async def feed() -> None:
+        for i in range(0, total, BATCH):
+            await rt.send_batch(first, data[i : i + BATCH], timeout=60)
+
+    async def forward(a: str, b: str) -> None:
+        moved = 0
+        while moved < total:
+            got = await rt.receive_batch(a, BATCH, timeout=60)
+            await rt.send_batch(b, got, timeout=60)
+            moved += len(got)
+
+    t0 = time.perf_counter()
+    tasks = [asyncio.ensure_future(feed())]
+    tasks += [asyncio.ensure_future(forward(a, b)) for a, b in zip(hops, hops[1:])]
+    seen = 0
+    expect_x = data["x"]
+    for _ in range(depth):
+        expect_x = 2.0 * expect_x + 1.0
+    while seen < total:
+        got = await rt.receive_batch(last, BATCH, timeout=60)
+        assert np.array_equal(got["x"], expect_x[seen : seen + len(got)]), "wrong or out of order"
+        seen += len(got)
+    elapsed = time.perf_counter() - t0
+    await asyncio.gather(*tasks)
+    return total / elapsed
+
+
+async def measure(n: int, total: int) -> dict[str, Any]:
+    from pydotcompute.runtime.runtime import RingKernelRuntime
+
+    out: dict[str, Any] = {}
+    async with RingKernelRuntime(backend="cuda") as rt:
+        await _kernels(rt, ["k0"])
+        await _round_trips(rt, "k0", "k0", [], min(n, 50))  # warm up
+        out["one_us"] = gc.percentiles_us(await _round_trips(rt, "k0", "k0", [], n))
+        out["one_rps"] = await _stream(rt, "k0", "k0", [], total, 1)
+        chain = ["k1", "k2", "k3"]
+        await _kernels(rt, chain)
+        out["host_x3_us"] = gc.percentiles_us(await _round_trips(rt, "k1", "k3", chain, n))
+        out["host_x3_rps"] = await _stream(rt, "k1", "k3", chain, total, 3)
+        await rt.link("k1", "k2")
+        await rt.link("k2", "k3")
+        await _round_trips(rt, "k1", "k3", [], min(n, 50))
+        out["linked_x3_us"] = gc.percentiles_us(await _round_trips(rt, "k1", "k3", [], n))
+        out["linked_x3_rps"] = await _stream(rt, "k1", "k3", [], total, 3)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--messages", type=int, default=None, help="round trips per variant")
+    ap.add_argument("--records", type=int, default=None, help="records streamed per variant")
+    gc.add_standard_args(ap)
+    args = ap.parse_args()
+    gc.start(args)
+    n = args.messages or (4 if gc.SIMULATOR else 5000)
+    total = args.records or (2 * 8 if gc.SIMULATOR else 1_000_000)
+    print(f"device: {gc.device_name()}; {n} round trips, {total} records streamed per variant")
+    res = asyncio.run(measure(n, total))
+    one50 = res["one_us"][0]
+    print(f"{'variant':<14}{'p50 us':>10}{'p99 us':>10}{'/ one':>8}{'records/s':>14}{'/ one':>8}")
+    for key, label in (("one", "one kernel"), ("host_x3", "host x3"), ("linked_x3", "linked x3")):
+        p50, p99 = res[f"{key}_us"]
+        rps = res[f"{key}_rps"]
+        print(f"{label:<14}{p50:>10.2f}{p99:>10.2f}{p50 / one50:>7.2f}x{rps:>14.0f}"
+              f"{rps / res['one_rps']:>7.2f}x")  # fmt: skip
+    res["linked_x3_throughput_ratio"] = res["linked_x3_rps"] / res["one_rps"]
+    res["linked_x3_roundtrip_ratio"] = res["linked_x3_us"][0] / one50
+    print("goals: linked x3 records/s >= 0.8x one kernel's; linked x3 round trip p50 "
+          "<= 1.3x one kernel's")  # fmt: skip
+    gc.finish(args, res)
+
+
+if __name__ == "__main__":
+    main()
