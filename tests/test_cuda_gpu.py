@@ -177,6 +177,39 @@ async def test_second_kernel_launches_and_runs_while_the_first_runs() -> None:
         assert len(await collect(rt, "b", 10)) == 10
 
 
+async def test_linked_kernels_pass_records_through_device_memory_in_order() -> None:
+    # Two resident kernels of several blocks each, linked: every record reaches the
+    # second through the ring in device memory, once and in order; a small link ring
+    # fills and holds the first back; unlinking hands the second its own input again.
+    from pydotcompute.runtime.runtime import RingKernelRuntime
+
+    async with RingKernelRuntime() as rt:
+        opts = dict(backend="cuda", input_type=REC, output_type=REC, extra={"blocks": 2})
+        await rt.launch("a", affine, queue_size=1 << 12, **opts)
+        await rt.launch("b", affine, queue_size=256, **opts)
+        for kid in ("a", "b"):
+            await rt.activate(kid)
+        await asyncio.wait_for(rt.link("a", "b"), 60)
+        b = rt._kernels["b"].kernel_backend
+        assert rt._kernels["a"].kernel_backend._out_words is b._in_words
+        total = 0
+        outs = []
+        for n in (1, 7, 300, 4000, 1):
+            await rt.send_batch("a", records(n, total), timeout=20)
+            outs.append(await collect(rt, "b", n))
+            total += n
+        out = np.concatenate(outs)
+        assert np.array_equal(out["seq"], np.arange(total))
+        assert np.array_equal(out["x"], 4.0 * np.arange(total) + 3.0)
+        await asyncio.wait_for(rt.unlink("a", "b"), 60)
+        await rt.send_batch("b", records(5, 100), timeout=10)
+        assert np.array_equal((await collect(rt, "b", 5))["seq"], np.arange(100, 105))
+        await rt.send_batch("a", records(5, 200), timeout=10)
+        assert np.array_equal((await collect(rt, "a", 5))["seq"], np.arange(200, 205))
+        for kid in ("a", "b"):
+            assert rt.get_telemetry(kid).messages_dropped == 0
+
+
 def test_a_corrupted_ring_sets_the_error_code_and_the_loop_exits() -> None:
     from numba import cuda
 
