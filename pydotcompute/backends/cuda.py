@@ -604,9 +604,17 @@ class CudaKernelBackend(RingFedBackend):
         mine = await asyncio.to_thread(self._compile_loop, self._in_link is not None, True)
         theirs = await asyncio.to_thread(peer._compile_loop, True, peer._out_link is not None)
         queued: list[np.ndarray] = []
-        # A loop waiting for room in its output ring finishes once the host takes it.
-        a_state = await self._halt(lambda: queued.append(self._take_outputs()))
         b_state = await peer._halt()
+        try:
+            # A loop waiting for room in its output ring finishes once the host takes it.
+            a_state = await self._halt(lambda: queued.append(self._take_outputs()))
+        except BaseException:
+            # It failed meanwhile: the peer goes on, on its own input ring, first with
+            # what this kernel had queued for it (nothing is lost).
+            peer._relaunch(peer.kernel, b_state)
+            if queued:
+                await peer.put_batch(np.concatenate(queued), None)
+            raise
         queued.append(self._take_outputs())
         seed = np.concatenate([peer._take_inputs(), *queued])
         rounds = 2 * self.threads * self.items  # a round never waits on a short ring
@@ -629,11 +637,17 @@ class CudaKernelBackend(RingFedBackend):
             # Outputs that find no room in the ring of a stopped peer are dropped.
             a_state = await self._halt(terminate=gone)
         self._out_link, self._out_words, self._link_peer = None, self.out_ring.words, None
+        theirs: Any = None
+        b_state = 0
+        if not gone:
+            theirs = await asyncio.to_thread(peer._compile_loop, False, peer._out_link is not None)
+            try:
+                b_state = await peer._halt()
+            except Exception:  # it failed meanwhile: what the link holds is dropped
+                gone = True
         if gone:
             peer._count_dropped(len(link.leftovers()))
         else:
-            theirs = await asyncio.to_thread(peer._compile_loop, False, peer._out_link is not None)
-            b_state = await peer._halt()
             left = link.leftovers()
             peer._in_link, peer._in_words = None, peer.in_ring.words
             peer._relaunch(theirs, b_state)
