@@ -226,3 +226,35 @@ async def test_the_far_kernels_reply_correlates_with_the_message_sent() -> None:
         assert [g.x for g in got] == [(m.x + 1) * 10 for m in sent]
         assert [g.correlation_id for g in got] == [m.message_id for m in sent]
         assert len({g.message_id for g in got}) == len(sent)  # replies have ids of their own
+
+
+def fails_on_3(msg, out, state):  # type: ignore[no-untyped-def]
+    if msg.x == 3:
+        raise ValueError("three")
+    out.x = msg.x + 1
+    return True
+
+
+@sim
+async def test_a_producer_that_fails_hands_the_consumer_back_its_input() -> None:
+    from pydotcompute import RingKernelRuntime
+    from pydotcompute.errors import KernelFailedError
+
+    async with RingKernelRuntime() as rt:
+        opts = dict(backend="cuda", input_type=REC, output_type=REC, queue_size=16)
+        await rt.launch("a", fails_on_3, **opts)
+        await rt.launch("b", times_ten, **opts)
+        for kid in ("a", "b"):
+            await rt.activate(kid)
+        await rt.link("a", "b")
+        for x in range(3):
+            await rt.send("a", one(x))
+        assert await _receive_all(rt, "b", 3) == [10, 20, 30]
+        await rt.send("a", one(3))
+        await _wait_for(lambda: rt.get_kernel_state("a").name == "FAILED")
+        with pytest.raises(KernelFailedError):
+            await rt.send("a", one(4))
+        await rt.terminate("a")
+        await rt.send("b", one(5))
+        assert await _receive_all(rt, "b", 1) == [50]
+        await _nothing_more(rt, "b")
