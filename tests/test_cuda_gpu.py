@@ -210,6 +210,27 @@ async def test_linked_kernels_pass_records_through_device_memory_in_order() -> N
             assert rt.get_telemetry(kid).messages_dropped == 0
 
 
+async def test_kernels_on_two_gpus_link_and_say_how() -> None:
+    from numba import cuda
+
+    from pydotcompute.backends.options import CudaOptions
+    from pydotcompute.runtime.runtime import RingKernelRuntime
+
+    if len(cuda.gpus) < 2:
+        pytest.skip("needs two GPUs")
+    async with RingKernelRuntime() as rt:
+        for kid, dev in (("a", 0), ("b", 1)):
+            await rt.launch(kid, affine, backend="cuda", input_type=REC, output_type=REC,
+                            options=CudaOptions(device=dev))  # fmt: skip
+            await rt.activate(kid)
+        path = await asyncio.wait_for(rt.link("a", "b"), 60)
+        assert path.startswith(("peer memory", "pinned host memory")), path
+        await rt.send_batch("a", records(1000), timeout=20)
+        out = await collect(rt, "b", 1000)
+        assert np.array_equal(out["seq"], np.arange(1000))
+        assert np.array_equal(out["x"], 4.0 * np.arange(1000) + 3.0)
+
+
 def test_a_corrupted_ring_sets_the_error_code_and_the_loop_exits() -> None:
     from numba import cuda
 

@@ -116,6 +116,19 @@ def test_a_linked_loop_moves_link_records_at_gpu_scope() -> None:
         assert not [op for op in ops if re.search(r"\.(u8|s8|b8|u16|s16|b16)$", op)]
 
 
+def test_a_link_between_two_gpus_is_ordered_at_system_scope() -> None:
+    """Two GPUs order nothing between them at GPU scope: a link in the consumer's
+    memory written peer to peer, or in pinned host memory, keeps system scope."""
+    from pydotcompute.backends.cuda_loop import LINK_HOST, LINK_PEER
+
+    host = _ops(_ptx(handler))
+    for kind in (LINK_PEER, LINK_HOST):
+        ops = _ops(_ptx(handler, in_link=kind, out_link=kind))
+        assert ops["ld.relaxed.gpu.b64"] == 0 and ops["st.relaxed.gpu.b64"] == 0, kind
+        assert ops["st.release.sys.b64"] == host["st.release.sys.b64"], kind  # released
+        assert ops["ld.relaxed.sys.b64"] >= host["ld.relaxed.sys.b64"], kind
+
+
 def test_records_move_as_whole_words_never_bytes() -> None:
     """The 12-byte input and 16-byte output records (u32, f32 and f64 fields) cross
     PCIe as 8-byte words, coalesced and staged in shared memory; the handler reads

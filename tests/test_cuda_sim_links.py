@@ -258,3 +258,41 @@ async def test_a_producer_that_fails_hands_the_consumer_back_its_input() -> None
         await rt.send("b", one(5))
         assert await _receive_all(rt, "b", 1) == [50]
         await _nothing_more(rt, "b")
+
+
+@sim
+async def test_link_says_where_its_records_go_and_runs_through_pinned_host_memory(
+    monkeypatch,
+) -> None:  # type: ignore[no-untyped-def]
+    # One GPU: device memory. Two GPUs without peer access link through pinned host
+    # memory; the simulator has one device, so that choice is forced here, and the
+    # ring in mapped memory is run end to end.
+    from pydotcompute import RingKernelRuntime
+    from pydotcompute.backends import cuda_link
+    from pydotcompute.backends.cuda_loop import LINK_HOST
+
+    async with RingKernelRuntime() as rt:
+        await _launch_pair(rt)
+        assert await rt.link("a", "b") == "device memory of GPU 0"
+        await rt.unlink("a")
+        monkeypatch.setattr(cuda_link, "link_memory", lambda producer, consumer: LINK_HOST)
+        path = await rt.link("a", "b")
+        assert path.startswith("pinned host memory")
+        b = rt._get("b").kernel_backend
+        assert b._in_link.kind == LINK_HOST and b._in_link._host is not None
+        for x in range(20):
+            await rt.send("a", one(x))
+        assert await _receive_all(rt, "b", 20) == [(x + 1) * 10 for x in range(20)]
+        await _nothing_more(rt, "b")
+
+
+@sim
+async def test_a_device_the_machine_does_not_have_is_refused() -> None:
+    from pydotcompute import RingKernelRuntime
+    from pydotcompute.backends.options import CudaOptions
+    from pydotcompute.errors import KernelFailedError
+
+    async with RingKernelRuntime() as rt:
+        with pytest.raises(KernelFailedError, match="device=3, but this machine has 1 GPU"):
+            await rt.launch("far", plus_one, backend="cuda", input_type=REC, output_type=REC,
+                            options=CudaOptions(device=3))  # fmt: skip

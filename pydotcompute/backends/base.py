@@ -297,6 +297,11 @@ class KernelBackend(abc.ABC):
         (``RingKernelRuntime.link``), or None when ``relink_output(peer)`` can do it."""
         return f"{self.kernel_id!r} runs on {self.backend}, whose outputs cannot be linked"
 
+    def link_path(self) -> str | None:
+        """Where this kernel's outputs go while it feeds a link, in words (None when it
+        feeds none)."""
+        return None
+
     async def relink_output(self, peer: KernelBackend | None) -> None:
         """Send the loop's outputs straight into ``peer``'s input, or back to this
         kernel's own output queue (None)."""

@@ -662,6 +662,11 @@ class CpuKernelBackend(RingFedBackend):
             )
         return None
 
+    def link_path(self) -> str | None:
+        """The linked kernel's input ring, in this process's memory."""
+        peer = self._outlet.peer
+        return None if peer is None else f"the input ring of {peer.kernel_id!r} (process memory)"
+
     async def relink_output(self, peer: KernelBackend | None) -> None:
         """Push outputs into ``peer``'s input ring (a link), or into this kernel's own
         output ring again (None).

@@ -26,11 +26,14 @@ Under the numba-cuda simulator (``NUMBA_ENABLE_CUDASIM=1``) the same loop runs w
 one block, launched in slices by the one simulated device (``cuda_simulated``), so that
 several kernels take turns.
 
+``device`` (``CudaOptions``) picks the GPU a kernel runs on; every CUDA call for the
+kernel is made with that GPU current.
+
 **Links.** ``RingKernelRuntime.link(a, b)`` on two ``cuda`` kernels makes ``a``'s loop
-write its outputs into a ring in device memory that ``b``'s loop reads
-(``cuda_link.LinkRing``): both loops finish the batch in hand (HALT), exit, and are
-launched again on the new rings, recompiled for them once per kernel type. Every
-kernel of a process runs on the current device, so a link never spans two GPUs.
+write its outputs into a ring that ``b``'s loop reads (``cuda_link.LinkRing``: device
+memory of their GPU, or across two GPUs peer memory or pinned host memory): both loops
+finish the batch in hand (HALT), exit, and are launched again on the new rings,
+recompiled for them once per kernel type.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from pydotcompute.backends.handler_errors import check_handler_source, compile_e
 from pydotcompute.backends.options import CudaOptions
 from pydotcompute.backends.ring_fed import RingFedBackend
 from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
-from pydotcompute.errors import KernelFailedError
+from pydotcompute.errors import InvalidConfigurationError, KernelFailedError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.host_ops import ring_pop
 from pydotcompute.rings.host_ring import HostRing, RingCounters, ring_capacity_for
@@ -266,6 +269,7 @@ class CudaKernelBackend(RingFedBackend):
         self._link_peer: CudaKernelBackend | None = None
         self._relink_task: asyncio.Future[None] | None = None
         self._halting = False
+        self.device_index = 0  # the GPU it runs on, settled at start
         self._watcher: OutputWatcher | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._stopping = False
@@ -273,8 +277,45 @@ class CudaKernelBackend(RingFedBackend):
     # -- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
-        from pydotcompute.backends.cuda_loop import ControlWords, SideWords
+        self.device_index = self._resolve_device()
+        with self._on_device():
+            self._allocate()
+        try:
+            self._check_source()
+            self.kernel = await asyncio.to_thread(self._compiled, 0, 0)
+        except KernelFailedError as refused:  # before compiling: already explained
+            self.failure = refused
+            raise
+        except Exception as exc:
+            err = compile_error(
+                self.func, self.kernel_id, "cuda", exc, self.in_dtype, self.out_dtype
+            )
+            self.failure = err
+            raise err from err.__cause__
+        with self._on_device():
+            self._first_launch()
+        assert self._wakeup is not None and self.out_ring is not None
+        self._watcher = OutputWatcher(
+            self._wakeup, self.out_ring.host.buffer, f"pydotcompute-cuda-watch-{self.kernel_id}"
+        )
+        self._watcher.start()
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
 
+    def _resolve_device(self) -> int:
+        """The GPU the kernel runs on: ``CudaOptions.device``, else the current one."""
+        cuda = _cuda()
+        want = self.config.options_for(CudaOptions).device
+        if want is None:  # the simulator's one device has no id
+            return 0 if self.simulator else int(cuda.get_current_device().id)
+        if want >= len(cuda.gpus):
+            raise InvalidConfigurationError(
+                f"kernel {self.kernel_id!r}: cuda option device={want}, but this machine "
+                f"has {len(cuda.gpus)} GPU(s) (0 to {len(cuda.gpus) - 1})"
+            )
+        return int(want)
+
+    def _allocate(self) -> None:
+        """The mapped rings and the control block (on the kernel's GPU)."""
         cfg = self.config
         self.in_ring = MappedRing(
             ring_capacity_for(cfg.queue_size),
@@ -292,22 +333,15 @@ class CudaKernelBackend(RingFedBackend):
         )
         # The GPU cannot wake a receiver asleep on the event loop: a watcher thread
         # polls the output ring for it, only while a receiver is asleep.
-        wakeup = ReplyWakeup()
-        self._attach_rings(self.in_ring.host, self.out_ring.host, wakeup)
+        self._attach_rings(self.in_ring.host, self.out_ring.host, ReplyWakeup())
         self._in_words, self._out_words = self.in_ring.words, self.out_ring.words
         self.control = MappedControl()
-        try:
-            self._check_source()
-            self.kernel = await asyncio.to_thread(self._compile_loop)
-        except KernelFailedError as refused:  # before compiling: already explained
-            self.failure = refused
-            raise
-        except Exception as exc:
-            err = compile_error(
-                self.func, self.kernel_id, "cuda", exc, self.in_dtype, self.out_dtype
-            )
-            self.failure = err
-            raise err from err.__cause__
+
+    def _first_launch(self) -> None:
+        """The kernel's own words and state in device memory, then the launch."""
+        from pydotcompute.backends.cuda_loop import ControlWords, SideWords
+
+        assert self.in_ring is not None and self.out_ring is not None and self.control
         cuda = _cuda()
         # The kernel's own words start from the rings' indices and counters (3.1).
         side = SideWords.initial(
@@ -328,11 +362,6 @@ class CudaKernelBackend(RingFedBackend):
             self._stream.synchronize()  # the copies are done before the kernel runs
             self.blocks = self._grid_size()
             self._launch()
-        self._watcher = OutputWatcher(
-            wakeup, self.out_ring.host.buffer, f"pydotcompute-cuda-watch-{self.kernel_id}"
-        )
-        self._watcher.start()
-        self._monitor = asyncio.get_running_loop().create_task(self._watch())
 
     stages = 1
     """Handlers the loop calls per record (a fused chain has several)."""
@@ -340,8 +369,9 @@ class CudaKernelBackend(RingFedBackend):
     def _check_source(self) -> None:
         check_handler_source(self.func, self.kernel_id, "cuda", gpu=not self.simulator)
 
-    def _compile_loop(self, in_link: bool = False, out_link: bool = False) -> Any:
-        """The loop for these rings: host-mapped ones, or links (``in_link``/``out_link``)."""
+    def _compile_loop(self, in_link: int = 0, out_link: int = 0) -> Any:
+        """The loop for these rings: host-mapped ones, or links (``in_link``/``out_link``:
+        ``cuda_loop.LINK_*``, where the link ring lives)."""
         from pydotcompute.backends.cuda_loop import compile_loop
 
         return compile_loop(
@@ -369,8 +399,9 @@ class CudaKernelBackend(RingFedBackend):
             return None
         if self._copy_stream is None:
             return np.array(self._side.copy_to_host(), copy=True)
-        out: np.ndarray = self._side.copy_to_host(stream=self._copy_stream)
-        self._copy_stream.synchronize()
+        with self._on_device():
+            out: np.ndarray = self._side.copy_to_host(stream=self._copy_stream)
+            self._copy_stream.synchronize()
         return out
 
     def _grid_size(self) -> int:
@@ -473,7 +504,10 @@ class CudaKernelBackend(RingFedBackend):
             if self._side is None:  # never started: nothing ran, nothing to exit
                 return self._stopped
             return self._sim_left.is_set()
-        return self._done_event is None or bool(self._done_event.query())  # None: never ran
+        if self._done_event is None:  # never ran
+            return True
+        with self._on_device():
+            return bool(self._done_event.query())
 
     def _device_error(self) -> BaseException | None:
         from pydotcompute.backends.cuda_loop import ERROR_TEXT, ControlWords
@@ -599,10 +633,11 @@ class CudaKernelBackend(RingFedBackend):
             await self._unlink()
 
     async def _link(self, peer: CudaKernelBackend) -> None:
-        from pydotcompute.backends.cuda_link import LinkRing
+        from pydotcompute.backends.cuda_link import LinkRing, link_memory
 
-        mine = await asyncio.to_thread(self._compile_loop, self._in_link is not None, True)
-        theirs = await asyncio.to_thread(peer._compile_loop, True, peer._out_link is not None)
+        kind = link_memory(self.device_index, peer.device_index)
+        mine = await asyncio.to_thread(self._compiled, self._link_kind(self._in_link), kind)
+        theirs = await asyncio.to_thread(peer._compiled, kind, peer._link_kind(peer._out_link))
         queued: list[np.ndarray] = []
         b_state = await peer._halt()
         try:
@@ -619,7 +654,15 @@ class CudaKernelBackend(RingFedBackend):
         seed = np.concatenate([peer._take_inputs(), *queued])
         rounds = 2 * self.threads * self.items  # a round never waits on a short ring
         cap = max(ring_capacity_for(peer.config.queue_size), ring_capacity_for(len(seed) + rounds))
-        link = LinkRing(cap, self.out_dtype, peer.config.backpressure, seed, self._copy_stream)
+        link = LinkRing(
+            kind,
+            self.device_index,
+            peer.device_index,
+            cap,
+            self.out_dtype,
+            peer.config.backpressure,
+            seed,
+        )
         peer._in_link, peer._in_words = link, link.words
         self._out_link, self._out_words, self._link_peer = link, link.words, peer
         peer._relaunch(theirs, b_state)
@@ -633,14 +676,14 @@ class CudaKernelBackend(RingFedBackend):
         mine: Any = None
         a_state: int | None = None  # None: its loop has exited for good (stopped, failed)
         if not (self._stopped or self.failure is not None):
-            mine = await asyncio.to_thread(self._compile_loop, self._in_link is not None, False)
+            mine = await asyncio.to_thread(self._compiled, self._link_kind(self._in_link), 0)
             # Outputs that find no room in the ring of a stopped peer are dropped.
             a_state = await self._halt(terminate=gone)
         self._out_link, self._out_words, self._link_peer = None, self.out_ring.words, None
         theirs: Any = None
         b_state = 0
         if not gone:
-            theirs = await asyncio.to_thread(peer._compile_loop, False, peer._out_link is not None)
+            theirs = await asyncio.to_thread(peer._compiled, 0, peer._link_kind(peer._out_link))
             try:
                 b_state = await peer._halt()
             except Exception:  # it failed meanwhile: what the link holds is dropped
@@ -655,6 +698,24 @@ class CudaKernelBackend(RingFedBackend):
                 await peer.put_batch(left, None)
         if a_state is not None:
             self._relaunch(mine, a_state)
+
+    @staticmethod
+    def _link_kind(link: Any) -> int:
+        """``cuda_loop.LINK_*`` of a ``LinkRing`` (0: none, the kernel's own ring)."""
+        return 0 if link is None else int(link.kind)
+
+    def _compiled(self, in_link: int, out_link: int) -> Any:
+        """``_compile_loop`` on a thread of its own, for the kernel's GPU."""
+        with self._on_device():
+            return self._compile_loop(in_link, out_link)
+
+    def _on_device(self) -> Any:
+        """The kernel's GPU as the calling thread's current device (a context manager)."""
+        return _cuda().gpus[self.device_index]
+
+    def link_path(self) -> str | None:
+        """Where this kernel's outputs go when it feeds a link: the link ring's memory."""
+        return None if self._out_link is None else str(self._out_link.path)
 
     async def _halt(self, drain: Callable[[], None] | None = None, terminate: bool = False) -> int:
         """Have the loop finish the batch in hand and exit, to be relaunched on other
@@ -697,10 +758,11 @@ class CudaKernelBackend(RingFedBackend):
             self._halting = False
             self._run_simulated()
             return
-        self._side = _cuda().to_device(side, stream=self._stream)
-        self._stream.synchronize()
-        self._halting = False
-        self._launch()
+        with self._on_device():
+            self._side = _cuda().to_device(side, stream=self._stream)
+            self._stream.synchronize()
+            self._halting = False
+            self._launch()
 
     def _take_outputs(self) -> np.ndarray:
         """What the loop has placed in its own output ring and the host has not taken."""
@@ -772,7 +834,8 @@ class CudaKernelBackend(RingFedBackend):
             self._monitor.cancel()
         if self._stream is not None and fault is None:
             try:
-                self._stream.synchronize()  # returns at once: the kernel has exited
+                with self._on_device():
+                    self._stream.synchronize()  # returns at once: the kernel has exited
             except Exception as exc:
                 fault = exc
         if fault is None:
@@ -798,8 +861,9 @@ class CudaKernelBackend(RingFedBackend):
             return self.state.copy()
         if self._copy_stream is None:
             return np.array(self._d_state.copy_to_host(), copy=True)
-        out: np.ndarray = self._d_state.copy_to_host(stream=self._copy_stream)
-        self._copy_stream.synchronize()
+        with self._on_device():
+            out: np.ndarray = self._d_state.copy_to_host(stream=self._copy_stream)
+            self._copy_stream.synchronize()
         return out
 
     def telemetry(self, state: str) -> KernelTelemetry:

@@ -43,7 +43,7 @@ class FusedCudaKernelBackend(CudaKernelBackend):
         for s in self.chain.steps:
             check_handler_source(s.handler, self.kernel_id, "cuda", gpu=not self.simulator)
 
-    def _compile_loop(self, in_link: bool = False, out_link: bool = False) -> Any:
+    def _compile_loop(self, in_link: int = 0, out_link: int = 0) -> Any:
         from pydotcompute.backends.cuda_loop import compile_chain_loop
 
         steps = self.chain.steps
@@ -86,13 +86,12 @@ class FusedCudaKernelBackend(CudaKernelBackend):
         if self._d_state is None:
             return np.concatenate([s.ravel().astype(np.float64) for s in self._states])
         parts = []
-        for d in self._d_state:
-            if self._copy_stream is None:
-                parts.append(np.array(d.copy_to_host(), copy=True))
-            else:
-                parts.append(d.copy_to_host(stream=self._copy_stream))
-        if self._copy_stream is not None:
-            self._copy_stream.synchronize()
+        if self._copy_stream is None:
+            parts = [np.array(d.copy_to_host(), copy=True) for d in self._d_state]
+        else:
+            with self._on_device():
+                parts = [d.copy_to_host(stream=self._copy_stream) for d in self._d_state]
+                self._copy_stream.synchronize()
         return np.concatenate([p.ravel().astype(np.float64) for p in parts])
 
     def stage_counts(self) -> dict[str, dict[str, int]]:

@@ -45,12 +45,17 @@ it passed on are counted in shared memory, then in device memory once per round.
 handler is a chain of one.
 
 **Links.** A loop compiled with ``in_link`` reads a *link ring* instead of a ring in
-host memory: a ring in device memory (producer ``DEVICE``, consumer ``LINK``) that
-another resident kernel, compiled with ``out_link``, writes its outputs into. The
-protocol is the same (tagged slots, ``released`` stored once per batch); its words are
-read and written at GPU scope (``ld.relaxed.gpu``, ``st.release.gpu``...) and never
-cross PCIe, and the consumer's poll covers a whole claim (reading device memory is
-cheap), so it does not wait for the producer's ``published``, which is only mirrored.
+host memory (producer ``DEVICE``, consumer ``LINK``) that another resident kernel,
+compiled with ``out_link``, writes its outputs into. The protocol is the same (tagged
+slots, ``released`` stored once per batch). Where the ring lives says how its words
+are ordered and read: ``LINK_DEVICE``, device memory of the one GPU both kernels run
+on (GPU scope: ``ld.relaxed.gpu``, ``st.release.gpu``..., nothing crosses PCIe);
+``LINK_PEER``, device memory of the consumer's GPU that the producer's GPU writes
+peer to peer; ``LINK_HOST``, mapped pinned host memory both GPUs reach over PCIe
+(those two at system scope, since two GPUs order nothing between them at GPU scope).
+A consumer whose link is in its own GPU's memory polls a whole claim's worth of
+slots each round (reading it is cheap), so it never waits for the producer's
+``published``, which is only mirrored.
 
 Counters live in device memory and are mirrored into the control block and the ring
 headers by the agent about once a millisecond, and by the last block to exit.
@@ -108,6 +113,10 @@ from pydotcompute.rings.device import (
 from pydotcompute.rings.layout import TAG_SIZE
 
 __all__ = [
+    "LINK_NONE",
+    "LINK_DEVICE",
+    "LINK_PEER",
+    "LINK_HOST",
     "ControlWords",
     "SideWords",
     "compose_loop",
@@ -118,6 +127,16 @@ __all__ = [
     "loop_shape",
     "ERROR_TEXT",
 ]
+
+
+LINK_NONE = 0
+"""The loop's ring is the kernel's own, in mapped host memory, facing the host."""
+LINK_DEVICE = 1
+"""A link ring in device memory of the GPU both kernels run on (GPU scope)."""
+LINK_PEER = 2
+"""A link ring in device memory of the consumer's GPU, written peer to peer."""
+LINK_HOST = 3
+"""A link ring in mapped pinned host memory, between two GPUs without peer access."""
 
 
 class ControlWords:
@@ -479,16 +498,16 @@ def compose_loop(
     threads: int,
     items: int,
     idle_sleep_ns: int,
-    in_link: bool = False,
-    out_link: bool = False,
+    in_link: int = LINK_NONE,
+    out_link: int = LINK_NONE,
 ) -> Any:
     """The persistent kernel around ``handler`` (a Python function), not yet compiled.
 
     Arguments of the kernel: ``in_words``/``out_words`` (int64 views of the whole ring
     buffers, in mapped host memory), ``ctrl`` (int64 control block, mapped), ``side``
     (``SideWords``, device memory), ``state`` (the handler's state array, device memory)
-    and ``max_iterations``. ``in_link``/``out_link``: that ring is a link ring in
-    device memory instead (see the module's docstring).
+    and ``max_iterations``. ``in_link``/``out_link``: that ring is a link ring instead,
+    where ``LINK_DEVICE``/``LINK_PEER``/``LINK_HOST`` say (see the module's docstring).
     """
     return compose_chain_loop(
         (handler,), (in_dtype, out_dtype), threads, items, idle_sleep_ns, in_link, out_link
@@ -501,8 +520,8 @@ def compose_chain_loop(
     threads: int,
     items: int,
     idle_sleep_ns: int,
-    in_link: bool = False,
-    out_link: bool = False,
+    in_link: int = LINK_NONE,
+    out_link: int = LINK_NONE,
 ) -> Any:
     """The persistent kernel around a chain of handlers called in order for each record
     (one handler: ``compose_loop``), not yet compiled. ``dtypes`` are the record types
@@ -528,7 +547,7 @@ def compose_chain_loop(
     # Feeding a link, an output keeps its input's message_id as its own, so the far
     # kernel's output correlates with the message that entered the linked chain.
     out_id_at = uuid_offset(out_dtype, "message_id")
-    carry = out_link and id_at >= 0 and out_id_at >= 0
+    carry = out_link != LINK_NONE and id_at >= 0 and out_id_at >= 0
     if carry and not _apart(out_id_at, corr_at):
         raise InvalidConfigurationError(
             "the output record's message_id and correlation_id share an 8-byte word"
@@ -544,7 +563,8 @@ def compose_chain_loop(
     items_t = (per_round + threads - 1) // threads  # records per thread and round
     lanes = min(_POLL_LANES, threads)
     # A link ring is in device memory: the agent's poll may cover a whole claim.
-    win_slots = per_round if in_link else max(1, min(_WINDOW_WORDS // in_sw, per_round))
+    local = in_link in (LINK_DEVICE, LINK_PEER)
+    win_slots = per_round if local else max(1, min(_WINDOW_WORDS // in_sw, per_round))
     win_words = win_slots * in_sw
     win_per_lane = (win_words + lanes - 1) // lanes
     in_per_thread = (per_round * in_sw + threads - 1) // threads
@@ -555,12 +575,12 @@ def compose_chain_loop(
     lane_drop = 1 % lanes
     lane_state = 2 % lanes
     # Sides the rings' headers must declare, and the scope of their words.
-    in_sides = (1, 2) if in_link else (0, 1)
-    out_sides = (1, 2) if out_link else (1, 0)
-    in_load = load_relaxed_gpu if in_link else load_relaxed_sys
-    in_acquire = load_gpu if in_link else load_acquire_sys
-    in_release = store_gpu if in_link else store_release_sys
-    out_store = store_relaxed_gpu if out_link else store_relaxed_sys
+    in_sides = (1, 2) if in_link != LINK_NONE else (0, 1)
+    out_sides = (1, 2) if out_link != LINK_NONE else (1, 0)
+    in_load = load_relaxed_gpu if in_link == LINK_DEVICE else load_relaxed_sys
+    in_acquire = load_gpu if in_link == LINK_DEVICE else load_acquire_sys
+    in_release = store_gpu if in_link == LINK_DEVICE else store_release_sys
+    out_store = store_relaxed_gpu if out_link == LINK_DEVICE else store_relaxed_sys
 
     def ring_loop(in_words, out_words, ctrl, side, state, max_iterations):  # type: ignore[no-untyped-def]
         tid = cuda.threadIdx.x
@@ -1006,8 +1026,8 @@ def compile_loop(
     threads: int,
     items: int,
     idle_sleep_ns: int,
-    in_link: bool = False,
-    out_link: bool = False,
+    in_link: int = LINK_NONE,
+    out_link: int = LINK_NONE,
 ) -> Any:
     """The persistent kernel for this handler and these types, compiled once (cached).
 
@@ -1062,8 +1082,8 @@ def compile_chain_loop(
     threads: int,
     items: int,
     idle_sleep_ns: int,
-    in_link: bool = False,
-    out_link: bool = False,
+    in_link: int = LINK_NONE,
+    out_link: int = LINK_NONE,
 ) -> Any:
     """The persistent kernel for a chain of handlers (see ``compose_chain_loop``),
     compiled once per chain and types (cached)."""

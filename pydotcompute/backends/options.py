@@ -65,7 +65,9 @@ class CudaOptions(BackendOptions):
     """``cuda`` backend: ``threads`` per block and ``items_per_thread`` (defaults
     depend on the device or the simulator), at most ``blocks`` blocks (default: what
     fits), ``idle_sleep_ns`` the longest sleep of an idle loop. ``cuda_source`` and
-    ``cuda_function`` make it a CUDA C++ kernel (see ``docs/cuda-backend.md``)."""
+    ``cuda_function`` make it a CUDA C++ kernel (see ``docs/cuda-backend.md``).
+    ``device``: the GPU it runs on (an index into ``numba.cuda.gpus``; default the
+    current device)."""
 
     backend: ClassVar[str] = "cuda"
     threads: int | None = None
@@ -74,9 +76,16 @@ class CudaOptions(BackendOptions):
     idle_sleep_ns: int = 4000
     cuda_source: str | os.PathLike[str] | None = None
     cuda_function: str | None = None
+    device: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("cuda", "threads", self.threads, optional=True)
+        if self.device is not None and (
+            isinstance(self.device, bool) or not isinstance(self.device, int) or self.device < 0
+        ):
+            raise InvalidConfigurationError(
+                f"cuda option device must be a GPU index >= 0, got {self.device!r}"
+            )
         _positive_int("cuda", "items_per_thread", self.items_per_thread, optional=True)
         _positive_int("cuda", "blocks", self.blocks, optional=True)
         _positive_int("cuda", "idle_sleep_ns", self.idle_sleep_ns)

@@ -432,7 +432,7 @@ class RingKernelRuntime:
 
     # -- links (compiled kernels feeding each other without the host) ---------------
 
-    async def link(self, producer: str, consumer: str) -> None:
+    async def link(self, producer: str, consumer: str) -> str:
         """Feed ``consumer``'s input straight from ``producer``'s compiled loop.
 
         Both are ``cpu`` kernels, or both ``cuda`` kernels, of this runtime (not placed
@@ -446,8 +446,10 @@ class RingKernelRuntime:
         queued move to ``consumer`` first, in order. While linked, sends to
         ``consumer`` and receives from ``producer`` raise ``KernelLinkError``; chains
         (``a`` to ``b``, ``b`` to ``c``) are allowed, cycles are not. Terminating
-        either kernel, or ``unlink``, ends the link. Raises ``KernelLinkError`` naming
-        the kernels when they cannot be linked.
+        either kernel, or ``unlink``, ends the link. Returns where the records go, in
+        words (for ``cuda``: device memory of the GPU, peer memory between two GPUs, or
+        pinned host memory between two GPUs without peer access). Raises
+        ``KernelLinkError`` naming the kernels when they cannot be linked.
         """
         self._check_open()
         a, b = self._get(producer), self._get(consumer)
@@ -465,7 +467,9 @@ class RingKernelRuntime:
             a.relinked()
             b.relinked()
             raise
-        log.info("linked kernel %r to %r", producer, consumer)
+        path = a.kernel_backend.link_path() or "a link"
+        log.info("linked kernel %r to %r through %s", producer, consumer, path)
+        return path
 
     async def unlink(self, producer: str, consumer: str | None = None) -> None:
         """End the link from ``producer`` (to ``consumer``, when given, which must be the
