@@ -106,7 +106,7 @@ async def test_fifo_and_exactly_once_through_a_small_ring() -> None:
     async with RingKernelRuntime() as rt:
         await _launch(rt, "a", inc)
         await _launch(rt, "b", double, queue_size=8)
-        await rt.link("a", "b")
+        assert await rt.link("a", "b") == "the input ring of 'b' (process memory)"
         assert rt.links == {"a": "b"}
         sender = asyncio.create_task(rt.send_batch("a", _num_records(range(n)), 30))
         got = await _receive_all(rt, "b", n)
