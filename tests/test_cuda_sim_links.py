@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pydotcompute import message
+
 SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 sim = pytest.mark.skipif(not SIM, reason="runs in the simulator child process")
 
@@ -34,6 +36,14 @@ def test_simulator_suite() -> None:
 
 
 REC = np.dtype([("x", "<i8")])
+
+
+@message
+class FlowNum:
+    """A record a durable flow can journal (defined at module level, so it pickles)."""
+
+    x: np.int64
+
 WIDE = np.dtype([("x", "<i8"), ("y", "<i8")])
 
 
@@ -296,3 +306,38 @@ async def test_a_device_the_machine_does_not_have_is_refused() -> None:
         with pytest.raises(KernelFailedError, match="device=3, but this machine has 1 GPU"):
             await rt.launch("far", plus_one, backend="cuda", input_type=REC, output_type=REC,
                             options=CudaOptions(device=3))  # fmt: skip
+
+
+@sim
+@pytest.mark.parametrize("durable", [False, True])
+async def test_a_flow_links_cuda_stages_that_do_not_fuse(tmp_path, durable: bool) -> None:  # type: ignore[no-untyped-def]
+    # Two cuda kernel stages kept apart (fuse=False) run linked: records go from the
+    # first resident loop to the second through device memory, one hop for the flow
+    # (a durable flow links copies of the kernels).
+    from pydotcompute import RingKernelRuntime
+    from pydotcompute.coordinator import stage
+
+    journal = str(tmp_path / "links.db") if durable else None
+    async with RingKernelRuntime(journal=journal) as rt:
+        for kid, fn in (("c1", plus_one), ("c2", times_ten)):
+            await rt.launch(kid, fn, backend="cuda", input_type=FlowNum,
+                            output_type=FlowNum, queue_size=16)  # fmt: skip
+            await rt.activate(kid)
+        g = (
+            stage(lambda i: FlowNum(x=i))
+            >> stage("c1", fuse=False, timeout=60)
+            >> stage("c2", fuse=False, timeout=60)
+            >> stage(lambda m: int(m.x))
+        )
+        flow = await rt.deploy(g, name="cudalinks")
+        report = flow.explain()
+        assert [s.stages for s in report.linked] == [("c1", "c2")], report.not_linked
+        (seg,) = report.linked
+        first = seg.copies[0] if durable else "c1"
+        assert rt.links[first] == (seg.copies[1] if durable else "c2")
+        keys = [str(i) for i in range(12)]
+        await flow.submit_many(range(12), keys=keys)
+        await flow.drain(timeout=120)
+        assert [await flow.result(k) for k in keys] == [(i + 1) * 10 for i in range(12)]
+        assert list(flow.dead_letters()) == []
+        await flow.close()

@@ -112,6 +112,9 @@ class FusionPlan:
 # The backends whose kernels fuse with a neighbour on the same backend: each runs a
 # chain of compiled handlers in one loop (``cpu_fused``, ``cuda_fused``).
 _FUSING_BACKENDS = ("cpu", "cuda")
+# Backends whose kernels link (``RingKernelRuntime.link``): a shared ring on cpu, a ring
+# in device memory between resident loops on cuda.
+_LINKING_BACKENDS = ("cpu", "cuda")
 
 
 def _kernel_info(runtime: Any, kid: str) -> tuple[Any, Any, str] | str:
@@ -322,8 +325,10 @@ def _link_reason(
         return pair
     (a_spec, _, a_backend), (b_spec, _, b_backend) = pair
     for kid, backend in ((a_id, a_backend), (b_id, b_backend)):
-        if backend != "cpu":
-            return f"backend {backend} does not link (only cpu): {kid!r}"
+        if backend not in _LINKING_BACKENDS:
+            return f"backend {backend} does not link (only cpu and cuda): {kid!r}"
+    if a_backend != b_backend:
+        return f"different backends: {a_id!r} runs on {a_backend}, {b_id!r} on {b_backend}"
     out_dt, in_dt = _record_dtype(a_spec.output_type), _record_dtype(b_spec.input_type)
     if out_dt is None or in_dt is None or _record_dtype(a_spec.input_type) is None:
         return "not @message records"
