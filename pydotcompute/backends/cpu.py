@@ -61,9 +61,10 @@ from pydotcompute.rings.host_ops import (
     ring_depth,
     ring_pop,
     ring_push,
+    ring_word,
 )
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
-from pydotcompute.rings.layout import OFF_BACKPRESSURE
+from pydotcompute.rings.layout import OFF_BACKPRESSURE, OFF_CLAIM, OFF_PUBLISHED
 from pydotcompute.rings.wake import wake_signal
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
@@ -86,6 +87,7 @@ _ACTIVE = ControlBlock.ACTIVE
 _TERMINATE = ControlBlock.TERMINATE
 _WAKE = ControlBlock.WAKE // 8
 _HALT = ControlBlock.HALT
+_SETTLED = ControlBlock.SETTLED
 # Words of a worker's progress array: records carried over from a crashed run, to be
 # handled first; the position of the record being handled in the batch; the batch's
 # length (0 once it is handled); the outputs it had produced before that record.
@@ -191,6 +193,7 @@ def _compose(
                 fetch_add(ctrl, _IDLE_POLLS, idle & 63)
                 idle = 0
             progress[_P_GOT] = got
+            taken = got
             k = 0
             for i in range(got):
                 progress[_P_AT] = i
@@ -230,6 +233,8 @@ def _compose(
                         wake_signal(ctrl, _WAKE)
                     placed += got
             fetch_add(ctrl, _EMITTED, k)
+            # Last: the host takes settled == taken as "every output is placed".
+            fetch_add(ctrl, _SETTLED, taken)
 
     return njit(nogil=True, boundscheck=boundscheck)(kernel_loop)
 
@@ -540,6 +545,10 @@ class CpuKernelBackend(RingFedBackend):
                 self.control.set_state(ControlBlock.HALT)  # the other workers stop too
         if got:  # the outputs produced before the record that raised go out
             self._queue_outputs(out_batch, emitted)
+            # The records before the one that raised are settled; the rest are carried
+            # to the restart, which settles them as a batch of its own. The one that
+            # raised is settled by the restart, once its caller has been told.
+            ring_add_counter(words, _SETTLED, min(at, got))
 
     def _queue_outputs(self, out_batch: np.ndarray, k: int) -> None:
         """Push ``k`` outputs as the loop would: waiting for room under BLOCK unless
@@ -596,6 +605,8 @@ class CpuKernelBackend(RingFedBackend):
         self.failed_input = None
         self.control.words[ControlBlock.ERROR_CODE // 8] = ControlBlock.ERR_NONE
         self.control.set_state(ControlBlock.INACTIVE)
+        if run.failed is not None:
+            ring_add_counter(self.control.words, _SETTLED, 1)
         self._start_workers(_Run(run.event_loop, run.loop_fn, run.blank), carried)
 
     def close_failed(self, error: ErrorFactory) -> int:
@@ -759,6 +770,27 @@ class CpuKernelBackend(RingFedBackend):
             ring_add_counter(self.control.words, _DROPPED, dropped)
         if self._wakeup is not None:
             self._wakeup.close()  # wakes receivers; no worker can signal any more
+
+    # -- when a request without a reply was dropped ----------------------------------
+
+    def _keeps_records(self) -> bool:
+        return super()._keeps_records() and (
+            self._outlet.ring.backpressure is BackpressureStrategy.BLOCK
+        )
+
+    def settled_through(self, upto: int) -> int | None:
+        """Workers take batches concurrently and their outputs interleave, so this
+        counts: each worker adds a batch to ``SETTLED`` once its outputs are placed.
+        ``SETTLED``, read before the input ring's ``claim`` index, equal to it means
+        every record taken by then was settled; with ``claim`` at ``upto`` or past it,
+        the outputs lie below the outlet ring's ``published``, read after."""
+        if not self._keeps_records():
+            return None
+        settled = int(ring_word(self.control.words, _SETTLED))
+        claimed = int(ring_word(self.in_ring.buffer, OFF_CLAIM))
+        if settled != claimed or claimed < upto:
+            return None
+        return int(ring_word(self._outlet.ring.buffer, OFF_PUBLISHED))
 
     # -- state and telemetry ---------------------------------------------------------
 

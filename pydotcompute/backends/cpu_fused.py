@@ -101,6 +101,7 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
             fetch_add(ctrl, IDLE_POLLS, idle & 63)
             idle = 0
         progress[P_GOT] = got
+        taken = got
         k = 0
         for i in range(got):
             progress[P_AT] = i
@@ -136,6 +137,7 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
                     wake_signal(ctrl, WAKE)
                 placed += more
         fetch_add(ctrl, EMITTED_WORD, k)
+        fetch_add(ctrl, SETTLED_WORD, taken)
 """
 
 # One step's call: reset its output record to its blank header (the input's id as
@@ -209,6 +211,7 @@ def _namespace(steps: Sequence[FusedStep], handlers: Sequence[Any]) -> dict[str,
         "PROCESSED_WORD": cpu._PROCESSED,
         "EMITTED_WORD": cpu._EMITTED,
         "DROPPED_WORD": cpu._DROPPED,
+        "SETTLED_WORD": cpu._SETTLED,
         "PAUSED_SLEEP_US": cpu._PAUSED_SLEEP_US,
         "IDLE_SLEEP_US": cpu._IDLE_SLEEP_US,
         "SPIN_POLLS": cpu._SPIN_POLLS,

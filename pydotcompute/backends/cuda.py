@@ -46,8 +46,17 @@ from pydotcompute.errors import (
     KernelFailedError,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
+from pydotcompute.rings.control import ControlBlock
+from pydotcompute.rings.host_ops import ring_word
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
-from pydotcompute.rings.layout import HEADER_SIZE, TAG_SIZE, RingSide, ring_nbytes, slot_size_for
+from pydotcompute.rings.layout import (
+    HEADER_SIZE,
+    OFF_RELEASED,
+    TAG_SIZE,
+    RingSide,
+    ring_nbytes,
+    slot_size_for,
+)
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
 __all__ = ["CudaKernelBackend", "MappedRing", "MappedControl", "require_cuda_backend"]
@@ -280,6 +289,7 @@ class CudaKernelBackend(RingFedBackend):
         side = SideWords.initial(
             self.in_ring.host, self.out_ring.host, self.control[ControlWords.STATE], self.stages
         )
+        self.control.words[ControlWords.OUT_RESERVED] = side[SideWords.OUT_NEXT]
         if self.simulator:
             self._refuse_a_second_simulated_kernel()
             self._side = cuda.to_device(side)
@@ -539,6 +549,18 @@ class CudaKernelBackend(RingFedBackend):
             self._fail(fault)
         if self._wakeup is not None:
             self._wakeup.close()
+
+    # -- when a request without a reply was dropped ----------------------------------
+
+    def settled_through(self, upto: int) -> int | None:
+        """The loop handles its input in order and, before it releases a batch, stores
+        where that batch's outputs end (``OUT_RESERVED``): the input ring's
+        ``released`` at ``upto`` or past it, then ``OUT_RESERVED`` read after it."""
+        if self.in_ring is None or self.control is None or not self._keeps_records():
+            return None
+        if int(ring_word(self.in_ring.host.buffer, OFF_RELEASED)) < upto:
+            return None
+        return int(ring_word(self.control.words, ControlBlock.OUT_RESERVED))
 
     # -- state and telemetry ---------------------------------------------------------
 
