@@ -298,3 +298,26 @@ async def test_the_record_a_restarting_kernel_raised_on_fails_its_item_not_filte
         assert [await flow.result(str(i)) for i in range(30) if i != 13] == [
             i for i in range(30) if i != 13
         ]
+
+
+async def test_items_a_cpu_kernel_with_two_workers_drops_end_filtered_before_the_timeout():
+    """Workers interleave their outputs, so no reply settles another; the kernel says
+    when every record it took has its outputs placed, and the burst's dropped records
+    end filtered long before the stage's timeout (the drain's own limit is shorter)."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "even2", keep_even, backend="cpu", input_type=Num, output_type=Num, workers=2
+        )
+        await rt.activate("even2")
+        graph = stage(make) >> stage("even2", timeout=60) >> stage(unwrap)
+        flow = await rt.deploy(graph, name="w2")
+        values = [*range(400), 401, 403, 405]  # the burst ends with dropped records
+        await flow.submit_many(values, keys=[str(v) for v in values])
+        await asyncio.wait_for(flow.drain(), 30)
+        evens = [v for v in values if v % 2 == 0]
+        assert flow.status() == {"done": len(evens), "filtered": len(values) - len(evens)}
+        assert [await flow.result(str(v)) for v in evens] == evens
+        assert flow.dead_letters() == [] and flow.counters()["retried"] == 0
+        with pytest.raises(ItemFilteredError):
+            await flow.result("405")
+        await flow.close()
