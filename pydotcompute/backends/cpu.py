@@ -778,6 +778,11 @@ class CpuKernelBackend(RingFedBackend):
             self._outlet.ring.backpressure is BackpressureStrategy.BLOCK
         )
 
+    def outputs_taken(self) -> int | None:
+        if self._outlet.peer is not None:
+            return None  # its outputs go into the linked kernel's ring, not its own
+        return super().outputs_taken()
+
     def settled_through(self, upto: int) -> int | None:
         """Workers take batches concurrently and their outputs interleave, so this
         counts: each worker adds a batch to ``SETTLED`` once its outputs are placed.

@@ -237,7 +237,9 @@ class KernelReplies:
         self._waiting = Waiting()
         self._send_lock = asyncio.Lock()
         self._sent = 0  # sequence number of the newest request in the kernel's ring
-        self._sent_at = 0  # the first kernel's input position once it was placed
+        # The first kernel's input position once the newest request was placed; None
+        # when the kernel could not say (then nothing is settled until it can again).
+        self._sent_at: int | None = 0
         self._reader: asyncio.Task[None] | None = None
         # (sent, kernel of the chain, its input position) while waiting for that kernel
         # to be done with its input below that position
@@ -337,7 +339,7 @@ class KernelReplies:
         if placed:
             self._sent = mine[placed - 1]
             if self.tells_drops:
-                self._sent_at = self._handles[0].input_position() or 0
+                self._sent_at = self._handles[0].input_position()
 
     async def _send_each(self, values: list[Any], batch: Batch, sent: list[int], left: Any) -> None:
         for i, v in enumerate(values):
@@ -464,7 +466,7 @@ class KernelReplies:
         up to the newest request, and the outputs that made are taken and routed, the
         requests sent up to it that have no reply were dropped."""
         if self._mark is None:
-            if self._sent == 0:
+            if self._sent == 0 or self._sent_at is None:
                 return
             self._mark = (self._sent, 0, self._sent_at)
         upto, j, at = self._mark
@@ -476,7 +478,12 @@ class KernelReplies:
             j, at = j + 1, through  # where kernel j's outputs end: the next one's input
         self._mark = (upto, j, at)
         last = self._handles[-1]
-        while (taken := last.outputs_taken()) is not None and taken < at:
+        while True:
+            taken = last.outputs_taken()
+            if taken is None:
+                return  # its outputs go elsewhere now: it cannot say
+            if taken >= at:
+                break
             try:
                 got = await self._rt.receive_batch(self.reply_from, _BATCH, 0)
             except QueueTimeoutError:
