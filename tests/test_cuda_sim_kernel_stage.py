@@ -100,3 +100,36 @@ async def test_a_cuda_stage_stays_apart_and_the_cpu_stages_after_it_fuse() -> No
         assert await flow.result("one", timeout=90) == 4
         assert await flow.result("five", timeout=90) == 8
         assert report.counts()["c2"]["processed"] == 2
+
+
+@sim
+async def test_the_device_loop_says_where_the_outputs_of_its_released_input_end() -> None:
+    """Once the input ring's released covers what was sent, OUT_RESERVED (stored before
+    it) says where the outputs end: taking outputs that far gives every one of them."""
+    from pydotcompute import RingKernelRuntime, message
+
+    @message
+    class SimNum:
+        x: np.int64
+
+    async with RingKernelRuntime() as rt:
+        handle = await rt.launch("even", keep_even, backend="cuda", input_type=SimNum,
+                                 output_type=SimNum, queue_size=16)  # fmt: skip
+        await rt.activate("even")
+        values = list(range(11))
+        await rt.send_batch("even", [SimNum(x=v) for v in values], 30)
+        pos = handle.input_position()
+        assert pos == len(values)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 60
+        while (through := handle.settled_through(pos)) is None:
+            assert loop.time() < deadline, "the kernel never released its input"
+            await asyncio.sleep(0.005)
+        assert through == 6  # the even values' outputs, reserved in order
+        got: list[int] = []
+        while (handle.outputs_taken() or 0) < through:
+            assert loop.time() < deadline, "reserved outputs never sealed"
+            batch = await rt.receive_batch("even", 16, 5)
+            got.extend(int(x) for x in batch["x"])
+        assert got == [v * 10 for v in values if v % 2 == 0]
+        await rt.terminate("even")

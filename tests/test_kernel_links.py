@@ -634,7 +634,7 @@ async def test_items_filtered_at_the_end_of_a_burst_settle_through_the_chain() -
         await flow.close()
 
 
-async def test_a_linked_segment_with_two_workers_ends_dropped_items_filtered_before_the_timeout() -> None:
+async def test_a_linked_segment_with_two_workers_ends_dropped_items_filtered() -> None:
     """Several workers per kernel: no reply settles another, yet each kernel says in
     turn when it is done with what the one before placed in its ring."""
     async with RingKernelRuntime() as rt:

@@ -12,7 +12,7 @@ import uuid
 import numpy as np
 import pytest
 
-from pydotcompute import RingKernelRuntime, message
+from pydotcompute import CpuOptions, RingKernelRuntime, message
 from pydotcompute.coordinator import stage
 from pydotcompute.errors import ItemFilteredError
 
@@ -320,4 +320,59 @@ async def test_items_a_cpu_kernel_with_two_workers_drops_end_filtered_before_the
         assert flow.dead_letters() == [] and flow.counters()["retried"] == 0
         with pytest.raises(ItemFilteredError):
             await flow.result("405")
+        await flow.close()
+
+
+def slow_on_fifties(msg, out, state):  # type: ignore[no-untyped-def]
+    """keep_even, with a long computation on multiples of 50 (kept in ``state``, so
+    it is not optimized away): their outputs come late."""
+    if msg.x % 50 == 0:
+        acc = 0
+        for i in range(2_000_000):
+            acc = (acc * 31 + i) % 1000003
+        state[0] = acc
+    out.x = msg.x
+    return msg.x % 2 == 0
+
+
+async def test_two_cpu_workers_say_they_are_done_only_once_the_outputs_are_placed():
+    """settled_through answers only once every record taken has its outputs in the
+    ring: the outputs are there to take, without waiting, the moment it answers."""
+    async with RingKernelRuntime() as rt:
+        handle = await rt.launch(
+            "slow", slow_on_fifties, backend="cpu", input_type=Num, output_type=Num,
+            workers=2, state=np.zeros(1), options=CpuOptions(batch=4),
+        )  # fmt: skip
+        await rt.activate("slow")
+        values = list(range(200))
+        await rt.send_batch("slow", [Num(x=v) for v in values], 10)
+        pos = handle.input_position()
+        assert pos == len(values)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while (through := handle.settled_through(pos)) is None:
+            assert loop.time() < deadline, "the kernel never said it was done"
+            await asyncio.sleep(0.001)
+        assert through == len(values) // 2  # the kept records' outputs end there
+        got = await rt.receive_batch("slow", 1000, 0)
+        assert sorted(int(x) for x in got["x"]) == [v for v in values if v % 2 == 0]
+        assert handle.outputs_taken() == through
+
+
+async def test_an_item_whose_output_is_late_is_never_taken_for_filtered():
+    """One worker is long on an item while the other finishes the rest of the burst:
+    the late item is done, not filtered."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "slow2", slow_on_fifties, backend="cpu", input_type=Num, output_type=Num,
+            workers=2, state=np.zeros(1), options=CpuOptions(batch=4),
+        )  # fmt: skip
+        await rt.activate("slow2")
+        flow = await rt.deploy(stage(make) >> stage("slow2", timeout=60) >> stage(unwrap), name="l")
+        values = list(range(201))
+        await flow.submit_many(values, keys=[str(v) for v in values])
+        await asyncio.wait_for(flow.drain(), 60)
+        evens = [v for v in values if v % 2 == 0]
+        assert flow.status() == {"done": len(evens), "filtered": len(values) - len(evens)}
+        assert [await flow.result(str(v)) for v in (0, 50, 100, 150, 200)] == [0, 50, 100, 150, 200]
         await flow.close()
