@@ -376,3 +376,26 @@ async def test_an_item_whose_output_is_late_is_never_taken_for_filtered():
         assert flow.status() == {"done": len(evens), "filtered": len(values) - len(evens)}
         assert [await flow.result(str(v)) for v in (0, 50, 100, 150, 200)] == [0, 50, 100, 150, 200]
         await flow.close()
+
+
+async def test_a_dropped_item_ends_filtered_while_a_steady_stream_goes_on():
+    """Two workers, and replies never stop coming: the stage still asks the kernel
+    whether it is done with the dropped record, and settles it mid-stream."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "even4", keep_even, backend="cpu", input_type=Num, output_type=Num, workers=2
+        )
+        await rt.activate("even4")
+        flow = await rt.deploy(stage(make) >> stage("even4", timeout=60) >> stage(unwrap), name="s")
+        await flow.submit_many([1], keys=["dropped"])
+        sent = 0
+        while flow.counters()["filtered"] == 0:
+            assert sent < 40_000, "the dropped item was not settled while the stream went on"
+            evens = range(2 * sent, 2 * sent + 32, 2)
+            await flow.submit_many(evens, keys=[str(v) for v in evens])
+            sent += len(evens)
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(flow.drain(), 60)
+        assert flow.status() == {"done": sent, "filtered": 1}
+        assert flow.items("filtered") == ["dropped"]
+        await flow.close()

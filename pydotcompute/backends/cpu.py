@@ -51,6 +51,7 @@ from pydotcompute.rings.atomics import (
     fetch_add,
     load_acquire,
     sleep_us,
+    store_release,
     store_word,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
@@ -87,7 +88,6 @@ _ACTIVE = ControlBlock.ACTIVE
 _TERMINATE = ControlBlock.TERMINATE
 _WAKE = ControlBlock.WAKE // 8
 _HALT = ControlBlock.HALT
-_SETTLED = ControlBlock.SETTLED
 # Words of a worker's progress array: records carried over from a crashed run, to be
 # handled first; the position of the record being handled in the batch; the batch's
 # length (0 once it is handled); the outputs it had produced before that record.
@@ -96,7 +96,12 @@ _P_AT = 1
 _P_GOT = 2
 _P_EMITTED = 3
 _P_STAGE = 4  # a fused kernel: the index of the handler running (see cpu_fused)
-_PROGRESS_WORDS = 5
+# Below every input position the worker may hold: the input ring's claim index as
+# read before each take (so before it claims anything), _NO_HAND once the batch's
+# outputs are placed. See settled_through.
+_P_HAND = 5
+_PROGRESS_WORDS = 6
+_NO_HAND = np.int64(0x7FFFFFFFFFFFFFFF)
 # Fresh message ids for outputs, made in the loop: a splitmix64 stream per worker,
 # seeded from os.urandom (drawing them on the host instead, 16 random bytes and numpy
 # masking per batch, cut end-to-end throughput from 31 to 6 M msg/s and made a
@@ -175,6 +180,9 @@ def _compose(
             if got > 0:
                 progress[_P_CARRIED] = 0  # left by a crashed run: handled first
             else:
+                # Released by the claim's compare-and-swap: a host that reads the claim
+                # index past a record this worker takes also reads this hand.
+                store_release(progress, _P_HAND * 8, load_acquire(in_buf, OFF_CLAIM))
                 got = ring_pop(in_buf, in_batch, 0, batch)
             if got == 0:
                 # Idle polls are counted in chunks: one shared write per 64 polls.
@@ -193,7 +201,6 @@ def _compose(
                 fetch_add(ctrl, _IDLE_POLLS, idle & 63)
                 idle = 0
             progress[_P_GOT] = got
-            taken = got
             k = 0
             for i in range(got):
                 progress[_P_AT] = i
@@ -233,8 +240,7 @@ def _compose(
                         wake_signal(ctrl, _WAKE)
                     placed += got
             fetch_add(ctrl, _EMITTED, k)
-            # Last: the host takes settled == taken as "every output is placed".
-            fetch_add(ctrl, _SETTLED, taken)
+            store_release(progress, _P_HAND * 8, _NO_HAND)  # after the outputs' publish
 
     return njit(nogil=True, boundscheck=boundscheck)(kernel_loop)
 
@@ -298,10 +304,21 @@ def compile_kernel_loop(
 
 class _Run:
     """One run of a kernel's workers, from launch (or a restart) until they have all
-    exited, and what they left behind if the handler raised: the first exception, the
-    record it raised on, and the records of their batches not yet handled."""
+    exited, their progress words, and what they left behind if the handler raised: the
+    first exception, the record it raised on, and the records of their batches not yet
+    handled."""
 
-    __slots__ = ("event_loop", "loop_fn", "blank", "lock", "alive", "crash", "failed", "carried")
+    __slots__ = (
+        "event_loop",
+        "loop_fn",
+        "blank",
+        "lock",
+        "alive",
+        "crash",
+        "failed",
+        "carried",
+        "progress",
+    )
 
     def __init__(
         self, event_loop: asyncio.AbstractEventLoop, loop_fn: Callable[..., None], blank: Any
@@ -314,6 +331,7 @@ class _Run:
         self.crash: BaseException | None = None
         self.failed: np.ndarray | None = None
         self.carried: list[np.ndarray] = []
+        self.progress: list[np.ndarray] = []  # each worker's progress words
 
 
 class _Mover:
@@ -472,10 +490,13 @@ class CpuKernelBackend(RingFedBackend):
             n = max(width, len(carried)) if w == 0 else width
             in_batch, out_batch = np.zeros(n, self.in_dtype), np.zeros(n, self.out_dtype)
             progress = np.zeros(_PROGRESS_WORDS, np.int64)
+            progress[_P_HAND] = _NO_HAND
             ids = np.frombuffer(os.urandom(8), np.uint64).copy()  # a stream per worker
             if w == 0 and len(carried):
                 in_batch[: len(carried)] = carried
                 progress[_P_CARRIED] = len(carried)
+                progress[_P_HAND] = 0  # holds records of unknown positions, taken earlier
+            run.progress.append(progress)
             t = threading.Thread(
                 target=self._work,
                 args=(run, in_batch, out_batch, progress, ids, self._worker_args()),
@@ -545,10 +566,6 @@ class CpuKernelBackend(RingFedBackend):
                 self.control.set_state(ControlBlock.HALT)  # the other workers stop too
         if got:  # the outputs produced before the record that raised go out
             self._queue_outputs(out_batch, emitted)
-            # The records before the one that raised are settled; the rest are carried
-            # to the restart, which settles them as a batch of its own. The one that
-            # raised is settled by the restart, once its caller has been told.
-            ring_add_counter(words, _SETTLED, min(at, got))
 
     def _queue_outputs(self, out_batch: np.ndarray, k: int) -> None:
         """Push ``k`` outputs as the loop would: waiting for room under BLOCK unless
@@ -605,8 +622,6 @@ class CpuKernelBackend(RingFedBackend):
         self.failed_input = None
         self.control.words[ControlBlock.ERROR_CODE // 8] = ControlBlock.ERR_NONE
         self.control.set_state(ControlBlock.INACTIVE)
-        if run.failed is not None:
-            ring_add_counter(self.control.words, _SETTLED, 1)
         self._start_workers(_Run(run.event_loop, run.loop_fn, run.blank), carried)
 
     def close_failed(self, error: ErrorFactory) -> int:
@@ -784,17 +799,21 @@ class CpuKernelBackend(RingFedBackend):
         return super().outputs_taken()
 
     def settled_through(self, upto: int) -> int | None:
-        """Workers take batches concurrently and their outputs interleave, so this
-        counts: each worker adds a batch to ``SETTLED`` once its outputs are placed.
-        ``SETTLED``, read before the input ring's ``claim`` index, equal to it means
-        every record taken by then was settled; with ``claim`` at ``upto`` or past it,
-        the outputs lie below the outlet ring's ``published``, read after."""
-        if not self._keeps_records():
+        """Workers take batches concurrently and their outputs interleave, so each
+        says what it may hold: its *hand*, the claim index as it read it before taking
+        a batch (below anything it takes), until the batch's outputs are published.
+        The claim index at ``upto`` or past it (every record below was taken), then
+        every hand at ``upto`` or past it (no worker holds one of them), means their
+        outputs lie below the outlet ring's ``published``, read after. Under a steady
+        stream too: a worker's hand moves on with each batch."""
+        run = self._run
+        if run is None or not self._keeps_records():
             return None
-        settled = int(ring_word(self.control.words, _SETTLED))
-        claimed = int(ring_word(self.in_ring.buffer, OFF_CLAIM))
-        if settled != claimed or claimed < upto:
+        if int(ring_word(self.in_ring.buffer, OFF_CLAIM)) < upto:
             return None
+        for progress in run.progress:
+            if int(ring_word(progress, _P_HAND * 8)) < upto:
+                return None
         return int(ring_word(self._outlet.ring.buffer, OFF_PUBLISHED))
 
     # -- state and telemetry ---------------------------------------------------------

@@ -26,7 +26,7 @@ from pydotcompute.backends.handler_errors import check_handler_source
 from pydotcompute.errors import FusedStageError
 from pydotcompute.messages.record import output_header, uuid_offset
 from pydotcompute.rings import atomics, host_ops, wake
-from pydotcompute.rings.layout import OFF_BACKPRESSURE
+from pydotcompute.rings.layout import OFF_BACKPRESSURE, OFF_CLAIM
 
 __all__ = ["FusedCpuKernelBackend", "FusedHandlers", "FusedStageError", "FusedStep"]
 
@@ -84,6 +84,7 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
         if got > 0:
             progress[P_CARRIED] = 0
         else:
+            store_release(progress, P_HAND * 8, load_acquire(in_buf, OFF_CLAIM))
             got = ring_pop(in_buf, in_batch, 0, batch)
         if got == 0:
             idle += 1
@@ -101,7 +102,6 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
             fetch_add(ctrl, IDLE_POLLS, idle & 63)
             idle = 0
         progress[P_GOT] = got
-        taken = got
         k = 0
         for i in range(got):
             progress[P_AT] = i
@@ -137,7 +137,7 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
                     wake_signal(ctrl, WAKE)
                 placed += more
         fetch_add(ctrl, EMITTED_WORD, k)
-        fetch_add(ctrl, SETTLED_WORD, taken)
+        store_release(progress, P_HAND * 8, NO_HAND)
 """
 
 # One step's call: reset its output record to its blank header (the input's id as
@@ -211,7 +211,6 @@ def _namespace(steps: Sequence[FusedStep], handlers: Sequence[Any]) -> dict[str,
         "PROCESSED_WORD": cpu._PROCESSED,
         "EMITTED_WORD": cpu._EMITTED,
         "DROPPED_WORD": cpu._DROPPED,
-        "SETTLED_WORD": cpu._SETTLED,
         "PAUSED_SLEEP_US": cpu._PAUSED_SLEEP_US,
         "IDLE_SLEEP_US": cpu._IDLE_SLEEP_US,
         "SPIN_POLLS": cpu._SPIN_POLLS,
@@ -221,6 +220,10 @@ def _namespace(steps: Sequence[FusedStep], handlers: Sequence[Any]) -> dict[str,
         "P_GOT": cpu._P_GOT,
         "P_EMITTED": cpu._P_EMITTED,
         "P_STAGE": cpu._P_STAGE,
+        "P_HAND": cpu._P_HAND,
+        "NO_HAND": cpu._NO_HAND,
+        "OFF_CLAIM": OFF_CLAIM,
+        "store_release": atomics.store_release,
         "GOLDEN": cpu._GOLDEN,
         "V_KEEP": cpu._V_KEEP,
         "V_SET": cpu._V_SET,

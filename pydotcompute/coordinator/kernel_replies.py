@@ -17,7 +17,8 @@ where those outputs end; the reader takes outputs that far and settles every
 request sent before as filtered. A kernel that handles its ring in order (a ``cuda``
 kernel, whatever its blocks; a ``cpu`` kernel with one worker) also settles the
 requests before a reply that have none. With several ``cpu`` workers outputs
-interleave, so only the end of a burst tells. Other kernels (host actors, CUDA C++,
+interleave and no reply settles another, so the reader asks the kernel every few
+milliseconds while replies come as well as when they stop. Other kernels (host actors, CUDA C++,
 rings that drop records) cannot say: a request they never answer times out
 (``QueueTimeoutError``), as a plain request does.
 
@@ -364,6 +365,10 @@ class KernelReplies:
 
     async def _read(self) -> None:
         poll = _SETTLE_POLL_S if self.tells_drops else _READ_POLL_S
+        # Replies out of order settle nobody: look now and then while they come, too.
+        looks = self.tells_drops and not self.in_order
+        loop = asyncio.get_running_loop()
+        looked = loop.time()
         try:
             while len(self._waiting):
                 try:
@@ -375,12 +380,16 @@ class KernelReplies:
                     return
                 if got is not None and len(got):
                     self._route(got)
+                    if looks and loop.time() - looked >= _SETTLE_POLL_S:
+                        looked = loop.time()
+                        await self._settle()
                     continue
                 failed = self._inner_failure()
                 if failed is not None:
                     self._waiting.fail_all(failed)
                     return
                 if self.tells_drops:
+                    looked = loop.time()
                     await self._settle()
         finally:
             self._reader = None

@@ -41,12 +41,10 @@ class ControlBlock:
     ``STATUS_*``."""
     BATCHES = 1032
     """Non-empty polls, beside ``STATUS`` (same writer)."""
-    SETTLED = 1040
-    """``cpu`` loops, beside ``STATUS`` (a loop writes one or the other): input records
-    taken whose outputs have all been placed, added after each batch's outputs."""
-    OUT_RESERVED = 1048
-    """The numba ``cuda`` loop: the output position below which the outputs of every
-    input record released so far lie, stored before the input ring's ``released``."""
+    OUT_RESERVED = 1040
+    """The numba ``cuda`` loop, beside ``STATUS`` (a loop writes one or the other): the
+    output position below which the outputs of every input record released so far
+    lie, stored before the input ring's ``released``."""
     RESULTS_SEQ = 1152
     """A sequence lock over ``RESULTS``: odd while the loop rewrites them."""
     RESULTS = 1160
@@ -84,7 +82,6 @@ class ControlBlock:
             ("ErrorCode", cls.ERROR_CODE, "kErrNone, kErrHandler, or the kernel's own code"),
             ("Status", cls.STATUS, "kStatus*: a loop that reports its own lifecycle"),
             ("Batches", cls.BATCHES, "non-empty polls"),
-            ("Settled", cls.SETTLED, "cpu loops: inputs taken whose outputs are placed"),
             ("OutReserved", cls.OUT_RESERVED, "numba cuda loop: outputs reserved so far"),
             ("ResultsSeq", cls.RESULTS_SEQ, "odd while the result words are rewritten"),
             ("Results", cls.RESULTS, "the first result word; they run to kWords"),
