@@ -399,3 +399,49 @@ async def test_a_dropped_item_ends_filtered_while_a_steady_stream_goes_on():
         assert flow.status() == {"done": sent, "filtered": 1}
         assert flow.items("filtered") == ["dropped"]
         await flow.close()
+
+
+async def test_a_paused_kernel_with_two_workers_is_done_with_what_it_took():
+    """A worker paused after an idle poll holds nothing: what the others took and
+    answered is settled without waiting for the kernel to be resumed."""
+    async with RingKernelRuntime() as rt:
+        handle = await rt.launch(
+            "even5", keep_even, backend="cpu", input_type=Num, output_type=Num, workers=2
+        )
+        await rt.activate("even5")
+        await rt.send_batch("even5", [Num(x=v) for v in range(40)], 10)
+        pos = handle.input_position()
+        got: list[int] = []
+        while len(got) < 20:
+            got.extend(int(x) for x in (await rt.receive_batch("even5", 64, 10))["x"])
+        await rt.deactivate("even5")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while handle.settled_through(pos) is None:
+            assert loop.time() < deadline, "a paused kernel never said it was done"
+            await asyncio.sleep(0.005)
+        assert handle.settled_through(pos) == 20 and sorted(got) == list(range(0, 40, 2))
+
+
+async def test_two_restarting_workers_fail_the_record_that_raised_and_filter_only_the_dropped():
+    """A worker raises mid-batch: the rest of its batch waits, carried, for the restart
+    (the worker that takes it holds it, paused or not), so none of it is taken for
+    dropped; the other worker's batches go on as usual."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "even6", keep_even_refuse_three, backend="cpu", input_type=Num, output_type=Num,
+            workers=2, restart="on-failure", restart_backoff=0.0, options=CpuOptions(batch=8),
+        )  # fmt: skip
+        await rt.activate("even6")
+        flow = await rt.deploy(
+            stage(make) >> stage("even6", timeout=60, retries=2, backoff=0.0) >> stage(unwrap),
+            name="r",
+        )
+        values = list(range(300))
+        await flow.submit_many(values, keys=[str(v) for v in values])
+        await asyncio.wait_for(flow.drain(), 60)
+        evens = [v for v in values if v % 2 == 0]
+        assert flow.status() == {"done": len(evens), "filtered": len(evens) - 1, "dead": 1}
+        assert [await flow.result(str(v)) for v in evens] == evens
+        [rec] = flow.dead_letters()
+        assert rec.key == "3" and "three is refused" in rec.error

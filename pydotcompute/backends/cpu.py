@@ -173,6 +173,10 @@ def _compose(
                 ids[0] = seed
                 return
             if mode != _ACTIVE:
+                # Paused, it holds nothing (unless records a crashed run left it): its
+                # last reading must not hold the others up.
+                if progress[_P_CARRIED] == 0:
+                    store_release(progress, _P_HAND * 8, _NO_HAND)
                 fetch_add(ctrl, _HEARTBEAT, 1)
                 sleep_us(_PAUSED_SLEEP_US)
                 continue

@@ -77,6 +77,8 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
             ids[0] = seed
             return
         if mode != ACTIVE:
+            if progress[P_CARRIED] == 0:
+                store_release(progress, P_HAND * 8, NO_HAND)
             fetch_add(ctrl, HEARTBEAT, 1)
             sleep_us(PAUSED_SLEEP_US)
             continue
