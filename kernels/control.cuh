@@ -23,6 +23,8 @@ constexpr unsigned long long kHeartbeat = 96;  // byte 768
 constexpr unsigned long long kErrorCode = 112;  // byte 896: kErrNone, kErrHandler, or the kernel's own code
 constexpr unsigned long long kStatus = 128;  // byte 1024: kStatus*: a loop that reports its own lifecycle
 constexpr unsigned long long kBatches = 129;  // byte 1032: non-empty polls
+constexpr unsigned long long kOutReserved = 130;  // byte 1040: numba cuda loop: outputs reserved so far
+constexpr unsigned long long kInReleased = 131;  // byte 1048: numba cuda loop on a link: input released
 constexpr unsigned long long kResultsSeq = 144;  // byte 1152: odd while the result words are rewritten
 constexpr unsigned long long kResults = 145;  // byte 1160: the first result word; they run to kWords
 

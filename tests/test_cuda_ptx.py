@@ -101,13 +101,15 @@ def test_a_linked_loop_moves_link_records_at_gpu_scope() -> None:
     """A link ring is device memory between two kernels of one GPU: its slots are read
     (ld.relaxed.gpu) and written (st.relaxed.gpu) and its ``released`` stored
     (st.release.gpu) at GPU scope; system scope stays for the host's words (the state
-    word, the header checks at launch, mirrored counters)."""
+    word, the header checks at launch, mirrored counters, the mirror of ``released``)."""
     host = _ops(_ptx(handler))
     fed = _ops(_ptx(handler, in_link=True))
     feeding = _ops(_ptx(handler, out_link=True))
     assert fed["ld.relaxed.gpu.b64"] > 0 and host["ld.relaxed.gpu.b64"] == 0
     assert fed["ld.relaxed.sys.b64"] < host["ld.relaxed.sys.b64"]  # no slot read there
-    assert fed["st.release.sys.b64"] == host["st.release.sys.b64"] - 1  # released
+    # released moves to GPU scope; the host's mirror of it (after OUT_RESERVED) stays
+    assert fed["st.release.gpu.b64"] == host["st.release.gpu.b64"] + 1
+    assert fed["st.release.sys.b64"] == host["st.release.sys.b64"]
     assert fed["ld.acquire.sys.b64"] < host["ld.acquire.sys.b64"]  # published, drop_before
     assert feeding["st.relaxed.gpu.b64"] > 0 and host["st.relaxed.gpu.b64"] == 0
     assert feeding["st.relaxed.sys.b64"] < host["st.relaxed.sys.b64"]  # no slot written
@@ -125,7 +127,8 @@ def test_a_link_between_two_gpus_is_ordered_at_system_scope() -> None:
     for kind in (LINK_PEER, LINK_HOST):
         ops = _ops(_ptx(handler, in_link=kind, out_link=kind))
         assert ops["ld.relaxed.gpu.b64"] == 0 and ops["st.relaxed.gpu.b64"] == 0, kind
-        assert ops["st.release.sys.b64"] == host["st.release.sys.b64"], kind  # released
+        # released, and its mirror for the host
+        assert ops["st.release.sys.b64"] == host["st.release.sys.b64"] + 1, kind
         assert ops["ld.relaxed.sys.b64"] >= host["ld.relaxed.sys.b64"], kind
 
 

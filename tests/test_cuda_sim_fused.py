@@ -1,8 +1,8 @@
 """Fused ``cuda`` chains on numba-cuda's simulator: adjacent ``cuda`` kernel stages run
 as one resident kernel whose device loop calls their handlers in order; order is kept,
-a handler returning False ends the record mid-chain (a ``cuda`` stage cannot say it
-consumed a record without output, so the item is left to the stage's timeout), counts
-are kept per stage in device memory, and a handler that raises names its stage.
+a handler returning False ends the record mid-chain and its item as filtered, long
+before the stages' timeout, counts are kept per stage in device memory, and a handler
+that raises names its stage.
 
 The simulator tests run in a child process with ``NUMBA_ENABLE_CUDASIM=1``.
 """
@@ -68,6 +68,7 @@ async def test_a_three_stage_cuda_chain_runs_as_one_kernel() -> None:
     from pydotcompute import RingKernelRuntime, message
     from pydotcompute.backends.cuda_fused import FusedCudaKernelBackend
     from pydotcompute.coordinator import stage
+    from pydotcompute.errors import ItemFilteredError
 
     @message
     class SimNum:
@@ -81,9 +82,9 @@ async def test_a_three_stage_cuda_chain_runs_as_one_kernel() -> None:
                             output_type=SimNum, queue_size=8)  # fmt: skip
         g = (
             stage(lambda i: SimNum(x=i))
-            >> stage("g1", timeout=8)
-            >> stage("g2", timeout=8)
-            >> stage("g3", timeout=8)
+            >> stage("g1", timeout=300)
+            >> stage("g2", timeout=300)
+            >> stage("g3", timeout=300)
             >> stage(lambda m: int(m.x))
         )
         flow = await rt.deploy(g, name="simfuse")
@@ -93,19 +94,22 @@ async def test_a_three_stage_cuda_chain_runs_as_one_kernel() -> None:
         assert seg.kernels == ("g1", "g2", "g3") and seg.kernel_id
         backend = rt.kernel_handle(seg.kernel_id)._launch.kernel_backend
         assert isinstance(backend, FusedCudaKernelBackend)
-        keys = [str(i) for i in range(6)]
-        await flow.submit_many(range(6), keys=keys)
-        await flow.drain(timeout=90)
+        values = [0, 1, 2, 3, 4, 5, 7]  # the burst ends with a dropped record
+        await flow.submit_many(values, keys=[str(i) for i in values])
+        # Shorter than the stages' timeout: items left to it would fail the drain.
+        await asyncio.wait_for(flow.drain(), 60)
         # i + 1 is odd for even i: those pass on, in order, each with its own output.
         assert [await flow.result(k) for k in ("0", "2", "4")] == [10, 30, 50]
-        # The rest were filtered by the middle handler: no output, so they time out.
-        assert sorted(r.key for r in flow.dead_letters()) == ["1", "3", "5"]
-        assert all("QueueTimeoutError" in r.error for r in flow.dead_letters())
-        counts = report.counts()
+        # The rest were dropped by the middle handler: filtered, at the first stage.
+        assert flow.status() == {"done": 3, "filtered": 4}
+        assert flow.items("filtered") == ["1", "3", "5", "7"]
+        assert flow.dead_letters() == [] and flow.counters()["retried"] == 0
+        with pytest.raises(ItemFilteredError, match="g1"):
+            await flow.result("7")
         await _wait_for(lambda: report.counts()["g3"]["emitted"] == 3)
         counts = report.counts()
-        assert counts["g1"] == {"processed": 6, "emitted": 6, "dropped": 0}
-        assert counts["g2"] == {"processed": 6, "emitted": 3, "dropped": 3}
+        assert counts["g1"] == {"processed": 7, "emitted": 7, "dropped": 0}
+        assert counts["g2"] == {"processed": 7, "emitted": 3, "dropped": 4}
         assert counts["g3"] == {"processed": 3, "emitted": 3, "dropped": 0}
         assert rt.kernel_handle(seg.kernel_id).stage_counts() == counts
         await flow.close()

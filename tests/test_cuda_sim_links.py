@@ -341,3 +341,39 @@ async def test_a_flow_links_cuda_stages_that_do_not_fuse(tmp_path, durable: bool
         assert [await flow.result(k) for k in keys] == [(i + 1) * 10 for i in range(12)]
         assert list(flow.dead_letters()) == []
         await flow.close()
+
+
+def keep_even(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x
+    return msg.x % 2 == 0
+
+
+@sim
+async def test_a_record_dropped_in_a_linked_cuda_segment_ends_its_item_filtered() -> None:
+    # The first kernel drops odd records; the segment is in order end to end and each
+    # kernel says where the outputs of what it released end (the consumer of the link
+    # through its mirror of the link's `released`), so the burst's dropped items end
+    # filtered long before the stage timeout, and the others keep their outputs.
+    from pydotcompute import RingKernelRuntime
+    from pydotcompute.coordinator import stage
+
+    async with RingKernelRuntime() as rt:
+        for kid, fn in (("even", keep_even), ("ten", times_ten)):
+            await rt.launch(kid, fn, backend="cuda", input_type=FlowNum,
+                            output_type=FlowNum, queue_size=16)  # fmt: skip
+            await rt.activate(kid)
+        flow = await rt.deploy(
+            stage(lambda i: FlowNum(x=i))
+            >> stage("even", fuse=False, timeout=300)
+            >> stage("ten", fuse=False, timeout=300)
+            >> stage(lambda m: int(m.x)),
+            name="droplink",
+        )
+        assert [s.stages for s in flow.explain().linked] == [("even", "ten")]
+        values = [0, 1, 2, 3, 4, 5, 7, 9]  # the burst ends with dropped records
+        await flow.submit_many(values, keys=[str(i) for i in values])
+        await asyncio.wait_for(flow.drain(), 60)
+        assert [await flow.result(str(i)) for i in (0, 2, 4)] == [0, 20, 40]
+        assert flow.status() == {"done": 3, "filtered": 5}
+        assert flow.dead_letters() == []
+        await flow.close()

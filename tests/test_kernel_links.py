@@ -632,3 +632,29 @@ async def test_items_filtered_at_the_end_of_a_burst_settle_through_the_chain() -
         await asyncio.wait_for(flow.drain(), 30)
         assert flow.status() == {"filtered": 50}
         await flow.close()
+
+
+async def test_a_linked_segment_with_two_workers_ends_dropped_items_filtered() -> None:
+    """Several workers per kernel: no reply settles another, yet each kernel says in
+    turn when it is done with what the one before placed in its ring."""
+    async with RingKernelRuntime() as rt:
+        await _launch(rt, "a", inc, workers=2)
+        await _launch(rt, "b", keep_even, workers=2)
+        graph = (
+            stage(lambda i: Num(x=i))
+            >> stage("a", fuse=False, timeout=60)
+            >> stage("b", fuse=False, timeout=60)
+            >> (lambda m: int(m.x))
+        )
+        flow = await rt.deploy(graph, name="w2")
+        assert [s.kernels for s in flow.explain().linked] == [("a", "b")]
+        values = [*range(300), 400, 402]  # the burst ends with records b drops
+        await flow.submit_many(values, keys=[str(v) for v in values])
+        await asyncio.wait_for(flow.drain(), 30)
+        kept = [v for v in values if (v + 1) % 2 == 0]
+        assert flow.status() == {"done": len(kept), "filtered": len(values) - len(kept)}
+        assert [await flow.result(str(v)) for v in kept] == [v + 1 for v in kept]
+        assert flow.dead_letters() == []
+        with pytest.raises(ItemFilteredError):
+            await flow.result("402")
+        await flow.close()

@@ -12,7 +12,7 @@ import uuid
 import numpy as np
 import pytest
 
-from pydotcompute import RingKernelRuntime, message
+from pydotcompute import CpuOptions, RingKernelRuntime, message
 from pydotcompute.coordinator import stage
 from pydotcompute.errors import ItemFilteredError
 
@@ -298,3 +298,183 @@ async def test_the_record_a_restarting_kernel_raised_on_fails_its_item_not_filte
         assert [await flow.result(str(i)) for i in range(30) if i != 13] == [
             i for i in range(30) if i != 13
         ]
+
+
+async def test_items_a_cpu_kernel_with_two_workers_drops_end_filtered_before_the_timeout():
+    """Workers interleave their outputs, so no reply settles another; the kernel says
+    when every record it took has its outputs placed, and the burst's dropped records
+    end filtered long before the stage's timeout (the drain's own limit is shorter)."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "even2", keep_even, backend="cpu", input_type=Num, output_type=Num, workers=2
+        )
+        await rt.activate("even2")
+        graph = stage(make) >> stage("even2", timeout=60) >> stage(unwrap)
+        flow = await rt.deploy(graph, name="w2")
+        values = [*range(400), 401, 403, 405]  # the burst ends with dropped records
+        await flow.submit_many(values, keys=[str(v) for v in values])
+        await asyncio.wait_for(flow.drain(), 30)
+        evens = [v for v in values if v % 2 == 0]
+        assert flow.status() == {"done": len(evens), "filtered": len(values) - len(evens)}
+        assert [await flow.result(str(v)) for v in evens] == evens
+        assert flow.dead_letters() == [] and flow.counters()["retried"] == 0
+        with pytest.raises(ItemFilteredError):
+            await flow.result("405")
+        await flow.close()
+
+
+def slow_on_fifties(msg, out, state):  # type: ignore[no-untyped-def]
+    """keep_even, with a long computation on multiples of 50 (kept in ``state``, so
+    it is not optimized away): their outputs come late."""
+    if msg.x % 50 == 0:
+        acc = 0
+        for i in range(2_000_000):
+            acc = (acc * 31 + i) % 1000003
+        state[0] = acc
+    out.x = msg.x
+    return msg.x % 2 == 0
+
+
+async def test_two_cpu_workers_say_they_are_done_only_once_the_outputs_are_placed():
+    """settled_through answers only once every record taken has its outputs in the
+    ring: the outputs are there to take, without waiting, the moment it answers."""
+    async with RingKernelRuntime() as rt:
+        handle = await rt.launch(
+            "slow", slow_on_fifties, backend="cpu", input_type=Num, output_type=Num,
+            workers=2, state=np.zeros(1), options=CpuOptions(batch=4),
+        )  # fmt: skip
+        await rt.activate("slow")
+        values = list(range(200))
+        await rt.send_batch("slow", [Num(x=v) for v in values], 10)
+        pos = handle.input_position()
+        assert pos == len(values)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while (through := handle.settled_through(pos)) is None:
+            assert loop.time() < deadline, "the kernel never said it was done"
+            await asyncio.sleep(0.001)
+        assert through == len(values) // 2  # the kept records' outputs end there
+        got = await rt.receive_batch("slow", 1000, 0)
+        assert sorted(int(x) for x in got["x"]) == [v for v in values if v % 2 == 0]
+        assert handle.outputs_taken() == through
+
+
+async def test_an_item_whose_output_is_late_is_never_taken_for_filtered():
+    """One worker is long on an item while the other finishes the rest of the burst:
+    the late item is done, not filtered."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "slow2", slow_on_fifties, backend="cpu", input_type=Num, output_type=Num,
+            workers=2, state=np.zeros(1), options=CpuOptions(batch=4),
+        )  # fmt: skip
+        await rt.activate("slow2")
+        flow = await rt.deploy(stage(make) >> stage("slow2", timeout=60) >> stage(unwrap), name="l")
+        values = list(range(201))
+        await flow.submit_many(values, keys=[str(v) for v in values])
+        await asyncio.wait_for(flow.drain(), 60)
+        evens = [v for v in values if v % 2 == 0]
+        assert flow.status() == {"done": len(evens), "filtered": len(values) - len(evens)}
+        assert [await flow.result(str(v)) for v in (0, 50, 100, 150, 200)] == [0, 50, 100, 150, 200]
+        await flow.close()
+
+
+async def test_a_dropped_item_ends_filtered_while_a_steady_stream_goes_on():
+    """Two workers, and replies never stop coming: the stage still asks the kernel
+    whether it is done with the dropped record, and settles it mid-stream."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "even4", keep_even, backend="cpu", input_type=Num, output_type=Num, workers=2
+        )
+        await rt.activate("even4")
+        flow = await rt.deploy(stage(make) >> stage("even4", timeout=60) >> stage(unwrap), name="s")
+        await flow.submit_many([1], keys=["dropped"])
+        sent = 0
+        while flow.counters()["filtered"] == 0:
+            assert sent < 40_000, "the dropped item was not settled while the stream went on"
+            evens = range(2 * sent, 2 * sent + 32, 2)
+            await flow.submit_many(evens, keys=[str(v) for v in evens])
+            sent += len(evens)
+            await asyncio.sleep(0.001)
+        await asyncio.wait_for(flow.drain(), 60)
+        assert flow.status() == {"done": sent, "filtered": 1}
+        assert flow.items("filtered") == ["dropped"]
+        await flow.close()
+
+
+async def test_a_paused_kernel_with_two_workers_is_done_with_what_it_took():
+    """A worker paused after an idle poll holds nothing: what the others took and
+    answered is settled without waiting for the kernel to be resumed."""
+    async with RingKernelRuntime() as rt:
+        handle = await rt.launch(
+            "even5", keep_even, backend="cpu", input_type=Num, output_type=Num, workers=2
+        )
+        await rt.activate("even5")
+        await rt.send_batch("even5", [Num(x=v) for v in range(40)], 10)
+        pos = handle.input_position()
+        got: list[int] = []
+        while len(got) < 20:
+            got.extend(int(x) for x in (await rt.receive_batch("even5", 64, 10))["x"])
+        await rt.deactivate("even5")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while handle.settled_through(pos) is None:
+            assert loop.time() < deadline, "a paused kernel never said it was done"
+            await asyncio.sleep(0.005)
+        assert handle.settled_through(pos) == 20 and sorted(got) == list(range(0, 40, 2))
+
+
+async def test_two_restarting_workers_fail_the_record_that_raised_and_filter_only_the_dropped():
+    """A worker raises mid-batch: the rest of its batch waits, carried, for the restart
+    (the worker that takes it holds it, paused or not), so none of it is taken for
+    dropped; the other worker's batches go on as usual."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "even6", keep_even_refuse_three, backend="cpu", input_type=Num, output_type=Num,
+            workers=2, restart="on-failure", restart_backoff=0.0, options=CpuOptions(batch=8),
+        )  # fmt: skip
+        await rt.activate("even6")
+        flow = await rt.deploy(
+            stage(make) >> stage("even6", timeout=60, retries=2, backoff=0.0) >> stage(unwrap),
+            name="r",
+        )
+        values = list(range(300))
+        await flow.submit_many(values, keys=[str(v) for v in values])
+        await asyncio.wait_for(flow.drain(), 60)
+        evens = [v for v in values if v % 2 == 0]
+        assert flow.status() == {"done": len(evens), "filtered": len(evens) - 1, "dead": 1}
+        assert [await flow.result(str(v)) for v in evens] == evens
+        [rec] = flow.dead_letters()
+        assert rec.key == "3" and "three is refused" in rec.error
+
+
+def refuse_three_slow_on_six(msg, out, state):  # type: ignore[no-untyped-def]
+    if msg.x == 3:
+        raise ValueError("three is refused")
+    if msg.x == 6:  # long: the records carried to the restart are in hand a while
+        acc = 0
+        for i in range(30_000_000):
+            acc = (acc * 31 + i) % 1000003
+        state[0] = acc
+    out.x = msg.x
+    return msg.x % 2 == 0
+
+
+async def test_records_carried_to_a_restart_are_held_until_their_outputs_are_out():
+    """The batch that raised is carried to the restarted worker, which starts paused:
+    those records are in its hand until their outputs are published, so an even item
+    among them is never taken for dropped while it is being handled."""
+    async with RingKernelRuntime() as rt:
+        await rt.launch(
+            "carry", refuse_three_slow_on_six, backend="cpu", input_type=Num, output_type=Num,
+            state=np.zeros(1), restart="on-failure", restart_backoff=0.0,
+        )  # fmt: skip
+        await rt.activate("carry")
+        flow = await rt.deploy(
+            stage(make) >> stage("carry", timeout=60, retries=2, backoff=0.0) >> stage(unwrap),
+            name="c",
+        )
+        await flow.submit_many(range(8), keys=[str(i) for i in range(8)])
+        await asyncio.wait_for(flow.drain(), 60)
+        assert flow.status() == {"done": 4, "filtered": 3, "dead": 1}
+        assert [await flow.result(k) for k in ("0", "2", "4", "6")] == [0, 2, 4, 6]
+        assert flow.items("filtered") == ["1", "5", "7"]

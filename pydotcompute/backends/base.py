@@ -312,6 +312,24 @@ class KernelBackend(abc.ABC):
         """A copy of the kernel's persistent state array."""
         raise TypeError(f"{self.backend} kernels have no state array")
 
+    def input_position(self) -> int | None:
+        """The input ring's ``published`` index: every record sent so far lies below
+        it. None where the kernel cannot say when it is done with its input (see
+        ``settled_through``; the default)."""
+        return None
+
+    def settled_through(self, upto: int) -> int | None:
+        """Once every input record below position ``upto`` has been handled and its
+        outputs have their places, the position below which those outputs all lie:
+        in the output ring, or in the input ring of the kernel this one is linked to.
+        None while one is still in hand, or where the kernel cannot say (the default).
+        What tells a record the handler dropped from one whose output is late."""
+        return None
+
+    def outputs_taken(self) -> int | None:
+        """The output ring's ``released`` index: outputs below it have been taken."""
+        return None
+
     def stage_counts(self) -> dict[str, dict[str, int]] | None:
         """Per stage of a fused kernel: ``processed``, ``emitted``, ``dropped``; None
         for a kernel of one handler (every backend but a fused one)."""

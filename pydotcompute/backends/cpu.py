@@ -51,6 +51,7 @@ from pydotcompute.rings.atomics import (
     fetch_add,
     load_acquire,
     sleep_us,
+    store_release,
     store_word,
 )
 from pydotcompute.rings.backpressure import BackpressureStrategy
@@ -61,9 +62,10 @@ from pydotcompute.rings.host_ops import (
     ring_depth,
     ring_pop,
     ring_push,
+    ring_word,
 )
 from pydotcompute.rings.host_ring import HostRing, ring_capacity_for
-from pydotcompute.rings.layout import OFF_BACKPRESSURE
+from pydotcompute.rings.layout import OFF_BACKPRESSURE, OFF_CLAIM, OFF_PUBLISHED
 from pydotcompute.rings.wake import wake_signal
 from pydotcompute.telemetry.snapshot import KernelTelemetry
 
@@ -94,7 +96,12 @@ _P_AT = 1
 _P_GOT = 2
 _P_EMITTED = 3
 _P_STAGE = 4  # a fused kernel: the index of the handler running (see cpu_fused)
-_PROGRESS_WORDS = 5
+# Below every input position the worker may hold: the input ring's claim index as
+# read before each take (so before it claims anything), _NO_HAND once the batch's
+# outputs are placed. See settled_through.
+_P_HAND = 5
+_PROGRESS_WORDS = 6
+_NO_HAND = np.int64(0x7FFFFFFFFFFFFFFF)
 # Fresh message ids for outputs, made in the loop: a splitmix64 stream per worker,
 # seeded from os.urandom (drawing them on the host instead, 16 random bytes and numpy
 # masking per batch, cut end-to-end throughput from 31 to 6 M msg/s and made a
@@ -166,6 +173,10 @@ def _compose(
                 ids[0] = seed
                 return
             if mode != _ACTIVE:
+                # Paused, it holds nothing (unless records a crashed run left it): its
+                # last reading must not hold the others up.
+                if progress[_P_CARRIED] == 0:
+                    store_release(progress, _P_HAND * 8, _NO_HAND)
                 fetch_add(ctrl, _HEARTBEAT, 1)
                 sleep_us(_PAUSED_SLEEP_US)
                 continue
@@ -173,6 +184,9 @@ def _compose(
             if got > 0:
                 progress[_P_CARRIED] = 0  # left by a crashed run: handled first
             else:
+                # Released by the claim's compare-and-swap: a host that reads the claim
+                # index past a record this worker takes also reads this hand.
+                store_release(progress, _P_HAND * 8, load_acquire(in_buf, OFF_CLAIM))
                 got = ring_pop(in_buf, in_batch, 0, batch)
             if got == 0:
                 # Idle polls are counted in chunks: one shared write per 64 polls.
@@ -230,6 +244,7 @@ def _compose(
                         wake_signal(ctrl, _WAKE)
                     placed += got
             fetch_add(ctrl, _EMITTED, k)
+            store_release(progress, _P_HAND * 8, _NO_HAND)  # after the outputs' publish
 
     return njit(nogil=True, boundscheck=boundscheck)(kernel_loop)
 
@@ -293,10 +308,21 @@ def compile_kernel_loop(
 
 class _Run:
     """One run of a kernel's workers, from launch (or a restart) until they have all
-    exited, and what they left behind if the handler raised: the first exception, the
-    record it raised on, and the records of their batches not yet handled."""
+    exited, their progress words, and what they left behind if the handler raised: the
+    first exception, the record it raised on, and the records of their batches not yet
+    handled."""
 
-    __slots__ = ("event_loop", "loop_fn", "blank", "lock", "alive", "crash", "failed", "carried")
+    __slots__ = (
+        "event_loop",
+        "loop_fn",
+        "blank",
+        "lock",
+        "alive",
+        "crash",
+        "failed",
+        "carried",
+        "progress",
+    )
 
     def __init__(
         self, event_loop: asyncio.AbstractEventLoop, loop_fn: Callable[..., None], blank: Any
@@ -309,6 +335,7 @@ class _Run:
         self.crash: BaseException | None = None
         self.failed: np.ndarray | None = None
         self.carried: list[np.ndarray] = []
+        self.progress: list[np.ndarray] = []  # each worker's progress words
 
 
 class _Mover:
@@ -467,10 +494,13 @@ class CpuKernelBackend(RingFedBackend):
             n = max(width, len(carried)) if w == 0 else width
             in_batch, out_batch = np.zeros(n, self.in_dtype), np.zeros(n, self.out_dtype)
             progress = np.zeros(_PROGRESS_WORDS, np.int64)
+            progress[_P_HAND] = _NO_HAND
             ids = np.frombuffer(os.urandom(8), np.uint64).copy()  # a stream per worker
             if w == 0 and len(carried):
                 in_batch[: len(carried)] = carried
                 progress[_P_CARRIED] = len(carried)
+                progress[_P_HAND] = 0  # holds records of unknown positions, taken earlier
+            run.progress.append(progress)
             t = threading.Thread(
                 target=self._work,
                 args=(run, in_batch, out_batch, progress, ids, self._worker_args()),
@@ -764,6 +794,36 @@ class CpuKernelBackend(RingFedBackend):
             ring_add_counter(self.control.words, _DROPPED, dropped)
         if self._wakeup is not None:
             self._wakeup.close()  # wakes receivers; no worker can signal any more
+
+    # -- when a request without a reply was dropped ----------------------------------
+
+    def _keeps_records(self) -> bool:
+        return super()._keeps_records() and (
+            self._outlet.ring.backpressure is BackpressureStrategy.BLOCK
+        )
+
+    def outputs_taken(self) -> int | None:
+        if self._outlet.peer is not None:
+            return None  # its outputs go into the linked kernel's ring, not its own
+        return super().outputs_taken()
+
+    def settled_through(self, upto: int) -> int | None:
+        """Workers take batches concurrently and their outputs interleave, so each
+        says what it may hold: its *hand*, the claim index as it read it before taking
+        a batch (below anything it takes), until the batch's outputs are published.
+        The claim index at ``upto`` or past it (every record below was taken), then
+        every hand at ``upto`` or past it (no worker holds one of them), means their
+        outputs lie below the outlet ring's ``published``, read after. Under a steady
+        stream too: a worker's hand moves on with each batch."""
+        run = self._run
+        if run is None or not self._keeps_records():
+            return None
+        if int(ring_word(self.in_ring.buffer, OFF_CLAIM)) < upto:
+            return None
+        for progress in run.progress:
+            if int(ring_word(progress, _P_HAND * 8)) < upto:
+                return None
+        return int(ring_word(self._outlet.ring.buffer, OFF_PUBLISHED))
 
     # -- state and telemetry ---------------------------------------------------------
 

@@ -26,7 +26,7 @@ from pydotcompute.backends.handler_errors import check_handler_source
 from pydotcompute.errors import FusedStageError
 from pydotcompute.messages.record import output_header, uuid_offset
 from pydotcompute.rings import atomics, host_ops, wake
-from pydotcompute.rings.layout import OFF_BACKPRESSURE
+from pydotcompute.rings.layout import OFF_BACKPRESSURE, OFF_CLAIM
 
 __all__ = ["FusedCpuKernelBackend", "FusedHandlers", "FusedStageError", "FusedStep"]
 
@@ -77,6 +77,8 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
             ids[0] = seed
             return
         if mode != ACTIVE:
+            if progress[P_CARRIED] == 0:
+                store_release(progress, P_HAND * 8, NO_HAND)
             fetch_add(ctrl, HEARTBEAT, 1)
             sleep_us(PAUSED_SLEEP_US)
             continue
@@ -84,6 +86,7 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
         if got > 0:
             progress[P_CARRIED] = 0
         else:
+            store_release(progress, P_HAND * 8, load_acquire(in_buf, OFF_CLAIM))
             got = ring_pop(in_buf, in_batch, 0, batch)
         if got == 0:
             idle += 1
@@ -136,6 +139,7 @@ def fused_loop(in_buf, out_buf, ctrl, state, in_batch, out_batch, out_blank, pro
                     wake_signal(ctrl, WAKE)
                 placed += more
         fetch_add(ctrl, EMITTED_WORD, k)
+        store_release(progress, P_HAND * 8, NO_HAND)
 """
 
 # One step's call: reset its output record to its blank header (the input's id as
@@ -218,6 +222,10 @@ def _namespace(steps: Sequence[FusedStep], handlers: Sequence[Any]) -> dict[str,
         "P_GOT": cpu._P_GOT,
         "P_EMITTED": cpu._P_EMITTED,
         "P_STAGE": cpu._P_STAGE,
+        "P_HAND": cpu._P_HAND,
+        "NO_HAND": cpu._NO_HAND,
+        "OFF_CLAIM": OFF_CLAIM,
+        "store_release": atomics.store_release,
         "GOLDEN": cpu._GOLDEN,
         "V_KEEP": cpu._V_KEEP,
         "V_SET": cpu._V_SET,

@@ -58,11 +58,13 @@ from pydotcompute.backends.ring_fed import RingFedBackend
 from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
 from pydotcompute.errors import InvalidConfigurationError, KernelFailedError
 from pydotcompute.rings.backpressure import BackpressureStrategy
-from pydotcompute.rings.host_ops import ring_pop
+from pydotcompute.rings.control import ControlBlock
+from pydotcompute.rings.host_ops import ring_pop, ring_word
 from pydotcompute.rings.host_ring import HostRing, RingCounters, ring_capacity_for
 from pydotcompute.rings.layout import (
     HEADER_SIZE,
     OFF_CLAIM,
+    OFF_RELEASED,
     TAG_SIZE,
     RingSide,
     ring_nbytes,
@@ -347,6 +349,7 @@ class CudaKernelBackend(RingFedBackend):
         side = SideWords.initial(
             self.in_ring.host, self.out_ring.host, self.control[ControlWords.STATE], self.stages
         )
+        self.control.words[ControlWords.OUT_RESERVED] = side[SideWords.OUT_NEXT]
         if self.simulator:
             self._side = cuda.to_device(side)
             self._d_state = self._state_to_device(None)
@@ -747,11 +750,16 @@ class CudaKernelBackend(RingFedBackend):
 
     def _relaunch(self, loop: Any, state: int) -> None:
         """Launch ``loop`` again on the rings now in ``_in_words``/``_out_words``."""
+        from pydotcompute.backends.cuda_loop import SideWords
+
         assert self.control is not None
         old = self._read_side()
         assert old is not None
         side = _rebased_side(old, self._in_counters(), self._out_counters(), state)
         self.kernel = loop
+        words = self.control.words  # where the new rings' positions start
+        words[ControlBlock.OUT_RESERVED // 8] = side[SideWords.OUT_NEXT]
+        words[ControlBlock.IN_RELEASED // 8] = side[SideWords.IN_DONE]
         self.control.set_state(state)
         if self.simulator:
             self._side = _cuda().to_device(side)
@@ -851,6 +859,22 @@ class CudaKernelBackend(RingFedBackend):
             await asyncio.wait_for(asyncio.shield(self._relinking(None)), timeout)
         if self._wakeup is not None:
             self._wakeup.close()
+
+    # -- when a request without a reply was dropped ----------------------------------
+
+    def settled_through(self, upto: int) -> int | None:
+        """The loop handles its input in order and, before it releases a batch, stores
+        where that batch's outputs end (``OUT_RESERVED``): the input ring's
+        ``released`` at ``upto`` or past it, then ``OUT_RESERVED`` read after it."""
+        if self.in_ring is None or self.control is None or not self._keeps_records():
+            return None
+        if self._in_link is None:
+            released = int(ring_word(self.in_ring.host.buffer, OFF_RELEASED))
+        else:  # a link ring is not the host's to read: its mirror, stored in order
+            released = int(ring_word(self.control.words, ControlBlock.IN_RELEASED))
+        if released < upto:
+            return None
+        return int(ring_word(self.control.words, ControlBlock.OUT_RESERVED))
 
     # -- state and telemetry ---------------------------------------------------------
 

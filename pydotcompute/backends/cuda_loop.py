@@ -35,7 +35,11 @@ batch) and passes the turn on: the turn is held for a few device-memory operatio
 not across a copy or a fence (only a full output ring, under BLOCK, makes it wait).
 Then it writes its outputs. The output ring is therefore **FIFO with respect to the
 input ring**, whatever the number of blocks and threads, and needs no fence: the host
-takes an output once its tag seals it.
+takes an output once its tag seals it. Before releasing, the turn holder stores the
+end of its reserved outputs in the control block (``OUT_RESERVED``): once the host
+reads a ``released`` that covers an input, the outputs of that input lie below the
+``OUT_RESERVED`` it reads next, so having taken outputs that far it has all of them
+(how a request the handler dropped is told apart from one whose output is late).
 
 **A chain of handlers** (the coordinator's fused ``cuda`` stages, see ``cuda_fused``)
 runs in the same loop: ``compose_chain_loop`` generates a record step that calls the
@@ -152,6 +156,8 @@ class ControlWords:
     ERRORS = _Layout.ERRORS // 8
     HEARTBEAT = _Layout.HEARTBEAT // 8
     ERROR_CODE = _Layout.ERROR_CODE // 8
+    OUT_RESERVED = _Layout.OUT_RESERVED // 8
+    IN_RELEASED = _Layout.IN_RELEASED // 8
     NWORDS = _Layout.NBYTES // 8
 
     INACTIVE = _Layout.INACTIVE
@@ -280,6 +286,8 @@ _C_PROCESSED = ControlWords.PROCESSED
 _C_STATE = ControlWords.STATE
 _C_TERMINATE = ControlWords.TERMINATE
 _C_HALT = ControlWords.HALT
+_C_OUT_RESERVED = ControlWords.OUT_RESERVED
+_C_IN_RELEASED = ControlWords.IN_RELEASED
 _S_AVAIL = SideWords.AVAIL
 _S_CLAIM = SideWords.CLAIM
 _S_IN_DONE = SideWords.IN_DONE
@@ -872,8 +880,14 @@ def compose_chain_loop(
                             which = _S_DROPPED if out_strategy == _BLOCK else _S_OUT_DROPPED_NEWEST
                             cuda.atomic.add(side, which, lost)
                         if final:
+                            # Where the outputs of the input released so far end: before
+                            # the release, which makes it visible with it (the host's
+                            # test that dropped records are done, see cuda.py).
+                            store_relaxed_sys(ctrl, _C_OUT_RESERVED, r + fit)
                             # The batch's reads are done: one release store for it.
                             in_release(in_words, W_RELEASED, c + k)
+                            if in_link != LINK_NONE:  # the host cannot read a link's
+                                store_release_sys(ctrl, _C_IN_RELEASED, c + k)
                             store_gpu(side, _S_IN_DONE, c + k)  # the next claim's turn
                         sh[4] = r
                         sh[5] = fit

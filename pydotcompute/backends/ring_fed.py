@@ -25,6 +25,7 @@ from pydotcompute.rings.host_ops import (
     ring_pop,
     ring_pop_spin,
     ring_push,
+    ring_word,
 )
 from pydotcompute.rings.host_ring import Backoff, HostRing
 from pydotcompute.rings.layout import (
@@ -32,7 +33,9 @@ from pydotcompute.rings.layout import (
     OFF_CONSUMER_SIDE,
     OFF_DROPPED_NEWEST,
     OFF_PRODUCER_SIDE,
+    OFF_PUBLISHED,
     OFF_REJECTED,
+    OFF_RELEASED,
 )
 
 __all__ = ["RingFedBackend"]
@@ -76,6 +79,26 @@ class RingFedBackend(KernelBackend):
             self.output_type, self.out_dtype, owner, fill_ids=not self.outputs_have_ids
         )
         self._record_of = self._in_codec.record_of  # bound once: called per message
+
+    # -- when a request without a reply was dropped ----------------------------------
+
+    def _keeps_records(self) -> bool:
+        """Whether every record sent is handled and every output placed is read: an
+        input ring that drops its oldest or an output ring that does not block could
+        lose one, and a request whose record or output was lost is not one the
+        handler dropped."""
+        return (
+            self.config.backpressure is not BackpressureStrategy.DROP_OLDEST
+            and self.output_strategy is BackpressureStrategy.BLOCK
+        )
+
+    def input_position(self) -> int | None:
+        if not self._keeps_records():
+            return None
+        return int(ring_word(self._in_buf, OFF_PUBLISHED))
+
+    def outputs_taken(self) -> int | None:
+        return int(ring_word(self._out_buf, OFF_RELEASED))
 
     # -- input -----------------------------------------------------------------------
 

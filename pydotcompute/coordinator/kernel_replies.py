@@ -10,20 +10,24 @@ request: the order rule ``send_and_receive`` uses, for actors that set no ids.
 A request whose handling raised gets the kernel's ``KernelFailedError`` (the runtime
 tells the table which message raised, whether the kernel restarts or fails), so it
 fails and is retried like any failed call. A request that gets no reply otherwise
-is *filtered* when the kernel can tell it consumed the request without output. A
-``cpu`` kernel with one worker handles its ring in order, so a reply to a later
-request means every earlier one without a reply was dropped by the handler; and once its input ring is empty and the worker has gone on polling
-(its idle-poll counter moved by a whole chunk, which it only does between batches),
-every record sent before has been handled and its outputs are in the output ring.
-Other kernels (several workers, ``cuda``, host actors) cannot say that: a request
-they never answer times out (``QueueTimeoutError``), as a plain request does.
+is *filtered* once the kernel says it is done with it: ``settled_through(upto)``
+(``cpu`` and ``cuda`` kernels, see ``KernelBackend``) answers, once every record
+below input position ``upto`` has been handled and its outputs have their places,
+where those outputs end; the reader takes outputs that far and settles every
+request sent before as filtered. A kernel that handles its ring in order (a ``cuda``
+kernel, whatever its blocks; a ``cpu`` kernel with one worker) also settles the
+requests before a reply that have none. With several ``cpu`` workers outputs
+interleave and no reply settles another, so the reader asks the kernel every few
+milliseconds while replies come as well as when they stop. Other kernels (host actors, CUDA C++,
+rings that drop records) cannot say: a request they never answer times out
+(``QueueTimeoutError``), as a plain request does.
 
 A *linked chain* (``cpu`` kernels joined by ``RingKernelRuntime.link``) is asked like
 one kernel: requests go to its first kernel and replies come from its last, which
 answers with the id the request entered with (a linked loop carries each input's
-``message_id`` to its outputs). With one worker everywhere the chain is in order end
-to end, and the end of a burst is seen kernel by kernel: the first one's ring empty
-and polled idle since, then the next one's, and so on.
+``message_id`` to its outputs). The end of a burst is seen kernel by kernel: where
+the first one's outputs end in the second one's input ring is what the second must
+be done with, and so on; it is in order end to end when every kernel has one worker.
 """
 
 from __future__ import annotations
@@ -52,7 +56,6 @@ class _Filtered:
 FILTERED_OUT: Any = _Filtered()
 """What a request gets when its kernel consumed it without output."""
 
-_IDLE_CHUNK = 64  # a cpu worker adds idle polls to its counter 64 at a time (see cpu.py)
 _SETTLE_POLL_S = 0.002  # how often a reader with nothing to read looks for dropped records
 _READ_POLL_S = 0.05  # how often a reader that cannot detect drops looks for no waiters
 _BATCH = 1024
@@ -222,18 +225,25 @@ class KernelReplies:
             self._out = record_layout(out_cls)
             self._id_at = uuid_offset(self._in.dtype, "message_id")
             self._corr_at = uuid_offset(self._out.dtype, "correlation_id")
+        self._handles = tuple(runtime.kernel_handle(k) for k in self.chain)
         # Whether a request consumed without output can be told (see the module text).
-        self.tells_drops = (
-            self.records
-            and all(runtime.kernel_handle(k).backend == "cpu" for k in self.chain)
-            and all(sp.config.workers == 1 for sp in specs)
-            and runtime.enable_telemetry
+        self.tells_drops = self.records and all(
+            h.input_position() is not None for h in self._handles
+        )
+        # Whether replies come in request order: a reply settles the requests before it.
+        self.in_order = self.tells_drops and all(
+            h.backend == "cuda" or sp.config.workers == 1
+            for h, sp in zip(self._handles, specs, strict=True)
         )
         self._waiting = Waiting()
         self._send_lock = asyncio.Lock()
         self._sent = 0  # sequence number of the newest request in the kernel's ring
+        # The first kernel's input position once the newest request was placed; None
+        # when the kernel could not say (then nothing is settled until it can again).
+        self._sent_at: int | None = 0
         self._reader: asyncio.Task[None] | None = None
-        # (sent, kernel of the chain, its idle polls) once that kernel's ring was empty
+        # (sent, kernel of the chain, its input position) while waiting for that kernel
+        # to be done with its input below that position
         self._mark: tuple[int, int, int] | None = None
         # A request whose handling raised has no reply, yet it was not filtered out.
         runtime.watch_handler_errors(kernel_id, self._raised_on)
@@ -329,6 +339,8 @@ class KernelReplies:
             )
         if placed:
             self._sent = mine[placed - 1]
+            if self.tells_drops:
+                self._sent_at = self._handles[0].input_position()
 
     async def _send_each(self, values: list[Any], batch: Batch, sent: list[int], left: Any) -> None:
         for i, v in enumerate(values):
@@ -353,6 +365,10 @@ class KernelReplies:
 
     async def _read(self) -> None:
         poll = _SETTLE_POLL_S if self.tells_drops else _READ_POLL_S
+        # Replies out of order settle nobody: look now and then while they come, too.
+        looks = self.tells_drops and not self.in_order
+        loop = asyncio.get_running_loop()
+        looked = loop.time()
         try:
             while len(self._waiting):
                 try:
@@ -363,21 +379,24 @@ class KernelReplies:
                     self._waiting.fail_all(exc)
                     return
                 if got is not None and len(got):
-                    self._mark = None
                     self._route(got)
+                    if looks and loop.time() - looked >= _SETTLE_POLL_S:
+                        looked = loop.time()
+                        await self._settle()
                     continue
                 failed = self._inner_failure()
                 if failed is not None:
                     self._waiting.fail_all(failed)
                     return
                 if self.tells_drops:
+                    looked = loop.time()
                     await self._settle()
         finally:
             self._reader = None
 
     def _route(self, got: Any) -> None:
         waiting = self._waiting
-        in_order = self.tells_drops
+        in_order = self.in_order
         if not self.records:
             for msg in got:
                 cid = getattr(msg, "correlation_id", None)
@@ -394,8 +413,8 @@ class KernelReplies:
             if seq is None:
                 seq = waiting.answer_oldest(msg)
             if in_order and seq is not None:
-                # One worker answers in ring order: the requests before this one
-                # without a reply were consumed without output.
+                # Answered in ring order: the requests before this one without a
+                # reply were consumed without output.
                 waiting.settle_before(seq)
 
     def _inner_failure(self) -> KernelFailedError | None:
@@ -452,40 +471,39 @@ class KernelReplies:
         return mid.bytes if mid is not None else None
 
     async def _settle(self) -> None:
-        """Nothing came: once the input ring is empty and the worker has polled it
-        idle since, every request sent before got all the replies it will get."""
-        tele = self._rt.get_telemetry
+        """Nothing came: once every kernel of the chain is done with what it was sent
+        up to the newest request, and the outputs that made are taken and routed, the
+        requests sent up to it that have no reply were dropped."""
         if self._mark is None:
-            upto, j = self._sent, 0
-        else:
-            upto, j, idle = self._mark
-            t = tele(self.chain[j])
-            if t is None or t.queue_depth != 0:
-                self._mark = None
+            if self._sent == 0 or self._sent_at is None:
                 return
-            if t.idle_polls - idle < _IDLE_CHUNK:
+            self._mark = (self._sent, 0, self._sent_at)
+        upto, j, at = self._mark
+        while j < len(self._handles):
+            through = self._handles[j].settled_through(at)
+            if through is None:  # still in hand: look again
+                self._mark = (upto, j, at)
                 return
-            j += 1  # what kernel j was sent has gone on: the next kernel now
-        if j < len(self.chain):
-            t = tele(self.chain[j])
-            if t is None or t.queue_depth != 0:
-                if j == 0:
-                    self._mark = None
-                return  # the next one still has records to take: look again
-            # The baseline is read after the ring was seen empty (telemetry reads the
-            # counters before the ring): idle polls counted from here came after.
-            again = tele(self.chain[j])
-            self._mark = (upto, j, again.idle_polls)
-            return
-        self._mark = None
-        while True:  # the outputs of what was handled are in the ring: route them first
+            j, at = j + 1, through  # where kernel j's outputs end: the next one's input
+        self._mark = (upto, j, at)
+        last = self._handles[-1]
+        while True:
+            taken = last.outputs_taken()
+            if taken is None:
+                return  # its outputs go elsewhere now: it cannot say
+            if taken >= at:
+                break
             try:
                 got = await self._rt.receive_batch(self.reply_from, _BATCH, 0)
             except QueueTimeoutError:
-                break
+                return  # placed but not yet readable (a cuda output not sealed yet)
+            except Exception as exc:  # noqa: BLE001 - the kernel failed or ended
+                self._waiting.fail_all(exc)
+                return
             if not len(got):
-                break
+                return
             self._route(got)
+        self._mark = None
         self._waiting.settle_before(upto + 1)
 
 

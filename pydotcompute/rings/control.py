@@ -41,6 +41,14 @@ class ControlBlock:
     ``STATUS_*``."""
     BATCHES = 1032
     """Non-empty polls, beside ``STATUS`` (same writer)."""
+    OUT_RESERVED = 1040
+    """The numba ``cuda`` loop, beside ``STATUS`` (a loop writes one or the other): the
+    output position below which the outputs of every input record released so far
+    lie, stored before the input ring's ``released``."""
+    IN_RELEASED = 1048
+    """The numba ``cuda`` loop reading a link ring (another kernel's outputs, not host
+    memory): the input it has released, stored with a system-scope release after
+    ``OUT_RESERVED``, so the host reads the pair in order."""
     RESULTS_SEQ = 1152
     """A sequence lock over ``RESULTS``: odd while the loop rewrites them."""
     RESULTS = 1160
@@ -78,6 +86,8 @@ class ControlBlock:
             ("ErrorCode", cls.ERROR_CODE, "kErrNone, kErrHandler, or the kernel's own code"),
             ("Status", cls.STATUS, "kStatus*: a loop that reports its own lifecycle"),
             ("Batches", cls.BATCHES, "non-empty polls"),
+            ("OutReserved", cls.OUT_RESERVED, "numba cuda loop: outputs reserved so far"),
+            ("InReleased", cls.IN_RELEASED, "numba cuda loop on a link: input released"),
             ("ResultsSeq", cls.RESULTS_SEQ, "odd while the result words are rewritten"),
             ("Results", cls.RESULTS, "the first result word; they run to kWords"),
         ]

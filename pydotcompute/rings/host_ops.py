@@ -65,6 +65,7 @@ __all__ = [
     "ring_evict",
     "ring_add_counter",
     "ring_depth",
+    "ring_word",
     "ring_ready",
     "ring_pop_spin",
     "ring_seal",
@@ -396,6 +397,13 @@ def ring_pop(buf, dst, dst_off, max_n):  # type: ignore[no-untyped-def]
 def ring_add_counter(buf, off, k):  # type: ignore[no-untyped-def]
     """Atomically add ``k`` to the counter at byte ``off`` (a caller-side refusal)."""
     fetch_add(buf, off, k)
+
+
+@_jit
+def ring_word(buf, off):  # type: ignore[no-untyped-def]
+    """The word at byte ``off`` (a ring's index or counter, a control block's word),
+    read with acquire ordering: of two words read in turn, the second is no older."""
+    return load_acquire(buf, off)
 
 
 @_jit

@@ -77,6 +77,21 @@ class KernelHandle:
         None for a kernel of one handler."""
         return self._launch.kernel_backend.stage_counts()  # type: ignore[no-any-return]
 
+    def input_position(self) -> int | None:
+        """The input ring's ``published`` index (every record sent so far lies below
+        it); None for a kernel that cannot say when it is done with its input."""
+        return self._launch.kernel_backend.input_position()  # type: ignore[no-any-return]
+
+    def settled_through(self, upto: int) -> int | None:
+        """Once every input below position ``upto`` is handled and its outputs have
+        their places, the position (in the output ring, or the linked kernel's input
+        ring) below which those outputs lie; None until then, or where it cannot say."""
+        return self._launch.kernel_backend.settled_through(upto)  # type: ignore[no-any-return]
+
+    def outputs_taken(self) -> int | None:
+        """The output ring's ``released`` index: outputs below it have been taken."""
+        return self._launch.kernel_backend.outputs_taken()  # type: ignore[no-any-return]
+
     @property
     def error(self) -> BaseException | None:
         """What made it FAILED, if it failed."""
