@@ -44,6 +44,7 @@ class FlowNum:
 
     x: np.int64
 
+
 WIDE = np.dtype([("x", "<i8"), ("y", "<i8")])
 
 

@@ -497,7 +497,10 @@ async def test_items_a_journal_holds_at_an_inner_stage_run_on_the_graphs_kernels
         )
         flow = await deploy(rt, graph, name="f", journal=path)
         assert flow.explain().linked == ()  # b runs on host
-        assert flow.explain().link_reason("a", "b") == "backend host does not link (only cpu and cuda): 'b'"
+        assert (
+            flow.explain().link_reason("a", "b")
+            == "backend host does not link (only cpu and cuda): 'b'"
+        )
         await flow.submit_many(range(20), keys=[str(i) for i in range(20)])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
