@@ -22,12 +22,13 @@ milliseconds while replies come as well as when they stop. Other kernels (host a
 rings that drop records) cannot say: a request they never answer times out
 (``QueueTimeoutError``), as a plain request does.
 
-A *linked chain* (``cpu`` kernels joined by ``RingKernelRuntime.link``) is asked like
-one kernel: requests go to its first kernel and replies come from its last, which
-answers with the id the request entered with (a linked loop carries each input's
+A *linked chain* (``cpu`` or ``cuda`` kernels joined by ``RingKernelRuntime.link``) is
+asked like one kernel: requests go to its first kernel and replies come from its last,
+which answers with the id the request entered with (a linked loop carries each input's
 ``message_id`` to its outputs). The end of a burst is seen kernel by kernel: where
-the first one's outputs end in the second one's input ring is what the second must
-be done with, and so on; it is in order end to end when every kernel has one worker.
+the first one's outputs end in the second one's input ring (on ``cuda``, the link ring
+in device memory) is what the second must be done with, and so on; it is in order end
+to end when every kernel has one worker (always, on ``cuda``).
 """
 
 from __future__ import annotations
