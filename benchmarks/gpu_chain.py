@@ -10,12 +10,19 @@ Measured in one run, every kernel running ``affine`` (y = 2x + 1) on 16-byte rec
   go from ``k1``'s loop to ``k2``'s and on to ``k3``'s through rings in device memory;
   sent to ``k1``, taken from ``k3``;
 * ``host x3``: the same three kernels unlinked, the host taking each kernel's replies
-  and sending them to the next (what a chain costs without links).
+  and sending them to the next (what a chain costs without links);
+
+and through the coordinator, a flow ``make >> <middle> >> unwrap`` of ``@message``
+records (x + 1 per kernel): the middle one kernel stage, three stages fused into one
+resident kernel (the default), or three stages kept apart and linked (``fuse=False``):
+items/s over a burst, and the round trip of one item (``submit`` then ``result``).
 
     python benchmarks/gpu_chain.py [--messages N] [--records N] [--simulator] [--json P]
 
 Goals (on a GPU, same run): linked x3 moves >= 0.8x the records/s of one kernel, and
-its round trip p50 is <= 1.3x one kernel's.
+its round trip p50 is <= 1.3x one kernel's; through the coordinator, the fused and the
+linked three-stage flows move >= 0.8x the items/s of the one-stage flow, with a round
+trip p50 <= 1.3x its.
 """
 
 from __future__ import annotations
@@ -28,7 +35,85 @@ from typing import Any
 import gpu_common as gc
 import numpy as np
 
+from pydotcompute import message
+
 BATCH = 4096
+
+
+@message
+class Num:
+    x: np.float64
+
+
+def inc(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x + 1.0
+    return True
+
+
+async def _flow_rate(rt: Any, graph: Any, n: int, adds: int, name: str) -> float:
+    flow = await rt.deploy(graph, name=name)
+    async with flow:
+        t0 = time.perf_counter()
+        for i in range(0, n, 1000):
+            await flow.submit_many(range(i, min(n, i + 1000)))
+        await flow.drain()
+        elapsed = time.perf_counter() - t0
+        total = 0.0
+        async for _, v in flow.results():
+            total += v
+        assert total == sum(range(n)) + adds * n, "wrong results"
+    return n / elapsed
+
+
+async def _flow_trips(rt: Any, graph: Any, n: int, adds: int, name: str) -> list[int]:
+    flow = await rt.deploy(graph, name=name)
+    samples = []
+    async with flow:
+        for i in range(n):
+            t0 = time.perf_counter_ns()
+            key = await flow.submit(i)
+            got = await flow.result(key, timeout=30)
+            samples.append(time.perf_counter_ns() - t0)
+            assert got == i + adds
+    return samples
+
+
+async def flows(n: int, trips: int) -> dict[str, Any]:
+    """One kernel stage, three fused, three linked: items/s and round trips."""
+    from pydotcompute.coordinator import stage
+    from pydotcompute.runtime.runtime import RingKernelRuntime
+
+    def make(i: int) -> Num:
+        return Num(x=float(i))
+
+    def unwrap(m: Num) -> float:
+        return float(m.x)
+
+    out: dict[str, Any] = {}
+    async with RingKernelRuntime() as rt:
+        for k in range(3):
+            await rt.launch(f"f{k}", inc, backend="cuda", input_type=Num, output_type=Num,
+                            queue_size=BATCH)  # fmt: skip
+            await rt.activate(f"f{k}")
+        graphs = {
+            "one": (stage(make) >> "f0" >> stage(unwrap), 1),
+            "fused": (stage(make) >> "f0" >> "f1" >> "f2" >> stage(unwrap), 3),
+            "linked": (
+                stage(make)
+                >> stage("f0", fuse=False)
+                >> stage("f1", fuse=False)
+                >> stage("f2", fuse=False)
+                >> stage(unwrap),
+                3,
+            ),
+        }
+        for name, (g, adds) in graphs.items():
+            await _flow_rate(rt, g, min(n, 200), adds, f"warm-{name}")  # compile, link
+            out[f"flow_{name}_ips"] = await _flow_rate(rt, g, n, adds, f"rate-{name}")
+            out[f"flow_{name}_us"] = gc.percentiles_us(
+                await _flow_trips(rt, g, trips, adds, f"trips-{name}")
+            )
+    return out
 
 
 async def _kernels(rt: Any, names: list[str]) -> None:
@@ -47,7 +132,7 @@ async def _round_trips(rt: Any, first: str, last: str, hops: list[str], n: int) 
         one["seq"] = i
         t0 = time.perf_counter_ns()
         await rt.send(first, one[0], timeout=30)
-        for a, b in zip(hops, hops[1:]):
+        for a, b in zip(hops[:-1], hops[1:], strict=True):
             await rt.send(b, await rt.receive(a, timeout=30), timeout=30)
         got = await rt.receive(last, timeout=30)
         samples.append(time.perf_counter_ns() - t0)
@@ -72,7 +157,9 @@ async def _stream(rt: Any, first: str, last: str, hops: list[str], total: int, d
 
     t0 = time.perf_counter()
     tasks = [asyncio.ensure_future(feed())]
-    tasks += [asyncio.ensure_future(forward(a, b)) for a, b in zip(hops, hops[1:])]
+    tasks += [
+        asyncio.ensure_future(forward(a, b)) for a, b in zip(hops[:-1], hops[1:], strict=True)
+    ]
     seen = 0
     expect_x = data["x"]
     for _ in range(depth):
@@ -111,6 +198,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--messages", type=int, default=None, help="round trips per variant")
     ap.add_argument("--records", type=int, default=None, help="records streamed per variant")
+    ap.add_argument("--items", type=int, default=None, help="items per flow burst")
     gc.add_standard_args(ap)
     args = ap.parse_args()
     gc.start(args)
@@ -118,6 +206,8 @@ def main() -> None:
     total = args.records or (2 * 8 if gc.SIMULATOR else 1_000_000)
     print(f"device: {gc.device_name()}; {n} round trips, {total} records streamed per variant")
     res = asyncio.run(measure(n, total))
+    res.update(asyncio.run(flows(args.items or (8 if gc.SIMULATOR else 20_000),
+                                 min(n, 8 if gc.SIMULATOR else 1000))))  # fmt: skip
     one50 = res["one_us"][0]
     print(f"{'variant':<14}{'p50 us':>10}{'p99 us':>10}{'/ one':>8}{'records/s':>14}{'/ one':>8}")
     for key, label in (("one", "one kernel"), ("host_x3", "host x3"), ("linked_x3", "linked x3")):
@@ -127,8 +217,19 @@ def main() -> None:
               f"{rps / res['one_rps']:>7.2f}x")  # fmt: skip
     res["linked_x3_throughput_ratio"] = res["linked_x3_rps"] / res["one_rps"]
     res["linked_x3_roundtrip_ratio"] = res["linked_x3_us"][0] / one50
+    f50 = res["flow_one_us"][0]
+    print(f"{'flow':<14}{'p50 us':>10}{'p99 us':>10}{'/ one':>8}{'items/s':>14}{'/ one':>8}")
+    for key, label in (("one", "one stage"), ("fused", "fused x3"), ("linked", "linked x3")):
+        p50, p99 = res[f"flow_{key}_us"]
+        ips = res[f"flow_{key}_ips"]
+        print(f"{label:<14}{p50:>10.2f}{p99:>10.2f}{p50 / f50:>7.2f}x{ips:>14.0f}"
+              f"{ips / res['flow_one_ips']:>7.2f}x")  # fmt: skip
+        if key != "one":
+            res[f"flow_{key}_throughput_ratio"] = ips / res["flow_one_ips"]
+            res[f"flow_{key}_roundtrip_ratio"] = p50 / f50
     print("goals: linked x3 records/s >= 0.8x one kernel's; linked x3 round trip p50 "
-          "<= 1.3x one kernel's")  # fmt: skip
+          "<= 1.3x one kernel's; flows: fused and linked x3 items/s >= 0.8x one stage's, "
+          "round trip p50 <= 1.3x")  # fmt: skip
     gc.finish(args, res)
 
 

@@ -44,8 +44,9 @@ def test_gpu_suite_rehearsal_on_the_simulator(tmp_path: Path) -> None:
     assert [r["batch"] for r in steps["throughput"]["results"]["matrix"]] == [1, 4]
     chain = steps["chain"]["results"]
     assert chain["linked_x3_rps"] > 0 and chain["linked_x3_us"][0] > 0
+    assert chain["flow_fused_ips"] > 0 and chain["flow_linked_us"][0] > 0
     assert steps["gpu tests"]["results"]["skipped"] > 0  # no GPU: they skip, cleanly
     # every goal of the table is computed from the steps (verdicts mean nothing here)
-    assert len(report["goals"]) == 14
+    assert len(report["goals"]) == 18
     for goal in report["goals"]:
         assert goal["goal"] in proc.stdout
