@@ -139,6 +139,32 @@ def test_replies_keep_their_identity_with_repeated_ids():
     asyncio.run(go())
 
 
+def test_a_batch_of_replies_is_matched_by_id_with_repeats_strays_and_drops():
+    from pydotcompute.coordinator.kernel_replies import FILTERED_OUT, Batch, Waiting
+
+    w = Waiting()
+    a, b, c, d = (uuid.uuid4().bytes for _ in range(4))
+    first, second = Batch(3), Batch(2)
+    s1 = w.expect_many([a, b, a], first, [0, 1, 2])
+    s2 = w.expect_many([c, d], second, [1, 0])
+    assert list(s1) == [1, 2, 3] and list(s2) == [4, 5] and len(w) == 5
+    # Out of order, without drops: each reply finds its own request; the repeated id
+    # goes to its oldest request first.
+    w.answer_many([b, a], ["B", "A1"], in_order=False)
+    assert first.results[:2] == ["A1", "B"] and first.left == 1
+    # In order: the reply to d (seq 5) settles c (seq 4) as consumed without output,
+    # and the second a (seq 3) before it; a stray reply then has nobody left.
+    w.answer_many([d, uuid.uuid4().bytes], ["D", "stray"], in_order=True)
+    assert first.results[2] is FILTERED_OUT and first.left == 0
+    assert second.results == ["D", FILTERED_OUT] and second.left == 0
+    assert len(w) == 0 and w.answer_oldest("late") is None
+    # A stray reply goes to the oldest waiting request.
+    third = Batch(2)
+    w.expect_many([a, b], third, [0, 1])
+    w.answer_many([c], ["C"], in_order=False)
+    assert third.results[0] == "C" and len(w) == 1 and w.answer(b, "B2") == 7
+
+
 async def test_the_journal_listing_counts_filtered_items(tmp_path):
     from pydotcompute.cli.journal_records import flow_records
     from pydotcompute.coordinator.journal_reader import JournalReader
