@@ -108,14 +108,18 @@ class Waiting:
     """Requests waiting for replies: by id (16 bytes; ids may repeat, the oldest is
     answered first) and in the order they were sent (sequence numbers from 1).
 
-    Kept as flat tables a whole batch goes in and out of in one loop: per request one
-    entry by sequence number (id, batch, index) and one by id (the oldest sequence
-    number waiting under it; later ones with the same id wait in ``_more``)."""
+    Kept as flat tables a whole batch goes in and out of in one loop: by sequence
+    number, the request's batch, index there and id; by id, the oldest sequence number
+    waiting under it (later ones with the same id wait in ``_more``). Three tables of
+    plain values rather than a tuple per request: nothing per request for the garbage
+    collector to track while it waits."""
 
-    __slots__ = ("_by_id", "_by_seq", "_more", "_next", "_oldest")
+    __slots__ = ("_by_id", "_by_seq", "_index", "_more", "_next", "_oldest", "_rid")
 
     def __init__(self) -> None:
-        self._by_seq: dict[int, tuple[bytes | None, Batch, int]] = {}
+        self._by_seq: dict[int, Batch] = {}
+        self._index: dict[int, int] = {}
+        self._rid: dict[int, bytes | None] = {}
         self._by_id: dict[bytes | None, int] = {}
         self._more: dict[bytes | None, collections.deque[int]] = {}
         self._next = 1
@@ -131,7 +135,9 @@ class Waiting:
             place = Place(Batch(1), 0)
         seq = self._next
         self._next += 1
-        self._by_seq[seq] = (rid, place.batch, place.index)
+        self._by_seq[seq] = place.batch
+        self._index[seq] = place.index
+        self._rid[seq] = rid
         self._file(rid, seq)
         return seq, place
 
@@ -141,9 +147,9 @@ class Waiting:
         n = len(rids)
         seqs = range(self._next, self._next + n)
         self._next += n
-        self._by_seq.update(
-            zip(seqs, zip(rids, itertools.repeat(batch), where, strict=False), strict=True)
-        )
+        self._by_seq.update(zip(seqs, itertools.repeat(batch, n), strict=True))
+        self._index.update(zip(seqs, where, strict=True))
+        self._rid.update(zip(seqs, rids, strict=True))
         batch.left += n
         by_id = self._by_id
         if by_id.keys().isdisjoint(rids) and len(set(rids)) == n:
@@ -158,7 +164,9 @@ class Waiting:
             self._more.setdefault(rid, collections.deque()).append(seq)
 
     def _pop(self, seq: int) -> tuple[Batch, int]:
-        rid, batch, index = self._by_seq.pop(seq)
+        batch = self._by_seq.pop(seq)
+        index = self._index.pop(seq)
+        rid = self._rid.pop(seq)
         more = self._more.get(rid) if self._more else None
         if more is None:
             del self._by_id[rid]
@@ -198,7 +206,7 @@ class Waiting:
         """``answer`` each value by its id; a value whose id nobody waits for goes to
         the oldest request. ``in_order`` (one worker, answering in ring order): the
         requests before an answered one that have no reply were consumed without output."""
-        by_id, by_seq = self._by_id, self._by_seq
+        by_id, by_seq, by_index, by_rid = self._by_id, self._by_seq, self._index, self._rid
         for rid, value in zip(rids, values, strict=True):
             seq = by_id.get(rid)
             if seq is None:
@@ -209,7 +217,9 @@ class Waiting:
             if self._more:
                 batch, index = self._pop(seq)
             else:  # ``_pop`` for ids that do not repeat, inline: this runs per reply
-                _, batch, index = by_seq.pop(seq)
+                batch = by_seq.pop(seq)
+                index = by_index.pop(seq)
+                del by_rid[seq]
                 del by_id[rid]
                 if seq == self._oldest:
                     self._oldest = seq + 1
@@ -246,12 +256,14 @@ class Waiting:
 
     def fail_all(self, exc: BaseException) -> None:
         """Every waiting request gets ``exc`` as its result (the kernel failed or ended)."""
-        by_seq = list(self._by_seq.values())
+        waiting = list(zip(self._by_seq.values(), self._index.values(), strict=True))
         self._by_seq.clear()
+        self._index.clear()
+        self._rid.clear()
         self._by_id.clear()
         self._more.clear()
         self._oldest = self._next
-        for _, batch, index in by_seq:
+        for batch, index in waiting:
             batch.give(index, exc)
 
 
