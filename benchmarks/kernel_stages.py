@@ -22,7 +22,9 @@ when durable; other threads, such as the kernel's worker, and other processes ar
 in it), the unfused chain's per-stage figure (items/s x 3 stages) over one kernel
 stage's, the fused chain's items/s over one kernel stage's and over the unfused
 chain's, and the linked pair's over the unlinked pair's. Each run starts after a
-garbage collection, off the clock.
+garbage collection, off the clock. Then a floor, per item on one thread: the function
+stage's call against the record conversion a kernel stage cannot batch away (inputs
+packed into records, outputs decoded into messages).
 
     python benchmarks/kernel_stages.py [--items N] [--durable-items N] [--repeat R]
                                        [--backend cpu|cuda]
@@ -52,6 +54,7 @@ import numpy as np
 
 from pydotcompute import RingKernelRuntime, message
 from pydotcompute.coordinator import stage
+from pydotcompute.messages import messages_from_records, records_from_messages
 
 
 @message
@@ -140,6 +143,29 @@ async def measure(
         return out
 
 
+async def floor(n: int, repeat: int) -> tuple[float, float]:
+    """Per item, on this thread, best of ``repeat``: the function stage's own work (its
+    call, which builds the output message) and the part of a kernel stage's that no
+    batching removes: its inputs made records and its outputs (each naming its request
+    in ``correlation_id``, as the kernel loop writes) made messages again. No thread, no
+    ring, no reply matching: what is left for a kernel stage to match the function stage."""
+    msgs = [make(i) for i in range(n)]
+    call, convert = [], []
+    for _ in range(repeat):
+        t0 = time.thread_time()
+        for m in msgs:
+            await inc_fn(m)
+        call.append((time.thread_time() - t0) / n)
+        t0 = time.thread_time()
+        for i in range(0, n, 64):
+            recs = records_from_messages(msgs[i : i + 64], Num)
+            out = recs.copy()
+            out["correlation_id"] = recs["message_id"]
+            messages_from_records(Num, out)
+        convert.append((time.thread_time() - t0) / n)
+    return min(call), min(convert)
+
+
 def report(where: str, runs: list[dict[str, float]]) -> None:
     best = {k: max(r[k] for r in runs) for k in runs[0] if not k.startswith("cpu")}
     for k, v in best.items():
@@ -174,6 +200,11 @@ def main() -> None:
     print(f"kernel stages on {args.backend}, {os.cpu_count()} CPUs, best of {args.repeat}:")
     mem = [asyncio.run(measure(args.items, None, 3, args.backend)) for _ in range(args.repeat)]
     report("in memory", mem)
+    call, convert = asyncio.run(floor(args.items, args.repeat))
+    print(
+        f"  floor     per item: the function's call {call * 1e6:.1f} us; a kernel stage's "
+        f"records in and messages out {convert * 1e6:.1f} us (no thread, no matching)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         dur = [
             asyncio.run(measure(args.durable_items, os.path.join(tmp, f"k{i}.db"), 3, args.backend))
