@@ -121,6 +121,31 @@ async def test_a_host_actor_answering_out_of_order_or_not_at_all():
         assert rec.key == "7" and "within 1" in rec.error
 
 
+def add_one(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x + 1
+    return True
+
+
+async def test_batches_in_flight_together_pass_their_outputs_on_in_order():
+    # The next stages hold one item each: every batch waits for room item by item, and
+    # a later batch whose replies are in must not take room freed for an earlier one.
+    seen: list[int] = []
+
+    async def record(x: int) -> int:
+        seen.append(x)
+        await asyncio.sleep(0)
+        return x
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("one", add_one, backend="cpu", input_type=Num, output_type=Num)
+        await rt.activate("one")
+        graph = stage(make) >> "one" >> stage(unwrap, buffer=1) >> stage(record, buffer=1)
+        async with await rt.deploy(graph, name="order") as flow:
+            await flow.submit_many(range(3000))
+            await flow.drain(timeout=60)
+    assert seen == list(range(1, 3001))
+
+
 def test_replies_keep_their_identity_with_repeated_ids():
     from pydotcompute.coordinator.kernel_replies import FILTERED_OUT, Waiting
 
