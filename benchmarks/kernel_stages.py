@@ -16,9 +16,15 @@ an int into an ``@message`` record and ``unwrap`` takes the int back out:
   (``link=False``);
 
 each in memory and durable (SQLite journal in a temporary folder), in this one run.
-Printed: items/s, kernel/function, the unfused chain's per-stage figure (items/s x 3
-stages) over one kernel stage's, the fused chain's items/s over one kernel stage's
-and over the unfused chain's, and the linked pair's over the unlinked pair's.
+Printed: items/s, kernel/function, the event loop thread's CPU time per item in the
+function and kernel graphs (the host side of a kernel stage, SQLite commits included
+when durable; other threads, such as the kernel's worker, and other processes are not
+in it), the unfused chain's per-stage figure (items/s x 3 stages) over one kernel
+stage's, the fused chain's items/s over one kernel stage's and over the unfused
+chain's, and the linked pair's over the unlinked pair's. Each run starts after a
+garbage collection, off the clock. Then a floor, per item on one thread: the function
+stage's call against the record conversion a kernel stage cannot batch away (inputs
+packed into records, outputs decoded into messages).
 
     python benchmarks/kernel_stages.py [--items N] [--durable-items N] [--repeat R]
                                        [--backend cpu|cuda]
@@ -38,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import tempfile
 import time
@@ -47,6 +54,7 @@ import numpy as np
 
 from pydotcompute import RingKernelRuntime, message
 from pydotcompute.coordinator import stage
+from pydotcompute.messages import messages_from_records, records_from_messages
 
 
 @message
@@ -71,14 +79,21 @@ def unwrap(m: Num) -> int:
     return int(m.x)
 
 
+CPU: dict[str, float] = {}  # name of a run: the event loop thread's CPU s per item
+
+
 async def run(graph: Any, rt: RingKernelRuntime, n: int, adds: int, name: str) -> float:
     flow = await rt.deploy(graph, name=name)
     async with flow:
-        t0 = time.perf_counter()
+        # The garbage of earlier runs is collected off the clock: a full collection
+        # (a tenth of a second in a process this size) lands in no run by chance.
+        gc.collect()
+        t0, c0 = time.perf_counter(), time.thread_time()
         for i in range(0, n, 1000):
             await flow.submit_many(range(i, min(n, i + 1000)))
         await flow.drain()
         elapsed = time.perf_counter() - t0
+        CPU[name] = (time.thread_time() - c0) / n
         total = 0
         async for _, v in flow.results():
             total += v
@@ -120,6 +135,7 @@ async def measure(
         out = {}
         out["function"] = await run(stage(make) >> stage(inc_fn) >> stage(unwrap), rt, n, 1, "f")
         out["kernel"] = await run(stage(make) >> "inc0" >> stage(unwrap), rt, n, 1, "k")
+        out["cpu function"], out["cpu kernel"] = CPU["f"], CPU["k"]
         out["unfused x3"] = await run(unfused, rt, n, 3, "c")
         out["fused x3"] = await run(fused, rt, n, 3, "fc")
         out["2 linked"] = await run(linked, rt, n, 2, "l2")
@@ -127,14 +143,45 @@ async def measure(
         return out
 
 
+async def floor(n: int, repeat: int) -> tuple[float, float]:
+    """Per item, on this thread, best of ``repeat``: the function stage's own work (its
+    call, which builds the output message) and the part of a kernel stage's that no
+    batching removes: its inputs made records and its outputs (each naming its request
+    in ``correlation_id``, as the kernel loop writes) made messages again. No thread, no
+    ring, no reply matching: what is left for a kernel stage to match the function stage."""
+    msgs = [make(i) for i in range(n)]
+    call, convert = [], []
+    for _ in range(repeat):
+        t0 = time.thread_time()
+        for m in msgs:
+            await inc_fn(m)
+        call.append((time.thread_time() - t0) / n)
+        t0 = time.thread_time()
+        for i in range(0, n, 64):
+            recs = records_from_messages(msgs[i : i + 64], Num)
+            out = recs.copy()
+            out["correlation_id"] = recs["message_id"]
+            messages_from_records(Num, out)
+        convert.append((time.thread_time() - t0) / n)
+    return min(call), min(convert)
+
+
 def report(where: str, runs: list[dict[str, float]]) -> None:
-    best = {k: max(r[k] for r in runs) for k in runs[0]}
+    best = {k: max(r[k] for r in runs) for k in runs[0] if not k.startswith("cpu")}
     for k, v in best.items():
         print(f"  {where:9s} {k:12s} {v:10.0f} items/s")
     if "kernel" not in best:
         print(f"  {where:9s} (simulator: no ratios, they need a GPU)")
         return
     print(f"  {where:9s} kernel / function          {best['kernel'] / best['function']:.2f}x")
+    # What the event loop's thread spends per item (the least of the runs): the host
+    # side of a kernel stage against the function stage's call, without the other
+    # threads (a kernel's worker, the journal writer) or other processes in it.
+    f_cpu, k_cpu = (min(r[f"cpu {k}"] for r in runs) * 1e6 for k in ("function", "kernel"))
+    print(
+        f"  {where:9s} event loop CPU per item: function {f_cpu:.1f} us, kernel "
+        f"{k_cpu:.1f} us, kernel / function {k_cpu / f_cpu:.2f}x"
+    )
     per_stage = best["unfused x3"] * 3 / best["kernel"]
     print(f"  {where:9s} unfused x3, per stage / one {per_stage:.2f}x")
     print(f"  {where:9s} fused x3 / one stage       {best['fused x3'] / best['kernel']:.2f}x")
@@ -153,6 +200,11 @@ def main() -> None:
     print(f"kernel stages on {args.backend}, {os.cpu_count()} CPUs, best of {args.repeat}:")
     mem = [asyncio.run(measure(args.items, None, 3, args.backend)) for _ in range(args.repeat)]
     report("in memory", mem)
+    call, convert = asyncio.run(floor(args.items, args.repeat))
+    print(
+        f"  floor     per item: the function's call {call * 1e6:.1f} us; a kernel stage's "
+        f"records in and messages out {convert * 1e6:.1f} us (no thread, no matching)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         dur = [
             asyncio.run(measure(args.durable_items, os.path.join(tmp, f"k{i}.db"), 3, args.backend))

@@ -121,6 +121,31 @@ async def test_a_host_actor_answering_out_of_order_or_not_at_all():
         assert rec.key == "7" and "within 1" in rec.error
 
 
+def add_one(msg, out, state):  # type: ignore[no-untyped-def]
+    out.x = msg.x + 1
+    return True
+
+
+async def test_batches_in_flight_together_pass_their_outputs_on_in_order():
+    # The next stages hold one item each: every batch waits for room item by item, and
+    # a later batch whose replies are in must not take room freed for an earlier one.
+    seen: list[int] = []
+
+    async def record(x: int) -> int:
+        seen.append(x)
+        await asyncio.sleep(0)
+        return x
+
+    async with RingKernelRuntime() as rt:
+        await rt.launch("one", add_one, backend="cpu", input_type=Num, output_type=Num)
+        await rt.activate("one")
+        graph = stage(make) >> "one" >> stage(unwrap, buffer=1) >> stage(record, buffer=1)
+        async with await rt.deploy(graph, name="order") as flow:
+            await flow.submit_many(range(3000))
+            await flow.drain(timeout=60)
+    assert seen == list(range(1, 3001))
+
+
 def test_replies_keep_their_identity_with_repeated_ids():
     from pydotcompute.coordinator.kernel_replies import FILTERED_OUT, Waiting
 
@@ -137,6 +162,32 @@ def test_replies_keep_their_identity_with_repeated_ids():
         assert fa2.result() is FILTERED_OUT and not fc.done() and len(w) == 1
 
     asyncio.run(go())
+
+
+def test_a_batch_of_replies_is_matched_by_id_with_repeats_strays_and_drops():
+    from pydotcompute.coordinator.kernel_replies import FILTERED_OUT, Batch, Waiting
+
+    w = Waiting()
+    a, b, c, d = (uuid.uuid4().bytes for _ in range(4))
+    first, second = Batch(3), Batch(2)
+    s1 = w.expect_many([a, b, a], first, [0, 1, 2])
+    s2 = w.expect_many([c, d], second, [1, 0])
+    assert list(s1) == [1, 2, 3] and list(s2) == [4, 5] and len(w) == 5
+    # Out of order, without drops: each reply finds its own request; the repeated id
+    # goes to its oldest request first.
+    w.answer_many([b, a], ["B", "A1"], in_order=False)
+    assert first.results[:2] == ["A1", "B"] and first.left == 1
+    # In order: the reply to d (seq 5) settles c (seq 4) as consumed without output,
+    # and the second a (seq 3) before it; a stray reply then has nobody left.
+    w.answer_many([d, uuid.uuid4().bytes], ["D", "stray"], in_order=True)
+    assert first.results[2] is FILTERED_OUT and first.left == 0
+    assert second.results == ["D", FILTERED_OUT] and second.left == 0
+    assert len(w) == 0 and w.answer_oldest("late") is None
+    # A stray reply goes to the oldest waiting request.
+    third = Batch(2)
+    w.expect_many([a, b], third, [0, 1])
+    w.answer_many([c], ["C"], in_order=False)
+    assert third.results[0] == "C" and len(w) == 1 and w.answer(b, "B2") == 7
 
 
 async def test_the_journal_listing_counts_filtered_items(tmp_path):

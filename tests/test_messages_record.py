@@ -284,6 +284,35 @@ def test_subclass_of_base_has_layout_and_init_false_fields() -> None:
     assert back == m and back.twice == 2.5
 
 
+def test_a_plain_message_built_from_a_record_equals_the_one_its_init_builds() -> None:
+    class Plain(RingKernelMessage):
+        x: np.int64 = np.int64(0)
+        y: float = 0.0
+
+    m = Plain(x=np.int64(-7), y=0.5, priority=3, correlation_id=uuid.uuid4())
+    back = Plain.from_record(m.to_record())
+    assert back == m and type(back.x) is np.int64 and type(back.priority) is int
+    assert list(vars(back)) == ["message_id", "priority", "correlation_id", "x", "y"]
+    back.y = 1.5  # an ordinary, mutable instance
+    assert back.y == 1.5
+
+
+def test_a_message_whose_attributes_are_intercepted_is_built_through_its_init() -> None:
+    seen: list[str] = []
+
+    class Logged(RingKernelMessage):
+        x: np.int64 = np.int64(0)
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            seen.append(name)
+            object.__setattr__(self, name, value)
+
+    m = Logged(x=np.int64(3))
+    seen.clear()
+    back = Logged.from_record(m.to_record())
+    assert back == m and "x" in seen
+
+
 # -------------------------------------------------------------------- property tests
 
 

@@ -395,6 +395,7 @@ class Flow:
         # at a time, so a stage never waits for a round trip with items ready.
         ahead = getattr(runner, "batches_in_flight", 1) if many is not None else 1
         slots = asyncio.Semaphore(ahead) if ahead > 1 else None
+        passed: asyncio.Future[None] | None = None  # the last batch's outputs passed on
         while True:
             toks = await ch.take(take, node.batch_timeout)
             if i in ledger.hungry:
@@ -408,7 +409,7 @@ class Flow:
                 continue
             if slots is not None:
                 await slots.acquire()
-                self._spawn_many(node, many, toks, nxt, nxt_node, finish, slots)
+                passed = self._spawn_many(node, many, toks, nxt, nxt_node, finish, slots, passed)
                 continue
             if many is not None and len(toks) > 1:
                 try:
@@ -448,12 +449,20 @@ class Flow:
         nxt_node: int,
         finish: Any,
         slots: asyncio.Semaphore,
-    ) -> None:
-        """``_run_many`` as a task of its own, holding one of the stage's ``slots``."""
-        task = asyncio.create_task(self._run_many(node, many, toks, nxt, nxt_node, finish))
+        after: asyncio.Future[None] | None,
+    ) -> asyncio.Future[None]:
+        """``_run_many`` as a task of its own, holding one of the stage's ``slots``; it
+        passes its outputs on once the batch before it (``after``) has passed on its
+        own, so batches in flight together keep their order (a task that woke first
+        could otherwise take the room the next stage freed for the one waiting). What
+        it returns is done once this batch's outputs are passed on (or it ended)."""
+        passed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self._run_many(node, many, toks, nxt, nxt_node, finish, after))
         self._tasks.append(task)
 
         def done(t: asyncio.Task[None]) -> None:
+            if not passed.done():
+                passed.set_result(None)
             slots.release()
             self._busy[node.index] -= len(toks)
             if t in self._tasks:
@@ -461,6 +470,7 @@ class Flow:
             self._task_done(t)
 
         task.add_done_callback(done)
+        return passed
 
     async def _run_many(
         self,
@@ -470,10 +480,14 @@ class Flow:
         nxt: Channel | None,
         nxt_node: int,
         finish: Any,
+        after: asyncio.Future[None] | None = None,
     ) -> None:
         """The items a worker took, sent to its kernel together (``call_many``), then
-        each passed on (or failed) as a single call would have."""
+        each passed on (or failed) as a single call would have, once the batch before
+        (``after``) has passed on its own."""
         outs = await many([t.value for t in toks])
+        if after is not None and not after.done():
+            await asyncio.shield(after)  # shielded: it is the batch before's, not ours
         for tok, out in zip(toks, outs, strict=True):
             if isinstance(out, Exception):
                 self._failed(node, tok, out)

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -63,6 +65,11 @@ _BATCH = 1024
 
 
 _PENDING: Any = object()  # a place whose reply has not come
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 class Batch:
@@ -103,14 +110,24 @@ class Place:
 
 class Waiting:
     """Requests waiting for replies: by id (16 bytes; ids may repeat, the oldest is
-    answered first) and in the order they were sent (sequence numbers from 1)."""
+    answered first) and in the order they were sent (sequence numbers from 1).
 
-    __slots__ = ("_by_id", "_by_seq", "_next")
+    Kept as flat tables a whole batch goes in and out of in one loop: by sequence
+    number, the request's batch, index there and id; by id, the oldest sequence number
+    waiting under it (later ones with the same id wait in ``_more``). Three tables of
+    plain values rather than a tuple per request: nothing per request for the garbage
+    collector to track while it waits."""
+
+    __slots__ = ("_by_id", "_by_seq", "_index", "_more", "_next", "_oldest", "_rid")
 
     def __init__(self) -> None:
-        self._by_id: dict[bytes | None, collections.deque[int]] = {}
-        self._by_seq: dict[int, tuple[bytes | None, Place]] = {}
+        self._by_seq: dict[int, Batch] = {}
+        self._index: dict[int, int] = {}
+        self._rid: dict[int, bytes | None] = {}
+        self._by_id: dict[bytes | None, int] = {}
+        self._more: dict[bytes | None, collections.deque[int]] = {}
         self._next = 1
+        self._oldest = 1  # no request older than this one waits
 
     def __len__(self) -> int:
         return len(self._by_seq)
@@ -122,50 +139,119 @@ class Waiting:
             place = Place(Batch(1), 0)
         seq = self._next
         self._next += 1
-        self._by_seq[seq] = (rid, place)
-        self._by_id.setdefault(rid, collections.deque()).append(seq)
+        self._by_seq[seq] = place.batch
+        self._index[seq] = place.index
+        self._rid[seq] = rid
+        self._file(rid, seq)
         return seq, place
 
-    def _pop(self, seq: int) -> Place:
-        rid, place = self._by_seq.pop(seq)
-        seqs = self._by_id[rid]
-        if seqs[0] == seq:
-            seqs.popleft()
+    def expect_many(self, rids: list[bytes], batch: Batch, where: Sequence[int]) -> range:
+        """``expect`` for requests ``rids``, their replies going to ``batch`` at the
+        indexes ``where``: their sequence numbers (consecutive)."""
+        n = len(rids)
+        seqs = range(self._next, self._next + n)
+        self._next += n
+        self._by_seq.update(zip(seqs, itertools.repeat(batch, n), strict=True))
+        self._index.update(zip(seqs, where, strict=True))
+        self._rid.update(zip(seqs, rids, strict=True))
+        batch.left += n
+        by_id = self._by_id
+        if by_id.keys().isdisjoint(rids) and len(set(rids)) == n:
+            by_id.update(zip(rids, seqs, strict=True))  # ids all new: the common case, in one call
         else:
-            seqs.remove(seq)
-        if not seqs:
-            del self._by_id[rid]
-        return place
+            for rid, seq in zip(rids, seqs, strict=True):
+                self._file(rid, seq)
+        return seqs
 
-    def answer(self, rid: bytes, value: Any) -> int | None:
-        """Give ``value`` to the oldest request with id ``rid``; its sequence number,
-        or None when no request waits with that id."""
-        seqs = self._by_id.get(rid)
-        if not seqs:
+    def _file(self, rid: bytes | None, seq: int) -> None:
+        if self._by_id.setdefault(rid, seq) != seq:
+            self._more.setdefault(rid, collections.deque()).append(seq)
+
+    def _pop(self, seq: int) -> tuple[Batch, int]:
+        batch = self._by_seq.pop(seq)
+        index = self._index.pop(seq)
+        rid = self._rid.pop(seq)
+        more = self._more.get(rid) if self._more else None
+        if more is None:
+            del self._by_id[rid]
+        elif self._by_id[rid] == seq:
+            self._by_id[rid] = more.popleft()
+        else:
+            more.remove(seq)
+        if more is not None and not more:
+            del self._more[rid]
+        if seq == self._oldest:
+            self._oldest = seq + 1
+        return batch, index
+
+    def _first(self) -> int | None:
+        """The sequence number of the oldest waiting request, or None."""
+        by_seq = self._by_seq
+        if not by_seq:
+            self._oldest = self._next
             return None
-        seq = seqs[0]
-        place = self._pop(seq)
-        place.batch.give(place.index, value)
+        seq = self._oldest
+        while seq not in by_seq:
+            seq += 1
+        self._oldest = seq
         return seq
 
+    def answer(self, rid: bytes | None, value: Any) -> int | None:
+        """Give ``value`` to the oldest request with id ``rid``; its sequence number,
+        or None when no request waits with that id."""
+        seq = self._by_id.get(rid)
+        if seq is None:
+            return None
+        batch, index = self._pop(seq)
+        batch.give(index, value)
+        return seq
+
+    def answer_many(self, rids: list[bytes], values: list[Any], in_order: bool) -> None:
+        """``answer`` each value by its id; a value whose id nobody waits for goes to
+        the oldest request. ``in_order`` (one worker, answering in ring order): the
+        requests before an answered one that have no reply were consumed without output."""
+        by_id, by_seq, by_index, by_rid = self._by_id, self._by_seq, self._index, self._rid
+        for rid, value in zip(rids, values, strict=True):
+            seq = by_id.get(rid)
+            if seq is None:
+                self.answer_oldest(value)
+                continue
+            if in_order and seq != self._oldest:
+                self.settle_before(seq)
+            if self._more:
+                batch, index = self._pop(seq)
+            else:  # ``_pop`` for ids that do not repeat, inline: this runs per reply
+                batch = by_seq.pop(seq)
+                index = by_index.pop(seq)
+                del by_rid[seq]
+                del by_id[rid]
+                if seq == self._oldest:
+                    self._oldest = seq + 1
+            results = batch.results
+            if results[index] is _PENDING:
+                results[index] = value
+                batch.left -= 1
+                if not batch.left and batch.fut is not None and not batch.fut.done():
+                    batch.fut.set_result(None)
+
     def answer_oldest(self, value: Any) -> int | None:
-        for seq in self._by_seq:
-            place = self._pop(seq)
-            place.batch.give(place.index, value)
-            return seq
-        return None
+        seq = self._first()
+        if seq is None:
+            return None
+        batch, index = self._pop(seq)
+        batch.give(index, value)
+        return seq
 
     def settle_before(self, seq: int, value: Any = FILTERED_OUT) -> int:
         """Give ``value`` to every request older than ``seq``; how many there were."""
         n = 0
-        while self._by_seq:
-            oldest = next(iter(self._by_seq))
-            if oldest >= seq:
-                break
-            place = self._pop(oldest)
-            place.batch.give(place.index, value)
+        while True:
+            oldest = self._first()
+            if oldest is None or oldest >= seq:
+                return n
+            batch, index = self._pop(oldest)
+            batch.give(index, value)
             n += 1
-        return n
 
     def forget(self, seq: int) -> None:
         """Its caller gave up: a reply owed to it goes to nobody."""
@@ -174,11 +260,15 @@ class Waiting:
 
     def fail_all(self, exc: BaseException) -> None:
         """Every waiting request gets ``exc`` as its result (the kernel failed or ended)."""
-        by_seq = list(self._by_seq.values())
+        waiting = list(zip(self._by_seq.values(), self._index.values(), strict=True))
         self._by_seq.clear()
+        self._index.clear()
+        self._rid.clear()
         self._by_id.clear()
-        for _, place in by_seq:
-            place.batch.give(place.index, exc)
+        self._more.clear()
+        self._oldest = self._next
+        for batch, index in waiting:
+            batch.give(index, exc)
 
 
 def _message_class(t: Any) -> type | None:
@@ -281,8 +371,17 @@ class KernelReplies:
                     await self._send_each(values, batch, sent, left)
             if batch.left:
                 self._start_reader()
-                batch.fut = loop.create_future()
-                await asyncio.wait([batch.fut], timeout=left())
+                fut = batch.fut = loop.create_future()
+                # A timer on the one future, not ``asyncio.wait`` (a set, a second future
+                # and callbacks per batch): the wait is the whole per-batch cost here.
+                timer = None
+                if deadline is not None:
+                    timer = loop.call_later(deadline - loop.time(), _expire, fut)
+                try:
+                    await fut
+                finally:
+                    if timer is not None:
+                        timer.cancel()
         finally:
             if batch.left:  # timed out (or cancelled): late replies go to nobody
                 for seq in sent:
@@ -298,32 +397,21 @@ class KernelReplies:
     ) -> None:
         cls = self._in_cls
         assert cls is not None
-        pack = self._in.to_bytes
-        results = batch.results
-        parts: list[bytes] = []
-        where: list[int] = []
-        for i, v in enumerate(values):
-            if not isinstance(v, cls):
-                results[i] = TypeError(
-                    f"kernel {self.kernel_id!r} takes {cls.__name__}, got {type(v).__name__}"
-                )
-                continue
-            try:
-                parts.append(pack(v))
-            except Exception as exc:  # noqa: BLE001 - this item's failure
-                results[i] = exc
-                continue
-            where.append(i)
-        if not where:
-            return
-        blob = bytearray(b"".join(parts))
-        records = np.frombuffer(blob, self._in.dtype)
+        blob: bytes | None = None
+        where: Sequence[int] = range(len(values))
+        if set(map(type, values)) == {cls}:
+            try:  # the whole batch in one join: every value of the kernel's input type
+                blob = b"".join(map(self._in.pack, values))
+            except Exception:  # noqa: BLE001 - some value cannot be stored: one by one
+                blob = None
+        if blob is None:
+            blob, where = self._pack_each(values, batch.results)
+            if not where:
+                return
         size, at = self._in.dtype.itemsize, self._id_at
-        expect = self._waiting.expect
-        mine = [
-            expect(bytes(blob[k * size + at : k * size + at + 16]), Place(batch, i))[0]
-            for k, i in enumerate(where)
-        ]
+        rids = [blob[k : k + 16] for k in range(at, len(blob), size)]
+        records = np.frombuffer(bytearray(blob), self._in.dtype)
+        mine = self._waiting.expect_many(rids, batch, where)
         sent.extend(mine)
         try:
             placed = await self._rt.send_batch(self.kernel_id, records, timeout)
@@ -342,6 +430,28 @@ class KernelReplies:
             self._sent = mine[placed - 1]
             if self.tells_drops:
                 self._sent_at = self._handles[0].input_position()
+
+    def _pack_each(self, values: list[Any], results: list[Any]) -> tuple[bytes, list[int]]:
+        """The records of the values that can be sent, and their indexes; each other
+        value's result is why it cannot."""
+        cls = self._in_cls
+        assert cls is not None
+        pack = self._in.to_bytes
+        parts: list[bytes] = []
+        where: list[int] = []
+        for i, v in enumerate(values):
+            if not isinstance(v, cls):
+                results[i] = TypeError(
+                    f"kernel {self.kernel_id!r} takes {cls.__name__}, got {type(v).__name__}"
+                )
+                continue
+            try:
+                parts.append(pack(v))
+            except Exception as exc:  # noqa: BLE001 - this item's failure
+                results[i] = exc
+                continue
+            where.append(i)
+        return b"".join(parts), where
 
     async def _send_each(self, values: list[Any], batch: Batch, sent: list[int], left: Any) -> None:
         for i, v in enumerate(values):
@@ -406,17 +516,12 @@ class KernelReplies:
                     waiting.answer_oldest(msg)
             return
         size, at = got.dtype.itemsize, self._corr_at
-        raw = got.tobytes()  # slicing bytes is ~10x cheaper than slicing an array
-        build, unpack = self._out.build, self._out.unpack_from
-        for k in range(len(got)):
-            msg = build(unpack(raw, k * size))
-            seq = waiting.answer(raw[k * size + at : k * size + at + 16], msg)
-            if seq is None:
-                seq = waiting.answer_oldest(msg)
-            if in_order and seq is not None:
-                # Answered in ring order: the requests before this one without a
-                # reply were consumed without output.
-                waiting.settle_before(seq)
+        raw = got.tobytes()
+        msgs = list(map(self._out.build, self._out.struct.iter_unpack(raw)))
+        rids = [raw[k : k + 16] for k in range(at, len(raw), size)]
+        # One worker answers in ring order: the requests before an answered one
+        # without a reply were consumed without output.
+        waiting.answer_many(rids, msgs, in_order)
 
     def _inner_failure(self) -> KernelFailedError | None:
         """The error of a kernel of the chain before its last that failed for good (its

@@ -75,6 +75,7 @@ def _validating(post_init: Callable[[Any], None] | None) -> Callable[[Any], None
             post_init(self)
 
     setattr(__post_init__, _VALIDATES, True)
+    setattr(__post_init__, record._CHECKS_ONLY_PRIORITY, post_init is None)
     return __post_init__
 
 

@@ -14,6 +14,7 @@ all of its fields rather than one numpy assignment per field.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import struct
 import typing
@@ -47,6 +48,8 @@ HEADER_FIELDS = ("message_id", "priority", "correlation_id")
 DEFAULT_PRIORITY = 128
 
 _LAYOUT = "__message_record_layout__"
+_CHECKS_ONLY_PRIORITY = "__checks_only_priority__"
+"""Set on a message class's ``__post_init__`` that does nothing but check the priority."""
 _NO_UUID = bytes(16)
 _SAFE_UNKNOWN = uuid.SafeUUID.unknown
 
@@ -282,7 +285,7 @@ class RecordLayout:
         env["_cls"] = self.cls
         env["_set"] = object.__setattr__
         init = {f.name: f.init for f in dataclasses.fields(self.cls)}
-        packed, checked, kwargs, late = [], [], [], []
+        packed, checked, kwargs, late, stores = [], [], [], [], []
         for i, s in enumerate(self._slots):
             env[f"_dt{i}"] = np.dtype(s.format[0] if isinstance(s.format, tuple) else s.format)
             if s.name in wraps:
@@ -291,6 +294,7 @@ class RecordLayout:
             checked.append(s.encoder.format(v=f"m.{s.name}", **fill))
             packed.append((s.fast or s.encoder).format(v=f"m.{s.name}", **fill))
             value = s.decoder.format(v=f"v[{i}]", **fill)
+            stores.append(f"    d[{s.name!r}] = {value}\n")
             if init[s.name]:
                 kwargs.append(f"{s.name}={value}")
             else:
@@ -301,12 +305,19 @@ class RecordLayout:
         fields_src = "".join(
             f"def _field{i}(m):\n    return {expr}\n" for i, expr in enumerate(checked)
         )
-        src = (
-            fields_src + f"def pack(m):\n    return _pack({', '.join(packed)})\n"
-            f"def build(v):\n    m = _cls({', '.join(kwargs)})\n"
-            + "".join(line + "\n" for line in late)
-            + "    return m\n"
-        )
+        if _init_only_stores(self.cls):
+            # What its __init__ would do, without the call: the fields straight into the
+            # instance's dict (a record's priority is a byte, always valid).
+            env["_new"] = object.__new__
+            build_src = "def build(v):\n    m = _new(_cls)\n    d = m.__dict__\n"
+            build_src += "".join(stores) + "    return m\n"
+        else:
+            build_src = (
+                f"def build(v):\n    m = _cls({', '.join(kwargs)})\n"
+                + "".join(line + "\n" for line in late)
+                + "    return m\n"
+            )
+        src = fields_src + f"def pack(m):\n    return _pack({', '.join(packed)})\n" + build_src
         exec(compile(src, f"<record layout of {self.cls.__qualname__}>", "exec"), env)
         self.pack = env["pack"]
         self.build = env["build"]
@@ -334,6 +345,31 @@ class RecordLayout:
     def check(self, dtype: np.dtype) -> None:
         if dtype != self.dtype:
             raise TypeError(f"records of {_label(self.cls)} have dtype {self.dtype}, got {dtype}")
+
+
+def _init_only_stores(cls: type) -> bool:
+    """Whether building ``cls`` from its fields' values does nothing but store them: its
+    ``__init__`` is the one ``dataclass`` generated, its ``__post_init__`` (if any) only
+    checks the priority, and nothing intercepts creating it or setting its attributes."""
+    made: Any = cls  # its special methods are compared with object's, not called
+    init = getattr(made.__init__, "__code__", None)
+    post_init = getattr(made, "__post_init__", None)
+    if (
+        init is None
+        or init.co_filename != "<string>"  # dataclasses compile __init__ from a string
+        or made.__new__ is not object.__new__
+        or made.__setattr__ is not object.__setattr__
+        or (post_init is not None and not getattr(post_init, _CHECKS_ONLY_PRIORITY, False))
+    ):
+        return False
+    for f in dataclasses.fields(cls):
+        attr = inspect.getattr_static(cls, f.name, None)
+        if hasattr(type(attr), "__set__"):  # a descriptor: __init__ would call it
+            return False
+    try:
+        return isinstance(object.__new__(cls).__dict__, dict)
+    except (AttributeError, TypeError):  # __slots__: no dict to store into
+        return False
 
 
 def _struct_for(dtype: np.dtype, slots: Sequence[_Slot]) -> struct.Struct:
