@@ -27,17 +27,21 @@ stage's call against the record conversion a kernel stage cannot batch away (inp
 packed into records, outputs decoded into messages).
 
     python benchmarks/kernel_stages.py [--items N] [--durable-items N] [--repeat R]
-                                       [--backend cpu|cuda]
+                                       [--backend cpu|cuda] [--work W]
+
+``--work W`` gives every handler (the kernel's compiled, the function's Python) W
+multiply-adds per item besides x + 1, to show where a kernel stage overtakes the
+function stage: the record conversion a kernel stage pays per item is fixed, the
+handler's work is not.
 
 Goals: kernel >= function; a chain per stage not slower than one stage; the fused
 chain of three at least 0.8x one kernel stage; two linked stages faster than the same
 two unlinked.
 
 ``--backend cuda`` runs the kernels on the ``cuda`` backend (the fused chain is one
-resident device loop). Under numba-cuda's simulator (``NUMBA_ENABLE_CUDASIM=1``),
-which runs one kernel at a time, only the fused chain runs (its stage kernels are
-launched, never activated) and no ratio is printed: use tiny ``--items`` there.
-Links are ``cpu`` only: on ``cuda`` the linked pair runs unlinked.
+resident device loop; linked stages pass records through device memory). Under
+numba-cuda's simulator (``NUMBA_ENABLE_CUDASIM=1``), which is slow, only the fused
+chain runs and no ratio is printed: use tiny ``--items`` there.
 """
 
 from __future__ import annotations
@@ -69,6 +73,28 @@ def inc(msg, out, state):  # type: ignore[no-untyped-def]
 
 async def inc_fn(m: Num) -> Num:
     return Num(x=m.x + 1)
+
+
+def with_work(work: int) -> tuple[Any, Any]:
+    """The kernel handler and the async function, each doing ``work`` multiply-adds
+    per item before x + 1 (their result decides nothing, but no compiler can know)."""
+    if work == 0:
+        return inc, inc_fn
+
+    def inc_w(msg, out, state):  # type: ignore[no-untyped-def]
+        acc = float(msg.x)
+        for _ in range(work):
+            acc = acc * 0.5 + 1.0
+        out.x = msg.x + 1 if acc != -1.0 else 0
+        return True
+
+    async def inc_fn_w(m: Num) -> Num:
+        acc = float(m.x)
+        for _ in range(work):
+            acc = acc * 0.5 + 1.0
+        return Num(x=m.x + 1 if acc != -1.0 else 0)
+
+    return inc_w, inc_fn_w
 
 
 def make(i: int) -> Num:
@@ -111,12 +137,13 @@ def simulated(backend: str) -> bool:
 
 
 async def measure(
-    n: int, journal: str | None, kernels: int, backend: str = "cpu"
+    n: int, journal: str | None, kernels: int, backend: str = "cpu", work: int = 0
 ) -> dict[str, float]:
     sim = simulated(backend)
+    handler, fn = with_work(work)
     async with RingKernelRuntime(journal=journal) as rt:
         for k in range(kernels):
-            await rt.launch(f"inc{k}", inc, backend=backend, input_type=Num, output_type=Num)
+            await rt.launch(f"inc{k}", handler, backend=backend, input_type=Num, output_type=Num)
             if not sim:  # the simulator runs one kernel at a time: the fused one
                 await rt.activate(f"inc{k}")
         # Compile and warm up off the clock.
@@ -133,7 +160,7 @@ async def measure(
         await run(fused, rt, 200, 3, "warm-fused")
         await run(linked, rt, 200, 2, "warm-linked")
         out = {}
-        out["function"] = await run(stage(make) >> stage(inc_fn) >> stage(unwrap), rt, n, 1, "f")
+        out["function"] = await run(stage(make) >> stage(fn) >> stage(unwrap), rt, n, 1, "f")
         out["kernel"] = await run(stage(make) >> "inc0" >> stage(unwrap), rt, n, 1, "k")
         out["cpu function"], out["cpu kernel"] = CPU["f"], CPU["k"]
         out["unfused x3"] = await run(unfused, rt, n, 3, "c")
@@ -143,18 +170,19 @@ async def measure(
         return out
 
 
-async def floor(n: int, repeat: int) -> tuple[float, float]:
+async def floor(n: int, repeat: int, work: int = 0) -> tuple[float, float]:
     """Per item, on this thread, best of ``repeat``: the function stage's own work (its
     call, which builds the output message) and the part of a kernel stage's that no
     batching removes: its inputs made records and its outputs (each naming its request
     in ``correlation_id``, as the kernel loop writes) made messages again. No thread, no
     ring, no reply matching: what is left for a kernel stage to match the function stage."""
     msgs = [make(i) for i in range(n)]
+    fn = with_work(work)[1]
     call, convert = [], []
     for _ in range(repeat):
         t0 = time.thread_time()
         for m in msgs:
-            await inc_fn(m)
+            await fn(m)
         call.append((time.thread_time() - t0) / n)
         t0 = time.thread_time()
         for i in range(0, n, 64):
@@ -196,18 +224,30 @@ def main() -> None:
     ap.add_argument("--durable-items", type=int, default=5_000)
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--backend", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--work", type=int, default=0, help="multiply-adds per item per handler")
     args = ap.parse_args()
-    print(f"kernel stages on {args.backend}, {os.cpu_count()} CPUs, best of {args.repeat}:")
-    mem = [asyncio.run(measure(args.items, None, 3, args.backend)) for _ in range(args.repeat)]
+    print(
+        f"kernel stages on {args.backend}, {os.cpu_count()} CPUs, best of {args.repeat}"
+        + (f", {args.work} multiply-adds per item per handler" if args.work else "")
+        + ":"
+    )
+    mem = [
+        asyncio.run(measure(args.items, None, 3, args.backend, args.work))
+        for _ in range(args.repeat)
+    ]
     report("in memory", mem)
-    call, convert = asyncio.run(floor(args.items, args.repeat))
+    call, convert = asyncio.run(floor(args.items, args.repeat, args.work))
     print(
         f"  floor     per item: the function's call {call * 1e6:.1f} us; a kernel stage's "
         f"records in and messages out {convert * 1e6:.1f} us (no thread, no matching)"
     )
     with tempfile.TemporaryDirectory() as tmp:
         dur = [
-            asyncio.run(measure(args.durable_items, os.path.join(tmp, f"k{i}.db"), 3, args.backend))
+            asyncio.run(
+                measure(
+                    args.durable_items, os.path.join(tmp, f"k{i}.db"), 3, args.backend, args.work
+                )
+            )
             for i in range(args.repeat)
         ]
     report("durable", dur)
