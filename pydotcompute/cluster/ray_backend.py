@@ -156,6 +156,9 @@ class RayKernelBackend(KernelBackend):
         self._held = 0
         self._room: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
+        # The last activation or pause on its way to the actor. An async actor may run
+        # calls out of submission order, so records sent after it wait for it.
+        self._activation: Any = None
         # Outputs fetched and not yet taken: record arrays (with a read position in the
         # first) or messages; and the fetch under way, if any.
         self._chunks: collections.deque[np.ndarray] = collections.deque()
@@ -301,9 +304,8 @@ class RayKernelBackend(KernelBackend):
 
     def set_active(self, active: bool) -> None:
         if self.failure is None and not self._stopping and self._actor is not None:
-            # No reply is awaited. It has no arguments to wait for, so Ray starts it
-            # before any call this caller submits later.
-            self._actor.set_active.remote(active)
+            # No reply is awaited here; the next batch handed to the actor waits for it.
+            self._activation = self._actor.set_active.remote(active)
 
     async def stop(self, timeout: float) -> None:
         self._stopping = True
@@ -455,6 +457,9 @@ class RayKernelBackend(KernelBackend):
                         return
                 batch, n, answer, timeout = self._batches.popleft()
                 try:
+                    activation, self._activation = self._activation, None
+                    if activation is not None:
+                        await activation  # the state change lands before these records
                     placed = await self._actor.put.remote(batch, timeout)
                 except Exception as exc:
                     self._held -= n
