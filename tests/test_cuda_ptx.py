@@ -9,6 +9,7 @@ device for its architecture; there is none here, so the test names one.
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import re
 from unittest import mock
@@ -61,7 +62,8 @@ def handler(msg, out, state):  # type: ignore[no-untyped-def]
     return True
 
 
-def _ptx(fn, in_link: bool = False, out_link: bool = False) -> str:  # type: ignore[no-untyped-def]
+@functools.cache  # each compile takes seconds; tests share them
+def _ptx(fn, in_link: int = 0, out_link: int = 0) -> str:  # type: ignore[no-untyped-def]
     from numba import cuda
     from numba.cuda import dispatcher
 
@@ -103,8 +105,8 @@ def test_a_linked_loop_moves_link_records_at_gpu_scope() -> None:
     (st.release.gpu) at GPU scope; system scope stays for the host's words (the state
     word, the header checks at launch, mirrored counters, the mirror of ``released``)."""
     host = _ops(_ptx(handler))
-    fed = _ops(_ptx(handler, in_link=True))
-    feeding = _ops(_ptx(handler, out_link=True))
+    fed = _ops(_ptx(handler, in_link=1))
+    feeding = _ops(_ptx(handler, out_link=1))
     assert fed["ld.relaxed.gpu.b64"] > 0 and host["ld.relaxed.gpu.b64"] == 0
     assert fed["ld.relaxed.sys.b64"] < host["ld.relaxed.sys.b64"]  # no slot read there
     # released moves to GPU scope; the host's mirror of it (after OUT_RESERVED) stays
