@@ -40,6 +40,8 @@ __all__ = [
     "fill_message_ids",
     "fresh_id_bytes",
     "uuid_offset",
+    "as_record_pickle",
+    "message_from_record_bytes",
 ]
 
 M = TypeVar("M")
@@ -610,3 +612,49 @@ def fresh_id_bytes() -> bytes:
         raw = _version4(np.frombuffer(os.urandom(4096), np.uint8).reshape(256, 16).copy())
         block = raw.tobytes()
         _ids.extend([block[i : i + 16] for i in range(0, 4096, 16)])
+
+
+def message_from_record_bytes(cls: type, raw: bytes) -> Any:
+    """The message of class ``cls`` whose record is ``raw`` (what ``as_record_pickle``
+    stores; kept by this name, since stored pickles refer to it)."""
+    layout = record_layout(cls)
+    return layout.build(layout.unpack_from(raw))
+
+
+class _RecordPickle:
+    """Pickles as a call of ``message_from_record_bytes``: the class, then its bytes."""
+
+    __slots__ = ("cls", "raw")
+
+    def __init__(self, cls: type, raw: bytes) -> None:
+        self.cls, self.raw = cls, raw
+
+    def __reduce__(self) -> tuple[Any, tuple[type, bytes]]:
+        return message_from_record_bytes, (self.cls, self.raw)
+
+
+def as_record_pickle(msg: Any) -> Any:
+    """``msg`` in a form that pickles as its record (a class reference and the record's
+    bytes), or None when its record would not give back exactly ``msg``: a class
+    without a built record layout, fields of other types than the record gives back
+    (an ``int`` held in an ``np.int64`` field, say), subarray fields, or attributes
+    beyond the fields. A numpy scalar field alone pickles to about 100 bytes; the
+    whole record of a small message is a few dozen."""
+    cls = type(msg)
+    layout = cls.__dict__.get(_LAYOUT)
+    state = getattr(msg, "__dict__", None)
+    if type(layout) is not RecordLayout or state is None or len(state) != len(layout._slots):
+        return None
+    try:
+        raw = layout.pack(msg)
+    except Exception:  # noqa: BLE001 - it does not fit its record: pickled as it is
+        return None
+    back = layout.build(layout.unpack_from(raw)).__dict__
+    for name, value in state.items():
+        other = back.get(name, _MISSING)
+        if type(other) is not type(value) or isinstance(value, np.ndarray) or other != value:
+            return None
+    return _RecordPickle(cls, raw)
+
+
+_MISSING = object()
