@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,8 +22,8 @@ from pydotcompute import (
     RingKernelRuntime,
 )
 from tests.conformance_kernels import Num, double, double_actor
+from tests.simulator_child import SIM, parent, run_simulator_half
 
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
 RAY = importlib.util.find_spec("ray") is not None
 
 LOCAL = ["cuda"] if SIM else ["host", "cpu"]
@@ -225,13 +221,7 @@ async def test_shutdown_with_a_blocked_sender(where: str) -> None:
     assert done and blocked.exception() is not None
 
 
-@pytest.mark.skipif(SIM, reason="this is the parent of the simulator run")
+@parent
 def test_cuda_on_the_simulator() -> None:
     """The cuda rows of this suite, in a child process with the simulator on."""
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    cmd += ["-k", "cuda and not test_cuda_on_the_simulator"]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout
+    run_simulator_half(__file__, "cuda and not test_cuda_on_the_simulator", timeout=300)

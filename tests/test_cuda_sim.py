@@ -9,29 +9,19 @@ every device thread as a Python thread.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-sim = pytest.mark.skipif(not SIM, reason="runs in the simulator child process")
+from tests.simulator_child import SIM, parent, run_simulator_half, sim
 
 
-@pytest.mark.skipif(SIM, reason="this is the parent of the simulator run")
+@parent
 def test_simulator_suite() -> None:
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    cmd += ["-k", "not test_simulator_suite"]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    out = run_simulator_half(__file__, "not test_simulator_suite", timeout=110)
+    assert "skipped" not in out.splitlines()[-1]
 
 
 if SIM:

@@ -10,27 +10,17 @@ The simulator tests run in a child process with ``NUMBA_ENABLE_CUDASIM=1``.
 from __future__ import annotations
 
 import asyncio
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SIM = os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
-sim = pytest.mark.skipif(not SIM, reason="runs in the simulator child process")
+from tests.simulator_child import parent, run_simulator_half, sim
 
 
-@pytest.mark.skipif(SIM, reason="this is the parent of the simulator run")
+@parent
 def test_simulator_suite() -> None:
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
-    cmd += ["-k", "not test_simulator_suite"]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=170)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
+    out = run_simulator_half(__file__, "not test_simulator_suite", timeout=170)
+    assert "skipped" not in out.splitlines()[-1]
 
 
 async def _wait_for(cond, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]

@@ -601,7 +601,8 @@ class CudaKernelBackend(RingFedBackend):
         """Outputs feed another ``cuda`` kernel (a numba-cuda loop, fused or not) of this
         process whose input records are this kernel's output records."""
         if not isinstance(peer, CudaKernelBackend):
-            return f"{peer.kernel_id!r} runs on {peer.backend} (links join cuda kernels)"
+            runs = "CUDA C++ (cuda_source)" if peer.backend == "cuda" else f"on {peer.backend}"
+            return f"{peer.kernel_id!r} runs {runs} (links join numba-cuda loops)"
         if self.out_dtype != peer.in_dtype:
             return (
                 f"{self.kernel_id!r} outputs records {self.out_dtype}, "

@@ -194,22 +194,9 @@ def _pair_reason(
         return f"different backend: {a_id!r} runs on {a_backend}, {b_id!r} on {b_backend}"
     if a_backend not in _FUSING_BACKENDS:
         return f"backend {a_backend} does not fuse (only cpu and cuda)"
-    if a_backend == "cuda":
-        from pydotcompute.backends.options import CudaOptions
-
-        for kid, spec in ((a_id, a_spec), (b_id, b_spec)):
-            if spec.config.options_for(CudaOptions).cuda_source is not None:
-                return f"kernel {kid!r} runs CUDA C++ (cuda_source)"
-    out_dt, in_dt = _record_dtype(a_spec.output_type), _record_dtype(b_spec.input_type)
-    if out_dt is None or in_dt is None or _record_dtype(a_spec.input_type) is None:
-        return "not @message records"
-    if _record_dtype(b_spec.output_type) is None:
-        return "not @message records"
-    if out_dt != in_dt:
-        return (
-            f"record types differ: {a_id!r} sends {a_spec.output_type.__name__}, "
-            f"{b_id!r} takes {b_spec.input_type.__name__}"
-        )
+    apart = _compiled_apart(a_id, a_spec, a_backend, b_id, b_spec)
+    if apart is not None:
+        return apart
     ac, bc = a_spec.config, b_spec.config
     from pydotcompute.backends.options import CpuOptions, CudaOptions
 
@@ -303,6 +290,28 @@ async def launch_segment(runtime: Any, segment: list[Node], kernel_id: str) -> N
     await runtime.activate(kernel_id)
 
 
+def _compiled_apart(a_id: str, a_spec: Any, backend: str, b_id: str, b_spec: Any) -> str | None:
+    """Why two kernels of one backend cannot be joined into one compiled path (fused or
+    linked): CUDA C++ kernels, or records that are not ``@message`` ones or differ."""
+    if backend == "cuda":
+        from pydotcompute.backends.options import CudaOptions
+
+        for kid, spec in ((a_id, a_spec), (b_id, b_spec)):
+            if spec.config.options_for(CudaOptions).cuda_source is not None:
+                return f"kernel {kid!r} runs CUDA C++ (cuda_source)"
+    out_dt, in_dt = _record_dtype(a_spec.output_type), _record_dtype(b_spec.input_type)
+    if out_dt is None or in_dt is None or _record_dtype(a_spec.input_type) is None:
+        return "not @message records"
+    if _record_dtype(b_spec.output_type) is None:
+        return "not @message records"
+    if out_dt != in_dt:
+        return (
+            f"record types differ: {a_id!r} sends {a_spec.output_type.__name__}, "
+            f"{b_id!r} takes {b_spec.input_type.__name__}"
+        )
+    return None
+
+
 def _link_reason(
     runtime: Any,
     n: Node,
@@ -329,16 +338,9 @@ def _link_reason(
             return f"backend {backend} does not link (only cpu and cuda): {kid!r}"
     if a_backend != b_backend:
         return f"different backends: {a_id!r} runs on {a_backend}, {b_id!r} on {b_backend}"
-    out_dt, in_dt = _record_dtype(a_spec.output_type), _record_dtype(b_spec.input_type)
-    if out_dt is None or in_dt is None or _record_dtype(a_spec.input_type) is None:
-        return "not @message records"
-    if _record_dtype(b_spec.output_type) is None:
-        return "not @message records"
-    if out_dt != in_dt:
-        return (
-            f"record types differ: {a_id!r} sends {a_spec.output_type.__name__}, "
-            f"{b_id!r} takes {b_spec.input_type.__name__}"
-        )
+    apart = _compiled_apart(a_id, a_spec, a_backend, b_id, b_spec)
+    if apart is not None:
+        return apart
     from pydotcompute.rings.backpressure import BackpressureStrategy
 
     if b_spec.config.backpressure is not BackpressureStrategy.BLOCK:
