@@ -367,3 +367,32 @@ async def test_a_record_dropped_in_a_linked_cuda_segment_ends_its_item_filtered(
         assert flow.status() == {"done": 3, "filtered": 5}
         assert flow.dead_letters() == []
         await flow.close()
+
+
+@sim
+async def test_a_producer_paused_and_resumed_while_its_link_is_full_goes_on() -> None:
+    # On the simulator a kernel whose link is full must not take a turn that claims
+    # input (it would wait for room while holding every kernel back, the consumer
+    # that frees the room included): resuming it then waits for room instead.
+    from pydotcompute import RingKernelRuntime
+
+    async with RingKernelRuntime() as rt:
+        await _launch_pair(rt, queue_size=16)
+        await rt.link("a", "b")
+        await rt.deactivate("b")
+
+        async def send_all() -> None:
+            for x in range(60):
+                await rt.send("a", one(x), timeout=60)
+
+        sends = asyncio.ensure_future(send_all())
+        cap = rt.get_telemetry("b").queue_capacity
+        await _wait_for(lambda: rt.get_telemetry("b").queue_depth == cap)
+        await rt.deactivate("a")
+        await asyncio.sleep(0.2)  # its loop has seen the pause
+        await rt.reactivate("a")
+        await asyncio.sleep(0.2)
+        await rt.reactivate("b")
+        got = await _receive_all(rt, "b", 60)
+        await sends
+        assert got == [(x + 1) * 10 for x in range(60)]

@@ -465,7 +465,11 @@ class CudaKernelBackend(RingFedBackend):
         side = self._side._ary
         state = self.control[W.STATE]
         rounds = self._rounds_with_room()
-        due = state != side[S.COMMAND] or state in (W.TERMINATE, W.HALT)
+        # A state it has not seen is due, except an activation while its output ring is
+        # full: that slice would claim and wait for room, holding every kernel back.
+        due = state in (W.TERMINATE, W.HALT) or (
+            state != side[S.COMMAND] and (state != W.ACTIVE or rounds > 0)
+        )
         if not due:
             inw = self._in_words._ary
             claim = side[S.CLAIM]
