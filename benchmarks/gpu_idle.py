@@ -91,7 +91,7 @@ async def beside_idle_kernel(
         polls0 = loop.telemetry("ACTIVE").idle_polls
         t0 = time.perf_counter()
         if gc.SIMULATOR:
-            # The simulator runs one kernel at a time: no matmul beside it there.
+            # The simulator runs one launch at a time: no matmul beside it there.
             await asyncio.sleep(0.2)
             t = float("nan")
         else:

@@ -65,8 +65,8 @@ async def test_a_three_stage_cuda_chain_runs_as_one_kernel() -> None:
         x: np.int64
 
     async with RingKernelRuntime() as rt:
-        # Launched, never activated: under the simulator they hold no running kernel,
-        # so the fused one can run (the simulator runs one kernel at a time).
+        # Launched, never activated: the stages' own kernels stay idle; the flow runs
+        # the fused one.
         for kid, fn in (("g1", plus_one), ("g2", keep_odd), ("g3", times_ten)):
             await rt.launch(kid, fn, backend="cuda", input_type=SimNum,
                             output_type=SimNum, queue_size=8)  # fmt: skip
