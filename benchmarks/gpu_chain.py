@@ -202,12 +202,12 @@ def main() -> None:
     gc.add_standard_args(ap)
     args = ap.parse_args()
     gc.start(args)
-    n = args.messages or (3 if gc.SIMULATOR else 5000)
-    total = args.records or (8 if gc.SIMULATOR else 1_000_000)
+    n = args.messages or (2 if gc.SIMULATOR else 5000)
+    total = args.records or (4 if gc.SIMULATOR else 1_000_000)
     print(f"device: {gc.device_name()}; {n} round trips, {total} records streamed per variant")
     res = asyncio.run(measure(n, total))
-    res.update(asyncio.run(flows(args.items or (4 if gc.SIMULATOR else 20_000),
-                                 min(n, 2 if gc.SIMULATOR else 1000))))  # fmt: skip
+    res.update(asyncio.run(flows(args.items or (2 if gc.SIMULATOR else 20_000),
+                                 min(n, 1 if gc.SIMULATOR else 1000))))  # fmt: skip
     one50 = res["one_us"][0]
     print(f"{'variant':<14}{'p50 us':>10}{'p99 us':>10}{'/ one':>8}{'records/s':>14}{'/ one':>8}")
     for key, label in (("one", "one kernel"), ("host_x3", "host x3"), ("linked_x3", "linked x3")):
