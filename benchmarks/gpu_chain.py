@@ -194,6 +194,21 @@ async def measure(n: int, total: int) -> dict[str, Any]:
     return out
 
 
+def _table(res: dict[str, Any], title: str, unit: str, prefix: str, rate: str, rows: Any) -> None:
+    """Print p50/p99 and rate per variant against the first row, and add each other
+    row's ``*_throughput_ratio`` and ``*_roundtrip_ratio`` to ``res``."""
+    base_us, base_rate = res[f"{prefix}one_us"][0], res[f"{prefix}one_{rate}"]
+    print(f"{title:<14}{'p50 us':>10}{'p99 us':>10}{'/ one':>8}{unit:>14}{'/ one':>8}")
+    for key, label in rows:
+        p50, p99 = res[f"{prefix}{key}_us"]
+        r = res[f"{prefix}{key}_{rate}"]
+        print(f"{label:<14}{p50:>10.2f}{p99:>10.2f}{p50 / base_us:>7.2f}x{r:>14.0f}"
+              f"{r / base_rate:>7.2f}x")  # fmt: skip
+        if key != "one":
+            res[f"{prefix}{key}_throughput_ratio"] = r / base_rate
+            res[f"{prefix}{key}_roundtrip_ratio"] = p50 / base_us
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--messages", type=int, default=None, help="round trips per variant")
@@ -208,25 +223,16 @@ def main() -> None:
     res = asyncio.run(measure(n, total))
     res.update(asyncio.run(flows(args.items or (2 if gc.SIMULATOR else 20_000),
                                  min(n, 1 if gc.SIMULATOR else 1000))))  # fmt: skip
-    one50 = res["one_us"][0]
-    print(f"{'variant':<14}{'p50 us':>10}{'p99 us':>10}{'/ one':>8}{'records/s':>14}{'/ one':>8}")
-    for key, label in (("one", "one kernel"), ("host_x3", "host x3"), ("linked_x3", "linked x3")):
-        p50, p99 = res[f"{key}_us"]
-        rps = res[f"{key}_rps"]
-        print(f"{label:<14}{p50:>10.2f}{p99:>10.2f}{p50 / one50:>7.2f}x{rps:>14.0f}"
-              f"{rps / res['one_rps']:>7.2f}x")  # fmt: skip
-    res["linked_x3_throughput_ratio"] = res["linked_x3_rps"] / res["one_rps"]
-    res["linked_x3_roundtrip_ratio"] = res["linked_x3_us"][0] / one50
-    f50 = res["flow_one_us"][0]
-    print(f"{'flow':<14}{'p50 us':>10}{'p99 us':>10}{'/ one':>8}{'items/s':>14}{'/ one':>8}")
-    for key, label in (("one", "one stage"), ("fused", "fused x3"), ("linked", "linked x3")):
-        p50, p99 = res[f"flow_{key}_us"]
-        ips = res[f"flow_{key}_ips"]
-        print(f"{label:<14}{p50:>10.2f}{p99:>10.2f}{p50 / f50:>7.2f}x{ips:>14.0f}"
-              f"{ips / res['flow_one_ips']:>7.2f}x")  # fmt: skip
-        if key != "one":
-            res[f"flow_{key}_throughput_ratio"] = ips / res["flow_one_ips"]
-            res[f"flow_{key}_roundtrip_ratio"] = p50 / f50
+    _table(
+        res,
+        "variant",
+        "records/s",
+        "",
+        "rps",
+        (("one", "one kernel"), ("host_x3", "host x3"), ("linked_x3", "linked x3")),
+    )
+    _table(res, "flow", "items/s", "flow_", "ips",
+           (("one", "one stage"), ("fused", "fused x3"), ("linked", "linked x3")))  # fmt: skip
     print("goals: linked x3 records/s >= 0.8x one kernel's; linked x3 round trip p50 "
           "<= 1.3x one kernel's; flows: fused and linked x3 items/s >= 0.8x one stage's, "
           "round trip p50 <= 1.3x")  # fmt: skip

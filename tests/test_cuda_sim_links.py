@@ -91,6 +91,21 @@ async def _launch_pair(rt, queue_size: int = 16, activate_b: bool = True) -> Non
         await rt.activate("b")
 
 
+async def _fill_link(rt, n: int) -> tuple[asyncio.Future[None], int]:  # type: ignore[no-untyped-def]
+    """Pause ``b`` and send ``n`` records to ``a`` in order from a task of their own
+    until the link from ``a`` to ``b`` is full; returns that task and the capacity."""
+    await rt.deactivate("b")
+
+    async def send_all() -> None:
+        for x in range(n):
+            await rt.send("a", one(x), timeout=60)
+
+    sends = asyncio.ensure_future(send_all())
+    cap = rt.get_telemetry("b").queue_capacity
+    await _wait_for(lambda: rt.get_telemetry("b").queue_depth == cap)
+    return sends, cap
+
+
 @sim
 async def test_a_link_keeps_order_and_what_both_kernels_held() -> None:
     from pydotcompute import RingKernelRuntime
@@ -127,16 +142,8 @@ async def test_a_full_link_holds_the_producer_back() -> None:
     async with RingKernelRuntime() as rt:
         await _launch_pair(rt, queue_size=16)
         await rt.link("a", "b")
-        await rt.deactivate("b")
-
-        async def send_all() -> None:
-            for x in range(48):
-                await rt.send("a", one(x), timeout=60)
-
-        sends = asyncio.ensure_future(send_all())
-        cap = rt.get_telemetry("b").queue_capacity
-        # The link fills up and stays full while b is paused; a waits, nothing drops.
-        await _wait_for(lambda: rt.get_telemetry("b").queue_depth == cap)
+        sends, cap = await _fill_link(rt, 48)
+        # The link stays full while b is paused; a waits, nothing drops.
         await asyncio.sleep(0.3)
         assert rt.get_telemetry("b").queue_depth == cap
         assert rt.get_telemetry("a").messages_processed < 48
@@ -379,15 +386,7 @@ async def test_a_producer_paused_and_resumed_while_its_link_is_full_goes_on() ->
     async with RingKernelRuntime() as rt:
         await _launch_pair(rt, queue_size=16)
         await rt.link("a", "b")
-        await rt.deactivate("b")
-
-        async def send_all() -> None:
-            for x in range(40):
-                await rt.send("a", one(x), timeout=60)
-
-        sends = asyncio.ensure_future(send_all())
-        cap = rt.get_telemetry("b").queue_capacity
-        await _wait_for(lambda: rt.get_telemetry("b").queue_depth == cap)
+        sends, cap = await _fill_link(rt, 40)
         await rt.deactivate("a")
         await asyncio.sleep(0.2)  # its loop has seen the pause
         await rt.reactivate("a")

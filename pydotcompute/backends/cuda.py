@@ -59,11 +59,10 @@ from pydotcompute.backends.wakeup import OutputWatcher, ReplyWakeup
 from pydotcompute.errors import InvalidConfigurationError, KernelFailedError
 from pydotcompute.rings.backpressure import BackpressureStrategy
 from pydotcompute.rings.control import ControlBlock
-from pydotcompute.rings.host_ops import ring_pop, ring_word
+from pydotcompute.rings.host_ops import ring_word
 from pydotcompute.rings.host_ring import HostRing, RingCounters, ring_capacity_for
 from pydotcompute.rings.layout import (
     HEADER_SIZE,
-    OFF_CLAIM,
     OFF_RELEASED,
     TAG_SIZE,
     RingSide,
@@ -792,14 +791,10 @@ class CudaKernelBackend(RingFedBackend):
         if self._in_link is not None:
             left: np.ndarray = self._in_link.leftovers()
             return left
+        from pydotcompute.backends.cuda_link import take_unreleased
+
         ring = self.in_ring.host
-        words = ring.buffer[:HEADER_SIZE].view(np.int64)
-        words[OFF_CLAIM // 8] = ring.counters().released  # the loop claimed in its own words
-        out = []
-        scratch = np.empty(min(1024, ring.capacity), self.in_dtype)
-        while got := int(ring_pop(ring.buffer, scratch, 0, len(scratch))):
-            out.append(scratch[:got].copy())
-        return np.concatenate(out) if out else np.zeros(0, self.in_dtype)
+        return take_unreleased(ring.buffer, self.in_dtype, ring.capacity)
 
     def _in_counters(self) -> RingCounters:
         assert self.in_ring is not None

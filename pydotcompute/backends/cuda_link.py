@@ -32,7 +32,7 @@ from pydotcompute.rings.host_ops import ring_pop
 from pydotcompute.rings.host_ring import HostRing, RingCounters
 from pydotcompute.rings.layout import HEADER_SIZE, OFF_CLAIM, OFF_PRODUCER_SIDE, RingSide
 
-__all__ = ["LinkRing", "link_memory"]
+__all__ = ["LinkRing", "link_memory", "take_unreleased"]
 
 _PEER_ACCESS_ALREADY_ENABLED = 704  # CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED
 
@@ -41,6 +41,19 @@ def _cuda() -> Any:
     from numba import cuda
 
     return cuda
+
+
+def take_unreleased(buf: np.ndarray, dtype: np.dtype, capacity: int) -> np.ndarray:
+    """The records of a crossing ring (``buf``) its device consumer has not released,
+    in order, taken by the host once that consumer's loop has exited. The loop kept
+    its claims in its own words, so the host claims from ``released``."""
+    header = buf[:HEADER_SIZE].view(np.int64)
+    header[OFF_CLAIM // 8] = RingCounters.of_header(header).released
+    out = []
+    scratch = np.empty(min(1024, capacity), dtype)
+    while got := int(ring_pop(buf, scratch, 0, len(scratch))):
+        out.append(scratch[:got].copy())
+    return np.concatenate(out) if out else np.zeros(0, dtype)
 
 
 def link_memory(producer: int, consumer: int) -> int:
@@ -127,15 +140,7 @@ class LinkRing:
     def leftovers(self) -> np.ndarray:
         """The records placed and not yet released by the consumer, in order. Only
         while no kernel runs on the ring (both have exited their loops)."""
-        buf = self._copy(self.nbytes // 8)
-        header = buf[:HEADER_SIZE].view(np.int64)
-        # The consumer kept its claims in its own words: the host claims from `released`.
-        header[OFF_CLAIM // 8] = RingCounters.of_header(header).released
-        out = []
-        scratch = np.empty(min(1024, self.capacity), self.dtype)
-        while got := int(ring_pop(buf, scratch, 0, len(scratch))):
-            out.append(scratch[:got].copy())
-        return np.concatenate(out) if out else np.zeros(0, self.dtype)
+        return take_unreleased(self._copy(self.nbytes // 8), self.dtype, self.capacity)
 
 
 def _portable_mapped(words: np.ndarray) -> tuple[Any, np.ndarray]:
